@@ -1,0 +1,42 @@
+# sipedge: the two commands are `make run` and `make test`.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+CONFIG ?= sipedge.toml
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test build system-deps bench clean distclean
+
+# System packages the test suite drives as real peers (SIPp). Installed only if missing.
+system-deps:
+	@command -v sipp >/dev/null 2>&1 || { \
+	  echo "installing Debian packages: sip-tester"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sip-tester >/dev/null; }
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip "setuptools>=68" wheel "Cython>=3,<4"
+	$(PIP) install -q --no-build-isolation -e '.[test]'
+	touch $(STAMP)
+
+# Rebuild the Cython extensions in place whenever a .pyx/.pxd/.pxi changed.
+build: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+run: build
+	$(VENV)/bin/sipedge serve --config $(CONFIG) --demo
+
+# pytest exits 5 when it collected nothing: that is a failure, not a pass.
+test: system-deps build
+	$(PY) -m pytest tests; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+bench: build
+	$(PIP) install -q -e '.[test,bench]' --no-build-isolation
+	$(PY) -m bench.run_all
+
+clean:
+	rm -rf build edge/*.c edge/*.so edge/*.html
+distclean: clean
+	rm -rf $(VENV) var

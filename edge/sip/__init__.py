@@ -1,0 +1,1 @@
+"""SIP protocol layer: parser (compiled ``edge._sipparse`` re-exported here), transports, transactions."""
