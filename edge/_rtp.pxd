@@ -1,0 +1,250 @@
+# cython: language_level=3
+"""C-level layout of the RTP relay engine (see docs/media.md).
+
+One native pthread runs the packet loop (epoll + recvmmsg/sendmmsg) without
+the GIL. Python control calls (create/set_remote/delete/stats) take
+``rtp_engine.lock`` for a few microseconds; the loop takes it once per ready
+socket. Nothing in the loop ever calls back into Python: events (timeouts)
+are queued in a ring and signalled through an eventfd.
+"""
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+
+cdef extern from "<sys/epoll.h>" nogil:
+    ctypedef union epoll_data_t:
+        void *ptr
+        int fd
+        uint32_t u32
+        uint64_t u64
+    struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+    enum:
+        EPOLLIN
+        EPOLL_CTL_ADD
+        EPOLL_CTL_DEL
+        EPOLL_CLOEXEC
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    enum:
+        EFD_NONBLOCK
+        EFD_CLOEXEC
+    int eventfd(unsigned int initval, int flags)
+
+
+cdef extern from "<netinet/in.h>" nogil:
+    ctypedef uint32_t in_addr_t
+    ctypedef uint16_t in_port_t
+    struct in_addr:
+        in_addr_t s_addr
+    struct sockaddr_in:
+        unsigned short sin_family
+        in_port_t sin_port
+        in_addr sin_addr
+    enum:
+        AF_INET
+        IPPROTO_UDP
+        IPPROTO_IP
+        IP_TOS
+    uint16_t htons(uint16_t)
+    uint16_t ntohs(uint16_t)
+
+
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    struct sockaddr:
+        unsigned short sa_family
+    struct msghdr:
+        void *msg_name
+        socklen_t msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+    struct mmsghdr:
+        msghdr msg_hdr
+        unsigned int msg_len
+    enum:
+        SOCK_DGRAM
+        SOCK_NONBLOCK
+        SOCK_CLOEXEC
+        SOL_SOCKET
+        SO_RCVBUF
+        SO_SNDBUF
+        MSG_DONTWAIT
+        MSG_TRUNC
+    int socket(int domain, int type, int protocol)
+    int bind(int fd, const sockaddr *addr, socklen_t len)
+    int setsockopt(int fd, int level, int name, const void *val, socklen_t len)
+    int recvmmsg(int fd, mmsghdr *vec, unsigned int vlen, int flags, void *timeout)
+    int sendmmsg(int fd, mmsghdr *vec, unsigned int vlen, int flags)
+
+
+cdef extern from "<arpa/inet.h>" nogil:
+    int inet_pton(int af, const char *src, void *dst)
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_t:
+        pass
+    ctypedef struct pthread_mutex_t:
+        pass
+    int pthread_create(pthread_t *th, const void *attr, void *(*fn)(void *) noexcept nogil, void *arg)
+    int pthread_join(pthread_t th, void **ret)
+    int pthread_mutex_init(pthread_mutex_t *m, const void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *m)
+    int pthread_mutex_lock(pthread_mutex_t *m)
+    int pthread_mutex_unlock(pthread_mutex_t *m)
+
+
+# If you add a DROP_* reason, update DROP_REASONS in _rtp.pyx and docs/media.md.
+cdef enum:
+    DROP_SHORT = 0       # shorter than an RTP (12) / RTCP (8) header, RFC 3550 §5.1/§6.4
+    DROP_VERSION = 1     # version field != 2, RFC 3550 §5.1
+    DROP_OVERSIZE = 2    # larger than RTP_MAX_PKT or truncated by the buffer
+    DROP_SOURCE = 3      # not from the latched source (hijack protection)
+    DROP_NODEST = 4      # other leg has no remote yet, or is on hold (0.0.0.0 / port 0)
+    DROP_SEND = 5        # sendmmsg refused it (socket buffer full)
+    DROP_COUNT = 6
+
+cdef enum:
+    RTP_BATCH = 64       # recvmmsg/sendmmsg vector length
+    RTP_BUFSZ = 2048     # receive buffer per packet (> any sane MTU)
+    RTP_MAX_PKT = 1500   # larger datagrams are dropped as oversize
+    RTP_MAX_EVENTS = 256 # epoll_wait batch
+    RTP_EVQ = 4096       # event ring capacity (timeouts waiting for drain_events)
+    RTP_READS_PER_WAKE = 4  # recvmmsg calls per ready socket before moving on (fairness)
+    ST_A_RTP = 0         # stream index = leg * 2 + kind
+    ST_A_RTCP = 1
+    ST_B_RTP = 2
+    ST_B_RTCP = 3
+    MAX_DROPOUT = 3000   # RFC 3550 A.1
+    MAX_MISORDER = 100   # RFC 3550 A.1
+    EVT_TIMEOUT = 1
+
+
+
+ctypedef struct rtp_stream:
+    int fd                  # bound non-blocking UDP socket, -1 once closed
+    uint16_t port           # local port, host order
+    uint8_t is_rtcp         # 1 for the RTCP socket (RTP port + 1, RFC 3550 §11)
+    uint8_t has_remote      # an SDP address was set (set_remote) and it is not hold
+    uint8_t hold            # SDP said 0.0.0.0 or port 0 (RFC 3264 §8.4): send nothing
+    uint8_t latched         # ``source`` is valid: latched on the first packet since (re)arm
+    uint8_t pt              # payload type of the first packet; jitter follows it only
+    uint8_t seq_init        # RFC 3550 A.1 state initialised
+    uint8_t jit_init        # a previous transit time exists
+    sockaddr_in remote      # address from SDP c=/m= (or a=rtcp, RFC 3605)
+    sockaddr_in source      # latched source: where packets really come from (NAT)
+    uint64_t packets        # valid packets accepted from the latched source
+    uint64_t bytes          # their UDP payload bytes
+    uint64_t relayed        # packets sent on (to the other leg, or echoed back)
+    uint64_t relayed_bytes  # their bytes
+    uint64_t dropped[6]     # per DROP_* reason (DROP_COUNT)
+    int64_t last_ns         # CLOCK_MONOTONIC of the last accepted packet, 0 = never
+    uint32_t ssrc           # SSRC the sequence state belongs to
+    uint16_t max_seq        # RFC 3550 A.1 highest sequence number seen
+    uint32_t cycles         # RFC 3550 A.1 shifted count of sequence wraps
+    uint32_t base_seq       # RFC 3550 A.1 first sequence number
+    uint64_t received       # packets counted by the sequence state
+    int64_t lost_prev       # loss of earlier SSRCs / sequence restarts
+    int64_t transit         # RFC 3550 A.8 previous relative transit time
+    double jitter           # RFC 3550 A.8 interarrival jitter, timestamp units
+
+
+ctypedef struct rtp_relay:
+    uint32_t gen            # relay id; also in epoll tokens to reject stale events
+    uint8_t active          # slot holds a live relay
+    uint8_t timed_out       # a timeout event was queued and no packet came since
+    uint8_t echo[2]         # per leg: echo mode (send back to the source)
+    int64_t created_ns      # CLOCK_MONOTONIC at create (timeout runs from here)
+    int64_t timeout_ns      # silence on both legs before an event, 0 = never
+    rtp_stream st[4]        # ST_A_RTP, ST_A_RTCP, ST_B_RTP, ST_B_RTCP
+
+
+ctypedef struct rtp_event:
+    uint32_t gen            # relay id
+    uint8_t kind            # EVT_*
+    uint8_t leg             # 0 = A, 1 = B: the leg silent the longest
+
+
+ctypedef struct rtp_totals:
+    uint64_t packets        # valid packets received
+    uint64_t bytes          # their bytes
+    uint64_t relayed        # packets relayed
+    uint64_t relayed_bytes  # bytes relayed
+    uint64_t dropped[6]     # per DROP_* reason
+    int64_t lost            # sequence-gap loss (RFC 3550 A.1)
+
+
+ctypedef struct rtp_engine:
+    pthread_mutex_t lock    # guards slots, relays, event ring and totals
+    int epfd                # epoll set of every relay socket + wakefd
+    int wakefd              # eventfd, control -> loop (stop)
+    int evfd                # eventfd, loop -> Python (events pending)
+    int running             # loop keeps going while 1 (written under lock)
+    uint32_t nslots         # capacity of ``slots``
+    rtp_relay **slots       # relay per slot, NULL until first use
+    double clock_rate       # RTP clock for jitter (8000 Hz: G.711/G.729; G.722 uses 8000 too)
+    uint32_t evq_head       # ring read index
+    uint32_t evq_tail       # ring write index
+    uint64_t evq_overflow   # events lost because the ring was full
+    rtp_event evq[4096]     # RTP_EVQ
+    rtp_totals gone         # counters of deleted relays (metrics are monotonic)
+    uint64_t loop_wakeups   # epoll_wait returns (diagnostics)
+    # loop-owned buffers (touched only by the loop thread)
+    mmsghdr rmsg[64]        # RTP_BATCH
+    mmsghdr smsg[64]
+    iovec riov[64]
+    iovec siov[64]
+    sockaddr_in rsrc[64]    # source address per received packet
+    sockaddr_in sdst[64]    # destination per sent packet
+    char rbuf[64][2048]     # RTP_BATCH x RTP_BUFSZ
+
+
+cdef class Relay
+cdef class RelayEngine
+
+
+cdef class RelayEngine:
+    cdef rtp_engine *_eng       # C state shared with the loop thread (malloc'd)
+    cdef pthread_t _thread      # loop thread while _started
+    cdef bint _started          # loop thread is running
+    cdef readonly str address   # dotted IPv4 the relay sockets bind to
+    cdef readonly int port_min  # configured range (inclusive)
+    cdef readonly int port_max
+    cdef readonly double quiet_period  # seconds before a freed port is reused
+    cdef readonly double timeout       # default media timeout, seconds
+    cdef uint32_t _next_gen     # next relay id
+    cdef object _free_ports     # deque[(rtp_port, reusable_at_monotonic)], FIFO
+    cdef list _free_slots       # unused slot indices
+    cdef dict _relays           # id -> Relay
+    cdef uint32_t _bind_addr    # address, network order
+
+    cdef int _open_pair(self, rtp_stream *rtp, rtp_stream *rtcp) except -1
+    cdef object _alloc_pair(self)
+    cdef _release(self, rtp_relay *r, bint quiet)
+    cdef object _snapshot(self, Relay relay)
+
+
+cdef class Relay:
+    cdef readonly RelayEngine engine  # owner
+    cdef readonly uint32_t id         # unique per engine, never reused
+    cdef readonly str tag             # caller's label (Call-ID, ...)
+    cdef readonly object leg_a        # LegAddr
+    cdef readonly object leg_b        # LegAddr
+    cdef uint32_t _slot               # index in rtp_engine.slots
+    cdef bint _deleted                # delete() ran
+
+    cdef rtp_relay *_get(self) except NULL

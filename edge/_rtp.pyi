@@ -1,0 +1,177 @@
+"""Public contract of the compiled RTP relay engine (``edge/_rtp.pyx``).
+
+The packet loop is a native pthread (epoll + recvmmsg/sendmmsg) that never
+takes the GIL. Every method here is called from Python (the asyncio thread)
+and synchronises with the loop through a mutex held for microseconds.
+See docs/media.md for the latching rule and the counters.
+"""
+from typing import Literal, NamedTuple
+
+Leg = Literal["a", "b", "A", "B"]
+
+DROP_REASONS: tuple[str, ...]
+"""Reasons a received packet is not relayed: ``short``, ``version``,
+``oversize``, ``source`` (hijack protection), ``no_dest`` (no remote yet or
+hold), ``send`` (socket buffer full)."""
+
+class LegAddr(NamedTuple):
+    """Edge address of one relay leg: put these in the SDP sent to that leg."""
+
+    address: str
+    rtp_port: int
+    rtcp_port: int
+
+class RelayEvent(NamedTuple):
+    """Something the B2BUA must act on.
+
+    :param relay_id: :attr:`Relay.id`
+    :param tag: the tag given to :meth:`RelayEngine.create`
+    :param kind: ``"timeout"``: no packet on either leg for the relay's timeout
+    :param leg: ``"a"`` or ``"b"``, the leg silent the longest
+    """
+
+    relay_id: int
+    tag: str
+    kind: str
+    leg: str
+
+class StreamStats:
+    """Counters of the packets received on one edge port (RTP or RTCP of a leg).
+
+    ``lost`` is the RFC 3550 A.3 cumulative loss (sequence gaps, 0 for RTCP);
+    ``jitter`` is the RFC 3550 A.8 interarrival jitter in timestamp units,
+    ``jitter_ms`` the same at the engine clock rate (8 kHz by default).
+    """
+
+    packets: int
+    bytes: int
+    relayed: int
+    relayed_bytes: int
+    dropped: dict[str, int]
+    lost: int
+    jitter: float
+    jitter_ms: float
+    last_packet_age: float | None
+    source: tuple[str, int] | None
+    remote: tuple[str, int] | None
+    latched: bool
+    @property
+    def dropped_total(self) -> int: ...
+    def as_dict(self) -> dict[str, object]: ...
+
+class LegStats:
+    rtp: StreamStats
+    rtcp: StreamStats
+    echo: bool
+    def as_dict(self) -> dict[str, object]: ...
+
+class RelayStats:
+    """Snapshot of a relay's counters, e.g. for the CDR."""
+
+    relay_id: int
+    tag: str
+    a: LegStats
+    b: LegStats
+    age: float
+    def leg(self, name: Leg) -> LegStats: ...
+    def as_dict(self) -> dict[str, object]: ...
+
+class Relay:
+    """One anchored call: leg A (customer/PBX side) and leg B (carrier side)."""
+
+    @property
+    def engine(self) -> RelayEngine: ...
+    @property
+    def id(self) -> int: ...
+    @property
+    def tag(self) -> str: ...
+    @property
+    def leg_a(self) -> LegAddr: ...
+    @property
+    def leg_b(self) -> LegAddr: ...
+    @property
+    def deleted(self) -> bool: ...
+    def set_remote(self, leg: Leg, host: str, rtp_port: int, rtcp_port: int | None = None) -> None:
+        """Set where a leg's media goes, from its SDP (offer, answer, re-INVITE).
+
+        Re-arms latching on that leg: the next packet's source becomes the
+        latched source. ``0.0.0.0`` or port 0 means hold: nothing is sent to
+        that leg until the next call.
+
+        :param leg: ``"a"`` or ``"b"``
+        :param host: IPv4 address from ``c=``
+        :param rtp_port: port from ``m=audio``
+        :param rtcp_port: port from ``a=rtcp`` (RFC 3605); default ``rtp_port + 1``
+        """
+    def set_echo(self, leg: Leg, on: bool = True) -> None:
+        """Echo mode: every packet received on ``leg`` goes back to its source."""
+    def unlatch(self, leg: Leg) -> None:
+        """Forget the latched source of ``leg`` (latch again on the next packet)."""
+    def stats(self) -> RelayStats: ...
+    def delete(self) -> RelayStats | None: ...
+
+class RelayEngine:
+    """RTP/RTCP relay with its own packet thread.
+
+    :param address: IPv4 address the edge ports bind to (and advertise in SDP)
+    :param port_min: first port of the range (RTP ports are even, RTCP = RTP + 1)
+    :param port_max: last port of the range
+    :param quiet_period: seconds a freed port waits before it is reused
+    :param timeout: default seconds of silence on both legs before a timeout event
+    :param clock_rate: RTP clock used for jitter in ms (8000 for G.711/G.729/G.722)
+    """
+
+    address: str
+    port_min: int
+    port_max: int
+    quiet_period: float
+    timeout: float
+    def __init__(
+        self,
+        address: str,
+        port_min: int,
+        port_max: int,
+        *,
+        quiet_period: float = 2.0,
+        timeout: float = 30.0,
+        clock_rate: float = 8000.0,
+    ) -> None: ...
+    def start(self) -> None:
+        """Start the packet thread (no-op if running)."""
+    def stop(self) -> None:
+        """Stop the packet thread, delete every relay and free every port. Idempotent."""
+    @property
+    def running(self) -> bool: ...
+    @property
+    def event_fd(self) -> int:
+        """An eventfd, readable while events are pending: ``loop.add_reader`` it."""
+    def __enter__(self) -> RelayEngine: ...
+    def __exit__(self, *exc: object) -> None: ...
+    def create(self, tag: str, *, timeout: float | None = None) -> Relay:
+        """Allocate a relay: an RTP/RTCP port pair for each leg.
+
+        :param tag: label returned in events (Call-ID, channel id)
+        :param timeout: media timeout in seconds (engine default if None, 0 = never)
+        :raises RuntimeError: no free port pair (range exhausted or quiet)
+        """
+    def get(self, relay_id: int) -> Relay | None: ...
+    def delete(self, relay_id: int) -> RelayStats | None:
+        """Close the relay's sockets; ports come back after the quiet period.
+
+        :returns: final counters, or None if unknown
+        """
+    def drain_events(self) -> list[RelayEvent]:
+        """Pending events (each timeout is reported once until media resumes)."""
+    @property
+    def active_relays(self) -> int: ...
+    @property
+    def active_streams(self) -> int:
+        """RTP streams of live relays that received a packet within the timeout."""
+    def totals(self) -> dict[str, object]:
+        """Monotonic counters (deleted relays included), and jitter of live streams.
+
+        Keys: ``relays_active``, ``packets_received``, ``bytes_received``,
+        ``packets_relayed``, ``bytes_relayed``, ``dropped`` (per reason),
+        ``lost``, ``jitter_mean_ms``, ``jitter_max_ms``, ``jitter_streams``,
+        ``events_overflow``.
+        """
