@@ -1,0 +1,103 @@
+"""asyncio side of the relay engine: timeout events and SDP anchoring for the B2BUA.
+
+The engine's packet thread never calls Python. It queues events and makes its
+eventfd readable; :class:`MediaService` watches that fd with
+``loop.add_reader`` and hands each event to a callback on the event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from edge._rtp import Relay, RelayEngine, RelayEvent
+from edge.media.sdp import parse_sdp_media, rewrite_sdp
+
+log = logging.getLogger("edge.media")
+
+EventCallback = Callable[[int, str, str], object]
+"""``callback(relay_id, tag, kind)``; ``kind`` is ``"timeout"``."""
+
+
+class MediaService:
+    """Owns a :class:`RelayEngine` on an asyncio loop.
+
+    :param engine: the relay engine (started by :meth:`start` if not running)
+    :param loop: the event loop; the running loop by default
+    :param on_event: called as ``on_event(relay_id, tag, kind)`` for each event
+    """
+
+    def __init__(
+        self,
+        engine: RelayEngine,
+        loop: asyncio.AbstractEventLoop | None = None,
+        on_event: EventCallback | None = None,
+    ) -> None:
+        self.engine = engine
+        self._loop = loop
+        self.on_event = on_event
+        self._reading = False
+        self.events_seen = 0
+
+    def start(self) -> None:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        self.engine.start()
+        if not self._reading:
+            self._loop.add_reader(self.engine.event_fd, self._on_readable)
+            self._reading = True
+
+    def close(self) -> None:
+        """Stop watching, stop the engine and free every port. Idempotent."""
+        if self._reading and self._loop is not None:
+            self._loop.remove_reader(self.engine.event_fd)
+            self._reading = False
+        self.engine.stop()
+
+    async def __aenter__(self) -> MediaService:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def _on_readable(self) -> None:
+        # Boundary between the engine and the B2BUA: nothing escapes to the loop.
+        try:
+            events = self.engine.drain_events()
+        except Exception:
+            log.exception("drain_events failed")
+            return
+        for ev in events:
+            self.events_seen += 1
+            self._dispatch(ev)
+
+    def _dispatch(self, ev: RelayEvent) -> None:
+        if self.on_event is None:
+            log.info("relay %d (%s): %s on leg %s", ev.relay_id, ev.tag, ev.kind, ev.leg)
+            return
+        try:
+            self.on_event(ev.relay_id, ev.tag, ev.kind)
+        except Exception:
+            log.exception("media event callback failed for relay %d", ev.relay_id)
+
+    # -- anchoring helpers for the B2BUA --------------------------------------
+
+    def create(self, tag: str, *, timeout: float | None = None) -> Relay:
+        return self.engine.create(tag, timeout=timeout)
+
+    def anchor(self, relay: Relay, from_leg: str, sdp: bytes) -> bytes:
+        """Take the SDP received on ``from_leg``; return the SDP for the other leg.
+
+        The remote of ``from_leg`` is set from the SDP (offer, answer,
+        re-INVITE, hold), which re-arms latching on that leg. The returned SDP
+        points the other side at the edge ports of its own leg.
+
+        :param relay: the call's relay
+        :param from_leg: ``"a"`` (SDP from the PBX) or ``"b"`` (SDP from the carrier)
+        :param sdp: the SDP body as received
+        """
+        media = parse_sdp_media(sdp)
+        relay.set_remote(from_leg, media.host, media.port, media.rtcp_port)
+        out = relay.leg_b if from_leg.lower() == "a" else relay.leg_a
+        return rewrite_sdp(sdp, out.address, out.rtp_port, out.rtcp_port)
