@@ -1,0 +1,84 @@
+"""Prometheus metrics of the control plane.
+
+Gauges that describe stored state (channels, balances, registrations) are read from
+LMDB at scrape time by ``StoreCollector``: every process on the node agrees, and
+nothing has to be kept in sync by hand. Counters of things that happen in this
+process (API requests) are ordinary prometheus-client metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from edge.control.money import MICROS
+from edge.control.store import Store
+
+
+class StoreCollector(Collector):
+    """Per-profile gauges read from the store in one read transaction per scrape."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        labels = ["profile", "profile_name", "account"]
+        capacity = GaugeMetricFamily("edge_channels_capacity", "Channels of the SIP profile (1..300).", labels=labels)
+        in_use = GaugeMetricFamily("edge_channels_in_use", "Channels carrying a call now (incoming + outgoing).", labels=labels)
+        balance = GaugeMetricFamily("edge_credit_balance", "Credit allocated to the profile, in currency units.", labels=labels)
+        ar_min = GaugeMetricFamily("edge_auto_recharge_min_balance", "Auto-recharge threshold, in currency units.", labels=labels)
+        ar_on = GaugeMetricFamily("edge_auto_recharge_enabled", "1 if auto-recharge is on for the profile.", labels=labels)
+        ar_count = CounterMetricFamily("edge_auto_recharges", "Auto-recharges performed for the profile.", labels=labels)
+        bundles = GaugeMetricFamily("edge_us_bundles", "US minute bundles of the profile.", labels=labels)
+        regs = GaugeMetricFamily("edge_registrations_active", "Unexpired registrar bindings of the profile.", labels=labels)
+        acct_balance = GaugeMetricFamily("edge_account_balance", "Master balance of the account, in currency units.",
+                                         labels=["account", "account_name"])
+        now = time.time()
+        reg_counts = self.store.registration_counts(now)
+        for prof, used in self.store.gauges_snapshot():
+            lv = [prof.id, prof.name, prof.account_id]
+            capacity.add_metric(lv, prof.channels)
+            in_use.add_metric(lv, used)
+            balance.add_metric(lv, prof.balance / MICROS)
+            ar_min.add_metric(lv, prof.auto_recharge.min_balance / MICROS)
+            ar_on.add_metric(lv, 1.0 if prof.auto_recharge.enabled else 0.0)
+            ar_count.add_metric(lv, self.store.auto_recharge_count(prof.id))
+            bundles.add_metric(lv, prof.us_bundles)
+            regs.add_metric(lv, reg_counts.get(prof.id, 0))
+        for acct in self.store.list_accounts():
+            acct_balance.add_metric([acct.id, acct.name], acct.balance / MICROS)
+        yield from (capacity, in_use, balance, ar_min, ar_on, ar_count, bundles, regs, acct_balance)
+
+
+class ApiMetrics:
+    """Request counts and latency of the control API, by route template (bounded cardinality)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "edge_api_requests", "Control API requests.", ["method", "route", "status"], registry=registry
+        )
+        self.latency = Histogram(
+            "edge_api_request_duration_seconds", "Control API request latency.", ["method", "route"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=registry,
+        )
+
+
+def build_registry(store: Store) -> CollectorRegistry:
+    """A registry with the process collectors and the store's gauges; edge components add theirs."""
+    registry = CollectorRegistry(auto_describe=True)
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(collector)
+    registry.register(StoreCollector(store))
+    return registry

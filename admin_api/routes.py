@@ -1,0 +1,310 @@
+"""Handlers of the control API. Thin: decode, call one store operation, encode.
+
+Handlers run in Litestar's thread pool (``sync_to_thread=True``): an LMDB write
+transaction may wait for the writer lock or an fsync, and must not stall the
+event loop that also carries SIP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, delete, get, patch, post, put
+from litestar.datastructures import State
+from litestar.openapi import ResponseSpec
+from litestar.params import Parameter
+
+from edge.control.errors import Invalid, NotFound
+from edge.control.models import AutoRecharge
+from edge.control.money import format_money, parse_money
+from edge.control.store import Store
+from edge.control.tables import parse_rates_csv, rate_from_fields
+
+from .schemas import (
+    AccountCreate,
+    AccountOut,
+    AutoRechargeRequest,
+    BundlesRequest,
+    BusinessAccountOut,
+    BusinessAccountRequest,
+    CdrOut,
+    CreditRequest,
+    ExclusionsPut,
+    LedgerEntryOut,
+    LiveCallOut,
+    LoadedOut,
+    NumberAttach,
+    NumberBuy,
+    NumberOut,
+    Page,
+    ProfileCreate,
+    ProfileCreditOut,
+    ProfileOut,
+    ProfilePatch,
+    RateOut,
+    RatesPut,
+    RegistrationOut,
+)
+
+THREAD = {"sync_to_thread": True}
+_json = msgspec.json.Encoder()
+
+Limit = Parameter(ge=1, le=1000, default=100, description="page size")
+After = Parameter(ge=0, default=0, description="return entries after this seq (from next_after)")
+
+
+def _store(state: State) -> Store:
+    return state.store
+
+
+def _profile_out(state: State, profile_id: str) -> ProfileOut:
+    store = _store(state)
+    prof = store.get_profile(profile_id)
+    return ProfileOut.of(prof, store.credential_for_profile(prof.id), state.registrar, store.channels_in_use(prof.id))
+
+
+def _amount(text: str) -> int:
+    micros = parse_money(text)
+    if micros <= 0:
+        raise Invalid("amount must be greater than zero", field="amount")
+    return micros
+
+
+def _money_move(request: Request, state: State, body: CreditRequest, fn: Any, render: Any) -> Response[bytes]:
+    """Run a money-moving operation, once per ``Idempotency-Key`` when the header is present."""
+    store = _store(state)
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        status, payload = render(store.write(fn))
+        return Response(payload, status_code=status, media_type="application/json")
+    if not 1 <= len(key) <= 255:
+        raise Invalid("Idempotency-Key must be 1..255 characters", field="Idempotency-Key")
+    fingerprint = hashlib.sha256(
+        f"{request.method} {request.url.path} ".encode() + _json.encode(body)
+    ).hexdigest()
+    status, payload, replayed = store.idempotent(key, fingerprint, fn, render)
+    headers = {"Idempotent-Replayed": "true"} if replayed else {}
+    return Response(payload, status_code=status, media_type="application/json", headers=headers)
+
+
+# ------------------------------------------------------------------ accounts
+
+@post("/v1/accounts", status_code=201, **THREAD)
+def create_account(data: AccountCreate, state: State) -> AccountOut:
+    return AccountOut.of(_store(state).create_account(data.name, data.admin))
+
+
+@get("/v1/accounts/{account_id:str}", **THREAD)
+def get_account(account_id: str, state: State) -> AccountOut:
+    return AccountOut.of(_store(state).get_account(account_id))
+
+
+@post("/v1/accounts/{account_id:str}/credit", status_code=200, **THREAD,
+      responses={200: ResponseSpec(data_container=AccountOut, description="the account with its new balance")})
+def credit_account(account_id: str, data: CreditRequest, request: Request, state: State) -> Response[bytes]:
+    """Top up the master balance (the payment itself is out of scope). Honours ``Idempotency-Key``."""
+    amount = _amount(data.amount)
+    store = _store(state)
+
+    def op(txn: Any) -> AccountOut:
+        acct = store._account(txn, account_id)
+        store._move(txn, acct, amount, "topup", request.headers.get("idempotency-key", ""))
+        return AccountOut.of(acct)
+
+    return _money_move(request, state, data, op, lambda out: (200, _json.encode(out)))
+
+
+@get("/v1/accounts/{account_id:str}/ledger", **THREAD)
+def account_ledger(account_id: str, state: State, after: int = After, limit: int = Limit) -> Page:
+    _store(state).get_account(account_id)
+    entries = _store(state).ledger(f"account:{account_id}", after=after, limit=limit)
+    return _page([LedgerEntryOut.of(e) for e in entries], limit)
+
+
+# ------------------------------------------------------------------ profiles
+
+@post("/v1/accounts/{account_id:str}/profiles", status_code=201, **THREAD)
+def create_profile(account_id: str, data: ProfileCreate, state: State) -> ProfileOut:
+    prof, cred = _store(state).create_profile(
+        account_id, data.name, data.channels, data.auth, data.allowed_ips, data.static_contact
+    )
+    return ProfileOut.of(prof, cred, state.registrar)
+
+
+@get("/v1/accounts/{account_id:str}/profiles", **THREAD)
+def list_profiles(account_id: str, state: State) -> list[ProfileOut]:
+    store = _store(state)
+    store.get_account(account_id)
+    return [_profile_out(state, p.id) for p in store.list_profiles(account_id)]
+
+
+@get("/v1/profiles/{profile_id:str}", **THREAD)
+def get_profile(profile_id: str, state: State) -> ProfileOut:
+    return _profile_out(state, profile_id)
+
+
+@patch("/v1/profiles/{profile_id:str}", **THREAD)
+def patch_profile(profile_id: str, data: ProfilePatch, state: State) -> ProfileOut:
+    changes = {f: getattr(data, f) for f in data.__struct_fields__ if getattr(data, f) is not msgspec.UNSET}
+    _store(state).update_profile(profile_id, changes)
+    return _profile_out(state, profile_id)
+
+
+@delete("/v1/profiles/{profile_id:str}", status_code=204, **THREAD)
+def delete_profile(profile_id: str, state: State) -> None:
+    _store(state).delete_profile(profile_id)
+
+
+@post("/v1/profiles/{profile_id:str}/credit", status_code=200, **THREAD,
+      responses={200: ResponseSpec(data_container=ProfileCreditOut, description="the new balances")})
+def credit_profile(profile_id: str, data: CreditRequest, request: Request, state: State) -> Response[bytes]:
+    """Allocate credit from the account's master balance. Honours ``Idempotency-Key``."""
+    amount = _amount(data.amount)
+    store = _store(state)
+
+    def op(txn: Any) -> ProfileCreditOut:
+        prof, acct = store.allocate_in(txn, profile_id, amount, request.headers.get("idempotency-key", ""))
+        return ProfileCreditOut(profile_id=prof.id, account_id=acct.id, balance=format_money(prof.balance),
+                                account_balance=format_money(acct.balance))
+
+    return _money_move(request, state, data, op, lambda out: (200, _json.encode(out)))
+
+
+@put("/v1/profiles/{profile_id:str}/auto-recharge", **THREAD)
+def put_auto_recharge(profile_id: str, data: AutoRechargeRequest, state: State) -> ProfileOut:
+    settings = AutoRecharge(enabled=data.enabled, amount=parse_money(data.amount),
+                            min_balance=parse_money(data.min_balance))
+    if settings.enabled and settings.amount <= 0:
+        raise Invalid("amount must be greater than zero when auto-recharge is enabled", field="amount")
+    _store(state).set_auto_recharge(profile_id, settings)
+    return _profile_out(state, profile_id)
+
+
+@put("/v1/profiles/{profile_id:str}/bundles", **THREAD)
+def put_bundles(profile_id: str, data: BundlesRequest, state: State) -> ProfileOut:
+    _store(state).set_bundles(profile_id, data.us_bundles)
+    return _profile_out(state, profile_id)
+
+
+@get("/v1/profiles/{profile_id:str}/calls", **THREAD)
+def profile_calls(profile_id: str, state: State) -> list[LiveCallOut]:
+    _store(state).get_profile(profile_id)
+    return [LiveCallOut.of(c) for c in _store(state).live_calls(profile_id)]
+
+
+@get("/v1/profiles/{profile_id:str}/cdrs", **THREAD)
+def profile_cdrs(profile_id: str, state: State, after: int = After, limit: int = Limit) -> Page:
+    _store(state).get_profile(profile_id)
+    return _page([CdrOut.of(c) for c in _store(state).cdrs(profile_id, after=after, limit=limit)], limit)
+
+
+@get("/v1/profiles/{profile_id:str}/ledger", **THREAD)
+def profile_ledger(profile_id: str, state: State, after: int = After, limit: int = Limit) -> Page:
+    _store(state).get_profile(profile_id)
+    entries = _store(state).ledger(f"profile:{profile_id}", after=after, limit=limit)
+    return _page([LedgerEntryOut.of(e) for e in entries], limit)
+
+
+@get("/v1/profiles/{profile_id:str}/registrations", **THREAD)
+def profile_registrations(profile_id: str, state: State) -> list[RegistrationOut]:
+    _store(state).get_profile(profile_id)
+    now = time.time()
+    return [RegistrationOut.of(r, now) for r in _store(state).bindings(profile_id, now)]
+
+
+def _page(items: list[Any], limit: int) -> Page:
+    return Page(items=items, next_after=items[-1].seq if len(items) == limit else None)
+
+
+# ------------------------------------------------------- numbers & business
+
+@post("/v1/accounts/{account_id:str}/numbers", status_code=201, **THREAD)
+def buy_number(account_id: str, data: NumberBuy, state: State) -> NumberOut:
+    return NumberOut.of(_store(state).buy_number(account_id, data.number))
+
+
+@get("/v1/accounts/{account_id:str}/numbers", **THREAD)
+def list_numbers(account_id: str, state: State) -> list[NumberOut]:
+    return [NumberOut.of(n) for n in _store(state).list_numbers(account_id)]
+
+
+@post("/v1/profiles/{profile_id:str}/numbers", status_code=201, **THREAD)
+def attach_number(profile_id: str, data: NumberAttach, state: State) -> NumberOut:
+    return NumberOut.of(_store(state).attach_number(profile_id, data.number, data.extension))
+
+
+@delete("/v1/profiles/{profile_id:str}/numbers/{number:str}", status_code=204, **THREAD)
+def detach_number(profile_id: str, number: str, state: State) -> None:
+    _store(state).detach_number(profile_id, number)
+
+
+@post("/v1/accounts/{account_id:str}/business-accounts", status_code=201, **THREAD)
+def create_business_account(account_id: str, data: BusinessAccountRequest, state: State) -> BusinessAccountOut:
+    rec = _store(state).create_business_account(account_id, data.name)
+    return BusinessAccountOut(name=rec.name, account_id=rec.account_id, profile_id=None, can_sign_in=True)
+
+
+@post("/v1/profiles/{profile_id:str}/business-accounts", status_code=201, **THREAD)
+def attach_business_account(profile_id: str, data: BusinessAccountRequest, state: State) -> BusinessAccountOut:
+    rec = _store(state).attach_business_account(profile_id, data.name)
+    return BusinessAccountOut(name=rec.name, account_id=rec.account_id, profile_id=rec.profile_id, can_sign_in=False)
+
+
+@delete("/v1/profiles/{profile_id:str}/business-accounts/{name:str}", status_code=204, **THREAD)
+def detach_business_account(profile_id: str, name: str, state: State) -> None:
+    _store(state).detach_business_account(profile_id, name)
+
+
+# --------------------------------------------------------------------- rates
+
+@put("/v1/rates", request_max_body_size=64 << 20)
+async def put_rates(request: Request, state: State) -> LoadedOut:
+    """Replace the rate table: JSON ``{"rates": [...]}`` or ``text/csv`` with the same columns."""
+    body = await request.body()
+    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if ctype == "text/csv":
+        try:
+            text = body.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise Invalid("CSV must be UTF-8", field="csv") from None
+        rates = parse_rates_csv(text)
+    elif ctype == "application/json":
+        put_body = msgspec.json.decode(body, type=RatesPut)
+        rates = [rate_from_fields(msgspec.structs.asdict(r), f"rates[{i}]") for i, r in enumerate(put_body.rates)]
+    else:
+        raise Invalid(f"unsupported content type {ctype!r}: use application/json or text/csv", field="Content-Type")
+    # 100k rows take a fraction of a second: keep that off the event loop.
+    return LoadedOut(loaded=await asyncio.to_thread(_store(state).replace_rates, rates))
+
+
+@get("/v1/rates/lookup", **THREAD)
+def rate_lookup(state: State, number: str = Parameter(pattern=r"^\+?[0-9]{1,20}$")) -> RateOut:
+    rate = _store(state).rate_for(number)
+    if rate is None:
+        raise NotFound(f"no rate covers {number}")
+    return RateOut.of(rate)
+
+
+@put("/v1/bundle-exclusions", **THREAD)
+def put_exclusions(data: ExclusionsPut, state: State) -> LoadedOut:
+    return LoadedOut(loaded=_store(state).replace_exclusions(data.prefixes))
+
+
+@get("/v1/bundle-exclusions", **THREAD)
+def get_exclusions(state: State) -> dict[str, list[str]]:
+    return {"prefixes": _store(state).exclusions()}
+
+
+ROUTES = [
+    create_account, get_account, credit_account, account_ledger,
+    create_profile, list_profiles, get_profile, patch_profile, delete_profile,
+    credit_profile, put_auto_recharge, put_bundles,
+    profile_calls, profile_cdrs, profile_ledger, profile_registrations,
+    buy_number, list_numbers, attach_number, detach_number,
+    create_business_account, attach_business_account, detach_business_account,
+    put_rates, rate_lookup, put_exclusions, get_exclusions,
+]

@@ -1,0 +1,82 @@
+"""``sipedge``: serve, check, version."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from . import __version__
+from .config import ConfigError, load
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    try:
+        cfg = load(args.config)
+    except ConfigError as exc:
+        print(f"sipedge: invalid config: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.config}: OK ({len(cfg.sip.listen)} SIP listeners, {len(cfg.carriers)} carriers, "
+          f"API on {cfg.api.listen})")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .control.demo import ECHO_NUMBER, ensure_demo
+    from .server import Node, admin_token, data_dir_of, open_store
+
+    try:
+        cfg = load(args.config)
+    except ConfigError as exc:
+        print(f"sipedge: invalid config: {exc}", file=sys.stderr)
+        return 2
+    data_dir = data_dir_of(cfg, args.data)
+    store = open_store(cfg, data_dir)
+    token = admin_token(cfg, data_dir)
+    if args.demo:
+        demo = ensure_demo(store)
+        udp = next((l for l in cfg.sip.listen if l.startswith("udp:")), cfg.sip.listen[0])
+        _, host_port = udp.split(":", 1)
+        print(
+            f"sipedge {__version__} serving (data in {data_dir})\n"
+            f"  control API   http://{cfg.api.listen}   token: {token}\n"
+            f"  SIP registrar {cfg.sip.domain}  (send to {host_port}, {', '.join(cfg.sip.listen)})\n"
+            f"  SIP username  {demo.sip_username}\n"
+            f"  SIP password  {demo.sip_password}\n"
+            f"  online number {demo.number}{'  (demo provisioned now)' if demo.created else ''}\n"
+            f"  test call     sipp -sn uac -s {ECHO_NUMBER.lstrip('+')} {host_port} -au {demo.sip_username} "
+            f"-ap {demo.sip_password} -m 1   (the echo number {ECHO_NUMBER})\n"
+            f"  try           curl -H 'Authorization: Bearer {token}' http://{cfg.api.listen}/v1/profiles/{demo.profile_id}",
+            flush=True,
+        )
+    node = Node(cfg, store, token)
+    try:
+        asyncio.run(node.run())
+    finally:
+        store.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sipedge", description="SIP/RTP trunking edge")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the edge and its control API")
+    serve.add_argument("--config", help="TOML config file (defaults built in if omitted)")
+    serve.add_argument("--data", help="LMDB directory (overrides storage.path)")
+    serve.add_argument("--demo", action="store_true", help="provision the demo tenant on an empty store and print it")
+    serve.set_defaults(fn=_cmd_serve)
+    check = sub.add_parser("check", help="validate a config file")
+    check.add_argument("--config", required=True)
+    check.set_defaults(fn=_cmd_check)
+    version = sub.add_parser("version", help="print the version")
+    version.set_defaults(fn=lambda a: print(f"sipedge {__version__}") or 0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""One sipedge node: the store, the metrics registry, the control API and the SIP edge,
+all on one asyncio loop (the RTP relay runs on its own native thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+from pathlib import Path
+
+import uvicorn
+
+from .config import Config, parse_listen
+from .control.store import Store
+
+log = logging.getLogger("sipedge")
+
+
+def data_dir_of(cfg: Config, data: str | None) -> Path:
+    return Path(data) if data else Path(cfg.storage.path)
+
+
+def admin_token(cfg: Config, data_dir: Path) -> str:
+    """The configured token (env ``SIPEDGE_ADMIN_TOKEN`` wins, applied by config.load), or one
+    generated on first start and kept in ``<data>/admin_token`` (mode 0600)."""
+    if cfg.api.token:
+        return cfg.api.token
+    path = data_dir / "admin_token"
+    if path.exists():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+def open_store(cfg: Config, data_dir: Path) -> Store:
+    return Store(data_dir, realm=cfg.sip.domain, map_size=cfg.storage.map_size_mb << 20)
+
+
+class Node:
+    """Owns every long-lived component of a running edge; started and stopped as one."""
+
+    def __init__(self, cfg: Config, store: Store, token: str) -> None:
+        from admin_api.app import create_app
+
+        self.cfg = cfg
+        self.store = store
+        self.app, self.registry = create_app(store, token, registrar=cfg.sip.domain)
+        host, _, port = cfg.api.listen.rpartition(":")
+        self.api = uvicorn.Server(uvicorn.Config(
+            self.app, host=host.strip("[]"), port=int(port), log_level="warning",
+            access_log=False, lifespan="on", loop="asyncio",
+        ))
+        self._stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._stopping.set)
+        self.api.install_signal_handlers = lambda: None  # the node handles signals
+        api_task = asyncio.create_task(self.api.serve(), name="control-api")
+        stop_task = asyncio.create_task(self._stopping.wait())
+        done, _ = await asyncio.wait({api_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        if api_task in done and api_task.exception() is not None:
+            raise api_task.exception()  # could not bind, for instance
+        self.api.should_exit = True
+        await api_task
+        stop_task.cancel()
+
+    def listeners(self) -> list[tuple[str, str, int]]:
+        return [parse_listen(item) for item in self.cfg.sip.listen]
