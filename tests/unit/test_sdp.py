@@ -1,0 +1,130 @@
+"""SDP anchoring (edge/media/sdp.py) on SDP as pjsua2 and common PBXs send it."""
+from pathlib import Path
+
+import pytest
+
+from edge.media.sdp import SdpError, parse_sdp_media, rewrite_sdp
+
+DATA = Path(__file__).parent / "data" / "sdp"
+SAMPLES = sorted(p.name for p in DATA.glob("*.sdp"))
+
+EXPECTED = {
+    # name: (host, port, rtcp_port, direction)
+    "pjsua2-offer.sdp": ("192.168.1.20", 4000, 4001, "sendrecv"),
+    "asterisk-offer.sdp": ("10.20.30.40", 14872, None, "sendrecv"),
+    "asterisk-hold.sdp": ("10.20.30.40", 14872, None, "sendonly"),
+    "freeswitch-answer.sdp": ("203.0.113.7", 23456, 23457, "sendrecv"),
+    "cisco-cube-offer.sdp": ("198.51.100.10", 17280, None, "sendrecv"),
+    "rfc2543-hold.sdp": ("0.0.0.0", 49170, None, "sendrecv"),
+    "webrtc-ice-video.sdp": ("100.64.0.9", 51000, 51001, "sendrecv"),
+}
+
+
+def load(name: str) -> bytes:
+    return (DATA / name).read_bytes()
+
+
+def test_all_samples_have_expectations():
+    assert set(SAMPLES) == set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", SAMPLES)
+def test_parse(name):
+    m = parse_sdp_media(load(name))
+    assert (m.host, m.port, m.rtcp_port, m.direction) == EXPECTED[name]
+    assert m.addrtype == "IP4"
+
+
+@pytest.mark.parametrize("name", SAMPLES)
+def test_rewrite_points_at_edge_and_keeps_the_rest(name):
+    src = load(name)
+    out = rewrite_sdp(src, "192.0.2.1", 30000, 30001)
+    m = parse_sdp_media(out)
+    hold = EXPECTED[name][0] == "0.0.0.0"
+    assert m.host == ("0.0.0.0" if hold else "192.0.2.1")
+    assert m.port == 30000
+    assert m.rtcp_port in (None, 30001)
+    assert m.direction == EXPECTED[name][3]
+    # Line endings preserved.
+    assert (b"\r\n" in out) == (b"\r\n" in src)
+    # Codecs, fmtp, telephone-event (RFC 4733), ptime, direction: byte for byte.
+    keep = [ln for ln in src.splitlines() if ln.startswith((b"a=rtpmap", b"a=fmtp", b"a=ptime",
+                                                            b"a=sendonly", b"a=sendrecv", b"a=ssrc",
+                                                            b"a=maxptime", b"b=", b"s=", b"t="))]
+    out_lines = out.splitlines()
+    for ln in keep:
+        assert ln in out_lines, ln
+    # No address of the party is left (topology hiding), except a hold address.
+    party = EXPECTED[name][0].encode()
+    if not hold:
+        assert party not in out
+    # The m=audio payload type list is unchanged.
+    m_src = next(ln for ln in src.splitlines() if ln.startswith(b"m=audio"))
+    m_out = next(ln for ln in out_lines if ln.startswith(b"m=audio"))
+    assert m_src.split()[2:] == m_out.split()[2:]
+
+
+@pytest.mark.parametrize("name", ["pjsua2-offer.sdp", "asterisk-offer.sdp", "freeswitch-answer.sdp",
+                                  "cisco-cube-offer.sdp", "asterisk-hold.sdp"])
+def test_round_trip(name):
+    """Rewriting to the edge and back to the party's own values gives the original bytes."""
+    src = load(name)
+    m = parse_sdp_media(src)
+    there = rewrite_sdp(src, "192.0.2.1", 30000, 30001 if m.rtcp_port else None)
+    back = rewrite_sdp(there, m.host, m.port, m.rtcp_port)
+    assert back == src
+
+
+def test_origin_version_kept_address_replaced():
+    out = rewrite_sdp(load("asterisk-hold.sdp"), "192.0.2.1", 30000, 30001)
+    o = next(ln for ln in out.splitlines() if ln.startswith(b"o="))
+    assert o == b"o=- 1695812345 1695812346 IN IP4 192.0.2.1"
+
+
+def test_ice_removed_and_other_media_disabled():
+    out = rewrite_sdp(load("webrtc-ice-video.sdp"), "192.0.2.1", 30000, 30001)
+    assert b"a=candidate" not in out and b"a=ice-" not in out
+    assert b"m=video 0 RTP/AVP 96" in out
+    assert b"51002" not in out and b"51003" not in out
+    assert b"a=rtcp:30001 IN IP4 192.0.2.1" in out
+    assert b"a=group:BUNDLE 0 1" in out      # passes through untouched
+
+
+def test_rtcp_attribute_added_when_not_rtp_plus_one():
+    out = rewrite_sdp(load("asterisk-offer.sdp"), "192.0.2.1", 30000, 30011)
+    assert parse_sdp_media(out).rtcp_port == 30011
+    out = rewrite_sdp(load("asterisk-offer.sdp"), "192.0.2.1", 30000, 30001)
+    assert b"a=rtcp" not in out
+
+
+def test_rtcp_attribute_dropped_without_port():
+    out = rewrite_sdp(load("pjsua2-offer.sdp"), "192.0.2.1", 30000, None)
+    assert b"a=rtcp" not in out
+
+
+def test_rejected_stream_keeps_port_zero():
+    src = load("asterisk-offer.sdp").replace(b"m=audio 14872", b"m=audio 0")
+    assert parse_sdp_media(src).port == 0
+    assert b"m=audio 0 RTP/AVP" in rewrite_sdp(src, "192.0.2.1", 30000, 30001)
+
+
+@pytest.mark.parametrize("bad", [
+    b"v=0\r\no=- 1 1 IN IP4 1.2.3.4\r\ns=-\r\nc=IN IP4 1.2.3.4\r\nt=0 0\r\nm=video 5000 RTP/AVP 96\r\n",
+    b"v=0\r\ns=-\r\nt=0 0\r\nm=audio 5000 RTP/AVP 0\r\n",
+    b"v=0\r\nc=IN IP4 1.2.3.4\r\nm=audio xx RTP/AVP 0\r\n",
+    b"v=0\r\nc=IN IP4 1.2.3.4\r\nm=audio 99999 RTP/AVP 0\r\n",
+    b"v=0\r\nc=garbage\r\nm=audio 5000 RTP/AVP 0\r\n",
+    b"",
+])
+def test_bad_sdp_raises_sdperror(bad):
+    with pytest.raises(SdpError):
+        parse_sdp_media(bad)
+    with pytest.raises(SdpError):
+        rewrite_sdp(bad, "192.0.2.1", 30000, 30001)
+
+
+def test_media_level_connection_wins():
+    sdp = (b"v=0\r\no=- 1 1 IN IP4 1.1.1.1\r\ns=-\r\nc=IN IP4 1.1.1.1\r\nt=0 0\r\n"
+           b"m=audio 5000 RTP/AVP 0\r\nc=IN IP4 2.2.2.2\r\na=inactive\r\n")
+    m = parse_sdp_media(sdp)
+    assert (m.host, m.port, m.direction) == ("2.2.2.2", 5000, "inactive")
