@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 from litestar import Litestar, MediaType, Request, Response, get
 from litestar.datastructures import State
-from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions import HTTPException, SerializationException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.types import ASGIApp, Receive, Scope, Send
@@ -53,7 +53,8 @@ def _field_of(key: str | None, message: str) -> str:
 def on_validation_error(request: Request, exc: ValidationException) -> Response[bytes]:
     extra = exc.extra if isinstance(exc.extra, list) else []
     if not extra:  # body that is not JSON at all: a syntax error, not a field error
-        return _error(400, str(exc.detail))
+        detail = str(exc.detail)
+        return _error(400, detail if "JSON" in detail else f"request body is not valid JSON: {detail}")
     errors = [{"field": _field_of(e.get("key"), str(e.get("message", ""))), "message": str(e.get("message", ""))}
               for e in extra if isinstance(e, dict)]
     first = errors[0]
@@ -76,6 +77,8 @@ def on_domain_error(request: Request, exc: DomainError) -> Response[bytes]:
 
 
 def on_http_error(request: Request, exc: HTTPException) -> Response[bytes]:
+    if isinstance(exc.__cause__, SerializationException):  # Litestar could not decode the body
+        return _error(400, f"request body is not valid JSON: {exc.detail}")
     return _error(exc.status_code, str(exc.detail))
 
 

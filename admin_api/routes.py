@@ -1,8 +1,8 @@
 """Handlers of the control API. Thin: decode, call one store operation, encode.
 
-Handlers run in Litestar's thread pool (``sync_to_thread=True``): an LMDB write
+Writes run in Litestar's thread pool (``sync_to_thread=True``): an LMDB write
 transaction may wait for the writer lock or an fsync, and must not stall the
-event loop that also carries SIP.
+event loop that also carries SIP. Reads take microseconds and run inline.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from .schemas import (
 )
 
 THREAD = {"sync_to_thread": True}
+READ = {"sync_to_thread": False}  # reads are one LMDB read transaction: microseconds, never block
 _json = msgspec.json.Encoder()
 
 Limit = Parameter(ge=1, le=1000, default=100, description="page size")
@@ -98,7 +99,7 @@ def create_account(data: AccountCreate, state: State) -> AccountOut:
     return AccountOut.of(_store(state).create_account(data.name, data.admin))
 
 
-@get("/v1/accounts/{account_id:str}", **THREAD)
+@get("/v1/accounts/{account_id:str}", **READ)
 def get_account(account_id: str, state: State) -> AccountOut:
     return AccountOut.of(_store(state).get_account(account_id))
 
@@ -118,7 +119,7 @@ def credit_account(account_id: str, data: CreditRequest, request: Request, state
     return _money_move(request, state, data, op, lambda out: (200, _json.encode(out)))
 
 
-@get("/v1/accounts/{account_id:str}/ledger", **THREAD)
+@get("/v1/accounts/{account_id:str}/ledger", **READ)
 def account_ledger(account_id: str, state: State, after: int = After, limit: int = Limit) -> Page:
     _store(state).get_account(account_id)
     entries = _store(state).ledger(f"account:{account_id}", after=after, limit=limit)
@@ -135,15 +136,15 @@ def create_profile(account_id: str, data: ProfileCreate, state: State) -> Profil
     return ProfileOut.of(prof, cred, state.registrar)
 
 
-@get("/v1/accounts/{account_id:str}/profiles", **THREAD)
+@get("/v1/accounts/{account_id:str}/profiles", **READ)
 def list_profiles(account_id: str, state: State) -> list[ProfileOut]:
     store = _store(state)
     store.get_account(account_id)
     return [_profile_out(state, p.id) for p in store.list_profiles(account_id)]
 
 
-@get("/v1/profiles/{profile_id:str}", **THREAD)
-def get_profile(profile_id: str, state: State) -> ProfileOut:
+@get("/v1/profiles/{profile_id:str}", **READ)
+def show_profile(profile_id: str, state: State) -> ProfileOut:
     return _profile_out(state, profile_id)
 
 
@@ -190,26 +191,26 @@ def put_bundles(profile_id: str, data: BundlesRequest, state: State) -> ProfileO
     return _profile_out(state, profile_id)
 
 
-@get("/v1/profiles/{profile_id:str}/calls", **THREAD)
+@get("/v1/profiles/{profile_id:str}/calls", **READ)
 def profile_calls(profile_id: str, state: State) -> list[LiveCallOut]:
     _store(state).get_profile(profile_id)
     return [LiveCallOut.of(c) for c in _store(state).live_calls(profile_id)]
 
 
-@get("/v1/profiles/{profile_id:str}/cdrs", **THREAD)
+@get("/v1/profiles/{profile_id:str}/cdrs", **READ)
 def profile_cdrs(profile_id: str, state: State, after: int = After, limit: int = Limit) -> Page:
     _store(state).get_profile(profile_id)
     return _page([CdrOut.of(c) for c in _store(state).cdrs(profile_id, after=after, limit=limit)], limit)
 
 
-@get("/v1/profiles/{profile_id:str}/ledger", **THREAD)
+@get("/v1/profiles/{profile_id:str}/ledger", **READ)
 def profile_ledger(profile_id: str, state: State, after: int = After, limit: int = Limit) -> Page:
     _store(state).get_profile(profile_id)
     entries = _store(state).ledger(f"profile:{profile_id}", after=after, limit=limit)
     return _page([LedgerEntryOut.of(e) for e in entries], limit)
 
 
-@get("/v1/profiles/{profile_id:str}/registrations", **THREAD)
+@get("/v1/profiles/{profile_id:str}/registrations", **READ)
 def profile_registrations(profile_id: str, state: State) -> list[RegistrationOut]:
     _store(state).get_profile(profile_id)
     now = time.time()
@@ -227,7 +228,7 @@ def buy_number(account_id: str, data: NumberBuy, state: State) -> NumberOut:
     return NumberOut.of(_store(state).buy_number(account_id, data.number))
 
 
-@get("/v1/accounts/{account_id:str}/numbers", **THREAD)
+@get("/v1/accounts/{account_id:str}/numbers", **READ)
 def list_numbers(account_id: str, state: State) -> list[NumberOut]:
     return [NumberOut.of(n) for n in _store(state).list_numbers(account_id)]
 
@@ -281,7 +282,7 @@ async def put_rates(request: Request, state: State) -> LoadedOut:
     return LoadedOut(loaded=await asyncio.to_thread(_store(state).replace_rates, rates))
 
 
-@get("/v1/rates/lookup", **THREAD)
+@get("/v1/rates/lookup", **READ)
 def rate_lookup(state: State, number: str = Parameter(pattern=r"^\+?[0-9]{1,20}$")) -> RateOut:
     rate = _store(state).rate_for(number)
     if rate is None:
@@ -294,14 +295,14 @@ def put_exclusions(data: ExclusionsPut, state: State) -> LoadedOut:
     return LoadedOut(loaded=_store(state).replace_exclusions(data.prefixes))
 
 
-@get("/v1/bundle-exclusions", **THREAD)
+@get("/v1/bundle-exclusions", **READ)
 def get_exclusions(state: State) -> dict[str, list[str]]:
     return {"prefixes": _store(state).exclusions()}
 
 
 ROUTES = [
     create_account, get_account, credit_account, account_ledger,
-    create_profile, list_profiles, get_profile, patch_profile, delete_profile,
+    create_profile, list_profiles, show_profile, patch_profile, delete_profile,
     credit_profile, put_auto_recharge, put_bundles,
     profile_calls, profile_cdrs, profile_ledger, profile_registrations,
     buy_number, list_numbers, attach_number, detach_number,

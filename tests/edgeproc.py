@@ -1,0 +1,107 @@
+"""Run a real ``sipedge serve`` process for tests: free ports, a temp store, a known token."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+TOKEN = "test-admin-token-0123456789"
+
+
+def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
+    """A port free for both UDP and TCP on ``host`` (SIP listens on both)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        other = socket.SOCK_DGRAM if kind == socket.SOCK_STREAM else socket.SOCK_STREAM
+        try:
+            with socket.socket(socket.AF_INET, other) as s2:
+                s2.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port")
+
+
+class EdgeProcess:
+    """A ``sipedge serve`` child process; ``stop()`` (or the context manager) ends it."""
+
+    def __init__(self, tmp: Path, *, extra_config: str = "", sip_port: int | None = None,
+                 carriers: list[str] | None = None, trusted: list[str] | None = None,
+                 media_ports: tuple[int, int] = (0, 0)) -> None:
+        self.tmp = Path(tmp)
+        self.api_port = free_port()
+        self.sip_port = sip_port or free_port()
+        self.data = self.tmp / "data"
+        lo, hi = media_ports
+        if not lo:
+            lo = 30000 + (os.getpid() % 300) * 100
+            hi = lo + 99
+        carriers_toml = "".join(f'[[carriers]]\nuri = "{c}"\npriority = 1\nweight = 100\n' for c in (carriers or []))
+        self.config = self.tmp / "sipedge.toml"
+        self.config.write_text(
+            f'[sip]\nlisten = ["udp:127.0.0.1:{self.sip_port}", "tcp:127.0.0.1:{self.sip_port}"]\n'
+            f'domain = "sip.edge.test"\n'
+            f'[media]\naddress = "127.0.0.1"\nports = [{lo}, {hi}]\n'
+            f'[api]\nlisten = "127.0.0.1:{self.api_port}"\ntoken = "{TOKEN}"\n'
+            f'[storage]\npath = "{self.data}"\nmap_size_mb = 256\n'
+            f'[inbound]\ntrusted = {list(trusted or ["127.0.0.2/32"])!r}\n'.replace("'", '"')
+            + carriers_toml + extra_config
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.base = f"http://127.0.0.1:{self.api_port}"
+        self.log = self.tmp / "edge.log"
+
+    def start(self, *args: str, timeout: float = 20.0) -> "EdgeProcess":
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.pop("SIPEDGE_ADMIN_TOKEN", None)
+        self._log_file = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edge.cli", "serve", "--config", str(self.config), *args],
+            stdout=self._log_file, stderr=subprocess.STDOUT, env=env,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sipedge exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                if httpx.get(self.base + "/healthz", timeout=0.5).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"sipedge did not become healthy:\n{self.log.read_text()}")
+
+    def client(self, token: str | None = TOKEN) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.base, headers=headers, timeout=10.0)
+
+    def stop(self, sig_kill: bool = False) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            if sig_kill:
+                self.proc.kill()
+            else:
+                self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log_file.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> "EdgeProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
