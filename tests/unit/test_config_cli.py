@@ -1,0 +1,75 @@
+"""The TOML config and the ``sipedge`` command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge.config import ConfigError, load
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def sipedge(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edge.cli", *args], capture_output=True, text=True, timeout=60,
+                          env=env, cwd=ROOT)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_config_is_valid() -> None:
+    cfg = load(ROOT / "sipedge.toml")
+    assert cfg.sip.domain == "sip.edge.test" and cfg.carriers[0].uri == "sip:127.0.0.2:5080"
+    assert cfg.inbound.trusted == ["127.0.0.2/32"]
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[sip]\nbogus = 1\n", "sip.bogus"),
+    ("colour = 'red'\n", "colour"),
+    ("[sip]\nlisten = ['sctp:127.0.0.1:5060']\n", "sip.listen[0]"),
+    ("[media]\nports = [20001, 20010]\n", "media.ports"),
+    ("[media]\nports = [1, 'x']\n", "media.ports[1]"),
+    ("[api]\nlisten = 'localhost'\n", "api.listen"),
+    ("[inbound]\ntrusted = ['10.0.0.0/33']\n", "inbound.trusted[0]"),
+    ("[[carriers]]\nuri = 'http://x'\n", "carriers[0].uri"),
+    ("[[carriers]]\npriority = 1\n", "carriers[0]"),
+    ("[sip\n", "not valid TOML"),
+])
+def test_broken_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load(write(tmp_path, text))
+    assert key in str(err.value)
+
+
+def test_env_token_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, "[api]\ntoken = 'from-file'\n")
+    assert load(path).api.token == "from-file"
+    monkeypatch.setenv("SIPEDGE_ADMIN_TOKEN", "from-env")
+    assert load(path).api.token == "from-env"
+
+
+def test_check_command(tmp_path: Path) -> None:
+    ok = sipedge("check", "--config", str(ROOT / "sipedge.toml"))
+    assert ok.returncode == 0 and "OK" in ok.stdout
+    bad = sipedge("check", "--config", str(write(tmp_path, "[sip]\nbogus = 1\n")))
+    assert bad.returncode == 2 and "sip.bogus: unknown key" in bad.stderr
+    missing = sipedge("check", "--config", str(tmp_path / "nope.toml"))
+    assert missing.returncode == 2 and "No such file" in missing.stderr
+
+
+def test_serve_refuses_a_broken_config(tmp_path: Path) -> None:
+    r = sipedge("serve", "--config", str(write(tmp_path, "[media]\nports = [3, 2]\n")), "--data", str(tmp_path / "d"))
+    assert r.returncode == 2 and "media.ports" in r.stderr
+    assert not (tmp_path / "d").exists()  # nothing half-created
+
+
+def test_version_and_help() -> None:
+    assert sipedge("version").stdout.startswith("sipedge ")
+    assert "serve" in sipedge("--help").stdout
