@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 
 from . import __version__
 from .config import ConfigError, load
+
+IDEMPOTENCY_TTL = 24 * 3600  # seconds an Idempotency-Key is remembered
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -33,6 +36,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     data_dir = data_dir_of(cfg, args.data)
     store = open_store(cfg, data_dir)
     token = admin_token(cfg, data_dir)
+    store.purge_idempotency(time.time() - IDEMPOTENCY_TTL)
+    store.purge_expired_bindings()
     if args.demo:
         demo = ensure_demo(store)
         udp = next((l for l in cfg.sip.listen if l.startswith("udp:")), cfg.sip.listen[0])
