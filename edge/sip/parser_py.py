@@ -628,7 +628,9 @@ class SipMessage:
     # -- simple fields
     @property
     def method(self) -> str:
-        return self._method.decode("ascii", "surrogateescape")
+        """Request method, or the CSeq method for responses."""
+        m = self._method if self.is_request else self._cseq_method
+        return m.decode("ascii", "surrogateescape")
 
     @property
     def cseq_method(self) -> str:

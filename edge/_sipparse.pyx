@@ -1,0 +1,1435 @@
+# cython: language_level=3, embedsignature=True
+"""Zero-copy SIP parser and fast response builder (the compiled ``edge.sip`` API).
+
+``parse()`` scans the datagram once into a table of header offsets (compact
+forms, case-insensitive names, folding); nothing is decoded until asked, and
+every decoded value is cached.  Bad input raises exactly one
+:class:`edge.sip.errors.SipParseError` subclass carrying the status to answer
+and the byte offset.  ``edge/sip/parser_py.py`` is the pure-Python oracle with
+the same API; the public contract with docstrings is ``_sipparse.pyi``.
+"""
+
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.stdint cimport uint8_t, uint32_t, int64_t, uint64_t
+from libc.string cimport memchr, memcmp
+
+import hashlib
+import re
+
+from edge.sip.errors import (
+    SipBadContentLength,
+    SipBadHeader,
+    SipBadStartLine,
+    SipLineTooLong,
+    SipMessageTooLarge,
+    SipMissingHeader,
+    SipParseError,
+    SipTooManyHeaders,
+    SipVersionNotSupported,
+)
+
+include "_hdrnames.pxi"
+
+assert HDR_COUNT <= HDR_SLOTS, "_first[] too small: raise HDR_SLOTS in _sipparse.pxd"
+
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "MAX_HEADER_LINES",
+    "MAX_LINE_BYTES",
+    "SipMessage",
+    "SipUri",
+    "NameAddr",
+    "Via",
+    "parse",
+    "frame_length",
+    "parse_uri",
+    "parse_name_addr",
+    "parse_via",
+    "build_response",
+    "build_stateless_error",
+    "REASONS",
+]
+
+MAX_MESSAGE_BYTES = MAX_MESSAGE
+MAX_HEADER_LINES = MAX_HEADERS
+MAX_LINE_BYTES = MAX_LINE
+
+# RFC 3261 §25.1 token characters
+cdef uint8_t _TOK[256]
+for _c in bytearray(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~"):
+    _TOK[_c] = 1
+
+# mandatory in every message (RFC 3261 §8.1.1)
+cdef uint64_t _MANDATORY_MASK = (
+    (<uint64_t>1 << HDR_VIA) | (<uint64_t>1 << HDR_FROM) | (<uint64_t>1 << HDR_TO)
+    | (<uint64_t>1 << HDR_CALL_ID) | (<uint64_t>1 << HDR_CSEQ))
+# a second occurrence of these is an error (RFC 4475 multi01, mcl01)
+cdef uint64_t _SINGLE_MASK = (
+    _MANDATORY_MASK & ~(<uint64_t>1 << HDR_VIA)) | (<uint64_t>1 << HDR_MAX_FORWARDS) | (
+    <uint64_t>1 << HDR_CONTENT_LENGTH)
+cdef uint64_t _MULTI_MASK = HDR_MULTI_MASK
+
+_FOLD_RE = re.compile(r"[ \t]*\r?\n[ \t]*")
+_VERSION_RE = re.compile(rb"SIP/[0-9]+\.[0-9]+", re.I)
+
+
+cdef int _fail(object cls, str reason, Py_ssize_t off) except -1:
+    raise cls(reason, off)
+
+
+cdef inline bint _ws(char c) noexcept nogil:
+    return c == 32 or c == 9
+
+
+cdef inline bint _lws(char c) noexcept nogil:
+    return c == 32 or c == 9 or c == 13 or c == 10
+
+
+cdef inline object _decode(const char* p, Py_ssize_t n):
+    return PyUnicode_DecodeUTF8(p, n, "surrogateescape")
+
+
+cdef object _method_str(const char* p, Py_ssize_t n):
+    # common methods come back as interned constants: no allocation on the hot path
+    if n == 6:
+        if memcmp(p, b"INVITE", 6) == 0:
+            return "INVITE"
+        if memcmp(p, b"CANCEL", 6) == 0:
+            return "CANCEL"
+        if memcmp(p, b"NOTIFY", 6) == 0:
+            return "NOTIFY"
+        if memcmp(p, b"UPDATE", 6) == 0:
+            return "UPDATE"
+    elif n == 3:
+        if memcmp(p, b"ACK", 3) == 0:
+            return "ACK"
+        if memcmp(p, b"BYE", 3) == 0:
+            return "BYE"
+    elif n == 7:
+        if memcmp(p, b"OPTIONS", 7) == 0:
+            return "OPTIONS"
+        if memcmp(p, b"MESSAGE", 7) == 0:
+            return "MESSAGE"
+        if memcmp(p, b"PUBLISH", 7) == 0:
+            return "PUBLISH"
+    elif n == 8:
+        if memcmp(p, b"REGISTER", 8) == 0:
+            return "REGISTER"
+    elif n == 5:
+        if memcmp(p, b"PRACK", 5) == 0:
+            return "PRACK"
+        if memcmp(p, b"REFER", 5) == 0:
+            return "REFER"
+    elif n == 4:
+        if memcmp(p, b"INFO", 4) == 0:
+            return "INFO"
+    elif n == 9:
+        if memcmp(p, b"SUBSCRIBE", 9) == 0:
+            return "SUBSCRIBE"
+    return _decode(p, n)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef Py_ssize_t _fast_param(const char* v, Py_ssize_t n, const char* name, Py_ssize_t nlen,
+                            bint first_only, Py_ssize_t* out_len) except -2:
+    """Offset in v of header parameter ``name`` (lower-case), -1 if absent.
+
+    Mirrors ``parser_py._fast_param``: params start at the first ';' outside quotes
+    and <>; with first_only the scan stops at the first ',' (top Via value).  A
+    present parameter without value gives out_len 0.  Raises on an unterminated
+    quote or '<'; the full grammar is checked by the lazy views (``from_`` ...).
+    """
+    cdef Py_ssize_t i = 0, j, pn_off, pn_len, pv_off, pv_len
+    cdef bint inq = 0
+    cdef int depth = 0
+    cdef char c
+    while i < n:
+        c = v[i]
+        if inq:
+            if c == 92:
+                i += 1
+            elif c == 34:
+                inq = 0
+        elif c == 34:
+            inq = 1
+        elif c == 60:
+            depth += 1
+        elif c == 62:
+            depth = 0
+        elif depth == 0 and c == 59:
+            break
+        elif depth == 0 and c == 44 and first_only:
+            return -1
+        i += 1
+    if inq:
+        _fail(SipBadHeader, "Unterminated Quote", -1)
+    if depth:
+        _fail(SipBadHeader, "Unterminated <", -1)
+    while i < n:
+        i += 1  # past ';'
+        while i < n and _lws(v[i]):
+            i += 1
+        j = i
+        while j < n and _TOK[<uint8_t>v[j]]:
+            j += 1
+        pn_off = i
+        pn_len = j - i
+        i = j
+        while i < n and _lws(v[i]):
+            i += 1
+        pv_off = -1
+        pv_len = 0
+        if i < n and v[i] == 61:  # '='
+            i += 1
+            while i < n and _lws(v[i]):
+                i += 1
+            if i < n and v[i] == 34:
+                j = i + 1
+                while j < n and v[j] != 34:
+                    if v[j] == 92:
+                        j += 1
+                    j += 1
+                if j >= n:
+                    _fail(SipBadHeader, "Unterminated Quote", -1)
+                pv_off = i + 1
+                pv_len = j - i - 1
+                i = j + 1
+            else:
+                j = i
+                while j < n and not (_lws(v[j]) or v[j] == 59 or v[j] == 44 or v[j] == 34
+                                     or v[j] == 60 or v[j] == 62):
+                    j += 1
+                pv_off = i
+                pv_len = j - i
+                i = j
+        if pn_len == nlen and _hdr_ieq(v + pn_off, name, nlen):
+            if pv_off < 0:
+                out_len[0] = 0
+                return i
+            out_len[0] = pv_len
+            return pv_off
+        while i < n:
+            c = v[i]
+            if c == 59:
+                break
+            if c == 44 and first_only:
+                return -1
+            if c == 34:
+                j = i + 1
+                while j < n and v[j] != 34:
+                    if v[j] == 92:
+                        j += 1
+                    j += 1
+                if j >= n:
+                    _fail(SipBadHeader, "Unterminated Quote", -1)
+                i = j
+            i += 1
+    return -1
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef int _check_ruri(const char* b, Py_ssize_t off, Py_ssize_t n) except -1:
+    cdef Py_ssize_t i, colon = -1, at = -1
+    cdef uint8_t c
+    if n <= 0:
+        return _fail(SipBadStartLine, "Bad Request-URI", off)
+    for i in range(n):
+        c = <uint8_t>b[off + i]
+        if c <= 32 or c == 127 or c == 60 or c == 62 or c == 34:
+            return _fail(SipBadStartLine, "Bad Request-URI", off)
+        if c == 58 and colon < 0:
+            colon = i
+        elif c == 64:
+            at = i
+    c = <uint8_t>b[off] | 0x20
+    if colon <= 0 or not (97 <= c <= 122):
+        return _fail(SipBadStartLine, "Bad Request-URI", off)
+    for i in range(1, colon):
+        c = <uint8_t>b[off + i]
+        if not (c == 43 or c == 45 or c == 46 or 48 <= c <= 57 or 97 <= (c | 0x20) <= 122):
+            return _fail(SipBadStartLine, "Bad Request-URI", off)
+    if (colon == 3 and _hdr_ieq(b + off, b"sip", 3)) or (colon == 4 and _hdr_ieq(b + off, b"sips", 4)):
+        # RFC 3261 §19.1.1: no headers in a Request-URI (RFC 4475 escruri)
+        if memchr(b + off + at + 1, 63, n - at - 1) != NULL:
+            return _fail(SipBadStartLine, "Headers In Request-URI", off)
+    return 0
+
+
+cdef int _start_line(SipMessage m, Py_ssize_t pos, Py_ssize_t le) except -1:
+    cdef const char* b = m._buf
+    cdef Py_ssize_t n = le - pos, sp1, sp2, i
+    cdef const char* p
+    cdef int code
+    if n >= 4 and memcmp(b + pos, b"SIP/", 4) == 0:
+        m._is_request = 0
+        p = <const char*>memchr(b + pos, 32, n)
+        if p == NULL:
+            return _fail(SipBadStartLine, "Bad Status Line", pos)
+        sp1 = p - b
+        if not (sp1 - pos == 7 and _hdr_ieq(b + pos, b"sip/2.0", 7)):
+            if _VERSION_RE.fullmatch(b[pos:sp1]):
+                return _fail(SipVersionNotSupported, "Version Not Supported", pos)
+            return _fail(SipBadStartLine, "Bad Status Line", pos)
+        if le - sp1 < 4:
+            return _fail(SipBadStartLine, "Bad Status Code", sp1 + 1)
+        code = 0
+        for i in range(sp1 + 1, sp1 + 4):
+            if not (48 <= b[i] <= 57):
+                return _fail(SipBadStartLine, "Bad Status Code", sp1 + 1)
+            code = code * 10 + (b[i] - 48)
+        if b[sp1 + 1] < 49 or b[sp1 + 1] > 54:
+            return _fail(SipBadStartLine, "Bad Status Code", sp1 + 1)
+        if le > sp1 + 4 and b[sp1 + 4] != 32:
+            return _fail(SipBadStartLine, "Bad Status Code", sp1 + 4)
+        m._status = code
+        i = sp1 + 5 if le > sp1 + 4 else le
+        if i > le:
+            i = le
+        m._reason_off = <uint32_t>i
+        m._reason_len = <uint32_t>(le - i)
+        return 0
+    m._is_request = 1
+    p = <const char*>memchr(b + pos, 32, n)
+    if p == NULL or p == b + pos:
+        return _fail(SipBadStartLine, "Bad Request Line", pos)
+    sp1 = p - b
+    sp2 = le - 1
+    while sp2 > sp1 and b[sp2] != 32:
+        sp2 -= 1
+    if sp2 == sp1:
+        return _fail(SipBadStartLine, "Bad Request Line", pos)
+    for i in range(pos, sp1):
+        if not _TOK[<uint8_t>b[i]]:
+            return _fail(SipBadStartLine, "Bad Method", pos)
+    if not (le - sp2 - 1 == 7 and _hdr_ieq(b + sp2 + 1, b"sip/2.0", 7)):
+        if _VERSION_RE.fullmatch(b[sp2 + 1:le]):
+            return _fail(SipVersionNotSupported, "Version Not Supported", sp2 + 1)
+        return _fail(SipBadStartLine, "Bad Request Line", sp2 + 1)
+    _check_ruri(b, sp1 + 1, sp2 - sp1 - 1)
+    m._m_off = <uint32_t>pos
+    m._m_len = <uint32_t>(sp1 - pos)
+    m._ruri_off = <uint32_t>(sp1 + 1)
+    m._ruri_len = <uint32_t>(sp2 - sp1 - 1)
+    return 0
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.cdivision(True)
+cdef int _scan(SipMessage m, Py_ssize_t pos, Py_ssize_t end, bint datagram) except -1:
+    """Scan m._buf[pos:end] (pos past leading CRLFs) into m's header table."""
+    cdef const char* b = m._buf
+    cdef const char* p
+    cdef Py_ssize_t nl, le, colon, ne, s, e, i, j, body_off, avail
+    cdef HdrSlot* sl
+    cdef uint8_t h
+    cdef uint64_t bit
+    cdef int k
+    cdef int64_t v
+    # start line
+    p = <const char*>memchr(b + pos, 10, end - pos)
+    if p == NULL:
+        if end - pos > MAX_LINE:
+            return _fail(SipLineTooLong, "Line Too Long", pos)
+        return _fail(SipBadStartLine, "Incomplete Message", end)
+    nl = p - b
+    le = nl - 1 if (nl > pos and b[nl - 1] == 13) else nl
+    if le - pos > MAX_LINE:
+        return _fail(SipLineTooLong, "Line Too Long", pos)
+    _start_line(m, pos, le)
+    pos = nl + 1
+    # header lines
+    while True:
+        if pos >= end:
+            return _fail(SipBadHeader, "Missing Empty Line", end)
+        p = <const char*>memchr(b + pos, 10, end - pos)
+        if p == NULL:
+            if end - pos > MAX_LINE:
+                return _fail(SipLineTooLong, "Line Too Long", pos)
+            return _fail(SipBadHeader, "Missing Empty Line", end)
+        nl = p - b
+        le = nl - 1 if (nl > pos and b[nl - 1] == 13) else nl
+        if le - pos > MAX_LINE:
+            return _fail(SipLineTooLong, "Line Too Long", pos)
+        if le == pos:  # empty line: end of headers
+            pos = nl + 1
+            break
+        if _ws(b[pos]):  # continuation line (RFC 3261 §7.3.1 folding)
+            if m._nslots == 0:
+                return _fail(SipBadHeader, "Continuation Without Header", pos)
+            sl = &m._slots[m._nslots - 1]
+            s = pos
+            while s < le and _ws(b[s]):
+                s += 1
+            e = le
+            while e > s and _ws(b[e - 1]):
+                e -= 1
+            if e > s:
+                if sl.val_len == 0:
+                    sl.val_off = <uint32_t>s
+                    sl.val_len = <uint32_t>(e - s)
+                else:
+                    sl.val_len = <uint32_t>(e - sl.val_off)
+                    sl.folded = 1
+            pos = nl + 1
+            continue
+        p = <const char*>memchr(b + pos, 58, le - pos)
+        if p == NULL:
+            return _fail(SipBadHeader, "Bad Header Line", pos)
+        colon = p - b
+        ne = colon
+        while ne > pos and _ws(b[ne - 1]):
+            ne -= 1
+        if ne == pos:
+            return _fail(SipBadHeader, "Bad Header Name", pos)
+        for i in range(pos, ne):
+            if not _TOK[<uint8_t>b[i]]:
+                return _fail(SipBadHeader, "Bad Header Name", pos)
+        if m._nslots >= MAX_HEADERS:
+            return _fail(SipTooManyHeaders, "Too Many Headers", pos)
+        s = colon + 1
+        while s < le and _ws(b[s]):
+            s += 1
+        e = le
+        while e > s and _ws(b[e - 1]):
+            e -= 1
+        h = hdr_lookup(b + pos, ne - pos)
+        bit = (<uint64_t>1) << h
+        if m._present & bit:
+            if _SINGLE_MASK & bit:
+                return _fail(SipBadContentLength if h == HDR_CONTENT_LENGTH else SipBadHeader,
+                             "Duplicate " + HDR_NAMES[h], pos)
+        else:
+            m._present |= bit
+            m._first[h] = <int16_t>m._nslots
+        sl = &m._slots[m._nslots]
+        sl.htype = h
+        sl.folded = 0
+        sl.name_off = <uint32_t>pos
+        sl.name_len = <uint32_t>(ne - pos)
+        sl.val_off = <uint32_t>s
+        sl.val_len = <uint32_t>(e - s)
+        m._nslots += 1
+        pos = nl + 1
+    body_off = pos
+    # mandatory headers (RFC 3261 §8.1.1)
+    if (m._present & _MANDATORY_MASK) != _MANDATORY_MASK:
+        for h in (HDR_VIA, HDR_FROM, HDR_TO, HDR_CALL_ID, HDR_CSEQ):
+            if not (m._present & ((<uint64_t>1) << h)):
+                return _fail(SipMissingHeader, "Missing " + HDR_NAMES[h], -1)
+    # CSeq: 1*10DIGIT LWS method, number < 2**31 (RFC 3261 §8.1.1.5)
+    sl = &m._slots[m._first[HDR_CSEQ]]
+    s = sl.val_off
+    e = s + sl.val_len
+    i = s
+    v = 0
+    while i < e and 48 <= b[i] <= 57 and i - s < 11:
+        v = v * 10 + (b[i] - 48)
+        i += 1
+    if i == s or i - s > 10 or v > 0x7FFFFFFF:
+        return _fail(SipBadHeader, "Bad CSeq", s)
+    j = i
+    while j < e and _lws(b[j]):
+        j += 1
+    if j == i or j == e:
+        return _fail(SipBadHeader, "Bad CSeq", s)
+    for k in range(j, e):
+        if not _TOK[<uint8_t>b[k]]:
+            return _fail(SipBadHeader, "Bad CSeq", s)
+    m._cseq = <uint32_t>v
+    m._cm_off = <uint32_t>j
+    m._cm_len = <uint32_t>(e - j)
+    if m._is_request and (m._cm_len != m._m_len or memcmp(b + j, b + m._m_off, m._m_len) != 0):
+        return _fail(SipBadHeader, "CSeq Method Mismatch", s)
+    # Max-Forwards: digits, <= 255 (RFC 3261 §20.22); absent is tolerated
+    if m._present & ((<uint64_t>1) << HDR_MAX_FORWARDS):
+        sl = &m._slots[m._first[HDR_MAX_FORWARDS]]
+        s = sl.val_off
+        e = s + sl.val_len
+        v = 0
+        if e == s:
+            return _fail(SipBadHeader, "Bad Max-Forwards", s)
+        for i in range(s, e):
+            if not (48 <= b[i] <= 57):
+                return _fail(SipBadHeader, "Bad Max-Forwards", s)
+            v = v * 10 + (b[i] - 48)
+            if v > 255:
+                return _fail(SipBadHeader, "Bad Max-Forwards", s)
+    sl = &m._slots[m._first[HDR_CALL_ID]]
+    if sl.val_len == 0:
+        return _fail(SipBadHeader, "Empty Call-ID", sl.val_off)
+    # Content-Length (RFC 3261 §18.3)
+    m._cl = -1
+    if m._present & ((<uint64_t>1) << HDR_CONTENT_LENGTH):
+        sl = &m._slots[m._first[HDR_CONTENT_LENGTH]]
+        s = sl.val_off
+        e = s + sl.val_len
+        if e == s or e - s > 10:
+            return _fail(SipBadContentLength, "Bad Content-Length", s)
+        v = 0
+        for i in range(s, e):
+            if not (48 <= b[i] <= 57):
+                return _fail(SipBadContentLength, "Bad Content-Length", s)
+            v = v * 10 + (b[i] - 48)
+        m._cl = v
+    m._body_off = <uint32_t>body_off
+    if datagram:
+        avail = end - body_off
+        if m._cl < 0:
+            m._body_len = <uint32_t>avail  # UDP without Content-Length: rest of the datagram
+        elif m._cl > avail:
+            return _fail(SipBadContentLength, "Content-Length Larger Than Body",
+                         m._slots[m._first[HDR_CONTENT_LENGTH]].val_off)
+        else:
+            m._body_len = <uint32_t>m._cl  # extra bytes are ignored (RFC 3261 §18.3)
+    else:
+        m._body_len = <uint32_t>(m._cl if m._cl > 0 else 0)
+    return 0
+
+
+cdef inline Py_ssize_t _skip_crlf(const char* b, Py_ssize_t pos, Py_ssize_t end) noexcept nogil:
+    while pos < end and (b[pos] == 13 or b[pos] == 10):
+        pos += 1
+    return pos
+
+
+cdef SipMessage _new_message(bytes raw):
+    cdef SipMessage m = SipMessage.__new__(SipMessage)
+    m._raw = raw
+    m._buf = PyBytes_AS_STRING(raw)
+    m._len = PyBytes_GET_SIZE(raw)
+    return m
+
+
+cpdef SipMessage parse(object data):
+    """Parse one SIP message (a UDP datagram).  See ``_sipparse.pyi``."""
+    cdef bytes raw
+    cdef SipMessage m
+    cdef Py_ssize_t pos
+    if type(data) is bytes:
+        raw = <bytes>data
+    else:
+        raw = bytes(data)  # bytearray / memoryview: one copy, the message owns it
+    if PyBytes_GET_SIZE(raw) > MAX_MESSAGE:
+        raise SipMessageTooLarge("Message Too Large", MAX_MESSAGE)
+    m = _new_message(raw)
+    pos = _skip_crlf(m._buf, 0, m._len)
+    if pos >= m._len:
+        raise SipBadStartLine("Empty Message", pos)
+    _scan(m, pos, m._len, 1)
+    return m
+
+
+def frame_length(buf, Py_ssize_t start=0):
+    """Stream framing (RFC 3261 §18.3).  See ``_sipparse.pyi``."""
+    cdef const unsigned char[::1] view
+    cdef const char* b
+    cdef Py_ssize_t n, pos, p, le, head_end = -1, total
+    cdef const char* q
+    cdef SipMessage m
+    if isinstance(buf, bytes):
+        b = PyBytes_AS_STRING(buf)
+        n = PyBytes_GET_SIZE(buf)
+    else:
+        view = buf
+        n = view.shape[0]
+        if n == 0:
+            if start != 0:
+                raise ValueError("start out of range")
+            return 0
+        b = <const char*>&view[0]
+    if start < 0 or start > n:
+        raise ValueError("start out of range")
+    pos = _skip_crlf(b, start, n)
+    if pos >= n:
+        return 0
+    p = pos
+    while True:
+        q = <const char*>memchr(b + p, 10, n - p)
+        if q == NULL:
+            if n - p > MAX_LINE:
+                raise SipLineTooLong("Line Too Long", p)
+            break
+        le = q - b
+        if le > p and b[le - 1] == 13:
+            le -= 1
+        if le - p > MAX_LINE:
+            raise SipLineTooLong("Line Too Long", p)
+        if le == p and p != pos:
+            head_end = (q - b) + 1
+            break
+        p = (q - b) + 1
+        if p - pos > MAX_MESSAGE:
+            raise SipMessageTooLarge("Message Too Large", pos)
+    if head_end < 0:
+        if n - pos > MAX_MESSAGE:
+            raise SipMessageTooLarge("Message Too Large", pos)
+        return 0
+    m = _new_message(b[pos:head_end])
+    try:
+        _scan(m, 0, head_end - pos, 0)
+    except SipParseError as err:
+        if err.offset >= 0:
+            err.offset += pos
+        raise
+    if m._cl < 0:
+        raise SipMissingHeader("Missing Content-Length", -1)
+    total = head_end - pos + m._cl
+    if total > MAX_MESSAGE:
+        raise SipMessageTooLarge("Message Too Large", pos)
+    if n - pos < total:
+        return 0
+    return pos - start + total
+
+
+@cython.freelist(64)
+cdef class SipMessage:
+    """A parsed SIP message; see ``_sipparse.pyi``.  Create with :func:`parse`."""
+
+    def __init__(self):
+        raise TypeError("use edge.sip.parse() to create a SipMessage")
+
+    cdef object _value(self, int k):
+        cdef HdrSlot* sl = &self._slots[k]
+        s = _decode(self._buf + sl.val_off, sl.val_len)
+        if sl.folded:
+            s = _FOLD_RE.sub(" ", s)
+        return s
+
+    cdef bytes _value_bytes(self, int k):
+        cdef HdrSlot* sl = &self._slots[k]
+        return self._buf[sl.val_off:sl.val_off + sl.val_len]
+
+    cdef object _name(self, int k):
+        cdef HdrSlot* sl = &self._slots[k]
+        return _decode(self._buf + sl.name_off, sl.name_len)
+
+    @property
+    def raw(self):
+        return self._raw
+
+    @property
+    def is_request(self):
+        return self._is_request
+
+    @property
+    def status(self):
+        return self._status
+
+    @property
+    def method(self):
+        if not (self._done & DONE_METHOD):
+            if self._is_request:
+                self._c_method = _method_str(self._buf + self._m_off, self._m_len)
+            else:
+                self._c_method = _method_str(self._buf + self._cm_off, self._cm_len)
+            self._done |= DONE_METHOD
+        return self._c_method
+
+    @property
+    def cseq_method(self):
+        return self.method  # equal for requests: a mismatch is rejected by _scan
+
+    @property
+    def cseq(self):
+        return self._cseq
+
+    @property
+    def reason(self):
+        return _decode(self._buf + self._reason_off, self._reason_len)
+
+    @property
+    def ruri(self):
+        if not self._is_request:
+            return ""
+        return _decode(self._buf + self._ruri_off, self._ruri_len)
+
+    @property
+    def body(self):
+        return self._buf[self._body_off:self._body_off + self._body_len]
+
+    @property
+    def content_length(self):
+        return self._body_len
+
+    @property
+    def call_id(self):
+        if not (self._done & DONE_CALL_ID):
+            self._c_call_id = self._value(self._first[HDR_CALL_ID])
+            self._done |= DONE_CALL_ID
+        return self._c_call_id
+
+    cdef object _tag_of(self, int h, const char* name, Py_ssize_t nlen, bint first_only):
+        cdef HdrSlot* sl = &self._slots[self._first[h]]
+        cdef Py_ssize_t vlen = 0
+        cdef Py_ssize_t off = _fast_param(self._buf + sl.val_off, sl.val_len, name, nlen, first_only, &vlen)
+        if off < 0:
+            return None
+        return _decode(self._buf + sl.val_off + off, vlen)
+
+    @property
+    def from_tag(self):
+        if not (self._done & DONE_FROM_TAG):
+            self._c_from_tag = self._tag_of(HDR_FROM, b"tag", 3, 0)
+            self._done |= DONE_FROM_TAG
+        return self._c_from_tag
+
+    @property
+    def to_tag(self):
+        if not (self._done & DONE_TO_TAG):
+            self._c_to_tag = self._tag_of(HDR_TO, b"tag", 3, 0)
+            self._done |= DONE_TO_TAG
+        return self._c_to_tag
+
+    @property
+    def branch(self):
+        if not (self._done & DONE_BRANCH):
+            self._c_branch = self._tag_of(HDR_VIA, b"branch", 6, 1)
+            self._done |= DONE_BRANCH
+        return self._c_branch
+
+    @property
+    def max_forwards(self):
+        cdef HdrSlot* sl
+        if not (self._present & ((<uint64_t>1) << HDR_MAX_FORWARDS)):
+            return None
+        sl = &self._slots[self._first[HDR_MAX_FORWARDS]]
+        return int(self._buf[sl.val_off:sl.val_off + sl.val_len])
+
+    # -- generic header access
+    cdef list _slots_for(self, str name, int* htype):
+        cdef int k
+        cdef int h = HDR_BY_LOWER.get(name.lower(), 0)
+        cdef list out = []
+        htype[0] = h
+        if h:
+            if self._present & ((<uint64_t>1) << h):
+                for k in range(self._first[h], self._nslots):
+                    if self._slots[k].htype == h:
+                        out.append(k)
+            return out
+        low = name.lower()
+        for k in range(self._nslots):
+            if self._slots[k].htype == 0 and self._name(k).lower() == low:
+                out.append(k)
+        return out
+
+    def headers(self, str name):
+        cdef int h = 0
+        cdef list ks = self._slots_for(name, &h)
+        cdef list out
+        if _MULTI_MASK & ((<uint64_t>1) << h):
+            out = []
+            for k in ks:
+                out.extend(_split_list(self._value(k)))
+            return out
+        return [self._value(k) for k in ks]
+
+    def header(self, str name):
+        cdef int h = 0
+        cdef list ks = self._slots_for(name, &h)
+        if not ks:
+            return None
+        if _MULTI_MASK & ((<uint64_t>1) << h):
+            for k in ks:
+                items = _split_list(self._value(k))
+                if items:
+                    return items[0]
+            return None
+        return self._value(ks[0])
+
+    def count(self, str name):
+        return len(self.headers(name))
+
+    def header_items(self):
+        return [(self._name(k), self._value(k)) for k in range(self._nslots)]
+
+    # -- lazy structured views
+    cdef object _lazy_get(self, str key, fn):
+        if self._lazy is None:
+            self._lazy = {}
+        try:
+            return self._lazy[key]
+        except KeyError:
+            v = self._lazy[key] = fn()
+            return v
+
+    @property
+    def top_via(self):
+        return self._lazy_get("top_via", lambda: parse_via(self.header("via")))
+
+    @property
+    def vias(self):
+        return self._lazy_get("vias", lambda: [parse_via(v) for v in self.headers("via")])
+
+    @property
+    def from_(self):
+        return self._lazy_get("from", lambda: parse_name_addr(self.header("from")))
+
+    @property
+    def to(self):
+        return self._lazy_get("to", lambda: parse_name_addr(self.header("to")))
+
+    @property
+    def contacts(self):
+        def make():
+            out = [parse_name_addr(v) for v in self.headers("contact")]
+            if len(out) > 1 and any(c.star for c in out):
+                raise _bad("Contact * Must Be Alone")
+            return out
+        return self._lazy_get("contacts", make)
+
+    @property
+    def uri(self):
+        if not self._is_request:
+            return None
+        return self._lazy_get("uri", lambda: parse_uri(self.ruri))
+
+    @property
+    def expires(self):
+        def make():
+            v = self.header("expires")
+            if v is None:
+                return None
+            v = v.strip()
+            if not v.isascii() or not v.isdigit() or len(v) > 10 or int(v) > 0xFFFFFFFF:
+                raise _bad("Bad Expires")
+            return int(v)
+        return self._lazy_get("expires", make)
+
+    def transaction_key(self):
+        """RFC 3261 §17.2.3 / §17.1.3 matching key; see ``_sipparse.pyi``."""
+        via = self.top_via
+        port = via.port
+        if port is None:
+            port = 5061 if via.transport in ("TLS", "WSS") else 5060
+        sent_by = f"{via.host}:{port}"
+        method = self.method
+        if method == "ACK":
+            method = "INVITE"
+        branch = via.branch
+        if branch is not None and branch.startswith("z9hG4bK"):
+            return (branch, sent_by, method)
+        return (None, sent_by, method, self.call_id, self.cseq, self.from_tag, self.ruri)
+
+    def __repr__(self):
+        if self._is_request:
+            return f"<SipMessage {self.method} {self.ruri} cseq={self.cseq}>"
+        return f"<SipMessage {self.status} {self.cseq_method} cseq={self.cseq}>"
+
+
+REASONS = {
+    100: "Trying", 180: "Ringing", 181: "Call Is Being Forwarded", 182: "Queued",
+    183: "Session Progress", 199: "Early Dialog Terminated", 200: "OK", 202: "Accepted",
+    204: "No Notification", 300: "Multiple Choices", 301: "Moved Permanently",
+    302: "Moved Temporarily", 305: "Use Proxy", 380: "Alternative Service",
+    400: "Bad Request", 401: "Unauthorized", 402: "Payment Required", 403: "Forbidden",
+    404: "Not Found", 405: "Method Not Allowed", 406: "Not Acceptable",
+    407: "Proxy Authentication Required", 408: "Request Timeout", 410: "Gone",
+    412: "Conditional Request Failed", 413: "Request Entity Too Large",
+    414: "Request-URI Too Long", 415: "Unsupported Media Type",
+    416: "Unsupported URI Scheme", 417: "Unknown Resource-Priority", 420: "Bad Extension",
+    421: "Extension Required", 422: "Session Interval Too Small", 423: "Interval Too Brief",
+    428: "Use Identity Header", 429: "Provide Referrer Identity", 433: "Anonymity Disallowed",
+    436: "Bad Identity-Info", 437: "Unsupported Certificate", 438: "Invalid Identity Header",
+    439: "First Hop Lacks Outbound Support", 470: "Consent Needed",
+    480: "Temporarily Unavailable", 481: "Call/Transaction Does Not Exist",
+    482: "Loop Detected", 483: "Too Many Hops", 484: "Address Incomplete", 485: "Ambiguous",
+    486: "Busy Here", 487: "Request Terminated", 488: "Not Acceptable Here",
+    489: "Bad Event", 491: "Request Pending", 493: "Undecipherable",
+    494: "Security Agreement Required", 500: "Server Internal Error",
+    501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
+    504: "Server Time-out", 505: "Version Not Supported", 513: "Message Too Large",
+    555: "Push Notification Service Not Supported", 580: "Precondition Failure",
+    600: "Busy Everywhere", 603: "Decline", 604: "Does Not Exist Anywhere",
+    606: "Not Acceptable", 607: "Unwanted", 608: "Rejected",
+}
+
+_TOKEN_S = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
+_LWS_S = " \t\r\n"
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
+_IPV6_CHARS = frozenset("0123456789abcdefABCDEF:.")
+
+
+# --------------------------------------------------------------------------------------
+# Lazy structured values
+
+
+class SipUri:
+    """A parsed URI.  ``str(uri)`` returns the text it was parsed from.
+
+    For ``sip``/``sips``: ``user``/``password`` (escapes kept as written, ``None``
+    when absent), ``host`` (lower-case; IPv6 keeps its brackets), ``port`` (int or
+    ``None``), ``params`` (lower-case name -> value or ``None``), ``headers``.
+    ``tel`` URIs put the number in ``user``; other schemes only set ``scheme``.
+    """
+
+    __slots__ = ("scheme", "user", "password", "host", "port", "params", "headers", "_text")
+
+    def __init__(self, text, scheme, user=None, password=None, host="", port=None, params=None, headers=None):
+        self._text = text
+        self.scheme = scheme
+        self.user = user
+        self.password = password
+        self.host = host
+        self.port = port
+        self.params = params if params is not None else {}
+        self.headers = headers if headers is not None else {}
+
+    def __str__(self) -> str:
+        return self._text
+
+    def __repr__(self) -> str:
+        return f"SipUri({self._text!r})"
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, SipUri):
+            return NotImplemented
+        return str(self) == str(other)
+
+    def __hash__(self) -> int:
+        return hash(self._text)
+
+
+class NameAddr:
+    """A name-addr / addr-spec header value (From, To, Contact, Route...).
+
+    ``display`` is the display name (quotes removed, escapes resolved) or ``None``;
+    ``params`` holds the header parameters (lower-case names, quoted values
+    unquoted); ``star`` is True for ``Contact: *`` (then ``uri`` is ``None``).
+    """
+
+    __slots__ = ("display", "uri", "params", "star", "_text")
+
+    def __init__(self, text, display, uri, params, star=False):
+        self._text = text
+        self.display = display
+        self.uri = uri
+        self.params = params
+        self.star = star
+
+    @property
+    def tag(self):
+        return self.params.get("tag")
+
+    def __str__(self) -> str:
+        return self._text
+
+    def __repr__(self) -> str:
+        return f"NameAddr({self._text!r})"
+
+
+class Via:
+    """One Via value: ``SIP/2.0/<transport> <host>[:<port>];params``."""
+
+    __slots__ = ("transport", "host", "port", "params", "_text")
+
+    def __init__(self, text, transport, host, port, params):
+        self._text = text
+        self.transport = transport
+        self.host = host
+        self.port = port
+        self.params = params
+
+    @property
+    def branch(self):
+        return self.params.get("branch")
+
+    @property
+    def received(self):
+        return self.params.get("received")
+
+    @property
+    def rport(self):
+        """``None`` when absent, ``''`` when present without a value (RFC 3581 request), else int."""
+        if "rport" not in self.params:
+            return None
+        v = self.params["rport"]
+        if v is None:
+            return ""
+        return int(v)
+
+    @property
+    def sent_by(self) -> str:
+        return f"{self.host}:{self.port}" if self.port is not None else self.host
+
+    def __str__(self) -> str:
+        return self._text
+
+    def __repr__(self) -> str:
+        return f"Via({self._text!r})"
+
+
+def _bad(reason: str, exc=SipBadHeader):
+    return exc(reason)
+
+
+def _read_quoted(s: str, i: int, what: str) -> tuple[int, str]:
+    """``s[i] == '"'``; return (index after the closing quote, unescaped content)."""
+    out = []
+    i += 1
+    n = len(s)
+    while i < n:
+        c = s[i]
+        if c == "\\":
+            if i + 1 >= n:
+                break
+            out.append(s[i + 1])
+            i += 2
+            continue
+        if c == '"':
+            return i + 1, "".join(out)
+        out.append(c)
+        i += 1
+    raise _bad(f"Unterminated Quote in {what}")
+
+
+def _skip_ws(s: str, i: int) -> int:
+    n = len(s)
+    while i < n and s[i] in _LWS_S:
+        i += 1
+    return i
+
+
+def _parse_params(s: str, i: int, what: str) -> dict:
+    """``;name[=value]`` list from ``s[i:]`` (LWS allowed around ``;`` and ``=``)."""
+    params: dict = {}
+    n = len(s)
+    while True:
+        i = _skip_ws(s, i)
+        if i >= n:
+            return params
+        if s[i] != ";":
+            raise _bad(f"Bad {what} Parameters")
+        i = _skip_ws(s, i + 1)
+        j = i
+        while j < n and s[j] in _TOKEN_S:
+            j += 1
+        if j == i:
+            raise _bad(f"Empty {what} Parameter")
+        name = s[i:j].lower()
+        i = _skip_ws(s, j)
+        value = None
+        if i < n and s[i] == "=":
+            i = _skip_ws(s, i + 1)
+            if i < n and s[i] == '"':
+                i, value = _read_quoted(s, i, what)
+            else:
+                j = i
+                while j < n and s[j] not in ' \t\r\n;,"<>':
+                    j += 1
+                if j == i:
+                    raise _bad(f"Empty {what} Parameter Value")
+                value = s[i:j]
+                i = j
+        params.setdefault(name, value)
+
+
+def _check_host(host: str, what: str) -> str:
+    if not host:
+        raise _bad(f"Missing Host in {what}")
+    if host[0] == "[":
+        if host[-1] != "]" or len(host) < 4 or not set(host[1:-1]) <= _IPV6_CHARS:
+            raise _bad(f"Bad Host in {what}")
+    elif not set(host) <= _HOST_CHARS:
+        raise _bad(f"Bad Host in {what}")
+    return host.lower()
+
+
+def _check_port(p: str, what: str) -> int:
+    if not p or len(p) > 5 or not p.isascii() or not p.isdigit() or int(p) > 65535:
+        raise _bad(f"Bad Port in {what}")
+    return int(p)
+
+
+def parse_uri(s: str) -> SipUri:
+    """Parse a URI (``sip``, ``sips``, ``tel`` structured; other schemes opaque).
+
+    :raises SipBadHeader: malformed URI.
+    """
+    m = _SCHEME_RE.match(s)
+    if m is None:
+        raise _bad("Bad URI Scheme")
+    for c in s:
+        if c <= " " or c in '<>"\x7f':
+            raise _bad("Bad Character in URI")
+    scheme = s[: m.end() - 1].lower()
+    rest = s[m.end():]
+    if scheme in ("sip", "sips"):
+        user = password = None
+        at = rest.find("@")
+        if at >= 0:
+            if "@" in rest[at + 1:]:
+                raise _bad("Bad URI")
+            userinfo = rest[:at]
+            rest = rest[at + 1:]
+            user, colon, pw = userinfo.partition(":")
+            if not user:
+                raise _bad("Empty URI User")
+            password = pw if colon else None
+        # hostport ends at the first ';' or '?'
+        end = len(rest)
+        for k, c in enumerate(rest):
+            if c in ";?":
+                end = k
+                break
+        hostport = rest[:end]
+        rest = rest[end:]
+        port = None
+        if hostport.startswith("["):
+            rb = hostport.find("]")
+            if rb < 0:
+                raise _bad("Bad Host in URI")
+            host, tail = hostport[: rb + 1], hostport[rb + 1:]
+            if tail:
+                if tail[0] != ":":
+                    raise _bad("Bad Host in URI")
+                port = _check_port(tail[1:], "URI")
+        else:
+            host, colon, p = hostport.partition(":")
+            if colon:
+                port = _check_port(p, "URI")
+        host = _check_host(host, "URI")
+        params: dict = {}
+        headers: dict = {}
+        q = rest.find("?")
+        ptext, htext = (rest, "") if q < 0 else (rest[:q], rest[q + 1:])
+        if ptext:
+            for item in ptext[1:].split(";"):
+                name, eq, value = item.partition("=")
+                if not name:
+                    raise _bad("Empty URI Parameter")
+                params.setdefault(name.lower(), value if eq else None)
+        if q >= 0:
+            for item in htext.split("&"):
+                name, eq, value = item.partition("=")
+                if not name or not eq:
+                    raise _bad("Bad URI Header")
+                headers.setdefault(name, value)
+        return SipUri(s, scheme, user, password, host, port, params, headers)
+    if not rest:
+        raise _bad("Empty URI")
+    if scheme == "tel":
+        number, _, ptext = rest.partition(";")
+        params = {}
+        if ptext:
+            for item in ptext.split(";"):
+                name, eq, value = item.partition("=")
+                if not name:
+                    raise _bad("Empty URI Parameter")
+                params.setdefault(name.lower(), value if eq else None)
+        return SipUri(s, scheme, number, None, "", None, params, {})
+    return SipUri(s, scheme)
+
+
+def parse_name_addr(s: str) -> NameAddr:
+    """Parse ``["display"] <uri> *(;param)`` or ``addr-spec *(;param)`` or ``*``.
+
+    :raises SipBadHeader: malformed value.
+    """
+    text = s.strip(_LWS_S)
+    if text == "*":
+        return NameAddr(text, None, None, {}, True)
+    n = len(text)
+    if n == 0:
+        raise _bad("Empty Address")
+    display = None
+    i = 0
+    if text[0] == '"':
+        i, display = _read_quoted(text, 0, "Display Name")
+        i = _skip_ws(text, i)
+        if i >= n or text[i] != "<":
+            raise _bad("Bad Display Name")
+        lt = i
+    else:
+        lt = -1
+        for k, c in enumerate(text):
+            if c == "<":
+                lt = k
+                break
+            if c in ';"':
+                break
+        if lt >= 0:
+            words = text[:lt].split()
+            for w in words:
+                if not set(w) <= _TOKEN_S:
+                    raise _bad("Bad Display Name")
+            display = " ".join(words) if words else None
+    if lt >= 0:
+        gt = text.find(">", lt)
+        if gt < 0:
+            raise _bad("Unterminated <")
+        uri_text = text[lt + 1: gt]
+        if not uri_text or uri_text != uri_text.strip(_LWS_S):
+            raise _bad("Bad Address")  # RFC 4475 §3.1.2.9 badaspec: no LWS inside <>
+        i = gt + 1
+    else:
+        semi = text.find(";")
+        uri_text = text if semi < 0 else text[:semi]
+        uri_text = uri_text.rstrip(_LWS_S)
+        # RFC 3261 §20: a URI with ',', '?' or ';' must be inside <> (RFC 4475 regbadct)
+        if "," in uri_text or "?" in uri_text:
+            raise _bad("URI Must Be In Angle Brackets")
+        i = len(uri_text)
+    uri = parse_uri(uri_text)
+    params = _parse_params(text, i, "Address")
+    return NameAddr(text, display, uri, params)
+
+
+def parse_via(s: str) -> Via:
+    """Parse one Via value (``SIP / 2.0 / UDP host:port ;params``, LWS allowed).
+
+    :raises SipBadHeader: malformed value or protocol other than SIP/2.0.
+    """
+    n = len(s)
+    i = _skip_ws(s, 0)
+    parts = []
+    for k in range(3):
+        j = i
+        while j < n and s[j] in _TOKEN_S:
+            j += 1
+        if j == i:
+            raise _bad("Bad Via")
+        parts.append(s[i:j])
+        i = _skip_ws(s, j)
+        if k < 2:
+            if i >= n or s[i] != "/":
+                raise _bad("Bad Via")
+            i = _skip_ws(s, i + 1)
+    if parts[0].upper() != "SIP" or parts[1] != "2.0":
+        raise _bad("Bad Via Protocol")
+    if i == 0 or s[i - 1] not in _LWS_S:
+        raise _bad("Bad Via")
+    transport = parts[2].upper()
+    # sent-by
+    if i < n and s[i] == "[":
+        j = s.find("]", i)
+        if j < 0:
+            raise _bad("Bad Via Host")
+        j += 1
+    else:
+        j = i
+        while j < n and s[j] in _HOST_CHARS:
+            j += 1
+    host = _check_host(s[i:j], "Via")
+    i = _skip_ws(s, j)
+    port = None
+    if i < n and s[i] == ":":
+        i = _skip_ws(s, i + 1)
+        j = i
+        while j < n and s[j].isdigit():
+            j += 1
+        port = _check_port(s[i:j], "Via")
+        i = j
+    params = _parse_params(s, i, "Via")
+    if "rport" in params and params["rport"] is not None:
+        _check_port(params["rport"], "Via rport")
+    return Via(s.strip(_LWS_S), transport, host, port, params)
+
+
+# --------------------------------------------------------------------------------------
+# Fast helpers shared in spirit with the compiled parser
+
+
+def _split_list(value: str) -> list[str]:
+    """Split a list header value on commas outside quotes and <>; drop empty items."""
+    out = []
+    start = 0
+    inq = False
+    depth = 0
+    i = 0
+    n = len(value)
+    while i < n:
+        c = value[i]
+        if inq:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                inq = False
+        elif c == '"':
+            inq = True
+        elif c == "<":
+            depth += 1
+        elif c == ">":
+            if depth:
+                depth -= 1
+        elif c == "," and depth == 0:
+            item = value[start:i].strip(_LWS_S)
+            if item:
+                out.append(item)
+            start = i + 1
+        i += 1
+    item = value[start:].strip(_LWS_S)
+    if item:
+        out.append(item)
+    return out
+
+
+
+
+# --------------------------------------------------------------------------------------
+# Building responses (no re-parse: header lines are copied from the request's buffer)
+
+
+def _set_via_param(str via, str name, str value):
+    """Replace or append ``;name=value`` on a Via value (top one)."""
+    pat = re.compile(r";[ \t]*" + name + r"(?:[ \t]*=[ \t]*[^;, \t]*)?(?=[ \t]*(?:;|$))", re.I)
+    new, k = pat.subn(f";{name}={value}", via, count=1)
+    return new if k else f"{via};{name}={value}"
+
+
+cdef bytes _hdr_line(SipMessage msg, int k):
+    cdef HdrSlot* sl = &msg._slots[k]
+    cdef bytes name
+    cdef bytes v
+    if sl.htype:
+        name = HDR_NAMES_B[sl.htype]
+    else:
+        name = msg._buf[sl.name_off:sl.name_off + sl.name_len]
+    if sl.folded:
+        v = _FOLD_RE.sub(" ", msg._value(k)).encode("utf-8", "surrogateescape")
+    else:
+        v = msg._buf[sl.val_off:sl.val_off + sl.val_len]
+    return name + b": " + v + b"\r\n"
+
+
+HDR_NAMES_B = tuple(n.encode() for n in HDR_NAMES)
+
+
+cdef bytes _clean_reason(str reason):
+    cdef bytes b = reason.encode("utf-8", "replace")
+    return bytes([c for c in b if c >= 0x20 and c != 0x7F])
+
+
+def build_response(SipMessage req, int status, reason=None, *, to_tag=None, headers=(), body=b"",
+                   received=None, rport=None):
+    """Build a response to ``req``.  See ``_sipparse.pyi``."""
+    cdef list out
+    cdef int k
+    cdef bint first = 1
+    cdef bytes to_line
+    if not 100 <= status <= 699:
+        raise ValueError("status must be 100..699")
+    if reason is None:
+        reason = REASONS.get(status, "Unknown")
+    out = [b"SIP/2.0 %d " % status + _clean_reason(reason) + b"\r\n"]
+    for k in range(req._nslots):
+        if req._slots[k].htype != HDR_VIA:
+            continue
+        if first and (received is not None or rport is not None):
+            vals = _split_list(req._value(k))
+            if vals:
+                top = vals[0]
+                if received is not None:
+                    top = _set_via_param(top, "received", received)
+                if rport is not None:
+                    top = _set_via_param(top, "rport", str(int(rport)))
+                vals[0] = top
+            out.append(b"Via: " + ", ".join(vals).encode("utf-8", "surrogateescape") + b"\r\n")
+        else:
+            out.append(_hdr_line(req, k))
+        first = 0
+    out.append(_hdr_line(req, req._first[HDR_FROM]))
+    to_line = _hdr_line(req, req._first[HDR_TO])
+    if to_tag is not None and req.to_tag is None:
+        to_line = to_line[:-2] + b";tag=" + to_tag.encode() + b"\r\n"
+    out.append(to_line)
+    out.append(_hdr_line(req, req._first[HDR_CALL_ID]))
+    out.append(_hdr_line(req, req._first[HDR_CSEQ]))
+    for name, value in headers:
+        out.append(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape"))
+    out.append(b"Content-Length: %d\r\n\r\n" % len(body))
+    out.append(bytes(body))
+    return b"".join(out)
+
+
+_RECOVER = {HDR_VIA: b"Via", HDR_FROM: b"From", HDR_TO: b"To", HDR_CALL_ID: b"Call-ID", HDR_CSEQ: b"CSeq"}
+_MAX_RECOVER_LINE = 2048
+_TOKEN_B = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
+
+
+def _is_token(b):
+    return bool(b) and all(c in _TOKEN_B for c in b)
+
+
+def build_stateless_error(data, err):
+    """``SIP/2.0 <err.status> <err.reason>`` for a malformed request, or ``None``.
+
+    See ``_sipparse.pyi``.
+    """
+    try:
+        return _build_stateless_error(bytes(data), err)
+    except Exception:  # recovery is best effort: never raise from the error path
+        return None
+
+
+def _build_stateless_error(bytes data, err):
+    n = min(len(data), MAX_MESSAGE)
+    pos = 0
+    while pos < n and data[pos] in b"\r\n":
+        pos += 1
+    nl = data.find(b"\n", pos, n)
+    if nl < 0:
+        return None
+    line = data[pos:nl].rstrip(b"\r")
+    if line[:4].upper() == b"SIP/":
+        return None  # responses never get an answer
+    sp = line.find(b" ")
+    if sp <= 0 or not _is_token(line[:sp]) or line[:sp] == b"ACK":
+        return None
+    found = {}
+    p = nl + 1
+    count = 0
+    last = None
+    while p < n and count <= MAX_HEADERS:
+        nl = data.find(b"\n", p, n)
+        if nl < 0:
+            break
+        ln = data[p:nl].rstrip(b"\r")
+        p = nl + 1
+        if not ln:
+            break
+        if ln[0] in b" \t":
+            if last is not None and found[last]:
+                found[last][-1] += b" " + ln.strip(b" \t")
+            continue
+        count += 1
+        last = None
+        colon = ln.find(b":")
+        if colon <= 0:
+            continue
+        name = ln[:colon].rstrip(b" \t")
+        if not _is_token(name):
+            continue
+        h = HDR_BY_LOWER.get(name.decode("ascii").lower(), 0)
+        if h not in _RECOVER:
+            continue
+        found.setdefault(h, []).append(ln[colon + 1:].strip(b" \t"))
+        last = h
+    out = [b"SIP/2.0 %d " % err.status + _clean_reason(err.reason)[:100] + b"\r\n"]
+    for h in (HDR_VIA, HDR_FROM, HDR_TO, HDR_CALL_ID, HDR_CSEQ):
+        vals = found.get(h)
+        if not vals or not vals[0]:
+            return None
+        if h != HDR_VIA and len(vals) != 1:
+            return None
+        for v in vals:
+            if len(v) > _MAX_RECOVER_LINE or any(c < 0x20 or c == 0x7F for c in v):
+                return None
+        if h == HDR_CSEQ:
+            parts = vals[0].split()
+            if len(parts) != 2 or not parts[0].isdigit() or parts[1] == b"ACK":
+                return None
+        for v in vals:
+            out.append(_RECOVER[h] + b": " + v)
+            if h == HDR_TO and b";tag=" not in v.replace(b" ", b"").lower():
+                # RFC 3261 §8.2.6.2: a UAS adds a To tag; derive it so retransmits match
+                out[-1] += b";tag=" + hashlib.blake2b(data[:n], digest_size=6).hexdigest().encode()
+            out[-1] += b"\r\n"
+    out.append(b"Content-Length: 0\r\n\r\n")
+    return b"".join(out)
