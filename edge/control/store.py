@@ -95,8 +95,11 @@ class Store:
     :param path: directory of the environment (created if missing).
     :param realm: the SIP domain; digest HA1s are computed for it.
     :param map_size: maximum size of the map (a sparse file: costs nothing until used).
-    :param durable: fsync every commit. Without it a *process* crash still loses
-        nothing committed (pages are in the OS cache); only an OS crash can.
+    :param durable: fsync after every write that moves money or answers the control
+        API (``write(..., sync=True)``, the default). Soft state on the call path
+        (registrations, channel bookkeeping) commits with ``sync=False``: a *process*
+        crash loses nothing committed (the pages are in the OS cache); an OS crash may
+        lose the last such commits, which recovery rebuilds (docs/storage.md).
     """
 
     def __init__(
@@ -110,6 +113,7 @@ class Store:
     ) -> None:
         self.path = Path(path)
         self.realm = realm
+        self.durable = durable
         if not readonly:
             self.path.mkdir(parents=True, exist_ok=True)
         self.env = lmdb.open(
@@ -117,8 +121,8 @@ class Store:
             map_size=map_size,
             max_dbs=len(DB_NAMES) + 4,
             max_readers=1024,
-            sync=durable,
-            metasync=durable,
+            sync=False,            # fsync is explicit, per write: see write()
+            metasync=False,
             readonly=readonly,
             lock=True,
         )
@@ -166,10 +170,21 @@ class Store:
         txn.put(name, _u64(n), db=self._meta)
         return n
 
-    def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
-        """Run ``fn`` in one write transaction: committed if it returns, aborted if it raises."""
+    def write(self, fn: Callable[[lmdb.Transaction], T], *, sync: bool = True) -> T:
+        """Run ``fn`` in one write transaction: committed if it returns, aborted if it raises.
+
+        :param sync: flush to disk before returning (money, API answers). Call-path soft
+            state passes False: ~10 µs instead of an fsync (~0.4 ms here).
+        """
         with self.env.begin(write=True) as txn:
-            return fn(txn)
+            result = fn(txn)
+        if sync and self.durable:
+            self.env.sync(True)
+        return result
+
+    def flush(self) -> None:
+        """Flush commits made with ``sync=False`` (the edge calls this periodically)."""
+        self.env.sync(True)
 
     def read(self, fn: Callable[[lmdb.Transaction], T]) -> T:
         with self.env.begin() as txn:
@@ -657,10 +672,12 @@ class Store:
     # -------------------------------------------------------- registrations
 
     def save_binding(self, reg: Registration) -> None:
-        self.write(lambda txn: self._put(txn, "registrations", _binding_key(reg.profile_id, reg.contact), reg))
+        self.write(lambda txn: self._put(txn, "registrations", _binding_key(reg.profile_id, reg.contact), reg),
+                   sync=False)
 
     def remove_binding(self, profile_id: str, contact: str) -> bool:
-        return self.write(lambda txn: txn.delete(_binding_key(profile_id, contact), db=self.db["registrations"]))
+        return self.write(lambda txn: txn.delete(_binding_key(profile_id, contact), db=self.db["registrations"]),
+                          sync=False)
 
     def remove_all_bindings(self, profile_id: str) -> int:
         def op(txn: lmdb.Transaction) -> int:
