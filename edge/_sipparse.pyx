@@ -1421,6 +1421,9 @@ def _build_stateless_error(bytes data, err):
         for v in vals:
             if len(v) > _MAX_RECOVER_LINE or any(c < 0x20 or c == 0x7F for c in v):
                 return None
+        if h in (HDR_FROM, HDR_TO) and (
+                vals[0].count(b'"') % 2 or vals[0].count(b"<") != vals[0].count(b">")):
+            return None  # unbalanced quotes/brackets: cannot be copied into a parseable answer
         if h == HDR_CSEQ:
             parts = vals[0].split()
             if len(parts) != 2 or not parts[0].isdigit() or parts[1] == b"ACK":

@@ -33,6 +33,9 @@ __all__ = [
     "MAX_MESSAGE",
     "MAX_HEADERS",
     "MAX_LINE",
+    "MAX_MESSAGE_BYTES",
+    "MAX_HEADER_LINES",
+    "MAX_LINE_BYTES",
     "SipMessage",
     "SipUri",
     "NameAddr",
@@ -50,6 +53,7 @@ __all__ = [
 MAX_MESSAGE = 65536  #: bytes per message (datagram or stream frame)
 MAX_HEADERS = 128  #: header lines per message (continuation lines not counted)
 MAX_LINE = 8192  #: bytes per physical line, CRLF excluded
+MAX_MESSAGE_BYTES, MAX_HEADER_LINES, MAX_LINE_BYTES = MAX_MESSAGE, MAX_HEADERS, MAX_LINE  # compiled names
 
 _TOKEN = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
 _TOKEN_S = frozenset(chr(c) for c in _TOKEN)
@@ -1190,6 +1194,9 @@ def _build_stateless_error(data: bytes, err: SipParseError):
         for v in vals:
             if len(v) > _MAX_RECOVER_LINE or any(c < 0x20 or c == 0x7F for c in v):
                 return None
+        if h in (H_FROM, H_TO) and (
+                vals[0].count(b'"') % 2 or vals[0].count(b"<") != vals[0].count(b">")):
+            return None  # unbalanced quotes/brackets: cannot be copied into a parseable answer
         if h == H_CSEQ:
             parts = vals[0].split()
             if len(parts) != 2 or not parts[0].isdigit() or parts[1] == b"ACK":
