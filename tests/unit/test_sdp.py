@@ -1,4 +1,9 @@
-"""SDP anchoring (edge/media/sdp.py) on SDP as pjsua2 and common PBXs send it."""
+"""SDP anchoring (edge/media/sdp.py) on SDP as pjsua2 and common PBXs send it.
+
+``pjsua2-2.15.1-captured.sdp`` was captured from a real pjsua2 INVITE; the PBX
+samples are written in the shape those products send (Asterisk chan_pjsip,
+FreeSWITCH, Cisco CUBE), including hold variants and a WebRTC-style offer.
+"""
 from pathlib import Path
 
 import pytest
@@ -11,6 +16,8 @@ SAMPLES = sorted(p.name for p in DATA.glob("*.sdp"))
 EXPECTED = {
     # name: (host, port, rtcp_port, direction)
     "pjsua2-offer.sdp": ("192.168.1.20", 4000, 4001, "sendrecv"),
+    # Captured from pjsua2 2.15.1 (the INVITE of Call.makeCall, null audio device).
+    "pjsua2-2.15.1-captured.sdp": ("127.0.0.1", 4000, 4001, "sendrecv"),
     "asterisk-offer.sdp": ("10.20.30.40", 14872, None, "sendrecv"),
     "asterisk-hold.sdp": ("10.20.30.40", 14872, None, "sendonly"),
     "freeswitch-answer.sdp": ("203.0.113.7", 23456, 23457, "sendrecv"),
@@ -64,7 +71,7 @@ def test_rewrite_points_at_edge_and_keeps_the_rest(name):
     assert m_src.split()[2:] == m_out.split()[2:]
 
 
-@pytest.mark.parametrize("name", ["pjsua2-offer.sdp", "asterisk-offer.sdp", "freeswitch-answer.sdp",
+@pytest.mark.parametrize("name", ["pjsua2-2.15.1-captured.sdp", "pjsua2-offer.sdp", "asterisk-offer.sdp", "freeswitch-answer.sdp",
                                   "cisco-cube-offer.sdp", "asterisk-hold.sdp"])
 def test_round_trip(name):
     """Rewriting to the edge and back to the party's own values gives the original bytes."""
