@@ -135,6 +135,7 @@ def rewrite_sdp(sdp: bytes, address: str, rtp_port: int, rtcp_port: int | None =
 
     Line endings (CRLF or LF) are preserved.
     """
+    parse_sdp_media(sdp)                    # same validation as the reader: SdpError
     lines, eol = _split(sdp)
     addr = address.encode("ascii")
     out: list[bytes] = []
