@@ -87,6 +87,12 @@ cdef inline bint _lws(char c) noexcept nogil:
     return c == 32 or c == 9 or c == 13 or c == 10
 
 
+cdef inline bint _is_sip20(const char* p) noexcept nogil:
+    # "SIP/2.0", letters case-insensitive (RFC 3261 §7.1); '|0x20' is exact only for letters
+    return ((p[0] | 0x20) == 115 and (p[1] | 0x20) == 105 and (p[2] | 0x20) == 112
+            and p[3] == 47 and p[4] == 50 and p[5] == 46 and p[6] == 48)
+
+
 cdef inline object _decode(const char* p, Py_ssize_t n):
     return PyUnicode_DecodeUTF8(p, n, "surrogateescape")
 
@@ -270,7 +276,7 @@ cdef int _start_line(SipMessage m, Py_ssize_t pos, Py_ssize_t le) except -1:
         if p == NULL:
             return _fail(SipBadStartLine, "Bad Status Line", pos)
         sp1 = p - b
-        if not (sp1 - pos == 7 and _hdr_ieq(b + pos, b"sip/2.0", 7)):
+        if not (sp1 - pos == 7 and _is_sip20(b + pos)):
             if _VERSION_RE.fullmatch(b[pos:sp1]):
                 return _fail(SipVersionNotSupported, "Version Not Supported", pos)
             return _fail(SipBadStartLine, "Bad Status Line", pos)
@@ -305,7 +311,7 @@ cdef int _start_line(SipMessage m, Py_ssize_t pos, Py_ssize_t le) except -1:
     for i in range(pos, sp1):
         if not _TOK[<uint8_t>b[i]]:
             return _fail(SipBadStartLine, "Bad Method", pos)
-    if not (le - sp2 - 1 == 7 and _hdr_ieq(b + sp2 + 1, b"sip/2.0", 7)):
+    if not (le - sp2 - 1 == 7 and _is_sip20(b + sp2 + 1)):
         if _VERSION_RE.fullmatch(b[sp2 + 1:le]):
             return _fail(SipVersionNotSupported, "Version Not Supported", sp2 + 1)
         return _fail(SipBadStartLine, "Bad Request Line", sp2 + 1)
