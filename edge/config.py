@@ -27,6 +27,11 @@ class SipConfig(Section):
     max_expires: Annotated[int, msgspec.Meta(ge=60)] = 3600
     min_expires: Annotated[int, msgspec.Meta(ge=1)] = 60
     tcp_max_connections: Annotated[int, msgspec.Meta(ge=1)] = 4096
+    # flood protection (SPEC §7); trusted carrier sources are exempt
+    rate_limit: Annotated[float, msgspec.Meta(ge=0)] = 200.0     # requests/s per source; 0 = off
+    rate_burst: Annotated[float, msgspec.Meta(ge=1)] = 400.0
+    auth_block_threshold: Annotated[int, msgspec.Meta(ge=1)] = 20  # auth failures in 60 s that block a source
+    auth_block_seconds: Annotated[float, msgspec.Meta(ge=0)] = 120.0
 
 
 class MediaConfig(Section):

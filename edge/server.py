@@ -58,12 +58,16 @@ class Node:
             access_log=False, lifespan="on", loop="asyncio",
         ))
         self._stopping = asyncio.Event()
+        from .sip.core import SipService
+
+        self.sip = SipService(cfg, store, self.registry)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stopping.set)
         self.api.install_signal_handlers = lambda: None  # the node handles signals
+        await self.sip.start()
         api_task = asyncio.create_task(self.api.serve(), name="control-api")
         stop_task = asyncio.create_task(self._stopping.wait())
         done, _ = await asyncio.wait({api_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -72,6 +76,7 @@ class Node:
         self.api.should_exit = True
         await api_task
         stop_task.cancel()
+        await self.sip.stop()
 
     def listeners(self) -> list[tuple[str, str, int]]:
         return [parse_listen(item) for item in self.cfg.sip.listen]

@@ -33,3 +33,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "perf" in item.keywords:
             item.add_marker(skip)
+
+sys.path.insert(0, str(Path(__file__).parent / "sip"))

@@ -35,7 +35,7 @@ class EdgeProcess:
 
     def __init__(self, tmp: Path, *, extra_config: str = "", sip_port: int | None = None,
                  carriers: list[str] | None = None, trusted: list[str] | None = None,
-                 media_ports: tuple[int, int] = (0, 0)) -> None:
+                 media_ports: tuple[int, int] = (0, 0), sip_extra: str = "") -> None:
         self.tmp = Path(tmp)
         self.api_port = free_port()
         self.sip_port = sip_port or free_port()
@@ -48,7 +48,7 @@ class EdgeProcess:
         self.config = self.tmp / "sipedge.toml"
         self.config.write_text(
             f'[sip]\nlisten = ["udp:127.0.0.1:{self.sip_port}", "tcp:127.0.0.1:{self.sip_port}"]\n'
-            f'domain = "sip.edge.test"\n'
+            f'domain = "sip.edge.test"\n{sip_extra}\n'
             f'[media]\naddress = "127.0.0.1"\nports = [{lo}, {hi}]\n'
             f'[api]\nlisten = "127.0.0.1:{self.api_port}"\ntoken = "{TOKEN}"\n'
             f'[storage]\npath = "{self.data}"\nmap_size_mb = 256\n'

@@ -1,0 +1,158 @@
+"""The SIP service of a node: transports, transactions, and the dispatch of requests
+to the registrar, OPTIONS keep-alives and the B2BUA (calls)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry
+
+from edge.config import Config, parse_listen
+from edge.control.store import Store
+
+from . import SipMessage
+from .auth import DigestAuth, FailureTracker
+from .metrics import SipMetrics
+from .registrar import Registrar
+from .transaction import ServerTransaction, TransactionLayer
+from .transport import Peer, Transports
+
+log = logging.getLogger("sipedge.sip")
+
+ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, REGISTER"
+
+
+class CallHandler(Protocol):
+    """What the B2BUA offers the core (edge/b2bua.py)."""
+
+    def on_invite(self, tx: ServerTransaction) -> None: ...
+    def on_in_dialog(self, tx: ServerTransaction) -> bool: ...
+    def on_ack(self, msg: SipMessage, peer: Peer) -> None: ...
+    def on_cancel(self, invite: ServerTransaction, cancel: SipMessage) -> None: ...
+    def on_stray_response(self, msg: SipMessage, peer: Peer) -> None: ...
+
+
+class RateLimiter:
+    """Token bucket per source address (SPEC §7 flood protection).
+
+    :param rate: sustained requests per second per source.
+    :param burst: bucket size.
+    """
+
+    def __init__(self, rate: float, burst: float, max_sources: int = 100_000) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.max_sources = max_sources
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def allow(self, key: str, now: float | None = None) -> bool:
+        if self.rate <= 0:
+            return True
+        now = time.monotonic() if now is None else now
+        tokens, last = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens < 1.0:
+            self._buckets[key] = (tokens, now)
+            return False
+        if len(self._buckets) >= self.max_sources and key not in self._buckets:
+            self._buckets.clear()  # bounded memory under a spoofed-source flood
+        self._buckets[key] = (tokens - 1.0, now)
+        return True
+
+
+class SipService:
+    """Owns the SIP side of a node; ``start()`` binds the listeners of ``cfg.sip.listen``."""
+
+    def __init__(self, cfg: Config, store: Store, registry: CollectorRegistry | None) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.metrics = SipMetrics(registry)
+        self.auth = DigestAuth(cfg.sip.domain, nonce_ttl=cfg.sip.nonce_ttl)
+        self.failures = FailureTracker(threshold=cfg.sip.auth_block_threshold, block_seconds=cfg.sip.auth_block_seconds)
+        self.limiter = RateLimiter(cfg.sip.rate_limit, cfg.sip.rate_burst)
+        self.trusted = [ipaddress.ip_network(n, strict=False) for n in cfg.inbound.trusted]
+        self.transports = Transports(self._on_message, self.metrics, max_tcp_connections=cfg.sip.tcp_max_connections)
+        self.registrar = Registrar(store, self.auth, self.metrics, self.failures,
+                                   min_expires=cfg.sip.min_expires, max_expires=cfg.sip.max_expires)
+        self.transactions: TransactionLayer | None = None
+        self.calls: CallHandler | None = None
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.transactions = TransactionLayer(self.transports, self, self.metrics, asyncio.get_running_loop())
+        for item in self.cfg.sip.listen:
+            proto, host, port = parse_listen(item)
+            await self.transports.listen(proto, host, port)
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_periodically())
+
+    async def stop(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+        self.transports.close()
+        self.store.flush()
+
+    async def _flush_periodically(self) -> None:
+        """Soft state commits without fsync; flush it once a second (docs/storage.md)."""
+        while True:
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(self.store.flush)
+
+    # ------------------------------------------------------------ dispatch
+
+    def _on_message(self, msg: SipMessage, peer: Peer) -> None:
+        if msg.is_request and msg.method != "ACK":
+            if self.failures.blocked(peer.host):
+                self.metrics.rate_limited.labels("auth_block").inc()
+                return  # silently: a blocked scanner gets nothing to work with
+            if not self.limiter.allow(peer.host) and not self.is_trusted(peer.host):
+                self.metrics.rate_limited.labels("source").inc()
+                return
+        assert self.transactions is not None
+        self.transactions.on_message(msg, peer)
+
+    def is_trusted(self, host: str) -> bool:
+        """Is ``host`` one of the carriers of ``[inbound] trusted`` (SPEC §4.3)?"""
+        try:
+            addr = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(addr in net for net in self.trusted)
+
+    def on_request(self, tx: ServerTransaction) -> None:
+        req = tx.request
+        method = req.method
+        if req.to_tag is not None:  # in-dialog: the B2BUA owns it
+            if self.calls is None or not self.calls.on_in_dialog(tx):
+                tx.respond(481, "Call/Transaction Does Not Exist")
+            return
+        if method == "REGISTER":
+            self.registrar.handle(tx)
+        elif method == "OPTIONS":
+            tx.respond(200, headers=[("Allow", ALLOW), ("Accept", "application/sdp"), ("Supported", "")])
+        elif method == "INVITE":
+            if self.calls is None:
+                tx.respond(503, "Calls not enabled", headers=[("Retry-After", "60")])
+            else:
+                self.calls.on_invite(tx)
+        elif method == "BYE":
+            tx.respond(481, "Call/Transaction Does Not Exist")
+        else:
+            tx.respond(405, headers=[("Allow", ALLOW)])
+
+    def on_ack(self, msg: SipMessage, peer: Peer) -> None:
+        if self.calls is not None:
+            self.calls.on_ack(msg, peer)
+
+    def on_cancel(self, invite: ServerTransaction, cancel: SipMessage) -> None:
+        if self.calls is not None:
+            self.calls.on_cancel(invite, cancel)
+        else:
+            invite.respond(487)
+
+    def on_stray_response(self, msg: SipMessage, peer: Peer) -> None:
+        if self.calls is not None:
+            self.calls.on_stray_response(msg, peer)

@@ -1,0 +1,53 @@
+"""Prometheus metrics of the SIP layer (SPEC §6). Label values are bounded sets:
+methods are folded to the ones we know, statuses are numbers, reasons are class names."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from . import SipMessage
+
+KNOWN_METHODS = frozenset({
+    "INVITE", "ACK", "BYE", "CANCEL", "REGISTER", "OPTIONS", "INFO", "UPDATE", "PRACK",
+    "SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE", "PUBLISH",
+})
+
+
+def method_label(method: str) -> str:
+    return method if method in KNOWN_METHODS else "OTHER"
+
+
+class SipMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = registry
+        self.messages = Counter(
+            "edge_sip_messages", "SIP messages by direction, transport, method and status (0 for requests).",
+            ["direction", "transport", "method", "status"], registry=r)
+        self.parse_errors = Counter(
+            "edge_sip_parse_errors", "Malformed SIP messages, by reason (answered 400 where possible, else dropped).",
+            ["reason"], registry=r)
+        self.auth_failures = Counter(
+            "edge_sip_auth_failures", "Authentication failures by reason.", ["reason", "method"], registry=r)
+        self.transport_errors = Counter(
+            "edge_sip_transport_errors", "Send/connect failures and refused connections.", ["kind"], registry=r)
+        self.internal_errors = Counter(
+            "edge_sip_internal_errors", "Messages whose handling raised (logged; the edge keeps serving).", registry=r)
+        self.retransmissions = Counter(
+            "edge_sip_retransmissions", "Retransmissions sent (timers A, E, G) and absorbed (duplicates answered "
+            "from the transaction).", ["kind"], registry=r)
+        self.transactions = Gauge(
+            "edge_sip_transactions", "Transactions alive now.", ["side"], registry=r)
+        self.rate_limited = Counter(
+            "edge_sip_rate_limited", "Requests refused by flood protection.", ["scope"], registry=r)
+        self.blocked_sources = Gauge(
+            "edge_sip_blocked_sources", "Source addresses blocked now after repeated authentication failures.",
+            registry=r)
+
+    def count_in(self, transport: str, msg: SipMessage) -> None:
+        if msg.is_request:
+            self.messages.labels("in", transport, method_label(msg.method), "0").inc()
+        else:
+            self.messages.labels("in", transport, method_label(msg.method), str(msg.status)).inc()
+
+    def count_out(self, transport: str, method: str, status: int) -> None:
+        self.messages.labels("out", transport, method_label(method) if method else "OTHER", str(status)).inc()

@@ -1,0 +1,126 @@
+"""The registrar (RFC 3261 §10.3, SPEC §4.1) on the LMDB store.
+
+The address-of-record is the profile's SIP username (the To user); the digest
+username must be the same. Bindings are kept per contact with their expiry and the
+address the REGISTER really came from (transport, IP and port), so incoming calls
+reach a PBX behind NAT over the flow it registered from.
+"""
+
+from __future__ import annotations
+
+import time
+from email.utils import formatdate
+
+from edge.control.models import Registration
+from edge.control.store import Store
+
+from .auth import AuthResult, DigestAuth, FailureTracker, parse_authorization, source_allowed
+from .metrics import SipMetrics
+from .transaction import ServerTransaction
+
+
+class Registrar:
+    def __init__(self, store: Store, auth: DigestAuth, metrics: SipMetrics, failures: FailureTracker, *,
+                 min_expires: int = 60, max_expires: int = 3600, default_expires: int = 3600) -> None:
+        self.store = store
+        self.auth = auth
+        self.metrics = metrics
+        self.failures = failures
+        self.min_expires = min_expires
+        self.max_expires = max_expires
+        self.default_expires = min(default_expires, max_expires)
+
+    def handle(self, tx: ServerTransaction) -> None:
+        req = tx.request
+        user = req.to.uri.user if req.to.uri is not None else None
+        if not user:
+            tx.respond(400, "To must carry the SIP username")
+            return
+        cred = self.store.credential(user)
+        ip_ok = cred is not None and cred.auth == "ip" and source_allowed(tx.peer.host, cred.allowed_ips)
+        if not ip_ok:
+            header = req.header("Authorization")
+            answer = parse_authorization(header) if header else None
+            result = self.auth.verify(answer, "REGISTER", cred, expected_user=user)
+            if result is not AuthResult.OK:
+                self._refuse(tx, result)
+                return
+        self.failures.success(tx.peer.host)
+        assert cred is not None
+        self._update_bindings(tx, cred.profile_id)
+
+    def _refuse(self, tx: ServerTransaction, result: AuthResult) -> None:
+        if result in (AuthResult.MISSING, AuthResult.STALE, AuthResult.BAD_NONCE, AuthResult.UNSUPPORTED):
+            if result is not AuthResult.MISSING:
+                self.metrics.auth_failures.labels(result.value, "REGISTER").inc()
+            tx.respond(401, headers=self.auth.challenge(proxy=False, stale=result is AuthResult.STALE))
+            return
+        self.metrics.auth_failures.labels(result.value, "REGISTER").inc()
+        if self.failures.failure(tx.peer.host):
+            self.metrics.blocked_sources.set(self.failures.blocked_count)
+        reasons = {
+            AuthResult.REPLAY: "Nonce count reused",
+            AuthResult.UNKNOWN_USER: "Unknown SIP username",
+            AuthResult.USER_MISMATCH: "Digest username must be the SIP username in To",
+            AuthResult.BAD_PASSWORD: "Bad credentials",
+        }
+        text = reasons[result]
+        tx.respond(403, text, headers=[("Warning", f'399 sipedge "{text}"')])
+
+    def _update_bindings(self, tx: ServerTransaction, profile_id: str) -> None:
+        req = tx.request
+        now = time.time()
+        header_expires = req.expires
+        contacts = req.contacts
+        call_id, cseq = req.call_id, req.cseq
+        if contacts and contacts[0].star:
+            # RFC 3261 §10.3 step 6: "*" only with Expires: 0, and alone
+            if header_expires != 0 or len(contacts) != 1:
+                tx.respond(400, "Contact * needs Expires: 0")
+                return
+            self.store.remove_all_bindings(profile_id)
+            self._ok(tx, profile_id, now)
+            return
+        changes: list[tuple[str, int]] = []
+        for contact in contacts:
+            expires = contact.params.get("expires")
+            try:
+                seconds = int(expires) if expires is not None else (
+                    header_expires if header_expires is not None else self.default_expires)
+            except ValueError:
+                tx.respond(400, "Bad expires parameter")
+                return
+            if 0 < seconds < self.min_expires:
+                tx.respond(423, headers=[("Min-Expires", str(self.min_expires))])
+                return
+            changes.append((str(contact.uri), min(seconds, self.max_expires)))
+        source = str(tx.peer)
+        user_agent = req.header("User-Agent") or ""
+
+        def op(txn) -> str | None:
+            for uri, seconds in changes:
+                key = self.store.db["registrations"]
+                existing = self.store._get(txn, "registrations", profile_id.encode() + b"\0" + uri.encode(),
+                                           Registration)
+                # §10.3 step 7: an older REGISTER of the same Call-ID must not undo a newer one
+                if existing is not None and existing.call_id == call_id and existing.cseq >= cseq:
+                    return "out of order"
+                bkey = profile_id.encode() + b"\0" + uri.encode()
+                if seconds == 0:
+                    txn.delete(bkey, db=key)
+                else:
+                    self.store._put(txn, "registrations", bkey, Registration(
+                        profile_id=profile_id, contact=uri, expires_at=now + seconds, source=source,
+                        call_id=call_id, cseq=cseq, user_agent=user_agent, registered_at=now))
+            return None
+
+        if changes and self.store.write(op, sync=False) is not None:
+            tx.respond(500, "Out of order REGISTER", headers=[("Retry-After", "1")])
+            return
+        self._ok(tx, profile_id, now)
+
+    def _ok(self, tx: ServerTransaction, profile_id: str, now: float) -> None:
+        bindings = self.store.bindings(profile_id, now)
+        headers = [("Contact", f"<{b.contact}>;expires={max(1, int(b.expires_at - now))}") for b in bindings]
+        headers.append(("Date", formatdate(now, usegmt=True)))
+        tx.respond(200, headers=headers)

@@ -1,0 +1,86 @@
+"""Requests the edge sends (UAC side of each leg), kept structured so that the
+transaction layer can derive the ACK for a non-2xx answer and a CANCEL (RFC 3261
+§17.1.1.3, §9.1) without re-parsing what it sent."""
+
+from __future__ import annotations
+
+import secrets
+
+from . import SipMessage
+
+BRANCH_COOKIE = "z9hG4bK"  # RFC 3261 §8.1.1.7
+
+
+def new_branch() -> str:
+    return BRANCH_COOKIE + secrets.token_hex(8)
+
+
+def new_tag() -> str:
+    return secrets.token_hex(6)
+
+
+def new_call_id(host: str) -> str:
+    return f"{secrets.token_hex(12)}@{host}"
+
+
+class OutRequest:
+    """A request the edge originates.
+
+    :param via_host: our advertised ``host:port`` for the Via; ``proto`` its transport.
+    :param headers: everything but Via, From, To, Call-ID, CSeq, Max-Forwards and
+        Content-Length, in order (Route, Contact, Content-Type, Reason, ...).
+    """
+
+    __slots__ = ("method", "ruri", "proto", "via_host", "branch", "from_", "to", "call_id", "cseq",
+                 "headers", "body", "max_forwards")
+
+    def __init__(self, method: str, ruri: str, *, proto: str, via_host: str, from_: str, to: str, call_id: str,
+                 cseq: int, headers: list[tuple[str, str]] | None = None, body: bytes = b"",
+                 branch: str | None = None, max_forwards: int = 70) -> None:
+        self.method = method
+        self.ruri = ruri
+        self.proto = proto
+        self.via_host = via_host
+        self.branch = branch or new_branch()
+        self.from_ = from_
+        self.to = to
+        self.call_id = call_id
+        self.cseq = cseq
+        self.headers = headers or []
+        self.body = body
+        self.max_forwards = max_forwards
+
+    @property
+    def via(self) -> str:
+        return f"SIP/2.0/{self.proto.upper()} {self.via_host};branch={self.branch};rport"
+
+    def encode(self) -> bytes:
+        lines = [
+            f"{self.method} {self.ruri} SIP/2.0",
+            f"Via: {self.via}",
+            f"Max-Forwards: {self.max_forwards}",
+            f"From: {self.from_}",
+            f"To: {self.to}",
+            f"Call-ID: {self.call_id}",
+            f"CSeq: {self.cseq} {self.method}",
+        ]
+        lines.extend(f"{name}: {value}" for name, value in self.headers)
+        lines.append(f"Content-Length: {len(self.body)}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode() + self.body
+
+    def _routes(self) -> list[tuple[str, str]]:
+        return [(n, v) for n, v in self.headers if n.lower() == "route"]
+
+    def ack_for(self, response: SipMessage) -> OutRequest:
+        """The ACK for a non-2xx final answer to this INVITE: same branch, To with the answer's tag."""
+        return OutRequest("ACK", self.ruri, proto=self.proto, via_host=self.via_host, from_=self.from_,
+                          to=response.header("To") or self.to, call_id=self.call_id, cseq=self.cseq,
+                          headers=self._routes(), branch=self.branch)
+
+    def cancel(self, reason: str | None = None) -> OutRequest:
+        """CANCEL of this INVITE (RFC 3261 §9.1): same R-URI, branch, From, To, Call-ID, CSeq number."""
+        headers = self._routes()
+        if reason:
+            headers.append(("Reason", reason))
+        return OutRequest("CANCEL", self.ruri, proto=self.proto, via_host=self.via_host, from_=self.from_,
+                          to=self.to, call_id=self.call_id, cseq=self.cseq, headers=headers, branch=self.branch)

@@ -1,0 +1,248 @@
+"""SIP over UDP and TCP on asyncio (RFC 3261 §18, RFC 3581).
+
+This is the one boundary where bytes from the network become ``SipMessage``s
+(STYLE.md): a malformed request whose Via/From/To/Call-ID/CSeq can be recovered
+gets a stateless 400 with the reason; anything else is dropped and counted in
+``edge_sip_parse_errors_total{reason}``. Nothing raised here reaches the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import NamedTuple
+
+from . import SipMessage, SipParseError, build_stateless_error, frame_length, parse
+from .metrics import SipMetrics
+
+log = logging.getLogger("sipedge.sip")
+
+UDP_MAX = 65535
+TCP_READ_LIMIT = 256 * 1024       # bytes buffered per connection before it is cut
+TCP_IDLE_SECONDS = 3600.0         # an idle connection (no message, no keep-alive) is closed
+
+
+class Peer(NamedTuple):
+    """Where a message came from, or where one goes: transport, address, connection."""
+
+    proto: str                               # "udp" | "tcp"
+    host: str
+    port: int
+    conn: "TcpConnection | None" = None      # the TCP connection it arrived on
+
+    def __str__(self) -> str:
+        return f"{self.proto}:{self.host}:{self.port}"
+
+
+OnMessage = Callable[[SipMessage, Peer], None]
+
+
+def _reason_label(err: SipParseError) -> str:
+    return type(err).__name__.removeprefix("Sip")
+
+
+class SipUdp(asyncio.DatagramProtocol):
+    def __init__(self, layer: "Transports") -> None:
+        self.layer = layer
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.layer.received(data, Peer("udp", addr[0], addr[1]), self)
+
+    def error_received(self, exc: Exception) -> None:  # ICMP port unreachable and friends
+        self.layer.metrics.transport_errors.labels("udp").inc()
+
+
+class TcpConnection(asyncio.Protocol):
+    """One TCP connection: frames messages by Content-Length (RFC 3261 §18.3)."""
+
+    def __init__(self, layer: "Transports", outbound_key: tuple[str, int] | None = None) -> None:
+        self.layer = layer
+        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.peer: Peer | None = None
+        self.outbound_key = outbound_key
+        self.closed = False
+        self._idle: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        host, port = transport.get_extra_info("peername")[:2]
+        self.peer = Peer("tcp", host, port, self)
+        if not self.layer.admit(self):
+            self.layer.metrics.transport_errors.labels("tcp_limit").inc()
+            transport.close()
+            return
+        self._touch()
+
+    def _touch(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+        self._idle = asyncio.get_running_loop().call_later(TCP_IDLE_SECONDS, self.close)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if len(self.buf) > TCP_READ_LIMIT:
+            self.layer.metrics.parse_errors.labels("StreamOverflow").inc()
+            self.close()
+            return
+        self._touch()
+        while self.buf and not self.closed:
+            try:
+                n = frame_length(self.buf)
+            except SipParseError as err:
+                # The stream cannot be resynchronised after a bad head: answer if we can, then close.
+                self.layer.received(bytes(self.buf), self.peer, self, framing_error=err)  # type: ignore[arg-type]
+                self.close()
+                return
+            if n == 0:
+                # RFC 5626 §4.4.1: a CRLFCRLF "ping" gets a CRLF "pong".
+                if self.buf.startswith(b"\r\n\r\n"):
+                    del self.buf[:4]
+                    self.write(b"\r\n")
+                    continue
+                return
+            frame = bytes(self.buf[:n])
+            del self.buf[:n]
+            if frame.strip(b"\r\n"):
+                self.layer.received(frame, self.peer, self)  # type: ignore[arg-type]
+
+    def write(self, data: bytes) -> bool:
+        if self.closed or self.transport is None:
+            return False
+        self.transport.write(data)
+        return True
+
+    def close(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._idle is not None:
+            self._idle.cancel()
+        self.layer.forget(self)
+
+
+class Transports:
+    """The node's SIP sockets: UDP and TCP listeners and outbound TCP connections.
+
+    :param on_message: called with every well-formed message and where it came from.
+    """
+
+    def __init__(self, on_message: OnMessage, metrics: SipMetrics, *, max_tcp_connections: int = 4096) -> None:
+        self.on_message = on_message
+        self.metrics = metrics
+        self.max_tcp = max_tcp_connections
+        self.udp: dict[str, SipUdp] = {}                    # by local host
+        self.udp_default: SipUdp | None = None
+        self.tcp_servers: list[asyncio.AbstractServer] = []
+        self.tcp_by_peer: dict[tuple[str, int], TcpConnection] = {}
+        self.tcp_count = 0
+        self.local: dict[str, tuple[str, int]] = {}         # proto -> advertised (host, port)
+        self._pending: dict[tuple[str, int], asyncio.Task[TcpConnection | None]] = {}
+
+    async def listen(self, proto: str, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        if proto == "udp":
+            _, protocol = await loop.create_datagram_endpoint(lambda: SipUdp(self), local_addr=(host, port))
+            self.udp[host] = protocol
+            self.udp_default = self.udp_default or protocol
+        else:
+            server = await loop.create_server(lambda: TcpConnection(self), host, port, reuse_address=True, backlog=1024)
+            self.tcp_servers.append(server)
+        self.local.setdefault(proto, (host, port))
+
+    # ------------------------------------------------------------ receiving
+
+    def received(self, data: bytes, peer: Peer, via: object, framing_error: SipParseError | None = None) -> None:
+        try:
+            if framing_error is not None:
+                raise framing_error
+            msg = parse(data)
+        except SipParseError as err:
+            self.metrics.parse_errors.labels(_reason_label(err)).inc()
+            reply = build_stateless_error(data, err)  # None for responses and unrecoverable requests
+            if reply is not None:
+                self._send_raw(reply, peer)
+                self.metrics.count_out(peer.proto, "", err.status)
+            return
+        except Exception:  # a parser bug must not take the edge down
+            log.exception("parser failed on a message from %s", peer)
+            self.metrics.parse_errors.labels("InternalError").inc()
+            return
+        self.metrics.count_in(peer.proto, msg)
+        try:
+            self.on_message(msg, peer)
+        except Exception:
+            log.exception("handling %s %s from %s failed", msg.method, msg.status or "", peer)
+            self.metrics.internal_errors.inc()
+
+    def admit(self, conn: TcpConnection) -> bool:
+        if self.tcp_count >= self.max_tcp:
+            return False
+        self.tcp_count += 1
+        assert conn.peer is not None
+        self.tcp_by_peer[(conn.peer.host, conn.peer.port)] = conn
+        return True
+
+    def forget(self, conn: TcpConnection) -> None:
+        if conn.peer is not None and self.tcp_by_peer.get((conn.peer.host, conn.peer.port)) is conn:
+            del self.tcp_by_peer[(conn.peer.host, conn.peer.port)]
+            self.tcp_count -= 1
+
+    # -------------------------------------------------------------- sending
+
+    def send(self, data: bytes, dest: Peer) -> None:
+        """Send one message. TCP reuses the connection of ``dest`` (or any to that address),
+        else opens one; UDP goes from the listener."""
+        self._send_raw(data, dest)
+
+    def _send_raw(self, data: bytes, dest: Peer) -> None:
+        if dest.proto == "udp":
+            udp = self.udp_default
+            if udp is None or udp.transport is None:
+                self.metrics.transport_errors.labels("udp_no_socket").inc()
+                return
+            udp.transport.sendto(data, (dest.host, dest.port))
+            return
+        conn = dest.conn if dest.conn is not None and not dest.conn.closed else self.tcp_by_peer.get((dest.host, dest.port))
+        if conn is not None and conn.write(data):
+            return
+        asyncio.get_running_loop().create_task(self._connect_and_send(data, dest.host, dest.port))
+
+    async def _connect_and_send(self, data: bytes, host: str, port: int) -> None:
+        key = (host, port)
+        task = self._pending.get(key)
+        if task is None:
+            task = self._pending[key] = asyncio.get_running_loop().create_task(self._connect(host, port))
+        conn = await task
+        self._pending.pop(key, None)
+        if conn is None or not conn.write(data):
+            self.metrics.transport_errors.labels("tcp_connect").inc()
+
+    async def _connect(self, host: str, port: int) -> TcpConnection | None:
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: TcpConnection(self, (host, port)), host, port), timeout=5.0)
+        except (OSError, asyncio.TimeoutError):
+            return None
+        return conn if not conn.closed else None
+
+    def advertised(self, proto: str) -> tuple[str, int]:
+        """The (host, port) written into our Via and Contact for ``proto``."""
+        return self.local.get(proto) or next(iter(self.local.values()))
+
+    def close(self) -> None:
+        for udp in self.udp.values():
+            if udp.transport is not None:
+                udp.transport.close()
+        for server in self.tcp_servers:
+            server.close()
+        for conn in list(self.tcp_by_peer.values()):
+            conn.close()

@@ -1,0 +1,198 @@
+"""RFC 3261 §17 state machines with shrunken timers (T1 = 10 ms) and a recording transport."""
+
+from __future__ import annotations
+
+import asyncio
+
+from edge.sip import parse
+from edge.sip.metrics import SipMetrics
+from edge.sip.request import OutRequest
+from edge.sip.transaction import State, TransactionLayer
+from edge.sip.transport import Peer
+
+T1 = 0.01
+PEER = Peer("udp", "127.0.0.9", 5060)
+
+
+class Wire:
+    def __init__(self) -> None:
+        self.sent: list[tuple[float, bytes]] = []
+
+    def send(self, data: bytes, dest: Peer) -> None:
+        self.sent.append((asyncio.get_running_loop().time(), data))
+
+    def first_lines(self) -> list[str]:
+        return [d.split(b"\r\n", 1)[0].decode() for _, d in self.sent]
+
+
+class TU:
+    def __init__(self) -> None:
+        self.requests, self.acks, self.cancels, self.strays = [], [], [], []
+
+    def on_request(self, tx) -> None:
+        self.requests.append(tx)
+
+    def on_ack(self, msg, peer) -> None:
+        self.acks.append(msg)
+
+    def on_cancel(self, invite, cancel) -> None:
+        self.cancels.append(invite)
+
+    def on_stray_response(self, msg, peer) -> None:
+        self.strays.append(msg)
+
+
+def layer() -> tuple[TransactionLayer, Wire, TU]:
+    wire, tu = Wire(), TU()
+    return TransactionLayer(wire, tu, SipMetrics(None), asyncio.get_running_loop(), t1=T1, t2=4 * T1, t4=5 * T1), wire, tu
+
+
+def out_request(method: str = "INVITE") -> OutRequest:
+    return OutRequest(method, "sip:+4420@127.0.0.9", proto="udp", via_host="127.0.0.1:5060",
+                      from_="<sip:edge@127.0.0.1>;tag=abc", to="<sip:+4420@127.0.0.9>", call_id="cid-1", cseq=1)
+
+
+def response_to(req: OutRequest, status: int, to_tag: str = "callee") -> bytes:
+    return (f"SIP/2.0 {status} X\r\nVia: {req.via}\r\nFrom: {req.from_}\r\nTo: {req.to};tag={to_tag}\r\n"
+            f"Call-ID: {req.call_id}\r\nCSeq: {req.cseq} {req.method}\r\nContent-Length: 0\r\n\r\n").encode()
+
+
+def incoming(method: str, branch: str = "z9hG4bKin1", to_tag: str | None = None, cseq_method: str | None = None) -> bytes:
+    to = "<sip:b@edge>" + (f";tag={to_tag}" if to_tag else "")
+    return (f"{method} sip:b@edge SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.9:5060;branch={branch}\r\n"
+            f"From: <sip:a@pbx>;tag=ft\r\nTo: {to}\r\nCall-ID: in-1\r\nCSeq: 1 {cseq_method or method}\r\n"
+            "Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode()
+
+
+def test_invite_client_retransmits_with_timer_a_then_times_out() -> None:
+    async def run() -> None:
+        tl, wire, _ = layer()
+        timed_out = asyncio.Event()
+        tl.send_request(out_request(), PEER, on_response=lambda m: None, on_timeout=timed_out.set)
+        await asyncio.wait_for(timed_out.wait(), 2)
+        times = [t - wire.sent[0][0] for t, _ in wire.sent]
+        # sent at 0, T1, 3T1, 7T1, 15T1, 31T1, 63T1: Timer A doubles until Timer B (64 T1)
+        assert len(times) == 7
+        for got, want in zip(times, [0, 1, 3, 7, 15, 31, 63]):
+            assert abs(got - want * T1) < 0.5 * T1 + 0.01
+        assert not tl.client
+
+    asyncio.run(run())
+
+
+def test_non_invite_client_caps_retransmissions_at_t2() -> None:
+    async def run() -> None:
+        tl, wire, _ = layer()
+        done = asyncio.Event()
+        tl.send_request(out_request("OPTIONS"), PEER, on_response=lambda m: None, on_timeout=done.set)
+        await asyncio.wait_for(done.wait(), 2)
+        gaps = [b[0] - a[0] for a, b in zip(wire.sent, wire.sent[1:])]
+        assert max(gaps) < 4 * T1 * 1.5 + 0.01  # never more than T2 apart
+        assert len(wire.sent) > 12
+
+    asyncio.run(run())
+
+
+def test_invite_client_acks_a_failure_once_and_again_on_retransmission() -> None:
+    async def run() -> None:
+        tl, wire, _ = layer()
+        seen = []
+        req = out_request()
+        tx = tl.send_request(req, PEER, on_response=seen.append, on_timeout=lambda: None)
+        tl.on_message(parse(response_to(req, 180)), PEER)
+        tl.on_message(parse(response_to(req, 486)), PEER)
+        tl.on_message(parse(response_to(req, 486)), PEER)  # retransmitted by the callee
+        acks = [d for _, d in wire.sent if d.startswith(b"ACK ")]
+        assert len(acks) == 2
+        ack = parse(acks[0])
+        assert ack.branch == req.branch and ack.to_tag == "callee" and ack.cseq == 1
+        assert [m.status for m in seen] == [180, 486]  # the TU hears the final once
+        assert tx.state is State.COMPLETED
+
+    asyncio.run(run())
+
+
+def test_cancel_waits_for_a_provisional() -> None:
+    async def run() -> None:
+        tl, wire, _ = layer()
+        req = out_request()
+        tx = tl.send_request(req, PEER, on_response=lambda m: None, on_timeout=lambda: None)
+        tx.cancel("SIP;cause=487")
+        assert not any(d.startswith(b"CANCEL") for _, d in wire.sent)
+        tl.on_message(parse(response_to(req, 100)), PEER)
+        cancels = [parse(d) for _, d in wire.sent if d.startswith(b"CANCEL")]
+        assert len(cancels) == 1 and cancels[0].branch == req.branch and cancels[0].header("Reason")
+
+    asyncio.run(run())
+
+
+def test_2xx_goes_to_the_tu_each_time() -> None:
+    async def run() -> None:
+        tl, wire, _ = layer()
+        seen = []
+        req = out_request()
+        tl.send_request(req, PEER, on_response=seen.append, on_timeout=lambda: None)
+        tl.on_message(parse(response_to(req, 200)), PEER)
+        tl.on_message(parse(response_to(req, 200)), PEER)
+        assert [m.status for m in seen] == [200, 200]  # the TU ACKs each 2xx (§13.2.2.4)
+        assert not any(d.startswith(b"ACK") for _, d in wire.sent)
+
+    asyncio.run(run())
+
+
+def test_invite_server_sends_100_retransmits_final_until_ack() -> None:
+    async def run() -> None:
+        tl, wire, tu = layer()
+        tl.on_message(parse(incoming("INVITE")), PEER)
+        assert wire.first_lines() == ["SIP/2.0 100 Trying"]
+        tx = tu.requests[0]
+        tl.on_message(parse(incoming("INVITE")), PEER)  # retransmission: absorbed, answered
+        assert len(tu.requests) == 1 and wire.first_lines()[-1] == "SIP/2.0 100 Trying"
+        tx.respond(486, to_tag="t1")
+        await asyncio.sleep(8 * T1)
+        finals = [l for l in wire.first_lines() if l.startswith("SIP/2.0 486")]
+        assert len(finals) >= 3  # Timer G
+        tl.on_message(parse(incoming("ACK", to_tag="t1", cseq_method="ACK")), PEER)
+        assert tx.state is State.CONFIRMED and tu.acks == []  # ACK to non-2xx stays in the transaction
+        count = len(wire.sent)
+        await asyncio.sleep(8 * T1)
+        assert len(wire.sent) == count  # no more retransmissions after the ACK
+        assert tx.state is State.TERMINATED
+
+    asyncio.run(run())
+
+
+def test_non_invite_server_answers_retransmissions_from_the_transaction() -> None:
+    async def run() -> None:
+        tl, wire, tu = layer()
+        tl.on_message(parse(incoming("OPTIONS")), PEER)
+        tu.requests[0].respond(200)
+        tl.on_message(parse(incoming("OPTIONS")), PEER)
+        assert len(tu.requests) == 1
+        assert wire.first_lines() == ["SIP/2.0 200 OK", "SIP/2.0 200 OK"]
+        assert wire.sent[0][1] == wire.sent[1][1]
+
+    asyncio.run(run())
+
+
+def test_cancel_matches_its_invite_or_gets_481() -> None:
+    async def run() -> None:
+        tl, wire, tu = layer()
+        tl.on_message(parse(incoming("INVITE", branch="z9hG4bKc1")), PEER)
+        tl.on_message(parse(incoming("CANCEL", branch="z9hG4bKc1")), PEER)
+        assert tu.cancels == [tu.requests[0]] and wire.first_lines()[-1] == "SIP/2.0 200 OK"
+        tl.on_message(parse(incoming("CANCEL", branch="z9hG4bKnone")), PEER)
+        assert wire.first_lines()[-1].startswith("SIP/2.0 481")
+
+    asyncio.run(run())
+
+
+def test_ack_for_2xx_reaches_the_tu() -> None:
+    async def run() -> None:
+        tl, _, tu = layer()
+        tl.on_message(parse(incoming("INVITE", branch="z9hG4bKa1")), PEER)
+        tu.requests[0].respond(200, to_tag="t2")
+        tl.on_message(parse(incoming("ACK", branch="z9hG4bKa2", to_tag="t2", cseq_method="ACK")), PEER)
+        assert len(tu.acks) == 1
+
+    asyncio.run(run())
