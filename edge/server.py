@@ -58,9 +58,19 @@ class Node:
             access_log=False, lifespan="on", loop="asyncio",
         ))
         self._stopping = asyncio.Event()
+        from ._rtp import RelayEngine
+        from .b2bua import B2BUA
+        from .media.metrics import RtpCollector
+        from .media.relay import MediaService
         from .sip.core import SipService
 
         self.sip = SipService(cfg, store, self.registry)
+        lo, hi = cfg.media.ports
+        self.engine = RelayEngine(cfg.media.address, lo, hi, quiet_period=cfg.media.quiet_period,
+                                  timeout=cfg.media.rtp_timeout)
+        self.registry.register(RtpCollector(self.engine))
+        self.media = MediaService(self.engine)
+        self.b2bua = B2BUA(cfg, store, self.sip, self.media, self.registry)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -68,6 +78,10 @@ class Node:
             loop.add_signal_handler(sig, self._stopping.set)
         self.api.install_signal_handlers = lambda: None  # the node handles signals
         await self.sip.start()
+        self.media.start()
+        recovered = self.b2bua.recover()
+        if recovered:
+            log.warning("settled %d calls left by the previous run (CDR end_reason=recovery)", recovered)
         api_task = asyncio.create_task(self.api.serve(), name="control-api")
         stop_task = asyncio.create_task(self._stopping.wait())
         done, _ = await asyncio.wait({api_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -76,7 +90,11 @@ class Node:
         self.api.should_exit = True
         await api_task
         stop_task.cancel()
+        for call in list(self.b2bua.calls.values()):
+            self.b2bua.end(call, "shutdown", reason_header='SIP;cause=503;text="Edge shutting down"')
+        await asyncio.sleep(0.05)  # let the BYEs leave
         await self.sip.stop()
+        self.media.close()
 
     def listeners(self) -> list[tuple[str, str, int]]:
         return [parse_listen(item) for item in self.cfg.sip.listen]

@@ -117,8 +117,10 @@ class LiveCall(Record):
     reserved: int = 0               # credit held for the call, micro-units
     funded_until: float | None = None
     bundle_seconds_reserved: int = 0
+    funding: str = ""               # "free" (echo), "credit", "bundle"; "" for incoming calls
     rate_prefix: str | None = None
     owner_pid: int = 0              # the edge process that runs the call (recovery after a crash)
+    legs: list[dict[str, str]] = [] # how to reach each leg with a BYE after a restart
 
 
 class Cdr(Record):

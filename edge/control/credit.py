@@ -1,0 +1,226 @@
+"""Real-time credit for calls (SPEC §4.4): rating, admission, reservations in slices,
+settlement, CDRs. Every function that changes money takes an LMDB write transaction
+and moves money only through ``Store._move``, so each step is atomic and ledgered.
+
+Funding of one call, decided at answer:
+
+- **bundle**: a +1 destination in the US, not on the excluded list, while the profile
+  has bundle seconds left this calendar month. Bundle seconds are reserved in slices
+  (so two calls cannot use the same minutes) and no connection fee applies. When the
+  bundle runs out mid-call the rest of the call is paid from credit.
+- **credit**: slices of money reserved from the profile balance. ``funded_until`` is
+  the call time the reservations cover; when the next slice cannot be funded the call
+  is cut at ``funded_until``.
+
+Billing rounds talk time up to ``min_seconds``, then to ``increment_seconds``; the
+price of the billed seconds is rounded up to the micro-unit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import phonenumbers
+
+from .models import Cdr, LiveCall, Profile, Rate
+from .store import Store
+
+ECHO_NUMBER = "+17606604690"
+
+
+def billed_seconds(talk: float, rate: Rate) -> int:
+    """Talk time rounded up to the minimum, then to the increment (0 for an unanswered call)."""
+    if talk <= 0:
+        return 0
+    seconds = max(math.ceil(talk - 1e-9), rate.min_seconds)
+    step = max(1, rate.increment_seconds)
+    return -(-seconds // step) * step
+
+
+def price(seconds: int, rate: Rate, *, connect_fee: bool = True) -> int:
+    """Micro-units for ``seconds`` already billed (rounded up to the micro-unit)."""
+    if seconds <= 0:
+        return 0
+    return (rate.connect_fee if connect_fee else 0) + -(-seconds * rate.rate // 60)
+
+
+def minimum_charge(rate: Rate) -> int:
+    """What the balance must hold for a call to be admitted: the price of the shortest call."""
+    return price(billed_seconds(1, rate), rate)
+
+
+def is_e164(user: str) -> str | None:
+    """The Request-URI user as E.164 with "+", if it is a full international number (SPEC §4.2 rule 3)."""
+    digits = user[1:] if user.startswith("+") else user
+    if not digits.isdigit() or not 7 <= len(digits) <= 15 or digits[0] == "0":
+        return None
+    try:
+        parsed = phonenumbers.parse("+" + digits, None)
+    except phonenumbers.NumberParseException:
+        return None
+    return "+" + digits if phonenumbers.is_possible_number(parsed) else None
+
+
+def is_us_number(e164: str) -> bool:
+    """A +1 number in the United States (not Canada or the Caribbean NANP countries)."""
+    if not e164.startswith("+1"):
+        return False
+    try:
+        return phonenumbers.region_code_for_number(phonenumbers.parse(e164, None)) == "US"
+    except phonenumbers.NumberParseException:
+        return False
+
+
+def month_of(ts: float) -> str:
+    return time.strftime("%Y-%m", time.gmtime(ts))
+
+
+@dataclass(slots=True)
+class Admission:
+    """Why a call may (or may not) start: its rate and how it will be funded."""
+
+    ok: bool
+    reason: str = ""            # when not ok: "no_rate" or "no_credit"
+    rate: Rate | None = None
+    bundle: bool = False        # funded by US bundle minutes first
+    free: bool = False          # the echo test number
+
+
+class CreditEngine:
+    """Admission, reservation and settlement of calls against one store."""
+
+    def __init__(self, store: Store, *, slice_seconds: int = 60, bundle_minutes: int = 5000) -> None:
+        self.store = store
+        self.slice_seconds = slice_seconds
+        self.bundle_seconds_per_bundle = bundle_minutes * 60
+
+    # --------------------------------------------------------- admission
+
+    def bundle_left(self, txn, prof: Profile, now: float) -> int:
+        pool = prof.us_bundles * self.bundle_seconds_per_bundle
+        return max(0, pool - self.store.bundle_seconds_used(txn, prof.id, month_of(now)))
+
+    def admit(self, prof: Profile, callee: str, now: float | None = None) -> Admission:
+        """SPEC §4.2 rule 5: free echo, covered by a bundle, or the balance covers the minimum charge."""
+        if callee == ECHO_NUMBER:
+            return Admission(ok=True, free=True)
+        rate = self.store.rate_for(callee)
+        if rate is None:
+            return Admission(ok=False, reason="no_rate")
+        now = time.time() if now is None else now
+        bundle = False
+        if prof.us_bundles > 0 and is_us_number(callee) and not self.store.is_bundle_excluded(callee):
+            bundle = self.store.read(lambda txn: self.bundle_left(txn, prof, now)) > 0
+        if bundle or prof.balance >= minimum_charge(rate):
+            return Admission(ok=True, rate=rate, bundle=bundle)
+        return Admission(ok=False, reason="no_credit", rate=rate)
+
+    # -------------------------------------------------------- reservations
+
+    def cost(self, call: LiveCall, rate: Rate, talk: float) -> int:
+        """Money owed for ``talk`` seconds of ``call``: the price of the billed seconds,
+        less the seconds its bundle reservation covers (bundle calls pay no connection fee)."""
+        billed = billed_seconds(talk, rate)
+        if call.funding == "bundle":
+            return price(max(0, billed - call.bundle_seconds_reserved), rate, connect_fee=False)
+        return price(billed, rate)
+
+    def extend(self, txn, call: LiveCall, rate: Rate, now: float) -> float:
+        """Fund the next slice of ``call`` (at answer, and before each slice runs out).
+
+        Bundle seconds first for a bundle call, then credit; funds as much of the slice
+        as the balance allows. Auto-recharge runs the moment the balance drops below
+        the profile's minimum, and the slice is retried once with the recharged balance.
+        Updates ``call`` in ``txn`` and returns its new ``funded_until``: unchanged when
+        nothing more can be funded, and the call must end then.
+        """
+        assert call.answered_at is not None
+        prof = self.store._profile(txn, call.profile_id)
+        funded = (call.funded_until or call.answered_at) - call.answered_at
+        target = funded + self.slice_seconds
+        if call.funding == "bundle" and funded == call.bundle_seconds_reserved:  # still on bundle minutes
+            take = int(min(self.bundle_left(txn, prof, now), target - funded))
+            if take > 0:
+                self.store.add_bundle_seconds(txn, prof.id, month_of(call.answered_at), take)
+                call.bundle_seconds_reserved += take
+                funded += take
+        for _ in range(2):  # a second pass uses what an auto-recharge just added
+            if funded >= target:
+                break
+            best = self._affordable(prof, call, rate, funded, target)
+            if best <= funded:
+                break
+            extra = self.cost(call, rate, best) - call.reserved
+            if extra > 0:
+                self.store._move(txn, prof, -extra, "reserve", call.call_id)
+                call.reserved += extra
+            funded = best
+            if not self.store.maybe_auto_recharge(txn, prof):
+                break
+        call.funded_until = call.answered_at + funded
+        self.store.update_call(txn, call)
+        return call.funded_until
+
+    def _affordable(self, prof: Profile, call: LiveCall, rate: Rate, have: float, want: float) -> float:
+        """The most talk seconds in (have, want] whose price the balance plus reservation covers."""
+        budget = prof.balance + call.reserved
+        if self.cost(call, rate, want) <= budget:
+            return want
+        step = max(1, rate.increment_seconds)
+        best, seconds = have, (math.floor(have / step) + 1) * step
+        while seconds < want and self.cost(call, rate, seconds) <= budget:
+            best, seconds = seconds, seconds + step
+        return best
+
+    # ---------------------------------------------------------- settlement
+
+    def settle(self, txn, call: LiveCall, rate: Rate | None, ended_at: float, *, status: int, end_reason: str,
+               media: dict[str, int] | None = None) -> Cdr:
+        """End ``call``: bill it, return the unused reservation and bundle seconds, free its
+        channel and write its CDR, all in ``txn``."""
+        self.store.release_channel(txn, call.profile_id, call.call_id)
+        talk = 0.0
+        if call.answered_at is not None:
+            # never bill past what was funded: the edge cuts the call there
+            end = min(ended_at, call.funded_until) if call.funded_until is not None else ended_at
+            talk = max(0.0, end - call.answered_at)
+        billed = billed_seconds(talk, rate) if rate is not None else math.ceil(talk)
+        cost = self.cost(call, rate, talk) if rate is not None and call.funding != "free" else 0
+        bundle_used = min(billed, call.bundle_seconds_reserved)
+        if call.bundle_seconds_reserved > bundle_used and call.answered_at is not None:
+            self.store.add_bundle_seconds(txn, call.profile_id, month_of(call.answered_at),
+                                          bundle_used - call.bundle_seconds_reserved)
+        prof = self.store._get(txn, "profiles", call.profile_id.encode(), Profile)
+        if prof is not None:
+            if call.reserved:
+                self.store._move(txn, prof, call.reserved, "release", call.call_id)
+            if cost:  # cost(talk) <= cost(funded) = reserved: the release covers it
+                self.store._move(txn, prof, -min(cost, prof.balance), "call", call.call_id)
+            self.store.maybe_auto_recharge(txn, prof)
+        cdr = Cdr(seq=0, call_id=call.call_id, profile_id=call.profile_id, direction=call.direction,
+                  caller=call.caller, callee=call.callee, started_at=call.started_at, answered_at=call.answered_at,
+                  ended_at=ended_at, duration=billed, status=status, end_reason=end_reason, cost=cost,
+                  bundle_seconds=bundle_used, rate_prefix=rate.prefix if rate is not None else None,
+                  media=media or {})
+        return self.store.add_cdr(txn, cdr)
+
+    def recover(self, now: float | None = None) -> list[LiveCall]:
+        """After a crash: settle every live call of the previous run from its last reservation.
+
+        The reservation is what was funded; the call is billed up to ``funded_until``
+        (it may have run that long), its channel is freed and its CDR says ``recovery``.
+        :returns: the calls settled (the B2BUA sends BYE to the legs it can reach).
+        """
+        now = time.time() if now is None else now
+        calls = self.store.live_calls()
+        for call in calls:
+            rate = self.store.rate_for(call.callee) if call.funding in ("credit", "bundle") else None
+            end = min(now, call.funded_until) if call.funded_until is not None else (call.answered_at or call.started_at)
+
+            def op(txn, call=call, rate=rate, end=end) -> None:
+                self.settle(txn, call, rate, end, status=200 if call.answered_at else 500, end_reason="recovery")
+
+            self.store.write(op)
+        return calls
