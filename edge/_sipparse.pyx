@@ -866,7 +866,7 @@ _IPV6_CHARS = frozenset("0123456789abcdefABCDEF:.")
 # Lazy structured values
 
 
-class SipUri:
+cdef class SipUri:
     """A parsed URI.  ``str(uri)`` returns the text it was parsed from.
 
     For ``sip``/``sips``: ``user``/``password`` (escapes kept as written, ``None``
@@ -875,7 +875,14 @@ class SipUri:
     ``tel`` URIs put the number in ``user``; other schemes only set ``scheme``.
     """
 
-    __slots__ = ("scheme", "user", "password", "host", "port", "params", "headers", "_text")
+    cdef public str scheme
+    cdef public object user
+    cdef public object password
+    cdef public str host
+    cdef public object port
+    cdef public dict params
+    cdef public dict headers
+    cdef str _text
 
     def __init__(self, text, scheme, user=None, password=None, host="", port=None, params=None, headers=None):
         self._text = text
@@ -887,22 +894,36 @@ class SipUri:
         self.params = params if params is not None else {}
         self.headers = headers if headers is not None else {}
 
-    def __str__(self) -> str:
+    def __str__(self):
         return self._text
 
-    def __repr__(self) -> str:
+    def __repr__(self):
         return f"SipUri({self._text!r})"
 
-    def __eq__(self, other) -> bool:
+    def __eq__(self, other):
         if not isinstance(other, SipUri):
             return NotImplemented
         return str(self) == str(other)
 
-    def __hash__(self) -> int:
+    def __hash__(self):
         return hash(self._text)
 
 
-class NameAddr:
+cdef SipUri _mk_uri(str text, str scheme, object user, object password, str host, object port,
+                    dict params, dict headers):
+    cdef SipUri u = SipUri.__new__(SipUri)
+    u._text = text
+    u.scheme = scheme
+    u.user = user
+    u.password = password
+    u.host = host
+    u.port = port
+    u.params = params
+    u.headers = headers
+    return u
+
+
+cdef class NameAddr:
     """A name-addr / addr-spec header value (From, To, Contact, Route...).
 
     ``display`` is the display name (quotes removed, escapes resolved) or ``None``;
@@ -910,7 +931,11 @@ class NameAddr:
     unquoted); ``star`` is True for ``Contact: *`` (then ``uri`` is ``None``).
     """
 
-    __slots__ = ("display", "uri", "params", "star", "_text")
+    cdef public object display
+    cdef public object uri
+    cdef public dict params
+    cdef public bint star
+    cdef str _text
 
     def __init__(self, text, display, uri, params, star=False):
         self._text = text
@@ -923,17 +948,31 @@ class NameAddr:
     def tag(self):
         return self.params.get("tag")
 
-    def __str__(self) -> str:
+    def __str__(self):
         return self._text
 
-    def __repr__(self) -> str:
+    def __repr__(self):
         return f"NameAddr({self._text!r})"
 
 
-class Via:
+cdef NameAddr _mk_name_addr(str text, object display, object uri, dict params, bint star):
+    cdef NameAddr na = NameAddr.__new__(NameAddr)
+    na._text = text
+    na.display = display
+    na.uri = uri
+    na.params = params
+    na.star = star
+    return na
+
+
+cdef class Via:
     """One Via value: ``SIP/2.0/<transport> <host>[:<port>];params``."""
 
-    __slots__ = ("transport", "host", "port", "params", "_text")
+    cdef public str transport
+    cdef public str host
+    cdef public object port
+    cdef public dict params
+    cdef str _text
 
     def __init__(self, text, transport, host, port, params):
         self._text = text
@@ -961,73 +1000,99 @@ class Via:
         return int(v)
 
     @property
-    def sent_by(self) -> str:
+    def sent_by(self):
         return f"{self.host}:{self.port}" if self.port is not None else self.host
 
-    def __str__(self) -> str:
+    def __str__(self):
         return self._text
 
-    def __repr__(self) -> str:
+    def __repr__(self):
         return f"Via({self._text!r})"
+
+
+cdef Via _mk_via(str text, str transport, str host, object port, dict params):
+    cdef Via v = Via.__new__(Via)
+    v._text = text
+    v.transport = transport
+    v.host = host
+    v.port = port
+    v.params = params
+    return v
 
 
 def _bad(reason: str, exc=SipBadHeader):
     return exc(reason)
 
 
-def _read_quoted(s: str, i: int, what: str) -> tuple[int, str]:
+cdef inline bint _u_lws(Py_UCS4 c) noexcept:
+    return c == 32 or c == 9 or c == 13 or c == 10
+
+
+cdef inline bint _u_tok(Py_UCS4 c) noexcept:
+    return c < 128 and _TOK[c]
+
+
+cdef tuple _read_quoted(str s, Py_ssize_t i, str what):
     """``s[i] == '"'``; return (index after the closing quote, unescaped content)."""
-    out = []
+    cdef Py_ssize_t n = len(s), start
+    cdef Py_UCS4 c
+    cdef list out = []
     i += 1
-    n = len(s)
+    start = i
     while i < n:
         c = s[i]
-        if c == "\\":
+        if c == 92:  # backslash: quoted-pair
             if i + 1 >= n:
                 break
+            out.append(s[start:i])
             out.append(s[i + 1])
             i += 2
+            start = i
             continue
-        if c == '"':
+        if c == 34:
+            out.append(s[start:i])
             return i + 1, "".join(out)
-        out.append(c)
         i += 1
     raise _bad(f"Unterminated Quote in {what}")
 
 
-def _skip_ws(s: str, i: int) -> int:
-    n = len(s)
-    while i < n and s[i] in _LWS_S:
+cdef inline Py_ssize_t _skip_ws(str s, Py_ssize_t i):
+    cdef Py_ssize_t n = len(s)
+    while i < n and _u_lws(s[i]):
         i += 1
     return i
 
 
-def _parse_params(s: str, i: int, what: str) -> dict:
+cdef dict _parse_params(str s, Py_ssize_t i, str what):
     """``;name[=value]`` list from ``s[i:]`` (LWS allowed around ``;`` and ``=``)."""
-    params: dict = {}
-    n = len(s)
+    cdef dict params = {}
+    cdef Py_ssize_t n = len(s), j
+    cdef Py_UCS4 c
     while True:
         i = _skip_ws(s, i)
         if i >= n:
             return params
-        if s[i] != ";":
+        if s[i] != 59:
             raise _bad(f"Bad {what} Parameters")
         i = _skip_ws(s, i + 1)
         j = i
-        while j < n and s[j] in _TOKEN_S:
+        while j < n and _u_tok(s[j]):
             j += 1
         if j == i:
             raise _bad(f"Empty {what} Parameter")
         name = s[i:j].lower()
         i = _skip_ws(s, j)
         value = None
-        if i < n and s[i] == "=":
+        if i < n and s[i] == 61:
             i = _skip_ws(s, i + 1)
-            if i < n and s[i] == '"':
+            if i < n and s[i] == 34:
                 i, value = _read_quoted(s, i, what)
             else:
                 j = i
-                while j < n and s[j] not in ' \t\r\n;,"<>':
+                while j < n:
+                    c = s[j]
+                    if _u_lws(c) or c == 59 or c == 44 or c == 34 or c == 60 or c == 62:
+                        break
                     j += 1
                 if j == i:
                     raise _bad(f"Empty {what} Parameter Value")
@@ -1036,14 +1101,30 @@ def _parse_params(s: str, i: int, what: str) -> dict:
         params.setdefault(name, value)
 
 
-def _check_host(host: str, what: str) -> str:
-    if not host:
+cdef inline bint _u_hostc(Py_UCS4 c) noexcept:
+    # _HOST_CHARS: ALPHA DIGIT . - _
+    return (48 <= c <= 57) or (c < 128 and 97 <= (<uint32_t>c | 0x20) <= 122) or c == 46 or c == 45 or c == 95
+
+
+cdef inline bint _u_ipv6c(Py_UCS4 c) noexcept:
+    # _IPV6_CHARS: HEXDIG : .
+    return (48 <= c <= 58) or (c < 128 and 97 <= (<uint32_t>c | 0x20) <= 102) or c == 46
+
+
+cdef str _check_host(str host, str what):
+    cdef Py_ssize_t i, n = len(host)
+    if n == 0:
         raise _bad(f"Missing Host in {what}")
-    if host[0] == "[":
-        if host[-1] != "]" or len(host) < 4 or not set(host[1:-1]) <= _IPV6_CHARS:
+    if host[0] == 91:  # '['
+        if host[n - 1] != 93 or n < 4:
             raise _bad(f"Bad Host in {what}")
-    elif not set(host) <= _HOST_CHARS:
-        raise _bad(f"Bad Host in {what}")
+        for i in range(1, n - 1):
+            if not _u_ipv6c(host[i]):
+                raise _bad(f"Bad Host in {what}")
+    else:
+        for i in range(n):
+            if not _u_hostc(host[i]):
+                raise _bad(f"Bad Host in {what}")
     return host.lower()
 
 
@@ -1053,19 +1134,31 @@ def _check_port(p: str, what: str) -> int:
     return int(p)
 
 
-def parse_uri(s: str) -> SipUri:
+def parse_uri(str s):
     """Parse a URI (``sip``, ``sips``, ``tel`` structured; other schemes opaque).
 
     :raises SipBadHeader: malformed URI.
     """
-    m = _SCHEME_RE.match(s)
-    if m is None:
+    cdef Py_ssize_t n = len(s), i, sc, end
+    cdef Py_UCS4 c
+    # scheme: [A-Za-z][A-Za-z0-9+.-]* ":"
+    if n == 0 or not (<Py_UCS4>s[0] < 128 and 97 <= (<uint32_t>(<Py_UCS4>s[0]) | 0x20) <= 122):
         raise _bad("Bad URI Scheme")
-    for c in s:
-        if c <= " " or c in '<>"\x7f':
+    i = 1
+    while i < n:
+        c = s[i]
+        if not (c < 128 and ((48 <= c <= 57) or 97 <= (<uint32_t>c | 0x20) <= 122 or c == 43 or c == 46 or c == 45)):
+            break
+        i += 1
+    if i >= n or s[i] != 58:
+        raise _bad("Bad URI Scheme")
+    sc = i
+    for i in range(n):
+        c = s[i]
+        if c <= 32 or c == 60 or c == 62 or c == 34 or c == 127:
             raise _bad("Bad Character in URI")
-    scheme = s[: m.end() - 1].lower()
-    rest = s[m.end():]
+    scheme = s[:sc].lower()
+    rest = s[sc + 1:]
     if scheme in ("sip", "sips"):
         user = password = None
         at = rest.find("@")
@@ -1080,9 +1173,10 @@ def parse_uri(s: str) -> SipUri:
             password = pw if colon else None
         # hostport ends at the first ';' or '?'
         end = len(rest)
-        for k, c in enumerate(rest):
-            if c in ";?":
-                end = k
+        for i in range(end):
+            c = rest[i]
+            if c == 59 or c == 63:
+                end = i
                 break
         hostport = rest[:end]
         rest = rest[end:]
@@ -1117,7 +1211,7 @@ def parse_uri(s: str) -> SipUri:
                 if not name or not eq:
                     raise _bad("Bad URI Header")
                 headers.setdefault(name, value)
-        return SipUri(s, scheme, user, password, host, port, params, headers)
+        return _mk_uri(s, scheme, user, password, host, port, params, headers)
     if not rest:
         raise _bad("Empty URI")
     if scheme == "tel":
@@ -1129,18 +1223,18 @@ def parse_uri(s: str) -> SipUri:
                 if not name:
                     raise _bad("Empty URI Parameter")
                 params.setdefault(name.lower(), value if eq else None)
-        return SipUri(s, scheme, number, None, "", None, params, {})
-    return SipUri(s, scheme)
+        return _mk_uri(s, scheme, number, None, "", None, params, {})
+    return _mk_uri(s, scheme, None, None, "", None, {}, {})
 
 
-def parse_name_addr(s: str) -> NameAddr:
+def parse_name_addr(str s):
     """Parse ``["display"] <uri> *(;param)`` or ``addr-spec *(;param)`` or ``*``.
 
     :raises SipBadHeader: malformed value.
     """
     text = s.strip(_LWS_S)
     if text == "*":
-        return NameAddr(text, None, None, {}, True)
+        return _mk_name_addr(text, None, None, {}, True)
     n = len(text)
     if n == 0:
         raise _bad("Empty Address")
@@ -1184,20 +1278,21 @@ def parse_name_addr(s: str) -> NameAddr:
         i = len(uri_text)
     uri = parse_uri(uri_text)
     params = _parse_params(text, i, "Address")
-    return NameAddr(text, display, uri, params)
+    return _mk_name_addr(text, display, uri, params, False)
 
 
-def parse_via(s: str) -> Via:
+def parse_via(str s):
     """Parse one Via value (``SIP / 2.0 / UDP host:port ;params``, LWS allowed).
 
     :raises SipBadHeader: malformed value or protocol other than SIP/2.0.
     """
-    n = len(s)
+    cdef Py_ssize_t n = len(s), i, j
+    cdef int k
     i = _skip_ws(s, 0)
     parts = []
     for k in range(3):
         j = i
-        while j < n and s[j] in _TOKEN_S:
+        while j < n and _u_tok(s[j]):
             j += 1
         if j == i:
             raise _bad("Bad Via")
@@ -1209,7 +1304,7 @@ def parse_via(s: str) -> Via:
             i = _skip_ws(s, i + 1)
     if parts[0].upper() != "SIP" or parts[1] != "2.0":
         raise _bad("Bad Via Protocol")
-    if i == 0 or s[i - 1] not in _LWS_S:
+    if i == 0 or not _u_lws(s[i - 1]):
         raise _bad("Bad Via")
     transport = parts[2].upper()
     # sent-by
@@ -1235,36 +1330,35 @@ def parse_via(s: str) -> Via:
     params = _parse_params(s, i, "Via")
     if "rport" in params and params["rport"] is not None:
         _check_port(params["rport"], "Via rport")
-    return Via(s.strip(_LWS_S), transport, host, port, params)
+    return _mk_via(s.strip(_LWS_S), transport, host, port, params)
 
 
 # --------------------------------------------------------------------------------------
 # Fast helpers shared in spirit with the compiled parser
 
 
-def _split_list(value: str) -> list[str]:
+cpdef list _split_list(str value):
     """Split a list header value on commas outside quotes and <>; drop empty items."""
-    out = []
-    start = 0
-    inq = False
-    depth = 0
-    i = 0
-    n = len(value)
+    cdef list out = []
+    cdef Py_ssize_t start = 0, i = 0, n = len(value)
+    cdef bint inq = 0
+    cdef int depth = 0
+    cdef Py_UCS4 c
     while i < n:
         c = value[i]
         if inq:
-            if c == "\\":
+            if c == 92:
                 i += 1
-            elif c == '"':
-                inq = False
-        elif c == '"':
-            inq = True
-        elif c == "<":
+            elif c == 34:
+                inq = 0
+        elif c == 34:
+            inq = 1
+        elif c == 60:
             depth += 1
-        elif c == ">":
+        elif c == 62:
             if depth:
                 depth -= 1
-        elif c == "," and depth == 0:
+        elif c == 44 and depth == 0:
             item = value[start:i].strip(_LWS_S)
             if item:
                 out.append(item)
@@ -1276,16 +1370,21 @@ def _split_list(value: str) -> list[str]:
     return out
 
 
-
-
 # --------------------------------------------------------------------------------------
 # Building responses (no re-parse: header lines are copied from the request's buffer)
 
 
+_VIA_PARAM_RE = {
+    name: re.compile(r";[ \t]*" + name + r"(?:[ \t]*=[ \t]*[^;, \t]*)?(?=[ \t]*(?:;|$))", re.I)
+    for name in ("received", "rport")
+}
+
+
 def _set_via_param(str via, str name, str value):
     """Replace or append ``;name=value`` on a Via value (top one)."""
-    pat = re.compile(r";[ \t]*" + name + r"(?:[ \t]*=[ \t]*[^;, \t]*)?(?=[ \t]*(?:;|$))", re.I)
-    new, k = pat.subn(f";{name}={value}", via, count=1)
+    if f";{name}" not in via.replace(" ", "").replace("\t", "").lower():
+        return f"{via};{name}={value}"
+    new, k = _VIA_PARAM_RE[name].subn(f";{name}={value}", via, count=1)
     return new if k else f"{via};{name}={value}"
 
 
