@@ -97,3 +97,24 @@ def digest(method: str, uri: str, user: str, password: str, challenge: str, *, n
     resp = h(f"{ha1}:{p['nonce']}:{ncs}:{cnonce}:auth:{ha2}".encode()).hexdigest()
     return (f'Digest username="{user}", realm="{p["realm"]}", nonce="{p["nonce"]}", uri="{uri}", '
             f'response="{resp}", algorithm={alg}, qop=auth, nc={ncs}, cnonce="{cnonce}"')
+
+
+def sdp(port: int, host: str = "127.0.0.1", session: int = 1) -> bytes:
+    """A G.711 offer/answer with telephone-event, as PBXs send it."""
+    return (f"v=0\r\no=- {session} 1 IN IP4 {host}\r\ns=-\r\nc=IN IP4 {host}\r\nt=0 0\r\n"
+            f"m=audio {port} RTP/AVP 0 8 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\n"
+            f"a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-16\r\na=ptime:20\r\na=sendrecv\r\n").encode()
+
+
+def rtp_packet(seq: int, payload: bytes = b"\xd5" * 160, ssrc: int = 0x1234, pt: int = 0) -> bytes:
+    import struct
+
+    return struct.pack("!BBHII", 0x80, pt, seq & 0xFFFF, seq * 160 & 0xFFFFFFFF, ssrc) + payload
+
+
+def media_port(body: bytes) -> tuple[str, int]:
+    """(c= host, m=audio port) of an SDP body."""
+    text = body.decode()
+    host = re.search(r"c=IN IP4 (\S+)", text).group(1)
+    port = int(re.search(r"m=audio (\d+)", text).group(1))
+    return host, port
