@@ -346,6 +346,8 @@ cdef int _scan(SipMessage m, Py_ssize_t pos, Py_ssize_t end, bint datagram) exce
     le = nl - 1 if (nl > pos and b[nl - 1] == 13) else nl
     if le - pos > MAX_LINE:
         return _fail(SipLineTooLong, "Line Too Long", pos)
+    if memchr(b + pos, 13, le - pos) != NULL:  # a bare CR is never valid (RFC 3261 §25.1)
+        return _fail(SipBadStartLine, "Bare CR", pos)
     _start_line(m, pos, le)
     pos = nl + 1
     # header lines
@@ -361,6 +363,8 @@ cdef int _scan(SipMessage m, Py_ssize_t pos, Py_ssize_t end, bint datagram) exce
         le = nl - 1 if (nl > pos and b[nl - 1] == 13) else nl
         if le - pos > MAX_LINE:
             return _fail(SipLineTooLong, "Line Too Long", pos)
+        if memchr(b + pos, 13, le - pos) != NULL:  # bare CR: would split lines downstream
+            return _fail(SipBadHeader, "Bare CR", pos)
         if le == pos:  # empty line: end of headers
             pos = nl + 1
             break
@@ -1411,6 +1415,15 @@ cdef bytes _clean_reason(str reason):
     return bytes([c for c in b if c >= 0x20 and c != 0x7F])
 
 
+def _check_no_crlf(to_tag, received, headers):
+    for v in (to_tag, received):
+        if v is not None and ("\r" in v or "\n" in v):
+            raise ValueError("CR/LF in a response header value")
+    for name, value in headers:
+        if "\r" in name or "\n" in name or "\r" in value or "\n" in value:
+            raise ValueError("CR/LF in a response header")
+
+
 def build_response(SipMessage req, int status, reason=None, *, to_tag=None, headers=(), body=b"",
                    received=None, rport=None):
     """Build a response to ``req``.  See ``_sipparse.pyi``."""
@@ -1422,6 +1435,7 @@ def build_response(SipMessage req, int status, reason=None, *, to_tag=None, head
         raise ValueError("status must be 100..699")
     if reason is None:
         reason = REASONS.get(status, "Unknown")
+    _check_no_crlf(to_tag, received, headers)
     out = [b"SIP/2.0 %d " % status + _clean_reason(reason) + b"\r\n"]
     for k in range(req._nslots):
         if req._slots[k].htype != HDR_VIA:

@@ -828,6 +828,8 @@ def _scan(data: bytes, pos: int, end: int, datagram: bool) -> SipMessage:
     le = nl - 1 if nl > pos and data[nl - 1] == 0x0D else nl
     if le - pos > MAX_LINE:
         raise SipLineTooLong("Line Too Long", pos)
+    if b"\r" in data[pos:le]:  # a bare CR is never valid (RFC 3261 §25.1)
+        raise SipBadStartLine("Bare CR", pos)
     line = data[pos:le]
     if line[:4] == b"SIP/":
         msg.is_request = False
@@ -878,6 +880,8 @@ def _scan(data: bytes, pos: int, end: int, datagram: bool) -> SipMessage:
         le = nl - 1 if nl > pos and data[nl - 1] == 0x0D else nl
         if le - pos > MAX_LINE:
             raise SipLineTooLong("Line Too Long", pos)
+        if b"\r" in data[pos:le]:  # bare CR: would split lines downstream
+            raise SipBadHeader("Bare CR", pos)
         if le == pos:  # empty line: end of headers
             pos = nl + 1
             break
@@ -1096,6 +1100,12 @@ def build_response(req: SipMessage, status: int, reason=None, *, to_tag=None, he
         raise ValueError("status must be 100..699")
     if reason is None:
         reason = REASONS.get(status, "Unknown")
+    for v in (to_tag, received):
+        if v is not None and ("\r" in v or "\n" in v):
+            raise ValueError("CR/LF in a response header value")
+    for name, value in headers:
+        if "\r" in name or "\n" in name or "\r" in value or "\n" in value:
+            raise ValueError("CR/LF in a response header")
     out = [b"SIP/2.0 %d " % status + _clean_reason(reason) + b"\r\n"]
     first = True
     for k, s in enumerate(req._slots):

@@ -280,6 +280,8 @@ def test_leading_crlf_and_bare_lf(P):
     (b"SIP/2.0 99 Too Low\r\n" + INVITE.split(b"\r\n", 1)[1], E.SipBadStartLine),
     (b"SIP/2.0 700 Too High\r\n" + INVITE.split(b"\r\n", 1)[1], E.SipBadStartLine),
     (b"SIP/2.0 2000 OK\r\n" + INVITE.split(b"\r\n", 1)[1], E.SipBadStartLine),
+    (INVITE.replace(b"Max-Forwards: 70", b"Max-Forwards: 70\rX-Smuggled: 1"), E.SipBadHeader),
+    (INVITE.replace(b"SIP/2.0\r\n", b"SIP/2.0\r\r\n", 1), E.SipBadStartLine),
 ])
 def test_malformed(P, data, cls):
     with pytest.raises(cls):
@@ -430,6 +432,14 @@ def test_build_response_same_bytes_both_impls():
         outs = [impl.build_response(rq, 400, to_tag="t", received="10.1.1.1", rport=1)
                 for impl, rq in zip(IMPLS.values(), reqs)]
         assert outs[0] == outs[1], path.stem
+
+
+def test_build_response_refuses_crlf_injection(P):
+    req = P.parse(INVITE)
+    for kw in (dict(to_tag="x\r\nX: y"), dict(received="1.2.3.4\n"), dict(headers=[("X-A", "1\r\nX-B: 2")])):
+        with pytest.raises(ValueError):
+            P.build_response(req, 200, **kw)
+    assert b"\r\nX" not in P.build_response(req, 200, "OK\r\nX-Evil: 1").split(b"\r\n")[0]
 
 
 def test_build_response_rport_replaced(P):
