@@ -36,7 +36,7 @@ import wave
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PjUA", "UAPool", "pjua", "CallHandle", "PjUAError", "goertzel", "hears_tone", "tone_powers", "parse_sip_headers"]
+__all__ = ["PjUA", "UAPool", "pjua", "CallHandle", "provision_profile", "edge_registrar", "PjUAError", "goertzel", "hears_tone", "tone_powers", "parse_sip_headers"]
 
 STATES = ("NULL", "CALLING", "INCOMING", "EARLY", "CONNECTING", "CONFIRMED", "DISCONNECTED")
 _COMPACT = {"f": "from", "t": "to", "i": "call-id", "v": "via", "m": "contact", "l": "content-length",
@@ -603,6 +603,40 @@ except ImportError:  # the child process does not need pytest
     pass
 
 
+def provision_profile(api: Any, *, name: str = "HQ", channels: int = 2, auth: str = "digest",
+                      credit: str | None = None, account_credit: str | None = None,
+                      account: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    """Create (an account and) a SIP profile through the control API (``api``: an httpx
+    client with the admin token, e.g. ``EdgeProcess.client()``). Returns the profile as
+    the API answered it (``sip_username``, ``sip_password``, ``id`` ...) with the account
+    under ``"account"``. ``credit`` is allocated from the account (topped up to cover it)."""
+    import uuid
+
+    if account is None:
+        r = api.post("/v1/accounts", json={"name": f"Acct {name}", "admin": f"admin.{uuid.uuid4().hex[:10]}"})
+        assert r.status_code == 201, r.text
+        account = r.json()
+    top_up = account_credit or credit
+    if top_up:
+        r = api.post(f"/v1/accounts/{account['id']}/credit", json={"amount": top_up})
+        assert r.status_code in (200, 201), r.text
+    body = {"name": name, "channels": channels, "auth": auth, **extra}
+    r = api.post(f"/v1/accounts/{account['id']}/profiles", json=body)
+    assert r.status_code == 201, r.text
+    profile = r.json()
+    if credit:
+        r = api.post(f"/v1/profiles/{profile['id']}/credit", json={"amount": credit})
+        assert r.status_code in (200, 201), r.text
+        profile["balance"] = r.json()["balance"]
+    profile["account"] = account
+    return profile
+
+
+def edge_registrar(edge: Any, transport: str = "udp") -> str:
+    """The registrar URI of an ``EdgeProcess`` (``sip:127.0.0.1:PORT``, ``;transport=tcp``)."""
+    return f"sip:127.0.0.1:{edge.sip_port}" + (";transport=tcp" if transport == "tcp" else "")
+
+
 def _lr(uri: str) -> str:
     return uri if ";lr" in uri else uri + ";lr"
 
@@ -705,6 +739,11 @@ def _child_main(cfg: dict[str, Any]) -> int:  # noqa: C901 - one closure keeps t
         acfg.regConfig.retryIntervalSec = 0
         acfg.regConfig.dropCallsOnFail = False
         acfg.callConfig.timerUse = pj.PJSUA_SIP_TIMER_INACTIVE
+        if cfg["transport"] == "tcp" and "@" in id_uri:
+            # pjsua would advertise the ephemeral port of its outgoing connection; a PBX
+            # advertises its listener, which the edge can connect back to
+            user = id_uri.split(":", 1)[1].split("@", 1)[0]
+            acfg.sipConfig.contactForced = f"<sip:{user}@{cfg['bind']}:{port};transport=tcp>"
         return acfg
 
     def add_creds(acfg: Any, user: str, password: str) -> None:

@@ -193,3 +193,43 @@ def test_register_with_digest_against_fake_registrar(pjua: UAPool) -> None:
         assert bad.register(f"sip:127.0.0.1:{reg.port}", "990500000231", "wrong", timeout=10) == 403
     finally:
         reg.close()
+
+
+# ---- against a real sipedge (SPEC §4.1): the harness's edge-facing path -------------------
+
+def _edge_sip_serving(edge) -> bool:  # type: ignore[no-untyped-def]
+    """Whether the edge answers SIP at all (OPTIONS over UDP)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.settimeout(2.0)
+        port = s.getsockname()[1]
+        s.sendto((f"OPTIONS sip:127.0.0.1:{edge.sip_port} SIP/2.0\r\n"
+                  f"Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKprobe{time.time_ns()};rport\r\n"
+                  f"From: <sip:probe@sip.edge.test>;tag=p1\r\nTo: <sip:127.0.0.1:{edge.sip_port}>\r\n"
+                  f"Call-ID: probe-{time.time_ns()}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\n"
+                  f"Content-Length: 0\r\n\r\n").encode(), ("127.0.0.1", edge.sip_port))
+        try:
+            return s.recv(65535).startswith(b"SIP/2.0 ")
+        except OSError:
+            return False
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_pjua_registers_with_the_edge(edge, api, pjua: UAPool, transport: str) -> None:  # type: ignore[no-untyped-def]
+    from e2e.pjua import edge_registrar, provision_profile
+
+    if not _edge_sip_serving(edge):
+        pytest.skip("the edge does not answer SIP yet (no OPTIONS reply)")
+    prof = provision_profile(api, name=f"reg-{transport}", channels=2)
+    registrar = edge_registrar(edge, transport)
+    pbx = pjua.new(f"pbx{transport}", transport=transport)
+    assert pbx.register(registrar, prof["sip_username"], prof["sip_password"], domain="sip.edge.test") == 200
+    regs = api.get(f"/v1/profiles/{prof['id']}/registrations").json()
+    items = regs["items"] if isinstance(regs, dict) and "items" in regs else regs
+    assert any(f":{pbx.port}" in str(b) for b in items), regs
+    assert pbx.unregister() == 200
+
+    wrong = pjua.new(f"wrong{transport}", transport=transport)
+    status = wrong.register(registrar, prof["sip_username"], prof["sip_password"] + "x", domain="sip.edge.test")
+    assert status in (401, 403), status
