@@ -32,7 +32,8 @@ from edge.sip.errors import (
 
 include "_hdrnames.pxi"
 
-assert HDR_COUNT <= HDR_SLOTS, "_first[] too small: raise HDR_SLOTS in _sipparse.pxd"
+if <int>HDR_COUNT > <int>HDR_SLOTS:
+    raise ImportError("_first[] too small: raise HDR_SLOTS in _sipparse.pxd")
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
