@@ -65,3 +65,4 @@ cdef class SipMessage:
     cdef object _tag_of(self, int h, const char* name, Py_ssize_t nlen, bint first_only)
     cdef list _slots_for(self, str name, int* htype)
     cdef object _lazy_get(self, str key, fn)
+    cdef object _top_via_text(self)

@@ -769,9 +769,47 @@ cdef class SipMessage:
             v = self._lazy[key] = fn()
             return v
 
+    cdef object _top_via_text(self):
+        """``self.header("via")`` without the generic lookup: first non-empty element of
+        the first Via line (same splitting rules as ``_split_list``)."""
+        cdef HdrSlot* sl = &self._slots[self._first[HDR_VIA]]
+        cdef const char* v = self._buf + sl.val_off
+        cdef Py_ssize_t n = sl.val_len, i = 0, start = 0, a, e
+        cdef bint inq = 0
+        cdef int depth = 0
+        cdef char c
+        if sl.folded:
+            return self.header("via")
+        while i <= n:
+            c = v[i] if i < n else 44  # a virtual ',' closes the last element
+            if i < n and inq:
+                if c == 92:
+                    i += 1
+                elif c == 34:
+                    inq = 0
+            elif i < n and c == 34:
+                inq = 1
+            elif i < n and c == 60:
+                depth += 1
+            elif i < n and c == 62:
+                if depth:
+                    depth -= 1
+            elif c == 44 and (depth == 0 or i >= n):
+                a = start
+                e = i if i < n else n
+                while a < e and _ws(v[a]):
+                    a += 1
+                while e > a and _ws(v[e - 1]):
+                    e -= 1
+                if e > a:
+                    return _decode(v + a, e - a)
+                start = i + 1
+            i += 1
+        return self.header("via")  # the first Via line has no element: look further
+
     @property
     def top_via(self):
-        return self._lazy_get("top_via", lambda: parse_via(self.header("via")))
+        return self._lazy_get("top_via", lambda: parse_via(self._top_via_text()))
 
     @property
     def vias(self):
