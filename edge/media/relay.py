@@ -9,9 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from edge._rtp import Relay, RelayEngine, RelayEvent
 from edge.media.sdp import parse_sdp_media, rewrite_sdp
+
+if TYPE_CHECKING:
+    from edge._rtp import Leg
 
 log = logging.getLogger("edge.media")
 
@@ -86,7 +90,7 @@ class MediaService:
     def create(self, tag: str, *, timeout: float | None = None) -> Relay:
         return self.engine.create(tag, timeout=timeout)
 
-    def anchor(self, relay: Relay, from_leg: str, sdp: bytes) -> bytes:
+    def anchor(self, relay: Relay, from_leg: Leg, sdp: bytes) -> bytes:
         """Take the SDP received on ``from_leg``; return the SDP for the other leg.
 
         The remote of ``from_leg`` is set from the SDP (offer, answer,
