@@ -122,7 +122,7 @@ class SipMessage:
     @property
     def expires(self) -> int | None:
         """``Expires`` header as int (0..2**32-1), ``None`` when absent."""
-    def transaction_key(self) -> tuple:
+    def transaction_key(self) -> tuple[object, ...]:
         """Transaction matching key (RFC 3261 §17.2.3 for requests, §17.1.3 for responses).
 
         With an RFC 3261 branch (``z9hG4bK...``): ``(branch, "host:port", method)``
