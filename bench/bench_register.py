@@ -328,8 +328,8 @@ def run_sipp(*, dut: str, scenario: Path, target: str, rate: int, seconds: float
     cmd += (rtp_args or []) + (extra_args or [])
     res = StepResult(dut=dut, rate=rate, seconds=seconds, offered=offered)
     cpu0 = tree_cpu(dut_pids)
-    rss_peak = 0
-    rss0 = tree_rss(dut_pids) if sample_rss else 0
+    mem_peak = 0
+    mem0 = tree_pss(dut_pids) if sample_rss else 0
     t0 = time.monotonic()
     proc = subprocess.Popen(pinned(sipp_cpu, cmd), cwd=workdir, stdout=subprocess.DEVNULL,
                             stderr=open(workdir / f"sipp-{tag}.stderr", "wb"))
@@ -340,7 +340,7 @@ def run_sipp(*, dut: str, scenario: Path, target: str, rate: int, seconds: float
             time.sleep(0.5)
             sipp_cpu_s = max(sipp_cpu_s, tree_cpu([proc.pid]))
             if sample_rss:
-                rss_peak = max(rss_peak, tree_rss(dut_pids))
+                mem_peak = max(mem_peak, tree_pss(dut_pids))
         if proc.poll() is None:
             res.note = "sipp did not finish in time (killed)"
     finally:
@@ -365,6 +365,11 @@ def run_sipp(*, dut: str, scenario: Path, target: str, rate: int, seconds: float
     if unfinished > 0:
         res.failed += unfinished
         res.note = (res.note + "; " if res.note else "") + f"{unfinished} calls never completed"
+    if res.failed and err.exists():  # the first thing SIPp complained about, for the report
+        text = err.read_text(errors="replace")
+        lines = [ln.split(": ", 2)[-1] for ln in text.splitlines() if "\t" in ln and ": " in ln]
+        if lines:
+            res.extra["first_error"] = lines[0][:300]
     res.achieved_rate = res.successful / seconds if seconds else 0.0
     if res.successful:
         res.cpu_us_per_op = res.dut_cpu_s / res.successful * 1e6
@@ -372,9 +377,9 @@ def run_sipp(*, dut: str, scenario: Path, target: str, rate: int, seconds: float
     res.generator_limited = sipp_cpu_s / max(res.wall_s, 1e-6) > 0.9
     res.passed = (res.failed == 0 and res.successful == offered and res.sipp_rc == 0
                   and res.retransmissions <= storm_ratio * offered)
-    if sample_rss:
-        res.extra["rss_before"] = rss0
-        res.extra["rss_peak"] = rss_peak
+    if sample_rss:  # proportional set size: Kamailio's shm is shared by all its children
+        res.extra["pss_before"] = mem0
+        res.extra["pss_peak"] = mem_peak
     if not res.passed and res.failed == 0 and res.retransmissions > storm_ratio * offered:
         res.note = (res.note + "; " if res.note else "") + "retransmission storm"
     return res
@@ -401,7 +406,8 @@ def ladder(rates: list[int], step: Any, *, log_prefix: str) -> tuple[list[StepRe
         log(f"{log_prefix} {rate:>6}/s: ok={r.successful} failed={r.failed} retrans={r.retransmissions} "
             f"{cpu} rtt={r.response_ms if r.response_ms is not None else '-'} ms "
             f"{'PASS' if r.passed else 'FAIL'}{' (generator-limited)' if r.generator_limited else ''}"
-            f"{' ' + r.note if r.note else ''}")
+            f"{' ' + r.note if r.note else ''}"
+            f"{' [sipp: ' + r.extra['first_error'] + ']' if r.extra.get('first_error') else ''}")
         if r.passed:
             best = rate
         else:
@@ -487,20 +493,41 @@ class Sipedge(Device):
     name = "sipedge"
     TOKEN = "bench-admin-token-0123456789abcdef"
 
-    def __init__(self, workdir: Path, cpu: str | None, *, extra_config: str = "") -> None:
+    def __init__(self, workdir: Path, cpu: str | None, *, extra_config: str = "",
+                 media_ports: tuple[int, int] = (22000, 29999)) -> None:
         super().__init__(workdir, cpu)
+        self.media_ports = media_ports
         self.api_port = free_port()
         self.data = self.workdir / "data"
         self.config = self.workdir / "sipedge.toml"
         self.extra_config = extra_config
         self.base = f"http://127.0.0.1:{self.api_port}"
+        self.md5_only = False
+
+    # SIPp 3.6 computes MD5 digests only and answers the first challenge it sees; sipedge
+    # offers SHA-256 first (RFC 8760). When sipedge has this knob, the bench restricts the
+    # challenge to MD5 -- the algorithm Kamailio uses here too. Probed with `sipedge check`.
+    MD5_ONLY = 'digest_algorithms = ["MD5"]\n'
+
+    def _sip_section(self, md5_knob: bool) -> str:
+        # Flood protection off: one SIPp source sends thousands of requests/s on purpose.
+        return (f'[sip]\nlisten = ["udp:127.0.0.1:{self.port}"]\ndomain = "{DOMAIN}"\n'
+                f'rate_limit = 0\nauth_block_threshold = 1000000\n' + (self.MD5_ONLY if md5_knob else ""))
 
     def write_config(self) -> None:
-        # Flood protection off: one SIPp source sends thousands of requests/s on purpose.
+        self._write_config(True)
+        check = subprocess.run([sys.executable, "-m", "edge.cli", "check", "--config", str(self.config)], cwd=ROOT,
+                               capture_output=True, text=True, timeout=60)
+        self.md5_only = check.returncode == 0
+        if not self.md5_only:
+            log("sipedge: no sip.digest_algorithms knob yet; running it through the MD5-only "
+                "challenge shim (serve_md5_only) because SIPp 3.6 cannot answer SHA-256")
+            self._write_config(False)
+
+    def _write_config(self, md5_knob: bool) -> None:
         self.config.write_text(
-            f'[sip]\nlisten = ["udp:127.0.0.1:{self.port}"]\ndomain = "{DOMAIN}"\n'
-            f'rate_limit = 0\nauth_block_threshold = 1000000\n'
-            f'[media]\naddress = "127.0.0.1"\nports = [48000, 55999]\n'
+            self._sip_section(md5_knob) +
+            f'[media]\naddress = "127.0.0.1"\nports = [{self.media_ports[0]}, {self.media_ports[1]}]\n'
             f'[api]\nlisten = "127.0.0.1:{self.api_port}"\ntoken = "{self.TOKEN}"\n'
             f'[storage]\npath = "{self.data}"\nmap_size_mb = 1024\n'
             f'[inbound]\ntrusted = ["127.0.0.2/32"]\n' + self.extra_config)
@@ -511,7 +538,11 @@ class Sipedge(Device):
         self.write_config()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("SIPEDGE_ADMIN_TOKEN", None)
-        cmd = [sys.executable, "-m", "edge.cli", "serve", "--config", str(self.config), "--data", str(self.data)]
+        # SIPEDGE_BENCH_CMD: run another build or a wrapper instead of `python -m edge.cli`
+        prefix = os.environ.get("SIPEDGE_BENCH_CMD", "").split() or (
+            [sys.executable, "-m", "edge.cli"] if self.md5_only else
+            [sys.executable, "-m", "bench.bench_register", "--serve-md5-only"])
+        cmd = [*prefix, "serve", "--config", str(self.config), "--data", str(self.data)]
         self.proc = subprocess.Popen(pinned(self.cpu, cmd), cwd=ROOT, stdout=subprocess.DEVNULL,
                                      stderr=open(self.log_path, "ab"), env=env)
         deadline = time.monotonic() + timeout
@@ -704,6 +735,8 @@ def main(argv: list[str] | None = None) -> int:
         "method": {"hold_s": hold, "repeats": repeats, "rates": rates, "users": args.users,
                    "pinned": not args.no_pin, "cpu_sipp": CPU_GEN, "cpu_device": cpu_dut,
                    "kamailio_children": args.kam_children, "pass": "0 failed, SIPp rc 0, retrans < 1%",
+                   "digest": "MD5, qop=auth on both (SIPp 3.6 is MD5-only; sipedge via serve_md5_only "
+                             "until it has sip.digest_algorithms)",
                    "scenario": "bench/sipp/uac-register-auth.xml", "kamailio_cfg": "bench/kamailio/register.cfg",
                    "command": "python -m bench.bench_register " + " ".join(argv if argv is not None else sys.argv[1:])},
         "runs": runs,
@@ -735,5 +768,30 @@ def print_table(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]]) 
             print(f"{key}: {val if val is None or isinstance(val, int) else f'{val:.2f}'}")
 
 
+def serve_md5_only(args: list[str]) -> int:
+    """``sipedge <args>`` with challenges restricted to MD5.
+
+    SIPp 3.6 only computes MD5 digests and answers the first challenge of a response;
+    sipedge offers SHA-256 first (RFC 8760 §2.4), so SIPp fails every registration. Until
+    sipedge has a config knob for its offered algorithms (``sip.digest_algorithms``), the
+    bench drops the SHA-256 challenge here -- the same algorithm Kamailio is measured with.
+    Verification of the answer is sipedge's own code, unchanged.
+    """
+    import edge.sip.auth as auth
+
+    orig = auth.DigestAuth.challenge
+
+    def challenge(self: Any, *, proxy: bool, stale: bool = False) -> list[tuple[str, str]]:
+        return [h for h in orig(self, proxy=proxy, stale=stale) if "algorithm=MD5" in h[1]]
+
+    auth.DigestAuth.challenge = challenge  # type: ignore[method-assign]
+    from edge.cli import main as edge_main
+
+    sys.argv = ["sipedge", *args]
+    return edge_main()  # type: ignore[func-returns-value,no-any-return]
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve-md5-only":
+        sys.exit(serve_md5_only(sys.argv[2:]))
     sys.exit(main())
