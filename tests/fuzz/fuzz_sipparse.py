@@ -23,7 +23,7 @@ ROOT = HERE.parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "unit"))
 
-from sipparse_common import IMPLS, outcome  # noqa: E402
+from test_sipparse_common import IMPLS, outcome  # noqa: E402
 
 from edge.sip.errors import SipParseError  # noqa: E402
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from sipparse_common import CORPUS, IMPLS, INVALID, VALID, outcome, touch, touch_lazy
+from test_sipparse_common import CORPUS, IMPLS, INVALID, VALID, outcome, touch, touch_lazy
 
 import edge.sip
 from edge.sip import errors as E
@@ -547,3 +547,11 @@ def test_hdr_table_consistency():
         if h.compact:
             assert hdrs.canonical(h.compact) == h.name
     assert hdrs.is_multi("via") and not hdrs.is_multi("WWW-Authenticate") and not hdrs.is_multi("x-foo")
+
+
+def test_lazy_values_are_cached(P):
+    m = P.parse(INVITE)
+    assert m.top_via is m.top_via and m.from_ is m.from_ and m.contacts is m.contacts
+    if P is IMPLS["c"]:
+        assert m.call_id is m.call_id
+        assert m.from_tag is m.from_tag and m.branch is m.branch and m.method is m.method

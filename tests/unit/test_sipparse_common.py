@@ -1,4 +1,4 @@
-"""Shared fixtures/helpers for the SIP parser tests (not a test module itself)."""
+"""Shared helpers for the SIP parser tests (collected by pytest, but defines no tests)."""
 
 from __future__ import annotations
 

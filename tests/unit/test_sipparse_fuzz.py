@@ -13,7 +13,7 @@ import os
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sipparse_common import IMPLS, INVALID, VALID, outcome
+from test_sipparse_common import IMPLS, INVALID, VALID, outcome
 
 from edge.sip.errors import SipParseError
 
