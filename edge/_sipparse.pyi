@@ -156,13 +156,22 @@ def frame_length(buf: bytes | bytearray | memoryview, start: int = 0) -> int:
     Returns the number of bytes to consume from ``start``: any leading CR/LF
     keep-alives plus the head plus Content-Length body bytes; pass exactly that
     slice to :func:`parse`.  Returns 0 when more bytes are needed (also when
-    ``buf[start:]`` holds only keep-alive CR/LF).  The head is validated as by
+    ``buf[start:]`` holds only keep-alive CR/LF: use :func:`skip_keepalive`).  The head is validated as by
     :func:`parse` once its empty line has arrived.
 
     :raises SipMissingHeader: the complete head has no Content-Length
         (mandatory on streams, RFC 3261 §18.3).
     :raises SipMessageTooLarge: head + body exceed the message limit.
     :raises SipParseError: the head is malformed.
+    """
+
+def skip_keepalive(buf: bytes | bytearray | memoryview, start: int = 0) -> int:
+    """Number of CR/LF bytes at the start of ``buf[start:]``.
+
+    Keep-alives (RFC 5626 §3.5.1): a stream peer sends ``CRLFCRLF`` and expects a
+    ``CRLF`` pong; a UDP keep-alive datagram is only CR/LF bytes (``parse`` would
+    raise ``SipBadStartLine("Empty Message")``).  Transports call this before
+    :func:`frame_length` / :func:`parse` to consume (and answer) them.
     """
 
 def parse_uri(s: str) -> SipUri:

@@ -45,6 +45,7 @@ __all__ = [
     "Via",
     "parse",
     "frame_length",
+    "skip_keepalive",
     "parse_uri",
     "parse_name_addr",
     "parse_via",
@@ -533,6 +534,25 @@ cpdef SipMessage parse(object data):
         raise SipBadStartLine("Empty Message", pos)
     _scan(m, pos, m._len, 1)
     return m
+
+
+def skip_keepalive(buf, Py_ssize_t start=0):
+    """Number of CR/LF bytes at ``buf[start:]`` (RFC 5626 §3.5.1 keep-alives).  See ``_sipparse.pyi``."""
+    cdef const unsigned char[::1] view
+    cdef Py_ssize_t n, i
+    if isinstance(buf, bytes):
+        n = PyBytes_GET_SIZE(buf)
+        if start < 0 or start > n:
+            raise ValueError("start out of range")
+        return _skip_crlf(PyBytes_AS_STRING(buf), start, n) - start
+    view = buf
+    n = view.shape[0]
+    if start < 0 or start > n:
+        raise ValueError("start out of range")
+    i = start
+    while i < n and (view[i] == 13 or view[i] == 10):
+        i += 1
+    return i - start
 
 
 def frame_length(buf, Py_ssize_t start=0):

@@ -35,6 +35,7 @@ try:
         parse_name_addr,
         parse_uri,
         parse_via,
+        skip_keepalive,
     )
 except ImportError:
     # ``edge._sipparse`` imports ``edge.sip.errors``, which runs this file first when
@@ -44,7 +45,7 @@ except ImportError:
 
     if "edge._sipparse" not in _sys.modules:
         raise
-    _COMPILED = frozenset(('MAX_HEADER_LINES', 'MAX_LINE_BYTES', 'MAX_MESSAGE_BYTES', 'REASONS', 'NameAddr', 'SipMessage', 'SipUri', 'Via', 'build_response', 'build_stateless_error', 'frame_length', 'parse', 'parse_name_addr', 'parse_uri', 'parse_via'))
+    _COMPILED = frozenset(('MAX_HEADER_LINES', 'MAX_LINE_BYTES', 'MAX_MESSAGE_BYTES', 'REASONS', 'NameAddr', 'SipMessage', 'SipUri', 'Via', 'build_response', 'build_stateless_error', 'frame_length', 'parse', 'parse_name_addr', 'parse_uri', 'parse_via', 'skip_keepalive'))
 
     def __getattr__(name: str):
         if name in _COMPILED:
@@ -68,6 +69,7 @@ __all__ = [
     "parse_name_addr",
     "parse_uri",
     "parse_via",
+    "skip_keepalive",
     "SipBadContentLength",
     "SipBadHeader",
     "SipBadStartLine",

@@ -42,6 +42,7 @@ __all__ = [
     "Via",
     "parse",
     "frame_length",
+    "skip_keepalive",
     "parse_uri",
     "parse_name_addr",
     "parse_via",
@@ -1023,6 +1024,14 @@ def parse(data) -> SipMessage:
     if pos >= n:
         raise SipBadStartLine("Empty Message", pos)
     return _scan(data, pos, n, True)
+
+
+def skip_keepalive(buf, start: int = 0) -> int:
+    """Number of CR/LF bytes at ``buf[start:]`` (RFC 5626 keep-alives).  See ``edge/_sipparse.pyi``."""
+    data = bytes(buf) if not isinstance(buf, bytes) else buf
+    if start < 0 or start > len(data):
+        raise ValueError("start out of range")
+    return _skip_crlf(data, start, len(data)) - start
 
 
 def frame_length(buf, start: int = 0) -> int:

@@ -555,3 +555,11 @@ def test_lazy_values_are_cached(P):
     if P is IMPLS["c"]:
         assert m.call_id is m.call_id
         assert m.from_tag is m.from_tag and m.branch is m.branch and m.method is m.method
+
+
+def test_skip_keepalive(P):
+    for buf in (b"\r\n\r\nINVITE", bytearray(b"\r\n\r\nINVITE"), memoryview(b"\r\n\r\nINVITE")):
+        assert P.skip_keepalive(buf) == 4 and P.skip_keepalive(buf, 1) == 3 and P.skip_keepalive(buf, 4) == 0
+    assert P.skip_keepalive(b"") == 0 and P.skip_keepalive(b"\r\n", 2) == 0
+    with pytest.raises(ValueError):
+        P.skip_keepalive(b"ab", 3)
