@@ -368,8 +368,8 @@ class B2BUA:
         label, peer, ruri = call.targets.pop(0)
         req = call.invite.request
         domain = self.cfg.sip.domain
-        if call.relay is None:
-            call.relay = self.media.create(call.id, timeout=self.cfg.media.rtp_timeout)
+        if call.relay is None and not self._create_relay(call):
+            return
         body = b""
         inbound_leg = call.leg_of(call.inbound)
         outbound_side = "carrier" if call.inbound.side == "pbx" else "pbx"
@@ -402,6 +402,15 @@ class B2BUA:
         call.attempt = invite
         call.out_tx = self.tl.send_request(invite, peer, on_response=lambda m, c=call, t=invite: self._on_response(c, t, m),
                                            on_timeout=lambda c=call, t=invite: self._on_attempt_timeout(c, t))
+
+    def _create_relay(self, call: Call) -> bool:
+        try:
+            call.relay = self.media.create(call.id, timeout=self.cfg.media.rtp_timeout)
+        except RuntimeError as exc:  # the port range is exhausted
+            log.error("call %s: %s", call.id, exc)
+            self._finish(call, 503, "no_media_ports", respond_text="no media ports free on the edge")
+            return False
+        return True
 
     def _anchor(self, call: Call, from_leg: str, sdp: bytes) -> bytes:
         return self.media.anchor(call.relay, from_leg, sdp)
@@ -527,7 +536,8 @@ class B2BUA:
     def _answer_echo(self, call: Call) -> None:
         """The echo test number: answered by the edge, the caller hears itself (free)."""
         req = call.invite.request
-        call.relay = self.media.create(call.id, timeout=self.cfg.media.rtp_timeout)
+        if not self._create_relay(call):
+            return
         body = b""
         if req.body:
             try:

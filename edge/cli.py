@@ -26,6 +26,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .control.demo import ECHO_NUMBER, ensure_demo
+    from .control.tables import shipped_exclusions
     from .server import Node, admin_token, data_dir_of, open_store
 
     try:
@@ -38,6 +39,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     token = admin_token(cfg, data_dir)
     store.purge_idempotency(time.time() - IDEMPOTENCY_TTL)
     store.purge_expired_bindings()
+    store.ensure_exclusions(shipped_exclusions())  # the seed's list until the API replaces it
     if args.demo:
         demo = ensure_demo(store)
         udp = next((l for l in cfg.sip.listen if l.startswith("udp:")), cfg.sip.listen[0])

@@ -33,6 +33,8 @@ def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
 class EdgeProcess:
     """A ``sipedge serve`` child process; ``stop()`` (or the context manager) ends it."""
 
+    _instances = 0
+
     def __init__(self, tmp: Path, *, extra_config: str = "", sip_port: int | None = None,
                  carriers: list[str] | None = None, trusted: list[str] | None = None,
                  media_ports: tuple[int, int] = (0, 0), sip_extra: str = "") -> None:
@@ -42,8 +44,10 @@ class EdgeProcess:
         self.data = self.tmp / "data"
         lo, hi = media_ports
         if not lo:
-            lo = 30000 + (os.getpid() % 300) * 100
+            # below the kernel's ephemeral range (32768+), a different block per test process
+            lo = 20000 + (os.getpid() % 60) * 200 + (EdgeProcess._instances % 2) * 100
             hi = lo + 99
+        EdgeProcess._instances += 1
         carriers_toml = "".join(f'[[carriers]]\nuri = "{c}"\npriority = 1\nweight = 100\n' for c in (carriers or []))
         self.config = self.tmp / "sipedge.toml"
         self.config.write_text(

@@ -140,12 +140,13 @@ class CreditEngine:
         prof = self.store._profile(txn, call.profile_id)
         funded = (call.funded_until or call.answered_at) - call.answered_at
         target = funded + self.slice_seconds
-        if call.funding == "bundle" and funded == call.bundle_seconds_reserved:  # still on bundle minutes
-            take = int(min(self.bundle_left(txn, prof, now), target - funded))
+        if call.funding == "bundle" and call.reserved == 0:  # still on bundle minutes
+            # bundle seconds are counted like billed seconds (minimum and increment included)
+            need = billed_seconds(target, rate) - call.bundle_seconds_reserved
+            take = int(min(self.bundle_left(txn, prof, now), need))
             if take > 0:
                 self.store.add_bundle_seconds(txn, prof.id, month_of(call.answered_at), take)
                 call.bundle_seconds_reserved += take
-                funded += take
         for _ in range(2):  # a second pass uses what an auto-recharge just added
             if funded >= target:
                 break

@@ -32,10 +32,10 @@ def ensure_demo(store: Store) -> DemoInfo:
         prof = store.get_profile(profile_id)
         return DemoInfo(prof.account_id, prof.id, cred.username, cred.password,
                         prof.numbers[0] if prof.numbers else "", created=False)
-    if not store.is_empty():
+    if not store.is_empty() or store.rate_count():
         raise RuntimeError("the store holds data but no demo: not provisioning a demo into it")
     store.replace_rates(shipped_rates())
-    store.replace_exclusions(shipped_exclusions())
+    store.ensure_exclusions(shipped_exclusions())
     acct = store.create_account("Demo Business", "demo.admin")
     store.top_up_account(acct.id, parse_money("100.00"), ref="demo")
     prof, cred = store.create_profile(acct.id, "Demo PBX", channels=10, auth="digest")

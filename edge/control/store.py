@@ -663,6 +663,18 @@ class Store:
 
         return self.write(op)
 
+    def ensure_exclusions(self, default: Iterable[str]) -> bool:
+        """Load ``default`` if the exclusion table was never set (an API replace, even to
+        an empty list, counts as set). :returns: True if it loaded them."""
+
+        def op(txn: lmdb.Transaction) -> bool:
+            if txn.get(b"exclusion_lengths", db=self._meta) is not None:
+                return False
+            self._replace_prefix_table(txn, "exclusions", b"exclusion_lengths", ((p.encode(), b"") for p in default))
+            return True
+
+        return self.write(op)
+
     def exclusions(self) -> list[str]:
         return self.read(lambda txn: [k.decode() for k, _ in self._scan(txn, "exclusions", b"")])
 

@@ -476,3 +476,88 @@ def test_untrusted_source_never_takes_the_incoming_path(edge, carriers) -> None:
     backup.drain()
     backup.sock.sendto(carrier_invite(backup, edge, number, call_id="untrusted-1"), ("127.0.0.1", edge.sip_port))
     assert carrier_final(backup, "untrusted-1") == 407  # treated as an outgoing attempt: challenged
+
+
+def hang_up(edge, pbx: Pbx, carrier: Carrier, d: dict, tag: str, prof: dict) -> dict:
+    assert pbx.bye(d, tag).status == 200
+    carrier.answer(carrier.recv_request("BYE"), 200)
+    return wait_for(lambda: api_get(edge, f"/v1/profiles/{prof['id']}/cdrs")["items"])[-1]
+
+
+def test_bundle_minutes_for_us_calls_not_for_excluded_prefixes(edge, pbx: Pbx, carriers) -> None:
+    carrier = carriers[0]
+    prof = new_profile(edge, credit="1.00", channels=2)
+    with edge.client() as api:
+        assert api.put(f"/v1/profiles/{prof['id']}/bundles", json={"us_bundles": 1}).status_code == 200
+    d, tag, _ = answered_call(edge, pbx, carrier, prof, callee="+14155550123")
+    cdr = hang_up(edge, pbx, carrier, d, tag, prof)
+    assert cdr["bundle_seconds"] == 60 and Decimal(cdr["cost"]) == 0
+    d, tag, _ = answered_call(edge, pbx, carrier, prof, callee="+12186321234")  # excluded: 218632xxxx
+    cdr = hang_up(edge, pbx, carrier, d, tag, prof)
+    assert cdr["bundle_seconds"] == 0 and Decimal(cdr["cost"]) == Decimal("0.023")
+    assert Decimal(api_get(edge, f"/v1/profiles/{prof['id']}")["balance"]) == Decimal("0.977")
+
+
+def test_auto_recharge_mid_call(edge, pbx: Pbx, carriers) -> None:
+    carrier = carriers[0]
+    prof = new_profile(edge, credit="1.01")
+    with edge.client() as api:
+        api.put(f"/v1/profiles/{prof['id']}/auto-recharge",
+                json={"enabled": True, "amount": "2.00", "min_balance": "1.00"})
+    d, tag, _ = answered_call(edge, pbx, carrier, prof, callee="+33123456789")  # 0.02/s slices of 2 s
+    kinds = wait_for(lambda: [e["kind"] for e in api_get(edge, f"/v1/profiles/{prof['id']}/ledger")["items"]
+                              if e["kind"] == "auto_recharge_in"])
+    assert kinds == ["auto_recharge_in"]  # while the call is up
+    assert len(api_get(edge, f"/v1/profiles/{prof['id']}/calls")) == 1
+    cdr = hang_up(edge, pbx, carrier, d, tag, prof)
+    balance = Decimal(api_get(edge, f"/v1/profiles/{prof['id']}")["balance"])
+    assert balance == Decimal("3.01") - Decimal(cdr["cost"])
+    text = __import__("httpx").get(edge.base + "/metrics").text
+    line = next(l for l in text.splitlines() if l.startswith("edge_auto_recharges_total") and prof["id"] in l)
+    assert line.endswith(" 1.0")
+
+
+def test_hold_resume_and_in_dialog_requests(edge, pbx: Pbx, carriers) -> None:
+    carrier = carriers[0]
+    prof = new_profile(edge)
+    d, tag, inv = answered_call(edge, pbx, carrier, prof)
+    hold = sdp(pbx.rtp_port, session=2).replace(b"a=sendrecv", b"a=sendonly")
+    for cseq, body, direction in ((3, hold, b"a=sendonly"), (4, sdp(pbx.rtp_port, session=3), b"a=sendrecv")):
+        pbx.send(pbx.request("INVITE", d["ruri"], from_user=d["user"], to_user="x", call_id=d["call_id"], cseq=cseq,
+                             from_tag=d["from_tag"], to_tag=tag, body=body, headers=[("Content-Type", "application/sdp")]))
+        reinv = carrier.recv_request("INVITE")
+        assert reinv.call_id == inv.call_id and reinv.to_tag == "carrier1" and direction in reinv.body
+        assert str(pbx.rtp_port).encode() not in reinv.body
+        answer = sdp(carrier.rtp_port, host=carrier.host, session=cseq)
+        if direction == b"a=sendonly":
+            answer = answer.replace(b"a=sendrecv", b"a=recvonly")
+        carrier.answer(reinv, 200, body=answer)
+        ok = pbx.recv_final()
+        assert ok.status == 200 and ok.cseq == cseq and ok.body
+        assert carrier.recv_request("ACK").cseq == reinv.cseq
+        pbx.send(pbx.request("ACK", d["ruri"], from_user=d["user"], to_user="x", call_id=d["call_id"], cseq=cseq,
+                             from_tag=d["from_tag"], to_tag=tag))
+    # INFO (e.g. SIP INFO DTMF) is relayed to the other leg and its answer comes back
+    pbx.send(pbx.request("INFO", d["ruri"], from_user=d["user"], to_user="x", call_id=d["call_id"], cseq=5,
+                         from_tag=d["from_tag"], to_tag=tag, body=b"Signal=5\r\nDuration=160\r\n",
+                         headers=[("Content-Type", "application/dtmf-relay")]))
+    info = carrier.recv_request("INFO")
+    assert info.body == b"Signal=5\r\nDuration=160\r\n"
+    carrier.answer(info, 200)
+    assert pbx.recv_final().status == 200
+    hang_up(edge, pbx, carrier, d, tag, prof)
+
+
+def test_in_dialog_request_for_an_unknown_dialog_is_481(edge, pbx: Pbx) -> None:
+    pbx.send(pbx.request("BYE", f"sip:x@{DOMAIN}", from_user="a", to_user="b", to_tag="nope", from_tag="t"))
+    assert pbx.recv_final().status == 481
+
+
+def test_call_metrics(edge) -> None:
+    text = __import__("httpx").get(edge.base + "/metrics").text
+    assert 'edge_calls_started_total{direction="outgoing"}' in text
+    assert 'edge_calls_ended_total{direction="outgoing",reason="caller_bye",status="200"}' in text
+    assert 'edge_calls_rejected_total{direction="outgoing",rule="e164",status="484"}' in text
+    assert 'edge_call_setup_seconds_bucket{direction="outgoing",le="0.1",stage="answer"}' in text
+    assert "edge_credit_cutoffs_total 1.0" in text
+    assert "edge_rtp_" in text
