@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -24,6 +24,8 @@ class SipConfig(Section):
     listen: list[str] = msgspec.field(default_factory=lambda: ["udp:127.0.0.1:5060", "tcp:127.0.0.1:5060"])
     domain: str = "sip.edge.test"
     nonce_ttl: Annotated[int, msgspec.Meta(ge=5, le=3600)] = 300
+    # offered in this order (RFC 8760 §2.4: strongest first); old UAs (SIPp 3.6) may need ["MD5"]
+    digest_algorithms: list[Literal["SHA-256", "MD5"]] = msgspec.field(default_factory=lambda: ["SHA-256", "MD5"])
     max_expires: Annotated[int, msgspec.Meta(ge=60)] = 3600
     min_expires: Annotated[int, msgspec.Meta(ge=1)] = 60
     tcp_max_connections: Annotated[int, msgspec.Meta(ge=1)] = 4096
@@ -119,6 +121,8 @@ def validate(cfg: Config) -> Config:
     for i, carrier in enumerate(cfg.carriers):
         if not carrier.uri.startswith(("sip:", "sips:")):
             raise ConfigError(f"carriers[{i}].uri: expected a sip: URI, got {carrier.uri!r}")
+    if not cfg.sip.digest_algorithms:
+        raise ConfigError("sip.digest_algorithms: offer at least one of SHA-256, MD5")
     if cfg.sip.min_expires > cfg.sip.max_expires:
         raise ConfigError("sip.min_expires: larger than sip.max_expires")
     return cfg

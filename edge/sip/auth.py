@@ -74,8 +74,10 @@ class DigestAuth:
     :param nonce_ttl: seconds a nonce stays fresh; older ones are answered ``stale=true``.
     """
 
-    def __init__(self, realm: str, nonce_ttl: float = 300.0, key: bytes | None = None) -> None:
+    def __init__(self, realm: str, nonce_ttl: float = 300.0, key: bytes | None = None,
+                 algorithms: tuple[str, ...] | list[str] = ("SHA-256", "MD5")) -> None:
         self.realm = realm
+        self.algorithms = tuple(algorithms)
         self.nonce_ttl = nonce_ttl
         self._key = key or os.urandom(32)
         self._nc: dict[str, tuple[int, float]] = {}   # nonce -> (highest nc, issued at)
@@ -106,7 +108,7 @@ class DigestAuth:
         nonce = self.new_nonce()
         extra = ", stale=true" if stale else ""
         return [(name, f'Digest realm="{self.realm}", nonce="{nonce}", algorithm={alg}, qop="auth"{extra}')
-                for alg in ("SHA-256", "MD5")]
+                for alg in self.algorithms]
 
     # ------------------------------------------------------------- answers
 
@@ -119,7 +121,7 @@ class DigestAuth:
         """
         if answer is None:
             return AuthResult.MISSING
-        if answer.algorithm not in ALGORITHMS or answer.qop != "auth" or not answer.nc or not answer.cnonce:
+        if answer.algorithm not in self.algorithms or answer.qop != "auth" or not answer.nc or not answer.cnonce:
             return AuthResult.UNSUPPORTED
         issued = self._nonce_time(answer.nonce)
         if issued is None or answer.realm != self.realm:

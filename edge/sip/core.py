@@ -71,7 +71,7 @@ class SipService:
         self.cfg = cfg
         self.store = store
         self.metrics = SipMetrics(registry)
-        self.auth = DigestAuth(cfg.sip.domain, nonce_ttl=cfg.sip.nonce_ttl)
+        self.auth = DigestAuth(cfg.sip.domain, nonce_ttl=cfg.sip.nonce_ttl, algorithms=cfg.sip.digest_algorithms)
         self.failures = FailureTracker(threshold=cfg.sip.auth_block_threshold, block_seconds=cfg.sip.auth_block_seconds)
         self.limiter = RateLimiter(cfg.sip.rate_limit, cfg.sip.rate_burst)
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in cfg.inbound.trusted]
