@@ -920,13 +920,11 @@ REASONS = {
 
 _TOKEN_S = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
 _LWS_S = " \t\r\n"
-_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
 _HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
-_IPV6_CHARS = frozenset("0123456789abcdefABCDEF:.")
 
 
 # --------------------------------------------------------------------------------------
-# Lazy structured values
+# Lazy structured values (same grammar as parser_py; typed where it is hot)
 
 
 cdef class SipUri:
@@ -1397,7 +1395,7 @@ def parse_via(str s):
 
 
 # --------------------------------------------------------------------------------------
-# Fast helpers shared in spirit with the compiled parser
+# List splitting (Via, Contact, Route, Allow ...)
 
 
 cpdef list _split_list(str value):
