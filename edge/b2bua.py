@@ -203,6 +203,9 @@ class B2BUA:
     def _reject(self, tx: ServerTransaction, direction: str, rule: str, status: int, text: str,
                 headers: list[tuple[str, str]] | None = None) -> None:
         self.metrics.rejected.labels(direction, rule, str(status)).inc()
+        log.info("call rejected", extra={"event": "call_rejected", "direction": direction, "rule": rule,
+                                         "status": status, "source": str(tx.peer), "sip_call_id": tx.request.call_id,
+                                         "detail": text})
         tx.respond(status, headers=[warning(text), *(headers or [])], to_tag=new_tag())
 
     def _authenticate(self, tx: ServerTransaction) -> Profile | None:
@@ -230,7 +233,8 @@ class B2BUA:
                        to_tag=new_tag())
             return None
         self.sip.metrics.auth_failures.labels(result.value, "INVITE").inc()
-        self.sip.failures.failure(tx.peer.host)
+        if self.sip.failures.failure(tx.peer.host):
+            self.sip.metrics.blocked_sources.set(self.sip.failures.blocked_count)
         self._reject(tx, "outgoing", "auth", 403, {
             AuthResult.REPLAY: "nonce count reused",
             AuthResult.UNKNOWN_USER: "unknown SIP username",
@@ -294,6 +298,9 @@ class B2BUA:
                                 to_tag=new_tag())
             return False
         call.live = live
+        log.info("call started", extra={"event": "call_started", "call_id": call.id, "direction": call.direction,
+                                        "profile": prof.id, "caller": caller, "callee": callee,
+                                        "source": str(call.invite.peer), "inbound_call_id": call.invite.request.call_id})
         self.calls[call.id] = call
         self.by_invite[call.invite.key] = call
         self.metrics.started.labels(call.direction).inc()
@@ -400,6 +407,8 @@ class B2BUA:
                             from_=f"{from_uri};tag={local_tag}", to=to_uri, call_id=call_id, cseq=dialog.cseq,
                             headers=headers, body=body)
         call.attempt = invite
+        log.info("call attempt", extra={"event": "call_attempt", "call_id": call.id, "target": label,
+                                        "outbound_call_id": call_id})
         call.out_tx = self.tl.send_request(invite, peer, on_response=lambda m, c=call, t=invite: self._on_response(c, t, m),
                                            on_timeout=lambda c=call, t=invite: self._on_attempt_timeout(c, t))
 
@@ -489,6 +498,8 @@ class B2BUA:
         call.state = "answered"
         call.answered = time.monotonic()
         self.metrics.setup.labels(call.direction, "answer").observe(call.answered - call.started)
+        log.info("call answered", extra={"event": "call_answered", "call_id": call.id,
+                                         "setup_ms": int((call.answered - call.started) * 1000)})
         self._answer_inbound(call, body)
         self._start_billing(call)
 
@@ -773,6 +784,12 @@ class B2BUA:
         self.by_invite.pop(call.invite.key, None)
         self.metrics.active.labels(call.direction).dec()
         self.metrics.ended.labels(call.direction, str(status), reason).inc()
+        log.info("call ended", extra={
+            "event": "call_ended", "call_id": call.id, "direction": call.direction, "profile": call.profile.id,
+            "status": status, "reason": reason,
+            "talk_seconds": round(time.monotonic() - call.answered, 3) if call.answered else 0,
+            "inbound_call_id": call.inbound.call_id if call.inbound else call.invite.request.call_id,
+            "outbound_call_id": call.outbound.call_id if call.outbound else None})
         live = call.live
         if live is None:
             return

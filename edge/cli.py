@@ -25,6 +25,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from .logs import setup as setup_logging
+
+    setup_logging(args.log_format, args.log_level)
     from .control.demo import ECHO_NUMBER, ensure_demo
     from .control.tables import shipped_exclusions
     from .server import Node, admin_token, data_dir_of, open_store
@@ -71,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="TOML config file (defaults built in if omitted)")
     serve.add_argument("--data", help="LMDB directory (overrides storage.path)")
     serve.add_argument("--demo", action="store_true", help="provision the demo tenant on an empty store and print it")
+    serve.add_argument("--log-format", choices=["text", "json"], default="text",
+                       help="one line per event: text, or JSON for a log pipeline")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     serve.set_defaults(fn=_cmd_serve)
     check = sub.add_parser("check", help="validate a config file")
     check.add_argument("--config", required=True)

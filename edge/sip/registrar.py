@@ -14,9 +14,13 @@ from email.utils import formatdate
 from edge.control.models import Registration
 from edge.control.store import Store
 
+import logging
+
 from .auth import AuthResult, DigestAuth, FailureTracker, parse_authorization, source_allowed
 from .metrics import SipMetrics
 from .transaction import ServerTransaction
+
+log = logging.getLogger("sipedge.registrar")
 
 
 class Registrar:
@@ -56,8 +60,13 @@ class Registrar:
             tx.respond(401, headers=self.auth.challenge(proxy=False, stale=result is AuthResult.STALE))
             return
         self.metrics.auth_failures.labels(result.value, "REGISTER").inc()
+        log.warning("registration refused", extra={"event": "auth_failure", "method": "REGISTER",
+                                                   "reason": result.value, "source": str(tx.peer),
+                                                   "user": tx.request.to.uri.user if tx.request.to.uri else None})
         if self.failures.failure(tx.peer.host):
             self.metrics.blocked_sources.set(self.failures.blocked_count)
+            log.warning("source blocked after repeated authentication failures",
+                        extra={"event": "source_blocked", "source": tx.peer.host})
         reasons = {
             AuthResult.REPLAY: "Nonce count reused",
             AuthResult.UNKNOWN_USER: "Unknown SIP username",
@@ -121,6 +130,8 @@ class Registrar:
 
     def _ok(self, tx: ServerTransaction, profile_id: str, now: float) -> None:
         bindings = self.store.bindings(profile_id, now)
+        log.debug("registered", extra={"event": "registered", "profile": profile_id, "source": str(tx.peer),
+                                       "bindings": len(bindings)})
         headers = [("Contact", f"<{b.contact}>;expires={max(1, int(b.expires_at - now))}") for b in bindings]
         headers.append(("Date", formatdate(now, usegmt=True)))
         tx.respond(200, headers=headers)

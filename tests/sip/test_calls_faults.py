@@ -3,6 +3,7 @@ loses no money and leaks no channel (SPEC §4.5, §7)."""
 
 from __future__ import annotations
 
+import json
 import time
 from decimal import Decimal
 
@@ -37,7 +38,7 @@ def provision_rates(edge: EdgeProcess) -> None:
 
 
 def test_rtp_timeout_ends_both_legs(tmp_path, carrier: Carrier) -> None:
-    with make_edge(tmp_path, carrier) as edge:
+    with make_edge(tmp_path, carrier).start("--log-format", "json") as edge:
         provision_rates(edge)
         prof = new_profile(edge)
         pbx = Pbx(edge)
@@ -57,6 +58,15 @@ def test_rtp_timeout_ends_both_legs(tmp_path, carrier: Carrier) -> None:
             cdr = wait_for(lambda: api_get(edge, f"/v1/profiles/{prof['id']}/cdrs")["items"])[0]
             assert cdr["end_reason"] == "rtp_timeout" and cdr["media"]["a_packets"] == 5
             assert api_get(edge, f"/v1/profiles/{prof['id']}")["channels_in_use"] == 0
+            # structured logs: every line is JSON; one call id ties both legs' Call-IDs together
+            entries = [json.loads(line) for line in edge.log.read_text().splitlines() if line.startswith("{")]
+            mine = [e for e in entries if e.get("call_id") and e.get("event", "").startswith("call_")]
+            ended = next(e for e in mine if e["event"] == "call_ended")
+            assert ended["reason"] == "rtp_timeout" and ended["inbound_call_id"] == d["call_id"]
+            assert ended["outbound_call_id"] == inv.call_id
+            assert {e["event"] for e in mine if e["call_id"] == ended["call_id"]} >= {
+                "call_started", "call_attempt", "call_answered", "call_ended"}
+            assert prof["sip_password"] not in edge.log.read_text()
         finally:
             pbx.close()
 
