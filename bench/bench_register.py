@@ -323,6 +323,11 @@ def run_sipp(*, dut: str, scenario: Path, target: str, rate: int, seconds: float
            "-recv_timeout", str(recv_timeout_ms), "-timeout", f"{int(seconds + 30)}s", "-timeout_error",
            "-trace_stat", "-stf", str(stf), "-fd", "1", "-buff_size", str(4 * 1024 * 1024),
            "-trace_err", "-error_file", str(err), "-error_overwrite", "true", "-max_socket", "4096"]
+    if "-mp" not in (extra_args or []):
+        # SIPp binds its media port (default 6000/6002) even without media: give each run
+        # its own, or two SIPp instances on this shared machine collide
+        mport = free_port(local_ip) & ~1
+        cmd += ["-mp", str(mport)]
     if inf is not None:
         cmd += ["-inf", str(inf)]
     cmd += (rtp_args or []) + (extra_args or [])
@@ -502,31 +507,15 @@ class Sipedge(Device):
         self.config = self.workdir / "sipedge.toml"
         self.extra_config = extra_config
         self.base = f"http://127.0.0.1:{self.api_port}"
-        self.md5_only = False
-
-    # SIPp 3.6 computes MD5 digests only and answers the first challenge it sees; sipedge
-    # offers SHA-256 first (RFC 8760). When sipedge has this knob, the bench restricts the
-    # challenge to MD5 -- the algorithm Kamailio uses here too. Probed with `sipedge check`.
-    MD5_ONLY = 'digest_algorithms = ["MD5"]\n'
-
-    def _sip_section(self, md5_knob: bool) -> str:
-        # Flood protection off: one SIPp source sends thousands of requests/s on purpose.
-        return (f'[sip]\nlisten = ["udp:127.0.0.1:{self.port}"]\ndomain = "{DOMAIN}"\n'
-                f'rate_limit = 0\nauth_block_threshold = 1000000\n' + (self.MD5_ONLY if md5_knob else ""))
 
     def write_config(self) -> None:
-        self._write_config(True)
-        check = subprocess.run([sys.executable, "-m", "edge.cli", "check", "--config", str(self.config)], cwd=ROOT,
-                               capture_output=True, text=True, timeout=60)
-        self.md5_only = check.returncode == 0
-        if not self.md5_only:
-            log("sipedge: no sip.digest_algorithms knob yet; running it through the MD5-only "
-                "challenge shim (serve_md5_only) because SIPp 3.6 cannot answer SHA-256")
-            self._write_config(False)
-
-    def _write_config(self, md5_knob: bool) -> None:
+        # Flood protection off: one SIPp source sends thousands of requests/s on purpose.
+        # MD5 only: SIPp 3.6 computes MD5 digests only and answers the first challenge it
+        # sees, while sipedge offers SHA-256 first by default (RFC 8760) -- and MD5 is what
+        # Kamailio is measured with.
         self.config.write_text(
-            self._sip_section(md5_knob) +
+            f'[sip]\nlisten = ["udp:127.0.0.1:{self.port}"]\ndomain = "{DOMAIN}"\n'
+            f'rate_limit = 0\nauth_block_threshold = 1000000\ndigest_algorithms = ["MD5"]\n'
             f'[media]\naddress = "127.0.0.1"\nports = [{self.media_ports[0]}, {self.media_ports[1]}]\n'
             f'[api]\nlisten = "127.0.0.1:{self.api_port}"\ntoken = "{self.TOKEN}"\n'
             f'[storage]\npath = "{self.data}"\nmap_size_mb = 1024\n'
@@ -539,10 +528,11 @@ class Sipedge(Device):
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("SIPEDGE_ADMIN_TOKEN", None)
         # SIPEDGE_BENCH_CMD: run another build or a wrapper instead of `python -m edge.cli`
-        prefix = os.environ.get("SIPEDGE_BENCH_CMD", "").split() or (
-            [sys.executable, "-m", "edge.cli"] if self.md5_only else
-            [sys.executable, "-m", "bench.bench_register", "--serve-md5-only"])
-        cmd = [*prefix, "serve", "--config", str(self.config), "--data", str(self.data)]
+        prefix = os.environ.get("SIPEDGE_BENCH_CMD", "").split() or [sys.executable, "-m", "edge.cli"]
+        # warnings and errors only, as Kamailio runs here (debug=-1): a log line per call is
+        # a cost of its own, measured by neither peer
+        cmd = [*prefix, "serve", "--config", str(self.config), "--data", str(self.data),
+               "--log-level", os.environ.get("SIPEDGE_BENCH_LOG_LEVEL", "warning")]
         self.proc = subprocess.Popen(pinned(self.cpu, cmd), cwd=ROOT, stdout=subprocess.DEVNULL,
                                      stderr=open(self.log_path, "ab"), env=env)
         deadline = time.monotonic() + timeout
@@ -735,8 +725,8 @@ def main(argv: list[str] | None = None) -> int:
         "method": {"hold_s": hold, "repeats": repeats, "rates": rates, "users": args.users,
                    "pinned": not args.no_pin, "cpu_sipp": CPU_GEN, "cpu_device": cpu_dut,
                    "kamailio_children": args.kam_children, "pass": "0 failed, SIPp rc 0, retrans < 1%",
-                   "digest": "MD5, qop=auth on both (SIPp 3.6 is MD5-only; sipedge via serve_md5_only "
-                             "until it has sip.digest_algorithms)",
+                   "digest": "MD5, qop=auth on both (SIPp 3.6 is MD5-only: sipedge runs with "
+                             "sip.digest_algorithms = [\"MD5\"])",
                    "scenario": "bench/sipp/uac-register-auth.xml", "kamailio_cfg": "bench/kamailio/register.cfg",
                    "command": "python -m bench.bench_register " + " ".join(argv if argv is not None else sys.argv[1:])},
         "runs": runs,
@@ -768,30 +758,5 @@ def print_table(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]]) 
             print(f"{key}: {val if val is None or isinstance(val, int) else f'{val:.2f}'}")
 
 
-def serve_md5_only(args: list[str]) -> int:
-    """``sipedge <args>`` with challenges restricted to MD5.
-
-    SIPp 3.6 only computes MD5 digests and answers the first challenge of a response;
-    sipedge offers SHA-256 first (RFC 8760 §2.4), so SIPp fails every registration. Until
-    sipedge has a config knob for its offered algorithms (``sip.digest_algorithms``), the
-    bench drops the SHA-256 challenge here -- the same algorithm Kamailio is measured with.
-    Verification of the answer is sipedge's own code, unchanged.
-    """
-    import edge.sip.auth as auth
-
-    orig = auth.DigestAuth.challenge
-
-    def challenge(self: Any, *, proxy: bool, stale: bool = False) -> list[tuple[str, str]]:
-        return [h for h in orig(self, proxy=proxy, stale=stale) if "algorithm=MD5" in h[1]]
-
-    auth.DigestAuth.challenge = challenge  # type: ignore[method-assign]
-    from edge.cli import main as edge_main
-
-    sys.argv = ["sipedge", *args]
-    return edge_main()  # type: ignore[func-returns-value,no-any-return]
-
-
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--serve-md5-only":
-        sys.exit(serve_md5_only(sys.argv[2:]))
     sys.exit(main())
