@@ -829,11 +829,21 @@ cdef class SipMessage:
 
     @property
     def top_via(self):
-        return self._lazy_get("top_via", lambda: parse_via(self._top_via_text()))
+        def make():
+            text = self._top_via_text()
+            if text is None:
+                raise _bad("Empty Via")
+            return parse_via(text)
+        return self._lazy_get("top_via", make)
 
     @property
     def vias(self):
-        return self._lazy_get("vias", lambda: [parse_via(v) for v in self.headers("via")])
+        def make():
+            out = [parse_via(v) for v in self.headers("via")]
+            if not out:
+                raise _bad("Empty Via")
+            return out
+        return self._lazy_get("vias", make)
 
     @property
     def from_(self):

@@ -744,11 +744,23 @@ class SipMessage:
 
     @property
     def top_via(self) -> Via:
-        return self._cached("top_via", lambda: parse_via(self.header("via")))
+        def make():
+            text = self.header("via")
+            if text is None:
+                raise _bad("Empty Via")
+            return parse_via(text)
+
+        return self._cached("top_via", make)
 
     @property
     def vias(self) -> list:
-        return self._cached("vias", lambda: [parse_via(v) for v in self.headers("via")])
+        def make():
+            out = [parse_via(v) for v in self.headers("via")]
+            if not out:
+                raise _bad("Empty Via")
+            return out
+
+        return self._cached("vias", make)
 
     @property
     def from_(self) -> NameAddr:

@@ -563,3 +563,15 @@ def test_skip_keepalive(P):
     assert P.skip_keepalive(b"") == 0 and P.skip_keepalive(b"\r\n", 2) == 0
     with pytest.raises(ValueError):
         P.skip_keepalive(b"ab", 3)
+
+
+def test_empty_via_value_is_a_bad_header(P):
+    # found by the hypothesis test: "Via:" followed by an empty line
+    m = P.parse(INVITE.replace(b"Via: SIP/2.0/UDP 198.51.100.7:5062;branch=z9hG4bK776asdhds;rport\r\n"
+                               b"Via: SIP/2.0/TCP 10.0.0.1;branch=z9hG4bKinner", b"Via: ,"))
+    assert m.branch is None and m.header("via") is None and m.count("via") == 0
+    for attr in ("top_via", "vias"):
+        with pytest.raises(E.SipBadHeader):
+            getattr(m, attr)
+    with pytest.raises(E.SipBadHeader):
+        m.transaction_key()
