@@ -233,3 +233,53 @@ def test_pjua_registers_with_the_edge(edge, api, pjua: UAPool, transport: str) -
     wrong = pjua.new(f"wrong{transport}", transport=transport)
     status = wrong.register(registrar, prof["sip_username"], prof["sip_password"] + "x", domain="sip.edge.test")
     assert status in (401, 403), status
+
+
+@pytest.mark.e2e
+def test_pjua_calls_through_the_edge_both_ways(tmp_path: Path, pjua: UAPool) -> None:
+    """PBX -> edge -> carrier and carrier -> edge -> PBX with real audio (SPEC §4.2, §4.3)."""
+    from edgeproc import EdgeProcess
+
+    from e2e.pjua import edge_registrar, provision_profile
+
+    carrier = pjua.new("carrier", bind="127.0.0.2")
+    carrier.on_incoming(200, tone_hz=1000)
+    with EdgeProcess(tmp_path, carriers=[f"sip:127.0.0.2:{carrier.port}"]) as edge:
+        if not _edge_sip_serving(edge):
+            pytest.skip("the edge does not answer SIP yet (no OPTIONS reply)")
+        with edge.client() as api:
+            assert api.put("/v1/rates", json={"rates": [{"prefix": "44", "rate": "0.0200", "connect_fee": "0",
+                                                          "min_seconds": 1, "increment_seconds": 1,
+                                                          "description": "UK"}]}).status_code == 200
+            prof = provision_profile(api, name="HQ", channels=2, credit="5.00")
+            acct = prof["account"]["id"]
+            assert api.post(f"/v1/accounts/{acct}/numbers", json={"number": "+14155550100"}).status_code == 201
+            assert api.post(f"/v1/profiles/{prof['id']}/numbers",
+                            json={"number": "+14155550100", "extension": "sales"}).status_code == 201
+            pbx = pjua.new("pbx")
+            assert pbx.register(edge_registrar(edge), prof["sip_username"], prof["sip_password"]) == 200
+
+            # outgoing: the PBX dials an E.164 number through the edge (outbound proxy)
+            out = pbx.call("sip:+442071234567@sip.edge.test", tone_hz=440)
+            out.wait_state("CONFIRMED", 15)
+            leg = carrier.wait_incoming(1, 5)
+            assert leg.info["ruri_user"].lstrip("+") == "442071234567"
+            time.sleep(2.0)
+            out.hangup()
+            leg.wait_state("DISCONNECTED", 10)
+            assert hears_tone(out.record_wav, 1000, 440), tone_powers(out.record_wav, [440, 1000])
+            assert hears_tone(leg.record_wav, 440, 1000), tone_powers(leg.record_wav, [440, 1000])
+
+            # incoming: the carrier calls the online number; the PBX sees its SIP username in
+            # To and the extension tag as Request-URI user
+            pbx.on_incoming(200, tone_hz=1000)
+            carrier_call = carrier.call(f"sip:+14155550100@127.0.0.1:{edge.sip_port}", tone_hz=440)
+            carrier_call.wait_state("CONFIRMED", 15)
+            inc = pbx.wait_incoming(1, 5)
+            assert inc.info["to_user"] == prof["sip_username"]
+            assert inc.info["ruri_user"] == "sales"
+            time.sleep(2.0)
+            carrier_call.hangup()
+            inc.wait_state("DISCONNECTED", 10)
+            assert hears_tone(inc.record_wav, 440, 1000), tone_powers(inc.record_wav, [440, 1000])
+            assert hears_tone(carrier_call.record_wav, 1000, 440), tone_powers(carrier_call.record_wav, [440, 1000])
