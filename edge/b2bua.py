@@ -31,7 +31,7 @@ from edge.media.relay import MediaService
 from edge.media.sdp import SdpError, parse_sdp_media, rewrite_sdp
 from edge.sip import SipMessage, SipParseError, parse_uri
 from edge.sip.auth import AuthResult, parse_authorization, source_allowed
-from edge.sip.core import SipService
+from edge.sip.core import RateLimiter, SipService
 from edge.sip.request import OutRequest, new_call_id, new_tag
 from edge.sip.transaction import ClientTransaction, ServerTransaction, State
 from edge.sip.transport import Peer
@@ -160,6 +160,8 @@ class B2BUA:
         self.by_invite: dict[tuple, Call] = {}
         self.dialogs: dict[tuple[str, str], Dialog] = {}
         self.carriers = sorted(cfg.carriers, key=lambda c: c.priority)
+        rate = cfg.sip.profile_rate_limit
+        self.profile_limiter = RateLimiter(rate, max(1.0, 2 * rate))
         media.on_event = self._on_media_event
         sip.calls = self
 
@@ -247,6 +249,11 @@ class B2BUA:
         req = tx.request
         prof = self._authenticate(tx)
         if prof is None:
+            return
+        if not self.profile_limiter.allow(prof.id):                               # flood protection
+            self.sip.metrics.rate_limited.labels("profile").inc()
+            self._reject(tx, "outgoing", "rate_limit", 503, "call attempt rate limit of the profile",
+                         headers=[("Retry-After", "1")])
             return
         from_user = req.from_.uri.user if req.from_.uri is not None else None
         if from_user != prof.sip_username:                                       # rule 2

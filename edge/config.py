@@ -32,6 +32,7 @@ class SipConfig(Section):
     # flood protection (SPEC §7); trusted carrier sources are exempt
     rate_limit: Annotated[float, msgspec.Meta(ge=0)] = 200.0     # requests/s per source; 0 = off
     rate_burst: Annotated[float, msgspec.Meta(ge=1)] = 400.0
+    profile_rate_limit: Annotated[float, msgspec.Meta(ge=0)] = 100.0  # call attempts/s per profile; 0 = off
     auth_block_threshold: Annotated[int, msgspec.Meta(ge=1)] = 20  # auth failures in 60 s that block a source
     auth_block_seconds: Annotated[float, msgspec.Meta(ge=0)] = 120.0
 
