@@ -54,8 +54,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             f"  SIP username  {demo.sip_username}\n"
             f"  SIP password  {demo.sip_password}\n"
             f"  online number {demo.number}{'  (demo provisioned now)' if demo.created else ''}\n"
-            f"  test call     sipp -sn uac -s {ECHO_NUMBER.lstrip('+')} {host_port} -au {demo.sip_username} "
-            f"-ap {demo.sip_password} -m 1   (the echo number {ECHO_NUMBER})\n"
+            f"  test call     sipp -sf deploy/sipp/uac-echo-call.xml -key user {demo.sip_username} "
+            f"-key domain {cfg.sip.domain} -au {demo.sip_username} -ap {demo.sip_password} "
+            f"-s {ECHO_NUMBER.lstrip('+')} -m 1 {host_port}   (the echo number {ECHO_NUMBER}, free)\n"
             f"  try           curl -H 'Authorization: Bearer {token}' http://{cfg.api.listen}/v1/profiles/{demo.profile_id}",
             flush=True,
         )
