@@ -532,7 +532,11 @@ cpdef SipMessage parse(object data):
     pos = _skip_crlf(m._buf, 0, m._len)
     if pos >= m._len:
         raise SipBadStartLine("Empty Message", pos)
-    _scan(m, pos, m._len, 1)
+    try:
+        _scan(m, pos, m._len, 1)
+    except SipParseError as err:
+        err.data = raw  # str(err) shows the line with a caret (aiohttp style)
+        raise
     return m
 
 

@@ -1035,7 +1035,11 @@ def parse(data) -> SipMessage:
     pos = _skip_crlf(data, 0, n)
     if pos >= n:
         raise SipBadStartLine("Empty Message", pos)
-    return _scan(data, pos, n, True)
+    try:
+        return _scan(data, pos, n, True)
+    except SipParseError as err:
+        err.data = data  # str(err) shows the line with a caret (aiohttp style)
+        raise
 
 
 def skip_keepalive(buf, start: int = 0) -> int:
