@@ -45,8 +45,8 @@ class EdgeProcess:
         lo, hi = media_ports
         if not lo:
             # below the kernel's ephemeral range (32768+), a different block per test process
-            lo = 20000 + (os.getpid() % 60) * 200 + (EdgeProcess._instances % 2) * 100
-            hi = lo + 99
+            lo = 20000 + (os.getpid() % 12) * 1000 + (EdgeProcess._instances % 2) * 500
+            hi = lo + 499
         EdgeProcess._instances += 1
         carriers_toml = "".join(f'[[carriers]]\nuri = "{c}"\npriority = 1\nweight = 100\n' for c in (carriers or []))
         self.config = self.tmp / "sipedge.toml"
