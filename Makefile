@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml setup.py
 build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
-run: build
+run: system-deps build
 	$(VENV)/bin/sipedge serve --config $(CONFIG) --demo
 
 # pytest exits 5 when it collected nothing: that is a failure, not a pass.
