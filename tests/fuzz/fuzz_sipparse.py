@@ -5,6 +5,7 @@ Not collected by pytest (no ``test_`` prefix).  Run manually::
     .venv/bin/pip install atheris
     .venv/bin/python tests/fuzz/fuzz_sipparse.py -max_total_time=300 -max_len=4096
     .venv/bin/python tests/fuzz/fuzz_sipparse.py --seeds-only     # replay the corpus once
+    .venv/bin/python tests/fuzz/fuzz_sipparse.py crash-<sha>      # reproduce a finding
 
 The corpus is seeded from ``tests/corpus/{valid,invalid}`` into ``tests/fuzz/work``
 (git-ignored by the caller's choice; safe to delete).  The target asserts that only
@@ -68,8 +69,9 @@ def main() -> None:
         return
     import atheris
 
-    work = seed_dir()
-    argv = [a for a in sys.argv if a != "--seeds-only"] + [str(work)]
+    argv = list(sys.argv)
+    if not any(not a.startswith("-") for a in argv[1:]):  # no corpus dir / crash file given
+        argv.append(str(seed_dir()))
     atheris.instrument_all()
     atheris.Setup(argv, one_input)
     atheris.Fuzz()
