@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(fn=_cmd_check)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(fn=lambda a: print(f"sipedge {__version__}") or 0)
+    from .status import register as register_status
+
+    register_status(sub)
     return parser
 
 
