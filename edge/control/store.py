@@ -701,14 +701,13 @@ class Store:
         return self.write(op)
 
     def bindings(self, profile_id: str, now: float | None = None) -> list[Registration]:
-        """Live bindings of a profile; expired ones are never returned (and pruned lazily)."""
+        """Live bindings of a profile; expired ones are never returned (and purged at start)."""
         now = time.time() if now is None else now
+        return self.read(lambda txn: self.bindings_in(txn, profile_id, now))
 
-        def op(txn: lmdb.Transaction) -> list[Registration]:
-            regs = (self._decode(Registration, v) for _, v in self._scan(txn, "registrations", profile_id.encode() + SEP))
-            return [r for r in regs if r.expires_at > now]
-
-        return self.read(op)
+    def bindings_in(self, txn: lmdb.Transaction, profile_id: str, now: float) -> list[Registration]:
+        regs = (self._decode(Registration, v) for _, v in self._scan(txn, "registrations", profile_id.encode() + SEP))
+        return [r for r in regs if r.expires_at > now]
 
     def purge_expired_bindings(self, now: float | None = None) -> int:
         now = time.time() if now is None else now

@@ -55,9 +55,12 @@ def parse_authorization(value: str) -> DigestAnswer | None:
     if scheme.lower() != "digest":
         return None
     params: dict[str, str] = {}
-    for match in _PARAM.finditer(rest):
-        raw = match.group(2)
-        params[match.group(1).lower()] = raw[1:-1].replace('\\"', '"').replace("\\\\", "\\") if raw.startswith('"') else raw
+    for name, raw in _PARAM.findall(rest):
+        if raw.startswith('"'):
+            raw = raw[1:-1]
+            if "\\" in raw:
+                raw = raw.replace('\\"', '"').replace("\\\\", "\\")
+        params[name.lower()] = raw
     try:
         return DigestAnswer(
             username=params["username"], realm=params["realm"], nonce=params["nonce"], uri=params["uri"],

@@ -43,11 +43,18 @@ class SipMetrics:
             "edge_sip_blocked_sources", "Source addresses blocked now after repeated authentication failures.",
             registry=r)
 
+        self._children: dict[tuple[str, str, str, int], object] = {}
+
+    def _message_counter(self, direction: str, transport: str, method: str, status: int):
+        """The labelled child for one combination, looked up once (``labels()`` costs ~3 µs)."""
+        key = (direction, transport, method_label(method), status)  # bounded: unknown methods fold to OTHER
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.messages.labels(direction, transport, key[2], str(status))
+        return child
+
     def count_in(self, transport: str, msg: SipMessage) -> None:
-        if msg.is_request:
-            self.messages.labels("in", transport, method_label(msg.method), "0").inc()
-        else:
-            self.messages.labels("in", transport, method_label(msg.method), str(msg.status)).inc()
+        self._message_counter("in", transport, msg.method, msg.status).inc()
 
     def count_out(self, transport: str, method: str, status: int) -> None:
-        self.messages.labels("out", transport, method_label(method) if method else "OTHER", str(status)).inc()
+        self._message_counter("out", transport, method, status).inc()

@@ -23,6 +23,10 @@ from .transaction import ServerTransaction
 log = logging.getLogger("sipedge.registrar")
 
 
+class _OutOfOrder(Exception):
+    """An older REGISTER of the same Call-ID than the binding we hold (RFC 3261 §10.3 step 7)."""
+
+
 class Registrar:
     def __init__(self, store: Store, auth: DigestAuth, metrics: SipMetrics, failures: FailureTracker, *,
                  min_expires: int = 60, max_expires: int = 3600, default_expires: int = 3600) -> None:
@@ -88,7 +92,7 @@ class Registrar:
                 tx.respond(400, "Contact * needs Expires: 0")
                 return
             self.store.remove_all_bindings(profile_id)
-            self._ok(tx, profile_id, now)
+            self._ok(tx, profile_id, [], now)
             return
         changes: list[tuple[str, int]] = []
         for contact in contacts:
@@ -106,14 +110,14 @@ class Registrar:
         source = str(tx.peer)
         user_agent = req.header("User-Agent") or ""
 
-        def op(txn) -> str | None:
+        def op(txn) -> list[Registration]:
             for uri, seconds in changes:
                 key = self.store.db["registrations"]
                 existing = self.store._get(txn, "registrations", profile_id.encode() + b"\0" + uri.encode(),
                                            Registration)
                 # §10.3 step 7: an older REGISTER of the same Call-ID must not undo a newer one
                 if existing is not None and existing.call_id == call_id and existing.cseq >= cseq:
-                    return "out of order"
+                    raise _OutOfOrder  # aborts the whole transaction: no contact of it is applied
                 bkey = profile_id.encode() + b"\0" + uri.encode()
                 if seconds == 0:
                     txn.delete(bkey, db=key)
@@ -121,15 +125,19 @@ class Registrar:
                     self.store._put(txn, "registrations", bkey, Registration(
                         profile_id=profile_id, contact=uri, expires_at=now + seconds, source=source,
                         call_id=call_id, cseq=cseq, user_agent=user_agent, registered_at=now))
-            return None
+            return self.store.bindings_in(txn, profile_id, now)  # for the 200, in the same transaction
 
-        if changes and self.store.write(op, sync=False) is not None:
+        if not changes:  # a query: list the bindings
+            self._ok(tx, profile_id, self.store.bindings(profile_id, now), now)
+            return
+        try:
+            bindings = self.store.write(op, sync=False)
+        except _OutOfOrder:
             tx.respond(500, "Out of order REGISTER", headers=[("Retry-After", "1")])
             return
-        self._ok(tx, profile_id, now)
+        self._ok(tx, profile_id, bindings, now)
 
-    def _ok(self, tx: ServerTransaction, profile_id: str, now: float) -> None:
-        bindings = self.store.bindings(profile_id, now)
+    def _ok(self, tx: ServerTransaction, profile_id: str, bindings: list[Registration], now: float) -> None:
         log.debug("registered", extra={"event": "registered", "profile": profile_id, "source": str(tx.peer),
                                        "bindings": len(bindings)})
         headers = [("Contact", f"<{b.contact}>;expires={max(1, int(b.expires_at - now))}") for b in bindings]

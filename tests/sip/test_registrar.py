@@ -256,3 +256,13 @@ def test_sip_metrics_are_exported(edge: EdgeProcess) -> None:
     assert 'edge_sip_messages_total{direction="out",method="REGISTER",status="401",transport="udp"}' in text
     assert 'edge_sip_auth_failures_total{method="REGISTER",reason="bad_password"}' in text
     assert "edge_registrations_active" in text
+
+
+def test_out_of_order_register_cannot_undo_a_newer_one(edge: EdgeProcess, ua: RawSip, profile: dict) -> None:
+    user, pw = profile["sip_username"], profile["sip_password"]
+    call_id = uuid.uuid4().hex
+    contact = f"<sip:{user}@127.0.0.1:7020>"
+    assert register(ua, user, pw, contact=contact, call_id=call_id, cseq=10)[1].status == 200
+    _, stale, _ = register(ua, user, pw, contact=contact, call_id=call_id, cseq=3, expires=0)
+    assert stale.status == 500 and stale.header("Retry-After") == "1"
+    assert any(b["contact"].endswith(":7020") for b in bindings(edge, profile["id"]))  # not removed
