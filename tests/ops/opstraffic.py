@@ -11,6 +11,7 @@ minimum with auto-recharge off (so the channel and credit alerts really fire).
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 import uuid
@@ -191,6 +192,26 @@ def _bad_register(ua: RawSip, user: str):
     return challenge, ua.recv_final()
 
 
+def free_media_block(size: int = 100) -> tuple[int, int]:
+    """A block of UDP ports below the kernel's ephemeral range that is free right now (other test
+    processes on the machine run edges too; a pid-derived block can collide with theirs)."""
+    for _ in range(50):
+        lo = random.randrange(20000, 32700 - size, 2)
+        socks = []
+        try:
+            for port in range(lo, lo + size):
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return lo, lo + size - 1
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free block of media ports")
+
+
 @contextmanager
 def ops_edge(tmp: Path, *, block_threshold: int = 3, traffic: bool = True) -> Iterator[OpsEdge]:
     """A running, provisioned edge; with ``traffic`` the calls of :func:`drive` are already through it
@@ -200,7 +221,8 @@ def ops_edge(tmp: Path, *, block_threshold: int = 3, traffic: bool = True) -> It
     extra = (f'[[carriers]]\nuri = "sip:127.0.0.2:{primary.port}"\npriority = 1\nweight = 100\n'
              f'[[carriers]]\nuri = "sip:127.0.0.3:{backup.port}"\npriority = 2\nweight = 100\n')
     edge = EdgeProcess(tmp, extra_config=extra, trusted=["127.0.0.2/32", "127.0.0.3/32"],
-                       sip_extra=f"rate_limit = 0\nauth_block_threshold = {block_threshold}")
+                       sip_extra=f"rate_limit = 0\nauth_block_threshold = {block_threshold}",
+                       media_ports=free_media_block())
     ops = OpsEdge(edge, primary, backup)
     ops.block_threshold = block_threshold
     try:
