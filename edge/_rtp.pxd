@@ -226,6 +226,7 @@ cdef class RelayEngine:
     cdef readonly int port_max
     cdef readonly double quiet_period  # seconds before a freed port is reused
     cdef readonly double timeout       # default media timeout, seconds
+    cdef readonly int tos              # IP TOS byte of relay sockets (0xB8 = DSCP EF), 0 = leave
     cdef uint32_t _next_gen     # next relay id
     cdef object _free_ports     # deque[(rtp_port, reusable_at_monotonic)], FIFO
     cdef list _free_slots       # unused slot indices

@@ -119,6 +119,7 @@ class RelayEngine:
     :param quiet_period: seconds a freed port waits before it is reused
     :param timeout: default seconds of silence on both legs before a timeout event
     :param clock_rate: RTP clock used for jitter in ms (8000 for G.711/G.729/G.722)
+    :param tos: IP TOS byte set on relay sockets; 0xB8 is DSCP EF (RFC 3246), 0 leaves the default
     """
 
     address: str
@@ -126,6 +127,7 @@ class RelayEngine:
     port_max: int
     quiet_period: float
     timeout: float
+    tos: int
     def __init__(
         self,
         address: str,
@@ -135,6 +137,7 @@ class RelayEngine:
         quiet_period: float = 2.0,
         timeout: float = 30.0,
         clock_rate: float = 8000.0,
+        tos: int = 0xB8,
     ) -> None: ...
     def start(self) -> None:
         """Start the packet thread (no-op if running)."""

@@ -401,7 +401,7 @@ cdef class RelayEngine:
         self._started = False
 
     def __init__(self, str address, int port_min, int port_max, *, double quiet_period=2.0,
-                 double timeout=30.0, double clock_rate=8000.0):
+                 double timeout=30.0, double clock_rate=8000.0, int tos=0xB8):
         cdef uint32_t nslots
         cdef int first
         cdef epoll_event ev
@@ -413,6 +413,9 @@ cdef class RelayEngine:
         self.port_max = port_max
         self.quiet_period = quiet_period
         self.timeout = timeout
+        if not 0 <= tos <= 255:
+            raise ValueError("bad TOS byte %r" % tos)
+        self.tos = tos
         first = port_min + (port_min & 1)            # RTP on even ports, RFC 3550 §11
         pairs = [p for p in range(first, port_max, 2) if p + 1 <= port_max]
         if len(pairs) < 2:
@@ -535,6 +538,7 @@ cdef class RelayEngine:
         cdef sockaddr_in sa
         cdef int fd0, fd1, k, tries
         cdef int bufsz = 1 << 20
+        cdef int tos = self.tos
         tries = len(self._free_ports) + 1
         for k in range(tries):
             port = self._alloc_pair()
@@ -556,6 +560,10 @@ cdef class RelayEngine:
                 sa.sin_port = htons(<uint16_t>(port + 1))
                 if bind(fd1, <sockaddr *>&sa, sizeof(sa)) == 0:
                     setsockopt(fd0, SOL_SOCKET, SO_RCVBUF, &bufsz, sizeof(int))
+                    if tos:
+                        # DSCP EF (46 << 2 = 0xB8) on relayed media, RFC 3246 / RFC 4594 (rtpengine.conf ships tos = 184).
+                        setsockopt(fd0, IPPROTO_IP, IP_TOS, &tos, sizeof(int))
+                        setsockopt(fd1, IPPROTO_IP, IP_TOS, &tos, sizeof(int))
                     rtp.fd = fd0
                     rtp.port = <uint16_t>port
                     rtp.is_rtcp = 0
