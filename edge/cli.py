@@ -62,7 +62,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         )
     node = Node(cfg, store, token)
     try:
-        asyncio.run(node.run())
+        if args.loop == "uvloop":
+            import uvloop
+
+            uvloop.run(node.run())
+        else:
+            asyncio.run(node.run())
     finally:
         store.close()
     return 0
@@ -77,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--demo", action="store_true", help="provision the demo tenant on an empty store and print it")
     serve.add_argument("--log-format", choices=["text", "json"], default="text",
                        help="one line per event: text, or JSON for a log pipeline")
+    serve.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
+                       help="event loop implementation (see docs/sip.md for the measurement)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     serve.set_defaults(fn=_cmd_serve)
     check = sub.add_parser("check", help="validate a config file")

@@ -105,7 +105,8 @@ class EdgeProcess:
         return self.proc.returncode
 
     def __enter__(self) -> "EdgeProcess":
-        return self.start()
+        # ``with EdgeProcess(...).start("--demo") as e`` must not start a second process
+        return self if self.proc is not None and self.proc.poll() is None else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -368,7 +368,9 @@ class Store:
                 sip_username=username, allowed_ips=allowed, static_contact=static_contact,
                 created_at=time.time(),
             )
-            secret = password or "".join(secrets.choice(_PASSWORD_ALPHABET) for _ in range(16))
+            # starts with a letter: some UAs (SIPp) read a password beginning "0x" as hex
+            secret = password or secrets.choice(string.ascii_letters) + "".join(
+                secrets.choice(_PASSWORD_ALPHABET) for _ in range(15))
             cred = self._credential_for(prof, secret)
             self._put(txn, "profiles", prof.id.encode(), prof)
             self._put(txn, "credentials", username.encode(), cred)
