@@ -179,7 +179,8 @@ def git_sha() -> str:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
         # dirty only if what this benchmark runs differs from the commit
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "edge/_sipparse.pyx", "edge/_sipparse.pxd",
-                                "edge/_hdrnames.pxi", "edge/sip", "bench/bench_parse.py"], cwd=ROOT,
+                                "edge/_hdrnames.pxi", "edge/sip/__init__.py", "edge/sip/errors.py",
+                                "edge/sip/hdrs.py", "edge/sip/parser_py.py", "bench/bench_parse.py"], cwd=ROOT,
                                capture_output=True, text=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except Exception:
