@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
@@ -94,7 +95,7 @@ class ServerTransaction:
         if self.is_invite:
             if status < 300:
                 self.state = State.ACCEPTED  # RFC 6026 §8.7: absorb retransmitted INVITEs for Timer L
-                self._after(64 * self.layer.t1, self._terminate)
+                self.layer.linger(self)
             else:
                 self.state = State.COMPLETED
                 if not self.reliable:
@@ -102,7 +103,10 @@ class ServerTransaction:
                 self._after(64 * self.layer.t1, self._timer_h)
         else:
             self.state = State.COMPLETED
-            self._after(0 if self.reliable else 64 * self.layer.t1, self._terminate)  # Timer J
+            if self.reliable:
+                self._terminate()      # Timer J = 0 on TCP
+            else:
+                self.layer.linger(self)  # Timer J
 
     def on_retransmission(self) -> None:
         """The same request again: answer with the last response, never a new transaction."""
@@ -276,6 +280,10 @@ class TransactionLayer:
         self.loop = loop or asyncio.get_running_loop()
         self.server: dict[tuple, ServerTransaction] = {}
         self.client: dict[tuple, ClientTransaction] = {}
+        # Timers J and L are all 64*T1 long: one FIFO swept periodically instead of a
+        # TimerHandle (and a heap push) per transaction.
+        self._linger: deque[tuple[float, ServerTransaction]] = deque()
+        self._sweeping = False
 
     def on_message(self, msg: SipMessage, peer: Peer) -> None:
         if msg.is_request:
@@ -315,6 +323,23 @@ class TransactionLayer:
             self.tu.on_cancel(invite, msg)
             return
         self.tu.on_request(tx)
+
+    def linger(self, tx: ServerTransaction) -> None:
+        """Keep a finished server transaction for 64*T1 to answer retransmissions, then end it."""
+        self._linger.append((self.loop.time() + 64 * self.t1, tx))
+        if not self._sweeping:
+            self._sweeping = True
+            self.loop.call_later(self.t1, self._sweep)
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        queue = self._linger
+        while queue and queue[0][0] <= now:
+            queue.popleft()[1]._terminate()
+        if queue:
+            self.loop.call_later(min(self.t1, queue[0][0] - now), self._sweep)
+        else:
+            self._sweeping = False
 
     def send_request(self, request: OutRequest, dest: Peer, *, on_response: ResponseCallback,
                      on_timeout: TimeoutCallback) -> ClientTransaction:

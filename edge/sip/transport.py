@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -19,6 +20,7 @@ from .metrics import SipMetrics
 log = logging.getLogger("sipedge.sip")
 
 UDP_MAX = 65535
+UDP_SOCKET_BUFFER = 4 << 20        # bytes; the kernel caps it at net.core.rmem_max
 TCP_READ_LIMIT = 256 * 1024       # bytes buffered per connection before it is cut
 TCP_IDLE_SECONDS = 3600.0         # an idle connection (no message, no keep-alive) is closed
 
@@ -149,7 +151,13 @@ class Transports:
     async def listen(self, proto: str, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
         if proto == "udp":
-            _, protocol = await loop.create_datagram_endpoint(lambda: SipUdp(self), local_addr=(host, port))
+            transport, protocol = await loop.create_datagram_endpoint(lambda: SipUdp(self), local_addr=(host, port))
+            sock = transport.get_extra_info("socket")
+            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):  # absorb bursts instead of dropping them
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, opt, UDP_SOCKET_BUFFER)
+                except OSError:
+                    pass
             self.udp[host] = protocol
             self.udp_default = self.udp_default or protocol
         else:
