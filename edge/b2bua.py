@@ -283,6 +283,7 @@ class B2BUA:
         if callee == ECHO_NUMBER:
             self._answer_echo(call)
             return
+        self._arm_setup_timer(call)
         call.targets = self.carrier_targets(callee)
         if not call.targets:
             self._finish(call, 503, "no_carrier", respond_text="no carrier configured")
@@ -374,6 +375,7 @@ class B2BUA:
         ruri = f"sip:{target_user}@{host_port}{params}"
         domain = self.cfg.sip.domain
         call.targets = [("pbx", dest, ruri)]
+        self._arm_setup_timer(call)
         self._try_next_target(call, from_uri=f"<sip:{caller}@{domain}>", to_uri=f"<sip:{prof.sip_username}@{domain}>")
 
     # ---------------------------------------------------------- outbound leg
@@ -418,6 +420,14 @@ class B2BUA:
                                         "outbound_call_id": call_id})
         call.out_tx = self.tl.send_request(invite, peer, on_response=lambda m, c=call, t=invite: self._on_response(c, t, m),
                                            on_timeout=lambda c=call, t=invite: self._on_attempt_timeout(c, t))
+
+    def _arm_setup_timer(self, call: Call) -> None:
+        """Timer C (RFC 3261 §16.6): a call that rings too long is cancelled."""
+        def expire() -> None:
+            if call.state in ("trying", "early") and not call.ending:
+                self._finish(call, 408, "timeout", respond_text="no answer")
+
+        call.timers.append(self.tl.loop.call_later(self.cfg.sip.setup_timeout, expire))
 
     def _create_relay(self, call: Call) -> bool:
         try:

@@ -29,6 +29,7 @@ class SipConfig(Section):
     max_expires: Annotated[int, msgspec.Meta(ge=60)] = 3600
     min_expires: Annotated[int, msgspec.Meta(ge=1)] = 60
     tcp_max_connections: Annotated[int, msgspec.Meta(ge=1)] = 4096
+    setup_timeout: Annotated[float, msgspec.Meta(gt=0)] = 180.0  # seconds a call may ring (RFC 3261 Timer C)
     # flood protection (SPEC §7); trusted carrier sources are exempt
     rate_limit: Annotated[float, msgspec.Meta(ge=0)] = 200.0     # requests/s per source; 0 = off
     rate_burst: Annotated[float, msgspec.Meta(ge=1)] = 400.0

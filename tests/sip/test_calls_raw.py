@@ -561,3 +561,26 @@ def test_call_metrics(edge) -> None:
     assert 'edge_call_setup_seconds_bucket{direction="outgoing",le="0.1",stage="answer"}' in text
     assert "edge_credit_cutoffs_total 1.0" in text
     assert "edge_rtp_" in text
+
+
+def test_setup_timeout_cancels_a_call_that_rings_forever(tmp_path, carriers) -> None:
+    carrier = carriers[0]
+    extra = f'[[carriers]]\nuri = "sip:127.0.0.2:{carrier.port}"\npriority = 1\nweight = 100\n'
+    with EdgeProcess(tmp_path, extra_config=extra, sip_extra="setup_timeout = 1.5\nrate_limit = 0") as edge:
+        with edge.client() as api:
+            api.put("/v1/rates", json={"rates": [{"prefix": "44", "rate": "0.02"}]})
+        prof = new_profile(edge)
+        pbx = Pbx(edge)
+        try:
+            carrier.drain()
+            pbx.invite(prof, "+442071234567")
+            inv = carrier.recv_request("INVITE")
+            carrier.answer(inv, 180)
+            t0 = time.monotonic()
+            assert pbx.recv_final(timeout=5).status == 408
+            assert 1.0 <= time.monotonic() - t0 <= 3.0
+            assert carrier.recv_request("CANCEL").branch == inv.branch
+            cdr = wait_for(lambda: api_get(edge, f"/v1/profiles/{prof['id']}/cdrs")["items"])[0]
+            assert cdr["end_reason"] == "timeout" and cdr["status"] == 408
+        finally:
+            pbx.close()
