@@ -33,7 +33,6 @@ on CPU 0, the device on CPU 1 (taskset). Devices alternate per repeat; medians w
 from __future__ import annotations
 
 import argparse
-import audioop  # noqa: F401 -- G.711 encoder for the RTP WAV (deprecated in 3.13; 3.11 here)
 import math
 import shutil
 import struct
@@ -57,18 +56,28 @@ UAS_MEDIA_PORT = 9000        # SIPp carrier side, <15000
 # SIP ports: bench_register.SIP_PORT_RANGE (15000-19999)
 
 
+def ulaw(sample: int) -> int:
+    """One 16-bit linear sample to G.711 u-law (ITU-T G.711, the classic Sun algorithm)."""
+    bias, clip = 0x84, 32635
+    sign = 0x80 if sample < 0 else 0
+    mag = min(-sample if sample < 0 else sample, clip) + bias
+    exponent = 7
+    for exp_mask in (0x4000, 0x2000, 0x1000, 0x800, 0x400, 0x200, 0x100):
+        if mag & exp_mask:
+            break
+        exponent -= 1
+    mantissa = (mag >> (exponent + 3)) & 0x0F
+    return ~(sign | (exponent << 4) | mantissa) & 0xFF
+
+
 def write_pcmu_wav(path: Path, freq: float = 440.0, seconds: float = 1.0) -> None:
     """An 8 kHz G.711 u-law WAV (format 7) of a sine: what SIPp's rtp_stream sends as PT 0."""
-    import audioop
-
     rate = 8000
     n = int(rate * seconds)
-    pcm = struct.pack(f"<{n}h", *(int(8000 * math.sin(2 * math.pi * freq * i / rate)) for i in range(n)))
-    ulaw = audioop.lin2ulaw(pcm, 2)
+    data = bytes(ulaw(int(8000 * math.sin(2 * math.pi * freq * i / rate))) for i in range(n))
     fmt = struct.pack("<HHIIHH", 7, 1, rate, rate, 1, 8) + struct.pack("<H", 0)
-    fact = struct.pack("<I", len(ulaw))
-    body = (b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"fact" + struct.pack("<I", 4) + fact
-            + b"data" + struct.pack("<I", len(ulaw)) + ulaw)
+    body = (b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"fact" + struct.pack("<I", 4)
+            + struct.pack("<I", len(data)) + b"data" + struct.pack("<I", len(data)) + data)
     path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
 
 
