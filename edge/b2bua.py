@@ -469,7 +469,7 @@ class B2BUA:
                 call.provisional_seen = True
                 self.metrics.setup.labels(call.direction, "provisional").observe(time.monotonic() - call.started)
             out.remote_tag = resp.to_tag or out.remote_tag
-            headers: list[tuple[str, str]] = [("Contact", self.contact(call.inbound.proto))]
+            headers: list[tuple[str, str]] = [("Contact", self.contact(call.inbound.proto)), *_record_routes(call)]
             body = b""
             if resp.body:
                 try:  # early media (183/180 with SDP): anchor it now
@@ -529,7 +529,7 @@ class B2BUA:
         self.tl.send_stateless(ack, dialog.peer)
 
     def _answer_inbound(self, call: Call, body: bytes) -> None:
-        headers = [("Contact", self.contact(call.inbound.proto)),
+        headers = [("Contact", self.contact(call.inbound.proto)), *_record_routes(call),
                    ("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE")]
         if body:
             headers.append(SDP)
@@ -836,6 +836,11 @@ class B2BUA:
                 except (KeyError, ValueError, SipParseError):
                     continue
         return len(calls)
+
+
+def _record_routes(call: Call) -> list[tuple[str, str]]:
+    """RFC 3261 §12.1.1: a response that establishes a dialog copies the request's Record-Route."""
+    return [("Record-Route", rr) for rr in call.invite.request.headers("Record-Route")]
 
 
 def _peer_of(text: str) -> Peer | None:

@@ -584,3 +584,37 @@ def test_setup_timeout_cancels_a_call_that_rings_forever(tmp_path, carriers) -> 
             assert cdr["end_reason"] == "timeout" and cdr["status"] == 408
         finally:
             pbx.close()
+
+
+def test_route_to_the_edge_and_record_route_of_the_pbx_side(edge, pbx: Pbx, carriers) -> None:
+    """A PBX using the edge as outbound proxy sends a Route to it; a proxy on the PBX side
+    Record-Routes. The edge terminates the leg and uses that route set in-dialog."""
+    carrier = carriers[0]
+    prof = new_profile(edge)
+    carrier.drain()
+    ruri = f"sip:+442071234567@{DOMAIN}"
+    route = [("Route", f"<sip:127.0.0.1:{edge.sip_port};lr>"),
+             ("Record-Route", f"<sip:127.0.0.1:{pbx.port};lr;ftag=pbxproxy>")]
+    body = sdp(pbx.rtp_port)
+    call_id, ftag = uuid.uuid4().hex, "rr1"
+    pbx.send(pbx.request("INVITE", ruri, from_user=prof["sip_username"], to_user="+442071234567", call_id=call_id,
+                         cseq=1, from_tag=ftag, body=body, headers=[("Content-Type", "application/sdp"), *route]))
+    challenge = pbx.recv_final()
+    auth = digest("INVITE", ruri, prof["sip_username"], prof["sip_password"], challenge.header("Proxy-Authenticate"))
+    pbx.send(pbx.request("INVITE", ruri, from_user=prof["sip_username"], to_user="+442071234567", call_id=call_id,
+                         cseq=2, from_tag=ftag, body=body,
+                         headers=[("Content-Type", "application/sdp"), ("Proxy-Authorization", auth), *route]))
+    inv = carrier.recv_request("INVITE")
+    assert not inv.header("Route") and not inv.header("Record-Route")  # nothing of the PBX side leaks
+    carrier.answer(inv, 200, body=sdp(carrier.rtp_port, host=carrier.host))
+    ok = pbx.recv_final()
+    assert ok.status == 200 and ok.headers("Record-Route") == [f"<sip:127.0.0.1:{pbx.port};lr;ftag=pbxproxy>"]
+    bye = (f"BYE sip:edge@127.0.0.1:{edge.sip_port} SIP/2.0\r\nVia: SIP/2.0/UDP {carrier.host}:{carrier.port};"
+           f"branch=z9hG4bKrrbye\r\nFrom: {inv.header('To')};tag=carrier1\r\nTo: {inv.header('From')}\r\n"
+           f"Call-ID: {inv.call_id}\r\nCSeq: 10 BYE\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode()
+    carrier.sock.sendto(bye, ("127.0.0.1", edge.sip_port))
+    pbx_bye = pbx.recv()
+    while not (pbx_bye.is_request and pbx_bye.method == "BYE"):
+        pbx_bye = pbx.recv()
+    assert pbx_bye.headers("Route") == [f"<sip:127.0.0.1:{pbx.port};lr;ftag=pbxproxy>"]
+    assert pbx_bye.uri.port == pbx.port and pbx_bye.to_tag == ftag
