@@ -642,6 +642,9 @@ class B2BUA:
                 self.end(call, "caller_bye" if by_caller else "callee_bye", skip=dialog)
             return True
         other = call.outbound if dialog is call.inbound else call.inbound
+        if other is None and call.state == "answered" and call.relay is not None:
+            self._echo_in_dialog(call, dialog, tx)  # the echo service is the other side
+            return True
         if other is None or call.state == "ended":
             tx.respond(481, "Call/Transaction Does Not Exist")
             return True
@@ -650,6 +653,23 @@ class B2BUA:
             return True
         self._relay_non_invite(call, dialog, other, tx)
         return True
+
+    def _echo_in_dialog(self, call: Call, dialog: Dialog, tx: ServerTransaction) -> None:
+        """Hold/resume and keep-alives on an echo call: answered by the edge itself."""
+        req = tx.request
+        if req.method != "INVITE" or not req.body:
+            tx.respond(200)
+            return
+        try:
+            media = parse_sdp_media(req.body)
+            call.relay.set_remote("a", media.host, media.port, media.rtcp_port)
+            call.relay.set_echo("a")
+            leg = call.relay.leg_a
+            body = rewrite_sdp(req.body, leg.address, leg.rtp_port, leg.rtcp_port)
+        except SdpError as exc:
+            tx.respond(488, headers=[warning(f"SDP cannot be anchored: {exc}")])
+            return
+        self._send_2xx(dialog, tx, 200, [("Contact", self.contact(dialog.proto)), SDP], body)
 
     def _relay_reinvite(self, call: Call, origin: Dialog, other: Dialog, tx: ServerTransaction) -> None:
         """Hold/resume and SDP changes: a re-INVITE on the other leg, media re-anchored."""

@@ -298,6 +298,16 @@ def test_echo_number_with_zero_credit(edge, pbx: Pbx) -> None:
         pbx.rtp.sendto(rtp_packet(seq, bytes([seq + 1]) * 160), ("127.0.0.1", port))
         echoed, _ = pbx.rtp.recvfrom(2048)
         assert echoed[12:] == bytes([seq + 1]) * 160
+    # hold/resume on the echo call is answered by the edge itself
+    pbx.send(pbx.request("INVITE", d["ruri"], from_user=d["user"], to_user="x", call_id=d["call_id"], cseq=3,
+                         from_tag=d["from_tag"], to_tag=ok.to_tag, body=sdp(pbx.rtp_port, session=2),
+                         headers=[("Content-Type", "application/sdp")]))
+    reok = pbx.recv_final()
+    assert reok.status == 200 and media_port(reok.body)[1] == port
+    pbx.send(pbx.request("ACK", d["ruri"], from_user=d["user"], to_user="x", call_id=d["call_id"], cseq=3,
+                         from_tag=d["from_tag"], to_tag=ok.to_tag))
+    pbx.rtp.sendto(rtp_packet(99, b"\x07" * 160), ("127.0.0.1", port))
+    assert pbx.rtp.recvfrom(2048)[0][12:] == b"\x07" * 160
     assert pbx.bye(d, ok.to_tag).status == 200
     cdr = wait_for(lambda: api_get(edge, f"/v1/profiles/{prof['id']}/cdrs")["items"])[0]
     assert cdr["callee"] == "+17606604690" and Decimal(cdr["cost"]) == 0 and cdr["status"] == 200
