@@ -23,6 +23,18 @@ from .transaction import ServerTransaction
 log = logging.getLogger("sipedge.registrar")
 
 
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _http_date(now: float) -> str:
+    """RFC 1123 date for the Date header, formatted once per second."""
+    global _date_cache
+    second = int(now)
+    if _date_cache[0] != second:
+        _date_cache = (second, formatdate(second, usegmt=True))
+    return _date_cache[1]
+
+
 class _OutOfOrder(Exception):
     """An older REGISTER of the same Call-ID than the binding we hold (RFC 3261 §10.3 step 7)."""
 
@@ -141,5 +153,5 @@ class Registrar:
         log.debug("registered", extra={"event": "registered", "profile": profile_id, "source": str(tx.peer),
                                        "bindings": len(bindings)})
         headers = [("Contact", f"<{b.contact}>;expires={max(1, int(b.expires_at - now))}") for b in bindings]
-        headers.append(("Date", formatdate(now, usegmt=True)))
+        headers.append(("Date", _http_date(now)))
         tx.respond(200, headers=headers)
