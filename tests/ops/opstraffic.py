@@ -182,6 +182,15 @@ def drive(ops: OpsEdge, *, block_source: str = "127.0.0.4", block_threshold: int
     ops.held.append((pbx2, d, tag))
 
 
+def drive_or_explain(ops: OpsEdge) -> None:
+    """:func:`drive`, with the end of the edge's log in the error when the traffic does not go as planned."""
+    try:
+        drive(ops, block_threshold=ops.block_threshold)
+    except (AssertionError, OSError) as exc:
+        tail = "\n".join(ops.edge.log.read_text(errors="replace").splitlines()[-40:])
+        raise AssertionError(f"traffic through the edge failed: {exc!r}\n--- edge log (end) ---\n{tail}") from exc
+
+
 def _bad_register(ua: RawSip, user: str):
     call_id = uuid.uuid4().hex
     ua.send(ua.request("REGISTER", REGISTRAR, from_user=user, to_user=user, call_id=call_id, cseq=1))
@@ -229,7 +238,7 @@ def ops_edge(tmp: Path, *, block_threshold: int = 3, traffic: bool = True) -> It
         with edge:
             ops.account, ops.hq, ops.branch, ops.broke = _provision(edge)
             if traffic:
-                drive(ops, block_threshold=block_threshold)
+                drive_or_explain(ops)
             yield ops
     finally:
         for pbx, _, _ in ops.held:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from opstraffic import drive, ops_edge
+from opstraffic import drive_or_explain, ops_edge
 from promserver import PrometheusProcess, ensure_prometheus, with_bool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,7 +65,7 @@ def stack(tmp_path_factory, prom_tools):
         target = f"127.0.0.1:{ops.edge.api_port}"
         with PrometheusProcess(tmp / "prom", target, rule_files=[ALERTS]) as prom:
             prom.wait_scrapes_after(time.time(), scrapes=1)
-            drive(ops, block_threshold=ops.block_threshold)
+            drive_or_explain(ops)
             prom.wait_scrapes_after(time.time(), scrapes=2)
             yield ops, prom
 
@@ -245,3 +245,22 @@ def test_alerts_the_traffic_provokes_are_active(stack) -> None:
     # the annotation template that queries the master balance rendered a number
     failing = next(a for a in alerts if a["labels"]["alertname"] == "SipedgeCreditLowAutoRechargeFailing")
     assert "(0.5)" in failing["annotations"]["description"], failing["annotations"]["description"]
+
+
+def test_shipped_prometheus_config_scrapes_the_edge_and_loads_the_rules(stack, tmp_path) -> None:
+    """deploy/prometheus/prometheus.yml as a newcomer uses it (next to alerts.yml), only the target changed."""
+    ops, _ = stack
+    (tmp_path / "alerts.yml").write_text(ALERTS.read_text())
+    config = EXAMPLE_CONFIG.read_text()
+    assert "127.0.0.1:8080" in config
+    prom = PrometheusProcess(tmp_path / "run", f"127.0.0.1:{ops.edge.api_port}")
+    prom.config = tmp_path / "prometheus.yml"
+    prom.config.write_text(config.replace("127.0.0.1:8080", prom.target))
+    with prom.start():
+        # its scrape interval is 15 s: check the target it will scrape (the scrape itself is proven above)
+        deadline = time.monotonic() + 10
+        while not (targets := prom.api("/api/v1/targets")["activeTargets"]) and time.monotonic() < deadline:
+            time.sleep(0.1)                      # service discovery runs once the server is ready
+        assert [(t["labels"]["job"], t["scrapeUrl"]) for t in targets] == \
+            [("sipedge", f"http://{prom.target}/metrics")], targets
+        assert len(loaded_rules(prom)) == len(re.findall(r"^\s+- alert:", ALERTS.read_text(), re.M))
