@@ -89,7 +89,7 @@ def test_non_invite_client_caps_retransmissions_at_t2() -> None:
         tl.send_request(out_request("OPTIONS"), PEER, on_response=lambda m: None, on_timeout=done.set)
         await asyncio.wait_for(done.wait(), 2)
         gaps = [b[0] - a[0] for a, b in zip(wire.sent, wire.sent[1:])]
-        assert max(gaps) < 4 * T1 * 1.5 + 0.01  # never more than T2 apart
+        assert max(gaps) < 4 * T1 + 0.05  # never much more than T2 apart (timers may fire late under load)
         assert len(wire.sent) > 12
 
     asyncio.run(run())
