@@ -832,8 +832,10 @@ class B2BUA:
             return
         ended = time.time()
         rate = call.rate if not call.free else None
+        # committed at once (a process crash loses nothing); the fsync follows off the loop
         self.store.write(lambda txn: self.credit.settle(txn, live, rate, ended, status=status, end_reason=reason,
-                                                         media=media))
+                                                         media=media), sync=False)
+        self.sip.flush_soon()
 
     # ------------------------------------------------------------ recovery
 
