@@ -8,11 +8,15 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test build system-deps bench clean distclean
 
-# System packages the test suite drives as real peers (SIPp). Installed only if missing.
+# Debian packages the test suite drives as real peers: SIPp (sip-tester) and Prometheus
+# (the dashboard and alert-rule test). Installed only if missing.
+DEBS_NEEDED = $(shell command -v sipp >/dev/null 2>&1 || echo sip-tester) \
+              $(shell command -v promtool >/dev/null 2>&1 || echo prometheus)
 system-deps:
-	@command -v sipp >/dev/null 2>&1 || { \
-	  echo "installing Debian packages: sip-tester"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sip-tester >/dev/null; }
+	@if [ -n "$(strip $(DEBS_NEEDED))" ]; then \
+	  echo "installing Debian packages: $(DEBS_NEEDED)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEBS_NEEDED) >/dev/null; \
+	fi
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
