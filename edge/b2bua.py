@@ -569,11 +569,7 @@ class B2BUA:
         body = b""
         if req.body:
             try:
-                media = parse_sdp_media(req.body)
-                call.relay.set_remote("a", media.host, media.port, media.rtcp_port)
-                call.relay.set_echo("a")
-                leg = call.relay.leg_a
-                body = rewrite_sdp(req.body, leg.address, leg.rtp_port, leg.rtcp_port)
+                body = self._anchor_echo(call, req.body)
             except SdpError as exc:
                 self._finish(call, 488, "bad_sdp", respond_text=f"SDP cannot be anchored: {exc}")
                 return
@@ -654,6 +650,14 @@ class B2BUA:
         self._relay_non_invite(call, dialog, other, tx)
         return True
 
+    def _anchor_echo(self, call: Call, sdp: bytes) -> bytes:
+        """Point relay leg a back at the caller in echo mode; the answer names leg a's ports."""
+        media = parse_sdp_media(sdp)
+        call.relay.set_remote("a", media.host, media.port, media.rtcp_port)
+        call.relay.set_echo("a")
+        leg = call.relay.leg_a
+        return rewrite_sdp(sdp, leg.address, leg.rtp_port, leg.rtcp_port)
+
     def _echo_in_dialog(self, call: Call, dialog: Dialog, tx: ServerTransaction) -> None:
         """Hold/resume and keep-alives on an echo call: answered by the edge itself."""
         req = tx.request
@@ -661,11 +665,7 @@ class B2BUA:
             tx.respond(200)
             return
         try:
-            media = parse_sdp_media(req.body)
-            call.relay.set_remote("a", media.host, media.port, media.rtcp_port)
-            call.relay.set_echo("a")
-            leg = call.relay.leg_a
-            body = rewrite_sdp(req.body, leg.address, leg.rtp_port, leg.rtcp_port)
+            body = self._anchor_echo(call, req.body)
         except SdpError as exc:
             tx.respond(488, headers=[warning(f"SDP cannot be anchored: {exc}")])
             return

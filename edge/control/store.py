@@ -243,17 +243,20 @@ class Store:
 
     def ledger(self, owner: str, *, after: int = 0, limit: int = 100) -> list[LedgerEntry]:
         """Entries of ``"account:<id>"`` or ``"profile:<id>"`` with seq > ``after``, oldest first."""
-        prefix = owner.encode() + SEP
+        return self._page("ledger", owner.encode() + SEP, after, limit, LedgerEntry)
 
-        def op(txn: lmdb.Transaction) -> list[LedgerEntry]:
-            cur = txn.cursor(db=self.db["ledger"])
-            out: list[LedgerEntry] = []
+    def _page(self, dbname: str, prefix: bytes, after: int, limit: int, cls: type[T]) -> list[T]:
+        """Records under ``prefix`` whose key ends in a u64 seq > ``after``, oldest first."""
+
+        def op(txn: lmdb.Transaction) -> list[T]:
+            cur = txn.cursor(db=self.db[dbname])
+            out: list[T] = []
             if not cur.set_range(prefix + _u64(after + 1)):
                 return out
             for key, value in cur:
                 if not key.startswith(prefix) or len(out) >= limit:
                     break
-                out.append(self._decode(LedgerEntry, value))
+                out.append(self._decode(cls, value))
             return out
 
         return self.read(op)
@@ -784,20 +787,7 @@ class Store:
         return cdr
 
     def cdrs(self, profile_id: str, *, after: int = 0, limit: int = 100) -> list[Cdr]:
-        prefix = profile_id.encode() + SEP
-
-        def op(txn: lmdb.Transaction) -> list[Cdr]:
-            cur = txn.cursor(db=self.db["cdrs"])
-            out: list[Cdr] = []
-            if not cur.set_range(prefix + _u64(after + 1)):
-                return out
-            for key, value in cur:
-                if not key.startswith(prefix) or len(out) >= limit:
-                    break
-                out.append(self._decode(Cdr, value))
-            return out
-
-        return self.read(op)
+        return self._page("cdrs", profile_id.encode() + SEP, after, limit, Cdr)
 
     # ------------------------------------------------------------ bundles
 
