@@ -203,9 +203,10 @@ def _bad_register(ua: RawSip, user: str):
 
 def free_media_block(size: int = 100) -> tuple[int, int]:
     """A block of UDP ports below the kernel's ephemeral range that is free right now (other test
-    processes on the machine run edges too; a pid-derived block can collide with theirs)."""
+    processes on the machine run edges too; a pid-derived block can collide with theirs). 23000-29999:
+    the benchmarks' relays (rtpengine, the C reference relay) take ports from 30000 up."""
     for _ in range(50):
-        lo = random.randrange(20000, 32700 - size, 2)
+        lo = random.randrange(23000, 30000 - size, 2)
         socks = []
         try:
             for port in range(lo, lo + size):
