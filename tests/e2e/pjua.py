@@ -200,7 +200,8 @@ class CallHandle:
         self.last_reason: str = ""
         self.media_status = "NONE"
         self.media_history: list[str] = []
-        #: responses received for this call's INVITE transactions: dicts with code, reason, headers
+        #: responses received for this call's transactions: dicts with code, reason, headers,
+        #: cseq_method. pjsua answers 401/407 challenges itself and does not report them here.
         self.responses: list[dict[str, Any]] = []
         #: requests received inside this call (BYE, re-INVITE, ...): dicts with method, headers
         self.requests: list[dict[str, Any]] = []

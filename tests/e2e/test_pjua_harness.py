@@ -270,6 +270,16 @@ def test_pjua_calls_through_the_edge_both_ways(tmp_path: Path, pjua: UAPool) -> 
             assert hears_tone(out.record_wav, 1000, 440), tone_powers(out.record_wav, [440, 1000])
             assert hears_tone(leg.record_wav, 440, 1000), tone_powers(leg.record_wav, [440, 1000])
 
+            # an unregistered account with the right credentials but another From user: 403
+            # (SPEC §4.2 rule 2), and the final response is visible with its headers
+            spoof = pbx.call("sip:+442071234567@sip.edge.test", from_user="12345",
+                             auth=(prof["sip_username"], prof["sip_password"]),
+                             proxy=edge_registrar(edge) + ";lr")
+            spoof.wait_state("DISCONNECTED", 15)
+            assert spoof.last_status == 403, (spoof.last_status, spoof.last_reason)
+            final = spoof.final_response
+            assert final is not None and final["code"] == 403
+
             # incoming: the carrier calls the online number; the PBX sees its SIP username in
             # To and the extension tag as Request-URI user
             pbx.on_incoming(200, tone_hz=1000)
