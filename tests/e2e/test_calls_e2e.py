@@ -15,6 +15,7 @@ Logs: ``edge.log`` in the edge's temp dir, ``pjsip-<name>.log`` in the UAs' dir.
 
 from __future__ import annotations
 
+import random
 import socket
 import threading
 import time
@@ -69,6 +70,27 @@ class ParallelPool(UAPool):
             ua.close()
         except Exception:
             pass
+
+
+def free_media_block(size: int = 200) -> tuple[int, int]:
+    """UDP ports for the edge's relay that are free right now, below the kernel's ephemeral
+    range and outside EdgeProcess's pid-derived default blocks (20000-31999): other engineers'
+    test processes run edges on this machine too, and a shared block ends in 503 no_media_ports."""
+    for _ in range(50):
+        lo = random.randrange(10000, 20000 - size, 2)
+        socks: list[socket.socket] = []
+        try:
+            for port in range(lo, lo + size):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return lo, lo + size - 1
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no free block of media ports")
 
 
 def wait_for(fn: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
@@ -211,7 +233,7 @@ def edge(tmp_path_factory: pytest.TempPathFactory, carrier: PjUA) -> Any:
     extra = (f'[[carriers]]\nuri = "sip:127.0.0.2:{carrier.port}"\npriority = 1\nweight = 100\n'
              '[credit]\nslice_seconds = 2\n')
     with EdgeProcess(tmp_path_factory.mktemp("edge"), extra_config=extra, trusted=["127.0.0.2/32"],
-                     sip_extra="rate_limit = 0") as proc:
+                     sip_extra="rate_limit = 0", media_ports=free_media_block()) as proc:
         with proc.client() as api:
             assert api.put("/v1/rates", json={"rates": RATES}).status_code == 200
         yield proc
@@ -594,7 +616,8 @@ def test_carrier_failover_on_503(tmp_path: Path, pbx: PjUA, pool: ParallelPool) 
         backup.on_incoming(200, tone_hz=BACKUP_TONE)
         extra = (f'[[carriers]]\nuri = "sip:127.0.0.2:{gateway.port}"\npriority = 1\nweight = 100\n'
                  f'[[carriers]]\nuri = "sip:127.0.0.4:{backup.port}"\npriority = 2\nweight = 100\n')
-        with EdgeProcess(tmp_path / "failover", extra_config=extra, trusted=["127.0.0.2/32"]) as edge2, \
+        with EdgeProcess(tmp_path / "failover", extra_config=extra, trusted=["127.0.0.2/32"],
+                         media_ports=free_media_block(100)) as edge2, \
                 edge2.client() as api2:
             assert api2.put("/v1/rates", json={"rates": RATES}).status_code == 200
             prof = profile(api2, credit="5.00", channels=1)
