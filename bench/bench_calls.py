@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             ca, cb = summary[a]["cpu_us_per_call_by_rate"][ref], summary[b]["cpu_us_per_call_by_rate"][ref]
             summary["reference_rate"] = int(ref)
             summary[f"ratio_cpu_per_call_{b}_over_{a}"] = (cb / ca) if ca and cb else None
-    result = {
+    result: dict[str, object] = {
         "bench": "calls",
         "machine": machine_info(),
         "tools": {"sipp": tool_version(["sipp", "-v"]), "kamailio": tool_version(["kamailio", "-v"]),

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import csv
 import json
-import tempfile
 import os
 import shutil
 import signal
@@ -38,6 +37,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -364,7 +364,7 @@ def run_sipp(*, dut: str, scenario: Path, target: str, rate: int, seconds: float
     res.retransmissions = _int(stats, "Retransmissions(C)")
     res.dead_msgs = _int(stats, "DeadCallMsgs(C)")
     res.out_of_call_msgs = _int(stats, "OutOfCallMsgs(C)")
-    res.timeouts = _int(stats, "FailedMaxUDPRetrans(C)") + _int(stats, "FailedCallRejected(C)") * 0
+    res.timeouts = _int(stats, "FailedMaxUDPRetrans(C)")  # calls that gave up retransmitting
     res.response_ms = _hms_to_ms(stats.get("ResponseTime1(C)", ""))
     unfinished = offered - res.successful - res.failed
     if unfinished > 0:
@@ -718,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
     summary = summarise(runs)
-    result = {
+    result: dict[str, object] = {
         "bench": "register",
         "machine": machine_info(),
         "tools": {"sipp": tool_version(["sipp", "-v"]), "kamailio": tool_version(["kamailio", "-v"])},
@@ -749,7 +749,7 @@ def print_table(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]]) 
     for name in runs:
         s = summary[name]
         failed = sum(r.get("failed_registrations") or 0 for r in runs[name])
-        errs = {r.get("error") for r in runs[name] if r.get("error")}
+        errs = {str(r["error"]) for r in runs[name] if r.get("error")}
         print(f"{name:<10} {fmt(s['max_rate']):<32} {fmt(s['first_failing_rate']):<16} "
               f"{fmt(s.get('cpu_us_per_registration_at_reference')):<22} {failed}"
               + (f"  ({'; '.join(sorted(errs))[:200]})" if errs else ""))

@@ -388,10 +388,10 @@ class PjUA:
             self._calls_by_id[call.id] = call
             self.incoming_calls.append(call)
         elif "h" in ev:
-            call = self._calls_by_id.get(ev["h"])
-            if call is None:  # an outgoing call's events may overtake the reply to "call"
-                call = self._calls_by_id[ev["h"]] = CallHandle(self, ev["h"], "out")
-            call._update(ev)
+            known = self._calls_by_id.get(ev["h"])
+            if known is None:  # an outgoing call's events may overtake the reply to "call"
+                known = self._calls_by_id[ev["h"]] = CallHandle(self, ev["h"], "out")
+            known._update(ev)
 
     def _wait_for(self, pred: Any, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
