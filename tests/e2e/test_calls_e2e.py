@@ -608,34 +608,54 @@ class RefusingGateway:
         self.sock.close()
 
 
-def test_carrier_failover_on_503(tmp_path: Path, pbx: PjUA, pool: ParallelPool) -> None:
+@pytest.fixture(scope="module")
+def failover(tmp_path_factory: pytest.TempPathFactory, pbx: PjUA, uas: ParallelPool) -> Any:
+    """An edge of its own with two carriers: priority 1 (127.0.0.2) answers 503, priority 2
+    (127.0.0.4, a pjsua UA playing 700 Hz) answers 200. One call from the PBX, talked and
+    hung up; the tests below look at what it left."""
     gateway = RefusingGateway("127.0.0.2", 503)
-    (tmp_path / "failover").mkdir()
+    backup = uas.new("backup", bind="127.0.0.4")
+    backup.on_incoming(200, tone_hz=BACKUP_TONE)
+    extra = (f'[[carriers]]\nuri = "sip:127.0.0.2:{gateway.port}"\npriority = 1\nweight = 100\n'
+             f'[[carriers]]\nuri = "sip:127.0.0.4:{backup.port}"\npriority = 2\nweight = 100\n')
     try:
-        backup = pool.new("backup", bind="127.0.0.4")
-        backup.on_incoming(200, tone_hz=BACKUP_TONE)
-        extra = (f'[[carriers]]\nuri = "sip:127.0.0.2:{gateway.port}"\npriority = 1\nweight = 100\n'
-                 f'[[carriers]]\nuri = "sip:127.0.0.4:{backup.port}"\npriority = 2\nweight = 100\n')
-        with EdgeProcess(tmp_path / "failover", extra_config=extra, trusted=["127.0.0.2/32"],
-                         media_ports=free_media_block(100)) as edge2, \
-                edge2.client() as api2:
+        with EdgeProcess(tmp_path_factory.mktemp("failover"), extra_config=extra, trusted=["127.0.0.2/32"],
+                         media_ports=free_media_block(100)) as edge2, edge2.client() as api2:
             assert api2.put("/v1/rates", json={"rates": RATES}).status_code == 200
             prof = profile(api2, credit="5.00", channels=1)
             register(pbx, edge2, prof)
             call = pbx.call(f"sip:{UK}@{DOMAIN}", tone_hz=PBX_TONE)
-            call.wait_state("CONFIRMED", 15)
-            leg = backup.wait_incoming(1, 5)
-            leg.wait_state("CONFIRMED", 5)
-            assert gateway.received.count("INVITE") >= 1 and "ACK" in gateway.received, gateway.received
-            assert leg.info["ruri_user"] == UK
-            time.sleep(TALK)
-            hang_up(call, leg)
-            assert_hears(call.record_wav, BACKUP_TONE, PBX_TONE)
-            assert_hears(leg.record_wav, PBX_TONE, BACKUP_TONE)
-            cdr = cdrs(api2, prof)[0]
-            assert cdr["status"] == 200 and cdr["end_reason"] == "caller_bye", cdr
-            failovers = [line for line in api2.get("/metrics").text.splitlines()
-                         if line.startswith("edge_carrier_failovers_total{")]
-            assert sum(float(line.rsplit(" ", 1)[1]) for line in failovers) == 1, failovers
+            try:
+                call.wait_state("CONFIRMED", 15)
+                leg = backup.wait_incoming(1, 5)
+                leg.wait_state("CONFIRMED", 5)
+                time.sleep(TALK)
+                hang_up(call, leg)
+            finally:
+                pbx.hangup_all()
+            metrics = api2.get("/metrics").text
+            yield {"gateway": gateway, "backup": backup, "call": call, "leg": leg, "cdr": cdrs(api2, prof)[0],
+                   "failovers": [line for line in metrics.splitlines()
+                                 if line.startswith("edge_carrier_failovers_total{")]}
     finally:
         gateway.close()
+
+
+def test_carrier_failover_on_503(failover: dict[str, Any]) -> None:
+    gateway, call, leg = failover["gateway"], failover["call"], failover["leg"]
+    assert gateway.received.count("INVITE") >= 1 and "ACK" in gateway.received, gateway.received
+    assert leg.info["ruri_user"] == UK
+    assert_hears(call.record_wav, BACKUP_TONE, PBX_TONE)  # the second carrier's audio
+    assert_hears(leg.record_wav, PBX_TONE, BACKUP_TONE)
+    cdr = failover["cdr"]
+    assert cdr["status"] == 200 and cdr["end_reason"] == "caller_bye", cdr
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in failover["failovers"]) == 1, failover["failovers"]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "edge bug: edge_carrier_failovers_total is labelled with the carrier the call moves TO (B2BUA."
+    "_failover_or_fail reads call.targets[0] after _try_next_target popped the failed one), while "
+    "docs/operations.md says 'outgoing attempts moved on from this carrier' and the alert sums by carrier"))
+def test_failover_metric_names_the_failed_carrier(failover: dict[str, Any]) -> None:
+    failed = f'carrier="sip:127.0.0.2:{failover["gateway"].port}"'
+    assert any(failed in line and not line.endswith(" 0.0") for line in failover["failovers"]), failover["failovers"]
