@@ -15,6 +15,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
+    Info,
     GC_COLLECTOR,
     PLATFORM_COLLECTOR,
     PROCESS_COLLECTOR,
@@ -22,6 +23,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from edge import __version__
 from edge.control.money import MICROS
 from edge.control.store import Store
 
@@ -38,6 +40,8 @@ class StoreCollector(Collector):
         in_use = GaugeMetricFamily("edge_channels_in_use", "Channels carrying a call now (incoming + outgoing).", labels=labels)
         balance = GaugeMetricFamily("edge_credit_balance", "Credit allocated to the profile, in currency units.", labels=labels)
         ar_min = GaugeMetricFamily("edge_auto_recharge_min_balance", "Auto-recharge threshold, in currency units.", labels=labels)
+        ar_amount = GaugeMetricFamily("edge_auto_recharge_amount", "Auto-recharge amount, in currency units.",
+                                      labels=labels)
         ar_on = GaugeMetricFamily("edge_auto_recharge_enabled", "1 if auto-recharge is on for the profile.", labels=labels)
         ar_count = CounterMetricFamily("edge_auto_recharges", "Auto-recharges performed for the profile.", labels=labels)
         bundles = GaugeMetricFamily("edge_us_bundles", "US minute bundles of the profile.", labels=labels)
@@ -52,13 +56,14 @@ class StoreCollector(Collector):
             in_use.add_metric(lv, used)
             balance.add_metric(lv, prof.balance / MICROS)
             ar_min.add_metric(lv, prof.auto_recharge.min_balance / MICROS)
+            ar_amount.add_metric(lv, prof.auto_recharge.amount / MICROS)
             ar_on.add_metric(lv, 1.0 if prof.auto_recharge.enabled else 0.0)
             ar_count.add_metric(lv, self.store.auto_recharge_count(prof.id))
             bundles.add_metric(lv, prof.us_bundles)
             regs.add_metric(lv, reg_counts.get(prof.id, 0))
         for acct in self.store.list_accounts():
             acct_balance.add_metric([acct.id, acct.name], acct.balance / MICROS)
-        yield from (capacity, in_use, balance, ar_min, ar_on, ar_count, bundles, regs, acct_balance)
+        yield from (capacity, in_use, balance, ar_min, ar_amount, ar_on, ar_count, bundles, regs, acct_balance)
 
 
 class ApiMetrics:
@@ -81,4 +86,5 @@ def build_registry(store: Store) -> CollectorRegistry:
     for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
         registry.register(collector)
     registry.register(StoreCollector(store))
+    Info("edge_build", "Version of this sipedge node.", registry=registry).info({"version": __version__})
     return registry

@@ -55,6 +55,9 @@ class CallMetrics:
         self.rejected = Counter("edge_calls_rejected", "INVITEs refused before a channel was taken, by rule.",
                                 ["direction", "rule", "status"], registry=r)
         self.active = Gauge("edge_calls_active", "Calls in progress on this node.", ["direction"], registry=r)
+        for direction in ("outgoing", "incoming"):  # known label sets start at 0 (increase() sees the first call)
+            self.started.labels(direction)
+            self.active.labels(direction)
         buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
         self.setup = Histogram("edge_call_setup_seconds", "INVITE to first provisional / to 200 OK.",
                                ["direction", "stage"], buckets=buckets, registry=r)
@@ -111,7 +114,7 @@ class Dialog:
 
 class Call:
     __slots__ = ("id", "direction", "profile", "live", "rate", "invite", "inbound", "outbound", "out_tx",
-                 "relay", "state", "targets", "attempt", "started", "answered", "timers", "free", "last_failure",
+                 "relay", "state", "targets", "attempt", "attempt_target", "started", "answered", "timers", "free", "last_failure",
                  "provisional_seen", "ending")
 
     def __init__(self, direction: str, profile: Profile, invite: ServerTransaction) -> None:
@@ -128,6 +131,7 @@ class Call:
         self.state = "trying"              # trying -> early -> answered -> ended
         self.targets: list[tuple[str, Peer, str]] = []   # (label, peer, request-URI) left to try
         self.attempt: OutRequest | None = None
+        self.attempt_target = ""           # the carrier (or PBX) of the current attempt
         self.started = time.monotonic()
         self.answered: float | None = None
         self.timers: list[asyncio.TimerHandle] = []
@@ -234,9 +238,9 @@ class B2BUA:
             tx.respond(407, headers=self.sip.auth.challenge(proxy=True, stale=result is AuthResult.STALE),
                        to_tag=new_tag())
             return None
-        self.sip.metrics.auth_failures.labels(result.value, "INVITE").inc()
-        if self.sip.failures.failure(tx.peer.host):
-            self.sip.metrics.blocked_sources.set(self.sip.failures.blocked_count)
+        log.warning("call authentication refused", extra={"event": "auth_failure", "method": "INVITE",
+                                                          "reason": result.value, "source": str(tx.peer)})
+        self.sip.auth_failed(tx.peer.host, "INVITE", result.value)
         self._reject(tx, "outgoing", "auth", 403, {
             AuthResult.REPLAY: "nonce count reused",
             AuthResult.UNKNOWN_USER: "unknown SIP username",
@@ -416,6 +420,7 @@ class B2BUA:
                             from_=f"{from_uri};tag={local_tag}", to=to_uri, call_id=call_id, cseq=dialog.cseq,
                             headers=headers, body=body)
         call.attempt = invite
+        call.attempt_target = label
         log.info("call attempt", extra={"event": "call_attempt", "call_id": call.id, "target": label,
                                         "outbound_call_id": call_id})
         call.out_tx = self.tl.send_request(invite, peer, on_response=lambda m, c=call, t=invite: self._on_response(c, t, m),
@@ -449,7 +454,7 @@ class B2BUA:
     def _failover_or_fail(self, call: Call, status: int) -> None:
         call.last_failure = status
         if call.targets and not call.provisional_seen and not call.ending:
-            self.metrics.failovers.labels(call.targets[0][0]).inc()
+            self.metrics.failovers.labels(call.attempt_target).inc()  # the carrier that failed
             self._try_next_target(call)
             return
         reason = "timeout" if status == 408 else "carrier_failure"

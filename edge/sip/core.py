@@ -73,10 +73,11 @@ class SipService:
         self.metrics = SipMetrics(registry)
         self.auth = DigestAuth(cfg.sip.domain, nonce_ttl=cfg.sip.nonce_ttl, algorithms=cfg.sip.digest_algorithms)
         self.failures = FailureTracker(threshold=cfg.sip.auth_block_threshold, block_seconds=cfg.sip.auth_block_seconds)
+        self.metrics.blocked_sources.set_function(lambda: self.failures.blocked_count)  # read at scrape time
         self.limiter = RateLimiter(cfg.sip.rate_limit, cfg.sip.rate_burst)
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in cfg.inbound.trusted]
         self.transports = Transports(self._on_message, self.metrics, max_tcp_connections=cfg.sip.tcp_max_connections)
-        self.registrar = Registrar(store, self.auth, self.metrics, self.failures,
+        self.registrar = Registrar(store, self.auth, self.metrics, self.failures, self.auth_failed,
                                    min_expires=cfg.sip.min_expires, max_expires=cfg.sip.max_expires)
         self.transactions: TransactionLayer | None = None
         self.calls: CallHandler | None = None
@@ -126,6 +127,14 @@ class SipService:
                 return
         assert self.transactions is not None
         self.transactions.on_message(msg, peer)
+
+    def auth_failed(self, host: str, method: str, reason: str) -> None:
+        """Count an authentication failure; block the source after too many (SPEC §7)."""
+        self.metrics.auth_failures.labels(reason, method).inc()
+        if self.failures.failure(host):
+            self.metrics.auth_blocks.inc()
+            log.warning("source blocked after repeated authentication failures",
+                        extra={"event": "source_blocked", "source": host, "method": method})
 
     def is_trusted(self, host: str) -> bool:
         """Is ``host`` one of the carriers of ``[inbound] trusted`` (SPEC §4.3)?"""

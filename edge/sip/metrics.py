@@ -42,6 +42,16 @@ class SipMetrics:
         self.blocked_sources = Gauge(
             "edge_sip_blocked_sources", "Source addresses blocked now after repeated authentication failures.",
             registry=r)
+        self.auth_blocks = Counter(
+            "edge_sip_auth_blocks", "Sources blocked after repeated authentication failures (the address is logged).",
+            registry=r)
+        # Known label sets start at 0, so increase() sees the first event and panels show 0, not "No data".
+        for scope in ("source", "profile", "auth_block"):
+            self.rate_limited.labels(scope)
+        for method in ("REGISTER", "INVITE"):
+            for reason in ("stale", "bad_nonce", "unsupported", "nonce_count_replay", "unknown_user",
+                           "username_mismatch", "bad_password"):
+                self.auth_failures.labels(reason, method)
 
         self._children: dict[tuple[str, str, str, int], object] = {}
 

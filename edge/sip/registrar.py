@@ -40,12 +40,14 @@ class _OutOfOrder(Exception):
 
 
 class Registrar:
-    def __init__(self, store: Store, auth: DigestAuth, metrics: SipMetrics, failures: FailureTracker, *,
+    def __init__(self, store: Store, auth: DigestAuth, metrics: SipMetrics, failures: FailureTracker,
+                 on_failure, *,
                  min_expires: int = 60, max_expires: int = 3600, default_expires: int = 3600) -> None:
         self.store = store
         self.auth = auth
         self.metrics = metrics
         self.failures = failures
+        self.on_failure = on_failure      # (host, method, reason): counts and blocks (SipService.auth_failed)
         self.min_expires = min_expires
         self.max_expires = max_expires
         self.default_expires = min(default_expires, max_expires)
@@ -75,14 +77,10 @@ class Registrar:
                 self.metrics.auth_failures.labels(result.value, "REGISTER").inc()
             tx.respond(401, headers=self.auth.challenge(proxy=False, stale=result is AuthResult.STALE))
             return
-        self.metrics.auth_failures.labels(result.value, "REGISTER").inc()
         log.warning("registration refused", extra={"event": "auth_failure", "method": "REGISTER",
                                                    "reason": result.value, "source": str(tx.peer),
                                                    "user": tx.request.to.uri.user if tx.request.to.uri else None})
-        if self.failures.failure(tx.peer.host):
-            self.metrics.blocked_sources.set(self.failures.blocked_count)
-            log.warning("source blocked after repeated authentication failures",
-                        extra={"event": "source_blocked", "source": tx.peer.host})
+        self.on_failure(tx.peer.host, "REGISTER", result.value)
         reasons = {
             AuthResult.REPLAY: "Nonce count reused",
             AuthResult.UNKNOWN_USER: "Unknown SIP username",

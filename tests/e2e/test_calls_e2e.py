@@ -652,10 +652,6 @@ def test_carrier_failover_on_503(failover: dict[str, Any]) -> None:
     assert sum(float(line.rsplit(" ", 1)[1]) for line in failover["failovers"]) == 1, failover["failovers"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "edge bug: edge_carrier_failovers_total is labelled with the carrier the call moves TO (B2BUA."
-    "_failover_or_fail reads call.targets[0] after _try_next_target popped the failed one), while "
-    "docs/operations.md says 'outgoing attempts moved on from this carrier' and the alert sums by carrier"))
 def test_failover_metric_names_the_failed_carrier(failover: dict[str, Any]) -> None:
     failed = f'carrier="sip:127.0.0.2:{failover["gateway"].port}"'
     assert any(failed in line and not line.endswith(" 0.0") for line in failover["failovers"]), failover["failovers"]
