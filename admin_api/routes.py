@@ -99,6 +99,25 @@ def create_account(data: AccountCreate, state: State) -> AccountOut:
     return AccountOut.of(_store(state).create_account(data.name, data.admin))
 
 
+@get("/v1/accounts", **READ)
+def list_accounts(state: State, after: str = Parameter(default="", description="last id of the previous page"),
+                  limit: int = Limit) -> dict[str, Any]:
+    accounts = _store(state).list_accounts(after=after, limit=limit)
+    return {"items": [AccountOut.of(a) for a in accounts],
+            "next_after": accounts[-1].id if len(accounts) == limit else None}
+
+
+@get("/v1/profiles", **READ)
+def list_all_profiles(state: State, after: str = Parameter(default="", description="last id of the previous page"),
+                      limit: int = Limit) -> dict[str, Any]:
+    """Every profile of the node, in id order (for fleet tools such as ``sipedge status``)."""
+    store = _store(state)
+    profiles = store.page_profiles(after=after, limit=limit)
+    return {"items": [ProfileOut.of(p, store.credential_for_profile(p.id), state.registrar,
+                                    store.channels_in_use(p.id)) for p in profiles],
+            "next_after": profiles[-1].id if len(profiles) == limit else None}
+
+
 @get("/v1/accounts/{account_id:str}", **READ)
 def get_account(account_id: str, state: State) -> AccountOut:
     return AccountOut.of(_store(state).get_account(account_id))
@@ -301,8 +320,8 @@ def get_exclusions(state: State) -> dict[str, list[str]]:
 
 
 ROUTES = [
-    create_account, get_account, credit_account, account_ledger,
-    create_profile, list_profiles, show_profile, patch_profile, delete_profile,
+    list_accounts, create_account, get_account, credit_account, account_ledger,
+    list_all_profiles, create_profile, list_profiles, show_profile, patch_profile, delete_profile,
     credit_profile, put_auto_recharge, put_bundles,
     profile_calls, profile_cdrs, profile_ledger, profile_registrations,
     buy_number, list_numbers, attach_number, detach_number,

@@ -214,8 +214,21 @@ class Store:
     def get_account(self, account_id: str) -> Account:
         return self.read(lambda txn: self._account(txn, account_id))
 
-    def list_accounts(self) -> list[Account]:
-        return self.read(lambda txn: [self._decode(Account, v) for _, v in self._scan(txn, "accounts", b"")])
+    def list_accounts(self, *, after: str = "", limit: int | None = None) -> list[Account]:
+        """Accounts in id order, those after ``after`` (a page cursor), at most ``limit``."""
+        return self.read(lambda txn: self._list(txn, "accounts", Account, after, limit))
+
+    def _list(self, txn: lmdb.Transaction, dbname: str, cls: type[T], after: str, limit: int | None) -> list[T]:
+        cur = txn.cursor(db=self.db[dbname])
+        out: list[T] = []
+        start = after.encode() + b"\x00" if after else b""
+        if not cur.set_range(start):
+            return out
+        for _, value in cur:
+            if limit is not None and len(out) >= limit:
+                break
+            out.append(self._decode(cls, value))
+        return out
 
     # ------------------------------------------------------------------ ledger
 
@@ -340,6 +353,9 @@ class Store:
 
     def get_profile(self, profile_id: str) -> Profile:
         return self.read(lambda txn: self._profile(txn, profile_id))
+
+    def page_profiles(self, *, after: str = "", limit: int = 100) -> list[Profile]:
+        return self.read(lambda txn: self._list(txn, "profiles", Profile, after, limit))
 
     def list_profiles(self, account_id: str | None = None) -> list[Profile]:
         def op(txn: lmdb.Transaction) -> list[Profile]:

@@ -366,3 +366,18 @@ def test_live_calls_cdrs_and_registrations_of_a_fresh_profile(api: httpx.Client,
     assert api.get(f"/v1/profiles/{p['id']}/cdrs").json() == {"items": [], "next_after": None}
     assert api.get(f"/v1/profiles/{p['id']}/registrations").json() == []
     assert api.get(f"/v1/profiles/{p['id']}/cdrs", params={"limit": 0}).status_code in (400, 422)
+
+
+def test_list_accounts_and_profiles_in_pages(api: httpx.Client, account: dict) -> None:
+    for i in range(3):
+        new_profile(api, account["id"], name=f"L{i}")
+    seen, after = [], ""
+    while True:
+        page = api.get("/v1/profiles", params={"limit": 2, "after": after}).json()
+        seen += [p["id"] for p in page["items"]]
+        if page["next_after"] is None:
+            break
+        after = page["next_after"]
+    assert len(seen) == len(set(seen)) >= 3 and seen == sorted(seen)
+    accounts = api.get("/v1/accounts", params={"limit": 1000}).json()["items"]
+    assert account["id"] in {a["id"] for a in accounts}
