@@ -208,6 +208,16 @@ def tree_pss(pids: list[int]) -> int:
     return total
 
 
+def udp_rcvbuf_errors() -> int:
+    """System-wide UDP receive-buffer drops (/proc/net/snmp). Shared by every process on
+    the machine, so a step's delta is a hint (drops happened somewhere), not a verdict."""
+    try:
+        lines = [ln.split() for ln in Path("/proc/net/snmp").read_text().splitlines() if ln.startswith("Udp:")]
+        return int(lines[1][lines[0].index("RcvbufErrors")])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
 def stop_tree(proc: subprocess.Popen[Any] | None, known: list[int] | None = None, timeout: float = 10.0) -> None:
     """SIGTERM the root, wait, then SIGKILL the root and any known descendant still alive."""
     if proc is None:
@@ -333,6 +343,7 @@ def run_sipp(*, dut: str, scenario: Path, target: str, rate: int, seconds: float
     cmd += (rtp_args or []) + (extra_args or [])
     res = StepResult(dut=dut, rate=rate, seconds=seconds, offered=offered)
     cpu0 = tree_cpu(dut_pids)
+    drops0 = udp_rcvbuf_errors()
     mem_peak = 0
     mem0 = tree_pss(dut_pids) if sample_rss else 0
     t0 = time.monotonic()
@@ -352,6 +363,7 @@ def run_sipp(*, dut: str, scenario: Path, target: str, rate: int, seconds: float
         stop_tree(proc, timeout=3)
     res.wall_s = time.monotonic() - t0
     res.dut_cpu_s = tree_cpu(dut_pids) - cpu0
+    res.extra["udp_rcvbuf_errors_system_wide"] = udp_rcvbuf_errors() - drops0
     res.sipp_cpu_s = sipp_cpu_s
     res.sipp_rc = proc.returncode
     stats = read_sipp_stats(stf)
