@@ -628,3 +628,24 @@ def test_route_to_the_edge_and_record_route_of_the_pbx_side(edge, pbx: Pbx, carr
         pbx_bye = pbx.recv()
     assert pbx_bye.headers("Route") == [f"<sip:127.0.0.1:{pbx.port};lr;ftag=pbxproxy>"]
     assert pbx_bye.uri.port == pbx.port and pbx_bye.to_tag == ftag
+
+
+def test_incoming_call_reaches_a_pbx_registered_over_tcp(edge, carriers) -> None:
+    """The INVITE goes back over the TCP connection the PBX registered on (NAT-friendly)."""
+    carrier = carriers[0]
+    prof = new_profile(edge)
+    number = f"+1415558{uuid.uuid4().int % 10000:04d}"
+    attach_number(edge, prof, number)
+    tcp = RawSip(edge.sip_port, proto="tcp")
+    try:
+        register_pbx(tcp, prof)
+        carrier.drain()
+        carrier.sock.sendto(carrier_invite(carrier, edge, number, call_id="tcp-in-1"), ("127.0.0.1", edge.sip_port))
+        inv = tcp.recv()
+        while not (inv.is_request and inv.method == "INVITE"):
+            inv = tcp.recv()
+        assert inv.top_via.transport == "TCP" and inv.uri.user == number
+        tcp.send(build_response(inv, 486, to_tag="busy"))
+        assert carrier_final(carrier, "tcp-in-1") == 486
+    finally:
+        tcp.close()
