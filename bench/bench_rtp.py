@@ -97,8 +97,11 @@ def build_c(tmp: Path) -> dict[str, str]:
 NICE = 0                                    # --nice: same priority for every relay and the generator
 
 
+PIN = True                                  # --no-pin: let the scheduler place relay and generator
+
+
 def pin(cpu: str) -> list[str]:
-    cmd = ["taskset", "-c", cpu] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else []
+    cmd = ["taskset", "-c", cpu] if PIN and shutil.which("taskset") and (os.cpu_count() or 1) > 1 else []
     return (["nice", "-n", str(NICE)] if NICE else []) + cmd
 
 
@@ -383,10 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nice", type=int, default=0,
                     help="run every relay and the generator at this nice level (e.g. -10 on a shared "
                          "machine, as media relays are run in production); default 0")
+    ap.add_argument("--no-pin", action="store_true", help="do not taskset the relay and generator")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "rtp.json"))
     args = ap.parse_args(argv)
-    global NICE
+    global NICE, PIN
     NICE = args.nice
+    PIN = not args.no_pin
     hold = args.hold or (5.0 if args.quick else 20.0)
     repeat = args.repeat or (1 if args.quick else 3)
     default_steps = "250,1000,2000,3000,4000" if args.quick else "250,500,1000,1500,2000,2500,3000,3500,4000"
@@ -458,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
         "load": {"codec": "G.711 20 ms", "pps_per_stream": PPS_PER_STREAM, "packet_bytes": 172,
                  "streams_per_call": 2, "hold_s": hold, "repeats": repeat, "loss_max": LOSS_MAX,
-                 "ladder": ladder, "pinning": {"relay": CPU_DUT, "generator": CPU_GEN}, "nice": NICE},
+                 "ladder": ladder, "pinning": {"relay": CPU_DUT, "generator": CPU_GEN} if PIN else None, "nice": NICE},
         "machine": machine(), "versions": versions,
         "summary": summary, "steps": {str(n): v for n, v in steps.items()}, "runs": raw,
         "elapsed_s": round(time.monotonic() - t_start, 1),

@@ -184,6 +184,8 @@ int main(int argc, char **argv) {
         struct sockaddr_in a = {0}; a.sin_family = AF_INET; a.sin_addr.s_addr = htonl(0x7f000001);
         a.sin_port = htons(base + 4 * call + 2 * side);
         if (bind(fd[x], (struct sockaddr *)&a, sizeof a) < 0) { perror("bind"); return 1; }
+        int rb = 1 << 20;                                        /* same receive buffer as sipedge */
+        setsockopt(fd[x], SOL_SOCKET, SO_RCVBUF, &rb, sizeof rb);
         to[x].sin_family = AF_INET; to[x].sin_addr.s_addr = htonl(0x7f000001);
         to[x].sin_port = htons((side ? ga : gb) + call % k);   /* from A goes to genB, from B to genA */
         struct epoll_event ev = { .events = EPOLLIN, .data.u32 = (uint32_t)x };
