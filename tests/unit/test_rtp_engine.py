@@ -495,3 +495,30 @@ def test_relayed_media_marked_dscp_ef(call):
     tos = [c[2][0] for c in anc if c[0] == socket.IPPROTO_IP and c[1] == socket.IP_TOS]
     assert data == rtp(1) and tos == [0xB8]
     assert r.engine.tos == 0xB8
+
+
+def test_random_garbage_never_breaks_the_loop(call):
+    """Every datagram is either relayed or dropped with a reason; the loop keeps going."""
+    r, a, b = call
+    rnd = random.Random(4)
+    sent = 0
+    a.sendto(rtp(0), edge(r.leg_a))             # latch A first
+    assert b.recvfrom(2048)[0] == rtp(0)
+    for i in range(400):
+        n = rnd.choice([0, 1, 7, 11, 12, 13, 100, 172, 1500, 1501, 3000])
+        head = rnd.choice([b"", b"\x80", bytes([rnd.randrange(256)])])
+        data = (head + os.urandom(n))[:n]
+        a.sendto(data, edge(r.leg_a))
+        sent += 1
+    a.sendto(rtp(1), edge(r.leg_a))
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        st = r.stats().a.rtp
+        if st.packets + st.dropped_total == sent + 2:
+            break
+        time.sleep(0.02)
+    st = r.stats().a.rtp
+    assert st.packets + st.dropped_total == sent + 2
+    assert st.relayed == st.packets
+    got = [d for d, _ in recv_all(b, st.packets - 1, timeout=2)]
+    assert got[-1] == rtp(1) and len(got) == st.packets - 1

@@ -135,3 +135,24 @@ def test_media_level_connection_wins():
            b"m=audio 5000 RTP/AVP 0\r\nc=IN IP4 2.2.2.2\r\na=inactive\r\n")
     m = parse_sdp_media(sdp)
     assert (m.host, m.port, m.direction) == ("2.2.2.2", 5000, "inactive")
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_attr = st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(attrs=st.lists(_attr.filter(lambda s: not s.startswith(("rtcp:", "candidate:", "ice-"))),
+                      max_size=8),
+       port=st.integers(1, 65534), crlf=st.booleans())
+def test_unknown_attributes_pass_through(attrs, port, crlf):
+    eol = b"\r\n" if crlf else b"\n"
+    lines = [b"v=0", b"o=- 7 7 IN IP4 10.1.1.1", b"s=-", b"c=IN IP4 10.1.1.1", b"t=0 0",
+             b"m=audio %d RTP/AVP 0 101" % port] + [b"a=" + a.encode() for a in attrs]
+    sdp = eol.join(lines) + eol
+    out = rewrite_sdp(sdp, "192.0.2.1", 30000, 30001)
+    assert [ln for ln in out.split(eol) if ln.startswith(b"a=")] == [b"a=" + a.encode() for a in attrs]
+    m = parse_sdp_media(out)
+    assert (m.host, m.port) == ("192.0.2.1", 30000)
+    assert rewrite_sdp(out, "10.1.1.1", port, None) == sdp
