@@ -21,6 +21,7 @@ log = logging.getLogger("sipedge.sip")
 
 UDP_MAX = 65535
 UDP_SOCKET_BUFFER = 4 << 20        # bytes; the kernel caps it at net.core.rmem_max
+UDP_BURST = 64                     # datagrams read per readiness event
 TCP_READ_LIMIT = 256 * 1024       # bytes buffered per connection before it is cut
 TCP_IDLE_SECONDS = 3600.0         # an idle connection (no message, no keep-alive) is closed
 
@@ -44,19 +45,51 @@ def _reason_label(err: SipParseError) -> str:
     return type(err).__name__.removeprefix("Sip")
 
 
-class SipUdp(asyncio.DatagramProtocol):
-    def __init__(self, layer: "Transports") -> None:
+class SipUdp:
+    """A UDP listener read straight from its socket: one wake-up drains a burst.
+
+    asyncio's DatagramProtocol costs an event-loop iteration per datagram; SIP load
+    arrives in bursts, so the reader takes up to ``UDP_BURST`` datagrams per readiness
+    event, and sends go to the non-blocking socket directly (docs/sip.md has the figures).
+    """
+
+    def __init__(self, layer: "Transports", sock: socket.socket) -> None:
         self.layer = layer
-        self.transport: asyncio.DatagramTransport | None = None
+        self.sock = sock
+        self.closed = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.add_reader(self.sock.fileno(), self._readable)
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.layer.received(data, Peer("udp", addr[0], addr[1]), self)
+    def _readable(self) -> None:
+        recvfrom = self.sock.recvfrom
+        received = self.layer.received
+        for _ in range(UDP_BURST):
+            try:
+                data, addr = recvfrom(UDP_MAX)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # ICMP port unreachable from an earlier send, and friends
+                self.layer.metrics.transport_errors.labels("udp").inc()
+                continue
+            received(data, Peer("udp", addr[0], addr[1]), self)
 
-    def error_received(self, exc: Exception) -> None:  # ICMP port unreachable and friends
-        self.layer.metrics.transport_errors.labels("udp").inc()
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            self.sock.sendto(data, addr)
+        except (BlockingIOError, InterruptedError):
+            self.layer.metrics.transport_errors.labels("udp_send_full").inc()  # 4 MiB buffer full
+        except OSError:
+            self.layer.metrics.transport_errors.labels("udp_send").inc()
+
+    def close(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        if not self.closed:
+            self.closed = True
+            try:
+                (loop or asyncio.get_event_loop()).remove_reader(self.sock.fileno())
+            except (ValueError, RuntimeError):
+                pass
+            self.sock.close()
 
 
 class TcpConnection(asyncio.Protocol):
@@ -151,15 +184,23 @@ class Transports:
     async def listen(self, proto: str, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
         if proto == "udp":
-            transport, protocol = await loop.create_datagram_endpoint(lambda: SipUdp(self), local_addr=(host, port))
-            sock = transport.get_extra_info("socket")
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sock.setblocking(False)
             for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):  # absorb bursts instead of dropping them
                 try:
                     sock.setsockopt(socket.SOL_SOCKET, opt, UDP_SOCKET_BUFFER)
                 except OSError:
                     pass
-            self.udp[host] = protocol
-            self.udp_default = self.udp_default or protocol
+            try:
+                sock.bind((host, port))
+            except OSError:
+                sock.close()
+                raise
+            listener = SipUdp(self, sock)
+            listener.start(loop)
+            self.udp[host] = listener
+            self.udp_default = self.udp_default or listener
         else:
             server = await loop.create_server(lambda: TcpConnection(self), host, port, reuse_address=True, backlog=1024)
             self.tcp_servers.append(server)
@@ -213,10 +254,10 @@ class Transports:
     def _send_raw(self, data: bytes, dest: Peer) -> None:
         if dest.proto == "udp":
             udp = self.udp_default
-            if udp is None or udp.transport is None:
+            if udp is None or udp.closed:
                 self.metrics.transport_errors.labels("udp_no_socket").inc()
                 return
-            udp.transport.sendto(data, (dest.host, dest.port))
+            udp.sendto(data, (dest.host, dest.port))
             return
         conn = dest.conn if dest.conn is not None and not dest.conn.closed else self.tcp_by_peer.get((dest.host, dest.port))
         if conn is not None and conn.write(data):
@@ -248,8 +289,7 @@ class Transports:
 
     def close(self) -> None:
         for udp in self.udp.values():
-            if udp.transport is not None:
-                udp.transport.close()
+            udp.close()
         for server in self.tcp_servers:
             server.close()
         for conn in list(self.tcp_by_peer.values()):
