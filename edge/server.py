@@ -5,6 +5,7 @@ all on one asyncio loop (the RTP relay runs on its own native thread).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import secrets
@@ -79,6 +80,11 @@ class Node:
         self.api.install_signal_handlers = lambda: None  # the node handles signals
         await self.sip.start()
         self.media.start()
+        # Everything allocated so far lives as long as the process: keep it out of the
+        # cyclic collector, and collect young objects less often (fewer pauses under load).
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(20_000, 20, 50)
         recovered = self.b2bua.recover()
         if recovered:
             log.warning("settled %d calls left by the previous run (CDR end_reason=recovery)", recovered)
