@@ -529,6 +529,8 @@ class Sipedge(Device):
             f'[sip]\nlisten = ["udp:127.0.0.1:{self.port}"]\ndomain = "{DOMAIN}"\n'
             f'rate_limit = 0\nauth_block_threshold = 1000000\ndigest_algorithms = ["MD5"]\n'
             f'[media]\naddress = "127.0.0.1"\nports = [{self.media_ports[0]}, {self.media_ports[1]}]\n'
+            # ports come back after 0.5 s, as rtpengine's run with --delete-delay=0 reuses them at once
+            f'quiet_period = 0.5\n'
             f'[api]\nlisten = "127.0.0.1:{self.api_port}"\ntoken = "{self.TOKEN}"\n'
             f'[storage]\npath = "{self.data}"\nmap_size_mb = 1024\n'
             f'[inbound]\ntrusted = ["127.0.0.2/32"]\n' + self.extra_config)
