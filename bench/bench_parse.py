@@ -37,6 +37,8 @@ import timeit
 from importlib import metadata
 from pathlib import Path
 
+from bench.common import machine_info
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results" / "parse.json"
 
@@ -187,16 +189,6 @@ def git_sha() -> str:
         return "unknown"
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="SIP parse rate: sipedge vs pure-Python parsers")
     ap.add_argument("--reps", type=int, default=5, help="repetitions per parser and message (>= 3)")
@@ -285,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": ".venv/bin/python -m bench.bench_parse",
         "git_sha": git_sha(),
-        "machine": {"nproc": os.cpu_count(), "cpu_model": cpu_model(), "platform": platform.platform()},
+        "machine": {"nproc": os.cpu_count(), "cpu_model": machine_info()["cpu"], "platform": platform.platform()},
         "python": sys.version.split()[0],
         "versions": {name: v for name, (_, v) in parsers.items()},
         "method": {"reps": reps, "timer": "autorange-calibrated block (>=0.2s), wall + process CPU time",

@@ -30,6 +30,21 @@ def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
     raise RuntimeError("no free port")
 
 
+def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path, timeout: float, name: str) -> None:
+    """Poll ``url`` until it answers 200; fail with the process log if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(url, timeout=0.5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{name} did not become ready:\n{log.read_text()}")
+
+
 class EdgeProcess:
     """A ``sipedge serve`` child process; ``stop()`` (or the context manager) ends it."""
 
@@ -71,18 +86,12 @@ class EdgeProcess:
             [sys.executable, "-m", "edge.cli", "serve", "--config", str(self.config), *args],
             stdout=self._log_file, stderr=subprocess.STDOUT, env=env,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"sipedge exited with {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                if httpx.get(self.base + "/healthz", timeout=0.5).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"sipedge did not become healthy:\n{self.log.read_text()}")
+        try:
+            wait_ready(self.proc, self.base + "/healthz", self.log, timeout, "sipedge")
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
 
     def client(self, token: str | None = TOKEN) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}

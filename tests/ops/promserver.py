@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from edgeproc import free_port
+from edgeproc import free_port, wait_ready
 
 
 def ensure_prometheus() -> str | None:
@@ -70,18 +70,12 @@ class PrometheusProcess:
              "--log.level=warn"],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=self.tmp,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited with {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                if httpx.get(self.base + "/-/ready", timeout=0.5).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"prometheus did not become ready:\n{self.log.read_text()}")
+        try:
+            wait_ready(self.proc, self.base + "/-/ready", self.log, timeout, "prometheus")
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
 
     def stop(self) -> None:
         if self.proc is None:
