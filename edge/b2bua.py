@@ -140,9 +140,6 @@ class Call:
         self.provisional_seen = False
         self.ending = False
 
-    def pbx_leg(self) -> str:
-        return "a"
-
     def leg_of(self, dialog: Dialog) -> str:
         """Relay leg of a dialog: "a" faces the PBX, "b" the carrier."""
         return "a" if dialog.side == "pbx" else "b"
@@ -709,6 +706,12 @@ class B2BUA:
         self.tl.send_request(out, other.peer, on_response=on_response,
                              on_timeout=lambda: tx.respond(408) if tx.state is State.PROCEEDING else None)
 
+    def _anchor_if_sdp(self, call: Call, sender: Dialog, body: bytes, ctype: str) -> bytes:
+        """An SDP body from ``sender`` goes through the relay; any other body passes as it is."""
+        if ctype.lower().startswith("application/sdp") and call.relay is not None:
+            return self._anchor(call, call.leg_of(sender), body)
+        return body
+
     def _relay_non_invite(self, call: Call, origin: Dialog, other: Dialog, tx: ServerTransaction) -> None:
         """OPTIONS, INFO, UPDATE, ... relayed to the other leg; the answer comes back."""
         req = tx.request
@@ -716,12 +719,11 @@ class B2BUA:
         headers: list[tuple[str, str]] = []
         ctype = req.header("Content-Type")
         if body and ctype:
-            if ctype.lower().startswith("application/sdp") and call.relay is not None:
-                try:
-                    body = self._anchor(call, call.leg_of(origin), body)
-                except SdpError as exc:
-                    tx.respond(488, headers=[warning(f"SDP cannot be anchored: {exc}")])
-                    return
+            try:
+                body = self._anchor_if_sdp(call, origin, body, ctype)
+            except SdpError as exc:
+                tx.respond(488, headers=[warning(f"SDP cannot be anchored: {exc}")])
+                return
             headers.append(("Content-Type", ctype))
         for name in ("Event", "Subscription-State", "Info-Package", "Reason"):
             value = req.header(name)
@@ -736,11 +738,10 @@ class B2BUA:
             rheaders: list[tuple[str, str]] = []
             rtype = resp.header("Content-Type")
             if rbody and rtype:
-                if rtype.lower().startswith("application/sdp") and call.relay is not None:
-                    try:
-                        rbody = self._anchor(call, call.leg_of(other), rbody)
-                    except SdpError:
-                        rbody = b""
+                try:
+                    rbody = self._anchor_if_sdp(call, other, rbody, rtype)
+                except SdpError:
+                    rbody = b""
                 rheaders.append(("Content-Type", rtype))
             tx.respond(resp.status, resp.reason, headers=rheaders, body=rbody if rheaders else b"")
 
