@@ -30,7 +30,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(args.log_format, args.log_level)
     from .control.demo import ECHO_NUMBER, ensure_demo
     from .control.tables import shipped_exclusions
-    from .server import Node, admin_token, data_dir_of, open_store
+    from .node import admin_token, data_dir_of, open_store, serve
 
     try:
         cfg = load(args.config)
@@ -60,14 +60,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             f"  try           curl -H 'Authorization: Bearer {token}' http://{cfg.api.listen}/v1/profiles/{demo.profile_id}",
             flush=True,
         )
-    node = Node(cfg, store, token)
     try:
         if args.loop == "uvloop":
             import uvloop
 
-            uvloop.run(node.run())
+            uvloop.run(serve(cfg, store, token))
         else:
-            asyncio.run(node.run())
+            asyncio.run(serve(cfg, store, token))
     finally:
         store.close()
     return 0

@@ -7,7 +7,7 @@ import asyncio
 import ipaddress
 import logging
 import time
-from typing import Protocol
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
 
@@ -16,24 +16,15 @@ from edge.control.store import Store
 
 from . import SipMessage
 from .auth import DigestAuth, FailureTracker
+from .dialog import Dialogs
 from .metrics import SipMetrics
 from .registrar import Registrar
-from .transaction import ServerTransaction, TransactionLayer
+from .transaction import Clock, ServerTransaction, State, TransactionLayer
 from .transport import Peer, Transports
 
 log = logging.getLogger("sipedge.sip")
 
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, REGISTER"
-
-
-class CallHandler(Protocol):
-    """What the B2BUA offers the core (edge/b2bua.py)."""
-
-    def on_invite(self, tx: ServerTransaction) -> None: ...
-    def on_in_dialog(self, tx: ServerTransaction) -> bool: ...
-    def on_ack(self, msg: SipMessage, peer: Peer) -> None: ...
-    def on_cancel(self, invite: ServerTransaction, cancel: SipMessage) -> None: ...
-    def on_stray_response(self, msg: SipMessage, peer: Peer) -> None: ...
 
 
 class RateLimiter:
@@ -65,9 +56,14 @@ class RateLimiter:
 
 
 class SipService:
-    """Owns the SIP side of a node; ``start()`` binds the listeners of ``cfg.sip.listen``."""
+    """Owns the SIP side of a node; ``start()`` binds the listeners of ``cfg.sip.listen``.
 
-    def __init__(self, cfg: Config, store: Store, registry: CollectorRegistry | None) -> None:
+    In-dialog requests, ACKs, CANCELs and stray 2xx go to ``dialogs``; a new INVITE to
+    the handler given to :meth:`serve_calls` (the call controller).
+    """
+
+    def __init__(self, cfg: Config, store: Store, registry: CollectorRegistry | None, loop: Clock,
+                 dialogs: Dialogs) -> None:
         self.cfg = cfg
         self.store = store
         self.metrics = SipMetrics(registry)
@@ -79,13 +75,17 @@ class SipService:
         self.transports = Transports(self._on_message, self.metrics, max_tcp_connections=cfg.sip.tcp_max_connections)
         self.registrar = Registrar(store, self.auth, self.metrics, self.failures, self.auth_failed,
                                    min_expires=cfg.sip.min_expires, max_expires=cfg.sip.max_expires)
-        self.transactions: TransactionLayer | None = None
-        self.calls: CallHandler | None = None
+        self.transactions = TransactionLayer(self.transports, self, self.metrics, loop)
+        self.dialogs = dialogs
+        self.on_invite: Callable[[ServerTransaction], None] | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._flush_wanted = asyncio.Event()
 
+    def serve_calls(self, on_invite: Callable[[ServerTransaction], None]) -> None:
+        """New INVITEs go to ``on_invite`` from now on (without it they get 503)."""
+        self.on_invite = on_invite
+
     async def start(self) -> None:
-        self.transactions = TransactionLayer(self.transports, self, self.metrics, asyncio.get_running_loop())
         for item in self.cfg.sip.listen:
             proto, host, port = parse_listen(item)
             await self.transports.listen(proto, host, port)
@@ -125,7 +125,6 @@ class SipService:
             if not self.limiter.allow(peer.host) and not self.is_trusted(peer.host):
                 self.metrics.rate_limited.labels("source").inc()
                 return
-        assert self.transactions is not None
         self.transactions.on_message(msg, peer)
 
     def auth_failed(self, host: str, method: str, reason: str) -> None:
@@ -147,8 +146,8 @@ class SipService:
     def on_request(self, tx: ServerTransaction) -> None:
         req = tx.request
         method = req.method
-        if req.to_tag is not None:  # in-dialog: the B2BUA owns it
-            if self.calls is None or not self.calls.on_in_dialog(tx):
+        if req.to_tag is not None:  # in-dialog: its session owns it
+            if not self.dialogs.on_request(tx):
                 tx.respond(481, "Call/Transaction Does Not Exist")
             return
         if method == "REGISTER":
@@ -156,25 +155,21 @@ class SipService:
         elif method == "OPTIONS":
             tx.respond(200, headers=[("Allow", ALLOW), ("Accept", "application/sdp"), ("Supported", "")])
         elif method == "INVITE":
-            if self.calls is None:
+            if self.on_invite is None:
                 tx.respond(503, "Calls not enabled", headers=[("Retry-After", "60")])
             else:
-                self.calls.on_invite(tx)
+                self.on_invite(tx)
         elif method == "BYE":
             tx.respond(481, "Call/Transaction Does Not Exist")
         else:
             tx.respond(405, headers=[("Allow", ALLOW)])
 
     def on_ack(self, msg: SipMessage, peer: Peer) -> None:
-        if self.calls is not None:
-            self.calls.on_ack(msg, peer)
+        self.dialogs.on_ack(msg)
 
     def on_cancel(self, invite: ServerTransaction, cancel: SipMessage) -> None:
-        if self.calls is not None:
-            self.calls.on_cancel(invite, cancel)
-        else:
+        if not self.dialogs.on_cancel(invite.key, cancel) and invite.state is State.PROCEEDING:
             invite.respond(487)
 
     def on_stray_response(self, msg: SipMessage, peer: Peer) -> None:
-        if self.calls is not None:
-            self.calls.on_stray_response(msg, peer)
+        self.dialogs.on_stray_response(msg)

@@ -84,3 +84,8 @@ class OutRequest:
             headers.append(("Reason", reason))
         return OutRequest("CANCEL", self.ruri, proto=self.proto, via_host=self.via_host, from_=self.from_,
                           to=self.to, call_id=self.call_id, cseq=self.cseq, headers=headers, branch=self.branch)
+
+
+def warning(text: str) -> tuple[str, str]:
+    """A ``Warning: 399`` header naming why the edge refused or ended something (RFC 3261 §20.43)."""
+    return ("Warning", f'399 sipedge "{text}"')

@@ -16,7 +16,7 @@ import asyncio
 import enum
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import SipMessage, build_response
 from .metrics import SipMetrics
@@ -34,6 +34,17 @@ class State(enum.Enum):
     COMPLETED = "completed"
     CONFIRMED = "confirmed"
     TERMINATED = "terminated"
+
+
+class TimerHandle(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Clock(Protocol):
+    """The part of an event loop the SIP layers use; unit tests pass a fake one."""
+
+    def time(self) -> float: ...
+    def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> TimerHandle: ...
 
 
 class TransactionUser(Protocol):
@@ -58,7 +69,7 @@ class ServerTransaction:
         self.state = State.PROCEEDING if self.is_invite else State.TRYING
         self.last_response: bytes | None = None
         self.last_status = 0
-        self._timers: list[asyncio.TimerHandle] = []
+        self._timers: list[TimerHandle] = []
         self.to_tag: str | None = None
         self.cancelled = False
         # RFC 3261 §18.2.1 received, RFC 3581 rport: where the request really came from
@@ -163,7 +174,7 @@ class ClientTransaction:
         self.state = State.CALLING if self.is_invite else State.TRYING
         self.on_response = on_response
         self.on_timeout = on_timeout
-        self._timers: list[asyncio.TimerHandle] = []
+        self._timers: list[TimerHandle] = []
         self._interval = self.layer.t1
         self._data = request.encode()
         self._cancel_pending: str | None = None
@@ -271,13 +282,13 @@ class TransactionLayer:
     """Matches messages to transactions and hands new requests to the TU."""
 
     def __init__(self, transports: Transports, tu: TransactionUser, metrics: SipMetrics,
-                 loop: asyncio.AbstractEventLoop | None = None, *, t1: float = T1, t2: float = T2,
+                 loop: Clock | None = None, *, t1: float = T1, t2: float = T2,
                  t4: float = T4) -> None:
         self.t1, self.t2, self.t4 = t1, t2, t4   # §17 timer bases (tests shrink them)
         self.transports = transports
         self.tu = tu
         self.metrics = metrics
-        self.loop = loop or asyncio.get_running_loop()
+        self.loop: Clock = loop or asyncio.get_running_loop()
         self.server: dict[tuple, ServerTransaction] = {}
         self.client: dict[tuple, ClientTransaction] = {}
         # Timers J and L are all 64*T1 long: one FIFO swept periodically instead of a

@@ -141,8 +141,9 @@ class Pbx(RawSip):
         self.send(self.request("ACK", d["ruri"], from_user=d["user"], to_user="x", call_id=d["call_id"], cseq=2,
                                from_tag=d["from_tag"], to_tag=to_tag))
 
-    def bye(self, d: dict, to_tag: str):
-        self.send(self.request("BYE", d["ruri"], from_user=d["user"], to_user="x", call_id=d["call_id"], cseq=3,
+    def bye(self, d: dict, to_tag: str, cseq: int = 3):
+        # RFC 3261 §12.2.2: a BYE's CSeq must not be lower than the dialog's last request (else 500)
+        self.send(self.request("BYE", d["ruri"], from_user=d["user"], to_user="x", call_id=d["call_id"], cseq=cseq,
                                from_tag=d["from_tag"], to_tag=to_tag))
         return self.recv_final()
 
@@ -488,8 +489,8 @@ def test_untrusted_source_never_takes_the_incoming_path(edge, carriers) -> None:
     assert carrier_final(backup, "untrusted-1") == 407  # treated as an outgoing attempt: challenged
 
 
-def hang_up(edge, pbx: Pbx, carrier: Carrier, d: dict, tag: str, prof: dict) -> dict:
-    assert pbx.bye(d, tag).status == 200
+def hang_up(edge, pbx: Pbx, carrier: Carrier, d: dict, tag: str, prof: dict, cseq: int = 3) -> dict:
+    assert pbx.bye(d, tag, cseq).status == 200
     carrier.answer(carrier.recv_request("BYE"), 200)
     return wait_for(lambda: api_get(edge, f"/v1/profiles/{prof['id']}/cdrs")["items"])[-1]
 
@@ -555,7 +556,7 @@ def test_hold_resume_and_in_dialog_requests(edge, pbx: Pbx, carriers) -> None:
     assert info.body == b"Signal=5\r\nDuration=160\r\n"
     carrier.answer(info, 200)
     assert pbx.recv_final().status == 200
-    hang_up(edge, pbx, carrier, d, tag, prof)
+    hang_up(edge, pbx, carrier, d, tag, prof, cseq=6)
 
 
 def test_in_dialog_request_for_an_unknown_dialog_is_481(edge, pbx: Pbx) -> None:

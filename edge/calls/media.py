@@ -1,0 +1,97 @@
+"""Media of a call: one relay per call, SDP anchored on it, the echo service.
+
+Every SDP body that crosses the edge goes through :meth:`CallMedia.relay_sdp`: the
+relay learns where the sender wants its audio and the body sent on names the edge's
+ports of the other side (SPEC §4.5). This is the one place where an SDP the edge
+cannot anchor becomes an answer: :class:`MediaRefused` with 488 (or 503 when no relay
+ports are free).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from edge.media.relay import MediaService
+from edge.media.sdp import SdpError, parse_sdp_media, rewrite_sdp
+
+from .model import Call, EndReason, Side
+
+if TYPE_CHECKING:
+    from edge._rtp import Relay
+
+log = logging.getLogger("sipedge.calls")
+
+SDP = ("Content-Type", "application/sdp")
+
+
+class MediaRefused(Exception):
+    """The call's media cannot be set up: the SIP status and the text for its Warning."""
+
+    def __init__(self, status: int, reason: EndReason, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+        self.reason = reason
+        self.text = text
+
+
+class CallMedia:
+    """:param rtp_timeout: seconds without RTP on both legs before the relay reports a timeout."""
+
+    def __init__(self, service: MediaService, rtp_timeout: float) -> None:
+        self.service = service
+        self.rtp_timeout = rtp_timeout
+
+    def open(self, call: Call) -> Relay:
+        """The call's relay, created on first use."""
+        if call.relay is None:
+            try:
+                call.relay = self.service.create(call.id, timeout=self.rtp_timeout)
+            except RuntimeError as exc:  # the port range is exhausted
+                log.error("call %s: %s", call.id, exc)
+                raise MediaRefused(503, EndReason.NO_MEDIA_PORTS, "no media ports free on the edge") from None
+        return call.relay
+
+    def relay_sdp(self, call: Call, sender: Side, sdp: bytes) -> bytes:
+        """SDP received from ``sender`` -> the SDP to send to the other side."""
+        relay = self.open(call)
+        try:
+            return self.service.anchor(relay, sender.relay_leg, sdp)
+        except SdpError as exc:
+            raise MediaRefused(488, EndReason.BAD_SDP, f"SDP cannot be anchored: {exc}") from None
+
+    def relay_body(self, call: Call, sender: Side, body: bytes, content_type: str | None) -> bytes:
+        """A body of an in-dialog request or answer: SDP is anchored, anything else passes."""
+        if body and content_type and content_type.lower().startswith("application/sdp") and call.relay is not None:
+            return self.relay_sdp(call, sender, body)
+        return body
+
+    def echo(self, call: Call, sdp: bytes) -> bytes:
+        """The echo test number: the customer leg's audio goes back to it; the answer names that leg."""
+        relay = self.open(call)
+        try:
+            media = parse_sdp_media(sdp)
+            relay.set_remote("a", media.host, media.port, media.rtcp_port)
+            relay.set_echo("a")
+            leg = relay.leg_a
+            return rewrite_sdp(sdp, leg.address, leg.rtp_port, leg.rtcp_port)
+        except SdpError as exc:
+            raise MediaRefused(488, EndReason.BAD_SDP, f"SDP cannot be anchored: {exc}") from None
+
+    def close(self, call: Call) -> dict[str, int]:
+        """Free the relay; its per-leg counters for the CDR (a: customer side, b: carrier side)."""
+        relay = call.relay
+        if relay is None or relay.deleted:
+            return {}
+        stats = relay.delete()
+        out: dict[str, int] = {}
+        if stats is None:
+            return out
+        for name in ("a", "b"):
+            rtp = stats.leg(name).rtp
+            out[f"{name}_packets"] = int(rtp.packets)
+            out[f"{name}_bytes"] = int(rtp.bytes)
+            out[f"{name}_lost"] = int(rtp.lost)
+            out[f"{name}_dropped"] = int(rtp.dropped_total)
+            out[f"{name}_jitter_us"] = int(rtp.jitter_ms * 1000)
+        return out
