@@ -52,12 +52,14 @@ class CallController:
     """:param local: how the edge names itself on a transport (Via, Contact).
     :param is_trusted: is a source one of the carriers of ``[inbound] trusted``?
     :param setup_timeout: Timer C of a call: seconds its outbound leg may ring.
+    :param inbound_session: / :param outbound_session: the session classes (tests pass fakes).
     """
 
     def __init__(self, *, tl: TransactionLayer, dialogs: Dialogs, local: Callable[[str], Local],
                  admission: Admission, routing: Routing, media: CallMedia, metrics: CallMetrics,
                  listeners: Sequence[CallListener], is_trusted: Callable[[str], bool],
-                 setup_timeout: float) -> None:
+                 setup_timeout: float, inbound_session: type[UasInvite] = UasInvite,
+                 outbound_session: type[UacInvite] = UacInvite) -> None:
         self.tl = tl
         self.dialogs = dialogs
         self.local = local
@@ -68,6 +70,8 @@ class CallController:
         self.listeners = tuple(listeners)
         self.is_trusted = is_trusted
         self.setup_timeout = setup_timeout
+        self.inbound_session = inbound_session
+        self.outbound_session = outbound_session
         self.calls: dict[str, Call] = {}
 
     # ------------------------------------------------------------------- try
@@ -105,7 +109,7 @@ class CallController:
         call = Call(call_id, a.direction, a.profile, caller=a.caller, callee=a.callee, funding=a.funding,
                     rate=a.rate)
         call.live = live
-        call.inbound = UasInvite(self.tl, self.dialogs, a.tx, self.local(a.tx.peer.proto), self, owner=call)
+        call.inbound = self.inbound_session(self.tl, self.dialogs, a.tx, self.local(a.tx.peer.proto), self, owner=call)
         self.calls[call.id] = call
         self.metrics.started.labels(call.direction.value).inc()
         self.metrics.active.labels(call.direction.value).inc()
@@ -137,7 +141,7 @@ class CallController:
             self._end(call, exc.status, exc.reason, text=exc.text)
             return
         from_uri, to_uri = self.routing.outbound_uris(call, target, req.from_.display)
-        session = UacInvite(self.tl, self.dialogs, self, peer=target.peer, local=self.local(target.peer.proto),
+        session = self.outbound_session(self.tl, self.dialogs, self, peer=target.peer, local=self.local(target.peer.proto),
                             ruri=target.ruri, from_uri=from_uri, to_uri=to_uri, owner=call)
         call.outbound = session
         call.attempt = target.label
