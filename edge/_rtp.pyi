@@ -105,8 +105,6 @@ class Relay:
         """
     def set_echo(self, leg: Leg, on: bool = True) -> None:
         """Echo mode: every packet received on ``leg`` goes back to its source."""
-    def unlatch(self, leg: Leg) -> None:
-        """Forget the latched source of ``leg`` (latch again on the next packet)."""
     def stats(self) -> RelayStats: ...
     def delete(self) -> RelayStats | None: ...
 

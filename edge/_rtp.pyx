@@ -839,14 +839,6 @@ cdef class Relay:
         r.echo[li] = on
         pthread_mutex_unlock(&self.engine._eng.lock)
 
-    def unlatch(self, str leg):
-        cdef int li = _leg_index(leg)
-        cdef rtp_relay *r = self._get()
-        pthread_mutex_lock(&self.engine._eng.lock)
-        r.st[li * 2].latched = 0
-        r.st[li * 2 + 1].latched = 0
-        pthread_mutex_unlock(&self.engine._eng.lock)
-
     def stats(self):
         self._get()
         return self.engine._snapshot(self)

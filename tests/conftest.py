@@ -35,3 +35,35 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 sys.path.insert(0, str(Path(__file__).parent / "sip"))
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    """Live child processes of ``pid`` (from /proc): (pid, command)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append((int(entry.name), (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]))
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Tests leave no process behind: a child still running now is killed and fails the run."""
+    import os
+    import signal
+
+    left = _children(os.getpid())
+    for pid, _ in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    if left:
+        print("\nprocesses left behind by the tests (killed):", *(f"  {p} {c}" for p, c in left), sep="\n")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

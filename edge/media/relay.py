@@ -41,7 +41,6 @@ class MediaService:
         self._loop = loop
         self.on_event = on_event
         self._reading = False
-        self.events_seen = 0
 
     def start(self) -> None:
         if self._loop is None:
@@ -73,7 +72,6 @@ class MediaService:
             log.exception("drain_events failed")
             return
         for ev in events:
-            self.events_seen += 1
             self._dispatch(ev)
 
     def _dispatch(self, ev: RelayEvent) -> None:

@@ -15,9 +15,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp missing (make test installs sip-tester)")
-def test_printed_echo_call_works(tmp_path: Path) -> None:
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_printed_echo_call_works(tmp_path: Path, loop: str) -> None:
     edge = EdgeProcess(tmp_path, sip_extra='digest_algorithms = ["MD5", "SHA-256"]  # as sipedge.toml')
-    with edge.start("--demo"):
+    with edge.start("--demo", "--loop", loop):
         out = edge.log.read_text()
         line = re.search(r"test call\s+(sipp .*?)\s+\(the echo number", out).group(1)
         args = line.split()[1:]
