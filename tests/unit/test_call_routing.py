@@ -1,0 +1,97 @@
+"""Routing (edge/calls/routing.py): carrier order, failover policy, the PBX of an incoming call."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Any
+
+from edge.calls.model import Call, CallState, Direction, Reject
+from edge.calls.routing import Routing
+from edge.config import CarrierConfig
+from edge.control.models import Profile, Registration
+from edge.sip.transport import Peer
+
+PROFILE = Profile(id="prf_1", account_id="acc_1", name="HQ", channels=2, auth="digest", sip_username="990500000001")
+
+
+class Bindings:
+    def __init__(self, *regs: Registration) -> None:
+        self.regs = list(regs)
+
+    def bindings(self, profile_id: str) -> list[Registration]:
+        return [r for r in self.regs if r.profile_id == profile_id]
+
+
+def routing(carriers: list[CarrierConfig], store: Any = None, seed: int = 1) -> Routing:
+    return Routing(carriers, store or Bindings(), "sip.edge.test", rng=random.Random(seed))
+
+
+def call(direction: Direction = Direction.OUTGOING) -> Call:
+    return Call("c1", direction, PROFILE, caller="990500000001", callee="+442071234567")
+
+
+def test_priority_first_then_weighted_order_within_a_priority() -> None:
+    carriers = [CarrierConfig(uri="sip:10.0.0.3:5060", priority=2),
+                CarrierConfig(uri="sip:10.0.0.1:5060;transport=tcp", priority=1, weight=90),
+                CarrierConfig(uri="sip:10.0.0.2", priority=1, weight=10)]
+    firsts: Counter[str] = Counter()
+    for seed in range(400):
+        targets = routing(carriers, seed=seed).carrier_targets("+442071234567")
+        assert targets[-1].label == "sip:10.0.0.3:5060"  # priority 2 only after every priority 1
+        firsts[targets[0].peer.host] += 1
+    assert 300 < firsts["10.0.0.1"] < 395  # weight 90 vs 10: first about 90 % of the time
+    t = routing(carriers).carrier_targets("+442071234567")
+    by_host = {x.peer.host: x for x in t}
+    assert by_host["10.0.0.1"].peer == Peer("tcp", "10.0.0.1", 5060)
+    assert by_host["10.0.0.2"].ruri == "sip:+442071234567@10.0.0.2:5060"
+
+
+def test_failover_only_on_timeout_408_5xx_only_outgoing_only_before_anything_relayed() -> None:
+    r = routing([CarrierConfig(uri="sip:10.0.0.1"), CarrierConfig(uri="sip:10.0.0.2")])
+    c = call()
+    c.targets = r.carrier_targets(c.callee)[1:]
+    assert all(r.should_fail_over(c, s) for s in (408, 500, 502, 503, 504))
+    assert not any(r.should_fail_over(c, s) for s in (404, 480, 486, 487, 501, 600, 603))
+    c.state = CallState.EARLY
+    assert not r.should_fail_over(c, 503)  # the caller heard a provisional: stay
+    c.state = CallState.ROUTING
+    c.targets = []
+    assert not r.should_fail_over(c, 503)  # nothing left to try
+    inc = call(Direction.INCOMING)
+    inc.targets = c.targets = r.carrier_targets(c.callee)
+    assert not r.should_fail_over(inc, 503)
+
+
+def test_incoming_goes_to_the_newest_registration_at_its_source_address() -> None:
+    old = Registration(profile_id="prf_1", contact="sip:990500000001@10.1.1.1:5060", expires_at=9e9,
+                       source="udp:198.51.100.9:40000", registered_at=100.0)
+    new = Registration(profile_id="prf_1", contact="sip:990500000001@10.1.1.2:5062;transport=tcp",
+                       expires_at=9e9, source="tcp:198.51.100.9:40100", registered_at=200.0)
+    target = routing([], Bindings(old, new)).pbx_target(PROFILE, "sales")
+    assert not isinstance(target, Reject)
+    assert target.peer == Peer("tcp", "198.51.100.9", 40100)  # NAT: where the REGISTER came from
+    assert target.ruri == "sip:sales@10.1.1.2:5062;transport=tcp"  # the extension tag as R-URI user
+
+
+def test_incoming_refusals_for_an_unregistered_or_contactless_profile() -> None:
+    none = routing([]).pbx_target(PROFILE, "+14155550100")
+    assert isinstance(none, Reject) and none.status == 480
+    ip = Profile(id="prf_2", account_id="acc_1", name="DC", channels=1, auth="ip", sip_username="990500000002",
+                 allowed_ips=["10.0.0.0/8"])
+    assert isinstance(routing([]).pbx_target(ip, "x"), Reject)
+    ip.static_contact = "sip:10.2.2.2:5070"
+    target = routing([]).pbx_target(ip, "+14155550100")
+    assert not isinstance(target, Reject)
+    assert target.peer == Peer("udp", "10.2.2.2", 5070) and target.ruri == "sip:+14155550100@10.2.2.2:5070"
+
+
+def test_outbound_from_and_to() -> None:
+    r = routing([CarrierConfig(uri="sip:10.0.0.1")])
+    out = call()
+    target = r.carrier_targets(out.callee)[0]
+    assert r.outbound_uris(out, target, "Front Desk") == (
+        '"Front Desk" <sip:990500000001@sip.edge.test>', "<sip:+442071234567@10.0.0.1:5060>")
+    inc = Call("c2", Direction.INCOMING, PROFILE, caller="+33123456789", callee="+14155550100")
+    assert r.outbound_uris(inc, target, None) == (
+        "<sip:+33123456789@sip.edge.test>", "<sip:990500000001@sip.edge.test>")
