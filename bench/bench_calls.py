@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.bench_calls            # BENCH.md ladder: 30 s steps, 3 repeats
     .venv/bin/python -m bench.bench_calls --quick    # 8 s steps, 1 repeat
     .venv/bin/python -m bench.bench_calls --only kamailio --rates 50,100,200 --no-rtp
+    .venv/bin/python -m bench.bench_calls --only sipedge --baseline ../wt-base   # before/after a change
 
 Job (the same for both devices): SIPp as the PBX (``bench/sipp/uac-call-auth.xml``:
 INVITE -> 407 -> ACK -> INVITE with credentials -> 100/180/200 -> ACK -> RTP both ways
@@ -211,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--channels", type=int, default=300, help="channel limit per user/profile (1..300)")
     ap.add_argument("--no-rtp", action="store_true", help="signalling only (no rtp_stream)")
     ap.add_argument("--only", choices=("kamailio", "sipedge"), default=None)
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="also run another sipedge build: a checkout (e.g. a git worktree of the commit "
+                         "before a change) with its .venv built; reported as 'baseline' beside 'sipedge'")
     ap.add_argument("--kam-children", type=int, default=2)
     ap.add_argument("--no-pin", action="store_true")
     ap.add_argument("--keep", action="store_true")
@@ -229,11 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_rtp:
         uac = strip_rtp(uac, workdir)
     names = [args.only] if args.only else ["kamailio", "sipedge"]
+    if args.baseline is not None:
+        names.insert(names.index("sipedge") if "sipedge" in names else len(names), "baseline")
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     kam_users = [(f"99060{i:07d}", f"pw{i:06d}y") for i in range(args.users)]
     kam_csv = workdir / "calls-kamailio.csv"
     write_calls_csv(kam_csv, kam_users)
-    sip_csv = workdir / "calls-sipedge.csv"
     setup_s = 0.05
     try:
         for rep in range(repeats):
@@ -249,14 +254,15 @@ def main(argv: list[str] | None = None) -> int:
                     csv_path = kam_csv
                 else:
                     dev = Sipedge(workdir, cpu_dut, media_ports=(RTP_RANGE[0], RTP_RANGE[1] + 1), extra_config=(
-                        f'[[carriers]]\nuri = "{carrier.uri}"\npriority = 1\nweight = 100\n'))
-                    csv_path = sip_csv
+                        f'[[carriers]]\nuri = "{carrier.uri}"\npriority = 1\nweight = 100\n'), name=name,
+                        checkout=args.baseline if name == "baseline" else None)
+                    csv_path = workdir / f"calls-{name}.csv"
                 try:
                     try:
                         carrier.start()
                         dev.start()
-                        if isinstance(dev, Sipedge) and not sip_csv.exists():
-                            write_calls_csv(sip_csv, provision_sipedge(dev, args.users, args.channels))
+                        if isinstance(dev, Sipedge) and not csv_path.exists():
+                            write_calls_csv(csv_path, provision_sipedge(dev, args.users, args.channels))
                     except Exception as exc:
                         log(f"{name}: could not start: {exc}")
                         runs[name].append({"steps": [], "max_rate": None, "first_failing_rate": rates[0],
@@ -321,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, object] = {
         "bench": "calls",
         "machine": machine_info(),
+        "baseline": str(args.baseline) if args.baseline else None,
         "tools": {"sipp": tool_version(["sipp", "-v"]), "kamailio": tool_version(["kamailio", "-v"]),
                   "rtpengine": tool_version(["rtpengine", "--version"])},
         "method": {"hold_s": hold, "repeats": repeats, "rates": rates, "users": args.users,

@@ -511,7 +511,11 @@ class Sipedge(Device):
     TOKEN = "bench-admin-token-0123456789abcdef"
 
     def __init__(self, workdir: Path, cpu: str | None, *, extra_config: str = "",
-                 media_ports: tuple[int, int] = (22000, 29999)) -> None:
+                 media_ports: tuple[int, int] = (22000, 29999), checkout: Path | None = None,
+                 name: str = "sipedge") -> None:
+        self.name = name
+        # checkout: another build of sipedge (a worktree of an older commit with its own .venv)
+        self.checkout = checkout
         super().__init__(workdir, cpu)
         self.media_ports = media_ports
         self.api_port = free_port()
@@ -543,11 +547,13 @@ class Sipedge(Device):
         env.pop("SIPEDGE_ADMIN_TOKEN", None)
         # SIPEDGE_BENCH_CMD: run another build or a wrapper instead of `python -m edge.cli`
         prefix = os.environ.get("SIPEDGE_BENCH_CMD", "").split() or [sys.executable, "-m", "edge.cli"]
+        if self.checkout is not None:
+            prefix = [str(self.checkout / ".venv" / "bin" / "python"), "-m", "edge.cli"]
         # warnings and errors only, as Kamailio runs here (debug=-1): a log line per call is
         # a cost of its own, measured by neither peer
         cmd = [*prefix, "serve", "--config", str(self.config), "--data", str(self.data),
                "--log-level", os.environ.get("SIPEDGE_BENCH_LOG_LEVEL", "warning")]
-        self.proc = subprocess.Popen(pinned(self.cpu, cmd), cwd=ROOT, stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(pinned(self.cpu, cmd), cwd=self.checkout or ROOT, stdout=subprocess.DEVNULL,
                                      stderr=open(self.log_path, "ab"), env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
