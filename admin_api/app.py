@@ -159,6 +159,7 @@ def create_app(
     token: str,
     *,
     registrar: str = "sip.edge.test",
+    realm: str | None = None,
     registry: CollectorRegistry | None = None,
 ) -> tuple[ASGIApp, CollectorRegistry]:
     """Build the ASGI app.
@@ -166,6 +167,7 @@ def create_app(
     :param store: the node's store.
     :param token: the admin bearer token (must be non-empty).
     :param registrar: the SIP domain printed in profiles.
+    :param realm: the digest realm of new credentials (default: ``registrar``).
     :param registry: metrics registry shared with the edge components (created if None).
     :returns: (ASGI app wrapped with auth and request metrics, the registry).
     """
@@ -175,7 +177,7 @@ def create_app(
     api_metrics = ApiMetrics(registry)
     app = Litestar(
         route_handlers=[healthz, metrics, openapi_json, *ROUTES],
-        state=State({"store": store, "registrar": registrar, "registry": registry}),
+        state=State({"store": store, "registrar": registrar, "realm": realm or registrar, "registry": registry}),
         exception_handlers={
             ValidationException: on_validation_error,
             msgspec.ValidationError: on_msgspec_error,

@@ -24,6 +24,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from edge.config import Config
+from edge.control import channels, numbers, profiles, registrations
 from edge.control.credit import ECHO_NUMBER, CreditEngine, is_e164
 from edge.control.models import LiveCall, Profile, Rate
 from edge.control.store import Store
@@ -216,18 +217,18 @@ class B2BUA:
         answer to our 407 challenge. Responds (407/403) and returns None on failure."""
         req = tx.request
         from_user = req.from_.uri.user if req.from_.uri is not None else None
-        cred = self.store.credential(from_user) if from_user else None
+        cred = profiles.credential(self.store, from_user) if from_user else None
         if cred is not None and cred.auth == "ip" and source_allowed(tx.peer.host, cred.allowed_ips):
-            return self.store.get_profile(cred.profile_id)
+            return profiles.get(self.store, cred.profile_id)
         header = req.header("Proxy-Authorization")
         answer = parse_authorization(header) if header else None
         if answer is not None and (cred is None or cred.username != answer.username):
-            cred = self.store.credential(answer.username)
+            cred = profiles.credential(self.store, answer.username)
         result = self.sip.auth.verify(answer, "INVITE", cred)
         if result is AuthResult.OK:
             assert cred is not None
             self.sip.failures.success(tx.peer.host)
-            return self.store.get_profile(cred.profile_id)
+            return profiles.get(self.store, cred.profile_id)
         if result in (AuthResult.MISSING, AuthResult.STALE, AuthResult.BAD_NONCE, AuthResult.UNSUPPORTED):
             if result is not AuthResult.MISSING:
                 self.sip.metrics.auth_failures.labels(result.value, "INVITE").inc()
@@ -297,10 +298,7 @@ class B2BUA:
         live = LiveCall(call_id=call.id, profile_id=prof.id, direction=call.direction, started_at=time.time(),
                         caller=caller, callee=callee, funding=funding, owner_pid=0)
 
-        def op(txn) -> bool:
-            return self.store.take_channel(txn, self.store._profile(txn, prof.id), live)
-
-        if not self.store.write(op, sync=False):
+        if not channels.take(self.store, prof.id, live):
             status = 486
             self.metrics.rejected.labels(call.direction, "channels", str(status)).inc()
             call.invite.respond(status, "Busy Here", headers=[warning(f"all {prof.channels} channels of the profile are in use")],
@@ -337,17 +335,17 @@ class B2BUA:
             self._reject(tx, "incoming", "unknown_number", 404, "no number in the Request-URI")
             return
         number = is_e164(user)
-        found = self.store.profile_by_number(number) if number else None
+        found = numbers.profile_by_number(self.store, number) if number else None
         target_user = None
         if found is not None:
             rec, prof = found
             target_user = rec.extension or rec.number
         else:
-            biz = self.store.get_business_account(user)
+            biz = numbers.business_account(self.store, user)
             if biz is None or biz.profile_id is None:
                 self._reject(tx, "incoming", "unknown_number", 404, "number or business account not in service")
                 return
-            prof = self.store.get_profile(biz.profile_id)
+            prof = profiles.get(self.store, biz.profile_id)
             target_user = user
         if prof.auth == "ip":
             if not prof.static_contact:
@@ -356,7 +354,7 @@ class B2BUA:
             contact_uri = parse_uri(prof.static_contact)
             dest = Peer((contact_uri.params.get("transport") or "udp").lower(), contact_uri.host, contact_uri.port or 5060)
         else:
-            bindings = self.store.bindings(prof.id)
+            bindings = registrations.live(self.store, prof.id)
             if not bindings:
                 self._reject(tx, "incoming", "not_registered", 480, "the PBX of this number is not registered")
                 return
@@ -590,7 +588,7 @@ class B2BUA:
         live.answered_at = now
         live.legs = [d.as_record() for d in (call.inbound, call.outbound) if d is not None]
         if call.free or call.rate is None:
-            self.store.write(lambda txn: self.store.update_call(txn, live), sync=False)
+            channels.update(self.store, live)
         else:
             self.store.write(lambda txn: self.credit.extend(txn, live, call.rate, now), sync=False)
             self._schedule_credit(call)

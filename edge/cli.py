@@ -28,6 +28,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .logs import setup as setup_logging
 
     setup_logging(args.log_format, args.log_level)
+    from .control import idempotency, rates, registrations
     from .control.demo import ECHO_NUMBER, ensure_demo
     from .control.tables import shipped_exclusions
     from .server import Node, admin_token, data_dir_of, open_store
@@ -40,11 +41,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     data_dir = data_dir_of(cfg, args.data)
     store = open_store(cfg, data_dir)
     token = admin_token(cfg, data_dir)
-    store.purge_idempotency(time.time() - IDEMPOTENCY_TTL)
-    store.purge_expired_bindings()
-    store.ensure_exclusions(shipped_exclusions())  # the seed's list until the API replaces it
+    idempotency.purge(store, time.time() - IDEMPOTENCY_TTL)
+    registrations.purge_expired(store)
+    rates.ensure_exclusions(store, shipped_exclusions())  # the seed's list until the API replaces it
     if args.demo:
-        demo = ensure_demo(store)
+        demo = ensure_demo(store, realm=cfg.sip.domain)
         udp = next((l for l in cfg.sip.listen if l.startswith("udp:")), cfg.sip.listen[0])
         _, host_port = udp.split(":", 1)
         print(

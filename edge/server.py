@@ -41,7 +41,7 @@ def admin_token(cfg: Config, data_dir: Path) -> str:
 
 
 def open_store(cfg: Config, data_dir: Path) -> Store:
-    return Store(data_dir, realm=cfg.sip.domain, map_size=cfg.storage.map_size_mb << 20)
+    return Store(data_dir, map_size=cfg.storage.map_size_mb << 20)
 
 
 class Node:
