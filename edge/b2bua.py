@@ -296,7 +296,7 @@ class B2BUA:
         """Rule 4: a free channel (incoming and outgoing calls alike), seized atomically."""
         prof = call.profile
         live = LiveCall(call_id=call.id, profile_id=prof.id, direction=call.direction, started_at=time.time(),
-                        caller=caller, callee=callee, funding=funding, owner_pid=0)
+                        caller=caller, callee=callee, funding=funding)
 
         if not channels.take(self.store, prof.id, live):
             status = 486

@@ -136,10 +136,12 @@ class CreditEngine:
         Bundle seconds first for a bundle call, then credit; funds as much of the slice
         as the balance allows. Auto-recharge runs the moment the balance drops below
         the profile's minimum, and the slice is retried once with the recharged balance.
-        Updates ``call`` in ``txn`` and returns its new ``funded_until``: unchanged when
-        nothing more can be funded, and the call must end then.
+        Records ``rate`` in the call (recovery bills at it), updates ``call`` in ``txn`` and
+        returns its new ``funded_until``: unchanged when nothing more can be funded, and
+        the call must end then.
         """
         assert call.answered_at is not None
+        call.rate = rate
         prof = profiles.get(txn, call.profile_id)
         funded = (call.funded_until or call.answered_at) - call.answered_at
         target = funded + self.slice_seconds
@@ -214,13 +216,17 @@ class CreditEngine:
         """After a crash: settle every live call of the previous run from its last reservation.
 
         The reservation is what was funded; the call is billed up to ``funded_until``
-        (it may have run that long), its channel is freed and its CDR says ``recovery``.
+        (it may have run that long) at the rate it was funded at (``LiveCall.rate``; the
+        rate table of today only for a record of an older build that lacks it), its channel
+        is freed and its CDR says ``recovery``.
         :returns: the calls settled (the B2BUA sends BYE to the legs it can reach).
         """
         now = time.time() if now is None else now
         calls = channels.live_calls(self.store)
         for call in calls:
-            rate = rates.rate_for(self.store, call.callee) if call.funding in ("credit", "bundle") else None
+            rate = None
+            if call.funding in ("credit", "bundle"):
+                rate = call.rate if call.rate is not None else rates.rate_for(self.store, call.callee)
             end = min(now, call.funded_until) if call.funded_until is not None else (call.answered_at or call.started_at)
 
             def op(txn: Txn, call: LiveCall = call, rate: Rate | None = rate, end: float = end) -> None:

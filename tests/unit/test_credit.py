@@ -167,3 +167,44 @@ def test_recovery_settles_from_the_last_reservation(store: Store) -> None:
     balance, ledger_sum = ledger.audit(store)[f"profile:{prof.id}"]
     assert balance == ledger_sum == 980_000
 
+
+def test_recovery_bills_at_the_rate_the_call_was_funded_at(store: Store) -> None:
+    """The rate table changes between answer and a crash: recovery bills the admitted rate."""
+    engine = CreditEngine(store, slice_seconds=60)
+    prof = profile_with(store, 1_000_000)
+    call = seize(store, prof, "+442071234567", "credit")
+    call.answered_at = 0.0
+    store.write(lambda txn: engine.extend(txn, call, UK, 0.0))   # 60 s at 0.02/min reserved
+    assert channels.get(store, prof.id, call.call_id).rate == UK                 # stored with the call
+    dearer = Rate(prefix="44", rate=200_000, min_seconds=1, increment_seconds=1)  # 0.20/min from now on
+    rates.replace(store, [dearer, US, FEE])
+    engine.recover(now=30.0)                                                       # 30 s of talk at the crash
+    cdr = cdrs.page(store, prof.id)[-1]
+    assert cdr.end_reason == "recovery" and cdr.rate_prefix == "44"
+    assert cdr.duration == 60 and cdr.cost == 20_000   # UK: 60 s minimum at 0.02/min (not 30 s at 0.20 = 0.10)
+    assert profiles.get(store, prof.id).balance == 1_000_000 - 20_000
+    balance, ledger_sum = ledger.audit(store)[f"profile:{prof.id}"]
+    assert balance == ledger_sum
+
+
+def test_live_calls_of_an_older_build_still_decode(store: Store) -> None:
+    """Records written before LiveCall.rate (with owner_pid and rate_prefix) decode; recovery
+    then bills at today's table."""
+    import msgspec
+
+    engine = CreditEngine(store, slice_seconds=60)
+    prof = profile_with(store, 1_000_000)
+    old = {"call_id": "old-1", "profile_id": prof.id, "direction": "outgoing", "started_at": 0.0,
+           "callee": "+442071234567", "answered_at": 0.0, "reserved": 20_000, "funded_until": 60.0,
+           "funding": "credit", "rate_prefix": "44", "owner_pid": 4242}
+
+    def op(txn) -> None:
+        ledger.move(txn, profiles.get(txn, prof.id), -20_000, "reserve", "old-1")
+        txn.put_u64("channels", prof.id.encode(), 1)
+        txn.put_raw("calls", channels.call_key(prof.id, "old-1"), msgspec.msgpack.encode(old))
+
+    store.write(op)
+    [call] = channels.live_calls(store)
+    assert call.call_id == "old-1" and call.rate is None and call.reserved == 20_000
+    engine.recover(now=30.0)
+    assert cdrs.page(store, prof.id)[-1].cost == 20_000 and channels.in_use(store, prof.id) == 0
