@@ -590,7 +590,7 @@ class B2BUA:
         if call.free or call.rate is None:
             channels.update(self.store, live)
         else:
-            self.store.write(lambda txn: self.credit.extend(txn, live, call.rate, now), sync=False)
+            self.store.write(lambda txn: self.credit.extend(txn, live, call.rate, now), sync=False, grows=False)
             self._schedule_credit(call)
         limit = self.cfg.credit.max_call_seconds
         call.timers.append(self.tl.loop.call_later(limit, lambda: self.end(call, "max_duration")))
@@ -610,7 +610,8 @@ class B2BUA:
         live = call.live
         assert live is not None and call.rate is not None
         before = live.funded_until
-        after = self.store.write(lambda txn: self.credit.extend(txn, live, call.rate, time.time()), sync=False)
+        after = self.store.write(lambda txn: self.credit.extend(txn, live, call.rate, time.time()), sync=False,
+                                 grows=False)
         if after is not None and before is not None and after > before:
             self._schedule_credit(call)
             return
@@ -838,7 +839,7 @@ class B2BUA:
         rate = call.rate if not call.free else None
         # committed at once (a process crash loses nothing); the fsync follows off the loop
         self.store.write(lambda txn: self.credit.settle(txn, live, rate, ended, status=status, end_reason=reason,
-                                                         media=media), sync=False)
+                                                         media=media), sync=False, grows=False)
         self.sip.flush_soon()
 
     # ------------------------------------------------------------ recovery

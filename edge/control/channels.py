@@ -6,7 +6,8 @@ Both change in the same transaction, and LMDB has one writer at a time across pr
 so two calls can never both take the last channel. A crash leaves the live calls behind
 for recovery (:meth:`edge.control.credit.CreditEngine.recover`).
 
-Live-call bookkeeping is call-path soft state: ``sync=False``.
+Live-call bookkeeping is call-path soft state: ``sync=False``. Taking a channel is new
+work (``grows=True``: refused when the store is full); updating and releasing finish it.
 """
 
 from __future__ import annotations
@@ -37,13 +38,13 @@ def take(txn: Txn, profile_id: str, call: LiveCall) -> bool:
     return True
 
 
-@writes(sync=False)
+@writes(sync=False, grows=False)
 def update(txn: Txn, call: LiveCall) -> None:
     """Store the call's new state (answer, reservation, legs)."""
     txn.put("calls", call_key(call.profile_id, call.call_id), call)
 
 
-@writes(sync=False)
+@writes(sync=False, grows=False)
 def release(txn: Txn, profile_id: str, call_id: str) -> LiveCall | None:
     """Free the channel of ``call_id`` and forget the call (idempotent: a second release does nothing).
 

@@ -1,7 +1,9 @@
 """Real-time credit for calls (SPEC §4.4): rating, admission, reservations in slices,
 settlement, CDRs. Every function that changes money takes an open write transaction
 (:class:`~edge.control.store.Txn`) and moves money only through
-:func:`edge.control.ledger.move`, so each step is atomic and ledgered.
+:func:`edge.control.ledger.move`, so each step is atomic and ledgered. The transactions
+that extend and settle calls finish admitted work: open them with ``grows=False`` (they
+may use the store's reserve, docs/storage.md).
 
 Funding of one call, decided at answer:
 
@@ -218,7 +220,8 @@ class CreditEngine:
         The reservation is what was funded; the call is billed up to ``funded_until``
         (it may have run that long) at the rate it was funded at (``LiveCall.rate``; the
         rate table of today only for a record of an older build that lacks it), its channel
-        is freed and its CDR says ``recovery``.
+        is freed and its CDR says ``recovery``. Each settlement is one durable write that
+        may use the store's reserve.
         :returns: the calls settled (the B2BUA sends BYE to the legs it can reach).
         """
         now = time.time() if now is None else now
@@ -232,5 +235,5 @@ class CreditEngine:
             def op(txn: Txn, call: LiveCall = call, rate: Rate | None = rate, end: float = end) -> None:
                 self.settle(txn, call, rate, end, status=200 if call.answered_at else 500, end_reason="recovery")
 
-            self.store.write(op)
+            self.store.write(op, grows=False)
         return calls

@@ -44,7 +44,7 @@ def run_once(
     return status, body, False
 
 
-@writes()
+@writes(grows=False)
 def purge(txn: Txn, older_than: float) -> int:
     """Forget keys stored before ``older_than`` (Unix seconds); :returns: how many."""
     decode = txn.store.decoder(IdempotentResult).decode

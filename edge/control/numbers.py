@@ -57,7 +57,7 @@ def attach(txn: Txn, profile_id: str, number: str, extension: str | None = None)
     return rec
 
 
-@writes()
+@writes(grows=False)
 def detach(txn: Txn, profile_id: str, number: str) -> None:
     """:raises NotFound: the number is not attached to the profile."""
     prof = profiles.get(txn, profile_id)
@@ -128,7 +128,7 @@ def attach_business(txn: Txn, profile_id: str, name: str) -> BusinessAccount:
     return rec
 
 
-@writes()
+@writes(grows=False)
 def detach_business(txn: Txn, profile_id: str, name: str) -> None:
     """:raises NotFound: the business account is not attached to the profile."""
     prof = profiles.get(txn, profile_id)

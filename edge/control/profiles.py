@@ -177,7 +177,7 @@ def set_bundles(txn: Txn, profile_id: str, us_bundles: int) -> Profile:
     return prof
 
 
-@writes()
+@writes(grows=False)
 def delete(txn: Txn, profile_id: str) -> None:
     """Delete a profile with no live calls: its credit returns to the account, numbers and
     business accounts are detached, its credential and registrations go.

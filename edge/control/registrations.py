@@ -27,13 +27,13 @@ def save(txn: Txn, reg: Registration) -> None:
     txn.put("registrations", binding_key(reg.profile_id, reg.contact), reg)
 
 
-@writes(sync=False)
+@writes(sync=False, grows=False)
 def remove(txn: Txn, profile_id: str, contact: str) -> bool:
     """:returns: True if there was such a binding."""
     return txn.delete("registrations", binding_key(profile_id, contact))
 
 
-@writes()
+@writes(grows=False)
 def remove_all(txn: Txn, profile_id: str) -> int:
     """Remove every binding of a profile; :returns: how many."""
     return txn.delete_where("registrations", profile_id.encode() + SEP)
@@ -46,7 +46,7 @@ def live(txn: Txn, profile_id: str, now: float | None = None) -> list[Registrati
     return [r for r in txn.values("registrations", Registration, profile_id.encode() + SEP) if r.expires_at > now]
 
 
-@writes()
+@writes(grows=False)
 def purge_expired(txn: Txn, now: float | None = None) -> int:
     """Delete expired bindings; :returns: how many."""
     now = time.time() if now is None else now

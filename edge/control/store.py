@@ -8,13 +8,14 @@ money or calls. The domain lives in modules beside it (``accounts``, ``profiles`
 - **Transaction-scoped functions** ``f(txn, ...)`` take an open :class:`Txn` and run
   inside it, so a caller composes several of them into one atomic change::
 
-      store.write(lambda txn: ledger.move(txn, profiles.get(txn, pid), -cost, "call", call_id), sync=False)
+      store.write(lambda txn: ledger.move(txn, profiles.get(txn, pid), -cost, "call", call_id),
+                  sync=False, grows=False)
 
 - Most of them are decorated with :func:`reads` or :func:`writes`: given the
   :class:`Store` instead of a :class:`Txn`, they open a transaction of their own
   (``accounts.create(store, "Acme", "acme.admin")``). ``@writes`` names the policy of that
-  transaction (``sync``) next to the operation it belongs to. A function called with a
-  ``Txn`` runs under the policy of whoever opened the transaction.
+  transaction — ``grows`` and ``sync``, below — next to the operation it belongs to. A
+  function called with a ``Txn`` runs under the policy of whoever opened the transaction.
 - **Call-path lookups** (``profiles.credential``, ``numbers.profile_by_number``,
   ``rates.rate_for``, ``rates.is_bundle_excluded``) take the store, open one short read
   transaction on the bound database handles (``store.dbs``) and do one to a few
@@ -25,14 +26,38 @@ transaction commits, or anything raises and it aborts, so no reader in any proce
 sees half a change; writers in different processes (the edge, the control API, a CLI) are
 serialised by LMDB's own lock.
 
+A store that cannot write
+-------------------------
+LMDB's map is a fixed-size file (``storage.map_size_mb``). :meth:`Store.write` turns
+``lmdb.MapFullError`` (the map is full) and ``lmdb.DiskError`` (ENOSPC: the disk is) into
+:class:`~edge.control.errors.StoreFull`, and any other LMDB error (I/O, a failed fsync)
+into :class:`~edge.control.errors.StoreUnavailable`; either way the transaction aborted
+and nothing of it was written.
+
+A map that filled up with provisioning must still have room to *finish* the calls in
+progress (slice extensions, settlement, CDRs, channel release), so the top of the map is
+a **reserve**: ``max(2 MiB, 5 % of the map)``. A write opened with ``grows=True`` (the
+default: control-API writes, call admission, registrations — new work) is refused with
+``StoreFull`` when the store's fill would be above ``map_size - reserve`` after it; a write
+opened with ``grows=False`` (work already admitted, and deletions) may use the reserve.
+The fill (:meth:`Store.used_bytes`) is the pages in use in every database times the page
+size, measured at most once a second (and after every refusal). A durable grows write, and
+any grows write once the fill is within one reserve of the limit, measures it exactly in
+its own transaction before committing; a small call-path write far below the limit trusts
+the last measure. The first refusal of an episode is logged once (WARNING, with the path
+and the map size); the end of it (a grows write committed with room to spare) once (INFO).
+
 ``docs/storage.md`` lists every database with its keys and values.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import secrets
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,10 +66,12 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 import lmdb
 import msgspec
 
-from .errors import Invalid
+from .errors import Invalid, StoreFull, StoreUnavailable
 
 T = TypeVar("T")
 P = ParamSpec("P")
+
+log = logging.getLogger("sipedge.store")
 
 # Named databases. If you add one, document it in docs/storage.md.
 DB_NAMES = (
@@ -67,6 +94,9 @@ DB_NAMES = (
 )
 
 SEP = b"\x00"
+MIN_RESERVE = 2 << 20          # bytes kept for finishing admitted work, at least
+RESERVE_FRACTION = 20          # ... or 1/20 (5 %) of the map, whichever is larger
+FILL_TTL = 1.0                 # seconds a measured fill level is trusted
 
 
 def u64(n: int) -> bytes:
@@ -241,10 +271,10 @@ def reads(fn: Callable[Concatenate[Txn, P], T]) -> Callable[Concatenate[Txn | St
     return run
 
 
-def writes(*, sync: bool = True) -> Callable[
+def writes(*, grows: bool = True, sync: bool = True) -> Callable[
         [Callable[Concatenate[Txn, P], T]], Callable[Concatenate[Txn | Store, P], T]]:
     """Decorate a write ``fn(txn, ...)``: called with the store, it runs in a write transaction
-    of its own, opened with this ``sync`` policy (see :meth:`Store.write`); called
+    of its own, opened with this ``grows``/``sync`` policy (see :meth:`Store.write`); called
     with a write ``Txn``, it joins it."""
 
     def decorate(fn: Callable[Concatenate[Txn, P], T]) -> Callable[Concatenate[Txn | Store, P], T]:
@@ -253,16 +283,16 @@ def writes(*, sync: bool = True) -> Callable[
             if isinstance(on, Txn):
                 assert on.writable, f"{fn.__name__} needs a write transaction"
                 return fn(on, *args, **kwargs)
-            return on.write(lambda txn: fn(txn, *args, **kwargs), sync=sync)
+            return on.write(lambda txn: fn(txn, *args, **kwargs), grows=grows, sync=sync)
 
-        run.__doc__ = (fn.__doc__ or "") + f"\n\n(Given the store: one write transaction, sync={sync}.)"
+        run.__doc__ = (fn.__doc__ or "") + f"\n\n(Given the store: one write transaction, grows={grows}, sync={sync}.)"
         return run
 
     return decorate
 
 
 class Store:
-    """The node's LMDB environment: named databases, codecs, transactions.
+    """The node's LMDB environment: named databases, codecs, transactions, the fill level.
 
     :param path: directory of the environment (created if missing).
     :param map_size: maximum size of the map in bytes (a sparse file: costs nothing until used).
@@ -271,6 +301,8 @@ class Store:
         committed (the pages are in the OS cache); an OS crash may lose the last such
         commits, which recovery rebuilds (docs/storage.md).
     :param readonly: open for reading only.
+    :param reserve: bytes at the top of the map that only ``grows=False`` writes may use
+        (default ``max(2 MiB, 5 % of the map)``).
     """
 
     def __init__(
@@ -280,6 +312,7 @@ class Store:
         map_size: int = 4 << 30,
         durable: bool = True,
         readonly: bool = False,
+        reserve: int | None = None,
     ) -> None:
         self.path = Path(path)
         self.durable = durable
@@ -295,12 +328,22 @@ class Store:
             readonly=readonly,
             lock=True,
         )
+        self.map_size = int(self.env.info()["map_size"])
+        self.reserve = reserve if reserve is not None else max(MIN_RESERVE, self.map_size // RESERVE_FRACTION)
+        self.limit = self.map_size - self.reserve   # the fill above which new work is refused
+        self._page = int(self.env.stat()["psize"])
         self._db: dict[str, Any] = {name: self.env.open_db(name.encode(), create=not readonly) for name in DB_NAMES}
         #: The bound handle of every named database, as attributes (``store.dbs.credentials``):
         #: the call-path lookups use them on ``store.env`` directly, with no ``Txn`` to build.
         self.dbs = SimpleNamespace(**self._db)
+        self._main = self.env.open_db(None)
         self._dec: dict[type, msgspec.msgpack.Decoder[Any]] = {}
         self._enc = msgspec.msgpack.Encoder()
+        self._used = 0
+        self._used_at = -FILL_TTL           # monotonic time of the last measure; < now - TTL: stale
+        self._latch = threading.Lock()
+        self._full = False                  # in a "store full" episode (logged once)
+        self._broken = False                # in a "store unavailable" episode (logged once)
 
     def close(self) -> None:
         self.env.close()
@@ -323,21 +366,127 @@ class Store:
         with self.env.begin() as raw:
             return fn(Txn(self, raw, False))
 
-    def write(self, fn: Callable[[Txn], T], *, sync: bool = True) -> T:
+    def write(self, fn: Callable[[Txn], T], *, sync: bool = True, grows: bool = True) -> T:
         """Run ``fn`` in one write transaction: committed if it returns, aborted if it raises.
 
         :param sync: flush to disk before returning (money, API answers). Call-path soft
             state passes False: ~10 µs instead of an fsync (~0.4 ms here).
+        :param grows: the write adds new work (control-API writes, call admission,
+            registrations): refused with ``StoreFull`` if the fill would end above
+            ``map_size - reserve``. False for writes that finish admitted work (slice
+            extension, settlement, CDR, channel release) or delete: they may use the reserve.
+        :raises StoreFull: no room (nothing was written).
+        :raises StoreUnavailable: LMDB failed (I/O error, ...); nothing was written — or,
+            if only the fsync after the commit failed, the change is committed but may not
+            be on disk.
         """
-        with self.env.begin(write=True) as raw:
-            result = fn(Txn(self, raw, True))
+        if grows and self.used_bytes() > self.limit:
+            raise self._refuse(self._used)
+        try:
+            with self.env.begin(write=True) as raw:
+                result = fn(Txn(self, raw, True))
+                if grows and (sync or self._used > self.limit - self.reserve):
+                    used = self._measure(raw)
+                    if used > self.limit:
+                        raise self._refuse(used)   # aborts: nothing of fn is written
+        except lmdb.MapFullError:
+            self._used_at = -FILL_TTL
+            raise self._refuse(self.used_bytes(), "map") from None
+        except lmdb.DiskError:   # ENOSPC: the file system is full before the map is
+            raise self._refuse(self.used_bytes(), "disk") from None
+        except lmdb.BadValsizeError:
+            raise Invalid("a key or value is too long for the store") from None
+        except lmdb.Error as exc:
+            raise self._unavailable(exc) from exc
         if sync and self.durable:
-            self.env.sync(True)
+            self.flush()
+        if self._full and grows and self.used_bytes() < self.limit - self.reserve // 2:
+            self._recovered()
+        if self._broken:
+            self._healed()
         return result
 
     def flush(self) -> None:
         """Flush commits made with ``sync=False`` to disk (the edge calls this periodically)."""
-        self.env.sync(True)
+        try:
+            self.env.sync(True)
+        except lmdb.Error as exc:
+            raise self._unavailable(exc) from exc
+
+    # ------------------------------------------------------------ fill level
+
+    def used_bytes(self, *, fresh: bool = False) -> int:
+        """Bytes in use: the pages of every database times the page size. Measured at most
+        once per ``FILL_TTL`` second (and after a refusal) unless ``fresh``."""
+        now = time.monotonic()
+        if fresh or now - self._used_at >= FILL_TTL:
+            try:
+                with self.env.begin() as raw:
+                    self._measure(raw)
+            except lmdb.Error as exc:
+                raise self._unavailable(exc) from exc
+            self._used_at = now
+        return self._used
+
+    def _measure(self, raw: lmdb.Transaction) -> int:
+        pages = 2   # the two meta pages
+        for handle in (self._main, *self._db.values()):
+            st = raw.stat(handle)
+            pages += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+        self._used = pages * self._page
+        self._used_at = time.monotonic()
+        return self._used
+
+    @property
+    def is_full(self) -> bool:
+        """True while new work is being refused (between a refusal and the next roomy grows write)."""
+        return self._full
+
+    def _refuse(self, used: int, cause: str = "reserve") -> StoreFull:
+        """Latch a "store full" episode (logged once) and build the error for ``cause``:
+        ``reserve`` (the write would enter the reserve), ``map`` (LMDB's map is full),
+        ``disk`` (the file system is)."""
+        self._used_at = -FILL_TTL   # measure again next time: a deletion may have made room
+        with self._latch:
+            first, self._full = not self._full, True
+        mib, map_mib, reserve_mib = used / 2**20, self.map_size / 2**20, self.reserve / 2**20
+        if cause == "disk":
+            detail = "the store is full: the disk under it has no space left; the operator must free disk space"
+        elif cause == "map":
+            detail = (f"the store is full: its {map_mib:.0f} MiB map has no room for this write ({mib:.1f} MiB in "
+                      "use); the operator must raise storage.map_size_mb (or purge old CDRs)")
+        else:
+            detail = (f"the store is full: this write would take it to {mib:.1f} MiB of its {map_mib:.0f} MiB map, "
+                      f"into the last {reserve_mib:.0f} MiB kept for calls in progress, so new writes are refused; "
+                      "the operator must raise storage.map_size_mb")
+        if first:
+            log.warning("the store is full (%s): refusing new work, keeping the reserve for calls in progress",
+                        {"disk": "no space left on the disk", "map": "map full"}.get(cause, "reserve reached"),
+                        extra={"event": "store_full", "path": str(self.path), "map_bytes": self.map_size,
+                               "used_bytes": used, "reserve_bytes": self.reserve})
+        return StoreFull(detail)
+
+    def _recovered(self) -> None:
+        with self._latch:
+            was, self._full = self._full, False
+        if was:
+            log.info("store has room again: accepting new work", extra={
+                "event": "store_room", "path": str(self.path), "map_bytes": self.map_size,
+                "used_bytes": self._used})
+
+    def _unavailable(self, exc: lmdb.Error) -> StoreUnavailable:
+        with self._latch:
+            first, self._broken = not self._broken, True
+        if first:
+            log.error("store cannot write: %s", exc, extra={
+                "event": "store_unavailable", "path": str(self.path), "map_bytes": self.map_size})
+        return StoreUnavailable(f"the store cannot write ({type(exc).__name__}): {exc}")
+
+    def _healed(self) -> None:
+        with self._latch:
+            was, self._broken = self._broken, False
+        if was:
+            log.info("store writes again", extra={"event": "store_writes_again", "path": str(self.path)})
 
     # ------------------------------------------------------ call-path helpers
 

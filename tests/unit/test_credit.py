@@ -174,7 +174,7 @@ def test_recovery_bills_at_the_rate_the_call_was_funded_at(store: Store) -> None
     prof = profile_with(store, 1_000_000)
     call = seize(store, prof, "+442071234567", "credit")
     call.answered_at = 0.0
-    store.write(lambda txn: engine.extend(txn, call, UK, 0.0))   # 60 s at 0.02/min reserved
+    store.write(lambda txn: engine.extend(txn, call, UK, 0.0), grows=False)   # 60 s at 0.02/min reserved
     assert channels.get(store, prof.id, call.call_id).rate == UK                 # stored with the call
     dearer = Rate(prefix="44", rate=200_000, min_seconds=1, increment_seconds=1)  # 0.20/min from now on
     rates.replace(store, [dearer, US, FEE])
