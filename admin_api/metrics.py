@@ -31,7 +31,7 @@ from edge.control.store import Store, Txn
 
 
 class StoreCollector(Collector):
-    """Per-profile gauges read from the store in one read transaction per scrape."""
+    """Per-profile gauges and the store's fill, read from the store in one read transaction per scrape."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -50,6 +50,13 @@ class StoreCollector(Collector):
         regs = GaugeMetricFamily("edge_registrations_active", "Unexpired registrar bindings of the profile.", labels=labels)
         acct_balance = GaugeMetricFamily("edge_account_balance", "Master balance of the account, in currency units.",
                                          labels=["account", "account_name"])
+        used_bytes = GaugeMetricFamily("edge_store_used_bytes", "Bytes in use in the LMDB store (pages of every "
+                                       "database times the page size).")
+        map_bytes = GaugeMetricFamily("edge_store_map_bytes", "Size of the LMDB map (storage.map_size_mb): the "
+                                      "most the store can hold; new work is refused in its last "
+                                      "max(2 MiB, 5%).")
+        used_bytes.add_metric([], self.store.used_bytes())
+        map_bytes.add_metric([], self.store.map_size)
         now = time.time()
         snap = self.store.read(lambda txn: self._snapshot(txn, now))
         reg_counts, profs, ar_counts, accts = snap
@@ -66,7 +73,8 @@ class StoreCollector(Collector):
             regs.add_metric(lv, reg_counts.get(prof.id, 0))
         for acct in accts:
             acct_balance.add_metric([acct.id, acct.name], acct.balance / MICROS)
-        yield from (capacity, in_use, balance, ar_min, ar_amount, ar_on, ar_count, bundles, regs, acct_balance)
+        yield from (capacity, in_use, balance, ar_min, ar_amount, ar_on, ar_count, bundles, regs, acct_balance,
+                    used_bytes, map_bytes)
 
     @staticmethod
     def _snapshot(txn: Txn, now: float) -> tuple[dict[str, int], list[tuple[Profile, int]], list[int], list[Account]]:

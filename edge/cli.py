@@ -1,4 +1,4 @@
-"""``sipedge``: serve, check, version."""
+"""``sipedge``: serve, check, purge-cdrs, version (and status)."""
 
 from __future__ import annotations
 
@@ -74,6 +74,29 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_purge_cdrs(args: argparse.Namespace) -> int:
+    """Delete old CDRs: room in a store that is filling up (export them first)."""
+    from .control import cdrs
+    from .server import data_dir_of, open_store
+
+    try:
+        cfg = load(args.config)
+    except ConfigError as exc:
+        print(f"sipedge: invalid config: {exc}", file=sys.stderr)
+        return 2
+    data_dir = data_dir_of(cfg, args.data)
+    if not (data_dir / "data.mdb").exists():
+        print(f"sipedge: no store in {data_dir}", file=sys.stderr)
+        return 2
+    store = open_store(cfg, data_dir)   # safe beside a running edge: LMDB serialises the writers
+    try:
+        purged = cdrs.purge(store, time.time() - args.older_than_days * 86400)
+    finally:
+        store.close()
+    print(f"purged {purged} CDRs of calls that ended more than {args.older_than_days:g} days ago from {data_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sipedge", description="SIP/RTP trunking edge")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config file")
     check.add_argument("--config", required=True)
     check.set_defaults(fn=_cmd_check)
+    purge = sub.add_parser("purge-cdrs", help="delete the CDRs of calls that ended before a number of days ago")
+    purge.add_argument("--config", help="TOML config file (for storage.path)")
+    purge.add_argument("--data", help="LMDB directory (overrides storage.path)")
+    purge.add_argument("--older-than-days", type=float, required=True, metavar="DAYS")
+    purge.set_defaults(fn=_cmd_purge_cdrs)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(fn=lambda a: print(f"sipedge {__version__}") or 0)
     from .status import register as register_status

@@ -458,7 +458,7 @@ class Store:
         else:
             detail = (f"the store is full: this write would take it to {mib:.1f} MiB of its {map_mib:.0f} MiB map, "
                       f"into the last {reserve_mib:.0f} MiB kept for calls in progress, so new writes are refused; "
-                      "the operator must raise storage.map_size_mb")
+                      "the operator must raise storage.map_size_mb (or purge old CDRs)")
         if first:
             log.warning("the store is full (%s): refusing new work, keeping the reserve for calls in progress",
                         {"disk": "no space left on the disk", "map": "map full"}.get(cause, "reserve reached"),
