@@ -8,6 +8,7 @@ the contract cannot drift from the code (docs/api.md).
 from __future__ import annotations
 
 import hmac
+import logging
 import re
 import time
 from typing import Any
@@ -27,6 +28,8 @@ from edge.control.store import Store
 
 from .metrics import ApiMetrics, build_registry
 from .routes import ROUTES
+
+log = logging.getLogger("sipedge.api")
 
 PUBLIC_PATHS = frozenset({"/healthz", "/metrics"})
 _json = msgspec.json.Encoder()
@@ -73,7 +76,16 @@ def on_decode_error(request: Request, exc: msgspec.DecodeError) -> Response[byte
 
 
 def on_domain_error(request: Request, exc: DomainError) -> Response[bytes]:
+    """Refusals with a status of their own; a full store is 507, a failing one 503 (the store
+    logs the start of such an episode once, not per request)."""
     return _error(exc.status, exc.message, exc.field)
+
+
+def on_unexpected(request: Request, exc: Exception) -> Response[bytes]:
+    """A bug: never a 500 without a log line (with the traceback)."""
+    log.error("control API request failed", exc_info=exc,
+              extra={"event": "api_error", "method": request.method, "path": request.url.path})
+    return _error(500, "internal error (logged)")
 
 
 def on_http_error(request: Request, exc: HTTPException) -> Response[bytes]:
@@ -135,7 +147,8 @@ class RequestMetrics:
 @get("/healthz", include_in_schema=False, sync_to_thread=False)
 def healthz(state: State) -> dict[str, str]:
     state.store.read(lambda txn: None)  # the store answers
-    return {"status": "ok", "version": __version__}
+    # a full store still serves reads and finishes calls in progress: the node is up (metrics alert on it)
+    return {"status": "ok", "version": __version__, "store": "full" if state.store.is_full else "ok"}
 
 
 @get("/metrics", include_in_schema=False, sync_to_thread=True)
@@ -159,6 +172,7 @@ def create_app(
     token: str,
     *,
     registrar: str = "sip.edge.test",
+    realm: str | None = None,
     registry: CollectorRegistry | None = None,
 ) -> tuple[ASGIApp, CollectorRegistry]:
     """Build the ASGI app.
@@ -166,6 +180,7 @@ def create_app(
     :param store: the node's store.
     :param token: the admin bearer token (must be non-empty).
     :param registrar: the SIP domain printed in profiles.
+    :param realm: the digest realm of new credentials (default: ``registrar``).
     :param registry: metrics registry shared with the edge components (created if None).
     :returns: (ASGI app wrapped with auth and request metrics, the registry).
     """
@@ -175,13 +190,14 @@ def create_app(
     api_metrics = ApiMetrics(registry)
     app = Litestar(
         route_handlers=[healthz, metrics, openapi_json, *ROUTES],
-        state=State({"store": store, "registrar": registrar, "registry": registry}),
+        state=State({"store": store, "registrar": registrar, "realm": realm or registrar, "registry": registry}),
         exception_handlers={
             ValidationException: on_validation_error,
             msgspec.ValidationError: on_msgspec_error,
             msgspec.DecodeError: on_decode_error,
             DomainError: on_domain_error,
             HTTPException: on_http_error,
+            Exception: on_unexpected,
         },
         openapi_config=OpenAPIConfig(
             title="sipedge control API", version=__version__, path="/schema",

@@ -24,12 +24,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from edge import __version__
+from edge.control import accounts, channels, ledger, registrations
+from edge.control.models import Account, Profile
 from edge.control.money import MICROS
-from edge.control.store import Store
+from edge.control.store import Store, Txn
 
 
 class StoreCollector(Collector):
-    """Per-profile gauges read from the store in one read transaction per scrape."""
+    """Per-profile gauges and the store's fill, read from the store in one read transaction per scrape."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -48,9 +50,17 @@ class StoreCollector(Collector):
         regs = GaugeMetricFamily("edge_registrations_active", "Unexpired registrar bindings of the profile.", labels=labels)
         acct_balance = GaugeMetricFamily("edge_account_balance", "Master balance of the account, in currency units.",
                                          labels=["account", "account_name"])
+        used_bytes = GaugeMetricFamily("edge_store_used_bytes", "Bytes in use in the LMDB store (pages of every "
+                                       "database times the page size).")
+        map_bytes = GaugeMetricFamily("edge_store_map_bytes", "Size of the LMDB map (storage.map_size_mb): the "
+                                      "most the store can hold; new work is refused in its last "
+                                      "max(2 MiB, 5%).")
+        used_bytes.add_metric([], self.store.used_bytes())
+        map_bytes.add_metric([], self.store.map_size)
         now = time.time()
-        reg_counts = self.store.registration_counts(now)
-        for prof, used in self.store.gauges_snapshot():
+        snap = self.store.read(lambda txn: self._snapshot(txn, now))
+        reg_counts, profs, ar_counts, accts = snap
+        for (prof, used), recharges in zip(profs, ar_counts):
             lv = [prof.id, prof.name, prof.account_id]
             capacity.add_metric(lv, prof.channels)
             in_use.add_metric(lv, used)
@@ -58,12 +68,19 @@ class StoreCollector(Collector):
             ar_min.add_metric(lv, prof.auto_recharge.min_balance / MICROS)
             ar_amount.add_metric(lv, prof.auto_recharge.amount / MICROS)
             ar_on.add_metric(lv, 1.0 if prof.auto_recharge.enabled else 0.0)
-            ar_count.add_metric(lv, self.store.auto_recharge_count(prof.id))
+            ar_count.add_metric(lv, recharges)
             bundles.add_metric(lv, prof.us_bundles)
             regs.add_metric(lv, reg_counts.get(prof.id, 0))
-        for acct in self.store.list_accounts():
+        for acct in accts:
             acct_balance.add_metric([acct.id, acct.name], acct.balance / MICROS)
-        yield from (capacity, in_use, balance, ar_min, ar_amount, ar_on, ar_count, bundles, regs, acct_balance)
+        yield from (capacity, in_use, balance, ar_min, ar_amount, ar_on, ar_count, bundles, regs, acct_balance,
+                    used_bytes, map_bytes)
+
+    @staticmethod
+    def _snapshot(txn: Txn, now: float) -> tuple[dict[str, int], list[tuple[Profile, int]], list[int], list[Account]]:
+        profs = channels.snapshot(txn)
+        return (registrations.counts(txn, now), profs, [ledger.auto_recharge_count(txn, p.id) for p, _ in profs],
+                accounts.page(txn))
 
 
 class ApiMetrics:

@@ -1,4 +1,4 @@
-"""Handlers of the control API. Thin: decode, call one store operation, encode.
+"""Handlers of the control API. Thin: decode, call one domain operation, encode.
 
 Writes run in Litestar's thread pool (``sync_to_thread=True``): an LMDB write
 transaction may wait for the writer lock or an fsync, and must not stall the
@@ -18,10 +18,11 @@ from litestar.datastructures import State
 from litestar.openapi import ResponseSpec
 from litestar.params import Parameter
 
+from edge.control import accounts, cdrs, channels, idempotency, ledger, numbers, profiles, rates, registrations
 from edge.control.errors import Invalid, NotFound
 from edge.control.models import AutoRecharge
 from edge.control.money import format_money, parse_money
-from edge.control.store import Store
+from edge.control.store import Store, Txn
 from edge.control.tables import parse_rates_csv, rate_from_fields
 
 from .schemas import (
@@ -63,9 +64,11 @@ def _store(state: State) -> Store:
 
 
 def _profile_out(state: State, profile_id: str) -> ProfileOut:
-    store = _store(state)
-    prof = store.get_profile(profile_id)
-    return ProfileOut.of(prof, store.credential_for_profile(prof.id), state.registrar, store.channels_in_use(prof.id))
+    def op(txn: Txn) -> ProfileOut:
+        prof = profiles.get(txn, profile_id)
+        return ProfileOut.of(prof, profiles.credential_of(txn, prof.id), state.registrar, channels.in_use(txn, prof.id))
+
+    return _store(state).read(op)
 
 
 def _amount(text: str) -> int:
@@ -87,7 +90,7 @@ def _money_move(request: Request, state: State, body: CreditRequest, fn: Any, re
     fingerprint = hashlib.sha256(
         f"{request.method} {request.url.path} ".encode() + _json.encode(body)
     ).hexdigest()
-    status, payload, replayed = store.idempotent(key, fingerprint, fn, render)
+    status, payload, replayed = idempotency.run_once(store, key, fingerprint, fn, render)
     headers = {"Idempotent-Replayed": "true"} if replayed else {}
     return Response(payload, status_code=status, media_type="application/json", headers=headers)
 
@@ -96,31 +99,33 @@ def _money_move(request: Request, state: State, body: CreditRequest, fn: Any, re
 
 @post("/v1/accounts", status_code=201, **THREAD)
 def create_account(data: AccountCreate, state: State) -> AccountOut:
-    return AccountOut.of(_store(state).create_account(data.name, data.admin))
+    return AccountOut.of(accounts.create(_store(state), data.name, data.admin))
 
 
 @get("/v1/accounts", **READ)
 def list_accounts(state: State, after: str = Parameter(default="", description="last id of the previous page"),
                   limit: int = Limit) -> dict[str, Any]:
-    accounts = _store(state).list_accounts(after=after, limit=limit)
-    return {"items": [AccountOut.of(a) for a in accounts],
-            "next_after": accounts[-1].id if len(accounts) == limit else None}
+    items = accounts.page(_store(state), after=after, limit=limit)
+    return {"items": [AccountOut.of(a) for a in items],
+            "next_after": items[-1].id if len(items) == limit else None}
 
 
 @get("/v1/profiles", **READ)
 def list_all_profiles(state: State, after: str = Parameter(default="", description="last id of the previous page"),
                       limit: int = Limit) -> dict[str, Any]:
     """Every profile of the node, in id order (for fleet tools such as ``sipedge status``)."""
-    store = _store(state)
-    profiles = store.page_profiles(after=after, limit=limit)
-    return {"items": [ProfileOut.of(p, store.credential_for_profile(p.id), state.registrar,
-                                    store.channels_in_use(p.id)) for p in profiles],
-            "next_after": profiles[-1].id if len(profiles) == limit else None}
+    def op(txn: Txn) -> dict[str, Any]:
+        items = profiles.page(txn, after=after, limit=limit)
+        return {"items": [ProfileOut.of(p, profiles.credential_of(txn, p.id), state.registrar,
+                                        channels.in_use(txn, p.id)) for p in items],
+                "next_after": items[-1].id if len(items) == limit else None}
+
+    return _store(state).read(op)
 
 
 @get("/v1/accounts/{account_id:str}", **READ)
 def get_account(account_id: str, state: State) -> AccountOut:
-    return AccountOut.of(_store(state).get_account(account_id))
+    return AccountOut.of(accounts.get(_store(state), account_id))
 
 
 @post("/v1/accounts/{account_id:str}/credit", status_code=200, **THREAD,
@@ -128,38 +133,42 @@ def get_account(account_id: str, state: State) -> AccountOut:
 def credit_account(account_id: str, data: CreditRequest, request: Request, state: State) -> Response[bytes]:
     """Top up the master balance (the payment itself is out of scope). Honours ``Idempotency-Key``."""
     amount = _amount(data.amount)
-    store = _store(state)
 
-    def op(txn: Any) -> AccountOut:
-        acct = store._account(txn, account_id)
-        store._move(txn, acct, amount, "topup", request.headers.get("idempotency-key", ""))
-        return AccountOut.of(acct)
+    def op(txn: Txn) -> AccountOut:
+        return AccountOut.of(ledger.top_up(txn, account_id, amount, ref=request.headers.get("idempotency-key", "")))
 
     return _money_move(request, state, data, op, lambda out: (200, _json.encode(out)))
 
 
 @get("/v1/accounts/{account_id:str}/ledger", **READ)
 def account_ledger(account_id: str, state: State, after: int = After, limit: int = Limit) -> Page:
-    _store(state).get_account(account_id)
-    entries = _store(state).ledger(f"account:{account_id}", after=after, limit=limit)
-    return _page([LedgerEntryOut.of(e) for e in entries], limit)
+    def op(txn: Txn) -> Page:
+        accounts.get(txn, account_id)
+        entries = ledger.entries(txn, f"account:{account_id}", after=after, limit=limit)
+        return _page([LedgerEntryOut.of(e) for e in entries], limit)
+
+    return _store(state).read(op)
 
 
 # ------------------------------------------------------------------ profiles
 
 @post("/v1/accounts/{account_id:str}/profiles", status_code=201, **THREAD)
 def create_profile(account_id: str, data: ProfileCreate, state: State) -> ProfileOut:
-    prof, cred = _store(state).create_profile(
-        account_id, data.name, data.channels, data.auth, data.allowed_ips, data.static_contact
+    prof, cred = profiles.create(
+        _store(state), account_id, data.name, data.channels, data.auth, data.allowed_ips, data.static_contact,
+        realm=state.realm,
     )
     return ProfileOut.of(prof, cred, state.registrar)
 
 
 @get("/v1/accounts/{account_id:str}/profiles", **READ)
 def list_profiles(account_id: str, state: State) -> list[ProfileOut]:
-    store = _store(state)
-    store.get_account(account_id)
-    return [_profile_out(state, p.id) for p in store.list_profiles(account_id)]
+    def op(txn: Txn) -> list[ProfileOut]:
+        accounts.get(txn, account_id)
+        return [ProfileOut.of(p, profiles.credential_of(txn, p.id), state.registrar, channels.in_use(txn, p.id))
+                for p in profiles.of_account(txn, account_id)]
+
+    return _store(state).read(op)
 
 
 @get("/v1/profiles/{profile_id:str}", **READ)
@@ -170,13 +179,13 @@ def show_profile(profile_id: str, state: State) -> ProfileOut:
 @patch("/v1/profiles/{profile_id:str}", **THREAD)
 def patch_profile(profile_id: str, data: ProfilePatch, state: State) -> ProfileOut:
     changes = {f: getattr(data, f) for f in data.__struct_fields__ if getattr(data, f) is not msgspec.UNSET}
-    _store(state).update_profile(profile_id, changes)
+    profiles.update(_store(state), profile_id, changes)
     return _profile_out(state, profile_id)
 
 
 @delete("/v1/profiles/{profile_id:str}", status_code=204, **THREAD)
 def delete_profile(profile_id: str, state: State) -> None:
-    _store(state).delete_profile(profile_id)
+    profiles.delete(_store(state), profile_id)
 
 
 @post("/v1/profiles/{profile_id:str}/credit", status_code=200, **THREAD,
@@ -184,10 +193,9 @@ def delete_profile(profile_id: str, state: State) -> None:
 def credit_profile(profile_id: str, data: CreditRequest, request: Request, state: State) -> Response[bytes]:
     """Allocate credit from the account's master balance. Honours ``Idempotency-Key``."""
     amount = _amount(data.amount)
-    store = _store(state)
 
-    def op(txn: Any) -> ProfileCreditOut:
-        prof, acct = store.allocate_in(txn, profile_id, amount, request.headers.get("idempotency-key", ""))
+    def op(txn: Txn) -> ProfileCreditOut:
+        prof, acct = ledger.allocate(txn, profile_id, amount, ref=request.headers.get("idempotency-key", ""))
         return ProfileCreditOut(profile_id=prof.id, account_id=acct.id, balance=format_money(prof.balance),
                                 account_balance=format_money(acct.balance))
 
@@ -200,40 +208,53 @@ def put_auto_recharge(profile_id: str, data: AutoRechargeRequest, state: State) 
                             min_balance=parse_money(data.min_balance))
     if settings.enabled and settings.amount <= 0:
         raise Invalid("amount must be greater than zero when auto-recharge is enabled", field="amount")
-    _store(state).set_auto_recharge(profile_id, settings)
+    ledger.set_auto_recharge(_store(state), profile_id, settings)
     return _profile_out(state, profile_id)
 
 
 @put("/v1/profiles/{profile_id:str}/bundles", **THREAD)
 def put_bundles(profile_id: str, data: BundlesRequest, state: State) -> ProfileOut:
-    _store(state).set_bundles(profile_id, data.us_bundles)
+    profiles.set_bundles(_store(state), profile_id, data.us_bundles)
     return _profile_out(state, profile_id)
 
 
 @get("/v1/profiles/{profile_id:str}/calls", **READ)
 def profile_calls(profile_id: str, state: State) -> list[LiveCallOut]:
-    _store(state).get_profile(profile_id)
-    return [LiveCallOut.of(c) for c in _store(state).live_calls(profile_id)]
+    def op(txn: Txn) -> list[LiveCallOut]:
+        profiles.get(txn, profile_id)
+        return [LiveCallOut.of(c) for c in channels.live_calls(txn, profile_id)]
+
+    return _store(state).read(op)
 
 
 @get("/v1/profiles/{profile_id:str}/cdrs", **READ)
 def profile_cdrs(profile_id: str, state: State, after: int = After, limit: int = Limit) -> Page:
-    _store(state).get_profile(profile_id)
-    return _page([CdrOut.of(c) for c in _store(state).cdrs(profile_id, after=after, limit=limit)], limit)
+    def op(txn: Txn) -> Page:
+        profiles.get(txn, profile_id)
+        return _page([CdrOut.of(c) for c in cdrs.page(txn, profile_id, after=after, limit=limit)], limit)
+
+    return _store(state).read(op)
 
 
 @get("/v1/profiles/{profile_id:str}/ledger", **READ)
 def profile_ledger(profile_id: str, state: State, after: int = After, limit: int = Limit) -> Page:
-    _store(state).get_profile(profile_id)
-    entries = _store(state).ledger(f"profile:{profile_id}", after=after, limit=limit)
-    return _page([LedgerEntryOut.of(e) for e in entries], limit)
+    def op(txn: Txn) -> Page:
+        profiles.get(txn, profile_id)
+        entries = ledger.entries(txn, f"profile:{profile_id}", after=after, limit=limit)
+        return _page([LedgerEntryOut.of(e) for e in entries], limit)
+
+    return _store(state).read(op)
 
 
 @get("/v1/profiles/{profile_id:str}/registrations", **READ)
 def profile_registrations(profile_id: str, state: State) -> list[RegistrationOut]:
-    _store(state).get_profile(profile_id)
     now = time.time()
-    return [RegistrationOut.of(r, now) for r in _store(state).bindings(profile_id, now)]
+
+    def op(txn: Txn) -> list[RegistrationOut]:
+        profiles.get(txn, profile_id)
+        return [RegistrationOut.of(r, now) for r in registrations.live(txn, profile_id, now)]
+
+    return _store(state).read(op)
 
 
 def _page(items: list[Any], limit: int) -> Page:
@@ -244,39 +265,39 @@ def _page(items: list[Any], limit: int) -> Page:
 
 @post("/v1/accounts/{account_id:str}/numbers", status_code=201, **THREAD)
 def buy_number(account_id: str, data: NumberBuy, state: State) -> NumberOut:
-    return NumberOut.of(_store(state).buy_number(account_id, data.number))
+    return NumberOut.of(numbers.buy(_store(state), account_id, data.number))
 
 
 @get("/v1/accounts/{account_id:str}/numbers", **READ)
 def list_numbers(account_id: str, state: State) -> list[NumberOut]:
-    return [NumberOut.of(n) for n in _store(state).list_numbers(account_id)]
+    return [NumberOut.of(n) for n in numbers.of_account(_store(state), account_id)]
 
 
 @post("/v1/profiles/{profile_id:str}/numbers", status_code=201, **THREAD)
 def attach_number(profile_id: str, data: NumberAttach, state: State) -> NumberOut:
-    return NumberOut.of(_store(state).attach_number(profile_id, data.number, data.extension))
+    return NumberOut.of(numbers.attach(_store(state), profile_id, data.number, data.extension))
 
 
 @delete("/v1/profiles/{profile_id:str}/numbers/{number:str}", status_code=204, **THREAD)
 def detach_number(profile_id: str, number: str, state: State) -> None:
-    _store(state).detach_number(profile_id, number)
+    numbers.detach(_store(state), profile_id, number)
 
 
 @post("/v1/accounts/{account_id:str}/business-accounts", status_code=201, **THREAD)
 def create_business_account(account_id: str, data: BusinessAccountRequest, state: State) -> BusinessAccountOut:
-    rec = _store(state).create_business_account(account_id, data.name)
+    rec = numbers.create_business(_store(state), account_id, data.name)
     return BusinessAccountOut(name=rec.name, account_id=rec.account_id, profile_id=None, can_sign_in=True)
 
 
 @post("/v1/profiles/{profile_id:str}/business-accounts", status_code=201, **THREAD)
 def attach_business_account(profile_id: str, data: BusinessAccountRequest, state: State) -> BusinessAccountOut:
-    rec = _store(state).attach_business_account(profile_id, data.name)
+    rec = numbers.attach_business(_store(state), profile_id, data.name)
     return BusinessAccountOut(name=rec.name, account_id=rec.account_id, profile_id=rec.profile_id, can_sign_in=False)
 
 
 @delete("/v1/profiles/{profile_id:str}/business-accounts/{name:str}", status_code=204, **THREAD)
 def detach_business_account(profile_id: str, name: str, state: State) -> None:
-    _store(state).detach_business_account(profile_id, name)
+    numbers.detach_business(_store(state), profile_id, name)
 
 
 # --------------------------------------------------------------------- rates
@@ -291,19 +312,19 @@ async def put_rates(request: Request, state: State) -> LoadedOut:
             text = body.decode("utf-8-sig")
         except UnicodeDecodeError:
             raise Invalid("CSV must be UTF-8", field="csv") from None
-        rates = parse_rates_csv(text)
+        table = parse_rates_csv(text)
     elif ctype == "application/json":
         put_body = msgspec.json.decode(body, type=RatesPut)
-        rates = [rate_from_fields(msgspec.structs.asdict(r), f"rates[{i}]") for i, r in enumerate(put_body.rates)]
+        table = [rate_from_fields(msgspec.structs.asdict(r), f"rates[{i}]") for i, r in enumerate(put_body.rates)]
     else:
         raise Invalid(f"unsupported content type {ctype!r}: use application/json or text/csv", field="Content-Type")
     # 100k rows take a fraction of a second: keep that off the event loop.
-    return LoadedOut(loaded=await asyncio.to_thread(_store(state).replace_rates, rates))
+    return LoadedOut(loaded=await asyncio.to_thread(rates.replace, _store(state), table))
 
 
 @get("/v1/rates/lookup", **READ)
 def rate_lookup(state: State, number: str = Parameter(pattern=r"^\+?[0-9]{1,20}$")) -> RateOut:
-    rate = _store(state).rate_for(number)
+    rate = rates.rate_for(_store(state), number)
     if rate is None:
         raise NotFound(f"no rate covers {number}")
     return RateOut.of(rate)
@@ -311,12 +332,12 @@ def rate_lookup(state: State, number: str = Parameter(pattern=r"^\+?[0-9]{1,20}$
 
 @put("/v1/bundle-exclusions", **THREAD)
 def put_exclusions(data: ExclusionsPut, state: State) -> LoadedOut:
-    return LoadedOut(loaded=_store(state).replace_exclusions(data.prefixes))
+    return LoadedOut(loaded=rates.replace_exclusions(_store(state), data.prefixes))
 
 
 @get("/v1/bundle-exclusions", **READ)
 def get_exclusions(state: State) -> dict[str, list[str]]:
-    return {"prefixes": _store(state).exclusions()}
+    return {"prefixes": rates.exclusions(_store(state))}
 
 
 ROUTES = [

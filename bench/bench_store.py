@@ -16,11 +16,15 @@ import sqlite3
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 from bench.common import machine_info, write_result
 from edge.control.models import Credential, OnlineNumber, Profile, Rate
-from edge.control.store import SIP_USERNAME_BASE, Store
+from edge.control.numbers import profile_by_number
+from edge.control.profiles import SIP_USERNAME_BASE, credential
+from edge.control.rates import rate_for, replace as replace_rates
+from edge.control.store import Store, Txn
 
 PROFILES, NUMBERS, PREFIXES = 10_000, 100_000, 100_000
 
@@ -42,17 +46,17 @@ def build_dataset(seed: int = 7) -> tuple[list[Profile], list[OnlineNumber], lis
 def populate_lmdb(path: str, profiles: list[Profile], numbers: list[OnlineNumber], rates: list[Rate]) -> Store:
     store = Store(path, durable=False, map_size=2 << 30)
 
-    def op(txn) -> None:
+    def op(txn: Txn) -> None:
         for p in profiles:
-            store._put(txn, "profiles", p.id.encode(), p)
+            txn.put("profiles", p.id.encode(), p)
             cred = Credential(profile_id=p.id, username=p.sip_username, password="x" * 16, realm="sip.edge.test",
                               ha1_md5="0" * 32, ha1_sha256="0" * 64)
-            store._put(txn, "credentials", p.sip_username.encode(), cred)
+            txn.put("credentials", p.sip_username.encode(), cred)
         for n in numbers:
-            store._put(txn, "numbers", n.number.encode(), n)
+            txn.put("numbers", n.number.encode(), n)
 
     store.write(op)
-    store.replace_rates(rates)
+    replace_rates(store, rates)
     return store
 
 
@@ -133,14 +137,15 @@ def main() -> None:
         sqlite_load = time.perf_counter() - t0
         s_cred, s_num, s_rate = sqlite_lookups(db, max(len(r.prefix) for r in rates))
         impls = {
-            "lmdb": {"credential": store.credential, "profile_by_number": store.profile_by_number, "rate": store.rate_for},
+            "lmdb": {"credential": partial(credential, store), "profile_by_number": partial(profile_by_number, store),
+                     "rate": partial(rate_for, store)},
             "sqlite": {"credential": s_cred, "profile_by_number": s_num, "rate": s_rate},
         }
         keys = {"credential": users, "profile_by_number": nums, "rate": dests}
         # correctness first: both answer every lookup, and the same prefix
         for u, n, d in zip(users[:2000], nums[:2000], dests[:2000]):
-            assert store.credential(u) is not None and store.profile_by_number(n) is not None
-            assert store.rate_for(d).prefix == s_rate(d)[0]
+            assert credential(store, u) is not None and profile_by_number(store, n) is not None
+            assert rate_for(store, d).prefix == s_rate(d)[0]
         overhead = statistics.median(time_each(lambda k: None, users[:50_000]))
         runs: dict[str, dict[str, list[dict[str, float]]]] = {i: {k: [] for k in keys} for i in impls}
         for _ in range(args.rounds):  # alternate A and B, per lookup kind

@@ -1,4 +1,4 @@
-"""``sipedge``: serve, check, version."""
+"""``sipedge``: serve, check, purge-cdrs, version (and status)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .logs import setup as setup_logging
 
     setup_logging(args.log_format, args.log_level)
+    from .control import idempotency, rates, registrations
     from .control.demo import ECHO_NUMBER, ensure_demo
     from .control.tables import shipped_exclusions
     from .node import admin_token, data_dir_of, open_store, serve
@@ -40,11 +41,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     data_dir = data_dir_of(cfg, args.data)
     store = open_store(cfg, data_dir)
     token = admin_token(cfg, data_dir)
-    store.purge_idempotency(time.time() - IDEMPOTENCY_TTL)
-    store.purge_expired_bindings()
-    store.ensure_exclusions(shipped_exclusions())  # the seed's list until the API replaces it
+    idempotency.purge(store, time.time() - IDEMPOTENCY_TTL)
+    registrations.purge_expired(store)
+    rates.ensure_exclusions(store, shipped_exclusions())  # the seed's list until the API replaces it
     if args.demo:
-        demo = ensure_demo(store)
+        demo = ensure_demo(store, realm=cfg.sip.domain)
         udp = next((l for l in cfg.sip.listen if l.startswith("udp:")), cfg.sip.listen[0])
         _, host_port = udp.split(":", 1)
         print(
@@ -72,6 +73,29 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_purge_cdrs(args: argparse.Namespace) -> int:
+    """Delete old CDRs: room in a store that is filling up (export them first)."""
+    from .control import cdrs
+    from .server import data_dir_of, open_store
+
+    try:
+        cfg = load(args.config)
+    except ConfigError as exc:
+        print(f"sipedge: invalid config: {exc}", file=sys.stderr)
+        return 2
+    data_dir = data_dir_of(cfg, args.data)
+    if not (data_dir / "data.mdb").exists():
+        print(f"sipedge: no store in {data_dir}", file=sys.stderr)
+        return 2
+    store = open_store(cfg, data_dir)   # safe beside a running edge: LMDB serialises the writers
+    try:
+        purged = cdrs.purge(store, time.time() - args.older_than_days * 86400)
+    finally:
+        store.close()
+    print(f"purged {purged} CDRs of calls that ended more than {args.older_than_days:g} days ago from {data_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sipedge", description="SIP/RTP trunking edge")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config file")
     check.add_argument("--config", required=True)
     check.set_defaults(fn=_cmd_check)
+    purge = sub.add_parser("purge-cdrs", help="delete the CDRs of calls that ended before a number of days ago")
+    purge.add_argument("--config", help="TOML config file (for storage.path)")
+    purge.add_argument("--data", help="LMDB directory (overrides storage.path)")
+    purge.add_argument("--older-than-days", type=float, required=True, metavar="DAYS")
+    purge.set_defaults(fn=_cmd_purge_cdrs)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(fn=lambda a: print(f"sipedge {__version__}") or 0)
     from .status import register as register_status

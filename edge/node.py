@@ -29,6 +29,7 @@ from .calls.metrics import CallMetrics
 from .calls.model import Call, EndReason
 from .calls.routing import Routing
 from .config import Config
+from .control import registrations
 from .control.credit import CreditEngine
 from .control.store import Store
 from .sip.dialog import Dialogs, Local
@@ -59,7 +60,7 @@ def admin_token(cfg: Config, data_dir: Path) -> str:
 
 
 def open_store(cfg: Config, data_dir: Path) -> Store:
-    return Store(data_dir, realm=cfg.sip.domain, map_size=cfg.storage.map_size_mb << 20)
+    return Store(data_dir, map_size=cfg.storage.map_size_mb << 20)
 
 
 class Node:
@@ -94,7 +95,7 @@ class Node:
         self.media = MediaService(self.engine, loop)
 
         credit = CreditEngine(store, slice_seconds=cfg.credit.slice_seconds, bundle_minutes=cfg.credit.bundle_minutes)
-        routing = Routing(cfg.carriers, store, cfg.sip.domain)
+        routing = Routing(cfg.carriers, lambda profile_id: registrations.live(store, profile_id), cfg.sip.domain)
         sip = self.sip
         admission = Admission(store, credit, routing, sip.auth, sip.failures,
                               count_auth_failure=lambda reason, method: sip.metrics.auth_failures.labels(

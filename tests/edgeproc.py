@@ -52,7 +52,7 @@ class EdgeProcess:
 
     def __init__(self, tmp: Path, *, extra_config: str = "", sip_port: int | None = None,
                  carriers: list[str] | None = None, trusted: list[str] | None = None,
-                 media_ports: tuple[int, int] = (0, 0), sip_extra: str = "") -> None:
+                 media_ports: tuple[int, int] = (0, 0), sip_extra: str = "", map_size_mb: int = 256) -> None:
         self.tmp = Path(tmp)
         self.api_port = free_port()
         self.sip_port = sip_port or free_port()
@@ -70,7 +70,7 @@ class EdgeProcess:
             f'domain = "sip.edge.test"\n{sip_extra}\n'
             f'[media]\naddress = "127.0.0.1"\nports = [{lo}, {hi}]\n'
             f'[api]\nlisten = "127.0.0.1:{self.api_port}"\ntoken = "{TOKEN}"\n'
-            f'[storage]\npath = "{self.data}"\nmap_size_mb = 256\n'
+            f'[storage]\npath = "{self.data}"\nmap_size_mb = {map_size_mb}\n'
             f'[inbound]\ntrusted = {list(trusted or ["127.0.0.2/32"])!r}\n'.replace("'", '"')
             + carriers_toml + extra_config
         )

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from edge.control.credit import CreditEngine, is_e164
-from edge.control.errors import NotFound
+from edge.control import channels, numbers, profiles
+from edge.control.errors import NotFound, StoreError
 from edge.control.models import Credential, LiveCall, Profile, Rate
 from edge.control.store import Store
 from edge.sip.auth import AuthResult, DigestAuth, FailureTracker, parse_authorization, source_allowed
@@ -103,13 +104,13 @@ class Admission:
         answer to our 407 (every INVITE of a digest profile is challenged)."""
         req = a.tx.request
         from_user = req.from_.uri.user if req.from_.uri is not None else None
-        cred = self.store.credential(from_user) if from_user else None
+        cred = profiles.credential(self.store, from_user) if from_user else None
         if cred is not None and cred.auth == "ip" and source_allowed(a.source, cred.allowed_ips):
             return self._found(a, cred)
         header = req.header("Proxy-Authorization")
         answer = parse_authorization(header) if header else None
         if answer is not None and (cred is None or cred.username != answer.username):
-            cred = self.store.credential(answer.username)
+            cred = profiles.credential(self.store, answer.username)
         result = self.auth.verify(answer, "INVITE", cred)
         if result is AuthResult.OK:
             assert cred is not None
@@ -127,7 +128,7 @@ class Admission:
 
     def _found(self, a: Attempt, cred: Credential) -> Reject | None:
         try:
-            a.profile = self.store.get_profile(cred.profile_id)
+            a.profile = profiles.get(self.store, cred.profile_id)
         except NotFound:    # deleted between the credential read and this one
             return Reject("auth", 403, "unknown SIP username")
         return None
@@ -162,7 +163,7 @@ class Admission:
     def channel_free(self, a: Attempt) -> Reject | None:
         """Rule 4: incoming + outgoing calls < channels (a read: :meth:`seize` counts again)."""
         assert a.profile is not None
-        if self.store.channels_in_use(a.profile.id) < a.profile.channels:
+        if channels.in_use(self.store, a.profile.id) < a.profile.channels:
             return None
         return _busy(a.profile)
 
@@ -188,16 +189,16 @@ class Admission:
         if not user:
             return Reject("unknown_number", 404, "no number in the Request-URI")
         number = is_e164(user)
-        found = self.store.profile_by_number(number) if number else None
+        found = numbers.profile_by_number(self.store, number) if number else None
         if found is not None:
             rec, a.profile = found
             pbx_user = rec.extension or rec.number
         else:
-            biz = self.store.get_business_account(user)
+            biz = numbers.business_account(self.store, user)
             if biz is None or biz.profile_id is None:
                 return Reject("unknown_number", 404, "number or business account not in service")
             try:
-                a.profile = self.store.get_profile(biz.profile_id)
+                a.profile = profiles.get(self.store, biz.profile_id)
             except NotFound:
                 return Reject("unknown_number", 404, "number or business account not in service")
             pbx_user = user
@@ -218,21 +219,20 @@ class Admission:
     # ------------------------------------------------------------- seizing
 
     def seize(self, a: Attempt, call_id: str) -> LiveCall | Reject:
-        """Take a channel for the admitted attempt, last: the live-call record and the count
-        in one write transaction (all ``channels`` busy by now -> 486)."""
+        """Take a channel for the admitted attempt, last: the live-call record (with the rate
+        it will be billed at) and the count in one write transaction (all busy by now: 486;
+        a store that cannot record the call: 503, and nothing was taken)."""
         prof = a.profile
         assert prof is not None
         live = LiveCall(call_id=call_id, profile_id=prof.id, direction=a.direction.value, started_at=time.time(),
-                        caller=a.caller, callee=a.callee, funding=a.funding.value,
-                        rate_prefix=a.rate.prefix if a.rate is not None else None)
-
-        def op(txn: object) -> bool:
-            return self.store.take_channel(txn, self.store._profile(txn, prof.id), live)
-
+                        caller=a.caller, callee=a.callee, funding=a.funding.value, rate=a.rate)
         try:
-            taken = self.store.write(op, sync=False)
+            taken = channels.take(self.store, prof.id, live)
         except NotFound:
             return Reject("auth", 403, "unknown SIP username")
+        except StoreError as exc:
+            log.error("call refused: the store cannot record it (%s)", exc)
+            return Reject("store", 503, "the edge cannot record calls now", (("Retry-After", "30"),))
         if not taken:
             return _busy(prof)
         return live

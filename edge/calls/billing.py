@@ -20,18 +20,18 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-import lmdb
-
+from edge.control import cdrs, channels, ledger, profiles
 from edge.control.credit import CreditEngine
+from edge.control.errors import StoreError
 from edge.control.models import Cdr, LiveCall, Profile
-from edge.control.store import Store
+from edge.control.store import Store, Txn
 from edge.sip.transaction import Clock, TimerHandle
 
 from .model import Call, Direction, EndReason, Funding, Reject
 
 log = logging.getLogger("sipedge.calls")
 
-STORE_ERRORS = (lmdb.Error,)
+STORE_ERRORS = (StoreError,)
 RETRY_SETTLE_SECONDS = 1.0
 CUT_OFF_REASON = 'SIP;cause=402;text="Credit exhausted"'
 STORE_REASON = 'SIP;cause=503;text="Call cannot be recorded"'
@@ -79,9 +79,10 @@ class Billing:
         try:
             if self.paid(call):
                 assert rate is not None
-                funded = self.store.write(lambda txn: self.credit.extend(txn, live, rate, now), sync=False)
+                funded = self.store.write(lambda txn: self.credit.extend(txn, live, rate, now), sync=False,
+                                          grows=False)
             else:
-                self.store.write(lambda txn: self.store.update_call(txn, live), sync=False)
+                channels.update(self.store, live)
                 funded = None
         except STORE_ERRORS as exc:
             log.error("call %s: the store cannot record its answer (%s): ending it", call.id, exc)
@@ -113,7 +114,8 @@ class Billing:
         assert live is not None and rate is not None
         before = live.funded_until
         try:
-            after = self.store.write(lambda txn: self.credit.extend(txn, live, rate, self.wall()), sync=False)
+            after = self.store.write(lambda txn: self.credit.extend(txn, live, rate, self.wall()), sync=False,
+                                     grows=False)
         except STORE_ERRORS as exc:
             log.error("call %s: the store cannot fund its next slice (%s): ending it", call.id, exc)
             self.hangup(call, EndReason.STORE_ERROR, reason_header=STORE_REASON)
@@ -146,7 +148,8 @@ class Billing:
         rate = call.rate if self.paid(call) else None
         try:
             self.store.write(lambda txn: self.credit.settle(txn, live, rate, ended, status=status,
-                                                            end_reason=reason.value, media=media), sync=False)
+                                                            end_reason=reason.value, media=media),
+                             sync=False, grows=False)  # finishing admitted work: may use the store's reserve
         except STORE_ERRORS as exc:
             if not self._unsettled:
                 self.clock.call_later(RETRY_SETTLE_SECONDS, self._retry)
@@ -173,9 +176,9 @@ class Billing:
                   callee=callee, started_at=now, answered_at=None, ended_at=now, duration=0,
                   status=refusal.status, end_reason=refusal.rule)
 
-        def op(txn: object) -> None:
-            self.store.add_cdr(txn, cdr)
-            self.store.maybe_auto_recharge(txn, self.store._profile(txn, profile.id))
+        def op(txn: Txn) -> None:
+            cdrs.add(txn, cdr)
+            ledger.auto_recharge(txn, profiles.get(txn, profile.id))
 
         try:
             self.store.write(op, sync=False)

@@ -14,8 +14,9 @@ import random
 from collections.abc import Sequence
 
 from edge.config import CarrierConfig
-from edge.control.models import Profile
-from edge.control.store import Store
+from collections.abc import Callable
+
+from edge.control.models import Profile, Registration
 from edge.sip import SipParseError, parse_uri
 from edge.sip.dialog import peer_of
 from edge.sip.transport import Peer
@@ -26,12 +27,14 @@ FAILOVER_STATUSES = frozenset({408, 500, 502, 503, 504})
 
 
 class Routing:
-    """:param rng: the weighted order's randomness (tests pass a seeded one)."""
+    """:param bindings: the live registrations of a profile (``registrations.live``).
+    :param rng: the weighted order's randomness (tests pass a seeded one).
+    """
 
-    def __init__(self, carriers: Sequence[CarrierConfig], store: Store, domain: str,
-                 rng: random.Random | None = None) -> None:
+    def __init__(self, carriers: Sequence[CarrierConfig], bindings: Callable[[str], list[Registration]],
+                 domain: str, rng: random.Random | None = None) -> None:
         self.carriers = sorted(carriers, key=lambda c: c.priority)
-        self.store = store
+        self.bindings = bindings
         self.domain = domain
         self.rng = rng or random.Random()
 
@@ -62,7 +65,7 @@ class Routing:
             contact_text = profile.static_contact
             source = ""
         else:
-            bindings = self.store.bindings(profile.id)
+            bindings = self.bindings(profile.id)
             if not bindings:
                 return Reject("not_registered", 480, "the PBX of this number is not registered")
             best = max(bindings, key=lambda b: b.registered_at)

@@ -1,6 +1,9 @@
 """Real-time credit for calls (SPEC §4.4): rating, admission, reservations in slices,
-settlement, CDRs. Every function that changes money takes an LMDB write transaction
-and moves money only through ``Store._move``, so each step is atomic and ledgered.
+settlement, CDRs. Every function that changes money takes an open write transaction
+(:class:`~edge.control.store.Txn`) and moves money only through
+:func:`edge.control.ledger.move`, so each step is atomic and ledgered. The transactions
+that extend and settle calls finish admitted work: open them with ``grows=False`` (they
+may use the store's reserve, docs/storage.md).
 
 Funding of one call, decided at answer:
 
@@ -24,8 +27,9 @@ from dataclasses import dataclass
 
 import phonenumbers
 
+from . import bundles, cdrs, channels, ledger, profiles, rates
 from .models import Cdr, LiveCall, Profile, Rate
-from .store import Store
+from .store import Store, Txn
 
 ECHO_NUMBER = "+17606604690"
 
@@ -98,20 +102,21 @@ class CreditEngine:
 
     # --------------------------------------------------------- admission
 
-    def bundle_left(self, txn, prof: Profile, now: float) -> int:
+    def bundle_left(self, txn: Txn, prof: Profile, now: float) -> int:
+        """Bundle seconds the profile has left in the month of ``now``."""
         pool = prof.us_bundles * self.bundle_seconds_per_bundle
-        return max(0, pool - self.store.bundle_seconds_used(txn, prof.id, month_of(now)))
+        return max(0, pool - bundles.seconds_used(txn, prof.id, month_of(now)))
 
     def admit(self, prof: Profile, callee: str, now: float | None = None) -> Admission:
         """SPEC §4.2 rule 5: free echo, covered by a bundle, or the balance covers the minimum charge."""
         if callee == ECHO_NUMBER:
             return Admission(ok=True, free=True)
-        rate = self.store.rate_for(callee)
+        rate = rates.rate_for(self.store, callee)
         if rate is None:
             return Admission(ok=False, reason="no_rate")
         now = time.time() if now is None else now
         bundle = False
-        if prof.us_bundles > 0 and is_us_number(callee) and not self.store.is_bundle_excluded(callee):
+        if prof.us_bundles > 0 and is_us_number(callee) and not rates.is_bundle_excluded(self.store, callee):
             bundle = self.store.read(lambda txn: self.bundle_left(txn, prof, now)) > 0
         if bundle or prof.balance >= minimum_charge(rate):
             return Admission(ok=True, rate=rate, bundle=bundle)
@@ -127,17 +132,19 @@ class CreditEngine:
             return price(max(0, billed - call.bundle_seconds_reserved), rate, connect_fee=False)
         return price(billed, rate)
 
-    def extend(self, txn, call: LiveCall, rate: Rate, now: float) -> float:
+    def extend(self, txn: Txn, call: LiveCall, rate: Rate, now: float) -> float:
         """Fund the next slice of ``call`` (at answer, and before each slice runs out).
 
         Bundle seconds first for a bundle call, then credit; funds as much of the slice
         as the balance allows. Auto-recharge runs the moment the balance drops below
         the profile's minimum, and the slice is retried once with the recharged balance.
-        Updates ``call`` in ``txn`` and returns its new ``funded_until``: unchanged when
-        nothing more can be funded, and the call must end then.
+        Records ``rate`` in the call (recovery bills at it), updates ``call`` in ``txn`` and
+        returns its new ``funded_until``: unchanged when nothing more can be funded, and
+        the call must end then.
         """
         assert call.answered_at is not None
-        prof = self.store._profile(txn, call.profile_id)
+        call.rate = rate
+        prof = profiles.get(txn, call.profile_id)
         funded = (call.funded_until or call.answered_at) - call.answered_at
         target = funded + self.slice_seconds
         if call.funding == "bundle" and call.reserved == 0:  # still on bundle minutes
@@ -145,7 +152,7 @@ class CreditEngine:
             need = billed_seconds(target, rate) - call.bundle_seconds_reserved
             take = int(min(self.bundle_left(txn, prof, now), need))
             if take > 0:
-                self.store.add_bundle_seconds(txn, prof.id, month_of(call.answered_at), take)
+                bundles.add_seconds(txn, prof.id, month_of(call.answered_at), take)
                 call.bundle_seconds_reserved += take
         for _ in range(2):  # a second pass uses what an auto-recharge just added
             if funded >= target:
@@ -155,13 +162,13 @@ class CreditEngine:
                 break
             extra = self.cost(call, rate, best) - call.reserved
             if extra > 0:
-                self.store._move(txn, prof, -extra, "reserve", call.call_id)
+                ledger.move(txn, prof, -extra, "reserve", call.call_id)
                 call.reserved += extra
             funded = best
-            if not self.store.maybe_auto_recharge(txn, prof):
+            if not ledger.auto_recharge(txn, prof):
                 break
         call.funded_until = call.answered_at + funded
-        self.store.update_call(txn, call)
+        channels.update(txn, call)
         return call.funded_until
 
     def _affordable(self, prof: Profile, call: LiveCall, rate: Rate, have: float, want: float) -> float:
@@ -177,11 +184,11 @@ class CreditEngine:
 
     # ---------------------------------------------------------- settlement
 
-    def settle(self, txn, call: LiveCall, rate: Rate | None, ended_at: float, *, status: int, end_reason: str,
+    def settle(self, txn: Txn, call: LiveCall, rate: Rate | None, ended_at: float, *, status: int, end_reason: str,
                media: dict[str, int] | None = None) -> Cdr:
         """End ``call``: bill it, return the unused reservation and bundle seconds, free its
         channel and write its CDR, all in ``txn``."""
-        self.store.release_channel(txn, call.profile_id, call.call_id)
+        channels.release(txn, call.profile_id, call.call_id)
         talk = 0.0
         if call.answered_at is not None:
             # never bill past what was funded: the edge cuts the call there
@@ -191,37 +198,42 @@ class CreditEngine:
         cost = self.cost(call, rate, talk) if rate is not None and call.funding != "free" else 0
         bundle_used = min(billed, call.bundle_seconds_reserved)
         if call.bundle_seconds_reserved > bundle_used and call.answered_at is not None:
-            self.store.add_bundle_seconds(txn, call.profile_id, month_of(call.answered_at),
-                                          bundle_used - call.bundle_seconds_reserved)
-        prof = self.store._get(txn, "profiles", call.profile_id.encode(), Profile)
+            bundles.add_seconds(txn, call.profile_id, month_of(call.answered_at),
+                                bundle_used - call.bundle_seconds_reserved)
+        prof = profiles.find(txn, call.profile_id)
         if prof is not None:
             if call.reserved:
-                self.store._move(txn, prof, call.reserved, "release", call.call_id)
+                ledger.move(txn, prof, call.reserved, "release", call.call_id)
             if cost:  # cost(talk) <= cost(funded) = reserved: the release covers it
-                self.store._move(txn, prof, -min(cost, prof.balance), "call", call.call_id)
-            self.store.maybe_auto_recharge(txn, prof)
+                ledger.move(txn, prof, -min(cost, prof.balance), "call", call.call_id)
+            ledger.auto_recharge(txn, prof)
         cdr = Cdr(seq=0, call_id=call.call_id, profile_id=call.profile_id, direction=call.direction,
                   caller=call.caller, callee=call.callee, started_at=call.started_at, answered_at=call.answered_at,
                   ended_at=ended_at, duration=billed, status=status, end_reason=end_reason, cost=cost,
                   bundle_seconds=bundle_used, rate_prefix=rate.prefix if rate is not None else None,
                   media=media or {})
-        return self.store.add_cdr(txn, cdr)
+        return cdrs.add(txn, cdr)
 
     def recover(self, now: float | None = None) -> list[LiveCall]:
         """After a crash: settle every live call of the previous run from its last reservation.
 
         The reservation is what was funded; the call is billed up to ``funded_until``
-        (it may have run that long), its channel is freed and its CDR says ``recovery``.
+        (it may have run that long) at the rate it was funded at (``LiveCall.rate``; the
+        rate table of today only for a record of an older build that lacks it), its channel
+        is freed and its CDR says ``recovery``. Each settlement is one durable write that
+        may use the store's reserve.
         :returns: the calls settled (the B2BUA sends BYE to the legs it can reach).
         """
         now = time.time() if now is None else now
-        calls = self.store.live_calls()
+        calls = channels.live_calls(self.store)
         for call in calls:
-            rate = self.store.rate_for(call.callee) if call.funding in ("credit", "bundle") else None
+            rate = None
+            if call.funding in ("credit", "bundle"):
+                rate = call.rate if call.rate is not None else rates.rate_for(self.store, call.callee)
             end = min(now, call.funded_until) if call.funded_until is not None else (call.answered_at or call.started_at)
 
-            def op(txn, call=call, rate=rate, end=end) -> None:
+            def op(txn: Txn, call: LiveCall = call, rate: Rate | None = rate, end: float = end) -> None:
                 self.settle(txn, call, rate, end, status=200 if call.answered_at else 500, end_reason="recovery")
 
-            self.store.write(op)
+            self.store.write(op, grows=False)
         return calls

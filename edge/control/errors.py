@@ -30,3 +30,22 @@ class Invalid(DomainError):
 
 class InsufficientFunds(Conflict):
     """A movement would take a balance below zero."""
+
+
+class StoreError(DomainError):
+    """The store could not take a write; nothing of it was written (the transaction aborted)."""
+
+    status = 503
+
+
+class StoreFull(StoreError):
+    """No room for new work: the map is full, or the fill would enter the reserve kept for
+    finishing calls in progress (docs/storage.md, "A store that cannot write")."""
+
+    status = 507        # RFC 4918 §11.5 Insufficient Storage
+
+
+class StoreUnavailable(StoreError):
+    """LMDB failed (disk full, I/O error, ...)."""
+
+    status = 503

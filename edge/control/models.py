@@ -118,9 +118,9 @@ class LiveCall(Record):
     funded_until: float | None = None
     bundle_seconds_reserved: int = 0
     funding: str = ""               # "free" (echo), "credit", "bundle"; "" for incoming calls
-    rate_prefix: str | None = None
-    owner_pid: int = 0              # the edge process that runs the call (recovery after a crash)
+    rate: Rate | None = None        # the rate the call is billed at, fixed when funded (recovery bills at it)
     legs: list[dict[str, str]] = [] # how to reach each leg with a BYE after a restart
+    # Records of older builds may also carry rate_prefix and owner_pid: ignored when decoded.
 
 
 class Cdr(Record):

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry
 
 from edge.config import Config, parse_listen
+from edge.control.errors import StoreError
 from edge.control.store import Store
 
 from . import SipMessage
@@ -113,7 +114,10 @@ class SipService:
             except asyncio.TimeoutError:
                 pass
             self._flush_wanted.clear()
-            await asyncio.to_thread(self.store.flush)
+            try:
+                await asyncio.to_thread(self.store.flush)
+            except StoreError:
+                pass  # the store logged it (once); keep flushing: the disk may come back
 
     # ------------------------------------------------------------ dispatch
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from email.utils import formatdate
 
+from edge.control import profiles, registrations
 from edge.control.models import Registration
 from edge.control.store import Store
 
@@ -58,7 +59,7 @@ class Registrar:
         if not user:
             tx.respond(400, "To must carry the SIP username")
             return
-        cred = self.store.credential(user)
+        cred = profiles.credential(self.store, user)
         ip_ok = cred is not None and cred.auth == "ip" and source_allowed(tx.peer.host, cred.allowed_ips)
         if not ip_ok:
             header = req.header("Authorization")
@@ -101,7 +102,7 @@ class Registrar:
             if header_expires != 0 or len(contacts) != 1:
                 tx.respond(400, "Contact * needs Expires: 0")
                 return
-            self.store.remove_all_bindings(profile_id)
+            registrations.remove_all(self.store, profile_id)
             self._ok(tx, profile_id, [], now)
             return
         changes: list[tuple[str, int]] = []
@@ -122,23 +123,20 @@ class Registrar:
 
         def op(txn) -> list[Registration]:
             for uri, seconds in changes:
-                key = self.store.db["registrations"]
-                existing = self.store._get(txn, "registrations", profile_id.encode() + b"\0" + uri.encode(),
-                                           Registration)
+                existing = registrations.binding(txn, profile_id, uri)
                 # §10.3 step 7: an older REGISTER of the same Call-ID must not undo a newer one
                 if existing is not None and existing.call_id == call_id and existing.cseq >= cseq:
                     raise _OutOfOrder  # aborts the whole transaction: no contact of it is applied
-                bkey = profile_id.encode() + b"\0" + uri.encode()
                 if seconds == 0:
-                    txn.delete(bkey, db=key)
+                    registrations.remove(txn, profile_id, uri)
                 else:
-                    self.store._put(txn, "registrations", bkey, Registration(
+                    registrations.save(txn, Registration(
                         profile_id=profile_id, contact=uri, expires_at=now + seconds, source=source,
                         call_id=call_id, cseq=cseq, user_agent=user_agent, registered_at=now))
-            return self.store.bindings_in(txn, profile_id, now)  # for the 200, in the same transaction
+            return registrations.live(txn, profile_id, now)  # for the 200, in the same transaction
 
         if not changes:  # a query: list the bindings
-            self._ok(tx, profile_id, self.store.bindings(profile_id, now), now)
+            self._ok(tx, profile_id, registrations.live(self.store, profile_id, now), now)
             return
         try:
             bindings = self.store.write(op, sync=False)

@@ -83,15 +83,16 @@ def test_concurrent_retries_with_one_key_move_money_once(edge: EdgeProcess, api:
 
 def _direct_writer(data_dir: str, account_id: str, profile_id: str, n: int, queue: mp.Queue) -> None:
     """A second process on the same LMDB, writing while the API process writes too."""
+    from edge.control import ledger
     from edge.control.errors import InsufficientFunds
     from edge.control.store import Store
 
     store = Store(data_dir, map_size=256 << 20)
     ok = 0
     for _ in range(n):
-        store.top_up_account(account_id, 1_000_000, ref="direct")
+        ledger.top_up(store, account_id, 1_000_000, ref="direct")
         try:
-            store.allocate_credit(profile_id, 1_500_000, ref="direct")
+            ledger.allocate(store, profile_id, 1_500_000, ref="direct")
             ok += 1
         except InsufficientFunds:
             pass
@@ -123,6 +124,7 @@ def _take_channels(data_dir: str, profile_id: str, attempts: int, queue: mp.Queu
     import os
     import time
 
+    from edge.control import channels
     from edge.control.models import LiveCall
     from edge.control.store import Store
 
@@ -130,7 +132,7 @@ def _take_channels(data_dir: str, profile_id: str, attempts: int, queue: mp.Queu
     taken = 0
     for i in range(attempts):
         call = LiveCall(call_id=f"{os.getpid()}-{i}", profile_id=profile_id, direction="outgoing", started_at=time.time())
-        taken += store.write(lambda txn: store.take_channel(txn, store._profile(txn, profile_id), call))
+        taken += store.write(lambda txn: channels.take(txn, profile_id, call))
     store.close()
     queue.put(taken)
 

@@ -159,7 +159,7 @@ class Rig:
         self.loop = FakeLoop()
         self.ctl = CallController(
             tl=None, dialogs=None, local=lambda proto: Local("198.51.100.1:5060", "<sip:198.51.100.1:5060>"),  # type: ignore[arg-type]
-            admission=self.admission, routing=Routing(list(carriers), None, "sip.edge.test"),  # type: ignore[arg-type]
+            admission=self.admission, routing=Routing(list(carriers), lambda pid: [], "sip.edge.test"),  # type: ignore[arg-type]
             media=self.media, metrics=CallMetrics(None), listeners=[self.listener],  # type: ignore[arg-type]
             is_trusted=lambda host: trusted, setup_timeout=180.0,
             inbound_session=FakeUas, outbound_session=FakeUac)  # type: ignore[arg-type]

@@ -24,7 +24,7 @@ class Bindings:
 
 
 def routing(carriers: list[CarrierConfig], store: Any = None, seed: int = 1) -> Routing:
-    return Routing(carriers, store or Bindings(), "sip.edge.test", rng=random.Random(seed))
+    return Routing(carriers, (store or Bindings()).bindings, "sip.edge.test", rng=random.Random(seed))
 
 
 def call(direction: Direction = Direction.OUTGOING) -> Call:

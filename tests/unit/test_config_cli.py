@@ -73,3 +73,27 @@ def test_serve_refuses_a_broken_config(tmp_path: Path) -> None:
 def test_version_and_help() -> None:
     assert sipedge("version").stdout.startswith("sipedge ")
     assert "serve" in sipedge("--help").stdout
+
+
+def test_purge_cdrs_command(tmp_path: Path) -> None:
+    """Old CDRs go, recent ones stay (the remedy for a store that fills up, docs/operations.md)."""
+    import time
+
+    from edge.control import cdrs
+    from edge.control.models import Cdr
+    from edge.control.store import Store
+
+    store = Store(tmp_path / "d", map_size=16 << 20, durable=False)
+    now = time.time()
+    for i, age_days in enumerate([40, 35, 2]):
+        ended = now - age_days * 86400
+        cdr = Cdr(seq=0, call_id=f"c{i}", profile_id="prf_1", direction="outgoing", caller="a", callee="b",
+                  started_at=ended - 10, answered_at=None, ended_at=ended, duration=0, status=486, end_reason="rejected")
+        store.write(lambda txn, cdr=cdr: cdrs.add(txn, cdr))
+    store.close()
+    r = sipedge("purge-cdrs", "--data", str(tmp_path / "d"), "--older-than-days", "30")
+    assert r.returncode == 0 and "purged 2 CDRs" in r.stdout, r.stderr
+    store = Store(tmp_path / "d", map_size=16 << 20)
+    assert [c.call_id for c in cdrs.page(store, "prf_1")] == ["c2"]
+    store.close()
+    assert sipedge("purge-cdrs", "--data", str(tmp_path / "none"), "--older-than-days", "1").returncode == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from edge.control import accounts, cdrs, channels, ledger, profiles, rates
 from edge.control.credit import CreditEngine, billed_seconds, is_e164, is_us_number, minimum_charge, price
 from edge.control.models import AutoRecharge, LiveCall, Rate
 from edge.control.store import Store
@@ -43,27 +44,27 @@ def test_us_numbers() -> None:
 @pytest.fixture
 def store(tmp_path) -> Store:
     s = Store(tmp_path, map_size=64 << 20, durable=False)
-    s.replace_rates([UK, US, FEE])
-    s.replace_exclusions(shipped_exclusions())
+    rates.replace(s, [UK, US, FEE])
+    rates.replace_exclusions(s, shipped_exclusions())
     yield s
     s.close()
 
 
 def profile_with(store: Store, balance: int, bundles: int = 0, channels: int = 5):
-    acct = store.create_account("A", f"a{balance}.{bundles}.{channels}")
-    store.top_up_account(acct.id, 1_000_000_000)
-    prof, _ = store.create_profile(acct.id, "P", channels)
+    acct = accounts.create(store, "A", f"a{balance}.{bundles}.{channels}")
+    ledger.top_up(store, acct.id, 1_000_000_000)
+    prof, _ = profiles.create(store, acct.id, "P", channels, realm="sip.edge.test")
     if balance:
-        store.allocate_credit(prof.id, balance)
+        ledger.allocate(store, prof.id, balance)
     if bundles:
-        store.set_bundles(prof.id, bundles)
-    return store.get_profile(prof.id)
+        profiles.set_bundles(store, prof.id, bundles)
+    return profiles.get(store, prof.id)
 
 
 def seize(store: Store, prof, callee: str, funding: str, started: float = 1000.0) -> LiveCall:
     call = LiveCall(call_id=f"call-{callee}-{started}", profile_id=prof.id, direction="outgoing", started_at=started,
                     caller=prof.sip_username, callee=callee, funding=funding)
-    assert store.write(lambda txn: store.take_channel(txn, store._profile(txn, prof.id), call))
+    assert channels.take(store, prof.id, call)
     return call
 
 
@@ -86,16 +87,16 @@ def test_slices_are_reserved_and_settled(store: Store) -> None:
     call.answered_at = 1000.0
     until = store.write(lambda txn: engine.extend(txn, call, UK, 1000.0))
     assert until == 1060.0 and call.reserved == 20_000
-    assert store.get_profile(prof.id).balance == 980_000
+    assert profiles.get(store, prof.id).balance == 980_000
     until = store.write(lambda txn: engine.extend(txn, call, UK, 1055.0))
     assert until == 1120.0 and call.reserved == 40_000
     cdr = store.write(lambda txn: engine.settle(txn, call, UK, 1000.0 + 75, status=200, end_reason="caller_bye"))
     assert cdr.duration == 78 and cdr.cost == 26_000
-    assert store.get_profile(prof.id).balance == 1_000_000 - 26_000
-    assert store.channels_in_use(prof.id) == 0
-    kinds = [e.kind for e in store.ledger(f"profile:{prof.id}")]
+    assert profiles.get(store, prof.id).balance == 1_000_000 - 26_000
+    assert channels.in_use(store, prof.id) == 0
+    kinds = [e.kind for e in ledger.entries(store, f"profile:{prof.id}")]
     assert kinds == ["allocate_in", "reserve", "reserve", "release", "call"]
-    balance, ledger_sum = store.audit()[f"profile:{prof.id}"]
+    balance, ledger_sum = ledger.audit(store)[f"profile:{prof.id}"]
     assert balance == ledger_sum
 
 
@@ -109,19 +110,19 @@ def test_last_slice_is_partial_and_the_call_is_cut_there(store: Store) -> None:
     assert store.write(lambda txn: engine.extend(txn, call, UK, 85.0)) == 90.0  # nothing more
     cdr = store.write(lambda txn: engine.settle(txn, call, UK, 95.0, status=200, end_reason="credit_exhausted"))
     assert cdr.duration == 90 and cdr.cost == 30_000  # never billed past the funded time
-    assert store.get_profile(prof.id).balance == 0
+    assert profiles.get(store, prof.id).balance == 0
 
 
 def test_auto_recharge_mid_call(store: Store) -> None:
     engine = CreditEngine(store, slice_seconds=60)
     prof = profile_with(store, 25_000)
-    store.set_auto_recharge(prof.id, AutoRecharge(enabled=True, amount=100_000, min_balance=10_000))
+    ledger.set_auto_recharge(store, prof.id, AutoRecharge(enabled=True, amount=100_000, min_balance=10_000))
     call = seize(store, prof, "+442071234567", "credit")
     call.answered_at = 0.0
     store.write(lambda txn: engine.extend(txn, call, UK, 0.0))  # 25_000 - 20_000 = 5_000 < min: recharge
-    assert store.get_profile(prof.id).balance == 105_000
-    assert store.auto_recharge_count(prof.id) == 1
-    kinds = [e.kind for e in store.ledger(f"profile:{prof.id}")]
+    assert profiles.get(store, prof.id).balance == 105_000
+    assert ledger.auto_recharge_count(store, prof.id) == 1
+    kinds = [e.kind for e in ledger.entries(store, f"profile:{prof.id}")]
     assert kinds[-2:] == ["reserve", "auto_recharge_in"]
 
 
@@ -137,8 +138,8 @@ def test_bundle_minutes_first_then_credit(store: Store) -> None:
     cdr = store.write(lambda txn: engine.settle(txn, call, US, 150.0, status=200, end_reason="caller_bye"))
     assert cdr.bundle_seconds == 120 and cdr.cost == price(30, US, connect_fee=False)
     # the bundle is used up this month: a second call pays from credit
-    assert store.read(lambda txn: engine.bundle_left(txn, store.get_profile(prof.id), 10.0)) == 0
-    assert not engine.admit(store.get_profile(prof.id), "+14155550100", now=10.0).bundle
+    assert store.read(lambda txn: engine.bundle_left(txn, profiles.get(store, prof.id), 10.0)) == 0
+    assert not engine.admit(profiles.get(store, prof.id), "+14155550100", now=10.0).bundle
 
 
 def test_unused_bundle_seconds_return(store: Store) -> None:
@@ -149,7 +150,7 @@ def test_unused_bundle_seconds_return(store: Store) -> None:
     store.write(lambda txn: engine.extend(txn, call, US, 0.0))
     cdr = store.write(lambda txn: engine.settle(txn, call, US, 10.0, status=200, end_reason="caller_bye"))
     assert cdr.bundle_seconds == 60 and cdr.cost == 0  # the 60 s minimum, from the bundle
-    assert store.read(lambda txn: engine.bundle_left(txn, store.get_profile(prof.id), 10.0)) == 540
+    assert store.read(lambda txn: engine.bundle_left(txn, profiles.get(store, prof.id), 10.0)) == 540
 
 
 def test_recovery_settles_from_the_last_reservation(store: Store) -> None:
@@ -160,8 +161,50 @@ def test_recovery_settles_from_the_last_reservation(store: Store) -> None:
     store.write(lambda txn: engine.extend(txn, call, UK, 0.0))
     recovered = engine.recover(now=10_000.0)
     assert [c.call_id for c in recovered] == [call.call_id]
-    assert store.channels_in_use(prof.id) == 0 and store.live_calls() == []
-    cdr = store.cdrs(prof.id)[-1]
+    assert channels.in_use(store, prof.id) == 0 and channels.live_calls(store) == []
+    cdr = cdrs.page(store, prof.id)[-1]
     assert cdr.end_reason == "recovery" and cdr.cost == 20_000  # the reserved slice
-    balance, ledger_sum = store.audit()[f"profile:{prof.id}"]
+    balance, ledger_sum = ledger.audit(store)[f"profile:{prof.id}"]
     assert balance == ledger_sum == 980_000
+
+
+def test_recovery_bills_at_the_rate_the_call_was_funded_at(store: Store) -> None:
+    """The rate table changes between answer and a crash: recovery bills the admitted rate."""
+    engine = CreditEngine(store, slice_seconds=60)
+    prof = profile_with(store, 1_000_000)
+    call = seize(store, prof, "+442071234567", "credit")
+    call.answered_at = 0.0
+    store.write(lambda txn: engine.extend(txn, call, UK, 0.0), grows=False)   # 60 s at 0.02/min reserved
+    assert channels.get(store, prof.id, call.call_id).rate == UK                 # stored with the call
+    dearer = Rate(prefix="44", rate=200_000, min_seconds=1, increment_seconds=1)  # 0.20/min from now on
+    rates.replace(store, [dearer, US, FEE])
+    engine.recover(now=30.0)                                                       # 30 s of talk at the crash
+    cdr = cdrs.page(store, prof.id)[-1]
+    assert cdr.end_reason == "recovery" and cdr.rate_prefix == "44"
+    assert cdr.duration == 60 and cdr.cost == 20_000   # UK: 60 s minimum at 0.02/min (not 30 s at 0.20 = 0.10)
+    assert profiles.get(store, prof.id).balance == 1_000_000 - 20_000
+    balance, ledger_sum = ledger.audit(store)[f"profile:{prof.id}"]
+    assert balance == ledger_sum
+
+
+def test_live_calls_of_an_older_build_still_decode(store: Store) -> None:
+    """Records written before LiveCall.rate (with owner_pid and rate_prefix) decode; recovery
+    then bills at today's table."""
+    import msgspec
+
+    engine = CreditEngine(store, slice_seconds=60)
+    prof = profile_with(store, 1_000_000)
+    old = {"call_id": "old-1", "profile_id": prof.id, "direction": "outgoing", "started_at": 0.0,
+           "callee": "+442071234567", "answered_at": 0.0, "reserved": 20_000, "funded_until": 60.0,
+           "funding": "credit", "rate_prefix": "44", "owner_pid": 4242}
+
+    def op(txn) -> None:
+        ledger.move(txn, profiles.get(txn, prof.id), -20_000, "reserve", "old-1")
+        txn.put_u64("channels", prof.id.encode(), 1)
+        txn.put_raw("calls", channels.call_key(prof.id, "old-1"), msgspec.msgpack.encode(old))
+
+    store.write(op)
+    [call] = channels.live_calls(store)
+    assert call.call_id == "old-1" and call.rate is None and call.reserved == 20_000
+    engine.recover(now=30.0)
+    assert cdrs.page(store, prof.id)[-1].cost == 20_000 and channels.in_use(store, prof.id) == 0

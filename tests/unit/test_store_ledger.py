@@ -10,10 +10,11 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
 
+from edge.control import accounts, ledger, profiles
 from edge.control.errors import Conflict, InsufficientFunds, Invalid
 from edge.control.models import AutoRecharge
 from edge.control.money import MoneyError, format_money, parse_money
-from edge.control.store import Store
+from edge.control.store import Store, Txn
 
 amounts = st.integers(min_value=1, max_value=50_000_000)
 
@@ -44,18 +45,18 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @rule(target=accounts, n=st.integers(0, 10**6))
     def create_account(self, n: int) -> str:
-        acct = self.store.create_account("A", f"admin{n}.{len(self.model)}")
+        acct = accounts.create(self.store, "A", f"admin{n}.{len(self.model)}")
         self.model["account:" + acct.id] = 0
         return acct.id
 
     @rule(account=accounts, amount=amounts)
     def top_up(self, account: str, amount: int) -> None:
-        self.store.top_up_account(account, amount)
+        ledger.top_up(self.store, account, amount)
         self.model["account:" + account] += amount
 
     @rule(target=profiles, account=accounts, channels=st.integers(1, 300))
     def create_profile(self, account: str, channels: int) -> str:
-        prof, _ = self.store.create_profile(account, "P", channels)
+        prof, _ = profiles.create(self.store, account, "P", channels, realm="sip.edge.test")
         self.model["profile:" + prof.id] = 0
         self.profile_account[prof.id] = account
         return prof.id
@@ -64,17 +65,17 @@ class LedgerMachine(RuleBasedStateMachine):
     def allocate(self, profile: str, amount: int) -> None:
         acct = "account:" + self.profile_account[profile]
         if self.model[acct] >= amount:
-            self.store.allocate_credit(profile, amount)
+            ledger.allocate(self.store, profile, amount)
             self.model[acct] -= amount
             self.model["profile:" + profile] += amount
         else:
             with pytest.raises(InsufficientFunds):
-                self.store.allocate_credit(profile, amount)
+                ledger.allocate(self.store, profile, amount)
 
     @rule(profile=profiles, enabled=st.booleans(), amount=amounts, min_balance=amounts)
     def auto_recharge(self, profile: str, enabled: bool, amount: int, min_balance: int) -> None:
         settings_ = AutoRecharge(enabled=enabled, amount=amount, min_balance=min_balance)
-        self.store.set_auto_recharge(profile, settings_)
+        ledger.set_auto_recharge(self.store, profile, settings_)
         self.auto[profile] = settings_
         self._recharge(profile)
 
@@ -83,10 +84,10 @@ class LedgerMachine(RuleBasedStateMachine):
         """A debit as a call settlement makes one, with auto-recharge right after it."""
         key = "profile:" + profile
 
-        def op(txn):
-            prof = self.store._profile(txn, profile)
-            self.store._move(txn, prof, -amount, "call", "test")
-            self.store.maybe_auto_recharge(txn, prof)
+        def op(txn: Txn) -> None:
+            prof = profiles.get(txn, profile)
+            ledger.move(txn, prof, -amount, "call", "test")
+            ledger.auto_recharge(txn, prof)
 
         if self.model[key] >= amount:
             self.store.write(op)
@@ -99,22 +100,22 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(profile=consumes(profiles))
     def delete_profile(self, profile: str) -> None:
         key = "profile:" + profile
-        self.store.delete_profile(profile)
+        profiles.delete(self.store, profile)
         self.model["account:" + self.profile_account[profile]] += self.model.pop(key)
         self.model[key] = 0  # its ledger is closed at zero
 
     @rule(profile=profiles, bundles=st.integers(0, 300))
     def bundles(self, profile: str, bundles: int) -> None:
-        channels = self.store.get_profile(profile).channels
+        channels = profiles.get(self.store, profile).channels
         if bundles > channels:
             with pytest.raises(Conflict):
-                self.store.set_bundles(profile, bundles)
+                profiles.set_bundles(self.store, profile, bundles)
         else:
-            assert self.store.set_bundles(profile, bundles).us_bundles == bundles
+            assert profiles.set_bundles(self.store, profile, bundles).us_bundles == bundles
 
     @invariant()
     def balances_equal_model_and_ledger(self) -> None:
-        audit = self.store.audit()
+        audit = ledger.audit(self.store)
         for owner, expected in self.model.items():
             stored, ledger_sum = audit.get(owner, (0, 0))
             assert stored == expected == ledger_sum, owner
@@ -124,9 +125,9 @@ class LedgerMachine(RuleBasedStateMachine):
     def money_is_conserved(self) -> None:
         """Only top-ups create money: everything else moves it between owners."""
         topups = sum(e.amount for owner in self.model if owner.startswith("account:")
-                     for e in self.store.ledger(owner, limit=10**6) if e.kind == "topup")
+                     for e in ledger.entries(self.store, owner, limit=10**6) if e.kind == "topup")
         spent = sum(-e.amount for owner in self.model if owner.startswith("profile:")
-                    for e in self.store.ledger(owner, limit=10**6) if e.kind == "call")
+                    for e in ledger.entries(self.store, owner, limit=10**6) if e.kind == "call")
         assert sum(self.model.values()) == topups - spent
 
 
@@ -160,7 +161,8 @@ def test_format_money() -> None:
 
 def test_zero_movement_is_refused(tmp_path) -> None:
     store = Store(tmp_path, map_size=16 << 20)
-    acct = store.create_account("A", "a")
+    acct = accounts.create(store, "A", "a")
     with pytest.raises(Invalid):
-        store.top_up_account(acct.id, 0)
-    assert store.ledger(f"account:{acct.id}") == []
+        ledger.top_up(store, acct.id, 0)
+    assert ledger.entries(store, f"account:{acct.id}") == []
+    store.close()

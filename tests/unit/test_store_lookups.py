@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from edge.control import accounts, numbers, profiles, rates, registrations
 from edge.control.demo import ensure_demo
 from edge.control.models import Rate, Registration
-from edge.control.store import Store, digest_ha1
+from edge.control.profiles import digest_ha1
+from edge.control.rates import is_bundle_excluded, rate_for
+from edge.control.store import Store
 from edge.control.tables import parse_exclusions, parse_rates_csv, shipped_exclusions, shipped_rates
 from edge.control.errors import Invalid
 
@@ -24,24 +27,24 @@ def store(tmp_path: Path) -> Store:
 
 
 def test_longest_prefix_wins(store: Store) -> None:
-    store.replace_rates([Rate(prefix=p, rate=i + 1) for i, p in enumerate(["4", "44", "4420", "44207", "1"])])
-    assert store.rate_for("+442071234567").prefix == "44207"
-    assert store.rate_for("442081234567").prefix == "4420"
-    assert store.rate_for("+441611234567").prefix == "44"
-    assert store.rate_for("+491234").prefix == "4"
-    assert store.rate_for("+81312345678") is None
-    assert store.rate_for("+4") .prefix == "4"
-    store.replace_rates([Rate(prefix="81", rate=1)])  # replacing drops the old table entirely
-    assert store.rate_for("+442071234567") is None
-    assert store.rate_for("+81312345678").prefix == "81"
+    rates.replace(store, [Rate(prefix=p, rate=i + 1) for i, p in enumerate(["4", "44", "4420", "44207", "1"])])
+    assert rate_for(store, "+442071234567").prefix == "44207"
+    assert rate_for(store, "442081234567").prefix == "4420"
+    assert rate_for(store, "+441611234567").prefix == "44"
+    assert rate_for(store, "+491234").prefix == "4"
+    assert rate_for(store, "+81312345678") is None
+    assert rate_for(store, "+4") .prefix == "4"
+    rates.replace(store, [Rate(prefix="81", rate=1)])  # replacing drops the old table entirely
+    assert rate_for(store, "+442071234567") is None
+    assert rate_for(store, "+81312345678").prefix == "81"
 
 
 def test_duplicate_prefix_rejected_and_table_kept(store: Store) -> None:
-    store.replace_rates([Rate(prefix="44", rate=1)])
+    rates.replace(store, [Rate(prefix="44", rate=1)])
     with pytest.raises(Invalid):
-        store.replace_rates([Rate(prefix="33", rate=1), Rate(prefix="33", rate=2)])
-    assert store.rate_for("+4420").prefix == "44"
-    assert store.rate_for("+3312") is None
+        rates.replace(store, [Rate(prefix="33", rate=1), Rate(prefix="33", rate=2)])
+    assert rate_for(store, "+4420").prefix == "44"
+    assert rate_for(store, "+3312") is None
 
 
 def test_exclusions_are_parsed_from_the_seed() -> None:
@@ -55,12 +58,12 @@ def test_exclusions_are_parsed_from_the_seed() -> None:
 
 
 def test_bundle_exclusion_lookup(store: Store) -> None:
-    store.replace_exclusions(shipped_exclusions())
-    assert store.is_bundle_excluded("+12186321234")
-    assert store.is_bundle_excluded("+17127256123")
-    assert store.is_bundle_excluded("16057154123")
-    assert not store.is_bundle_excluded("+12186331234")
-    assert not store.is_bundle_excluded("+14155550100")
+    rates.replace_exclusions(store, shipped_exclusions())
+    assert is_bundle_excluded(store, "+12186321234")
+    assert is_bundle_excluded(store, "+17127256123")
+    assert is_bundle_excluded(store, "16057154123")
+    assert not is_bundle_excluded(store, "+12186331234")
+    assert not is_bundle_excluded(store, "+14155550100")
 
 
 def test_shipped_rates_cover_the_demo() -> None:
@@ -77,45 +80,45 @@ def test_rates_csv_errors_name_row_and_column() -> None:
 
 
 def test_credentials_carry_both_ha1s(store: Store) -> None:
-    acct = store.create_account("A", "a.admin")
-    prof, cred = store.create_profile(acct.id, "HQ", 2, password="secret")
-    got = store.credential(prof.sip_username)
+    acct = accounts.create(store, "A", "a.admin")
+    prof, cred = profiles.create(store, acct.id, "HQ", 2, password="secret", realm="sip.edge.test")
+    got = profiles.credential(store, prof.sip_username)
     assert got == cred
     assert got.ha1_md5 == digest_ha1(prof.sip_username, "sip.edge.test", "secret")
     assert got.ha1_sha256 == digest_ha1(prof.sip_username, "sip.edge.test", "secret", "SHA-256")
     assert len(got.ha1_sha256) == 64
-    assert store.credential("nobody") is None
+    assert profiles.credential(store, "nobody") is None
 
 
 def test_profile_by_number(store: Store) -> None:
-    acct = store.create_account("A", "a.admin")
-    prof, _ = store.create_profile(acct.id, "HQ", 2)
-    store.buy_number(acct.id, "+14155550100")
-    assert store.profile_by_number("+14155550100") is None  # bought, not attached
-    store.attach_number(prof.id, "+14155550100", "sales")
-    number, found = store.profile_by_number("+14155550100")
+    acct = accounts.create(store, "A", "a.admin")
+    prof, _ = profiles.create(store, acct.id, "HQ", 2, realm="sip.edge.test")
+    numbers.buy(store, acct.id, "+14155550100")
+    assert numbers.profile_by_number(store, "+14155550100") is None  # bought, not attached
+    numbers.attach(store, prof.id, "+14155550100", "sales")
+    number, found = numbers.profile_by_number(store, "+14155550100")
     assert found.id == prof.id and number.extension == "sales"
-    assert store.profile_by_number("+14155550199") is None
+    assert numbers.profile_by_number(store, "+14155550199") is None
 
 
 def test_expired_bindings_are_never_returned(store: Store) -> None:
     now = time.time()
-    store.save_binding(Registration(profile_id="p1", contact="sip:a@1.2.3.4", expires_at=now + 60))
-    store.save_binding(Registration(profile_id="p1", contact="sip:b@1.2.3.4", expires_at=now - 1))
-    store.save_binding(Registration(profile_id="p10", contact="sip:c@1.2.3.4", expires_at=now + 60))
-    assert [r.contact for r in store.bindings("p1", now)] == ["sip:a@1.2.3.4"]
-    assert store.registration_counts(now) == {"p1": 1, "p10": 1}
-    assert store.purge_expired_bindings(now) == 1
-    assert store.remove_binding("p1", "sip:a@1.2.3.4")
-    assert store.bindings("p1", now) == []
+    registrations.save(store, Registration(profile_id="p1", contact="sip:a@1.2.3.4", expires_at=now + 60))
+    registrations.save(store, Registration(profile_id="p1", contact="sip:b@1.2.3.4", expires_at=now - 1))
+    registrations.save(store, Registration(profile_id="p10", contact="sip:c@1.2.3.4", expires_at=now + 60))
+    assert [r.contact for r in registrations.live(store, "p1", now)] == ["sip:a@1.2.3.4"]
+    assert registrations.counts(store, now) == {"p1": 1, "p10": 1}
+    assert registrations.purge_expired(store, now) == 1
+    assert registrations.remove(store, "p1", "sip:a@1.2.3.4")
+    assert registrations.live(store, "p1", now) == []
 
 
 def test_demo_is_provisioned_once(store: Store) -> None:
-    first = ensure_demo(store)
+    first = ensure_demo(store, realm="sip.edge.test")
     assert first.created
-    again = ensure_demo(store)
+    again = ensure_demo(store, realm="sip.edge.test")
     assert not again.created and again.sip_password == first.sip_password
-    prof = store.get_profile(first.profile_id)
+    prof = profiles.get(store, first.profile_id)
     assert prof.balance == 20_000_000 and prof.numbers == ["+14155550100"]
-    assert store.rate_for("+442071234567").prefix == "4420"
-    assert store.is_bundle_excluded("+12186321234")
+    assert rate_for(store, "+442071234567").prefix == "4420"
+    assert is_bundle_excluded(store, "+12186321234")

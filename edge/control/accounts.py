@@ -1,0 +1,61 @@
+"""Accounts (SPEC §3): the owner of a master balance, profiles, numbers and business accounts.
+
+Balances change only through :mod:`edge.control.ledger`. Functions take an open
+transaction; those decorated with ``@reads``/``@writes`` also take the store and open
+their own (see :mod:`edge.control.store`).
+"""
+
+from __future__ import annotations
+
+import time
+
+from .errors import Conflict, NotFound
+from .models import Account
+from .store import Txn, new_id, reads, writes
+
+
+@reads
+def get(txn: Txn, account_id: str) -> Account:
+    """:raises NotFound: no such account."""
+    acct = txn.get("accounts", account_id.encode(), Account)
+    if acct is None:
+        raise NotFound(f"account {account_id} not found")
+    return acct
+
+
+@reads
+def page(txn: Txn, *, after: str = "", limit: int | None = None) -> list[Account]:
+    """Accounts in id order, those after ``after`` (a page cursor), at most ``limit``."""
+    return txn.page_after_key("accounts", Account, after, limit)
+
+
+@reads
+def is_empty(txn: Txn) -> bool:
+    return txn.entries("accounts") == 0
+
+
+@reads
+def is_admin_login(txn: Txn, login: str) -> bool:
+    """True if ``login`` administers an account (such a login is never a business account)."""
+    return txn.get_raw("admins", login.encode()) is not None
+
+
+@writes()
+def create(txn: Txn, name: str, admin: str) -> Account:
+    """A new account with a zero balance; ``admin`` must be a free login.
+
+    :raises Conflict: the login administers another account or is a business account name.
+    """
+    if is_admin_login(txn, admin):
+        raise Conflict(f"admin login {admin!r} already administers another account", field="admin")
+    if txn.get_raw("business", admin.encode()) is not None:
+        raise Conflict(f"{admin!r} is a business account name, not a free login", field="admin")
+    acct = Account(id=new_id("acc"), name=name, admin=admin, created_at=time.time())
+    txn.put("accounts", acct.id.encode(), acct)
+    txn.put_raw("admins", admin.encode(), acct.id.encode())
+    return acct
+
+
+def save(txn: Txn, acct: Account) -> None:
+    """Store ``acct`` as it is (the ledger's balance updates; nothing else calls this)."""
+    txn.put("accounts", acct.id.encode(), acct)
