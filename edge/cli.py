@@ -76,7 +76,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_purge_cdrs(args: argparse.Namespace) -> int:
     """Delete old CDRs: room in a store that is filling up (export them first)."""
     from .control import cdrs
-    from .server import data_dir_of, open_store
+    from .node import data_dir_of, open_store
 
     try:
         cfg = load(args.config)
