@@ -12,6 +12,7 @@ import time
 from email.utils import formatdate
 
 from edge.control import profiles, registrations
+from edge.control.errors import StoreError
 from edge.control.models import Registration
 from edge.control.store import Store
 
@@ -138,10 +139,19 @@ class Registrar:
         if not changes:  # a query: list the bindings
             self._ok(tx, profile_id, registrations.live(self.store, profile_id, now), now)
             return
+        # a refresh or removal of bindings we hold finishes admitted work: it may use the store's
+        # reserve, so PBXs stay registered on a full store; only a new binding is new work
+        grows = any(seconds and registrations.binding(self.store, profile_id, uri) is None
+                    for uri, seconds in changes)
         try:
-            bindings = self.store.write(op, sync=False)
+            bindings = self.store.write(op, sync=False, grows=grows)
         except _OutOfOrder:
             tx.respond(500, "Out of order REGISTER", headers=[("Retry-After", "1")])
+            return
+        except StoreError as exc:
+            log.error("registration refused: the store cannot record it (%s)", exc)
+            tx.respond(503, "Store Unavailable", headers=[("Retry-After", "30"),
+                                                          ("Warning", '399 sipedge "the edge cannot record registrations now"')])
             return
         self._ok(tx, profile_id, bindings, now)
 
