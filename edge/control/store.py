@@ -19,7 +19,7 @@ money or calls. The domain lives in modules beside it (``accounts``, ``profiles`
 - **Call-path lookups** (``profiles.credential``, ``numbers.profile_by_number``,
   ``rates.rate_for``, ``rates.is_bundle_excluded``) take the store, open one short read
   transaction on the bound database handles (``store.dbs``) and do one to a few
-  ``get``\\s with module-level decoders: microseconds, no ``Txn`` built.
+  ``get`` calls with module-level decoders: microseconds, no ``Txn`` built.
 
 Every write is one LMDB write transaction (:meth:`Store.write`): ``fn`` returns and the
 transaction commits, or anything raises and it aborts, so no reader in any process ever
@@ -58,7 +58,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
@@ -236,27 +236,6 @@ class Txn:
                 break
             out.append(decode(value))
         return out
-
-    # -- prefix tables (longest-prefix match)
-
-    def replace_prefix_table(self, db: str, lengths_key: bytes, rows: Iterable[tuple[bytes, bytes]]) -> int:
-        """Replace every record of ``db`` by ``rows`` and index their key lengths in
-        ``meta[lengths_key]`` (see :meth:`Store.longest_prefix`). A key twice is refused.
-
-        :returns: the number of rows.
-        """
-        handle = self.store._db[db]
-        self.raw.drop(handle, delete=False)
-        lengths: set[int] = set()
-        count = 0
-        for k, value in rows:
-            if not self.raw.put(k, value, db=handle, overwrite=False):
-                raise Invalid(f"prefix {k.decode()} appears twice", field="prefix")
-            lengths.add(len(k))
-            count += 1
-        # Longest first, one byte per length: read on every lookup without decoding.
-        self.put_raw("meta", lengths_key, bytes(sorted(lengths, reverse=True)))
-        return count
 
 
 def reads(fn: Callable[Concatenate[Txn, P], T]) -> Callable[Concatenate[Txn | Store, P], T]:
@@ -487,21 +466,3 @@ class Store:
             was, self._broken = self._broken, False
         if was:
             log.info("store writes again", extra={"event": "store_writes_again", "path": str(self.path)})
-
-    # ------------------------------------------------------ call-path helpers
-
-    def longest_prefix(self, db: str, lengths_key: bytes, k: bytes) -> bytes | None:
-        """The raw value of the longest key of a prefix table (``Txn.replace_prefix_table``)
-        that is a prefix of ``k``, or None.
-
-        Only the key lengths present in the table are tried (``meta[lengths_key]``), longest
-        first: a handful of ``get``\\s in one read transaction.
-        """
-        handle, meta = self._db[db], self.dbs.meta
-        with self.env.begin() as raw:
-            for n in raw.get(lengths_key, db=meta) or b"":
-                if n <= len(k):
-                    value = raw.get(k[:n], db=handle)
-                    if value is not None:
-                        return value
-        return None

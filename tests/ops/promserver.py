@@ -90,7 +90,8 @@ class PrometheusProcess:
         self._log.close()
 
     def __enter__(self) -> "PrometheusProcess":
-        # ``with prom.start():`` must not start a second server (the first one would outlive the test)
+        # ``with prom.start():`` must not start a second server: it would find the first one
+        # ready on the same port, and the first would outlive stop() (left running)
         return self if self.proc is not None and self.proc.poll() is None else self.start()
 
     def __exit__(self, *exc: object) -> None:
