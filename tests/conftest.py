@@ -58,7 +58,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     import os
     import signal
 
-    left = _children(os.getpid())
+    # multiprocessing's own helpers (resource tracker, forkserver) end with the interpreter
+    left = [(pid, cmd) for pid, cmd in _children(os.getpid()) if "from multiprocessing." not in cmd]
     for pid, _ in left:
         try:
             os.kill(pid, signal.SIGKILL)
