@@ -1,9 +1,13 @@
 """SIP over UDP and TCP on asyncio (RFC 3261 §18, RFC 3581).
 
 This is the one boundary where bytes from the network become ``SipMessage``s
-(STYLE.md): a malformed request whose Via/From/To/Call-ID/CSeq can be recovered
-gets a stateless 400 with the reason; anything else is dropped and counted in
-``edge_sip_parse_errors_total{reason}``. Nothing raised here reaches the loop.
+(STYLE.md, docs/sip.md "The boundary"): ``parse()`` then ``SipMessage.validate()``, so
+the layers above never meet a parse error. A bad request whose Via/From/To/Call-ID/CSeq
+can be recovered gets a stateless ``400 <reason>`` (or the error's own status: 416,
+483, 505 ...); anything else -- every bad response, every bad ACK -- is dropped; both
+are counted in ``edge_sip_parse_errors_total{reason}``. Nothing raised here reaches the
+loop, and an unexpected exception is logged with its traceback at most once per
+``ThrottledLog`` interval.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import logging
 import socket
 from collections.abc import Callable
 from typing import NamedTuple
+
+from edge.logs import ThrottledLog
 
 from . import SipMessage, SipParseError, build_stateless_error, frame_length, parse
 from .metrics import SipMetrics
@@ -39,6 +45,7 @@ class Peer(NamedTuple):
 
 
 OnMessage = Callable[[SipMessage, Peer], None]
+MayAnswer = Callable[[str], bool]  # may the edge answer this source (flood protection)?
 
 
 def _reason_label(err: SipParseError) -> str:
@@ -134,6 +141,12 @@ class TcpConnection(asyncio.Protocol):
                 self.layer.received(bytes(self.buf), self.peer, self, framing_error=err)  # type: ignore[arg-type]
                 self.close()
                 return
+            except Exception as exc:  # a framing bug: this stream is lost, the edge is not
+                self.layer.metrics.parse_errors.labels("InternalError").inc()
+                self.layer.metrics.internal_errors.inc()
+                self.layer.errors.exception(exc, "framing failed on a stream from %s", self.peer)
+                self.close()
+                return
             if n == 0:
                 # RFC 5626 §4.4.1: a CRLFCRLF "ping" gets a CRLF "pong".
                 if self.buf.startswith(b"\r\n\r\n"):
@@ -166,12 +179,19 @@ class TcpConnection(asyncio.Protocol):
 class Transports:
     """The node's SIP sockets: UDP and TCP listeners and outbound TCP connections.
 
-    :param on_message: called with every well-formed message and where it came from.
+    :param on_message: called with every message that passed ``parse()`` and
+        ``validate()``, and where it came from.
+    :param may_answer: asked before a stateless error answer goes to a source, so a
+        flood of malformed requests meets the same per-source limits as well-formed ones
+        (``None``: always answer).
     """
 
-    def __init__(self, on_message: OnMessage, metrics: SipMetrics, *, max_tcp_connections: int = 4096) -> None:
+    def __init__(self, on_message: OnMessage, metrics: SipMetrics, *, max_tcp_connections: int = 4096,
+                 may_answer: MayAnswer | None = None) -> None:
         self.on_message = on_message
         self.metrics = metrics
+        self.may_answer = may_answer
+        self.errors = ThrottledLog(log)     # tracebacks of unexpected exceptions, rate-limited
         self.max_tcp = max_tcp_connections
         self.udp: dict[str, SipUdp] = {}                    # by local host
         self.udp_default: SipUdp | None = None
@@ -209,27 +229,45 @@ class Transports:
     # ------------------------------------------------------------ receiving
 
     def received(self, data: bytes, peer: Peer, via: object, framing_error: SipParseError | None = None) -> None:
+        """The boundary: ``data`` from ``peer`` becomes a checked message, or an answer or a drop.
+
+        :param framing_error: the stream could not be framed (TCP): answer it if possible.
+        """
         try:
             if framing_error is not None:
                 raise framing_error
             msg = parse(data)
+            msg.validate()  # every view the layers above read, decoded and checked once
         except SipParseError as err:
-            self.metrics.parse_errors.labels(_reason_label(err)).inc()
-            reply = build_stateless_error(data, err)  # None for responses and unrecoverable requests
-            if reply is not None:
-                self._send_raw(reply, peer)
-                self.metrics.count_out(peer.proto, "", err.status)
+            self.refuse(data, peer, err)
             return
-        except Exception:  # a parser bug must not take the edge down
-            log.exception("parser failed on a message from %s", peer)
+        except Exception as exc:  # a parser bug must not take the edge down
             self.metrics.parse_errors.labels("InternalError").inc()
+            self.metrics.internal_errors.inc()
+            self.errors.exception(exc, "parser failed on a message from %s", peer)
             return
         self.metrics.count_in(peer.proto, msg)
         try:
             self.on_message(msg, peer)
-        except Exception:
-            log.exception("handling %s %s from %s failed", msg.method, msg.status or "", peer)
+        except Exception as exc:
             self.metrics.internal_errors.inc()
+            self.errors.exception(exc, "handling %s %s from %s failed", msg.method, msg.status or "", peer)
+
+    def refuse(self, data: bytes, peer: Peer, err: SipParseError) -> None:
+        """Count a bad message; answer it statelessly if it is a request that can be answered.
+
+        The answer goes to the address and port the bytes came from (or over their TCP
+        connection), never to the Via: a broken ``rport`` cannot be honoured (RFC 3581).
+        Responses and ACKs are never answered (``build_stateless_error`` returns None).
+        """
+        self.metrics.parse_errors.labels(_reason_label(err)).inc()
+        reply = build_stateless_error(data, err)  # None for responses, ACKs and unrecoverable requests
+        if reply is None:
+            return
+        if self.may_answer is not None and not self.may_answer(peer.host):
+            return  # a flooding or blocked source gets nothing, as for well-formed requests
+        self._send_raw(reply, peer)
+        self.metrics.count_out(peer.proto, "", err.status)
 
     def admit(self, conn: TcpConnection) -> bool:
         if self.tcp_count >= self.max_tcp:
