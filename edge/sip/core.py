@@ -77,7 +77,8 @@ class SipService:
         self.limiter = RateLimiter(cfg.sip.rate_limit, cfg.sip.rate_burst)
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in cfg.inbound.trusted]
         self.transports = Transports(self._on_message, self.metrics, max_tcp_connections=cfg.sip.tcp_max_connections,
-                                     may_answer=self._source_admitted)
+                                     may_answer=self._source_admitted, tcp_header_timeout=cfg.sip.tcp_header_timeout,
+                                     tcp_body_timeout=cfg.sip.tcp_body_timeout)
         self.registrar = Registrar(store, self.auth, self.metrics, self.failures, self.auth_failed,
                                    min_expires=cfg.sip.min_expires, max_expires=cfg.sip.max_expires)
         self.transactions: TransactionLayer | None = None

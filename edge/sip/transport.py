@@ -13,6 +13,7 @@ loop, and an unexpected exception is logged with its traceback at most once per
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import socket
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from typing import NamedTuple
 
 from edge.logs import ThrottledLog
 
-from . import SipMessage, SipParseError, build_stateless_error, frame_length, parse
+from . import SipMessage, SipParseError, build_stateless_error, frame_length, parse, skip_keepalive
 from .metrics import SipMetrics
 
 log = logging.getLogger("sipedge.sip")
@@ -30,6 +31,8 @@ UDP_SOCKET_BUFFER = 4 << 20        # bytes; the kernel caps it at net.core.rmem_
 UDP_BURST = 64                     # datagrams read per readiness event
 TCP_READ_LIMIT = 256 * 1024       # bytes buffered per connection before it is cut
 TCP_IDLE_SECONDS = 3600.0         # an idle connection (no message, no keep-alive) is closed
+TCP_HEADER_SECONDS = 10.0         # defaults of [sip] tcp_header_timeout / tcp_body_timeout
+TCP_BODY_SECONDS = 10.0
 
 
 class Peer(NamedTuple):
@@ -99,8 +102,26 @@ class SipUdp:
             self.sock.close()
 
 
+class ReadPhase(enum.Enum):
+    """Where a TCP connection is in reading its next message; each phase has a deadline."""
+
+    IDLE = "idle"  # between messages: closed after TCP_IDLE_SECONDS without a message or ping
+    HEAD = "head"  # a message has begun: its empty line must come within tcp_header_timeout
+    BODY = "body"  # the head is complete: Content-Length octets must come within tcp_body_timeout
+
+
 class TcpConnection(asyncio.Protocol):
-    """One TCP connection: frames messages by Content-Length (RFC 3261 §18.3)."""
+    """One TCP connection: frames messages by Content-Length (RFC 3261 §18.3).
+
+    Read deadlines (Kamailio ``tcp_msg_read_timeout``): a message must complete in time
+    from its first octet, its head within ``tcp_header_timeout`` and then its body within
+    ``tcp_body_timeout``, else the connection is closed and counted
+    (``edge_sip_parse_errors_total{reason="TcpReadTimeout"}``). Only a complete message
+    or a CRLFCRLF ping restarts the idle timeout -- not the octets of an incomplete
+    message, so a peer dribbling a byte at a time cannot hold a connection slot. One
+    timer per connection: a later deadline only moves ``_deadline``, and the timer, when
+    it fires early, sleeps again until it.
+    """
 
     def __init__(self, layer: "Transports", outbound_key: tuple[str, int] | None = None) -> None:
         self.layer = layer
@@ -109,7 +130,10 @@ class TcpConnection(asyncio.Protocol):
         self.peer: Peer | None = None
         self.outbound_key = outbound_key
         self.closed = False
-        self._idle: asyncio.TimerHandle | None = None
+        self.phase = ReadPhase.IDLE
+        self._deadline = 0.0                           # loop time when the current phase expires
+        self._timer: asyncio.TimerHandle | None = None  # fires at or before _deadline
+        self._scanned = 0                              # octets of buf searched for the end of the head
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -119,12 +143,48 @@ class TcpConnection(asyncio.Protocol):
             self.layer.metrics.transport_errors.labels("tcp_limit").inc()
             transport.close()
             return
-        self._touch()
+        self._enter(ReadPhase.IDLE)
 
-    def _touch(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-        self._idle = asyncio.get_running_loop().call_later(TCP_IDLE_SECONDS, self.close)
+    def _enter(self, phase: ReadPhase) -> None:
+        """Start ``phase`` now: its deadline counts from this moment."""
+        loop = asyncio.get_running_loop()
+        self.phase = phase
+        self._deadline = loop.time() + self.layer.read_timeouts[phase]
+        if self._timer is None or self._timer.when() > self._deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_at(self._deadline, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self.closed:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline - 0.001:  # the phase moved on since the timer was set
+            self._timer = loop.call_at(self._deadline, self._expire)
+            return
+        if self.phase is not ReadPhase.IDLE:
+            self.layer.metrics.parse_errors.labels("TcpReadTimeout").inc()
+            log.debug("closing a TCP connection: message incomplete", extra={
+                "event": "tcp_read_timeout", "source": str(self.peer), "phase": self.phase.value,
+                "buffered": len(self.buf)})
+        self.close()
+
+    def _read_done(self, progressed: bool) -> None:
+        """After a read: move the phase (and its deadline) on, only when it really changed."""
+        pos = skip_keepalive(self.buf)
+        if pos >= len(self.buf):  # nothing of a message is waiting
+            if progressed:  # a complete message or a ping: the idle timeout restarts
+                self._enter(ReadPhase.IDLE)
+            return
+        if progressed or self.phase is ReadPhase.IDLE:  # the first octets of a new message
+            self._scanned = pos
+            self._enter(ReadPhase.HEAD)
+        if self.phase is ReadPhase.HEAD:
+            start = max(pos, self._scanned - 2)  # only new octets (and a line end cut in two)
+            self._scanned = len(self.buf)
+            if self.buf.find(b"\n\r\n", start) >= 0 or self.buf.find(b"\n\n", start) >= 0:
+                self._enter(ReadPhase.BODY)
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -132,7 +192,7 @@ class TcpConnection(asyncio.Protocol):
             self.layer.metrics.parse_errors.labels("StreamOverflow").inc()
             self.close()
             return
-        self._touch()
+        progressed = False
         while self.buf and not self.closed:
             try:
                 n = frame_length(self.buf)
@@ -152,12 +212,16 @@ class TcpConnection(asyncio.Protocol):
                 if self.buf.startswith(b"\r\n\r\n"):
                     del self.buf[:4]
                     self.write(b"\r\n")
+                    progressed = True
                     continue
-                return
+                break
             frame = bytes(self.buf[:n])
             del self.buf[:n]
+            progressed = True
             if frame.strip(b"\r\n"):
                 self.layer.received(frame, self.peer, self)  # type: ignore[arg-type]
+        if not self.closed:
+            self._read_done(progressed)
 
     def write(self, data: bytes) -> bool:
         if self.closed or self.transport is None:
@@ -171,8 +235,9 @@ class TcpConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._idle is not None:
-            self._idle.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.layer.forget(self)
 
 
@@ -184,13 +249,18 @@ class Transports:
     :param may_answer: asked before a stateless error answer goes to a source, so a
         flood of malformed requests meets the same per-source limits as well-formed ones
         (``None``: always answer).
+    :param tcp_header_timeout: seconds a TCP message's head may take from its first octet.
+    :param tcp_body_timeout: seconds its body may take once the head is complete.
     """
 
     def __init__(self, on_message: OnMessage, metrics: SipMetrics, *, max_tcp_connections: int = 4096,
-                 may_answer: MayAnswer | None = None) -> None:
+                 may_answer: MayAnswer | None = None, tcp_header_timeout: float = TCP_HEADER_SECONDS,
+                 tcp_body_timeout: float = TCP_BODY_SECONDS) -> None:
         self.on_message = on_message
         self.metrics = metrics
         self.may_answer = may_answer
+        self.read_timeouts = {ReadPhase.IDLE: TCP_IDLE_SECONDS, ReadPhase.HEAD: tcp_header_timeout,
+                              ReadPhase.BODY: tcp_body_timeout}
         self.errors = ThrottledLog(log)     # tracebacks of unexpected exceptions, rate-limited
         self.max_tcp = max_tcp_connections
         self.udp: dict[str, SipUdp] = {}                    # by local host
