@@ -58,6 +58,7 @@ cdef class SipMessage:
     cdef object _c_to_tag           # cached To tag (str or None)
     cdef object _c_branch           # cached top Via branch (str or None)
     cdef dict _lazy                 # structured views (top_via, vias, from_, to, contacts, uri, expires)
+    cdef bint _valid                # validate() passed once: every view in _lazy is decoded and checked
 
     cdef object _value(self, int k)
     cdef bytes _value_bytes(self, int k)
@@ -66,3 +67,6 @@ cdef class SipMessage:
     cdef list _slots_for(self, str name, int* htype)
     cdef object _lazy_get(self, str key, fn)
     cdef object _top_via_text(self)
+    cpdef validate(self)
+    cdef object _address(self, int h, str what)
+    cdef object _element_error(self, object err, int k, int j, object param)

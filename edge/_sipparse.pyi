@@ -9,6 +9,10 @@ Limits: a message is at most :data:`MAX_MESSAGE_BYTES` (65536) bytes, has at mos
 Every function that reads untrusted bytes raises only
 :class:`edge.sip.errors.SipParseError` subclasses for bad input (``TypeError`` /
 ``ValueError`` only for programming errors such as a wrong argument type).
+
+Reasons name the header at fault (``Bad Via rport``, ``Bad Contact port``,
+``Missing From tag``, ``Bad Subject value``) and ``offset`` is the byte offset in the
+message where the problem is.
 """
 
 from collections.abc import Iterable
@@ -71,7 +75,8 @@ class SipMessage:
     Scalars below are computed at parse time or decoded on first access and cached.
     Structured views (``top_via``, ``vias``, ``from_``, ``to``, ``contacts``, ``uri``,
     ``expires``) run the full grammar on first access and may raise
-    :class:`~edge.sip.errors.SipBadHeader` then.  ``from_tag``, ``to_tag`` and
+    :class:`~edge.sip.errors.SipBadHeader` then -- unless :meth:`validate` passed,
+    which decodes and checks all of them at once.  ``from_tag``, ``to_tag`` and
     ``branch`` use a fast scanner that checks only quoting and ``<>`` balance.
     """
 
@@ -122,6 +127,38 @@ class SipMessage:
     @property
     def expires(self) -> int | None:
         """``Expires`` header as int (0..2**32-1), ``None`` when absent."""
+    def validate(self) -> None:
+        """Decode and check every view the edge uses, so none of them raises later.
+
+        The transport boundary calls it right after :func:`parse` (Kamailio
+        ``sanity``); the views are cached, so the layers above read them for free, and
+        a second call returns at once.  Checked, in this order:
+
+        * every Via value: ``SIP/2.0/<transport>``, sent-by host (an IPv6 reference
+          must be bracketed), port 1..65535, ``rport`` empty or 1..65535, ``received``
+          an IP address, ``branch`` non-empty -- ``Bad Via host`` / ``port`` /
+          ``rport`` / ``received`` / ``branch``; the grammar and the fast ``branch``
+          scanner must agree;
+        * From and To (name-addr grammar, not ``*``); a request's From has a tag
+          (RFC 3261 §8.1.1.3) -- ``Missing From tag``; tags agree with the fast scanner;
+        * Call-ID without whitespace;
+        * a request's Request-URI parses; a scheme other than ``sip``, ``sips`` or
+          ``tel`` raises :class:`~edge.sip.errors.SipUnsupportedUriScheme` (416,
+          RFC 3261 §8.2.2.1);
+        * each Contact URI (port 1..65535), its ``expires`` parameter (delta-seconds);
+          ``*`` only alone in a REGISTER;
+        * ``Expires`` (0..2**32-1);
+        * ``Max-Forwards: 0`` on an INVITE raises
+          :class:`~edge.sip.errors.SipTooManyHops` (483, RFC 3261 §16.3 step 2).
+
+        CSeq (number < 2**31, method equal to the request method), Max-Forwards
+        (0..255), Content-Length (no larger than the datagram's body; extra octets are
+        ignored, RFC 3261 §18.3) and control octets in header values are checked by
+        :func:`parse` already.
+
+        :raises SipParseError: the first problem, with a reason naming the header and
+            the byte offset of the value (or parameter) at fault.
+        """
     def transaction_key(self) -> tuple[object, ...]:
         """Transaction matching key (RFC 3261 §17.2.3 for requests, §17.1.3 for responses).
 
@@ -144,7 +181,12 @@ def parse(data: bytes | bytearray | memoryview) -> SipMessage:
     ignored (RFC 3261 §18.3).  Via, From, To, Call-ID and CSeq are mandatory;
     From, To, Call-ID, CSeq, Max-Forwards and Content-Length must not repeat;
     the CSeq method must equal the request method; Max-Forwards (optional) is
-    0..255.  Non-``bytes`` input is copied once.
+    0..255.  A control octet (0x00-0x08, 0x0a-0x1f, 0x7f) in a header value raises
+    ``SipBadHeader("Bad <Header> value")`` unless it is a quoted-pair inside a quoted
+    string (RFC 3261 §25.1).  A line over the limit raises
+    :class:`~edge.sip.errors.SipLineTooLong` naming its header (``X-Pad Header Too
+    Long``).  Non-``bytes`` input is copied once.  Call :meth:`SipMessage.validate`
+    before using the structured views.
 
     :raises SipParseError: one subclass per kind of problem, with ``status``,
         ``reason`` and ``offset``.
@@ -175,7 +217,10 @@ def skip_keepalive(buf: bytes | bytearray | memoryview, start: int = 0) -> int:
     """
 
 def parse_uri(s: str) -> SipUri:
-    """Parse a URI.  :raises SipBadHeader: malformed."""
+    """Parse a URI.  A port must be 1..65535; an IPv6 host must be bracketed.
+
+    :raises SipBadHeader: malformed.
+    """
 
 def parse_name_addr(s: str) -> NameAddr:
     """Parse ``["display"] <uri> *(;param)``, ``addr-spec *(;param)`` or ``*``.

@@ -11,7 +11,7 @@ the same API; the public contract with docstrings is ``_sipparse.pyi``.
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
-from cpython.unicode cimport PyUnicode_DecodeUTF8
+from cpython.unicode cimport PyUnicode_DATA, PyUnicode_DecodeUTF8, PyUnicode_KIND, PyUnicode_READ
 from libc.stdint cimport uint8_t, uint32_t, int64_t, uint64_t
 from libc.string cimport memchr, memcmp
 
@@ -27,6 +27,8 @@ from edge.sip.errors import (
     SipMissingHeader,
     SipParseError,
     SipTooManyHeaders,
+    SipTooManyHops,
+    SipUnsupportedUriScheme,
     SipVersionNotSupported,
 )
 
@@ -142,13 +144,14 @@ cdef object _method_str(const char* p, Py_ssize_t n):
 @cython.boundscheck(False)
 @cython.wraparound(False)
 cdef Py_ssize_t _fast_param(const char* v, Py_ssize_t n, const char* name, Py_ssize_t nlen,
-                            bint first_only, Py_ssize_t* out_len) except -2:
+                            bint first_only, Py_ssize_t* out_len, int h) except -2:
     """Offset in v of header parameter ``name`` (lower-case), -1 if absent.
 
     Mirrors ``parser_py._fast_param``: params start at the first ';' outside quotes
     and <>; with first_only the scan stops at the first ',' (top Via value).  A
     present parameter without value gives out_len 0.  Raises on an unterminated
-    quote or '<'; the full grammar is checked by the lazy views (``from_`` ...).
+    quote or '<' (the reason names header ``h``); the full grammar is checked by the
+    lazy views (``from_`` ...).
     """
     cdef Py_ssize_t i = 0, j, pn_off, pn_len, pv_off, pv_len
     cdef bint inq = 0
@@ -173,9 +176,9 @@ cdef Py_ssize_t _fast_param(const char* v, Py_ssize_t n, const char* name, Py_ss
             return -1
         i += 1
     if inq:
-        _fail(SipBadHeader, "Unterminated Quote", -1)
+        _fail(SipBadHeader, "Unterminated quote in " + HDR_NAMES[h], -1)
     if depth:
-        _fail(SipBadHeader, "Unterminated <", -1)
+        _fail(SipBadHeader, "Unterminated < in " + HDR_NAMES[h], -1)
     while i < n:
         i += 1  # past ';'
         while i < n and _lws(v[i]):
@@ -201,7 +204,7 @@ cdef Py_ssize_t _fast_param(const char* v, Py_ssize_t n, const char* name, Py_ss
                         j += 1
                     j += 1
                 if j >= n:
-                    _fail(SipBadHeader, "Unterminated Quote", -1)
+                    _fail(SipBadHeader, "Unterminated quote in " + HDR_NAMES[h], -1)
                 pv_off = i + 1
                 pv_len = j - i - 1
                 i = j + 1
@@ -232,7 +235,7 @@ cdef Py_ssize_t _fast_param(const char* v, Py_ssize_t n, const char* name, Py_ss
                         j += 1
                     j += 1
                 if j >= n:
-                    _fail(SipBadHeader, "Unterminated Quote", -1)
+                    _fail(SipBadHeader, "Unterminated quote in " + HDR_NAMES[h], -1)
                 i = j
             i += 1
     return -1
@@ -325,6 +328,147 @@ cdef int _start_line(SipMessage m, Py_ssize_t pos, Py_ssize_t le) except -1:
     return 0
 
 
+cdef extern from *:
+    """
+    /* Does the head p[0:n] hold a control octet other than HTAB, CR and LF (0x00-0x08,
+       0x0b, 0x0c, 0x0e-0x1f, 0x7f), or a CR not followed by LF?  One pass over the header
+       lines of every message (issue 9; it replaces a memchr for CR per line): 32 octets
+       per step with AVX2 when the CPU has it (checked once), else 16 with SSE2 (x86-64
+       baseline), else one at a time.  On a hit the scanner looks for the line or value at
+       fault.  Mirrors parser_py._HEAD_FAULT_RE. */
+    static Py_ssize_t edge_head_tail(const char *p, Py_ssize_t i, Py_ssize_t n) {
+        for (; i < n; i++) {
+            unsigned char c = (unsigned char)p[i];
+            if (c == 13) {
+                if (i + 1 >= n || p[i + 1] != 10)
+                    return 1;
+            } else if ((c < 32 && c != 9 && c != 10) || c == 127) {
+                return 1;
+            }
+        }
+        return 0;
+    }
+    #if defined(__SSE2__)
+    #include <emmintrin.h>
+    static int edge_head_suspect_sse2(const char *p, Py_ssize_t n) {
+        const __m128i lim = _mm_set1_epi8(0x1F), del = _mm_set1_epi8(0x7F), tab = _mm_set1_epi8(0x09),
+                      lf = _mm_set1_epi8(0x0A), cr = _mm_set1_epi8(0x0D);
+        Py_ssize_t i = 0;
+        for (; i + 17 <= n; i += 16) {
+            __m128i v = _mm_loadu_si128((const __m128i *)(p + i));
+            __m128i next = _mm_loadu_si128((const __m128i *)(p + i + 1));
+            __m128i low = _mm_cmpeq_epi8(_mm_min_epu8(v, lim), v);           /* v <= 0x1f */
+            __m128i crlf = _mm_and_si128(_mm_cmpeq_epi8(v, cr), _mm_cmpeq_epi8(next, lf));
+            __m128i ok = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(v, tab), _mm_cmpeq_epi8(v, lf)), crlf);
+            if (_mm_movemask_epi8(_mm_or_si128(_mm_andnot_si128(ok, low), _mm_cmpeq_epi8(v, del))))
+                return 1;
+        }
+        return (int)edge_head_tail(p, i, n);
+    }
+    #endif
+    #if defined(__GNUC__) && defined(__x86_64__)
+    #define EDGE_HAVE_AVX2 1
+    #include <immintrin.h>
+    __attribute__((target("avx2")))
+    static int edge_head_suspect_avx2(const char *p, Py_ssize_t n) {
+        const __m256i lim = _mm256_set1_epi8(0x1F), del = _mm256_set1_epi8(0x7F), tab = _mm256_set1_epi8(0x09),
+                      lf = _mm256_set1_epi8(0x0A), cr = _mm256_set1_epi8(0x0D);
+        Py_ssize_t i = 0;
+        for (; i + 33 <= n; i += 32) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(p + i));
+            __m256i next = _mm256_loadu_si256((const __m256i *)(p + i + 1));
+            __m256i low = _mm256_cmpeq_epi8(_mm256_min_epu8(v, lim), v);
+            __m256i crlf = _mm256_and_si256(_mm256_cmpeq_epi8(v, cr), _mm256_cmpeq_epi8(next, lf));
+            __m256i ok = _mm256_or_si256(_mm256_or_si256(_mm256_cmpeq_epi8(v, tab), _mm256_cmpeq_epi8(v, lf)),
+                                         crlf);
+            if (_mm256_movemask_epi8(_mm256_or_si256(_mm256_andnot_si256(ok, low), _mm256_cmpeq_epi8(v, del))))
+                return 1;
+        }
+        return edge_head_suspect_sse2(p + i, n - i);
+    }
+    #endif
+    static int edge_head_suspect(const char *p, Py_ssize_t n) {
+    #if defined(EDGE_HAVE_AVX2)
+        static int avx2 = -1;
+        if (avx2 < 0)
+            avx2 = __builtin_cpu_supports("avx2") ? 1 : 0;
+        if (avx2)
+            return edge_head_suspect_avx2(p, n);
+    #endif
+    #if defined(__SSE2__)
+        return edge_head_suspect_sse2(p, n);
+    #else
+        return (int)edge_head_tail(p, 0, n);
+    #endif
+    }
+    """
+    bint _head_suspect "edge_head_suspect"(const char* p, Py_ssize_t n) nogil
+
+
+cdef inline bint _is_ctl(uint8_t c) noexcept nogil:
+    # control octets RFC 3261 §25.1 never allows in a header value outside a quoted-pair;
+    # HTAB (9) is whitespace, CR/LF only end lines (a bare CR is refused by the scanner)
+    return (c < 32 and c != 9) or c == 127
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef Py_ssize_t _ctl_scan(const char* b, Py_ssize_t i, Py_ssize_t end) noexcept nogil:
+    """Offset of a control octet RFC 3261 §25.1 does not allow in the header value
+    b[i:end], else -1.  Control octets are legal only as a quoted-pair inside a quoted
+    string (RFC 4475 intmeth); CR/LF inside a value are the line ends of a fold
+    (mirrors parser_py._value_ctl)."""
+    cdef bint inq = 0
+    cdef uint8_t c
+    while i < end:
+        c = <uint8_t>b[i]
+        if c == 13 or c == 10:
+            i += 1
+            continue
+        if inq and c == 92 and i + 1 < end and b[i + 1] != 13 and b[i + 1] != 10:
+            i += 2  # quoted-pair: any octet but CR/LF
+            continue
+        if c == 34:
+            inq = not inq
+        elif _is_ctl(c):
+            return i
+        i += 1
+    return -1
+
+
+cdef str _slot_label(SipMessage m, int k):
+    """A header's name for a reason phrase: canonical if known, else as written (a token)."""
+    cdef HdrSlot* sl = &m._slots[k]
+    if sl.htype:
+        return HDR_NAMES[sl.htype]
+    if sl.name_len <= 64:
+        return m._buf[sl.name_off:sl.name_off + sl.name_len].decode("ascii")
+    return "Header"
+
+
+cdef object _long_line(const char* b, Py_ssize_t p, Py_ssize_t end, bint start_line):
+    """SipLineTooLong for the line at ``p``; the reason names the header of a ``Name: ...`` line."""
+    cdef const char* q
+    cdef Py_ssize_t colon, ne, i
+    cdef uint8_t h
+    if not start_line and not _ws(b[p]):
+        q = <const char*>memchr(b + p, 58, (end if end < p + 65 else p + 65) - p)
+        if q != NULL:
+            colon = q - b
+            ne = colon
+            while ne > p and _ws(b[ne - 1]):
+                ne -= 1
+            if ne > p:
+                for i in range(p, ne):
+                    if not _TOK[<uint8_t>b[i]]:
+                        break
+                else:
+                    h = hdr_lookup(b + p, ne - p)
+                    label = HDR_NAMES[h] if h else b[p:ne].decode("ascii")
+                    return SipLineTooLong(label + " Header Too Long", p)
+    return SipLineTooLong("Line Too Long", p)
+
+
 @cython.boundscheck(False)
 @cython.wraparound(False)
 @cython.cdivision(True)
@@ -338,6 +482,7 @@ cdef int _scan(SipMessage m, Py_ssize_t pos, Py_ssize_t end, bint datagram) exce
     cdef uint64_t bit
     cdef int k
     cdef int64_t v
+    cdef Py_ssize_t head
     # start line
     p = <const char*>memchr(b + pos, 10, end - pos)
     if p == NULL:
@@ -352,6 +497,7 @@ cdef int _scan(SipMessage m, Py_ssize_t pos, Py_ssize_t end, bint datagram) exce
         return _fail(SipBadStartLine, "Bare CR", pos)
     _start_line(m, pos, le)
     pos = nl + 1
+    head = pos
     # header lines
     while True:
         if pos >= end:
@@ -359,14 +505,12 @@ cdef int _scan(SipMessage m, Py_ssize_t pos, Py_ssize_t end, bint datagram) exce
         p = <const char*>memchr(b + pos, 10, end - pos)
         if p == NULL:
             if end - pos > MAX_LINE:
-                return _fail(SipLineTooLong, "Line Too Long", pos)
+                raise _long_line(b, pos, end, 0)
             return _fail(SipBadHeader, "Missing Empty Line", end)
         nl = p - b
         le = nl - 1 if (nl > pos and b[nl - 1] == 13) else nl
         if le - pos > MAX_LINE:
-            return _fail(SipLineTooLong, "Line Too Long", pos)
-        if memchr(b + pos, 13, le - pos) != NULL:  # bare CR: would split lines downstream
-            return _fail(SipBadHeader, "Bare CR", pos)
+            raise _long_line(b, pos, end, 0)
         if le == pos:  # empty line: end of headers
             pos = nl + 1
             break
@@ -428,6 +572,26 @@ cdef int _scan(SipMessage m, Py_ssize_t pos, Py_ssize_t end, bint datagram) exce
         m._nslots += 1
         pos = nl + 1
     body_off = pos
+    # One pass over the header lines for a bare CR (it would split lines downstream) and
+    # for NUL & co. in values (RFC 3261 §25.1, issue 9); what is at fault is looked for
+    # only on a hit, and a control octet in a quoted-pair is allowed then
+    if _head_suspect(b + head, body_off - head):
+        i = head
+        while True:
+            p = <const char*>memchr(b + i, 13, body_off - i)
+            if p == NULL:
+                break
+            j = p - b
+            if j + 1 >= body_off or b[j + 1] != 10:
+                while j > head and b[j - 1] != 10:
+                    j -= 1
+                return _fail(SipBadHeader, "Bare CR", j)
+            i = j + 1
+        for k in range(m._nslots):
+            sl = &m._slots[k]
+            i = _ctl_scan(b, sl.val_off, sl.val_off + sl.val_len)
+            if i >= 0:
+                return _fail(SipBadHeader, "Bad " + _slot_label(m, k) + " value", i)
     # mandatory headers (RFC 3261 §8.1.1)
     if (m._present & _MANDATORY_MASK) != _MANDATORY_MASK:
         for h in (HDR_VIA, HDR_FROM, HDR_TO, HDR_CALL_ID, HDR_CSEQ):
@@ -587,13 +751,13 @@ def frame_length(buf, Py_ssize_t start=0):
         q = <const char*>memchr(b + p, 10, n - p)
         if q == NULL:
             if n - p > MAX_LINE:
-                raise SipLineTooLong("Line Too Long", p)
+                raise _long_line(b, p, n, p == pos)
             break
         le = q - b
         if le > p and b[le - 1] == 13:
             le -= 1
         if le - p > MAX_LINE:
-            raise SipLineTooLong("Line Too Long", p)
+            raise _long_line(b, p, n, p == pos)
         if le == p and p != pos:
             head_end = (q - b) + 1
             break
@@ -701,7 +865,7 @@ cdef class SipMessage:
     cdef object _tag_of(self, int h, const char* name, Py_ssize_t nlen, bint first_only):
         cdef HdrSlot* sl = &self._slots[self._first[h]]
         cdef Py_ssize_t vlen = 0
-        cdef Py_ssize_t off = _fast_param(self._buf + sl.val_off, sl.val_len, name, nlen, first_only, &vlen)
+        cdef Py_ssize_t off = _fast_param(self._buf + sl.val_off, sl.val_len, name, nlen, first_only, &vlen, h)
         if off < 0:
             return None
         return _decode(self._buf + sl.val_off + off, vlen)
@@ -851,18 +1015,18 @@ cdef class SipMessage:
 
     @property
     def from_(self):
-        return self._lazy_get("from", lambda: parse_name_addr(self.header("from")))
+        return self._lazy_get("from", lambda: _parse_name_addr(self.header("from"), "From"))
 
     @property
     def to(self):
-        return self._lazy_get("to", lambda: parse_name_addr(self.header("to")))
+        return self._lazy_get("to", lambda: _parse_name_addr(self.header("to"), "To"))
 
     @property
     def contacts(self):
         def make():
-            out = [parse_name_addr(v) for v in self.headers("contact")]
+            out = [_parse_name_addr(v, "Contact") for v in self.headers("contact")]
             if len(out) > 1 and any(c.star for c in out):
-                raise _bad("Contact * Must Be Alone")
+                raise _bad("Bad Contact: * must be alone")
             return out
         return self._lazy_get("contacts", make)
 
@@ -870,7 +1034,7 @@ cdef class SipMessage:
     def uri(self):
         if not self._is_request:
             return None
-        return self._lazy_get("uri", lambda: parse_uri(self.ruri))
+        return self._lazy_get("uri", lambda: _parse_uri(self.ruri, "Request-URI"))
 
     @property
     def expires(self):
@@ -883,6 +1047,115 @@ cdef class SipMessage:
                 raise _bad("Bad Expires")
             return int(v)
         return self._lazy_get("expires", make)
+
+    cpdef validate(self):
+        """Force every view the edge uses, once (Kamailio ``sanity``); see ``_sipparse.pyi``.
+
+        Mirrors ``parser_py.SipMessage.validate`` check for check, in the same order.
+        """
+        cdef int k, j
+        cdef HdrSlot* sl
+        cdef list vias, contacts, items
+        cdef bint register
+        if self._valid:
+            return None
+        raw = self._raw
+        vias = []
+        for k in range(self._first[HDR_VIA], self._nslots):
+            sl = &self._slots[k]
+            if sl.htype != HDR_VIA:
+                continue
+            items = _split_list(self._value(k))
+            if not items:  # RFC 3261 §20.42: 1#via-parm
+                raise SipBadHeader("Empty Via", sl.val_off, raw)
+            for j in range(len(items)):
+                try:
+                    vias.append(_parse_via(items[j]))
+                except SipBadHeader as err:
+                    raise self._element_error(err, k, j, _PARAM_OF.get(err.reason)) from None
+        if (<Via>vias[0]).branch != self.branch:  # the fast scanner and the grammar must agree
+            raise self._element_error(SipBadHeader("Bad Via branch"), self._first[HDR_VIA], 0, b"branch")
+        if self._lazy is None:
+            self._lazy = {}
+        self._lazy["vias"] = vias
+        self._lazy["top_via"] = vias[0]
+        fr = self._address(HDR_FROM, "From")
+        if self._is_request and not fr.tag:  # RFC 3261 §8.1.1.3: the UAC MUST add a tag
+            raise self._element_error(SipBadHeader("Missing From tag"), self._first[HDR_FROM], 0, None)
+        if fr.tag != self.from_tag:
+            raise self._element_error(SipBadHeader("Bad From tag"), self._first[HDR_FROM], 0, b"tag")
+        to = self._address(HDR_TO, "To")
+        if ("tag" in to.params and not to.tag) or to.tag != self.to_tag:
+            raise self._element_error(SipBadHeader("Bad To tag"), self._first[HDR_TO], 0, b"tag")
+        sl = &self._slots[self._first[HDR_CALL_ID]]
+        if sl.folded or memchr(self._buf + sl.val_off, 32, sl.val_len) != NULL or \
+                memchr(self._buf + sl.val_off, 9, sl.val_len) != NULL:  # callid = word ["@" word]
+            raise SipBadHeader("Bad Call-ID", sl.val_off, raw)
+        if self._is_request:
+            try:
+                uri = _parse_uri(self.ruri, "Request-URI")
+            except SipBadHeader as err:
+                raise SipBadStartLine(err.reason, self._ruri_off, raw) from None
+            if uri.scheme not in ("sip", "sips", "tel"):  # RFC 3261 §8.2.2.1
+                raise SipUnsupportedUriScheme("Unsupported Request-URI scheme", self._ruri_off, raw)
+            self._lazy["uri"] = uri
+        contacts = []
+        register = self._is_request and self._m_len == 8 and memcmp(self._buf + self._m_off, b"REGISTER", 8) == 0
+        if self._present & ((<uint64_t>1) << HDR_CONTACT):
+            for k in range(self._first[HDR_CONTACT], self._nslots):
+                if self._slots[k].htype != HDR_CONTACT:
+                    continue
+                items = _split_list(self._value(k))
+                for j in range(len(items)):
+                    try:
+                        c = _parse_name_addr(items[j], "Contact")
+                    except SipBadHeader as err:
+                        raise self._element_error(err, k, j, None) from None
+                    if c.star and not register:  # RFC 3261 §10.2.2: "*" only in a REGISTER, and alone
+                        raise self._element_error(SipBadHeader("Bad Contact"), k, j, None)
+                    if contacts and (c.star or (<NameAddr>contacts[0]).star):
+                        raise self._element_error(SipBadHeader("Bad Contact: * must be alone"), k, j, None)
+                    if "expires" in c.params and not _is_delta_seconds(c.params["expires"]):
+                        raise self._element_error(SipBadHeader("Bad Contact expires"), k, j, b"expires")
+                    contacts.append(c)
+        self._lazy["contacts"] = contacts
+        if self._present & ((<uint64_t>1) << HDR_EXPIRES):
+            try:
+                self.expires
+            except SipBadHeader as err:
+                raise SipBadHeader(err.reason, self._slots[self._first[HDR_EXPIRES]].val_off, raw) from None
+        if (self._is_request and self._m_len == 6 and memcmp(self._buf + self._m_off, b"INVITE", 6) == 0
+                and self.max_forwards == 0):
+            # RFC 3261 §16.3 step 2: the edge would forward this INVITE (docs/sip.md)
+            raise SipTooManyHops("Too Many Hops (Max-Forwards 0)",
+                                 self._slots[self._first[HDR_MAX_FORWARDS]].val_off, raw)
+        self._valid = 1
+        return None
+
+    cdef object _address(self, int h, str what):
+        # the from_ / to views, decoded here without their property's generic lookup
+        cdef int k = self._first[h]
+        cdef str key = "from" if h == HDR_FROM else "to"
+        na = self._lazy.get(key)
+        if na is None:
+            try:
+                na = self._lazy[key] = _parse_name_addr(self._value(k), what)
+            except SipBadHeader as err:
+                raise self._element_error(err, k, 0, None) from None
+        if (<NameAddr>na).star:
+            raise self._element_error(SipBadHeader(f"Bad {what}"), k, 0, None)
+        return na
+
+    cdef object _element_error(self, object err, int k, int j, object param):
+        """``err`` again, at the byte offset of element ``j`` of header line ``k`` (or its ``param``)."""
+        cdef HdrSlot* sl = &self._slots[k]
+        spans = _elements(self._raw, sl.val_off, sl.val_off + sl.val_len)
+        a, b = spans[j] if j < len(spans) else (sl.val_off, sl.val_off + sl.val_len)
+        if param:
+            a = _param_off(self._raw, a, b, param)
+        elif err.reason in ("Bad Via host", "Bad Via port"):
+            a = _sent_by_off(self._raw, a, b, err.reason == "Bad Via port")
+        return type(err)(err.reason, a, self._raw)
 
     def transaction_key(self):
         """RFC 3261 §17.2.3 / §17.1.3 matching key; see ``_sipparse.pyi``."""
@@ -932,9 +1205,7 @@ REASONS = {
     606: "Not Acceptable", 607: "Unwanted", 608: "Rejected",
 }
 
-_TOKEN_S = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
 _LWS_S = " \t\r\n"
-_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
 
 
 # --------------------------------------------------------------------------------------
@@ -1099,6 +1370,79 @@ def _bad(reason: str, exc=SipBadHeader):
     return exc(reason)
 
 
+# validate() helpers: where in the datagram a problem is (error path only; same code as parser_py)
+
+_PARAM_OF = {"Bad Via rport": b"rport", "Bad Via received": b"received", "Bad Via branch": b"branch"}
+_SENT_BY_RE = re.compile(rb"[^/]+/[^/]+/[ \t\r\n]*[^ \t\r\n]+[ \t\r\n]+")  # "SIP/2.0/UDP "
+_PARAM_RE = {name: re.compile(rb";[ \t\r\n]*(" + name + rb")[ \t\r\n]*(?:=|;|,|$)", re.I)
+             for name in (b"rport", b"received", b"branch", b"tag", b"expires")}
+
+
+def _is_delta_seconds(v):
+    """RFC 3261 §25.1 delta-seconds, capped at 2**32-1 like the Expires header."""
+    return v is not None and v.isascii() and v.isdigit() and len(v) <= 10 and int(v) <= 0xFFFFFFFF
+
+
+def _elements(bytes data, Py_ssize_t start, Py_ssize_t end):
+    """Byte spans of the non-empty elements of a list value, split like ``_split_list``."""
+    cdef list out = [], spans = []
+    cdef Py_ssize_t a = start, i = start, b
+    cdef bint inq = 0
+    cdef int depth = 0
+    cdef unsigned char c
+    while i < end:
+        c = data[i]
+        if inq:
+            if c == 0x5C:
+                i += 1
+            elif c == 0x22:
+                inq = 0
+        elif c == 0x22:
+            inq = 1
+        elif c == 0x3C:
+            depth += 1
+        elif c == 0x3E:
+            if depth:
+                depth -= 1
+        elif c == 0x2C and depth == 0:
+            out.append((a, i))
+            a = i + 1
+        i += 1
+    out.append((a, end))
+    for a, b in out:
+        while a < b and data[a] in b" \t\r\n":
+            a += 1
+        while b > a and data[b - 1] in b" \t\r\n":
+            b -= 1
+        if b > a:
+            spans.append((a, b))
+    return spans
+
+
+def _param_off(bytes data, Py_ssize_t a, Py_ssize_t b, bytes name):
+    m = _PARAM_RE[name].search(data, a, b)
+    return m.start(1) if m else a
+
+
+def _sent_by_off(bytes data, Py_ssize_t a, Py_ssize_t b, bint port):
+    """Offset of a Via's sent-by host, or of its port (past the last ``:`` before any param)."""
+    m = _SENT_BY_RE.match(data, a, b)
+    if m is None:
+        return a
+    host = m.end()
+    if not port:
+        return host
+    semi = data.find(b";", host, b)
+    colon = data.rfind(b":", host, semi if semi >= 0 else b)
+    return colon + 1 if colon >= 0 else host
+
+
+cdef inline Py_UCS4 _at(str s, Py_ssize_t i) noexcept:
+    # s[i] for 0 <= i < len(s), without the bounds/error checks of generic str indexing:
+    # the grammar below reads every character of every header value through this
+    return PyUnicode_READ(PyUnicode_KIND(s), PyUnicode_DATA(s), i)
+
+
 cdef inline bint _u_lws(Py_UCS4 c) noexcept:
     return c == 32 or c == 9 or c == 13 or c == 10
 
@@ -1107,6 +1451,8 @@ cdef inline bint _u_tok(Py_UCS4 c) noexcept:
     return c < 128 and _TOK[c]
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
 cdef tuple _read_quoted(str s, Py_ssize_t i, str what):
     """``s[i] == '"'``; return (index after the closing quote, unescaped content)."""
     cdef Py_ssize_t n = len(s), start
@@ -1115,7 +1461,7 @@ cdef tuple _read_quoted(str s, Py_ssize_t i, str what):
     i += 1
     start = i
     while i < n:
-        c = s[i]
+        c = _at(s, i)
         if c == 92:  # backslash: quoted-pair
             if i + 1 >= n:
                 break
@@ -1128,16 +1474,20 @@ cdef tuple _read_quoted(str s, Py_ssize_t i, str what):
             out.append(s[start:i])
             return i + 1, "".join(out)
         i += 1
-    raise _bad(f"Unterminated Quote in {what}")
+    raise _bad(f"Unterminated quote in {what}")
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
 cdef inline Py_ssize_t _skip_ws(str s, Py_ssize_t i):
     cdef Py_ssize_t n = len(s)
-    while i < n and _u_lws(s[i]):
+    while i < n and _u_lws(_at(s, i)):
         i += 1
     return i
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
 cdef dict _parse_params(str s, Py_ssize_t i, str what):
     """``;name[=value]`` list from ``s[i:]`` (LWS allowed around ``;`` and ``=``)."""
     cdef dict params = {}
@@ -1147,66 +1497,115 @@ cdef dict _parse_params(str s, Py_ssize_t i, str what):
         i = _skip_ws(s, i)
         if i >= n:
             return params
-        if s[i] != 59:
-            raise _bad(f"Bad {what} Parameters")
+        if _at(s, i) != 59:
+            raise _bad(f"Bad {what} parameters")
         i = _skip_ws(s, i + 1)
         j = i
-        while j < n and _u_tok(s[j]):
+        while j < n and _u_tok(_at(s, j)):
             j += 1
         if j == i:
-            raise _bad(f"Empty {what} Parameter")
+            raise _bad(f"Empty {what} parameter")
         name = s[i:j].lower()
         i = _skip_ws(s, j)
         value = None
-        if i < n and s[i] == 61:
+        if i < n and _at(s, i) == 61:
             i = _skip_ws(s, i + 1)
-            if i < n and s[i] == 34:
+            if i < n and _at(s, i) == 34:
                 i, value = _read_quoted(s, i, what)
             else:
                 j = i
                 while j < n:
-                    c = s[j]
+                    c = _at(s, j)
                     if _u_lws(c) or c == 59 or c == 44 or c == 34 or c == 60 or c == 62:
                         break
                     j += 1
                 if j == i:
-                    raise _bad(f"Empty {what} Parameter Value")
+                    raise _bad(f"Empty {what} parameter value")
                 value = s[i:j]
                 i = j
         params.setdefault(name, value)
 
 
 cdef inline bint _u_hostc(Py_UCS4 c) noexcept:
-    # _HOST_CHARS: ALPHA DIGIT . - _
+    # parser_py._HOST_CHARS: ALPHA DIGIT . - _
     return (48 <= c <= 57) or (c < 128 and 97 <= (<uint32_t>c | 0x20) <= 122) or c == 46 or c == 45 or c == 95
 
 
 cdef inline bint _u_ipv6c(Py_UCS4 c) noexcept:
-    # _IPV6_CHARS: HEXDIG : .
+    # parser_py._IPV6_CHARS: HEXDIG : .
     return (48 <= c <= 58) or (c < 128 and 97 <= (<uint32_t>c | 0x20) <= 102) or c == 46
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
 cdef str _check_host(str host, str what):
     cdef Py_ssize_t i, n = len(host)
     if n == 0:
-        raise _bad(f"Missing Host in {what}")
-    if host[0] == 91:  # '['
-        if host[n - 1] != 93 or n < 4:
-            raise _bad(f"Bad Host in {what}")
+        raise _bad(f"Missing {what} host")
+    if _at(host, 0) == 91:  # '['
+        if _at(host, n - 1) != 93 or n < 4:
+            raise _bad(f"Bad {what} host")
         for i in range(1, n - 1):
-            if not _u_ipv6c(host[i]):
-                raise _bad(f"Bad Host in {what}")
+            if not _u_ipv6c(_at(host, i)):
+                raise _bad(f"Bad {what} host")
     else:
         for i in range(n):
-            if not _u_hostc(host[i]):
-                raise _bad(f"Bad Host in {what}")
+            if not _u_hostc(_at(host, i)):
+                raise _bad(f"Bad {what} host")
     return host.lower()
 
 
-def _check_port(p: str, what: str) -> int:
-    if not p or len(p) > 5 or not p.isascii() or not p.isdigit() or int(p) > 65535:
-        raise _bad(f"Bad Port in {what}")
-    return int(p)
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef int _check_port(str p, str what, str part) except -1:
+    """``port = 1*DIGIT``, 1..65535: port 0 cannot be sent to (RFC 3261 §19.1.1, §20.42).
+    The reason (``Bad <what> <part>``) is built only on failure."""
+    cdef Py_ssize_t n = len(p), i
+    cdef int v = 0
+    cdef Py_UCS4 c
+    if n == 0 or n > 5:
+        raise _bad(f"Bad {what} {part}")
+    for i in range(n):
+        c = _at(p, i)
+        if c < 48 or c > 57:
+            raise _bad(f"Bad {what} {part}")
+        v = v * 10 + (<int>c - 48)
+    if v == 0 or v > 65535:
+        raise _bad(f"Bad {what} {part}")
+    return v
+
+
+def _is_ipv4(str s):
+    """RFC 3261 §25.1 ``IPv4address``: four dot-separated 1-3 digit numbers, each <= 255."""
+    parts = s.split(".")
+    return len(parts) == 4 and all(0 < len(p) <= 3 and p.isascii() and p.isdigit() and int(p) <= 255
+                                   for p in parts)
+
+
+def _is_ipv6(str s):
+    """RFC 3261 §25.1 ``IPv6address`` (hex groups, one ``::`` at most, an IPv4 tail allowed)."""
+    if s.count("::") > 1 or not s or not s.isascii():
+        return False
+    head, dbl, tail = s.partition("::")
+    groups = (head.split(":") if head else []) + (tail.split(":") if tail else [])
+    n = 0
+    for i, g in enumerate(groups):
+        if i == len(groups) - 1 and "." in g:
+            if not _is_ipv4(g):
+                return False
+            n += 2
+        elif 0 < len(g) <= 4 and all(c in "0123456789abcdefABCDEF" for c in g):
+            n += 1
+        else:
+            return False
+    return n < 8 if dbl else n == 8
+
+
+def _is_ip(str s):
+    """An IP address as in ``received=`` (RFC 3261 §18.2.1); an IPv6 one with or without []."""
+    if s.startswith("[") and s.endswith("]"):
+        return _is_ipv6(s[1:-1])
+    return _is_ipv4(s) or _is_ipv6(s)
 
 
 def parse_uri(str s):
@@ -1214,81 +1613,111 @@ def parse_uri(str s):
 
     :raises SipBadHeader: malformed URI.
     """
-    cdef Py_ssize_t n = len(s), i, sc, end
+    return _parse_uri(s, "URI")
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef SipUri _parse_uri(str s, str what):
+    """``parse_uri`` whose errors name ``what`` (``"Contact"``, ``"Request-URI"`` ...).
+
+    Works on indices into ``s`` (one substring per field kept), the same grammar as
+    ``parser_py._parse_uri``; every header view goes through here.
+    """
+    cdef Py_ssize_t n = len(s), i, sc, at, end, pend, q, rb, colon
     cdef Py_UCS4 c
+    cdef unsigned int kind = PyUnicode_KIND(s)
+    cdef void* data = PyUnicode_DATA(s)
     # scheme: [A-Za-z][A-Za-z0-9+.-]* ":"
-    if n == 0 or not (<Py_UCS4>s[0] < 128 and 97 <= (<uint32_t>(<Py_UCS4>s[0]) | 0x20) <= 122):
-        raise _bad("Bad URI Scheme")
+    if n == 0:
+        raise _bad(f"Bad {what} scheme")
+    c = PyUnicode_READ(kind, data, 0)
+    if not (c < 128 and 97 <= (<uint32_t>c | 0x20) <= 122):
+        raise _bad(f"Bad {what} scheme")
     i = 1
     while i < n:
-        c = s[i]
+        c = PyUnicode_READ(kind, data, i)
         if not (c < 128 and ((48 <= c <= 57) or 97 <= (<uint32_t>c | 0x20) <= 122 or c == 43 or c == 46 or c == 45)):
             break
         i += 1
-    if i >= n or s[i] != 58:
-        raise _bad("Bad URI Scheme")
+    if i >= n or PyUnicode_READ(kind, data, i) != 58:
+        raise _bad(f"Bad {what} scheme")
     sc = i
     for i in range(n):
-        c = s[i]
+        c = PyUnicode_READ(kind, data, i)
         if c <= 32 or c == 60 or c == 62 or c == 34 or c == 127:
-            raise _bad("Bad Character in URI")
-    scheme = s[:sc].lower()
-    rest = s[sc + 1:]
-    if scheme in ("sip", "sips"):
+            raise _bad(f"Bad {what} character")
+    if sc == 3 and _ieq3(kind, data, 115, 105, 112):  # the common schemes without allocating
+        scheme = "sip"
+    elif sc == 4 and _ieq3(kind, data, 115, 105, 112) and (<uint32_t>PyUnicode_READ(kind, data, 3) | 0x20) == 115:
+        scheme = "sips"
+    elif sc == 3 and _ieq3(kind, data, 116, 101, 108):
+        scheme = "tel"
+    else:
+        scheme = s[:sc].lower()
+    if sc < 5 and (scheme == "sip" or scheme == "sips"):
         user = password = None
-        at = rest.find("@")
+        i = sc + 1
+        at = s.find("@", i)
         if at >= 0:
-            if "@" in rest[at + 1:]:
-                raise _bad("Bad URI")
-            userinfo = rest[:at]
-            rest = rest[at + 1:]
-            user, colon, pw = userinfo.partition(":")
+            if s.find("@", at + 1) >= 0:
+                raise _bad(f"Bad {what}")
+            colon = s.find(":", i, at)
+            if colon >= 0:
+                user = s[i:colon]
+                password = s[colon + 1:at]
+            else:
+                user = s[i:at]
             if not user:
-                raise _bad("Empty URI User")
-            password = pw if colon else None
+                raise _bad(f"Empty {what} user")
+            i = at + 1
         # hostport ends at the first ';' or '?'
-        end = len(rest)
-        for i in range(end):
-            c = rest[i]
+        end = i
+        while end < n:
+            c = PyUnicode_READ(kind, data, end)
             if c == 59 or c == 63:
-                end = i
                 break
-        hostport = rest[:end]
-        rest = rest[end:]
+            end += 1
         port = None
-        if hostport.startswith("["):
-            rb = hostport.find("]")
+        if i < end and PyUnicode_READ(kind, data, i) == 91:  # "["
+            rb = s.find("]", i, end)
             if rb < 0:
-                raise _bad("Bad Host in URI")
-            host, tail = hostport[: rb + 1], hostport[rb + 1:]
-            if tail:
-                if tail[0] != ":":
-                    raise _bad("Bad Host in URI")
-                port = _check_port(tail[1:], "URI")
+                raise _bad(f"Bad {what} host")
+            host = s[i:rb + 1]
+            if rb + 1 < end:
+                if PyUnicode_READ(kind, data, rb + 1) != 58:
+                    raise _bad(f"Bad {what} host")
+                port = _check_port(s[rb + 2:end], what, "port")
         else:
-            host, colon, p = hostport.partition(":")
-            if colon:
-                port = _check_port(p, "URI")
-        host = _check_host(host, "URI")
+            colon = s.find(":", i, end)
+            if colon >= 0:
+                if s.find(":", colon + 1, end) >= 0:  # RFC 3261 §19.1.1: an IPv6 reference needs []
+                    raise _bad(f"Bad {what} host")
+                host = s[i:colon]
+                port = _check_port(s[colon + 1:end], what, "port")
+            else:
+                host = s[i:end]
+        host = _check_host(host, what)
         params: dict = {}
         headers: dict = {}
-        q = rest.find("?")
-        ptext, htext = (rest, "") if q < 0 else (rest[:q], rest[q + 1:])
-        if ptext:
-            for item in ptext[1:].split(";"):
+        q = s.find("?", end)
+        pend = n if q < 0 else q
+        if end < pend:  # ";param..." up to "?" or the end
+            for item in s[end + 1:pend].split(";"):
                 name, eq, value = item.partition("=")
                 if not name:
-                    raise _bad("Empty URI Parameter")
+                    raise _bad(f"Empty {what} parameter")
                 params.setdefault(name.lower(), value if eq else None)
         if q >= 0:
-            for item in htext.split("&"):
+            for item in s[q + 1:].split("&"):
                 name, eq, value = item.partition("=")
                 if not name or not eq:
-                    raise _bad("Bad URI Header")
+                    raise _bad(f"Bad {what} header")
                 headers.setdefault(name, value)
         return _mk_uri(s, scheme, user, password, host, port, params, headers)
+    rest = s[sc + 1:]
     if not rest:
-        raise _bad("Empty URI")
+        raise _bad(f"Empty {what}")
     if scheme == "tel":
         number, _, ptext = rest.partition(";")
         params = {}
@@ -1296,10 +1725,17 @@ def parse_uri(str s):
             for item in ptext.split(";"):
                 name, eq, value = item.partition("=")
                 if not name:
-                    raise _bad("Empty URI Parameter")
+                    raise _bad(f"Empty {what} parameter")
                 params.setdefault(name.lower(), value if eq else None)
         return _mk_uri(s, scheme, number, None, "", None, params, {})
     return _mk_uri(s, scheme, None, None, "", None, {}, {})
+
+
+cdef inline bint _ieq3(unsigned int kind, void* data, uint32_t a, uint32_t b, uint32_t c) noexcept:
+    # the first three characters, case-insensitively, are the lower-case letters a b c
+    return ((<uint32_t>PyUnicode_READ(kind, data, 0) | 0x20) == a
+            and (<uint32_t>PyUnicode_READ(kind, data, 1) | 0x20) == b
+            and (<uint32_t>PyUnicode_READ(kind, data, 2) | 0x20) == c)
 
 
 def parse_name_addr(str s):
@@ -1307,41 +1743,50 @@ def parse_name_addr(str s):
 
     :raises SipBadHeader: malformed value.
     """
-    text = s.strip(_LWS_S)
-    if text == "*":
+    return _parse_name_addr(s, "Address")
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef NameAddr _parse_name_addr(str s, str what):
+    """``parse_name_addr`` whose errors name the header ``what`` (``"From"``, ``"Contact"`` ...)."""
+    cdef str text = s.strip(_LWS_S)
+    cdef Py_ssize_t n = len(text), i = 0, k, lt, gt
+    cdef Py_UCS4 c
+    if n == 1 and _at(text, 0) == 42:  # "*"
         return _mk_name_addr(text, None, None, {}, True)
-    n = len(text)
     if n == 0:
-        raise _bad("Empty Address")
+        raise _bad(f"Empty {what}")
     display = None
-    i = 0
-    if text[0] == '"':
-        i, display = _read_quoted(text, 0, "Display Name")
+    if _at(text, 0) == 34:
+        i, display = _read_quoted(text, 0, f"{what} display name")
         i = _skip_ws(text, i)
-        if i >= n or text[i] != "<":
-            raise _bad("Bad Display Name")
+        if i >= n or _at(text, i) != 60:
+            raise _bad(f"Bad {what} display name")
         lt = i
     else:
         lt = -1
-        for k, c in enumerate(text):
-            if c == "<":
+        for k in range(n):
+            c = _at(text, k)
+            if c == 60:
                 lt = k
                 break
-            if c in ';"':
+            if c == 59 or c == 34:
                 break
-        if lt >= 0:
+        if lt > 0:
+            for k in range(lt):  # display-name = *(token LWS): tokens only
+                c = _at(text, k)
+                if not (_u_tok(c) or _u_lws(c)):
+                    raise _bad(f"Bad {what} display name")
             words = text[:lt].split()
-            for w in words:
-                if not set(w) <= _TOKEN_S:
-                    raise _bad("Bad Display Name")
             display = " ".join(words) if words else None
     if lt >= 0:
         gt = text.find(">", lt)
         if gt < 0:
-            raise _bad("Unterminated <")
+            raise _bad(f"Unterminated < in {what}")
         uri_text = text[lt + 1: gt]
         if not uri_text or uri_text != uri_text.strip(_LWS_S):
-            raise _bad("Bad Address")  # RFC 4475 §3.1.2.9 badaspec: no LWS inside <>
+            raise _bad(f"Bad {what}")  # RFC 4475 §3.1.2.9 badaspec: no LWS inside <>
         i = gt + 1
     else:
         semi = text.find(";")
@@ -1349,10 +1794,10 @@ def parse_name_addr(str s):
         uri_text = uri_text.rstrip(_LWS_S)
         # RFC 3261 §20: a URI with ',', '?' or ';' must be inside <> (RFC 4475 regbadct)
         if "," in uri_text or "?" in uri_text:
-            raise _bad("URI Must Be In Angle Brackets")
+            raise _bad(f"Bad {what}: URI must be in <>")
         i = len(uri_text)
-    uri = parse_uri(uri_text)
-    params = _parse_params(text, i, "Address")
+    uri = _parse_uri(uri_text, what)
+    params = _parse_params(text, i, what)
     return _mk_name_addr(text, display, uri, params, False)
 
 
@@ -1361,50 +1806,67 @@ def parse_via(str s):
 
     :raises SipBadHeader: malformed value or protocol other than SIP/2.0.
     """
-    cdef Py_ssize_t n = len(s), i, j
+    return _parse_via(s)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef Via _parse_via(str s):
+    cdef Py_ssize_t n = len(s), i, j, e
     cdef int k
     i = _skip_ws(s, 0)
     parts = []
     for k in range(3):
         j = i
-        while j < n and _u_tok(s[j]):
+        while j < n and _u_tok(_at(s, j)):
             j += 1
         if j == i:
             raise _bad("Bad Via")
         parts.append(s[i:j])
         i = _skip_ws(s, j)
         if k < 2:
-            if i >= n or s[i] != "/":
+            if i >= n or _at(s, i) != 47:  # "/"
                 raise _bad("Bad Via")
             i = _skip_ws(s, i + 1)
     if parts[0].upper() != "SIP" or parts[1] != "2.0":
-        raise _bad("Bad Via Protocol")
-    if i == 0 or not _u_lws(s[i - 1]):
+        raise _bad("Bad Via protocol")
+    if i == 0 or not _u_lws(_at(s, i - 1)):
         raise _bad("Bad Via")
     transport = parts[2].upper()
     # sent-by
-    if i < n and s[i] == "[":
+    if i < n and _at(s, i) == 91:  # "["
         j = s.find("]", i)
         if j < 0:
-            raise _bad("Bad Via Host")
+            raise _bad("Bad Via host")
         j += 1
     else:
         j = i
-        while j < n and s[j] in _HOST_CHARS:
+        while j < n and _u_hostc(_at(s, j)):
             j += 1
+        e = j
+        while e < n and (_u_hostc(_at(s, e)) or _at(s, e) == 58):
+            e += 1
+        if s.count(":", j, e) > 1:  # RFC 3261 §25.1: an IPv6 reference must be in brackets
+            raise _bad("Bad Via host")
     host = _check_host(s[i:j], "Via")
     i = _skip_ws(s, j)
     port = None
-    if i < n and s[i] == ":":
+    if i < n and _at(s, i) == 58:  # ":"
         i = _skip_ws(s, i + 1)
         j = i
-        while j < n and s[j].isdigit():
+        while j < n and 48 <= _at(s, j) <= 57:
             j += 1
-        port = _check_port(s[i:j], "Via")
+        port = _check_port(s[i:j], "Via", "port")
         i = j
     params = _parse_params(s, i, "Via")
+    # RFC 3261 §20.42 via-params, RFC 3581: rport is empty or a port, received an address,
+    # branch a token
     if "rport" in params and params["rport"] is not None:
-        _check_port(params["rport"], "Via rport")
+        _check_port(params["rport"], "Via", "rport")
+    if "received" in params and not _is_ip(params["received"] or ""):
+        raise _bad("Bad Via received")
+    if "branch" in params and not params["branch"]:
+        raise _bad("Bad Via branch")
     return _mk_via(s.strip(_LWS_S), transport, host, port, params)
 
 
@@ -1412,6 +1874,8 @@ def parse_via(str s):
 # List splitting (Via, Contact, Route, Allow ...)
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
 cpdef list _split_list(str value):
     """Split a list header value on commas outside quotes and <>; drop empty items."""
     cdef list out = []
@@ -1420,7 +1884,7 @@ cpdef list _split_list(str value):
     cdef int depth = 0
     cdef Py_UCS4 c
     while i < n:
-        c = value[i]
+        c = _at(value, i)
         if inq:
             if c == 92:
                 i += 1

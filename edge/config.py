@@ -29,6 +29,9 @@ class SipConfig(Section):
     max_expires: Annotated[int, msgspec.Meta(ge=60)] = 3600
     min_expires: Annotated[int, msgspec.Meta(ge=1)] = 60
     tcp_max_connections: Annotated[int, msgspec.Meta(ge=1)] = 4096
+    # a TCP message must complete from its first octet: head, then body (Kamailio tcp_msg_read_timeout)
+    tcp_header_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    tcp_body_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
     setup_timeout: Annotated[float, msgspec.Meta(gt=0)] = 180.0  # seconds a call may ring (RFC 3261 Timer C)
     # flood protection (SPEC §7); trusted carrier sources are exempt
     rate_limit: Annotated[float, msgspec.Meta(ge=0)] = 200.0     # requests/s per source; 0 = off

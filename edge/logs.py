@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 _SECRET_WORDS = ("password", "secret", "token", "authorization", "response", "ha1")
@@ -56,3 +57,47 @@ def setup(fmt: str = "text", level: str = "info") -> None:
     root.setLevel(level.upper())
     for noisy in ("uvicorn", "uvicorn.error", "uvicorn.access", "httpx", "litestar"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class ThrottledLog:
+    """Logs an unexpected exception with its traceback at most once per ``interval``
+    seconds per exception type; the others are only counted, and the count is reported
+    on the next line logged for that type.
+
+    For the message boundary: a bad datagram that trips a bug must never make the edge
+    burn CPU formatting tracebacks (one per datagram under a flood).
+
+    :param interval: seconds between two lines for the same exception type.
+    :param max_types: bound on the exception types remembered (a bug could raise many).
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0, *,
+                 clock: Callable[[], float] = time.monotonic, max_types: int = 64) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.clock = clock
+        self.max_types = max_types
+        self._state: dict[type[BaseException], list[float]] = {}  # type -> [last logged at, suppressed]
+
+    def exception(self, exc: BaseException, msg: str, *args: object) -> bool:
+        """Log ``msg % args`` with ``exc``'s traceback, or count it; True if a line was written."""
+        now = self.clock()
+        key = type(exc)
+        state = self._state.get(key)
+        if state is not None and now - state[0] < self.interval:
+            state[1] += 1
+            return False
+        suppressed = int(state[1]) if state is not None else 0
+        if state is None and len(self._state) >= self.max_types:
+            self._state.clear()
+        self._state[key] = [now, 0]
+        if suppressed:
+            msg += " (%d more like it in the last %.0f s not logged)"
+            args = (*args, suppressed, now - (state[0] if state is not None else now))
+        self.logger.error(msg, *args, exc_info=(type(exc), exc, exc.__traceback__))
+        return True
+
+    def suppressed(self, kind: type[BaseException]) -> int:
+        """How many exceptions of ``kind`` were counted but not logged since its last line."""
+        state = self._state.get(kind)
+        return int(state[1]) if state is not None else 0

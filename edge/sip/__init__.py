@@ -14,6 +14,8 @@ from edge.sip.errors import (
     SipMissingHeader,
     SipParseError,
     SipTooManyHeaders,
+    SipTooManyHops,
+    SipUnsupportedUriScheme,
     SipVersionNotSupported,
 )
 
@@ -78,5 +80,7 @@ __all__ = [
     "SipMissingHeader",
     "SipParseError",
     "SipTooManyHeaders",
+    "SipTooManyHops",
+    "SipUnsupportedUriScheme",
     "SipVersionNotSupported",
 ]

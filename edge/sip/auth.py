@@ -185,14 +185,20 @@ class FailureTracker:
 
     :param threshold: failures within ``window`` seconds that block the source.
     :param block_seconds: how long a blocked source is ignored.
+    :param max_sources: sources remembered at most, failing and blocked each (like
+        ``RateLimiter``): a scan from 200,000 addresses must not grow memory without
+        end. Past the bound the source that failed least recently is forgotten (a
+        source that keeps failing stays), and the block that ends first is lifted.
     """
 
-    def __init__(self, threshold: int = 20, window: float = 60.0, block_seconds: float = 120.0) -> None:
+    def __init__(self, threshold: int = 20, window: float = 60.0, block_seconds: float = 120.0,
+                 max_sources: int = 100_000) -> None:
         self.threshold = threshold
         self.window = window
         self.block_seconds = block_seconds
-        self._fails: dict[str, list[float]] = {}
-        self._blocked: dict[str, float] = {}
+        self.max_sources = max_sources
+        self._fails: dict[str, list[float]] = {}   # least recently failing first
+        self._blocked: dict[str, float] = {}       # block ends, earliest first
 
     def blocked(self, host: str, now: float | None = None) -> bool:
         until = self._blocked.get(host)
@@ -206,12 +212,16 @@ class FailureTracker:
     def failure(self, host: str, now: float | None = None) -> bool:
         """Record a failure; True if the source is now blocked."""
         now = now or time.monotonic()
-        times = [t for t in self._fails.get(host, ()) if now - t < self.window]
+        times = [t for t in self._fails.pop(host, ()) if now - t < self.window]  # re-inserted last
         times.append(now)
         if len(times) >= self.threshold:
-            self._fails.pop(host, None)
+            self._blocked.pop(host, None)
+            if len(self._blocked) >= self.max_sources:
+                del self._blocked[next(iter(self._blocked))]  # every block lasts as long: the oldest ends first
             self._blocked[host] = now + self.block_seconds
             return True
+        if len(self._fails) >= self.max_sources:
+            del self._fails[next(iter(self._fails))]
         self._fails[host] = times
         return False
 

@@ -73,7 +73,9 @@ class SipService:
         self.metrics.blocked_sources.set_function(lambda: self.failures.blocked_count)  # read at scrape time
         self.limiter = RateLimiter(cfg.sip.rate_limit, cfg.sip.rate_burst)
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in cfg.inbound.trusted]
-        self.transports = Transports(self._on_message, self.metrics, max_tcp_connections=cfg.sip.tcp_max_connections)
+        self.transports = Transports(self._on_message, self.metrics, max_tcp_connections=cfg.sip.tcp_max_connections,
+                                     may_answer=self._source_admitted, tcp_header_timeout=cfg.sip.tcp_header_timeout,
+                                     tcp_body_timeout=cfg.sip.tcp_body_timeout)
         self.registrar = Registrar(store, self.auth, self.metrics, self.failures, self.auth_failed,
                                    min_expires=cfg.sip.min_expires, max_expires=cfg.sip.max_expires)
         self.transactions = TransactionLayer(self.transports, self, self.metrics, loop)
@@ -122,14 +124,19 @@ class SipService:
     # ------------------------------------------------------------ dispatch
 
     def _on_message(self, msg: SipMessage, peer: Peer) -> None:
-        if msg.is_request and msg.method != "ACK":
-            if self.failures.blocked(peer.host):
-                self.metrics.rate_limited.labels("auth_block").inc()
-                return  # silently: a blocked scanner gets nothing to work with
-            if not self.limiter.allow(peer.host) and not self.is_trusted(peer.host):
-                self.metrics.rate_limited.labels("source").inc()
-                return
+        if msg.is_request and msg.method != "ACK" and not self._source_admitted(peer.host):
+            return
         self.transactions.on_message(msg, peer)
+
+    def _source_admitted(self, host: str) -> bool:
+        """May a request from ``host`` be handled -- or a malformed one answered (SPEC §7)?"""
+        if self.failures.blocked(host):
+            self.metrics.rate_limited.labels("auth_block").inc()
+            return False  # silently: a blocked scanner gets nothing to work with
+        if not self.limiter.allow(host) and not self.is_trusted(host):
+            self.metrics.rate_limited.labels("source").inc()
+            return False
+        return True
 
     def auth_failed(self, host: str, method: str, reason: str) -> None:
         """Count an authentication failure; block the source after too many (SPEC §7)."""

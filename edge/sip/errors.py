@@ -4,9 +4,10 @@ Every error carries the status a UAS answers with (``400`` unless stated), a sho
 reason phrase that is safe to put on a status line, and the byte offset in the
 datagram where the problem was found (``-1`` when it is not about one place).
 
-The one boundary (``datagram_received``) turns a request's error into a stateless
-``<status> <reason>`` with :func:`edge.sip.build_stateless_error`, or drops it and
-counts ``edge_sip_parse_errors_total{reason}`` (cf. aiohttp ``BadHttpMessage``).
+The one boundary (``Transports.received``: ``parse()`` then ``SipMessage.validate()``)
+turns a request's error into a stateless ``<status> <reason>`` with
+:func:`edge.sip.build_stateless_error`, or drops it and counts
+``edge_sip_parse_errors_total{reason}`` (cf. aiohttp ``BadHttpMessage``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ __all__ = [
     "SipBadStartLine",
     "SipVersionNotSupported",
     "SipBadContentLength",
+    "SipUnsupportedUriScheme",
+    "SipTooManyHops",
 ]
 
 
@@ -102,3 +105,22 @@ class SipVersionNotSupported(SipBadStartLine):
 class SipBadContentLength(SipBadHeader):
     """Content-Length is not a number, is repeated, or is larger than the body
     received in the datagram (RFC 3261 §18.3). Answered 400."""
+
+
+class SipUnsupportedUriScheme(SipBadStartLine):
+    """The Request-URI scheme is not ``sip``, ``sips`` or ``tel``.
+
+    Answered ``416 Unsupported URI Scheme`` (RFC 3261 §8.2.2.1); raised by ``validate()``.
+    """
+
+    status = 416
+
+
+class SipTooManyHops(SipParseError):
+    """``Max-Forwards: 0`` on a request the edge would forward (an INVITE).
+
+    Answered ``483 Too Many Hops`` (RFC 3261 §16.3 step 2); raised by ``validate()``.
+    An OPTIONS with ``Max-Forwards: 0`` is answered by the edge itself (§11).
+    """
+
+    status = 483

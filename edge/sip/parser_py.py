@@ -26,6 +26,8 @@ from edge.sip.errors import (
     SipMissingHeader,
     SipParseError,
     SipTooManyHeaders,
+    SipTooManyHops,
+    SipUnsupportedUriScheme,
     SipVersionNotSupported,
 )
 
@@ -61,6 +63,9 @@ _TOKEN_S = frozenset(chr(c) for c in _TOKEN)
 _WS = b" \t"
 _LWS_S = " \t\r\n"
 _FOLD_RE = re.compile(r"[ \t]*\r?\n[ \t]*")
+# a control octet but HTAB, CR, LF (RFC 3261 §25.1), or a bare CR: what the head check looks for
+_HEAD_FAULT_RE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)")
+_BARE_CR_RE = re.compile(rb"\r(?!\n)")
 _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
 _VERSION_RE = re.compile(rb"SIP/[0-9]+\.[0-9]+", re.I)
 _HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
@@ -235,7 +240,7 @@ def _read_quoted(s: str, i: int, what: str) -> tuple[int, str]:
             return i + 1, "".join(out)
         out.append(c)
         i += 1
-    raise _bad(f"Unterminated Quote in {what}")
+    raise _bad(f"Unterminated quote in {what}")
 
 
 def _skip_ws(s: str, i: int) -> int:
@@ -254,13 +259,13 @@ def _parse_params(s: str, i: int, what: str) -> dict:
         if i >= n:
             return params
         if s[i] != ";":
-            raise _bad(f"Bad {what} Parameters")
+            raise _bad(f"Bad {what} parameters")
         i = _skip_ws(s, i + 1)
         j = i
         while j < n and s[j] in _TOKEN_S:
             j += 1
         if j == i:
-            raise _bad(f"Empty {what} Parameter")
+            raise _bad(f"Empty {what} parameter")
         name = s[i:j].lower()
         i = _skip_ws(s, j)
         value = None
@@ -273,7 +278,7 @@ def _parse_params(s: str, i: int, what: str) -> dict:
                 while j < n and s[j] not in ' \t\r\n;,"<>':
                     j += 1
                 if j == i:
-                    raise _bad(f"Empty {what} Parameter Value")
+                    raise _bad(f"Empty {what} parameter value")
                 value = s[i:j]
                 i = j
         params.setdefault(name, value)
@@ -281,19 +286,53 @@ def _parse_params(s: str, i: int, what: str) -> dict:
 
 def _check_host(host: str, what: str) -> str:
     if not host:
-        raise _bad(f"Missing Host in {what}")
+        raise _bad(f"Missing {what} host")
     if host[0] == "[":
         if host[-1] != "]" or len(host) < 4 or not set(host[1:-1]) <= _IPV6_CHARS:
-            raise _bad(f"Bad Host in {what}")
+            raise _bad(f"Bad {what} host")
     elif not set(host) <= _HOST_CHARS:
-        raise _bad(f"Bad Host in {what}")
+        raise _bad(f"Bad {what} host")
     return host.lower()
 
 
-def _check_port(p: str, what: str) -> int:
-    if not p or len(p) > 5 or not p.isascii() or not p.isdigit() or int(p) > 65535:
-        raise _bad(f"Bad Port in {what}")
+def _check_port(p: str, reason: str) -> int:
+    """``port = 1*DIGIT``, 1..65535: port 0 cannot be sent to (RFC 3261 §19.1.1, §20.42)."""
+    if not p or len(p) > 5 or not p.isascii() or not p.isdigit() or not 0 < int(p) <= 65535:
+        raise _bad(reason)
     return int(p)
+
+
+def _is_ipv4(s: str) -> bool:
+    """RFC 3261 §25.1 ``IPv4address``: four dot-separated 1-3 digit numbers, each <= 255."""
+    parts = s.split(".")
+    return len(parts) == 4 and all(0 < len(p) <= 3 and p.isascii() and p.isdigit() and int(p) <= 255
+                                   for p in parts)
+
+
+def _is_ipv6(s: str) -> bool:
+    """RFC 3261 §25.1 ``IPv6address`` (hex groups, one ``::`` at most, an IPv4 tail allowed)."""
+    if s.count("::") > 1 or not s or not s.isascii():
+        return False
+    head, dbl, tail = s.partition("::")
+    groups = [g for g in (head.split(":") if head else [])] + [g for g in (tail.split(":") if tail else [])]
+    n = 0
+    for i, g in enumerate(groups):
+        if i == len(groups) - 1 and "." in g:
+            if not _is_ipv4(g):
+                return False
+            n += 2
+        elif 0 < len(g) <= 4 and all(c in "0123456789abcdefABCDEF" for c in g):
+            n += 1
+        else:
+            return False
+    return n < 8 if dbl else n == 8
+
+
+def _is_ip(s: str) -> bool:
+    """An IP address as in ``received=`` (RFC 3261 §18.2.1); an IPv6 one with or without []."""
+    if s.startswith("[") and s.endswith("]"):
+        return _is_ipv6(s[1:-1])
+    return _is_ipv4(s) or _is_ipv6(s)
 
 
 def parse_uri(s: str) -> SipUri:
@@ -301,12 +340,17 @@ def parse_uri(s: str) -> SipUri:
 
     :raises SipBadHeader: malformed URI.
     """
+    return _parse_uri(s, "URI")
+
+
+def _parse_uri(s: str, what: str) -> SipUri:
+    """``parse_uri`` whose errors name ``what`` (``"Contact"``, ``"Request-URI"`` ...)."""
     m = _SCHEME_RE.match(s)
     if m is None:
-        raise _bad("Bad URI Scheme")
+        raise _bad(f"Bad {what} scheme")
     for c in s:
         if c <= " " or c in '<>"\x7f':
-            raise _bad("Bad Character in URI")
+            raise _bad(f"Bad {what} character")
     scheme = s[: m.end() - 1].lower()
     rest = s[m.end():]
     if scheme in ("sip", "sips"):
@@ -314,12 +358,12 @@ def parse_uri(s: str) -> SipUri:
         at = rest.find("@")
         if at >= 0:
             if "@" in rest[at + 1:]:
-                raise _bad("Bad URI")
+                raise _bad(f"Bad {what}")
             userinfo = rest[:at]
             rest = rest[at + 1:]
             user, colon, pw = userinfo.partition(":")
             if not user:
-                raise _bad("Empty URI User")
+                raise _bad(f"Empty {what} user")
             password = pw if colon else None
         # hostport ends at the first ';' or '?'
         end = len(rest)
@@ -333,17 +377,19 @@ def parse_uri(s: str) -> SipUri:
         if hostport.startswith("["):
             rb = hostport.find("]")
             if rb < 0:
-                raise _bad("Bad Host in URI")
+                raise _bad(f"Bad {what} host")
             host, tail = hostport[: rb + 1], hostport[rb + 1:]
             if tail:
                 if tail[0] != ":":
-                    raise _bad("Bad Host in URI")
-                port = _check_port(tail[1:], "URI")
+                    raise _bad(f"Bad {what} host")
+                port = _check_port(tail[1:], f"Bad {what} port")
         else:
             host, colon, p = hostport.partition(":")
+            if ":" in p:  # RFC 3261 §19.1.1: an IPv6 reference must be in brackets
+                raise _bad(f"Bad {what} host")
             if colon:
-                port = _check_port(p, "URI")
-        host = _check_host(host, "URI")
+                port = _check_port(p, f"Bad {what} port")
+        host = _check_host(host, what)
         params: dict = {}
         headers: dict = {}
         q = rest.find("?")
@@ -352,17 +398,17 @@ def parse_uri(s: str) -> SipUri:
             for item in ptext[1:].split(";"):
                 name, eq, value = item.partition("=")
                 if not name:
-                    raise _bad("Empty URI Parameter")
+                    raise _bad(f"Empty {what} parameter")
                 params.setdefault(name.lower(), value if eq else None)
         if q >= 0:
             for item in htext.split("&"):
                 name, eq, value = item.partition("=")
                 if not name or not eq:
-                    raise _bad("Bad URI Header")
+                    raise _bad(f"Bad {what} header")
                 headers.setdefault(name, value)
         return SipUri(s, scheme, user, password, host, port, params, headers)
     if not rest:
-        raise _bad("Empty URI")
+        raise _bad(f"Empty {what}")
     if scheme == "tel":
         number, _, ptext = rest.partition(";")
         params = {}
@@ -370,7 +416,7 @@ def parse_uri(s: str) -> SipUri:
             for item in ptext.split(";"):
                 name, eq, value = item.partition("=")
                 if not name:
-                    raise _bad("Empty URI Parameter")
+                    raise _bad(f"Empty {what} parameter")
                 params.setdefault(name.lower(), value if eq else None)
         return SipUri(s, scheme, number, None, "", None, params, {})
     return SipUri(s, scheme)
@@ -381,19 +427,24 @@ def parse_name_addr(s: str) -> NameAddr:
 
     :raises SipBadHeader: malformed value.
     """
+    return _parse_name_addr(s, "Address")
+
+
+def _parse_name_addr(s: str, what: str) -> NameAddr:
+    """``parse_name_addr`` whose errors name the header ``what`` (``"From"``, ``"Contact"`` ...)."""
     text = s.strip(_LWS_S)
     if text == "*":
         return NameAddr(text, None, None, {}, True)
     n = len(text)
     if n == 0:
-        raise _bad("Empty Address")
+        raise _bad(f"Empty {what}")
     display = None
     i = 0
     if text[0] == '"':
-        i, display = _read_quoted(text, 0, "Display Name")
+        i, display = _read_quoted(text, 0, f"{what} display name")
         i = _skip_ws(text, i)
         if i >= n or text[i] != "<":
-            raise _bad("Bad Display Name")
+            raise _bad(f"Bad {what} display name")
         lt = i
     else:
         lt = -1
@@ -404,18 +455,17 @@ def parse_name_addr(s: str) -> NameAddr:
             if c in ';"':
                 break
         if lt >= 0:
+            if not set(text[:lt]) <= _TOKEN_S | set(_LWS_S):  # display-name = *(token LWS)
+                raise _bad(f"Bad {what} display name")
             words = text[:lt].split()
-            for w in words:
-                if not set(w) <= _TOKEN_S:
-                    raise _bad("Bad Display Name")
             display = " ".join(words) if words else None
     if lt >= 0:
         gt = text.find(">", lt)
         if gt < 0:
-            raise _bad("Unterminated <")
+            raise _bad(f"Unterminated < in {what}")
         uri_text = text[lt + 1: gt]
         if not uri_text or uri_text != uri_text.strip(_LWS_S):
-            raise _bad("Bad Address")  # RFC 4475 §3.1.2.9 badaspec: no LWS inside <>
+            raise _bad(f"Bad {what}")  # RFC 4475 §3.1.2.9 badaspec: no LWS inside <>
         i = gt + 1
     else:
         semi = text.find(";")
@@ -423,10 +473,10 @@ def parse_name_addr(s: str) -> NameAddr:
         uri_text = uri_text.rstrip(_LWS_S)
         # RFC 3261 §20: a URI with ',', '?' or ';' must be inside <> (RFC 4475 regbadct)
         if "," in uri_text or "?" in uri_text:
-            raise _bad("URI Must Be In Angle Brackets")
+            raise _bad(f"Bad {what}: URI must be in <>")
         i = len(uri_text)
-    uri = parse_uri(uri_text)
-    params = _parse_params(text, i, "Address")
+    uri = _parse_uri(uri_text, what)
+    params = _parse_params(text, i, what)
     return NameAddr(text, display, uri, params)
 
 
@@ -451,7 +501,7 @@ def parse_via(s: str) -> Via:
                 raise _bad("Bad Via")
             i = _skip_ws(s, i + 1)
     if parts[0].upper() != "SIP" or parts[1] != "2.0":
-        raise _bad("Bad Via Protocol")
+        raise _bad("Bad Via protocol")
     if i == 0 or s[i - 1] not in _LWS_S:
         raise _bad("Bad Via")
     transport = parts[2].upper()
@@ -459,25 +509,36 @@ def parse_via(s: str) -> Via:
     if i < n and s[i] == "[":
         j = s.find("]", i)
         if j < 0:
-            raise _bad("Bad Via Host")
+            raise _bad("Bad Via host")
         j += 1
     else:
         j = i
         while j < n and s[j] in _HOST_CHARS:
             j += 1
+        k = j
+        while k < n and (s[k] in _HOST_CHARS or s[k] == ":"):
+            k += 1
+        if s.count(":", j, k) > 1:  # RFC 3261 §25.1: an IPv6 reference must be in brackets
+            raise _bad("Bad Via host")
     host = _check_host(s[i:j], "Via")
     i = _skip_ws(s, j)
     port = None
     if i < n and s[i] == ":":
         i = _skip_ws(s, i + 1)
         j = i
-        while j < n and s[j].isdigit():
+        while j < n and "0" <= s[j] <= "9":
             j += 1
-        port = _check_port(s[i:j], "Via")
+        port = _check_port(s[i:j], "Bad Via port")
         i = j
     params = _parse_params(s, i, "Via")
+    # RFC 3261 §20.42 via-params, RFC 3581: rport is empty or a port, received an address,
+    # branch a token
     if "rport" in params and params["rport"] is not None:
-        _check_port(params["rport"], "Via rport")
+        _check_port(params["rport"], "Bad Via rport")
+    if "received" in params and not _is_ip(params["received"] or ""):
+        raise _bad("Bad Via received")
+    if "branch" in params and not params["branch"]:
+        raise _bad("Bad Via branch")
     return Via(s.strip(_LWS_S), transport, host, port, params)
 
 
@@ -519,7 +580,7 @@ def _split_list(value: str) -> list[str]:
     return out
 
 
-def _fast_param(value: bytes, name: bytes, first_only: bool) -> str | None:
+def _fast_param(value: bytes, name: bytes, first_only: bool, what: str = "header") -> str | None:
     """Value of header parameter ``name`` (lower-case) without a full grammar parse.
 
     Params start at the first ``;`` outside quotes and ``<>``; with ``first_only``
@@ -549,9 +610,9 @@ def _fast_param(value: bytes, name: bytes, first_only: bool) -> str | None:
             return None
         i += 1
     if inq:
-        raise SipBadHeader("Unterminated Quote")
+        raise SipBadHeader(f"Unterminated quote in {what}")
     if depth:
-        raise SipBadHeader("Unterminated <")
+        raise SipBadHeader(f"Unterminated < in {what}")
     # i at ';' or n
     while i < n:
         # value[i] == ';'
@@ -577,7 +638,7 @@ def _fast_param(value: bytes, name: bytes, first_only: bool) -> str | None:
                         j += 1
                     j += 1
                 if j >= n:
-                    raise SipBadHeader("Unterminated Quote")
+                    raise SipBadHeader(f"Unterminated quote in {what}")
                 pval = value[i + 1: j]
                 i = j + 1
             else:
@@ -602,10 +663,77 @@ def _fast_param(value: bytes, name: bytes, first_only: bool) -> str | None:
                         j += 1
                     j += 1
                 if j >= n:
-                    raise SipBadHeader("Unterminated Quote")
+                    raise SipBadHeader(f"Unterminated quote in {what}")
                 i = j
             i += 1
     return None
+
+
+# validate() helpers: where in the datagram a problem is (error path only)
+
+_PARAM_OF = {"Bad Via rport": b"rport", "Bad Via received": b"received", "Bad Via branch": b"branch"}
+_SENT_BY_RE = re.compile(rb"[^/]+/[^/]+/[ \t\r\n]*[^ \t\r\n]+[ \t\r\n]+")  # "SIP/2.0/UDP "
+_PARAM_RE = {name: re.compile(rb";[ \t\r\n]*(" + name + rb")[ \t\r\n]*(?:=|;|,|$)", re.I)
+             for name in (b"rport", b"received", b"branch", b"tag", b"expires")}
+
+
+def _is_delta_seconds(v: str | None) -> bool:
+    """RFC 3261 §25.1 delta-seconds, capped at 2**32-1 like the Expires header."""
+    return v is not None and v.isascii() and v.isdigit() and len(v) <= 10 and int(v) <= 0xFFFFFFFF
+
+
+def _elements(data: bytes, start: int, end: int) -> list[tuple[int, int]]:
+    """Byte spans of the non-empty elements of a list value, split like ``_split_list``."""
+    out = []
+    a = i = start
+    inq = False
+    depth = 0
+    while i < end:
+        c = data[i]
+        if inq:
+            if c == 0x5C:
+                i += 1
+            elif c == 0x22:
+                inq = False
+        elif c == 0x22:
+            inq = True
+        elif c == 0x3C:
+            depth += 1
+        elif c == 0x3E:
+            if depth:
+                depth -= 1
+        elif c == 0x2C and depth == 0:
+            out.append((a, i))
+            a = i + 1
+        i += 1
+    out.append((a, end))
+    spans = []
+    for a, b in out:
+        while a < b and data[a] in b" \t\r\n":
+            a += 1
+        while b > a and data[b - 1] in b" \t\r\n":
+            b -= 1
+        if b > a:
+            spans.append((a, b))
+    return spans
+
+
+def _param_off(data: bytes, a: int, b: int, name: bytes) -> int:
+    m = _PARAM_RE[name].search(data, a, b)
+    return m.start(1) if m else a
+
+
+def _sent_by_off(data: bytes, a: int, b: int, port: bool) -> int:
+    """Offset of a Via's sent-by host, or of its port (past the last ``:`` before any param)."""
+    m = _SENT_BY_RE.match(data, a, b)
+    if m is None:
+        return a
+    host = m.end()
+    if not port:
+        return host
+    semi = data.find(b";", host, b)
+    colon = data.rfind(b":", host, semi if semi >= 0 else b)
+    return colon + 1 if colon >= 0 else host
 
 
 # --------------------------------------------------------------------------------------
@@ -629,6 +757,7 @@ class SipMessage:
         self._cseq_method = b""
         self._cl = -1
         self._cache: dict = {}
+        self._valid = False
 
     # -- simple fields
     @property
@@ -682,15 +811,15 @@ class SipMessage:
 
     @property
     def from_tag(self):
-        return _fast_param(self._value_bytes(self._first[H_FROM]), b"tag", False)
+        return _fast_param(self._value_bytes(self._first[H_FROM]), b"tag", False, "From")
 
     @property
     def to_tag(self):
-        return _fast_param(self._value_bytes(self._first[H_TO]), b"tag", False)
+        return _fast_param(self._value_bytes(self._first[H_TO]), b"tag", False, "To")
 
     @property
     def branch(self):
-        return _fast_param(self._value_bytes(self._first[H_VIA]), b"branch", True)
+        return _fast_param(self._value_bytes(self._first[H_VIA]), b"branch", True, "Via")
 
     @property
     def max_forwards(self):
@@ -764,18 +893,18 @@ class SipMessage:
 
     @property
     def from_(self) -> NameAddr:
-        return self._cached("from", lambda: parse_name_addr(self.header("from")))
+        return self._cached("from", lambda: _parse_name_addr(self.header("from"), "From"))
 
     @property
     def to(self) -> NameAddr:
-        return self._cached("to", lambda: parse_name_addr(self.header("to")))
+        return self._cached("to", lambda: _parse_name_addr(self.header("to"), "To"))
 
     @property
     def contacts(self) -> list:
         def make():
-            out = [parse_name_addr(v) for v in self.headers("contact")]
+            out = [_parse_name_addr(v, "Contact") for v in self.headers("contact")]
             if len(out) > 1 and any(c.star for c in out):
-                raise _bad("Contact * Must Be Alone")
+                raise _bad("Bad Contact: * must be alone")
             return out
 
         return self._cached("contacts", make)
@@ -784,7 +913,7 @@ class SipMessage:
     def uri(self):
         if not self.is_request:
             return None
-        return self._cached("uri", lambda: parse_uri(self.ruri))
+        return self._cached("uri", lambda: _parse_uri(self.ruri, "Request-URI"))
 
     @property
     def expires(self):
@@ -798,6 +927,96 @@ class SipMessage:
             return int(v)
 
         return self._cached("expires", make)
+
+    def validate(self) -> None:
+        """Force every view the edge uses, once (Kamailio ``sanity``); see ``edge/_sipparse.pyi``."""
+        if self._valid:
+            return
+        raw = self.raw
+        vias = []
+        for k, slot in enumerate(self._slots):
+            if slot[0] != H_VIA:
+                continue
+            items = _split_list(self._value(k))
+            if not items:  # RFC 3261 §20.42: 1#via-parm
+                raise SipBadHeader("Empty Via", slot[3], raw)
+            for j, item in enumerate(items):
+                try:
+                    vias.append(parse_via(item))
+                except SipBadHeader as err:
+                    raise self._element_error(err, k, j, _PARAM_OF.get(err.reason)) from None
+        if vias[0].branch != self.branch:  # the fast scanner and the grammar must agree
+            raise self._element_error(SipBadHeader("Bad Via branch"), self._first[H_VIA], 0, b"branch")
+        self._cache["vias"] = vias
+        self._cache["top_via"] = vias[0]
+        fr = self._address(H_FROM, "From")
+        if self.is_request and not fr.tag:  # RFC 3261 §8.1.1.3: the UAC MUST add a tag
+            raise self._element_error(SipBadHeader("Missing From tag"), self._first[H_FROM], 0, None)
+        if fr.tag != self.from_tag:
+            raise self._element_error(SipBadHeader("Bad From tag"), self._first[H_FROM], 0, b"tag")
+        to = self._address(H_TO, "To")
+        if ("tag" in to.params and not to.tag) or to.tag != self.to_tag:
+            raise self._element_error(SipBadHeader("Bad To tag"), self._first[H_TO], 0, b"tag")
+        k = self._first[H_CALL_ID]
+        if any(c in " \t" for c in self._value(k)):  # callid = word ["@" word]: no LWS
+            raise SipBadHeader("Bad Call-ID", self._slots[k][3], raw)
+        if self.is_request:
+            try:
+                uri = _parse_uri(self.ruri, "Request-URI")
+            except SipBadHeader as err:
+                raise SipBadStartLine(err.reason, self._ruri[0], raw) from None
+            if uri.scheme not in ("sip", "sips", "tel"):  # RFC 3261 §8.2.2.1
+                raise SipUnsupportedUriScheme("Unsupported Request-URI scheme", self._ruri[0], raw)
+            self._cache["uri"] = uri
+        contacts = []
+        register = self.is_request and self._method == b"REGISTER"
+        for k, slot in enumerate(self._slots):
+            if slot[0] != H_CONTACT:
+                continue
+            for j, item in enumerate(_split_list(self._value(k))):
+                try:
+                    c = _parse_name_addr(item, "Contact")
+                except SipBadHeader as err:
+                    raise self._element_error(err, k, j, None) from None
+                if c.star and not register:  # RFC 3261 §10.2.2: "*" only in a REGISTER, and alone
+                    raise self._element_error(SipBadHeader("Bad Contact"), k, j, None)
+                if contacts and (c.star or contacts[0].star):
+                    raise self._element_error(SipBadHeader("Bad Contact: * must be alone"), k, j, None)
+                if "expires" in c.params and not _is_delta_seconds(c.params["expires"]):
+                    raise self._element_error(SipBadHeader("Bad Contact expires"), k, j, b"expires")
+                contacts.append(c)
+        self._cache["contacts"] = contacts
+        k = self._first.get(H_EXPIRES)
+        if k is not None:
+            try:
+                self.expires
+            except SipBadHeader as err:
+                raise SipBadHeader(err.reason, self._slots[k][3], raw) from None
+        if self.is_request and self._method == b"INVITE" and self.max_forwards == 0:
+            # RFC 3261 §16.3 step 2: the edge would forward this INVITE (docs/sip.md)
+            raise SipTooManyHops("Too Many Hops (Max-Forwards 0)", self._slots[self._first[H_MAXF]][3], raw)
+        self._valid = True
+
+    def _address(self, h: int, what: str) -> NameAddr:
+        k = self._first[h]
+        try:
+            na = self.from_ if h == H_FROM else self.to
+        except SipBadHeader as err:
+            raise self._element_error(err, k, 0, None) from None
+        if na.star:
+            raise self._element_error(SipBadHeader(f"Bad {what}"), k, 0, None)
+        return na
+
+    def _element_error(self, err: SipParseError, k: int, j: int, param: bytes | None) -> SipParseError:
+        """``err`` again, at the byte offset of element ``j`` of header line ``k`` (or its ``param``)."""
+        _, _, _, vo, vl, _ = self._slots[k]
+        spans = _elements(self.raw, vo, vo + vl)
+        a, b = spans[j] if j < len(spans) else (vo, vo + vl)
+        if param:
+            a = _param_off(self.raw, a, b, param)
+        elif err.reason in ("Bad Via host", "Bad Via port"):
+            a = _sent_by_off(self.raw, a, b, err.reason == "Bad Via port")
+        return type(err)(err.reason, a, self.raw)
 
     def transaction_key(self) -> tuple:
         """RFC 3261 §17.2.3 / §17.1.3 matching key; see ``_sipparse.pyi``."""
@@ -827,6 +1046,50 @@ class SipMessage:
 
 def _is_token(b: bytes) -> bool:
     return bool(b) and all(c in _TOKEN for c in b)
+
+
+def _label(data: bytes, h: int, no: int, nl: int) -> str:
+    """A header's name for a reason phrase: canonical if known, else as written (a token)."""
+    if h:
+        return hdrs.HEADERS[h - 1].name
+    return data[no:no + nl].decode("ascii") if nl <= 64 else "Header"
+
+
+def _long_line(data: bytes, p: int, end: int, start_line: bool) -> SipLineTooLong:
+    """Line at ``p`` over the limit; the reason names the header when the line is ``Name: ...``."""
+    if not start_line and data[p] not in _WS:
+        colon = data.find(b":", p, min(end, p + 65))
+        ne = colon
+        while ne > p and data[ne - 1] in _WS:
+            ne -= 1
+        if colon > p and _is_token(data[p:ne]):
+            h = hdrs.BY_LOWER.get(data[p:ne].decode("ascii").lower(), 0)
+            return SipLineTooLong(f"{_label(data, h, p, ne - p)} Header Too Long", p)
+    return SipLineTooLong("Line Too Long", p)
+
+
+def _value_ctl(data: bytes, i: int, end: int) -> int:
+    """Offset of a control octet RFC 3261 §25.1 does not allow in the header value
+    ``data[i:end]``, else -1.
+
+    Control octets are legal only as a quoted-pair inside a quoted string (RFC 4475
+    intmeth: ``"BEL:\\<0x07>"``); CR/LF inside a value are the line ends of a fold.
+    """
+    inq = False
+    while i < end:
+        c = data[i]
+        if c == 0x0D or c == 0x0A:
+            i += 1
+            continue
+        if inq and c == 0x5C and i + 1 < end and data[i + 1] not in b"\r\n":
+            i += 2  # quoted-pair: any octet but CR/LF
+            continue
+        if c == 0x22:
+            inq = not inq
+        elif (c < 0x20 and c != 0x09) or c == 0x7F:
+            return i
+        i += 1
+    return -1
 
 
 def _scan(data: bytes, pos: int, end: int, datagram: bool) -> SipMessage:
@@ -882,19 +1145,18 @@ def _scan(data: bytes, pos: int, end: int, datagram: bool) -> SipMessage:
     pos = nl + 1
     # header lines
     slots = msg._slots
+    head = pos
     while True:
         if pos >= end:
             raise SipBadHeader("Missing Empty Line", end)
         nl = data.find(b"\n", pos, end)
         if nl < 0:
             if end - pos > MAX_LINE:
-                raise SipLineTooLong("Line Too Long", pos)
+                raise _long_line(data, pos, end, False)
             raise SipBadHeader("Missing Empty Line", end)
         le = nl - 1 if nl > pos and data[nl - 1] == 0x0D else nl
         if le - pos > MAX_LINE:
-            raise SipLineTooLong("Line Too Long", pos)
-        if b"\r" in data[pos:le]:  # bare CR: would split lines downstream
-            raise SipBadHeader("Bare CR", pos)
+            raise _long_line(data, pos, end, False)
         if le == pos:  # empty line: end of headers
             pos = nl + 1
             break
@@ -943,6 +1205,16 @@ def _scan(data: bytes, pos: int, end: int, datagram: bool) -> SipMessage:
         slots.append((h, pos, ne - pos, s, e - s, False))
         pos = nl + 1
     body_off = pos
+    # a bare CR (it would split lines downstream), then NUL & co. in header values
+    # (RFC 3261 §25.1, issue 9); the compiled parser does one SIMD pass for both
+    if _HEAD_FAULT_RE.search(data, head, body_off):
+        cr = _BARE_CR_RE.search(data, head, body_off)
+        if cr is not None:
+            raise SipBadHeader("Bare CR", data.rfind(b"\n", head - 1, cr.start()) + 1)
+        for h, no, nl_, vo, vl, _ in slots:
+            bad = _value_ctl(data, vo, vo + vl)
+            if bad >= 0:
+                raise SipBadHeader(f"Bad {_label(data, h, no, nl_)} value", bad)
     # mandatory headers (RFC 3261 §8.1.1)
     for h in _MANDATORY:
         if h not in msg._first:
@@ -1066,11 +1338,11 @@ def frame_length(buf, start: int = 0) -> int:
         nl = data.find(b"\n", p)
         if nl < 0:
             if n - p > MAX_LINE:
-                raise SipLineTooLong("Line Too Long", p)
+                raise _long_line(data, p, n, p == pos)
             break
         le = nl - 1 if nl > p and data[nl - 1] == 0x0D else nl
         if le - p > MAX_LINE:
-            raise SipLineTooLong("Line Too Long", p)
+            raise _long_line(data, p, n, p == pos)
         if le == p and p != pos:
             head_end = nl + 1
             break

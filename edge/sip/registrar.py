@@ -1,9 +1,12 @@
 """The registrar (RFC 3261 §10.3, SPEC §4.1) on the LMDB store.
 
 The address-of-record is the profile's SIP username (the To user); the digest
-username must be the same. Bindings are kept per contact with their expiry and the
-address the REGISTER really came from (transport, IP and port), so incoming calls
-reach a PBX behind NAT over the flow it registered from.
+username must be the same. The steps run in the RFC's order: authenticate first
+(step 3: no credentials, whatever the To, get a 401 challenge), then the address of
+record (step 5: not a profile's SIP username -> 404), then whether the authenticated
+user may register it (step 6: not their own -> 403). Bindings are kept per contact with
+their expiry and the address the REGISTER really came from (transport, IP and port), so
+incoming calls reach a PBX behind NAT over the flow it registered from.
 """
 
 from __future__ import annotations
@@ -56,21 +59,31 @@ class Registrar:
 
     def handle(self, tx: ServerTransaction) -> None:
         req = tx.request
-        user = req.to.uri.user if req.to.uri is not None else None
-        if not user:
-            tx.respond(400, "To must carry the SIP username")
-            return
-        cred = profiles.credential(self.store, user)
+        aor = req.to.uri.user if req.to.uri is not None else None
+        # §10.3 step 3: authenticate -- an ip profile from an allowed source, or a digest
+        # answer checked against the credential of its own username; no credentials, a
+        # challenge, whatever the To says
+        cred = profiles.credential(self.store, aor) if aor else None
         ip_ok = cred is not None and cred.auth == "ip" and source_allowed(tx.peer.host, cred.allowed_ips)
         if not ip_ok:
             header = req.header("Authorization")
             answer = parse_authorization(header) if header else None
-            result = self.auth.verify(answer, "REGISTER", cred, expected_user=user)
+            if answer is not None and (cred is None or cred.username != answer.username):
+                cred = profiles.credential(self.store, answer.username)
+            result = self.auth.verify(answer, "REGISTER", cred)
             if result is not AuthResult.OK:
                 self._refuse(tx, result)
                 return
         self.failures.success(tx.peer.host)
         assert cred is not None
+        # step 5: the address of record must be a profile's SIP username
+        if not aor or (aor != cred.username and profiles.credential(self.store, aor) is None):
+            tx.respond(404, headers=[("Warning", '399 sipedge "To must carry a SIP username of this service"')])
+            return
+        # step 6: the authenticated user may register only their own address of record
+        if aor != cred.username:
+            self._refuse(tx, AuthResult.USER_MISMATCH)
+            return
         self._update_bindings(tx, cred.profile_id)
 
     def _refuse(self, tx: ServerTransaction, result: AuthResult) -> None:

@@ -1,20 +1,27 @@
 """SIP over UDP and TCP on asyncio (RFC 3261 §18, RFC 3581).
 
 This is the one boundary where bytes from the network become ``SipMessage``s
-(STYLE.md): a malformed request whose Via/From/To/Call-ID/CSeq can be recovered
-gets a stateless 400 with the reason; anything else is dropped and counted in
-``edge_sip_parse_errors_total{reason}``. Nothing raised here reaches the loop.
+(STYLE.md, docs/sip.md "The boundary"): ``parse()`` then ``SipMessage.validate()``, so
+the layers above never meet a parse error. A bad request whose Via/From/To/Call-ID/CSeq
+can be recovered gets a stateless ``400 <reason>`` (or the error's own status: 416,
+483, 505 ...); anything else -- every bad response, every bad ACK -- is dropped; both
+are counted in ``edge_sip_parse_errors_total{reason}``. Nothing raised here reaches the
+loop, and an unexpected exception is logged with its traceback at most once per
+``ThrottledLog`` interval.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import socket
 from collections.abc import Callable
 from typing import NamedTuple
 
-from . import SipMessage, SipParseError, build_stateless_error, frame_length, parse
+from edge.logs import ThrottledLog
+
+from . import SipMessage, SipParseError, build_stateless_error, frame_length, parse, skip_keepalive
 from .metrics import SipMetrics
 
 log = logging.getLogger("sipedge.sip")
@@ -24,6 +31,8 @@ UDP_SOCKET_BUFFER = 4 << 20        # bytes; the kernel caps it at net.core.rmem_
 UDP_BURST = 64                     # datagrams read per readiness event
 TCP_READ_LIMIT = 256 * 1024       # bytes buffered per connection before it is cut
 TCP_IDLE_SECONDS = 3600.0         # an idle connection (no message, no keep-alive) is closed
+TCP_HEADER_SECONDS = 10.0         # defaults of [sip] tcp_header_timeout / tcp_body_timeout
+TCP_BODY_SECONDS = 10.0
 
 
 class Peer(NamedTuple):
@@ -39,6 +48,7 @@ class Peer(NamedTuple):
 
 
 OnMessage = Callable[[SipMessage, Peer], None]
+MayAnswer = Callable[[str], bool]  # may the edge answer this source (flood protection)?
 
 
 def _reason_label(err: SipParseError) -> str:
@@ -92,8 +102,26 @@ class SipUdp:
             self.sock.close()
 
 
+class ReadPhase(enum.Enum):
+    """Where a TCP connection is in reading its next message; each phase has a deadline."""
+
+    IDLE = "idle"  # between messages: closed after TCP_IDLE_SECONDS without a message or ping
+    HEAD = "head"  # a message has begun: its empty line must come within tcp_header_timeout
+    BODY = "body"  # the head is complete: Content-Length octets must come within tcp_body_timeout
+
+
 class TcpConnection(asyncio.Protocol):
-    """One TCP connection: frames messages by Content-Length (RFC 3261 §18.3)."""
+    """One TCP connection: frames messages by Content-Length (RFC 3261 §18.3).
+
+    Read deadlines (Kamailio ``tcp_msg_read_timeout``): a message must complete in time
+    from its first octet, its head within ``tcp_header_timeout`` and then its body within
+    ``tcp_body_timeout``, else the connection is closed and counted
+    (``edge_sip_parse_errors_total{reason="TcpReadTimeout"}``). Only a complete message
+    or a CRLFCRLF ping restarts the idle timeout -- not the octets of an incomplete
+    message, so a peer dribbling a byte at a time cannot hold a connection slot. One
+    timer per connection: a later deadline only moves ``_deadline``, and the timer, when
+    it fires early, sleeps again until it.
+    """
 
     def __init__(self, layer: "Transports", outbound_key: tuple[str, int] | None = None) -> None:
         self.layer = layer
@@ -102,7 +130,10 @@ class TcpConnection(asyncio.Protocol):
         self.peer: Peer | None = None
         self.outbound_key = outbound_key
         self.closed = False
-        self._idle: asyncio.TimerHandle | None = None
+        self.phase = ReadPhase.IDLE
+        self._deadline = 0.0                           # loop time when the current phase expires
+        self._timer: asyncio.TimerHandle | None = None  # fires at or before _deadline
+        self._scanned = 0                              # octets of buf searched for the end of the head
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -112,12 +143,48 @@ class TcpConnection(asyncio.Protocol):
             self.layer.metrics.transport_errors.labels("tcp_limit").inc()
             transport.close()
             return
-        self._touch()
+        self._enter(ReadPhase.IDLE)
 
-    def _touch(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-        self._idle = asyncio.get_running_loop().call_later(TCP_IDLE_SECONDS, self.close)
+    def _enter(self, phase: ReadPhase) -> None:
+        """Start ``phase`` now: its deadline counts from this moment."""
+        loop = asyncio.get_running_loop()
+        self.phase = phase
+        self._deadline = loop.time() + self.layer.read_timeouts[phase]
+        if self._timer is None or self._timer.when() > self._deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_at(self._deadline, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self.closed:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline - 0.001:  # the phase moved on since the timer was set
+            self._timer = loop.call_at(self._deadline, self._expire)
+            return
+        if self.phase is not ReadPhase.IDLE:
+            self.layer.metrics.parse_errors.labels("TcpReadTimeout").inc()
+            log.debug("closing a TCP connection: message incomplete", extra={
+                "event": "tcp_read_timeout", "source": str(self.peer), "phase": self.phase.value,
+                "buffered": len(self.buf)})
+        self.close()
+
+    def _read_done(self, progressed: bool) -> None:
+        """After a read: move the phase (and its deadline) on, only when it really changed."""
+        pos = skip_keepalive(self.buf)
+        if pos >= len(self.buf):  # nothing of a message is waiting
+            if progressed:  # a complete message or a ping: the idle timeout restarts
+                self._enter(ReadPhase.IDLE)
+            return
+        if progressed or self.phase is ReadPhase.IDLE:  # the first octets of a new message
+            self._scanned = pos
+            self._enter(ReadPhase.HEAD)
+        if self.phase is ReadPhase.HEAD:
+            start = max(pos, self._scanned - 2)  # only new octets (and a line end cut in two)
+            self._scanned = len(self.buf)
+            if self.buf.find(b"\n\r\n", start) >= 0 or self.buf.find(b"\n\n", start) >= 0:
+                self._enter(ReadPhase.BODY)
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -125,7 +192,7 @@ class TcpConnection(asyncio.Protocol):
             self.layer.metrics.parse_errors.labels("StreamOverflow").inc()
             self.close()
             return
-        self._touch()
+        progressed = False
         while self.buf and not self.closed:
             try:
                 n = frame_length(self.buf)
@@ -134,17 +201,27 @@ class TcpConnection(asyncio.Protocol):
                 self.layer.received(bytes(self.buf), self.peer, self, framing_error=err)  # type: ignore[arg-type]
                 self.close()
                 return
+            except Exception as exc:  # a framing bug: this stream is lost, the edge is not
+                self.layer.metrics.parse_errors.labels("InternalError").inc()
+                self.layer.metrics.internal_errors.inc()
+                self.layer.errors.exception(exc, "framing failed on a stream from %s", self.peer)
+                self.close()
+                return
             if n == 0:
                 # RFC 5626 §4.4.1: a CRLFCRLF "ping" gets a CRLF "pong".
                 if self.buf.startswith(b"\r\n\r\n"):
                     del self.buf[:4]
                     self.write(b"\r\n")
+                    progressed = True
                     continue
-                return
+                break
             frame = bytes(self.buf[:n])
             del self.buf[:n]
+            progressed = True
             if frame.strip(b"\r\n"):
                 self.layer.received(frame, self.peer, self)  # type: ignore[arg-type]
+        if not self.closed:
+            self._read_done(progressed)
 
     def write(self, data: bytes) -> bool:
         if self.closed or self.transport is None:
@@ -158,20 +235,33 @@ class TcpConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._idle is not None:
-            self._idle.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.layer.forget(self)
 
 
 class Transports:
     """The node's SIP sockets: UDP and TCP listeners and outbound TCP connections.
 
-    :param on_message: called with every well-formed message and where it came from.
+    :param on_message: called with every message that passed ``parse()`` and
+        ``validate()``, and where it came from.
+    :param may_answer: asked before a stateless error answer goes to a source, so a
+        flood of malformed requests meets the same per-source limits as well-formed ones
+        (``None``: always answer).
+    :param tcp_header_timeout: seconds a TCP message's head may take from its first octet.
+    :param tcp_body_timeout: seconds its body may take once the head is complete.
     """
 
-    def __init__(self, on_message: OnMessage, metrics: SipMetrics, *, max_tcp_connections: int = 4096) -> None:
+    def __init__(self, on_message: OnMessage, metrics: SipMetrics, *, max_tcp_connections: int = 4096,
+                 may_answer: MayAnswer | None = None, tcp_header_timeout: float = TCP_HEADER_SECONDS,
+                 tcp_body_timeout: float = TCP_BODY_SECONDS) -> None:
         self.on_message = on_message
         self.metrics = metrics
+        self.may_answer = may_answer
+        self.read_timeouts = {ReadPhase.IDLE: TCP_IDLE_SECONDS, ReadPhase.HEAD: tcp_header_timeout,
+                              ReadPhase.BODY: tcp_body_timeout}
+        self.errors = ThrottledLog(log)     # tracebacks of unexpected exceptions, rate-limited
         self.max_tcp = max_tcp_connections
         self.udp: dict[str, SipUdp] = {}                    # by local host
         self.udp_default: SipUdp | None = None
@@ -209,27 +299,45 @@ class Transports:
     # ------------------------------------------------------------ receiving
 
     def received(self, data: bytes, peer: Peer, via: object, framing_error: SipParseError | None = None) -> None:
+        """The boundary: ``data`` from ``peer`` becomes a checked message, or an answer or a drop.
+
+        :param framing_error: the stream could not be framed (TCP): answer it if possible.
+        """
         try:
             if framing_error is not None:
                 raise framing_error
             msg = parse(data)
+            msg.validate()  # every view the layers above read, decoded and checked once
         except SipParseError as err:
-            self.metrics.parse_errors.labels(_reason_label(err)).inc()
-            reply = build_stateless_error(data, err)  # None for responses and unrecoverable requests
-            if reply is not None:
-                self._send_raw(reply, peer)
-                self.metrics.count_out(peer.proto, "", err.status)
+            self.refuse(data, peer, err)
             return
-        except Exception:  # a parser bug must not take the edge down
-            log.exception("parser failed on a message from %s", peer)
+        except Exception as exc:  # a parser bug must not take the edge down
             self.metrics.parse_errors.labels("InternalError").inc()
+            self.metrics.internal_errors.inc()
+            self.errors.exception(exc, "parser failed on a message from %s", peer)
             return
         self.metrics.count_in(peer.proto, msg)
         try:
             self.on_message(msg, peer)
-        except Exception:
-            log.exception("handling %s %s from %s failed", msg.method, msg.status or "", peer)
+        except Exception as exc:
             self.metrics.internal_errors.inc()
+            self.errors.exception(exc, "handling %s %s from %s failed", msg.method, msg.status or "", peer)
+
+    def refuse(self, data: bytes, peer: Peer, err: SipParseError) -> None:
+        """Count a bad message; answer it statelessly if it is a request that can be answered.
+
+        The answer goes to the address and port the bytes came from (or over their TCP
+        connection), never to the Via: a broken ``rport`` cannot be honoured (RFC 3581).
+        Responses and ACKs are never answered (``build_stateless_error`` returns None).
+        """
+        self.metrics.parse_errors.labels(_reason_label(err)).inc()
+        reply = build_stateless_error(data, err)  # None for responses, ACKs and unrecoverable requests
+        if reply is None:
+            return
+        if self.may_answer is not None and not self.may_answer(peer.host):
+            return  # a flooding or blocked source gets nothing, as for well-formed requests
+        self._send_raw(reply, peer)
+        self.metrics.count_out(peer.proto, "", err.status)
 
     def admit(self, conn: TcpConnection) -> bool:
         if self.tcp_count >= self.max_tcp:

@@ -9,7 +9,7 @@ Not collected by pytest (no ``test_`` prefix).  Run manually::
 
 The corpus is seeded from ``tests/corpus/{valid,invalid}`` into ``tests/fuzz/work``
 (git-ignored by the caller's choice; safe to delete).  The target asserts that only
-``SipParseError`` escapes, touches every lazy accessor, exercises the builders and
+``SipParseError`` escapes, touches every lazy accessor and ``validate()``, exercises the builders and
 TCP framing, and compares the compiled parser with the Python oracle.
 """
 

@@ -266,3 +266,51 @@ def test_out_of_order_register_cannot_undo_a_newer_one(edge: EdgeProcess, ua: Ra
     _, stale, _ = register(ua, user, pw, contact=contact, call_id=call_id, cseq=3, expires=0)
     assert stale.status == 500 and stale.header("Retry-After") == "1"
     assert any(b["contact"].endswith(":7020") for b in bindings(edge, profile["id"]))  # not removed
+
+
+# RFC 3261 §10.3: authenticate (step 3) before looking at the address of record (steps 5, 6)
+
+def register_to(ua: RawSip, to_value: bytes, user: str, password: str) -> tuple:
+    """REGISTER with ``To: <to_value>`` as the digest ``user``; returns (challenge, final answer)."""
+    call_id = uuid.uuid4().hex
+
+    def req(cseq: int, extra=()) -> bytes:
+        raw = ua.request("REGISTER", "sip:sip.edge.test", from_user=user, to_user="placeholder", call_id=call_id,
+                         cseq=cseq, headers=[("Expires", "60"), *extra])
+        return raw.replace(b"To: <sip:placeholder@sip.edge.test>", b"To: " + to_value)
+
+    ua.send(req(1))
+    challenge = ua.recv_final()
+    if challenge.status != 401:
+        return challenge, challenge
+    auth = digest("REGISTER", "sip:sip.edge.test", user, password, challenge.header("WWW-Authenticate"))
+    ua.send(req(2, [("Authorization", auth)]))
+    return challenge, ua.recv_final()
+
+
+@pytest.fixture(scope="module")
+def other(edge: EdgeProcess) -> dict:
+    with edge.client() as api:
+        acct = api.post("/v1/accounts", json={"name": "O", "admin": f"o.{uuid.uuid4().hex[:6]}"}).json()
+        return api.post(f"/v1/accounts/{acct['id']}/profiles", json={"name": "Other", "channels": 1}).json()
+
+
+def test_a_to_without_user_is_challenged_first_then_not_found(ua: RawSip, profile: dict) -> None:
+    challenge, answer = register_to(ua, b"<sip:sip.edge.test>", profile["sip_username"], profile["sip_password"])
+    assert challenge.status == 401  # step 3 before step 5: no 400 before the challenge
+    assert answer.status == 404 and "SIP username" in answer.header("Warning")
+
+
+def test_an_unknown_address_of_record_is_not_found_once_authenticated(ua: RawSip, profile: dict) -> None:
+    challenge, answer = register_to(ua, b"<sip:990500088888@sip.edge.test>", profile["sip_username"],
+                                    profile["sip_password"])
+    assert (challenge.status, answer.status) == (401, 404)
+
+
+def test_registering_another_profiles_address_of_record_is_forbidden(edge: EdgeProcess, ua: RawSip, profile: dict,
+                                                                      other: dict) -> None:
+    to = f"<sip:{other['sip_username']}@sip.edge.test>".encode()
+    challenge, answer = register_to(ua, to, profile["sip_username"], profile["sip_password"])
+    assert (challenge.status, answer.status) == (401, 403)  # step 6
+    assert "Digest username must be the SIP username in To" in answer.header("Warning")
+    assert bindings(edge, other["id"]) == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from edge.logs import JsonFormatter, TextFormatter
+from edge.logs import JsonFormatter, TextFormatter, ThrottledLog
 
 
 def record(**extra) -> logging.LogRecord:
@@ -29,3 +29,37 @@ def test_secrets_never_logged() -> None:
                                  authorization="Digest ...", call_id="c2"))
         assert "hunter2" not in line and "t0k" not in line and "abcd" not in line and "Digest" not in line
         assert "c2" in line
+
+
+def _raise(exc: BaseException) -> BaseException:
+    try:
+        raise exc
+    except BaseException as caught:  # a real traceback, as at the boundary
+        return caught
+
+
+def test_throttled_log_one_traceback_per_interval_per_type(caplog) -> None:
+    now = [100.0]
+    log = ThrottledLog(logging.getLogger("sipedge.test"), interval=10.0, clock=lambda: now[0])
+    with caplog.at_level(logging.ERROR, logger="sipedge.test"):
+        assert log.exception(_raise(KeyError("a")), "handling %s failed", "INVITE")
+        for _ in range(1000):  # a flood of the same bug: counted, not logged
+            assert not log.exception(_raise(KeyError("b")), "handling %s failed", "INVITE")
+        assert log.exception(_raise(ValueError("c")), "other")  # another type has its own budget
+        assert log.suppressed(KeyError) == 1000
+        now[0] += 10.0
+        assert log.exception(_raise(KeyError("d")), "handling %s failed", "BYE")
+    lines = [r for r in caplog.records if r.name == "sipedge.test"]
+    assert len(lines) == 3
+    assert all(r.exc_info and r.exc_info[2] is not None for r in lines)  # with the traceback
+    assert lines[0].getMessage() == "handling INVITE failed"
+    assert lines[2].getMessage() == "handling BYE failed (1000 more like it in the last 10 s not logged)"
+    assert log.suppressed(KeyError) == 0
+    assert "Traceback" in TextFormatter().formatException(lines[2].exc_info)
+
+
+def test_throttled_log_memory_is_bounded() -> None:
+    log = ThrottledLog(logging.getLogger("sipedge.test.bound"), max_types=4, clock=lambda: 0.0)
+    for i in range(50):
+        log.exception(_raise(type(f"E{i}", (Exception,), {})()), "x")
+    assert len(log._state) <= 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import edge._sipparse as compiled
@@ -10,7 +11,10 @@ from edge.sip.errors import SipParseError
 
 CORPUS = Path(__file__).resolve().parent.parent / "corpus"
 VALID = sorted((CORPUS / "valid").glob("*.sip"))
-INVALID = sorted((CORPUS / "invalid").glob("*.sip"))
+# RFC 4475 torture messages; the regressions issue-<n>-<slug>.sip have their own table
+INVALID = sorted(p for p in (CORPUS / "invalid").glob("*.sip") if not p.name.startswith("issue-"))
+ISSUES = sorted((CORPUS / "invalid").glob("issue-*.sip"))
+EXPECTED = tomllib.loads((CORPUS / "invalid" / "expected.toml").read_text())
 IMPLS = {"c": compiled, "py": parser_py}
 
 
@@ -57,4 +61,14 @@ def outcome(impl, data: bytes):
             out.append(fn(msg))
         except SipParseError as e:
             out.append(("lazy-err", type(e).__name__, e.reason))
+    out.append(validated(impl, data))
     return tuple(out)
+
+
+def validated(impl, data: bytes):
+    """What ``parse(data).validate()`` says, on a fresh message (the boundary's order)."""
+    try:
+        impl.parse(data).validate()
+    except SipParseError as e:
+        return ("invalid", type(e).__name__, e.status, e.reason, e.offset)
+    return ("valid",)

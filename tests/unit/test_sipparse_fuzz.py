@@ -13,11 +13,11 @@ import os
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_sipparse_common import IMPLS, INVALID, VALID, outcome
+from test_sipparse_common import IMPLS, INVALID, ISSUES, VALID, outcome
 
 from edge.sip.errors import SipParseError
 
-SEEDS = [p.read_bytes() for p in VALID + INVALID]
+SEEDS = [p.read_bytes() for p in VALID + INVALID + ISSUES]
 EXAMPLES = int(os.environ.get("SIPPARSE_FUZZ_EXAMPLES", "600"))
 EXPLORE = "SIPPARSE_FUZZ_EXAMPLES" in os.environ  # random seeds when exploring
 INTERESTING = [b"\r\n", b"\n", b"\r", b" ", b"\t", b":", b";", b",", b'"', b"\\", b"<", b">", b"=",

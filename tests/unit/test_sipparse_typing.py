@@ -20,6 +20,7 @@ def handle(data: bytes) -> bytes | None:
         msg: SipMessage = parse(data)
     except SipParseError as err:
         return build_stateless_error(data, err)
+    msg.validate()
     key: tuple[object, ...] = msg.transaction_key()
     branch: str | None = msg.branch
     seq: int = msg.cseq + msg.content_length + (msg.max_forwards or 0)
