@@ -2079,8 +2079,10 @@ def _build_stateless_error(bytes data, err):
                 vals[0].count(b'"') % 2 or vals[0].count(b"<") != vals[0].count(b">")):
             return None  # unbalanced quotes/brackets: cannot be copied into a parseable answer
         if h == HDR_CSEQ:
+            # copied as it came, a bad number too (issue 9: `CSeq: abc OPTIONS` gets its 400,
+            # as Kamailio's sanity module answers it); the method must be a token, never ACK
             parts = vals[0].split()
-            if len(parts) != 2 or not parts[0].isdigit() or parts[1] == b"ACK":
+            if len(parts) != 2 or not _is_token(parts[1]) or parts[1] == b"ACK":
                 return None
         for v in vals:
             out.append(_RECOVER[h] + b": " + v)

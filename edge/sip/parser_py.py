@@ -1506,7 +1506,8 @@ def _build_stateless_error(data: bytes, err: SipParseError):
             return None  # unbalanced quotes/brackets: cannot be copied into a parseable answer
         if h == H_CSEQ:
             parts = vals[0].split()
-            if len(parts) != 2 or not parts[0].isdigit() or parts[1] == b"ACK":
+            # copied as it came, a bad number too (issue 9); the method must be a token, never ACK
+            if len(parts) != 2 or not _is_token(parts[1]) or parts[1] == b"ACK":
                 return None
         for v in vals:
             out.append(_RECOVER[h].encode() + b": " + v)

@@ -16,11 +16,12 @@ import tomllib
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import pytest
 
-from edge.sip import SipMessage, frame_length, parse
+from edge.sip import SipParseError, frame_length, parse
 from edgeproc import EdgeProcess
 from rawsip import RawSip, digest
 
@@ -106,6 +107,27 @@ def barrier(proto: str) -> tuple[bytes, str]:
     return data, call_id
 
 
+class Answer(NamedTuple):
+    """What the test reads of an answer: also of one that repeats a header a strict parser
+    refuses (the CSeq of ``issue-9-cseq-nonnumeric`` comes back as it was sent)."""
+
+    status: int
+    reason: str
+    call_id: str
+
+
+def answer_of(data: bytes) -> Answer:
+    try:
+        msg = parse(data)
+        return Answer(msg.status, msg.reason, msg.call_id)
+    except SipParseError:
+        head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+        status = re.match(r"SIP/2\.0 (\d{3}) (.*)", head)
+        call_id = re.search(r"^Call-ID: *(.*)$", head, re.M | re.I)
+        assert status and call_id, data
+        return Answer(int(status.group(1)), status.group(2).strip(), call_id.group(1).strip())
+
+
 class Stream:
     """A raw TCP connection that reads until a frame or until the edge closes it."""
 
@@ -114,13 +136,16 @@ class Stream:
         self.buf = b""
         self.eof = False
 
-    def next(self) -> SipMessage | None:
+    def next(self) -> Answer | None:
         """The next message, or None once the edge has closed the connection."""
         while True:
-            n = frame_length(self.buf) if self.buf.strip(b"\r\n") else 0
+            try:
+                n = frame_length(self.buf) if self.buf.strip(b"\r\n") else 0
+            except SipParseError:  # an answer repeating a broken header: its head, no body
+                n = self.buf.find(b"\r\n\r\n") + 4 if b"\r\n\r\n" in self.buf else 0
             if n:
                 frame, self.buf = self.buf[:n], self.buf[n:]
-                return parse(frame)
+                return answer_of(frame)
             if self.eof:
                 return None
             try:
@@ -135,15 +160,16 @@ class Stream:
         self.sock.close()
 
 
-def exchange_udp(edge: EdgeProcess, data: bytes) -> list[SipMessage]:
+def exchange_udp(edge: EdgeProcess, data: bytes) -> list[Answer]:
     ua = RawSip(edge.sip_port)
     try:
         probe, probe_id = barrier("udp")
         ua.send(data)
         ua.send(probe)
         answers = []
+        ua.sock.settimeout(GUARD)
         while True:
-            msg = ua.recv(timeout=GUARD)
+            msg = answer_of(ua.sock.recvfrom(65535)[0])
             if msg.call_id == probe_id:
                 assert (msg.status, msg.reason) == (400, "Bad Contact port")
                 return answers
@@ -152,7 +178,7 @@ def exchange_udp(edge: EdgeProcess, data: bytes) -> list[SipMessage]:
         ua.close()
 
 
-def exchange_tcp(edge: EdgeProcess, data: bytes, after: str) -> list[SipMessage]:
+def exchange_tcp(edge: EdgeProcess, data: bytes, after: str) -> list[Answer]:
     conn = Stream(edge.sip_port)
     try:
         conn.sock.sendall(data)

@@ -64,6 +64,9 @@ def test_issue_corpus(P, path):
     else:
         assert reply is not None
         assert reply.startswith(b"SIP/2.0 %d %s\r\n" % (exp["udp"], exp["reason"].encode()))
+        if not exp.get("answer_parses", True):  # it repeats the broken header it answers
+            assert exp["at"].encode("latin-1") in reply
+            return
         answer = P.parse(reply)
         assert answer.call_id == data.split(b"Call-ID: ")[1].split(b"\r\n")[0].decode()
         assert answer.to_tag
