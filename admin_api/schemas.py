@@ -10,7 +10,17 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from edge.control.models import Account, Cdr, Credential, LedgerEntry, LiveCall, OnlineNumber, Profile, Rate, Registration
+from edge.control.models import (
+    Account,
+    Cdr,
+    Credential,
+    LedgerEntry,
+    LiveCall,
+    OnlineNumber,
+    Profile,
+    Rate,
+    Registration,
+)
 from edge.control.money import Money, format_money
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f]+$")]

@@ -44,9 +44,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.bench_register import (CPU_DUT, CPU_GEN, DOMAIN, KAM_DIR, SIPP_DIR, Device, Kamailio, Sipedge, StepResult,
-                                  ensure_debs, free_port, ladder, log, pinned, run_sipp, spread, stop_tree,
-                                  tool_version, tree_pids)
+from bench.bench_register import (
+    CPU_DUT,
+    CPU_GEN,
+    DOMAIN,
+    KAM_DIR,
+    SIPP_DIR,
+    Device,
+    Kamailio,
+    Sipedge,
+    StepResult,
+    ensure_debs,
+    free_port,
+    ladder,
+    log,
+    pinned,
+    run_sipp,
+    spread,
+    stop_tree,
+    tool_version,
+    tree_pids,
+)
 
 DEST = "+442071234567"       # UK London: rated by the "44" row the script loads into sipedge
 CARRIER_IP = "127.0.0.2"

@@ -23,7 +23,8 @@ from bench.common import machine_info, write_result
 from edge.control.models import Credential, OnlineNumber, Profile, Rate
 from edge.control.numbers import profile_by_number
 from edge.control.profiles import SIP_USERNAME_BASE, credential
-from edge.control.rates import rate_for, replace as replace_rates
+from edge.control.rates import rate_for
+from edge.control.rates import replace as replace_rates
 from edge.control.store import Store, Txn
 
 PROFILES, NUMBERS, PREFIXES = 10_000, 100_000, 100_000

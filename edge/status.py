@@ -349,7 +349,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
 def _run(args: argparse.Namespace, out: TextIO) -> int:
     try:
         api, token = _resolve(args)
-    except Exception as exc:  # noqa: BLE001 - a config error is reported like any other
+    except Exception as exc:  # a config error is reported like any other
         print(f"sipedge status: {exc}", file=sys.stderr)
         return 2
     client = Client(api, token, timeout=args.timeout)

@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from edgeproc import EdgeProcess  # noqa: E402
+from edgeproc import EdgeProcess
 
 
 @pytest.fixture(scope="module")

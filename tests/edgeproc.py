@@ -78,7 +78,7 @@ class EdgeProcess:
         self.base = f"http://127.0.0.1:{self.api_port}"
         self.log = self.tmp / "edge.log"
 
-    def start(self, *args: str, timeout: float = 20.0) -> "EdgeProcess":
+    def start(self, *args: str, timeout: float = 20.0) -> EdgeProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("SIPEDGE_ADMIN_TOKEN", None)
         self._log_file = open(self.log, "ab")
@@ -113,7 +113,7 @@ class EdgeProcess:
         self._log_file.close()
         return self.proc.returncode
 
-    def __enter__(self) -> "EdgeProcess":
+    def __enter__(self) -> EdgeProcess:
         # ``with EdgeProcess(...).start("--demo") as e`` must not start a second process
         return self if self.proc is not None and self.proc.poll() is None else self.start()
 

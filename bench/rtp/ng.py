@@ -69,6 +69,6 @@ class NgClient:
                         if reply.get("result") not in (b"ok", b"pong"):
                             raise RuntimeError("rtpengine %s: %r" % (command, reply))
                         return reply
-            except socket.timeout:
+            except TimeoutError:
                 continue
         raise TimeoutError("rtpengine did not answer %s" % command)

@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from edge.control.credit import CreditEngine, is_e164
 from edge.control import channels, numbers, profiles
+from edge.control.credit import CreditEngine, is_e164
 from edge.control.errors import NotFound, StoreError
 from edge.control.models import Credential, LiveCall, Profile, Rate
 from edge.control.store import Store

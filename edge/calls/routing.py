@@ -11,11 +11,9 @@ or the static contact of an ``ip`` profile (SPEC §4.3).
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from edge.config import CarrierConfig
-from collections.abc import Callable
-
 from edge.control.models import Profile, Registration
 from edge.sip import SipParseError, parse_uri
 from edge.sip.dialog import peer_of

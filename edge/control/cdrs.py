@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .models import Cdr
-from .store import SEP, Txn, u64, reads, writes
+from .store import SEP, Txn, reads, u64, writes
 
 
 def add(txn: Txn, cdr: Cdr) -> Cdr:

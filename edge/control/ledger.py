@@ -18,7 +18,7 @@ import time
 from . import accounts, profiles
 from .errors import InsufficientFunds, Invalid
 from .models import Account, AutoRecharge, LedgerEntry, Profile
-from .store import SEP, Txn, u64, reads, writes
+from .store import SEP, Txn, reads, u64, writes
 
 
 def owner_key(owner: Account | Profile) -> str:

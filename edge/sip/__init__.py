@@ -19,7 +19,6 @@ from edge.sip.errors import (
     SipVersionNotSupported,
 )
 
-
 try:
     from edge._sipparse import (
         MAX_HEADER_LINES,

@@ -113,7 +113,7 @@ class SipService:
         while True:
             try:
                 await asyncio.wait_for(self._flush_wanted.wait(), timeout=1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._flush_wanted.clear()
             try:

@@ -11,6 +11,7 @@ incoming calls reach a PBX behind NAT over the flow it registered from.
 
 from __future__ import annotations
 
+import logging
 import time
 from email.utils import formatdate
 
@@ -18,8 +19,6 @@ from edge.control import profiles, registrations
 from edge.control.errors import StoreError
 from edge.control.models import Registration
 from edge.control.store import Store
-
-import logging
 
 from .auth import AuthResult, DigestAuth, FailureTracker, parse_authorization, source_allowed
 from .metrics import SipMetrics

@@ -41,7 +41,7 @@ class Peer(NamedTuple):
     proto: str                               # "udp" | "tcp"
     host: str
     port: int
-    conn: "TcpConnection | None" = None      # the TCP connection it arrived on
+    conn: TcpConnection | None = None      # the TCP connection it arrived on
 
     def __str__(self) -> str:
         return f"{self.proto}:{self.host}:{self.port}"
@@ -63,7 +63,7 @@ class SipUdp:
     event, and sends go to the non-blocking socket directly (docs/sip.md has the figures).
     """
 
-    def __init__(self, layer: "Transports", sock: socket.socket) -> None:
+    def __init__(self, layer: Transports, sock: socket.socket) -> None:
         self.layer = layer
         self.sock = sock
         self.closed = False
@@ -123,7 +123,7 @@ class TcpConnection(asyncio.Protocol):
     it fires early, sleeps again until it.
     """
 
-    def __init__(self, layer: "Transports", outbound_key: tuple[str, int] | None = None) -> None:
+    def __init__(self, layer: Transports, outbound_key: tuple[str, int] | None = None) -> None:
         self.layer = layer
         self.buf = bytearray()
         self.transport: asyncio.Transport | None = None
@@ -387,7 +387,7 @@ class Transports:
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(lambda: TcpConnection(self, (host, port)), host, port), timeout=5.0)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             return None
         return conn if not conn.closed else None
 

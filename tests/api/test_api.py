@@ -7,7 +7,6 @@ from decimal import Decimal
 
 import httpx
 import pytest
-
 from edgeproc import EdgeProcess
 
 

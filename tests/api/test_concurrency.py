@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
 import httpx
-
 from edgeproc import TOKEN, EdgeProcess
 
 

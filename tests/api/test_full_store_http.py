@@ -10,7 +10,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from edgeproc import EdgeProcess
 
 MAP_MB = 16

@@ -188,7 +188,7 @@ def write_tone_wav(path: str | os.PathLike[str], freq: float, *, rate: int = 160
 class CallHandle:
     """One call in a :class:`PjUA` child, outgoing or incoming. State is fed by events."""
 
-    def __init__(self, ua: "PjUA", hid: int, direction: str, info: dict[str, Any] | None = None) -> None:
+    def __init__(self, ua: PjUA, hid: int, direction: str, info: dict[str, Any] | None = None) -> None:
         self.ua = ua
         self.id = hid
         self.direction = direction
@@ -548,7 +548,7 @@ class PjUA:
         self._stderr.close()
         self._reader.join(2)
 
-    def __enter__(self) -> "PjUA":
+    def __enter__(self) -> PjUA:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -646,7 +646,7 @@ def _lr(uri: str) -> str:
 # Child side: runs pjsua2
 # --------------------------------------------------------------------------------------
 
-def _child_main(cfg: dict[str, Any]) -> int:  # noqa: C901 - one closure keeps the child self-contained
+def _child_main(cfg: dict[str, Any]) -> int:  # one closure keeps the child self-contained
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     log_fd = os.open(cfg["log_path"] + ".stdout", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(log_fd, 1)  # anything printed to fd 1 (pjsip, C code) must not corrupt the protocol

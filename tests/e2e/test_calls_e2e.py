@@ -21,17 +21,18 @@ import threading
 import time
 import uuid
 import wave
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
 pytest.importorskip("pjsua2")
 
-from edgeproc import EdgeProcess  # noqa: E402
+from edgeproc import EdgeProcess
 
-from e2e.pjua import CallHandle, PjUA, UAPool, edge_registrar, hears_tone, provision_profile, tone_powers  # noqa: E402
+from e2e.pjua import CallHandle, PjUA, UAPool, edge_registrar, hears_tone, provision_profile, tone_powers
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -583,7 +584,7 @@ class RefusingGateway:
         while not self._stop.is_set():
             try:
                 data, addr = self.sock.recvfrom(65535)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return

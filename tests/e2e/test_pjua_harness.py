@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("pjsua2")
 
-from e2e.pjua import PjUA, PjUAError, UAPool, goertzel, hears_tone, parse_sip_headers, pjua, tone_powers, write_tone_wav  # noqa: E402,F401
+from e2e.pjua import PjUA, PjUAError, UAPool, goertzel, hears_tone, parse_sip_headers, pjua, tone_powers, write_tone_wav  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -128,7 +128,7 @@ class FakeRegistrar:
         while not self._stop.is_set():
             try:
                 data, addr = self.sock.recvfrom(65535)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return

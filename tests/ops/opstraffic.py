@@ -163,7 +163,7 @@ def drive(ops: OpsEdge, *, block_source: str = "127.0.0.4", block_threshold: int
             try:
                 scanner.sock.recvfrom(65535)
                 raise AssertionError("a blocked source was answered")
-            except socket.timeout:
+            except TimeoutError:
                 pass
     finally:
         scanner.close()

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import httpx
-
 from edgeproc import free_port, wait_ready
 
 
@@ -62,7 +61,7 @@ class PrometheusProcess:
         self.log = self.tmp / "prometheus.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 30.0) -> "PrometheusProcess":
+    def start(self, timeout: float = 30.0) -> PrometheusProcess:
         self._log = open(self.log, "ab")
         self.proc = subprocess.Popen(
             ["prometheus", f"--config.file={self.config}", f"--storage.tsdb.path={self.tmp / 'data'}",
@@ -89,7 +88,7 @@ class PrometheusProcess:
                 self.proc.wait(5)
         self._log.close()
 
-    def __enter__(self) -> "PrometheusProcess":
+    def __enter__(self) -> PrometheusProcess:
         # ``with prom.start():`` must not start a second server: it would find the first one
         # ready on the same port, and the first would outlive stop() (left running)
         return self if self.proc is not None and self.proc.poll() is None else self.start()

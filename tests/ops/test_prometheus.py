@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from opstraffic import drive_or_explain, ops_edge
 from promserver import PrometheusProcess, ensure_prometheus, with_bool
 
@@ -143,7 +142,7 @@ def test_every_dashboard_expression_returns_series(stack) -> None:
             checked += 1
             try:
                 result = prom.query(expr)["result"]
-            except Exception as exc:  # noqa: BLE001 - report every failing expression at once
+            except Exception as exc:  # report every failing expression at once
                 failures.append(f"{p['title']} [{t['refId']}]: {expr}\n    error: {exc}")
                 continue
             if not result:
@@ -223,7 +222,7 @@ def test_every_alert_expression_evaluates_with_series(stack) -> None:
             probe = with_bool(expr)
             if not prom.query(probe)["result"]:
                 failures.append(f"{r['name']}: no series for {probe}")
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             failures.append(f"{r['name']}: {exc}")
     assert not failures, "alert expressions failing:\n" + "\n".join(failures)
 

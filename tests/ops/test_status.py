@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-
 from edgeproc import TOKEN, free_port
 from opstraffic import ops_edge
 

@@ -8,7 +8,6 @@ import time
 from decimal import Decimal
 
 import pytest
-
 from edgeproc import EdgeProcess
 from rawsip import media_port, rtp_packet
 from test_calls_raw import Carrier, Pbx, answered_call, api_get, new_profile, wait_for

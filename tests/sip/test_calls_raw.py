@@ -10,10 +10,10 @@ import uuid
 from decimal import Decimal
 
 import pytest
-
-from edge.sip import build_response, parse
 from edgeproc import EdgeProcess
 from rawsip import RawSip, digest, media_port, rtp_packet, sdp
+
+from edge.sip import build_response, parse
 
 DOMAIN = "sip.edge.test"
 
@@ -56,7 +56,7 @@ class Carrier:
         try:
             while True:
                 self.sock.recvfrom(65535)
-        except (socket.timeout, BlockingIOError):
+        except (TimeoutError, BlockingIOError):
             pass
 
     def close(self) -> None:

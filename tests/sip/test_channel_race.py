@@ -11,10 +11,10 @@ import time
 
 import httpx
 import pytest
-
-from edge.sip import build_response, parse
 from edgeproc import EdgeProcess
 from rawsip import sdp
+
+from edge.sip import build_response, parse
 
 CHANNELS = 3
 PROCESSES = 4
@@ -27,7 +27,7 @@ def carrier_loop(sock: socket.socket, stop: threading.Event) -> None:
     while not stop.is_set():
         try:
             data, addr = sock.recvfrom(65535)
-        except socket.timeout:
+        except TimeoutError:
             continue
         msg = parse(data)
         if not msg.is_request:
@@ -46,7 +46,7 @@ def pbx_process(sip_port: int, user: str, password: str, index: int, out: mp.Que
     from pathlib import Path
 
     sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent)]
-    from test_calls_raw import Pbx  # noqa: E402
+    from test_calls_raw import Pbx
 
     class Edge:
         pass

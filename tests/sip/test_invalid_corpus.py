@@ -20,10 +20,10 @@ from typing import NamedTuple
 
 import httpx
 import pytest
-
-from edge.sip import SipParseError, frame_length, parse
 from edgeproc import EdgeProcess
 from rawsip import RawSip, digest
+
+from edge.sip import SipParseError, frame_length, parse
 
 CORPUS = Path(__file__).resolve().parent.parent / "corpus" / "invalid"
 EXPECTED = tomllib.loads((CORPUS / "expected.toml").read_text())
@@ -292,7 +292,7 @@ def test_slow_or_incomplete_tcp_message_is_closed_and_counted(edge: EdgeProcess,
                 try:
                     if conn.sock.recv(1, socket.MSG_PEEK) == b"":
                         break  # the edge closed it
-                except socket.timeout:
+                except TimeoutError:
                     pass
             conn.sock.settimeout(GUARD)
             assert sent < len(OPTIONS)  # closed long before the message could complete

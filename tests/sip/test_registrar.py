@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 
 import httpx
 import pytest
-
 from edgeproc import EdgeProcess
 from rawsip import RawSip, challenge_params, digest
 
@@ -239,7 +237,7 @@ def test_malformed_datagrams_get_400_or_are_dropped_and_counted(edge: EdgeProces
             status_line = ua.sock.recvfrom(65535)[0].split(b"\r\n", 1)[0]
             assert status_line.startswith(b"SIP/2.0 400 ") and len(status_line) > 12
             answered += 1
-        except socket.timeout:
+        except TimeoutError:
             pass
     assert answered == 3  # issue 9: a non-numeric CSeq is answered too (copied as it came)
     ua.send(ua.request("OPTIONS", "sip:sip.edge.test", from_user="pbx", to_user="edge"))

@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from edgeproc import EdgeProcess
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,7 +15,6 @@ from decimal import Decimal
 
 import httpx
 import pytest
-
 from edgeproc import EdgeProcess
 from test_calls_raw import Carrier, Pbx, answered_call, hang_up, new_profile
 

@@ -137,7 +137,8 @@ def test_media_level_connection_wins():
     assert (m.host, m.port, m.direction) == ("2.2.2.2", 5000, "inactive")
 
 
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st
 
 _attr = st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=30)
 

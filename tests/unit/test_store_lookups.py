@@ -9,12 +9,12 @@ import pytest
 
 from edge.control import accounts, numbers, profiles, rates, registrations
 from edge.control.demo import ensure_demo
+from edge.control.errors import Invalid
 from edge.control.models import Rate, Registration
 from edge.control.profiles import digest_ha1
 from edge.control.rates import is_bundle_excluded, rate_for
 from edge.control.store import Store
 from edge.control.tables import parse_exclusions, parse_rates_csv, shipped_exclusions, shipped_rates
-from edge.control.errors import Invalid
 
 SEED = Path(__file__).resolve().parents[3] / "shared" / "seed" / "skype-connect-quick-start.txt"
 
