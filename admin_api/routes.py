@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from typing import Any
+from typing import Any, TypedDict
 
 import msgspec
 from litestar import Request, Response, delete, get, patch, post, put
@@ -51,8 +51,13 @@ from .schemas import (
     RegistrationOut,
 )
 
-THREAD = {"sync_to_thread": True}
-READ = {"sync_to_thread": False}  # reads are one LMDB read transaction: microseconds, never block
+
+class _Sync(TypedDict):  # typed, so that **THREAD / **READ check against the route decorators' keywords
+    sync_to_thread: bool
+
+
+THREAD: _Sync = {"sync_to_thread": True}
+READ: _Sync = {"sync_to_thread": False}  # reads are one LMDB read transaction: microseconds, never block
 _json = msgspec.json.Encoder()
 
 Limit = Parameter(ge=1, le=1000, default=100, description="page size")
