@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
-    from edge._rtp import Relay
+    from edge._rtp import Leg, Relay
     from edge.control.models import LiveCall, Profile, Rate
     from edge.sip.invite import InviteSession, UacInvite, UasInvite
     from edge.sip.transport import Peer
@@ -29,7 +29,7 @@ class Side(enum.Enum):
     CARRIER = "carrier"             # the upstream carriers
 
     @property
-    def relay_leg(self) -> str:
+    def relay_leg(self) -> Leg:
         return "a" if self is Side.CUSTOMER else "b"
 
     @property

@@ -16,6 +16,7 @@ import ipaddress
 import os
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from edge.control.models import Credential
@@ -78,7 +79,7 @@ class DigestAuth:
     """
 
     def __init__(self, realm: str, nonce_ttl: float = 300.0, key: bytes | None = None,
-                 algorithms: tuple[str, ...] | list[str] = ("SHA-256", "MD5")) -> None:
+                 algorithms: Sequence[str] = ("SHA-256", "MD5")) -> None:
         self.realm = realm
         self.algorithms = tuple(algorithms)
         self.nonce_ttl = nonce_ttl

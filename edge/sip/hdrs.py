@@ -118,4 +118,4 @@ def canonical(name: str) -> str:
 def is_multi(name: str) -> bool:
     """True when ``name`` is a comma-separated list header (split by ``headers()``)."""
     idx = BY_LOWER.get(name.lower())
-    return bool(idx) and HEADERS[idx - 1].multi
+    return HEADERS[idx - 1].multi if idx else False

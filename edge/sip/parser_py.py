@@ -968,7 +968,7 @@ class SipMessage:
             if uri.scheme not in ("sip", "sips", "tel"):  # RFC 3261 §8.2.2.1
                 raise SipUnsupportedUriScheme("Unsupported Request-URI scheme", self._ruri[0], raw)
             self._cache["uri"] = uri
-        contacts = []
+        contacts: list[NameAddr] = []
         register = self.is_request and self._method == b"REGISTER"
         for k, slot in enumerate(self._slots):
             if slot[0] != H_CONTACT:
@@ -986,12 +986,12 @@ class SipMessage:
                     raise self._element_error(SipBadHeader("Bad Contact expires"), k, j, b"expires")
                 contacts.append(c)
         self._cache["contacts"] = contacts
-        k = self._first.get(H_EXPIRES)
-        if k is not None:
+        ke = self._first.get(H_EXPIRES)
+        if ke is not None:
             try:
                 self.expires
             except SipBadHeader as err:
-                raise SipBadHeader(err.reason, self._slots[k][3], raw) from None
+                raise SipBadHeader(err.reason, self._slots[ke][3], raw) from None
         if self.is_request and self._method == b"INVITE" and self.max_forwards == 0:
             # RFC 3261 §16.3 step 2: the edge would forward this INVITE (docs/sip.md)
             raise SipTooManyHops("Too Many Hops (Max-Forwards 0)", self._slots[self._first[H_MAXF]][3], raw)
@@ -1242,6 +1242,7 @@ def _scan(data: bytes, pos: int, end: int, datagram: bool) -> SipMessage:
         if cl < 0:
             msg._body = (body_off, end)  # RFC 3261 §18.3: UDP, no Content-Length
         elif cl > avail:
+            assert k is not None  # cl >= 0: it was read from the header at line k
             raise SipBadContentLength("Content-Length Larger Than Body", msg._slots[k][3])
         else:
             msg._body = (body_off, body_off + cl)  # extra bytes ignored (RFC 3261 §18.3)
