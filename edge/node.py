@@ -123,7 +123,8 @@ class Node:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stopping.set)
-        self.api.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # the node handles signals
+        # uvicorn (>= 0.29) holds SIGINT/SIGTERM while it serves (Server.capture_signals): a signal
+        # ends the API task first, and uvicorn raises it again afterwards for the handlers above
         await self.sip.start()
         self.media.start()
         # Everything allocated so far lives as long as the process: keep it out of the
