@@ -104,7 +104,7 @@ def make_parsers() -> dict:
         m = parse(data)
         return (m.branch, m.cseq, m.call_id, m.from_tag)
 
-    parsers["sipedge"] = (sipedge, "compiled (Cython %s)" % metadata.version("Cython"))
+    parsers["sipedge"] = (sipedge, f"compiled (Cython {metadata.version('Cython')})")
 
     def sipedge_py(data, parse=parser_py.parse):
         m = parse(data)

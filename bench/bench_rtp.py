@@ -76,7 +76,7 @@ def ensure_rtpengine() -> str | None:
         subprocess.run(["apt-get", "install", "-y", "-qq", "rtpengine-daemon"], check=True, env=env,
                        timeout=900)
     except (subprocess.SubprocessError, OSError) as exc:
-        log("rtpengine unavailable: %s" % exc)
+        log(f"rtpengine unavailable: {exc}")
         return None
     return shutil.which("rtpengine")
 
@@ -107,7 +107,7 @@ def pin(cpu: str) -> list[str]:
 
 def proc_cpu(pid: int) -> float:
     """utime + stime of a process (all threads), seconds, from /proc/<pid>/stat."""
-    with open("/proc/%d/stat" % pid) as f:
+    with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
@@ -144,7 +144,7 @@ def read_line(p: subprocess.Popen, timeout: float) -> str:
             break
         if p.poll() is not None:
             break
-    raise RuntimeError("child %d gave no output (rc=%s)" % (p.pid, p.poll()))
+    raise RuntimeError(f"child {p.pid} gave no output (rc={p.poll()})")
 
 
 # -- relays under test: each yields (port pairs, pid or None) -----------------------
@@ -205,8 +205,8 @@ class RtpEngine:
         self.proc = subprocess.Popen(
             pin(CPU_DUT) + [exe, "--config-file=none", "--foreground", "--log-stderr", "--log-level=3",
                             "--table=-1", "--interface=127.0.0.1",
-                            "--listen-ng=%s:%d" % NG_ADDR, "--port-min=%d" % RTPENGINE_RANGE[0],
-                            "--port-max=%d" % RTPENGINE_RANGE[1], "--num-threads=1",
+                            f"--listen-ng={NG_ADDR[0]}:{NG_ADDR[1]}", f"--port-min={RTPENGINE_RANGE[0]}",
+                            f"--port-max={RTPENGINE_RANGE[1]}", "--num-threads=1",
                             "--delete-delay=0", "--timeout=120", "--no-redis-required"],
             stdout=self.log, stderr=subprocess.STDOUT)
         from bench.rtp.ng import NgClient
@@ -219,7 +219,7 @@ class RtpEngine:
                 break
             except (TimeoutError, OSError):
                 if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("rtpengine did not start, see %s" % self.log.name) from None
+                    raise RuntimeError(f"rtpengine did not start, see {self.log.name}") from None
                 time.sleep(0.3)
 
     def version(self) -> str:
@@ -236,11 +236,11 @@ class RtpEngine:
         calls = []
         try:
             for i in range(n):
-                cid = "bench-%d-%d" % (os.getpid(), i)
+                cid = f"bench-{os.getpid()}-{i}"
                 calls.append(cid)
-                off = self.ng.call("offer", call_id=cid, from_tag="a%d" % i,
+                off = self.ng.call("offer", call_id=cid, from_tag=f"a{i}",
                                    sdp=sdp.format(i=i, p=GEN_A + i % GEN_K), ICE="remove")
-                ans = self.ng.call("answer", call_id=cid, from_tag="a%d" % i, to_tag="b%d" % i,
+                ans = self.ng.call("answer", call_id=cid, from_tag=f"a{i}", to_tag=f"b{i}",
                                    sdp=sdp.format(i=i, p=GEN_B + i % GEN_K), ICE="remove")
                 # Answer SDP goes to A: the port A sends to; offer SDP goes to B.
                 ports.append((parse_sdp_media(ans["sdp"]).port, parse_sdp_media(off["sdp"]).port))
@@ -248,7 +248,7 @@ class RtpEngine:
         finally:
             for i, cid in enumerate(calls):
                 with contextlib.suppress(Exception):
-                    self.ng.call("delete", call_id=cid, from_tag="a%d" % i)
+                    self.ng.call("delete", call_id=cid, from_tag=f"a{i}")
 
     def close(self) -> None:
         self.ng.close()
@@ -270,7 +270,7 @@ def run_once(kind: str, n: int, hold: float, exe: dict[str, str], rtpe: RtpEngin
         cpu0 = proc_cpu(pid) if pid else 0.0
         err0 = udp_errors()
         try:
-            out, _ = gen.communicate("".join("%d %d\n" % pp for pp in ports), timeout=hold + 60)
+            out, _ = gen.communicate("".join(f"{a} {b}\n" for a, b in ports), timeout=hold + 60)
         finally:
             stop_pid(gen)
         cpu1 = proc_cpu(pid) if pid else 0.0
@@ -340,10 +340,10 @@ def summarise(steps: dict, kinds: list[str]) -> dict:
     se = best.get("sipedge")
     for peer in ("rtpengine", "c", "asyncio"):
         if se and peer in best and best[peer]["max_pps"]:
-            ratios["sipedge/%s_pps" % peer] = round(se["max_pps"] / best[peer]["max_pps"], 3)
+            ratios[f"sipedge/{peer}_pps"] = round(se["max_pps"] / best[peer]["max_pps"], 3)
         if se and peer in best and best[peer]["cpu_s_per_kpps"] and se["cpu_s_per_kpps"]:
             # > 1 means sipedge needs less CPU per packet than the peer
-            ratios["%s/sipedge_cpu_per_pkt" % peer] = round(best[peer]["cpu_s_per_kpps"] / se["cpu_s_per_kpps"], 3)
+            ratios[f"{peer}/sipedge_cpu_per_pkt"] = round(best[peer]["cpu_s_per_kpps"] / se["cpu_s_per_kpps"], 3)
     return {"best": best, "ratios": ratios}
 
 
@@ -351,14 +351,14 @@ def table(summary: dict) -> str:
     lines = ["| relay | max calls (<0.1% loss) | pps | first failing step | p50 / p99 us @1000 calls "
              "| CPU s per 1,000 pps | pps per core (est.) |", "|---|---|---|---|---|---|---|"]
     for kind, b in summary["best"].items():
-        fail = "none (ladder top)" if b["ceiling"] else "%s calls (%.2f%% loss)" % (
-            b["first_fail_calls"], 100 * b["first_fail_loss"])
-        lat = "%s / %s" % (b["p50_us_at_1000"], b["p99_us_at_1000"]) if b["p50_us_at_1000"] is not None else "-"
-        cpu = "%.4f" % b["cpu_s_per_kpps"] if b["cpu_s_per_kpps"] else "-"
+        fail = ("none (ladder top)" if b["ceiling"]
+                else f"{b['first_fail_calls']} calls ({100 * b['first_fail_loss']:.2f}% loss)")
+        lat = f"{b['p50_us_at_1000']} / {b['p99_us_at_1000']}" if b["p50_us_at_1000"] is not None else "-"
+        cpu = f"{b['cpu_s_per_kpps']:.4f}" if b["cpu_s_per_kpps"] else "-"
         est = "{:,}".format(b["pps_per_core_est"]) if b.get("pps_per_core_est") else "-"
-        lines.append("| %s | %d | %d | %s | %s | %s | %s |" % (kind, b["max_calls"], b["max_pps"], fail, lat, cpu, est))
+        lines.append(f"| {kind} | {b['max_calls']} | {int(b['max_pps'])} | {fail} | {lat} | {cpu} | {est} |")
     lines.append("")
-    lines += ["%s = %s" % kv for kv in summary["ratios"].items()]
+    lines += [f"{k} = {v}" for k, v in summary["ratios"].items()]
     return "\n".join(lines)
 
 
@@ -399,13 +399,13 @@ def main(argv: list[str] | None = None) -> int:
     kinds = [k for k in args.relays.split(",") if k]
     for k in kinds:
         if k not in KINDS:
-            ap.error("unknown relay %r" % k)
+            ap.error(f"unknown relay {k!r}")
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if 4 * max(ladder) + 64 > hard:
         ladder = [n for n in ladder if 4 * n + 64 <= hard]
-        log("fd limit %d: ladder cut to %s" % (hard, ladder))
+        log(f"fd limit {hard}: ladder cut to {ladder}")
     ensure_engine_built()
     sys.path.insert(0, str(ROOT))
     rtpe = None
@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not alive:
                     break
                 if time.monotonic() - t_start > args.max_minutes * 60:
-                    log("time cap reached, ladder stops before %d calls" % n)
+                    log(f"time cap reached, ladder stops before {n} calls")
                     break
                 per_kind: dict[str, list[dict]] = {k: [] for k in alive}
                 for rep in range(repeat):
@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
                         try:
                             row = run_once(kind, n, hold, exe, rtpe)
                         except Exception as exc:           # a peer failing is a result, not a crash
-                            log("%s @ %d calls failed: %s" % (kind, n, exc))
+                            log(f"{kind} @ {n} calls failed: {exc}")
                             row = {"kind": kind, "calls": n, "offered_pps": 100 * n, "pps": 0, "loss": 1.0,
                                    "p50_us": None, "p99_us": None, "p999_us": None, "max_us": None,
                                    "relay_cpu_s": None, "cpu_s_per_kpps": None, "pass": False,
@@ -446,9 +446,8 @@ def main(argv: list[str] | None = None) -> int:
                         row["repeat"] = rep
                         raw.append(row)
                         per_kind[kind].append(row)
-                        log("%-9s %5d calls  %7d pps  loss %.4f%%  p50 %s us  p99 %s us  cpu/kpps %s" % (
-                            kind, n, row["pps"], 100 * row["loss"], row["p50_us"], row["p99_us"],
-                            row["cpu_s_per_kpps"]))
+                        log(f"{kind:<9} {n:5d} calls  {int(row['pps']):7d} pps  loss {100 * row['loss']:.4f}%  "
+                            f"p50 {row['p50_us']} us  p99 {row['p99_us']} us  cpu/kpps {row['cpu_s_per_kpps']}")
                 steps[n] = {}
                 for kind, rows in per_kind.items():
                     ok_rows = [r for r in rows if "error" not in r] or rows
@@ -471,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(table(summary))
-    print("\nwritten: %s (%.0f s)" % (args.out, result["elapsed_s"]))
+    print(f"\nwritten: {args.out} ({result['elapsed_s']:.0f} s)")
     return 0
 
 

@@ -20,7 +20,7 @@ def main() -> None:
     eng.start()
     ports = []
     for i in range(n):
-        r = eng.create("bench-%d" % i)
+        r = eng.create(f"bench-{i}")
         r.set_remote("a", "127.0.0.1", ga + i % k)
         r.set_remote("b", "127.0.0.1", gb + i % k)
         ports.append([r.leg_a.rtp_port, r.leg_b.rtp_port])

@@ -67,8 +67,8 @@ class NgClient:
                     if ck == cookie:
                         reply = bdecode(body)
                         if reply.get("result") not in (b"ok", b"pong"):
-                            raise RuntimeError("rtpengine %s: %r" % (command, reply))
+                            raise RuntimeError(f"rtpengine {command}: {reply!r}")
                         return reply
             except TimeoutError:
                 continue
-        raise TimeoutError("rtpengine did not answer %s" % command)
+        raise TimeoutError(f"rtpengine did not answer {command}")

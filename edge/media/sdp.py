@@ -49,7 +49,7 @@ def _conn(line: bytes) -> tuple[str, str]:
     # c=<nettype> <addrtype> <connection-address>[/ttl][/n]  (RFC 4566 §5.7)
     parts = line[2:].split()
     if len(parts) != 3 or parts[0] != b"IN":
-        raise SdpError("bad c= line: %r" % line)
+        raise SdpError(f"bad c= line: {line!r}")
     return parts[1].decode("ascii"), parts[2].split(b"/")[0].decode("ascii")
 
 
@@ -58,20 +58,20 @@ def _rtcp_port(line: bytes) -> int:
     try:
         return int(line[7:].split()[0])
     except (ValueError, IndexError):
-        raise SdpError("bad a=rtcp line: %r" % line) from None
+        raise SdpError(f"bad a=rtcp line: {line!r}") from None
 
 
 def _media_port(line: bytes) -> int:
     # m=<media> <port>[/<number of ports>] <proto> <fmt> ...  (RFC 4566 §5.14)
     parts = line[2:].split()
     if len(parts) < 3:
-        raise SdpError("bad m= line: %r" % line)
+        raise SdpError(f"bad m= line: {line!r}")
     try:
         port = int(parts[1].split(b"/")[0])
     except ValueError:
-        raise SdpError("bad m= port: %r" % line) from None
+        raise SdpError(f"bad m= port: {line!r}") from None
     if not 0 <= port <= 65535:
-        raise SdpError("bad m= port: %r" % line)
+        raise SdpError(f"bad m= port: {line!r}")
     return port
 
 

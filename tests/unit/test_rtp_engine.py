@@ -381,7 +381,7 @@ def test_delete_returns_final_stats_and_quiet_period(port_range):
 def test_stop_frees_every_port_and_is_idempotent(port_range):
     e = RelayEngine(HOST, *port_range, quiet_period=5.0)
     e.start()
-    relays = [e.create("r%d" % i) for i in range(10)]
+    relays = [e.create(f"r{i}") for i in range(10)]
     e.delete(relays[0].id)                     # in its quiet period when stop() runs
     ports = [p for r in relays for leg in (r.leg_a, r.leg_b) for p in (leg.rtp_port, leg.rtcp_port)]
     e.stop()
@@ -448,7 +448,7 @@ def test_control_ops_race_with_traffic(port_range):
     t.start()
     try:
         for i in range(200):
-            r = engine.create("churn-%d" % i)
+            r = engine.create(f"churn-{i}")
             r.set_remote("a", *a.getsockname())
             r.set_remote("b", HOST, 9)
             a.sendto(rtp(i), edge(r.leg_a))
