@@ -46,7 +46,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     rates.ensure_exclusions(store, shipped_exclusions())  # the seed's list until the API replaces it
     if args.demo:
         demo = ensure_demo(store, realm=cfg.sip.domain)
-        udp = next((l for l in cfg.sip.listen if l.startswith("udp:")), cfg.sip.listen[0])
+        udp = next((spec for spec in cfg.sip.listen if spec.startswith("udp:")), cfg.sip.listen[0])
         _, host_port = udp.split(":", 1)
         print(
             f"sipedge {__version__} serving (data in {data_dir})\n"

@@ -989,7 +989,7 @@ class SipMessage:
         ke = self._first.get(H_EXPIRES)
         if ke is not None:
             try:
-                self.expires
+                self.expires  # noqa: B018 - reading the view parses (validates) it
             except SipBadHeader as err:
                 raise SipBadHeader(err.reason, self._slots[ke][3], raw) from None
         if self.is_request and self._method == b"INVITE" and self.max_forwards == 0:

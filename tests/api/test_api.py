@@ -350,11 +350,11 @@ def test_metrics_reflect_the_store(edge: EdgeProcess, api: httpx.Client, account
     p = new_profile(api, account["id"], channels=7)
     api.post(f"/v1/profiles/{p['id']}/credit", json={"amount": "12.50"})
     text = httpx.get(edge.base + "/metrics").text
-    line = next(l for l in text.splitlines() if l.startswith("edge_channels_capacity") and p["id"] in l)
+    line = next(ln for ln in text.splitlines() if ln.startswith("edge_channels_capacity") and p["id"] in ln)
     assert line.endswith(" 7.0")
-    line = next(l for l in text.splitlines() if l.startswith("edge_credit_balance") and p["id"] in l)
+    line = next(ln for ln in text.splitlines() if ln.startswith("edge_credit_balance") and p["id"] in ln)
     assert line.endswith(" 12.5")
-    assert any(l.startswith("edge_channels_in_use") and p["id"] in l for l in text.splitlines())
+    assert any(ln.startswith("edge_channels_in_use") and p["id"] in ln for ln in text.splitlines())
     assert 'edge_api_requests_total{method="POST",route="/v1/profiles/{profile_id:str}/credit",status="200"}' in text
     assert "edge_api_request_duration_seconds_bucket" in text
 

@@ -524,7 +524,7 @@ def test_auto_recharge_mid_call(edge, pbx: Pbx, carriers) -> None:
     balance = Decimal(api_get(edge, f"/v1/profiles/{prof['id']}")["balance"])
     assert balance == Decimal("3.01") - Decimal(cdr["cost"])
     text = __import__("httpx").get(edge.base + "/metrics").text
-    line = next(l for l in text.splitlines() if l.startswith("edge_auto_recharges_total") and prof["id"] in l)
+    line = next(ln for ln in text.splitlines() if ln.startswith("edge_auto_recharges_total") and prof["id"] in ln)
     assert line.endswith(" 1.0")
 
 

@@ -245,7 +245,8 @@ def test_malformed_datagrams_get_400_or_are_dropped_and_counted(edge: EdgeProces
     after = httpx.get(edge.base + "/metrics").text
 
     def total(text: str) -> float:
-        return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith("edge_sip_parse_errors_total"))
+        return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+                   if ln.startswith("edge_sip_parse_errors_total"))
 
     assert total(after) - total(before) >= 4
 

@@ -311,10 +311,10 @@ def test_parse_uri_ports_and_ipv6(P):
 def test_lazy_views_name_their_header(P):
     m = P.parse(message(contact="<sip:pbx@h:99999>", from_='"x <sip:a@h>;tag=1'))
     with pytest.raises(E.SipBadHeader) as ei:
-        m.contacts
+        m.contacts  # noqa: B018 - reading the view parses it
     assert ei.value.reason == "Bad Contact port"
     with pytest.raises(E.SipBadHeader) as ei:
-        m.from_
+        m.from_  # noqa: B018 - reading the view parses it
     assert ei.value.reason == "Unterminated quote in From display name"
 
 

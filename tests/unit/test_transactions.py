@@ -152,7 +152,7 @@ def test_invite_server_sends_100_retransmits_final_until_ack() -> None:
         assert len(tu.requests) == 1 and wire.first_lines()[-1] == "SIP/2.0 100 Trying"
         tx.respond(486, to_tag="t1")
         await asyncio.sleep(8 * T1)
-        finals = [l for l in wire.first_lines() if l.startswith("SIP/2.0 486")]
+        finals = [ln for ln in wire.first_lines() if ln.startswith("SIP/2.0 486")]
         assert len(finals) >= 3  # Timer G
         tl.on_message(parse(incoming("ACK", to_tag="t1", cseq_method="ACK")), PEER)
         assert tx.state is State.CONFIRMED and tu.acks == []  # ACK to non-2xx stays in the transaction
