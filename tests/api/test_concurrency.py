@@ -131,7 +131,7 @@ def _take_channels(data_dir: str, profile_id: str, attempts: int, queue: mp.Queu
     taken = 0
     for i in range(attempts):
         call = LiveCall(call_id=f"{os.getpid()}-{i}", profile_id=profile_id, direction="outgoing", started_at=time.time())
-        taken += store.write(lambda txn: channels.take(txn, profile_id, call))
+        taken += store.write(lambda txn, call=call: channels.take(txn, profile_id, call))
     store.close()
     queue.put(taken)
 

@@ -36,7 +36,8 @@ import wave
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PjUA", "UAPool", "pjua", "CallHandle", "provision_profile", "edge_registrar", "PjUAError", "goertzel", "hears_tone", "tone_powers", "parse_sip_headers"]
+__all__ = ["PjUA", "UAPool", "pjua_fixture", "CallHandle", "provision_profile", "edge_registrar", "PjUAError",
+           "goertzel", "hears_tone", "tone_powers", "parse_sip_headers"]
 
 STATES = ("NULL", "CALLING", "INCOMING", "EARLY", "CONNECTING", "CONFIRMED", "DISCONNECTED")
 _COMPACT = {"f": "from", "t": "to", "i": "call-id", "v": "via", "m": "contact", "l": "content-length",
@@ -589,11 +590,11 @@ class UAPool:
         self.uas.clear()
 
 
-try:  # a ready-made fixture: ``from e2e.pjua import pjua`` in a test module or conftest
+try:  # a ready-made fixture, ``pjua``: ``from e2e.pjua import pjua_fixture`` in a test module or conftest
     import pytest
 
-    @pytest.fixture
-    def pjua(tmp_path: Path) -> Any:
+    @pytest.fixture(name="pjua")  # named apart from the function: a test's pjua parameter shadows no import
+    def pjua_fixture(tmp_path: Path) -> Any:
         """A :class:`UAPool` whose UAs log under ``tmp_path`` and are all killed afterwards."""
         pool = UAPool(tmp_path)
         try:

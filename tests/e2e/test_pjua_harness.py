@@ -19,7 +19,16 @@ import pytest
 
 pytest.importorskip("pjsua2")
 
-from e2e.pjua import PjUA, PjUAError, UAPool, goertzel, hears_tone, parse_sip_headers, pjua, tone_powers, write_tone_wav  # noqa: F401
+from e2e.pjua import (
+    PjUAError,
+    UAPool,
+    goertzel,
+    hears_tone,
+    parse_sip_headers,
+    pjua_fixture,  # noqa: F401 - provides the pjua fixture to this module
+    tone_powers,
+    write_tone_wav,
+)
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -126,7 +126,7 @@ def interpolate(expr: str, values: dict[str, list[str]]) -> str:
         rendered = "(" + "|".join(grafana_regex_escape(v) for v in vals) + ")" if len(vals) > 1 else \
             grafana_regex_escape(vals[0])
         expr = expr.replace("${" + name + "}", rendered)
-        expr = re.sub(r"\$" + name + r"\b", lambda m: rendered, expr)
+        expr = re.sub(r"\$" + name + r"\b", lambda m, rendered=rendered: rendered, expr)
     assert "$" not in expr, f"uninterpolated variable in {expr}"
     return expr
 

@@ -243,7 +243,7 @@ def test_outgoing_call_end_to_end(edge, pbx: Pbx, carriers) -> None:
 
 def test_wrong_password_is_403(edge, pbx: Pbx) -> None:
     prof = new_profile(edge)
-    d = pbx.invite(prof, "+442071234567", password="wrong")
+    pbx.invite(prof, "+442071234567", password="wrong")
     assert pbx.recv_final().status == 403
 
 
@@ -358,7 +358,7 @@ def test_carrier_failover_on_503(edge, pbx: Pbx, carriers) -> None:
     prof = new_profile(edge)
     primary.drain()
     backup.drain()
-    d = pbx.invite(prof, "+442071234567")
+    pbx.invite(prof, "+442071234567")
     inv = primary.recv_request("INVITE")
     primary.answer(inv, 503)
     assert primary.recv_request("ACK").branch == inv.branch

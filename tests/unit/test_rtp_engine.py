@@ -356,7 +356,8 @@ def test_delete_returns_final_stats_and_quiet_period(port_range):
     e = RelayEngine(HOST, lo, lo + 7, quiet_period=0.4)    # 4 pairs = 2 relays
     e.start()
     try:
-        r1, r2 = e.create("1"), e.create("2")
+        r1 = e.create("1")
+        e.create("2")                                          # the other two pairs: the range is full
         a = udp()
         r1.set_remote("b", *udp().getsockname())
         a.sendto(rtp(1), edge(r1.leg_a))
@@ -504,7 +505,7 @@ def test_random_garbage_never_breaks_the_loop(call):
     sent = 0
     a.sendto(rtp(0), edge(r.leg_a))             # latch A first
     assert b.recvfrom(2048)[0] == rtp(0)
-    for i in range(400):
+    for _ in range(400):
         n = rnd.choice([0, 1, 7, 11, 12, 13, 100, 172, 1500, 1501, 3000])
         head = rnd.choice([b"", b"\x80", bytes([rnd.randrange(256)])])
         data = (head + os.urandom(n))[:n]

@@ -7,6 +7,8 @@ FreeSWITCH, Cisco CUBE), including hold variants and a WebRTC-style offer.
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge.media.sdp import SdpError, parse_sdp_media, rewrite_sdp
 
@@ -136,9 +138,6 @@ def test_media_level_connection_wins():
     m = parse_sdp_media(sdp)
     assert (m.host, m.port, m.direction) == ("2.2.2.2", 5000, "inactive")
 
-
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st
 
 _attr = st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=30)
 

@@ -82,7 +82,7 @@ def test_a_byte_every_100_ms_does_not_keep_the_connection(env) -> None:
     first = clock.now + 0.1
     for i in range(60):  # 6 s of dribble: never a complete head
         clock.now += 0.1
-        run(lambda: conn.data_received(OPTIONS[i:i + 1]))
+        run(lambda i=i: conn.data_received(OPTIONS[i:i + 1]))
     assert conn.phase is ReadPhase.HEAD and conn._deadline == pytest.approx(first + 10.0)
     assert clock.timers == 2  # one for the idle timeout, one when the message began: none per byte
     clock.now = first + 5.0
