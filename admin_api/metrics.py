@@ -60,7 +60,7 @@ class StoreCollector(Collector):
         now = time.time()
         snap = self.store.read(lambda txn: self._snapshot(txn, now))
         reg_counts, profs, ar_counts, accts = snap
-        for (prof, used), recharges in zip(profs, ar_counts):
+        for (prof, used), recharges in zip(profs, ar_counts, strict=True):
             lv = [prof.id, prof.name, prof.account_id]
             capacity.add_metric(lv, prof.channels)
             in_use.add_metric(lv, used)

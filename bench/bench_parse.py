@@ -233,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             }
         ratios = {}
         for pname in names[1:]:
-            paired = [a["msgs_per_s"] / b["msgs_per_s"] for a, b in zip(runs["sipedge"], runs[pname])]
-            cpu = [a["msgs_per_cpu_s"] / b["msgs_per_cpu_s"] for a, b in zip(runs["sipedge"], runs[pname])]
+            paired = [a["msgs_per_s"] / b["msgs_per_s"] for a, b in zip(runs["sipedge"], runs[pname], strict=True)]
+            cpu = [a["msgs_per_cpu_s"] / b["msgs_per_cpu_s"] for a, b in zip(runs["sipedge"], runs[pname], strict=True)]
             ratios[f"sipedge/{pname}"] = {"median": statistics.median(paired), "min": min(paired), "max": max(paired),
                                           "cpu_median": statistics.median(cpu), "cpu_min": min(cpu),
                                           "cpu_max": max(cpu)}

@@ -302,7 +302,7 @@ def read_sipp_stats(path: Path) -> dict[str, str]:
         rows = [r for r in csv.reader(f, delimiter=";") if r]
     if len(rows) < 2:
         return {}
-    return dict(zip(rows[0], rows[-1]))
+    return dict(zip(rows[0], rows[-1], strict=False))  # a last row cut short yields the columns it has
 
 
 def _int(stats: dict[str, str], key: str) -> int:

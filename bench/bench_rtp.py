@@ -116,7 +116,7 @@ def udp_errors() -> dict[str, int]:
     """Kernel UDP counters (/proc/net/snmp): where loss happens (socket queues full)."""
     with open("/proc/net/snmp") as f:
         rows = [ln.split() for ln in f if ln.startswith("Udp:")]
-    d = dict(zip(rows[0][1:], (int(x) for x in rows[1][1:])))
+    d = dict(zip(rows[0][1:], (int(x) for x in rows[1][1:]), strict=True))
     return {k: d.get(k, 0) for k in ("RcvbufErrors", "SndbufErrors", "InErrors")}
 
 

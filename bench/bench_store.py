@@ -144,7 +144,7 @@ def main() -> None:
         }
         keys = {"credential": users, "profile_by_number": nums, "rate": dests}
         # correctness first: both answer every lookup, and the same prefix
-        for u, n, d in zip(users[:2000], nums[:2000], dests[:2000]):
+        for u, n, d in zip(users[:2000], nums[:2000], dests[:2000], strict=True):
             assert credential(store, u) is not None and profile_by_number(store, n) is not None
             assert rate_for(store, d).prefix == s_rate(d)[0]
         overhead = statistics.median(time_each(lambda k: None, users[:50_000]))

@@ -430,7 +430,7 @@ def test_build_response_same_bytes_both_impls():
         if not reqs[0].is_request:
             continue
         outs = [impl.build_response(rq, 400, to_tag="t", received="10.1.1.1", rport=1)
-                for impl, rq in zip(IMPLS.values(), reqs)]
+                for impl, rq in zip(IMPLS.values(), reqs, strict=True)]
         assert outs[0] == outs[1], path.stem
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 from edge.sip import parse
 from edge.sip.metrics import SipMetrics
@@ -74,7 +75,7 @@ def test_invite_client_retransmits_with_timer_a_then_times_out() -> None:
         # sent at 0, T1, 3T1, 7T1, 15T1, 31T1 (and 63T1 unless Timer B at 64T1 wins the race
         # on a loaded machine): Timer A doubles until Timer B
         assert len(times) in (6, 7)
-        gaps = [b - a for a, b in zip(times, times[1:])]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
         for i, gap in enumerate(gaps):
             assert gap >= (2 ** i) * T1 * 0.9, gaps  # doubling (timers never fire early)
         assert not tl.client
@@ -88,7 +89,7 @@ def test_non_invite_client_caps_retransmissions_at_t2() -> None:
         done = asyncio.Event()
         tl.send_request(out_request("OPTIONS"), PEER, on_response=lambda m: None, on_timeout=done.set)
         await asyncio.wait_for(done.wait(), 2)
-        gaps = [b[0] - a[0] for a, b in zip(wire.sent, wire.sent[1:])]
+        gaps = [b[0] - a[0] for a, b in itertools.pairwise(wire.sent)]
         assert max(gaps) < 4 * T1 + 0.05  # never much more than T2 apart (timers may fire late under load)
         assert len(wire.sent) > 12
 
