@@ -37,7 +37,8 @@ _json = msgspec.json.Encoder()
 _FIELD_IN_MESSAGE = re.compile(r"field `([^`]+)`")
 
 
-def _error(status: int, detail: str, field: str | None = None, errors: list[dict[str, str]] | None = None) -> Response[bytes]:
+def _error(status: int, detail: str, field: str | None = None,
+           errors: list[dict[str, str]] | None = None) -> Response[bytes]:
     body: dict[str, Any] = {"status_code": status, "detail": detail}
     if field is not None:
         body["field"] = field
@@ -140,7 +141,8 @@ class RequestMetrics:
             await self.app(scope, receive, send_wrapper)
         finally:
             handler = scope.get("route_handler")
-            route = next(iter(handler.paths)) if handler is not None and getattr(handler, "paths", None) else "unmatched"
+            has_paths = handler is not None and getattr(handler, "paths", None)
+            route = next(iter(handler.paths)) if has_paths else "unmatched"
             self.metrics.requests.labels(scope["method"], route, str(status)).inc()
             self.metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - start)
 
@@ -165,7 +167,8 @@ def openapi_json(request: Request) -> Response[bytes]:
 def _operation_id(handler: Any, method: Any, components: list[str | Any]) -> str:
     """``PUT /v1/profiles/{id}/bundles`` -> ``putProfilesIdBundles``: unique per method and path."""
     parts = [str(getattr(c, "name", c)) for c in components if str(getattr(c, "name", c)) != "v1"]
-    return str(getattr(method, "value", method)).lower() + "".join(p[:1].upper() + p[1:] for p in "_".join(parts).replace("-", "_").split("_"))
+    words = "_".join(parts).replace("-", "_").split("_")
+    return str(getattr(method, "value", method)).lower() + "".join(p[:1].upper() + p[1:] for p in words)
 
 
 def create_app(

@@ -39,15 +39,21 @@ class StoreCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         labels = ["profile", "profile_name", "account"]
         capacity = GaugeMetricFamily("edge_channels_capacity", "Channels of the SIP profile (1..300).", labels=labels)
-        in_use = GaugeMetricFamily("edge_channels_in_use", "Channels carrying a call now (incoming + outgoing).", labels=labels)
-        balance = GaugeMetricFamily("edge_credit_balance", "Credit allocated to the profile, in currency units.", labels=labels)
-        ar_min = GaugeMetricFamily("edge_auto_recharge_min_balance", "Auto-recharge threshold, in currency units.", labels=labels)
+        in_use = GaugeMetricFamily("edge_channels_in_use", "Channels carrying a call now (incoming + outgoing).",
+                                   labels=labels)
+        balance = GaugeMetricFamily("edge_credit_balance", "Credit allocated to the profile, in currency units.",
+                                    labels=labels)
+        ar_min = GaugeMetricFamily("edge_auto_recharge_min_balance", "Auto-recharge threshold, in currency units.",
+                                   labels=labels)
         ar_amount = GaugeMetricFamily("edge_auto_recharge_amount", "Auto-recharge amount, in currency units.",
                                       labels=labels)
-        ar_on = GaugeMetricFamily("edge_auto_recharge_enabled", "1 if auto-recharge is on for the profile.", labels=labels)
-        ar_count = CounterMetricFamily("edge_auto_recharges", "Auto-recharges performed for the profile.", labels=labels)
+        ar_on = GaugeMetricFamily("edge_auto_recharge_enabled", "1 if auto-recharge is on for the profile.",
+                                  labels=labels)
+        ar_count = CounterMetricFamily("edge_auto_recharges", "Auto-recharges performed for the profile.",
+                                       labels=labels)
         bundles = GaugeMetricFamily("edge_us_bundles", "US minute bundles of the profile.", labels=labels)
-        regs = GaugeMetricFamily("edge_registrations_active", "Unexpired registrar bindings of the profile.", labels=labels)
+        regs = GaugeMetricFamily("edge_registrations_active", "Unexpired registrar bindings of the profile.",
+                                 labels=labels)
         acct_balance = GaugeMetricFamily("edge_account_balance", "Master balance of the account, in currency units.",
                                          labels=["account", "account_name"])
         used_bytes = GaugeMetricFamily("edge_store_used_bytes", "Bytes in use in the LMDB store (pages of every "

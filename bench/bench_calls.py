@@ -363,8 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         s = summary[n]
         failed = sum(r.get("failed_calls") or 0 for r in runs[n])
         print(f"{n:<10} max calls/s {s['max_rate']}  first failing {s['first_failing_rate']}  "
-              f"CPU us/call {s['cpu_us_per_call_by_rate']}  bytes/active call {s['memory_bytes_per_active_call_by_rate']}"
-              f"  failed calls {failed}")
+              f"CPU us/call {s['cpu_us_per_call_by_rate']}  "
+              f"bytes/active call {s['memory_bytes_per_active_call_by_rate']}  failed calls {failed}")
     for k, v in summary.items():
         if k.startswith("ratio_") or k == "reference_rate":
             print(f"{k}: {v}")

@@ -90,7 +90,8 @@ OK = (
     "\r\n" + SDP_OK
 ).encode()
 
-EXPECTED_KEY = ("z9hG4bK-524287-1---4f3e2a1b9c8d7e6f", 102, "6f2b1c0a-3d4e-4f5a-9b8c-7d6e5f4a3b2c@203.0.113.17", "8a1b2c3d")
+EXPECTED_KEY = ("z9hG4bK-524287-1---4f3e2a1b9c8d7e6f", 102, "6f2b1c0a-3d4e-4f5a-9b8c-7d6e5f4a3b2c@203.0.113.17",
+                "8a1b2c3d")
 
 
 def make_parsers() -> dict:
@@ -178,7 +179,8 @@ def measure(fn, data: bytes, batches: int) -> dict:
 
 def git_sha() -> str:
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
         # dirty only if what this benchmark runs differs from the commit
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "edge/_sipparse.pyx", "edge/_sipparse.pxd",
                                 "edge/_hdrnames.pxi", "edge/sip/__init__.py", "edge/sip/errors.py",

@@ -34,13 +34,15 @@ def build_dataset(seed: int = 7) -> tuple[list[Profile], list[OnlineNumber], lis
     rng = random.Random(seed)
     profiles = [Profile(id=f"prf_{i:016x}", account_id=f"acc_{i // 10:016x}", name=f"P{i}", channels=30,
                         auth="digest", sip_username=str(SIP_USERNAME_BASE + i + 1)) for i in range(PROFILES)]
-    numbers = [OnlineNumber(number=f"+1{2000000000 + i * 7919 % 8000000000:010d}", account_id=profiles[i % PROFILES].account_id,
-                            profile_id=profiles[i % PROFILES].id) for i in range(NUMBERS)]
+    numbers = [OnlineNumber(number=f"+1{2000000000 + i * 7919 % 8000000000:010d}",
+                            account_id=profiles[i % PROFILES].account_id, profile_id=profiles[i % PROFILES].id)
+               for i in range(NUMBERS)]
     prefixes: set[str] = set()
     while len(prefixes) < PREFIXES:  # realistic shape: country codes plus many 4..9 digit ranges
         cc = rng.choice(["1", "44", "49", "33", "39", "34", "61", "81", "86", "91", "7", "55", "52", "234", "880"])
         prefixes.add(cc + "".join(rng.choice("0123456789") for _ in range(rng.randint(0, 7))))
-    rates = [Rate(prefix=p, rate=rng.randint(1000, 500000), min_seconds=60, increment_seconds=6) for p in sorted(prefixes)]
+    rates = [Rate(prefix=p, rate=rng.randint(1000, 500000), min_seconds=60, increment_seconds=6)
+             for p in sorted(prefixes)]
     return profiles, numbers, rates
 
 
@@ -61,17 +63,22 @@ def populate_lmdb(path: str, profiles: list[Profile], numbers: list[OnlineNumber
     return store
 
 
-def populate_sqlite(path: str, profiles: list[Profile], numbers: list[OnlineNumber], rates: list[Rate]) -> sqlite3.Connection:
+def populate_sqlite(path: str, profiles: list[Profile], numbers: list[OnlineNumber],
+                    rates: list[Rate]) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     db.executescript("""
         PRAGMA journal_mode=WAL;
-        CREATE TABLE profiles (id TEXT PRIMARY KEY, account_id TEXT, name TEXT, channels INT, balance INT) WITHOUT ROWID;
-        CREATE TABLE credentials (username TEXT PRIMARY KEY, profile_id TEXT, ha1_md5 TEXT, ha1_sha256 TEXT, password TEXT) WITHOUT ROWID;
+        CREATE TABLE profiles (id TEXT PRIMARY KEY, account_id TEXT, name TEXT, channels INT,
+                               balance INT) WITHOUT ROWID;
+        CREATE TABLE credentials (username TEXT PRIMARY KEY, profile_id TEXT, ha1_md5 TEXT, ha1_sha256 TEXT,
+                                  password TEXT) WITHOUT ROWID;
         CREATE TABLE numbers (number TEXT PRIMARY KEY, profile_id TEXT, extension TEXT) WITHOUT ROWID;
-        CREATE TABLE rates (prefix TEXT PRIMARY KEY, rate INT, connect_fee INT, min_seconds INT, increment_seconds INT) WITHOUT ROWID;
+        CREATE TABLE rates (prefix TEXT PRIMARY KEY, rate INT, connect_fee INT, min_seconds INT,
+                            increment_seconds INT) WITHOUT ROWID;
     """)
     db.execute("BEGIN")
-    db.executemany("INSERT INTO profiles VALUES (?,?,?,?,0)", [(p.id, p.account_id, p.name, p.channels) for p in profiles])
+    db.executemany("INSERT INTO profiles VALUES (?,?,?,?,0)",
+                   [(p.id, p.account_id, p.name, p.channels) for p in profiles])
     db.executemany("INSERT INTO credentials VALUES (?,?,?,?,?)",
                    [(p.sip_username, p.id, "0" * 32, "0" * 64, "x" * 16) for p in profiles])
     db.executemany("INSERT INTO numbers VALUES (?,?,NULL)", [(n.number, n.profile_id) for n in numbers])
@@ -160,7 +167,8 @@ def main() -> None:
 
     result: dict[str, object] = {"bench": "store_lookups", "sizes": {"profiles": PROFILES, "numbers": NUMBERS,
                                  "prefixes": PREFIXES}, "lookups_per_round": args.lookups, "rounds": args.rounds,
-                                 "timer_overhead_ns": overhead, "load_seconds": {"lmdb": lmdb_load, "sqlite": sqlite_load},
+                                 "timer_overhead_ns": overhead,
+                                 "load_seconds": {"lmdb": lmdb_load, "sqlite": sqlite_load},
                                  "results": {}, **machine_info()}
     print(f"{'lookup':<18} {'impl':<7} {'p50 µs':>8} {'p99 µs':>8}  (median of {args.rounds} rounds; spread p99)")
     for kind in keys:
@@ -169,8 +177,10 @@ def main() -> None:
             p50 = statistics.median(r["p50_ns"] for r in runs[impl][kind])
             p99s = [r["p99_ns"] for r in runs[impl][kind]]
             p99 = statistics.median(p99s)
-            entry[impl] = {"p50_us": p50 / 1000, "p99_us": p99 / 1000, "p99_spread_us": [min(p99s) / 1000, max(p99s) / 1000]}
-            print(f"{kind:<18} {impl:<7} {p50 / 1000:8.2f} {p99 / 1000:8.2f}  [{min(p99s) / 1000:.2f}..{max(p99s) / 1000:.2f}]")
+            entry[impl] = {"p50_us": p50 / 1000, "p99_us": p99 / 1000,
+                           "p99_spread_us": [min(p99s) / 1000, max(p99s) / 1000]}
+            print(f"{kind:<18} {impl:<7} {p50 / 1000:8.2f} {p99 / 1000:8.2f}  "
+                  f"[{min(p99s) / 1000:.2f}..{max(p99s) / 1000:.2f}]")
         entry["p99_ratio_sqlite_over_lmdb"] = entry["sqlite"]["p99_us"] / entry["lmdb"]["p99_us"]
         print(f"{'':<18} sqlite/lmdb p99 ratio: {entry['p99_ratio_sqlite_over_lmdb']:.1f}x")
         result["results"][kind] = entry

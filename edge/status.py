@@ -180,7 +180,8 @@ def collect(client: Client, only: list[str] | None = None, details: bool = True)
         "calls_active_incoming": _sum(samples, "edge_calls_active", direction="incoming"),
         "calls_started": _sum(samples, "edge_calls_started_total"),
         "calls_answered": _sum(samples, "edge_call_setup_seconds_count", stage="answer"),
-        "calls_failed": sum(v for labels, v in samples.get("edge_calls_ended_total", ()) if labels.get("status") != "200"),
+        "calls_failed": sum(v for labels, v in samples.get("edge_calls_ended_total", ())
+                            if labels.get("status") != "200"),
         "calls_refused": sum(v for labels, v in samples.get("edge_calls_rejected_total", ())
                              if labels.get("rule") != "auth_challenge"),
         "auth_failures": _sum(samples, "edge_sip_auth_failures_total"),
@@ -234,8 +235,8 @@ def render(snap: Snapshot, *, max_calls: int = 50) -> str:
         f"({int(t['calls_active_outgoing'])} outgoing, {int(t['calls_active_incoming'])} incoming); since start: "
         f"{int(t['calls_started'])} seized, {int(t['calls_answered'])} answered, {int(t['calls_failed'])} failed, "
         f"{int(t['calls_refused'])} refused, {int(t['credit_cutoffs'])} credit cut-offs",
-        f"media     {int(t['rtp_streams'])} RTP streams, {int(t['rtp_relays'])} relays; {int(t['rtp_relayed'])} packets "
-        f"relayed, {int(t['rtp_lost'])} lost upstream",
+        f"media     {int(t['rtp_streams'])} RTP streams, {int(t['rtp_relays'])} relays; "
+        f"{int(t['rtp_relayed'])} packets relayed, {int(t['rtp_lost'])} lost upstream",
         f"security  {int(t['auth_failures'])} auth failures, {int(t['blocked_sources'])} blocked sources, "
         f"{int(t['parse_errors'])} parse errors",
         f"process   RSS {t['rss_bytes'] / 2**20:.0f} MiB, CPU {t['cpu_seconds']:.1f} s",

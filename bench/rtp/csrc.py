@@ -31,9 +31,13 @@ LOADGEN = r'''
 #define PKT 172
 #define TICK 200000LL           /* pacing tick, ns */
 
-static int64_t now_ns(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return (int64_t)t.tv_sec * 1000000000LL + t.tv_nsec; }
+static int64_t now_ns(void) {
+    struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return (int64_t)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
 /* Stamp the send time into each packet right before the sendmmsg that sends it. */
-static void stamp(struct iovec *v, int n) { int64_t t = now_ns(); for (int i = 0; i < n; i++) memcpy((unsigned char *)v[i].iov_base + 12, &t, 8); }
+static void stamp(struct iovec *v, int n) {
+    int64_t t = now_ns(); for (int i = 0; i < n; i++) memcpy((unsigned char *)v[i].iov_base + 12, &t, 8);
+}
 
 int main(int argc, char **argv) {
     if (argc < 7) { fprintf(stderr, "usage\n"); return 2; }
@@ -68,7 +72,10 @@ int main(int argc, char **argv) {
     unsigned char (*sb)[BATCH][PKT] = calloc(nsock, sizeof *sb);
     int *sn = calloc(nsock, sizeof *sn);
     struct mmsghdr rm[BATCH]; struct iovec rv[BATCH]; static unsigned char rb[BATCH][2048];
-    for (int i = 0; i < BATCH; i++) { rv[i].iov_base = rb[i]; rv[i].iov_len = 2048; memset(&rm[i], 0, sizeof rm[i]); rm[i].msg_hdr.msg_iov = &rv[i]; rm[i].msg_hdr.msg_iovlen = 1; }
+    for (int i = 0; i < BATCH; i++) {
+        rv[i].iov_base = rb[i]; rv[i].iov_len = 2048; memset(&rm[i], 0, sizeof rm[i]);
+        rm[i].msg_hdr.msg_iov = &rv[i]; rm[i].msg_hdr.msg_iovlen = 1;
+    }
     uint64_t sent = 0, send_fail = 0, recvd = 0, bad = 0;
     double rate = pps * nst;                         /* packets per second, all streams */
     int64_t t0 = now_ns(), tend = t0 + (int64_t)(secs * 1e9), drain_end = tend + 300000000LL;
@@ -144,7 +151,8 @@ int main(int argc, char **argv) {
     struct rusage ru; getrusage(RUSAGE_SELF, &ru);
     double cpu = ru.ru_utime.tv_sec + ru.ru_stime.tv_sec + (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
     printf("{\"offered\": %llu, \"sent\": %llu, \"send_fail\": %llu, \"received\": %llu, \"bad\": %llu, "
-           "\"p50_us\": %llu, \"p99_us\": %llu, \"p999_us\": %llu, \"max_us\": %llu, \"seconds\": %.3f, \"cpu_s\": %.3f}\n",
+           "\"p50_us\": %llu, \"p99_us\": %llu, \"p999_us\": %llu, \"max_us\": %llu, "
+           "\"seconds\": %.3f, \"cpu_s\": %.3f}\n",
            (unsigned long long)idx, (unsigned long long)sent, (unsigned long long)send_fail,
            (unsigned long long)recvd, (unsigned long long)bad, (unsigned long long)p50,
            (unsigned long long)p99, (unsigned long long)p999, (unsigned long long)mx, secs, cpu);
@@ -198,10 +206,15 @@ int main(int argc, char **argv) {
         int ne = epoll_wait(ep, evs, 256, 100);
         for (int e = 0; e < ne; e++) {
             int x = (int)evs[e].data.u32;
-            for (int i = 0; i < BATCH; i++) { v[i].iov_base = buf[i]; v[i].iov_len = 2048; memset(&m[i], 0, sizeof m[i]); m[i].msg_hdr.msg_iov = &v[i]; m[i].msg_hdr.msg_iovlen = 1; }
+            for (int i = 0; i < BATCH; i++) {
+                v[i].iov_base = buf[i]; v[i].iov_len = 2048; memset(&m[i], 0, sizeof m[i]);
+                m[i].msg_hdr.msg_iov = &v[i]; m[i].msg_hdr.msg_iovlen = 1;
+            }
             int r = recvmmsg(fd[x], m, BATCH, MSG_DONTWAIT, NULL);
             if (r <= 0) continue;
-            for (int i = 0; i < r; i++) { v[i].iov_len = m[i].msg_len; m[i].msg_hdr.msg_name = &to[x]; m[i].msg_hdr.msg_namelen = sizeof to[x]; }
+            for (int i = 0; i < r; i++) {
+                v[i].iov_len = m[i].msg_len; m[i].msg_hdr.msg_name = &to[x]; m[i].msg_hdr.msg_namelen = sizeof to[x];
+            }
             sendmmsg(fd[x ^ 1], m, r, MSG_DONTWAIT);
         }
     }

@@ -141,8 +141,9 @@ class CallController:
             self._end(call, exc.status, exc.reason, text=exc.text)
             return
         from_uri, to_uri = self.routing.outbound_uris(call, target, req.from_.display)
-        session = self.outbound_session(self.tl, self.dialogs, self, peer=target.peer, local=self.local(target.peer.proto),
-                            ruri=target.ruri, from_uri=from_uri, to_uri=to_uri, owner=call)
+        session = self.outbound_session(self.tl, self.dialogs, self, peer=target.peer,
+                                        local=self.local(target.peer.proto), ruri=target.ruri, from_uri=from_uri,
+                                        to_uri=to_uri, owner=call)
         call.outbound = session
         call.attempt = target.label
         log.info("call attempt", extra={"event": "call_attempt", "call_id": call.id, "target": target.label,

@@ -230,7 +230,8 @@ class CreditEngine:
             rate = None
             if call.funding in ("credit", "bundle"):
                 rate = call.rate if call.rate is not None else rates.rate_for(self.store, call.callee)
-            end = min(now, call.funded_until) if call.funded_until is not None else (call.answered_at or call.started_at)
+            end = (min(now, call.funded_until) if call.funded_until is not None
+                   else (call.answered_at or call.started_at))
 
             def op(txn: Txn, call: LiveCall = call, rate: Rate | None = rate, end: float = end) -> None:
                 self.settle(txn, call, rate, end, status=200 if call.answered_at else 500, end_reason="recovery")

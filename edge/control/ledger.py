@@ -39,7 +39,8 @@ def move(txn: Txn, owner: Account | Profile, amount: int, kind: str, ref: str = 
     new_balance = owner.balance + amount
     is_account = isinstance(owner, Account)
     if new_balance < 0:
-        raise InsufficientFunds(f"{'account' if is_account else 'profile'} {owner.id} balance is too low for this movement")
+        raise InsufficientFunds(
+            f"{'account' if is_account else 'profile'} {owner.id} balance is too low for this movement")
     owner.balance = new_balance
     if isinstance(owner, Account):
         accounts.save(txn, owner)

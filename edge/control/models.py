@@ -100,7 +100,8 @@ class LedgerEntry(Record):
     seq: int                        # global, strictly increasing
     ts: float
     owner: str                      # "account:<id>" or "profile:<id>"
-    kind: str                       # topup, allocate_out, allocate_in, auto_recharge_out, auto_recharge_in, reserve, release, ...
+    kind: str                       # topup, allocate_out, allocate_in, auto_recharge_out, auto_recharge_in,
+                                    # reserve, release, ...
     amount: int                     # signed micro-units applied to the owner's balance
     balance_after: int
     ref: str = ""                   # call id, counterparty, idempotency key
@@ -135,7 +136,8 @@ class Cdr(Record):
     ended_at: float
     duration: int                   # billed seconds of talk time
     status: int                     # final SIP status (200 for answered calls)
-    end_reason: str                 # caller_bye, callee_bye, cancel, credit_exhausted, rtp_timeout, max_duration, recovery, rejected
+    end_reason: str                 # caller_bye, callee_bye, cancel, credit_exhausted, rtp_timeout, max_duration,
+                                    # recovery, rejected
     cost: int = 0
     bundle_seconds: int = 0
     rate_prefix: str | None = None

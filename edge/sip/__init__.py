@@ -46,7 +46,9 @@ except ImportError:
 
     if "edge._sipparse" not in _sys.modules:
         raise
-    _COMPILED = frozenset(('MAX_HEADER_LINES', 'MAX_LINE_BYTES', 'MAX_MESSAGE_BYTES', 'REASONS', 'NameAddr', 'SipMessage', 'SipUri', 'Via', 'build_response', 'build_stateless_error', 'frame_length', 'parse', 'parse_name_addr', 'parse_uri', 'parse_via', 'skip_keepalive'))
+    _COMPILED = frozenset(('MAX_HEADER_LINES', 'MAX_LINE_BYTES', 'MAX_MESSAGE_BYTES', 'REASONS', 'NameAddr',
+                           'SipMessage', 'SipUri', 'Via', 'build_response', 'build_stateless_error', 'frame_length',
+                           'parse', 'parse_name_addr', 'parse_uri', 'parse_via', 'skip_keepalive'))
 
     def __getattr__(name: str):
         if name in _COMPILED:

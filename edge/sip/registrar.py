@@ -162,8 +162,8 @@ class Registrar:
             return
         except StoreError as exc:
             log.error("registration refused: the store cannot record it (%s)", exc)
-            tx.respond(503, "Store Unavailable", headers=[("Retry-After", "30"),
-                                                          ("Warning", '399 sipedge "the edge cannot record registrations now"')])
+            tx.respond(503, "Store Unavailable", headers=[
+                ("Retry-After", "30"), ("Warning", '399 sipedge "the edge cannot record registrations now"')])
             return
         self._ok(tx, profile_id, bindings, now)
 

@@ -367,7 +367,8 @@ class Transports:
                 return
             udp.sendto(data, (dest.host, dest.port))
             return
-        conn = dest.conn if dest.conn is not None and not dest.conn.closed else self.tcp_by_peer.get((dest.host, dest.port))
+        conn = (dest.conn if dest.conn is not None and not dest.conn.closed
+                else self.tcp_by_peer.get((dest.host, dest.port)))
         if conn is not None and conn.write(data):
             return
         asyncio.get_running_loop().create_task(self._connect_and_send(data, dest.host, dest.port))

@@ -23,7 +23,8 @@ def _setup(api: httpx.Client, balance: str, profiles: int) -> tuple[str, list[st
 def _audit_ok(edge: EdgeProcess, api: httpx.Client, account_id: str, profile_ids: list[str]) -> Decimal:
     """Balances equal their ledgers; returns the total still on the account and its profiles."""
     total = Decimal(0)
-    for owner, url in [("account", f"/v1/accounts/{account_id}")] + [("profile", f"/v1/profiles/{p}") for p in profile_ids]:
+    owners = [("account", f"/v1/accounts/{account_id}")] + [("profile", f"/v1/profiles/{p}") for p in profile_ids]
+    for owner, url in owners:
         balance = Decimal(api.get(url).json()["balance"])
         entries = api.get(url + "/ledger", params={"limit": 1000}).json()["items"]
         assert sum(Decimal(e["amount"]) for e in entries) == balance, owner
@@ -130,7 +131,8 @@ def _take_channels(data_dir: str, profile_id: str, attempts: int, queue: mp.Queu
     store = Store(data_dir, map_size=256 << 20)
     taken = 0
     for i in range(attempts):
-        call = LiveCall(call_id=f"{os.getpid()}-{i}", profile_id=profile_id, direction="outgoing", started_at=time.time())
+        call = LiveCall(call_id=f"{os.getpid()}-{i}", profile_id=profile_id, direction="outgoing",
+                        started_at=time.time())
         taken += store.write(lambda txn, call=call: channels.take(txn, profile_id, call))
     store.close()
     queue.put(taken)

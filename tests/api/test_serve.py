@@ -34,5 +34,6 @@ def test_generated_token_when_config_has_none(tmp_path) -> None:
     with edge.start():
         token = (edge.data / "admin_token").read_text().strip()
         assert len(token) >= 24 and oct((edge.data / "admin_token").stat().st_mode & 0o777) == "0o600"
-        assert httpx.get(edge.base + "/v1/bundle-exclusions", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        assert httpx.get(edge.base + "/v1/bundle-exclusions",
+                         headers={"Authorization": f"Bearer {token}"}).status_code == 200
         assert httpx.get(edge.base + "/v1/bundle-exclusions", headers={"Authorization": "Bearer x"}).status_code == 401

@@ -159,7 +159,8 @@ class FakeRegistrar:
             if pw is not None:
                 ha1 = hashlib.md5(f"{user}:{self.REALM}:{pw}".encode()).hexdigest()
                 ha2 = hashlib.md5(f"REGISTER:{p.get('uri', '')}".encode()).hexdigest()
-                want = hashlib.md5(f"{ha1}:{p['nonce']}:{p.get('nc')}:{p.get('cnonce')}:auth:{ha2}".encode()).hexdigest()
+                kd = f"{ha1}:{p['nonce']}:{p.get('nc')}:{p.get('cnonce')}:auth:{ha2}"
+                want = hashlib.md5(kd.encode()).hexdigest()
                 if want == p.get("response"):
                     contact = hdrs.get("contact", [""])[0]
                     expires = hdrs.get("expires", ["3600"])[0]

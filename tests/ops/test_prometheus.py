@@ -158,7 +158,8 @@ def grafana_query_result_lines(result: list[dict]) -> list[str]:
         labels = dict(item["metric"])
         name = labels.pop("__name__", "")
         ts, value = item["value"]
-        lines.append(name + "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "} " + f"{value} {int(float(ts) * 1000)}")
+        matchers = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        lines.append(name + "{" + matchers + "} " + f"{value} {int(float(ts) * 1000)}")
     return lines
 
 

@@ -34,7 +34,8 @@ def test_status_with_the_token_from_the_environment(ops) -> None:
     text = out.stdout
     assert "healthy" in text
     ids = {ops.hq["id"]: "HQ", ops.branch["id"]: "Branch", ops.broke["id"]: "Broke"}
-    lines = {ids[line.split()[1]]: line for line in text.splitlines() if len(line.split()) > 1 and line.split()[1] in ids}
+    lines = {ids[line.split()[1]]: line for line in text.splitlines()
+             if len(line.split()) > 1 and line.split()[1] in ids}
     # profiles with channels in use / capacity, calls, registrations, balances, auto-recharge
     assert ops.branch["id"] in lines["Branch"] and " 1/1 " in lines["Branch"] and "FULL" in lines["Branch"]
     assert "0.48" in lines["Branch"] and "off (min 2.00)" in lines["Branch"] and "CREDIT LOW" in lines["Branch"]

@@ -14,7 +14,8 @@ from edge.sip import SipMessage, parse
 class RawSip:
     """UDP or TCP socket from ``127.0.0.1`` (or ``bind``) to the edge."""
 
-    def __init__(self, edge_port: int, proto: str = "udp", bind: str = "127.0.0.1", edge_host: str = "127.0.0.1") -> None:
+    def __init__(self, edge_port: int, proto: str = "udp", bind: str = "127.0.0.1",
+                 edge_host: str = "127.0.0.1") -> None:
         self.proto = proto
         self.edge = (edge_host, edge_port)
         kind = socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM
@@ -60,8 +61,9 @@ class RawSip:
                 return msg
 
     def request(self, method: str, ruri: str, *, from_user: str, to_user: str, domain: str = "sip.edge.test",
-                call_id: str | None = None, cseq: int = 1, branch: str | None = None, headers: list[tuple[str, str]] = (),
-                body: bytes = b"", from_tag: str | None = None, to_tag: str | None = None,
+                call_id: str | None = None, cseq: int = 1, branch: str | None = None,
+                headers: list[tuple[str, str]] = (), body: bytes = b"", from_tag: str | None = None,
+                to_tag: str | None = None,
                 contact: str | None = None) -> bytes:
         branch = branch or "z9hG4bK" + secrets.token_hex(6)
         call_id = call_id or secrets.token_hex(8)

@@ -441,8 +441,9 @@ def test_incoming_call_to_a_number(edge, pbx: Pbx, carriers, extension) -> None:
     assert inv.to.uri.user == prof["sip_username"]     # the SIP username in To
     assert b"carrier.example" not in inv.raw and str(carrier.port).encode() not in inv.raw
     assert not inv.header("Proxy-Authenticate")
-    pbx.send(build_response(inv, 200, to_tag="pbx1", headers=[("Contact", f"<sip:{prof['sip_username']}@127.0.0.1:{pbx.port}>"),
-                                                              ("Content-Type", "application/sdp")],
+    pbx.send(build_response(inv, 200, to_tag="pbx1",
+                            headers=[("Contact", f"<sip:{prof['sip_username']}@127.0.0.1:{pbx.port}>"),
+                                     ("Content-Type", "application/sdp")],
                             body=sdp(pbx.rtp_port)))
     assert carrier_final(carrier) == 200
     assert api_get(edge, f"/v1/profiles/{prof['id']}")["channels_in_use"] == 1
@@ -470,7 +471,8 @@ def test_incoming_call_to_a_business_account(edge, pbx: Pbx, carriers) -> None:
 def test_incoming_unknown_number_and_unregistered_pbx(edge, carriers) -> None:
     carrier = carriers[0]
     carrier.drain()
-    carrier.sock.sendto(carrier_invite(carrier, edge, "+14155559999", call_id="unknown-1"), ("127.0.0.1", edge.sip_port))
+    carrier.sock.sendto(carrier_invite(carrier, edge, "+14155559999", call_id="unknown-1"),
+                        ("127.0.0.1", edge.sip_port))
     assert carrier_final(carrier, "unknown-1") == 404
     prof = new_profile(edge)
     number = f"+1415556{uuid.uuid4().int % 10000:04d}"
@@ -535,7 +537,8 @@ def test_hold_resume_and_in_dialog_requests(edge, pbx: Pbx, carriers) -> None:
     hold = sdp(pbx.rtp_port, session=2).replace(b"a=sendrecv", b"a=sendonly")
     for cseq, body, direction in ((3, hold, b"a=sendonly"), (4, sdp(pbx.rtp_port, session=3), b"a=sendrecv")):
         pbx.send(pbx.request("INVITE", d["ruri"], from_user=d["user"], to_user="x", call_id=d["call_id"], cseq=cseq,
-                             from_tag=d["from_tag"], to_tag=tag, body=body, headers=[("Content-Type", "application/sdp")]))
+                             from_tag=d["from_tag"], to_tag=tag, body=body,
+                             headers=[("Content-Type", "application/sdp")]))
         reinv = carrier.recv_request("INVITE")
         assert reinv.call_id == inv.call_id and reinv.to_tag == "carrier1" and direction in reinv.body
         assert str(pbx.rtp_port).encode() not in reinv.body

@@ -86,7 +86,8 @@ def test_digest_username_must_be_the_sip_username(ua: RawSip, profile: dict) -> 
     ua.send(ua.request("REGISTER", "sip:sip.edge.test", from_user=user, to_user=user))
     www = ua.recv_final().header("WWW-Authenticate")
     auth = digest("REGISTER", "sip:sip.edge.test", "990599999999", profile["sip_password"], www)
-    ua.send(ua.request("REGISTER", "sip:sip.edge.test", from_user=user, to_user=user, headers=[("Authorization", auth)]))
+    ua.send(ua.request("REGISTER", "sip:sip.edge.test", from_user=user, to_user=user,
+                       headers=[("Authorization", auth)]))
     assert ua.recv_final().status == 403
 
 
@@ -122,7 +123,8 @@ def test_stale_nonce_gets_stale_true(ua: RawSip, profile: dict) -> None:
     www = ua.recv_final().header("WWW-Authenticate")
     time.sleep(5.5)  # nonce_ttl = 5 in this edge's config
     auth = digest("REGISTER", "sip:sip.edge.test", user, pw, www)
-    ua.send(ua.request("REGISTER", "sip:sip.edge.test", from_user=user, to_user=user, headers=[("Authorization", auth)]))
+    ua.send(ua.request("REGISTER", "sip:sip.edge.test", from_user=user, to_user=user,
+                       headers=[("Authorization", auth)]))
     answer = ua.recv_final()
     assert answer.status == 401
     assert all(challenge_params(v).get("stale") == "true" for v in answer.headers("WWW-Authenticate"))
@@ -132,7 +134,8 @@ def test_forged_nonce_is_challenged_again(ua: RawSip, profile: dict) -> None:
     user = profile["sip_username"]
     fake = 'Digest realm="sip.edge.test", nonce="' + "0" * 52 + '", algorithm=MD5, qop="auth"'
     auth = digest("REGISTER", "sip:sip.edge.test", user, profile["sip_password"], fake)
-    ua.send(ua.request("REGISTER", "sip:sip.edge.test", from_user=user, to_user=user, headers=[("Authorization", auth)]))
+    ua.send(ua.request("REGISTER", "sip:sip.edge.test", from_user=user, to_user=user,
+                       headers=[("Authorization", auth)]))
     answer = ua.recv_final()
     assert answer.status == 401 and "stale" not in answer.header("WWW-Authenticate")
 

@@ -88,7 +88,8 @@ def test_purge_cdrs_command(tmp_path: Path) -> None:
     for i, age_days in enumerate([40, 35, 2]):
         ended = now - age_days * 86400
         cdr = Cdr(seq=0, call_id=f"c{i}", profile_id="prf_1", direction="outgoing", caller="a", callee="b",
-                  started_at=ended - 10, answered_at=None, ended_at=ended, duration=0, status=486, end_reason="rejected")
+                  started_at=ended - 10, answered_at=None, ended_at=ended, duration=0, status=486,
+                  end_reason="rejected")
         store.write(lambda txn, cdr=cdr: cdrs.add(txn, cdr))
     store.close()
     r = sipedge("purge-cdrs", "--data", str(tmp_path / "d"), "--older-than-days", "30")

@@ -73,8 +73,8 @@ def test_rewrite_points_at_edge_and_keeps_the_rest(name):
     assert m_src.split()[2:] == m_out.split()[2:]
 
 
-@pytest.mark.parametrize("name", ["pjsua2-2.15.1-captured.sdp", "pjsua2-offer.sdp", "asterisk-offer.sdp", "freeswitch-answer.sdp",
-                                  "cisco-cube-offer.sdp", "asterisk-hold.sdp"])
+@pytest.mark.parametrize("name", ["pjsua2-2.15.1-captured.sdp", "pjsua2-offer.sdp", "asterisk-offer.sdp",
+                                  "freeswitch-answer.sdp", "cisco-cube-offer.sdp", "asterisk-hold.sdp"])
 def test_round_trip(name):
     """Rewriting to the edge and back to the party's own values gives the original bytes."""
     src = load(name)

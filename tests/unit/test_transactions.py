@@ -45,7 +45,8 @@ class TU:
 
 def layer() -> tuple[TransactionLayer, Wire, TU]:
     wire, tu = Wire(), TU()
-    return TransactionLayer(wire, tu, SipMetrics(None), asyncio.get_running_loop(), t1=T1, t2=4 * T1, t4=5 * T1), wire, tu
+    tl = TransactionLayer(wire, tu, SipMetrics(None), asyncio.get_running_loop(), t1=T1, t2=4 * T1, t4=5 * T1)
+    return tl, wire, tu
 
 
 def out_request(method: str = "INVITE") -> OutRequest:
@@ -58,7 +59,8 @@ def response_to(req: OutRequest, status: int, to_tag: str = "callee") -> bytes:
             f"Call-ID: {req.call_id}\r\nCSeq: {req.cseq} {req.method}\r\nContent-Length: 0\r\n\r\n").encode()
 
 
-def incoming(method: str, branch: str = "z9hG4bKin1", to_tag: str | None = None, cseq_method: str | None = None) -> bytes:
+def incoming(method: str, branch: str = "z9hG4bKin1", to_tag: str | None = None,
+             cseq_method: str | None = None) -> bytes:
     to = "<sip:b@edge>" + (f";tag={to_tag}" if to_tag else "")
     return (f"{method} sip:b@edge SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.9:5060;branch={branch}\r\n"
             f"From: <sip:a@pbx>;tag=ft\r\nTo: {to}\r\nCall-ID: in-1\r\nCSeq: 1 {cseq_method or method}\r\n"

@@ -15,7 +15,8 @@ from edge.sip.transport import Peer, Transports
 PEER = Peer("udp", "198.51.100.9", 40123)
 
 
-def request(method: str = "INVITE", via_params: str = ";rport", extra: str = "", cseq_method: str | None = None) -> bytes:
+def request(method: str = "INVITE", via_params: str = ";rport", extra: str = "",
+            cseq_method: str | None = None) -> bytes:
     return (f"{method} sip:+442071234567@sip.edge.test SIP/2.0\r\n"
             f"Via: SIP/2.0/UDP 10.0.0.9:5062;branch=z9hG4bKb1{via_params}\r\n"
             "Max-Forwards: 70\r\nFrom: <sip:pbx@sip.edge.test>;tag=f1\r\nTo: <sip:+442071234567@sip.edge.test>\r\n"
