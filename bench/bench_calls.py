@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", type=Path, default=None,
                     help="also run another sipedge build: a checkout (e.g. a git worktree of the commit "
                          "before a change) with its .venv built; reported as 'baseline' beside 'sipedge'")
-    ap.add_argument("--kam-children", type=int, default=2)
+    ap.add_argument("--kam-children", type=int, default=4, help="Kamailio children per listener (its default)")
     ap.add_argument("--no-pin", action="store_true")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--output", default="calls.json")
@@ -353,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                    "pinned": not args.no_pin, "cpu_sipp": CPU_GEN, "cpu_device": cpu_dut,
                    "pass": "0 failed, SIPp rc 0, retrans < 1%", "uac": "bench/sipp/uac-call-auth.xml",
                    "uas": "bench/sipp/uas-answer.xml", "kamailio_cfg": "bench/kamailio/calls.cfg",
+                   "kamailio_children": args.kam_children, "kamailio_alloc": " ".join(Kamailio.ALLOC),
                    "command": "python -m bench.bench_calls " + " ".join(argv if argv is not None else sys.argv[1:])},
         "runs": runs,
         "summary": summary,

@@ -469,7 +469,11 @@ class Device:
 class Kamailio(Device):
     name = "kamailio"
 
-    def __init__(self, workdir: Path, cpu: str | None, *, cfg: Path, children: int = 2,
+    # Kamailio at its best: the TLSF allocator with room to spare (q_malloc, the default, is
+    # 2.4-4.3x slower per call here), and 4 children per listener, its own default.
+    ALLOC = ("-x", "tlsf", "-m", "4096", "-M", "64")
+
+    def __init__(self, workdir: Path, cpu: str | None, *, cfg: Path, children: int = 4,
                  defines: dict[str, str] | None = None) -> None:
         super().__init__(workdir, cpu)
         self.cfg = cfg
@@ -493,7 +497,7 @@ class Kamailio(Device):
         defines = {"DBURL": f'"text://{self.db}"', "SIPDOMAIN": f'"{DOMAIN}"', "CHILDREN": str(self.children),
                    **self.defines}
         cmd = ["kamailio", "-f", str(self.cfg), "-DD", "-E", "-l", f"udp:127.0.0.1:{self.port}",
-               "-P", str(pidfile), "-Y", str(run), "-m", "256", "-M", "16"]
+               "-P", str(pidfile), "-Y", str(run), *self.ALLOC]
         for k, v in defines.items():
             cmd += ["-A", f"{k}={v}"]
         self.proc = subprocess.Popen(pinned(self.cpu, cmd), stdout=subprocess.DEVNULL,
@@ -684,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="default 3 (--quick 1)")
     ap.add_argument("--users", type=int, default=1000)
     ap.add_argument("--only", choices=("kamailio", "sipedge"), default=None)
-    ap.add_argument("--kam-children", type=int, default=2)
+    ap.add_argument("--kam-children", type=int, default=4, help="Kamailio children per listener (its default)")
     ap.add_argument("--no-pin", action="store_true", help="do not taskset SIPp/device to CPU 0/1")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs, SIPp stats)")
     ap.add_argument("--output", default="register.json")
@@ -744,7 +748,8 @@ def main(argv: list[str] | None = None) -> int:
         "tools": {"sipp": tool_version(["sipp", "-v"]), "kamailio": tool_version(["kamailio", "-v"])},
         "method": {"hold_s": hold, "repeats": repeats, "rates": rates, "users": args.users,
                    "pinned": not args.no_pin, "cpu_sipp": CPU_GEN, "cpu_device": cpu_dut,
-                   "kamailio_children": args.kam_children, "pass": "0 failed, SIPp rc 0, retrans < 1%",
+                   "kamailio_children": args.kam_children, "kamailio_alloc": " ".join(Kamailio.ALLOC),
+                   "pass": "0 failed, SIPp rc 0, retrans < 1%",
                    "digest": "MD5, qop=auth on both (SIPp 3.6 is MD5-only: sipedge runs with "
                              "sip.digest_algorithms = [\"MD5\"])",
                    "scenario": "bench/sipp/uac-register-auth.xml", "kamailio_cfg": "bench/kamailio/register.cfg",
