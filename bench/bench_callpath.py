@@ -1,0 +1,261 @@
+"""CPU of one call through the real call path, in one process, without sockets or SIPp.
+
+    .venv/bin/python -m bench.bench_callpath                  # 2,000 calls x 3 rounds
+    .venv/bin/python -m bench.bench_callpath --profile        # and where the time goes (cProfile)
+
+A full :class:`edge.node.Node` is built (store, SIP service, transaction layer, dialogs,
+call controller, admission, billing, the real RTP relay engine for anchoring) and fed
+the messages of the SIPp call of ``bench/bench_calls.py`` at its transport boundary
+(``Transports.received``): INVITE -> 407 -> ACK -> INVITE with a digest answer -> the
+carrier's 100/180/200 with SDP -> ACK -> BYE -> the carrier's 200. What the edge sends
+is captured instead of written to a socket; the peers' answers are built from it.
+
+The figure is CPU seconds of the process per call, measured around the edge's work
+only (the peers' message building is timed apart and subtracted), the minimum of the
+rounds. ``--instructions`` counts instead, with valgrind's callgrind: the process runs
+twice (N and 3N calls) and the difference of the instructions executed, divided by 2N,
+is the instructions of one call (the peers' share included: the same in every build),
+the same number on every run whatever the other core does. It moves with the machine like any CPU figure, but not with SIPp, the network or
+the other core: the tool for "what did this change buy" (``bench/README.md``), next to
+``bench_calls.py``, which measures the rate the whole edge sustains against Kamailio.
+Timers (retransmissions, Timer C, billing slices) are armed as in production; the loop
+runs between calls so that what a call schedules is paid by that call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import gc
+import hashlib
+import io
+import pstats
+import re
+import secrets
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import machine_info, write_result
+from edge.config import CarrierConfig, Config, InboundConfig
+from edge.control import accounts, ledger, profiles, rates
+from edge.control.models import Rate
+from edge.control.store import Store
+from edge.node import Node
+from edge.sip import SipMessage, build_response, parse
+from edge.sip.transport import Peer
+
+PBX = Peer("udp", "127.0.0.1", 5070)
+CARRIER = Peer("udp", "127.0.0.2", 5080)
+DOMAIN = "sip.edge.test"
+CALLEE = "+442071234567"
+SDP_PBX = (b"v=0\r\no=pbx 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+           b"m=audio 6000 RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\n"
+           b"a=fmtp:101 0-16\r\na=ptime:20\r\na=sendrecv\r\n")
+SDP_GW = SDP_PBX.replace(b"127.0.0.1", b"127.0.0.2").replace(b"6000", b"7000")
+
+
+class Wire:
+    """Stands in for the sockets: what the edge sends, by destination."""
+
+    def __init__(self) -> None:
+        self.to_pbx: list[SipMessage] = []
+        self.to_carrier: list[SipMessage] = []
+
+    def send(self, data: bytes, dest: Peer) -> None:
+        (self.to_carrier if dest.host == CARRIER.host else self.to_pbx).append(parse(data))
+
+    def take(self, side: list[SipMessage], want: str | int) -> SipMessage:
+        for i, msg in enumerate(side):
+            if (msg.is_request and msg.method == want) or (not msg.is_request and msg.status == want):
+                return side.pop(i)
+        raise LookupError(f"the edge did not send {want}: {[m.method if m.is_request else m.status for m in side]}")
+
+
+def pbx_request(method: str, user: str, call_id: str, cseq: int, *, to_tag: str = "", branch: str = "",
+                auth: str = "", body: bytes = b"") -> bytes:
+    lines = [f"{method} sip:{CALLEE}@127.0.0.1:5060 SIP/2.0",
+             f"Via: SIP/2.0/UDP {PBX.host}:{PBX.port};branch={branch or 'z9hG4bK' + secrets.token_hex(6)};rport",
+             f"From: <sip:{user}@{DOMAIN}>;tag=pbx{call_id[:8]}",
+             f"To: <sip:{CALLEE}@{DOMAIN}>" + (f";tag={to_tag}" if to_tag else ""),
+             f"Call-ID: {call_id}", f"CSeq: {cseq} {method}", f"Contact: <sip:{user}@{PBX.host}:{PBX.port}>",
+             "Max-Forwards: 70", "User-Agent: sipp-bench-pbx"]
+    if auth:
+        lines.append(f"Proxy-Authorization: {auth}")
+    if body:
+        lines.append("Content-Type: application/sdp")
+    lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def digest(user: str, password: str, challenge: str, uri: str) -> str:
+    params = dict(re.findall(r'(\w+)="?([^",]+)"?', challenge))
+    ha1 = hashlib.md5(f"{user}:{params['realm']}:{password}".encode()).hexdigest()
+    ha2 = hashlib.md5(f"INVITE:{uri}".encode()).hexdigest()
+    resp = hashlib.md5(f"{ha1}:{params['nonce']}:00000001:0a4f113b:auth:{ha2}".encode()).hexdigest()
+    return (f'Digest username="{user}", realm="{params["realm"]}", nonce="{params["nonce"]}", uri="{uri}", '
+            f'response="{resp}", algorithm=MD5, qop=auth, nc=00000001, cnonce="0a4f113b"')
+
+
+class Rig:
+    def __init__(self, tmp: Path) -> None:
+        cfg = Config(carriers=[CarrierConfig(uri=f"sip:{CARRIER.host}:{CARRIER.port}")],
+                     inbound=InboundConfig(trusted=["127.0.0.3/32"]))
+        cfg.sip.digest_algorithms = ["MD5"]
+        cfg.sip.rate_limit = 0
+        cfg.sip.profile_rate_limit = 0
+        cfg.media.ports = (40000, 49999)
+        cfg.media.quiet_period = 0.0
+        self.store = Store(tmp / "db", map_size=1 << 30)
+        self.node = Node(cfg, self.store, "bench-token")
+        self.wire = Wire()
+        transports = self.node.sip.transports
+        transports.local = {"udp": ("127.0.0.1", 5060)}
+        transports.send = self.wire.send  # type: ignore[method-assign]
+        self.received = transports.received
+        self.node.media.start()
+        acct = accounts.create(self.store, "Bench", "bench.admin")
+        ledger.top_up(self.store, acct.id, 10_000 * 1_000_000)
+        prof, cred = profiles.create(self.store, acct.id, "bench", 300, realm=cfg.sip.domain)
+        ledger.allocate(self.store, prof.id, 5_000 * 1_000_000)
+        rates.replace(self.store, [Rate(prefix="44", rate=20_000, min_seconds=1, increment_seconds=1)])
+        self.user, self.password = prof.sip_username, cred.password
+        self.peer_cpu = 0.0  # time spent building the peers' messages (wall clock: one thread), subtracted
+
+    def feed(self, data: bytes, peer: Peer) -> None:
+        self.received(data, peer, None)
+
+    def answer(self, req: SipMessage, status: int, body: bytes = b"") -> bytes:
+        t = time.perf_counter()
+        headers = [("Contact", f"<sip:gw@{CARRIER.host}:{CARRIER.port}>")]
+        if body:
+            headers.append(("Content-Type", "application/sdp"))
+        data = build_response(req, status, to_tag="gw1" if status > 100 else None, headers=headers, body=body)
+        self.peer_cpu += time.perf_counter() - t
+        return data
+
+    def call(self) -> None:
+        """One call, message by message, as the SIPp PBX and carrier of bench_calls do it."""
+        t = time.perf_counter()
+        call_id = secrets.token_hex(10)
+        first = pbx_request("INVITE", self.user, call_id, 1, body=SDP_PBX)
+        self.peer_cpu += time.perf_counter() - t
+        self.feed(first, PBX)
+        challenge = self.wire.take(self.wire.to_pbx, 407)
+        self.wire.to_pbx.clear()
+        t = time.perf_counter()
+        ack = pbx_request("ACK", self.user, call_id, 1, to_tag=challenge.to_tag or "", branch=parse(first).branch or "")
+        uri = f"sip:{CALLEE}@127.0.0.1:5060"
+        auth = digest(self.user, self.password, challenge.header("Proxy-Authenticate") or "", uri)
+        second = pbx_request("INVITE", self.user, call_id, 2, auth=auth, body=SDP_PBX)
+        self.peer_cpu += time.perf_counter() - t
+        self.feed(ack, PBX)
+        self.feed(second, PBX)
+        invite = self.wire.take(self.wire.to_carrier, "INVITE")
+        for status, body in ((100, b""), (180, b""), (200, SDP_GW)):
+            self.feed(self.answer(invite, status, body), CARRIER)
+        self.wire.take(self.wire.to_carrier, "ACK")
+        ok = self.wire.take(self.wire.to_pbx, 200)
+        self.wire.to_pbx.clear()
+        t = time.perf_counter()
+        ack2 = pbx_request("ACK", self.user, call_id, 2, to_tag=ok.to_tag or "")
+        bye = pbx_request("BYE", self.user, call_id, 3, to_tag=ok.to_tag or "")
+        self.peer_cpu += time.perf_counter() - t
+        self.feed(ack2, PBX)
+        self.feed(bye, PBX)
+        self.wire.take(self.wire.to_pbx, 200)
+        self.feed(self.answer(self.wire.take(self.wire.to_carrier, "BYE"), 200), CARRIER)
+        self.wire.to_pbx.clear()
+        self.wire.to_carrier.clear()
+
+
+async def measure(calls: int, rounds: int, profile: bool) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="bench-callpath-") as tmp:
+        rig = Rig(Path(tmp))
+        for _ in range(200):  # warm-up: code paths, caches, the store's pages
+            rig.call()
+            await asyncio.sleep(0)
+        gc.collect()  # as Node.run does after start-up
+        gc.freeze()
+        gc.set_threshold(20_000, 20, 50)
+        per_call: list[float] = []
+        prof = cProfile.Profile() if profile else None
+        for _ in range(rounds):
+            rig.peer_cpu = 0.0
+            start = time.process_time()
+            if prof is not None:
+                prof.enable()
+            for i in range(calls):
+                rig.call()
+                if i % 20 == 19:
+                    await asyncio.sleep(0)  # due timers and the flusher run, as between datagrams
+            await asyncio.sleep(0.05)
+            if prof is not None:
+                prof.disable()
+            per_call.append((time.process_time() - start - rig.peer_cpu) / calls)
+        live = len(rig.node.calls.calls)
+        rig.node.media.close()
+        rig.store.close()
+    out: dict[str, Any] = {"cpu_us_per_call_rounds": [round(x * 1e6, 1) for x in per_call],
+                           "cpu_us_per_call": round(min(per_call) * 1e6, 1), "calls_left_live": live}
+    if prof is not None:
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
+        out["profile"] = buf.getvalue()
+    return out
+
+
+def count_instructions(calls: int, output: str) -> int:
+    """Instructions of one call: callgrind totals of a run with ``calls`` and one with ``3*calls``."""
+    import subprocess
+
+    totals = []
+    for n in (calls, 3 * calls):
+        with tempfile.TemporaryDirectory() as tmp:
+            run = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/cg.out",
+                                  sys.executable, "-m", "bench.bench_callpath", "--calls", str(n), "--rounds", "1",
+                                  "--output", f"{tmp}/inner.json"], capture_output=True, text=True, timeout=3600,
+                                 cwd=Path(__file__).resolve().parents[1])
+        found = re.search(r"Collected : (\d+)", run.stderr)
+        if run.returncode != 0 or found is None:
+            print(run.stdout[-2000:], run.stderr[-2000:], file=sys.stderr)
+            return 1
+        totals.append(int(found.group(1)))
+    per_call = (totals[1] - totals[0]) / (2 * calls)
+    path = write_result(output, {"bench": "callpath-instructions", "machine": machine_info(),
+                                 "method": {"calls": [calls, 3 * calls], "tool": "valgrind --tool=callgrind"},
+                                 "instructions_total": totals, "instructions_per_call": round(per_call)})
+    print(f"instructions per call: {per_call / 1e6:.3f} M (totals {totals}) -> {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--profile", action="store_true", help="also print where the time goes (cProfile)")
+    ap.add_argument("--instructions", action="store_true",
+                    help="count instructions per call with callgrind (two runs: --calls and 3x --calls)")
+    ap.add_argument("--output", default="callpath.json")
+    args = ap.parse_args(argv)
+    if args.instructions:
+        return count_instructions(args.calls, args.output)
+    result = asyncio.run(measure(args.calls, args.rounds, args.profile))
+    profile_text = result.pop("profile", None)
+    path = write_result(args.output, {"bench": "callpath", "machine": machine_info(),
+                                      "method": {"calls": args.calls, "rounds": args.rounds,
+                                                 "command": "python -m bench.bench_callpath " + " ".join(
+                                                     argv if argv is not None else sys.argv[1:])},
+                                      **result})
+    print(f"CPU per call: {result['cpu_us_per_call']} us (rounds {result['cpu_us_per_call_rounds']}), "
+          f"calls left live: {result['calls_left_live']}  -> {path}")
+    if profile_text:
+        print(profile_text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
