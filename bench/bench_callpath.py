@@ -15,8 +15,9 @@ only (the peers' message building is timed apart and subtracted), the minimum of
 rounds. ``--instructions`` counts instead, with valgrind's callgrind: the process runs
 twice (N and 3N calls) and the difference of the instructions executed, divided by 2N,
 is the instructions of one call (the peers' share included: the same in every build),
-the same number on every run whatever the other core does. It moves with the machine like any CPU figure, but not with SIPp, the network or
-the other core: the tool for "what did this change buy" (``bench/README.md``), next to
+the same number on every run whatever the other core does. The CPU figure moves with
+the machine, but not with SIPp or the network: both are the tools for "what did this
+change buy" (``bench/README.md``), next to
 ``bench_calls.py``, which measures the rate the whole edge sustains against Kamailio.
 Timers (retransmissions, Timer C, billing slices) are armed as in production; the loop
 runs between calls so that what a call schedules is paid by that call.
