@@ -68,5 +68,7 @@ cdef class SipMessage:
     cdef object _lazy_get(self, str key, fn)
     cdef object _top_via_text(self)
     cpdef validate(self)
+    cdef object _validate_response(self)
+    cdef object _validate_contacts(self, bint register)
     cdef object _address(self, int h, str what)
     cdef object _element_error(self, object err, int k, int j, object param)

@@ -132,7 +132,10 @@ class SipMessage:
 
         The transport boundary calls it right after :func:`parse` (Kamailio
         ``sanity``); the views are cached, so the layers above read them for free, and
-        a second call returns at once.  Checked, in this order:
+        a second call returns at once.  A **response** is checked only for what the edge
+        reads of one: its Call-ID, and the Contact of a 2xx to INVITE (the dialog's
+        remote target); branch, CSeq and tags come from :func:`parse`, and its Via, From
+        and To are never decoded by the edge.  A request is checked, in this order:
 
         * every Via value: ``SIP/2.0/<transport>``, sent-by host (an IPv6 reference
           must be bracketed), port 1..65535, ``rport`` empty or 1..65535, ``received``

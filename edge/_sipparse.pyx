@@ -1060,6 +1060,8 @@ cdef class SipMessage:
         if self._valid:
             return None
         raw = self._raw
+        if not self._is_request:
+            return self._validate_response()
         vias = []
         for k in range(self._first[HDR_VIA], self._nslots):
             sl = &self._slots[k]
@@ -1099,8 +1101,39 @@ cdef class SipMessage:
             if uri.scheme not in ("sip", "sips", "tel"):  # RFC 3261 §8.2.2.1
                 raise SipUnsupportedUriScheme("Unsupported Request-URI scheme", self._ruri_off, raw)
             self._lazy["uri"] = uri
-        contacts = []
         register = self._is_request and self._m_len == 8 and memcmp(self._buf + self._m_off, b"REGISTER", 8) == 0
+        self._validate_contacts(register)
+        if self._present & ((<uint64_t>1) << HDR_EXPIRES):
+            try:
+                self.expires
+            except SipBadHeader as err:
+                raise SipBadHeader(err.reason, self._slots[self._first[HDR_EXPIRES]].val_off, raw) from None
+        if (self._is_request and self._m_len == 6 and memcmp(self._buf + self._m_off, b"INVITE", 6) == 0
+                and self.max_forwards == 0):
+            # RFC 3261 §16.3 step 2: the edge would forward this INVITE (docs/sip.md)
+            raise SipTooManyHops("Too Many Hops (Max-Forwards 0)",
+                                 self._slots[self._first[HDR_MAX_FORWARDS]].val_off, raw)
+        self._valid = 1
+        return None
+
+    cdef object _validate_response(self):
+        """A response: only what the edge reads of one -- its Call-ID, and the Contact of a
+        2xx to INVITE (the dialog's remote target); branch, CSeq and tags come from
+        :func:`parse`. Its Via, From and To are never decoded as objects by the edge."""
+        cdef HdrSlot* sl = &self._slots[self._first[HDR_CALL_ID]]
+        if sl.folded or memchr(self._buf + sl.val_off, 32, sl.val_len) != NULL or \
+                memchr(self._buf + sl.val_off, 9, sl.val_len) != NULL:
+            raise SipBadHeader("Bad Call-ID", sl.val_off, self._raw)
+        if 200 <= self._status < 300 and self.cseq_method == "INVITE":
+            if self._lazy is None:
+                self._lazy = {}
+            self._validate_contacts(False)
+        self._valid = 1
+        return None
+
+    cdef object _validate_contacts(self, bint register):
+        cdef int k, j
+        cdef list contacts = [], items
         if self._present & ((<uint64_t>1) << HDR_CONTACT):
             for k in range(self._first[HDR_CONTACT], self._nslots):
                 if self._slots[k].htype != HDR_CONTACT:
@@ -1119,18 +1152,6 @@ cdef class SipMessage:
                         raise self._element_error(SipBadHeader("Bad Contact expires"), k, j, b"expires")
                     contacts.append(c)
         self._lazy["contacts"] = contacts
-        if self._present & ((<uint64_t>1) << HDR_EXPIRES):
-            try:
-                self.expires
-            except SipBadHeader as err:
-                raise SipBadHeader(err.reason, self._slots[self._first[HDR_EXPIRES]].val_off, raw) from None
-        if (self._is_request and self._m_len == 6 and memcmp(self._buf + self._m_off, b"INVITE", 6) == 0
-                and self.max_forwards == 0):
-            # RFC 3261 §16.3 step 2: the edge would forward this INVITE (docs/sip.md)
-            raise SipTooManyHops("Too Many Hops (Max-Forwards 0)",
-                                 self._slots[self._first[HDR_MAX_FORWARDS]].val_off, raw)
-        self._valid = 1
-        return None
 
     cdef object _address(self, int h, str what):
         # the from_ / to views, decoded here without their property's generic lookup

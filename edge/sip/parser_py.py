@@ -933,6 +933,9 @@ class SipMessage:
         if self._valid:
             return
         raw = self.raw
+        if not self.is_request:
+            self._validate_response()
+            return
         vias = []
         for k, slot in enumerate(self._slots):
             if slot[0] != H_VIA:
@@ -968,8 +971,29 @@ class SipMessage:
             if uri.scheme not in ("sip", "sips", "tel"):  # RFC 3261 §8.2.2.1
                 raise SipUnsupportedUriScheme("Unsupported Request-URI scheme", self._ruri[0], raw)
             self._cache["uri"] = uri
+        self._validate_contacts(self._method == b"REGISTER")
+        ke = self._first.get(H_EXPIRES)
+        if ke is not None:
+            try:
+                self.expires  # noqa: B018 - reading the view parses (validates) it
+            except SipBadHeader as err:
+                raise SipBadHeader(err.reason, self._slots[ke][3], raw) from None
+        if self.is_request and self._method == b"INVITE" and self.max_forwards == 0:
+            # RFC 3261 §16.3 step 2: the edge would forward this INVITE (docs/sip.md)
+            raise SipTooManyHops("Too Many Hops (Max-Forwards 0)", self._slots[self._first[H_MAXF]][3], raw)
+        self._valid = True
+
+    def _validate_response(self) -> None:
+        """A response: its Call-ID, and the Contact of a 2xx to INVITE (see ``_sipparse.pyx``)."""
+        k = self._first[H_CALL_ID]
+        if any(c in " \t" for c in self._value(k)):
+            raise SipBadHeader("Bad Call-ID", self._slots[k][3], self.raw)
+        if 200 <= self.status < 300 and self.cseq_method == "INVITE":
+            self._validate_contacts(False)
+        self._valid = True
+
+    def _validate_contacts(self, register: bool) -> None:
         contacts: list[NameAddr] = []
-        register = self.is_request and self._method == b"REGISTER"
         for k, slot in enumerate(self._slots):
             if slot[0] != H_CONTACT:
                 continue
@@ -986,16 +1010,6 @@ class SipMessage:
                     raise self._element_error(SipBadHeader("Bad Contact expires"), k, j, b"expires")
                 contacts.append(c)
         self._cache["contacts"] = contacts
-        ke = self._first.get(H_EXPIRES)
-        if ke is not None:
-            try:
-                self.expires  # noqa: B018 - reading the view parses (validates) it
-            except SipBadHeader as err:
-                raise SipBadHeader(err.reason, self._slots[ke][3], raw) from None
-        if self.is_request and self._method == b"INVITE" and self.max_forwards == 0:
-            # RFC 3261 §16.3 step 2: the edge would forward this INVITE (docs/sip.md)
-            raise SipTooManyHops("Too Many Hops (Max-Forwards 0)", self._slots[self._first[H_MAXF]][3], raw)
-        self._valid = True
 
     def _address(self, h: int, what: str) -> NameAddr:
         k = self._first[h]

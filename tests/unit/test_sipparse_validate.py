@@ -186,13 +186,19 @@ def test_contact_star(P):
         "Bad Contact: * must be alone"
 
 
-def test_responses_are_validated_without_a_from_tag_rule(P):
+def test_responses_are_validated_for_what_the_edge_reads_of_them(P):
     resp = crlf("SIP/2.0 200 OK\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bKx;rport=5060;received=192.0.2.1\n"
                 "From: <sip:a@h>\nTo: <sip:b@h>;tag=t\nCall-ID: c\nCSeq: 1 INVITE\nContact: <sip:b@h:5060>\n"
                 "Content-Length: 0\n\n")
     assert error_of(P, resp) is None
-    assert error_of(P, resp.replace(b"rport=5060", b"rport=x")).reason == "Bad Via rport"
+    # the Contact of a 2xx to INVITE becomes the dialog's remote target: checked
     assert error_of(P, resp.replace(b"h:5060", b"h:99999")).reason == "Bad Contact port"
+    assert error_of(P, resp.replace(b"Call-ID: c", b"Call-ID: c d")).reason == "Bad Call-ID"
+    # what the edge never decodes of a response is not checked: its Via (only the branch is
+    # read), the Contact of a provisional or of an answer to BYE
+    assert error_of(P, resp.replace(b"rport=5060", b"rport=x")) is None
+    assert error_of(P, resp.replace(b"200 OK", b"180 Ringing").replace(b"h:5060", b"h:99999")) is None
+    assert error_of(P, resp.replace(b"1 INVITE", b"1 BYE").replace(b"h:5060", b"h:99999")) is None
 
 
 def test_validate_caches_the_views(P):

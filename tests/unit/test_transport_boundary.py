@@ -79,9 +79,10 @@ def test_the_error_status_is_answered(data: bytes, status: int, reason: str) -> 
 def test_bad_acks_and_bad_responses_are_dropped_and_counted() -> None:
     layer = Layer()
     layer.t.received(request("ACK", via_params=";rport=abc"), PEER, None)
-    response = (b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bKx;rport=abc\r\n"
+    # a response is checked for what the edge reads of it: here the Contact of a 2xx to INVITE
+    response = (b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bKx\r\n"
                 b"From: <sip:a@h>;tag=1\r\nTo: <sip:b@h>;tag=2\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\n"
-                b"Content-Length: 0\r\n\r\n")
+                b"Contact: <sip:b@h:99999>\r\nContent-Length: 0\r\n\r\n")
     layer.t.received(response, PEER, None)
     assert layer.sent == [] and layer.delivered == []
     assert layer.value("edge_sip_parse_errors_total", reason="BadHeader") == 2
