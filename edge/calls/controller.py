@@ -10,7 +10,6 @@ call events ``answered``, ``ended`` and ``refused``. Nothing here talks to the s
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -19,7 +18,7 @@ from edge.control.models import LiveCall, Profile
 from edge.sip import SipMessage
 from edge.sip.dialog import Dialogs, Local, bye_from_record
 from edge.sip.invite import InviteSession, UacInvite, UasInvite
-from edge.sip.request import new_tag, warning
+from edge.sip.request import new_tag, token_hex, warning
 from edge.sip.transaction import ServerTransaction, TransactionLayer
 
 from . import indialog
@@ -78,7 +77,7 @@ class CallController:
 
     def on_invite(self, tx: ServerTransaction) -> None:
         direction = Direction.INCOMING if self.is_trusted(tx.peer.host) else Direction.OUTGOING
-        call_id = "c" + secrets.token_hex(8)
+        call_id = "c" + token_hex(8)
         attempt = self.admission.check(tx, direction)
         refusal = attempt.refusal
         if refusal is None:
@@ -92,13 +91,15 @@ class CallController:
 
     def _refuse(self, call_id: str, a: Attempt, refusal: Reject) -> None:
         tx = a.tx
-        self.metrics.rejected.labels(a.direction.value, refusal.rule, str(refusal.status)).inc()
+        m = self.metrics
+        m.child(m.rejected, a.direction.value, refusal.rule, str(refusal.status)).inc()
         if refusal.rule == "auth_challenge":
             tx.respond(refusal.status, headers=refusal.headers, to_tag=new_tag())
             return
-        log.info("call rejected", extra={"event": "call_rejected", "direction": a.direction.value,
-                                         "rule": refusal.rule, "status": refusal.status, "source": str(tx.peer),
-                                         "sip_call_id": tx.request.call_id, "detail": refusal.text})
+        if log.isEnabledFor(logging.INFO):  # per-call lines: no dict built when not logged
+            log.info("call rejected", extra={"event": "call_rejected", "direction": a.direction.value,
+                                             "rule": refusal.rule, "status": refusal.status, "source": str(tx.peer),
+                                             "sip_call_id": tx.request.call_id, "detail": refusal.text})
         tx.respond(refusal.status, headers=[warning(refusal.text), *refusal.headers], to_tag=new_tag())
         if refusal.record and a.profile is not None:
             for listener in self.listeners:
@@ -111,12 +112,14 @@ class CallController:
         call.live = live
         call.inbound = self.inbound_session(self.tl, self.dialogs, a.tx, self.local(a.tx.peer.proto), self, owner=call)
         self.calls[call.id] = call
-        self.metrics.started.labels(call.direction.value).inc()
-        self.metrics.active.labels(call.direction.value).inc()
-        log.info("call started", extra={"event": "call_started", "call_id": call.id,
-                                        "direction": call.direction.value, "profile": call.profile.id,
-                                        "caller": call.caller, "callee": call.callee, "source": str(a.tx.peer),
-                                        "inbound_call_id": a.tx.request.call_id})
+        m = self.metrics
+        m.child(m.started, call.direction.value).inc()
+        m.child(m.active, call.direction.value).inc()
+        if log.isEnabledFor(logging.INFO):  # per-call lines: no dict built when not logged
+            log.info("call started", extra={"event": "call_started", "call_id": call.id,
+                                            "direction": call.direction.value, "profile": call.profile.id,
+                                            "caller": call.caller, "callee": call.callee, "source": str(a.tx.peer),
+                                            "inbound_call_id": a.tx.request.call_id})
         try:
             self.media.open(call)
             if call.funding is Funding.FREE:
@@ -146,8 +149,9 @@ class CallController:
                                         to_uri=to_uri, owner=call)
         call.outbound = session
         call.attempt = target.label
-        log.info("call attempt", extra={"event": "call_attempt", "call_id": call.id, "target": target.label,
-                                        "outbound_call_id": session.call_id})
+        if log.isEnabledFor(logging.INFO):  # per-call lines: no dict built when not logged
+            log.info("call attempt", extra={"event": "call_attempt", "call_id": call.id, "target": target.label,
+                                            "outbound_call_id": session.call_id})
         # loop protection: the outbound INVITE carries one hop less than it came with
         hops = min(70, (req.max_forwards if req.max_forwards is not None else 70) - 1)
         ringing = self.setup_timeout - (time.monotonic() - call.started)
@@ -165,9 +169,11 @@ class CallController:
     def _answered(self, call: Call) -> None:
         call.state = CallState.ANSWERED
         call.answered = time.monotonic()
-        self.metrics.setup.labels(call.direction.value, "answer").observe(call.answered - call.started)
-        log.info("call answered", extra={"event": "call_answered", "call_id": call.id,
-                                         "setup_ms": int((call.answered - call.started) * 1000)})
+        m = self.metrics
+        m.child(m.setup, call.direction.value, "answer").observe(call.answered - call.started)
+        if log.isEnabledFor(logging.INFO):  # per-call lines: no dict built when not logged
+            log.info("call answered", extra={"event": "call_answered", "call_id": call.id,
+                                             "setup_ms": int((call.answered - call.started) * 1000)})
         for listener in self.listeners:  # billing funds the first slice here, or ends the call
             listener.call_answered(call)
 
@@ -179,7 +185,8 @@ class CallController:
             return
         assert call.inbound is not None
         if call.state is CallState.ROUTING:
-            self.metrics.setup.labels(call.direction.value, "provisional").observe(time.monotonic() - call.started)
+            m = self.metrics
+            m.child(m.setup, call.direction.value, "provisional").observe(time.monotonic() - call.started)
         call.state = CallState.EARLY
         body = b""
         if response.body:
@@ -211,7 +218,8 @@ class CallController:
             return
         call.last_failure = status
         if self.routing.should_fail_over(call, status):
-            self.metrics.failovers.labels(call.attempt).inc()  # the carrier that failed
+            m = self.metrics
+            m.child(m.failovers, call.attempt).inc()  # the carrier that failed
             self._try_next(call)
             return
         if response is not None and not (call.direction is Direction.OUTGOING and status in FAILOVER_STATUSES):
@@ -285,14 +293,16 @@ class CallController:
         media = self.media.close(call)
         self.calls.pop(call.id, None)
         direction = call.direction.value
-        self.metrics.active.labels(direction).dec()
-        self.metrics.ended.labels(direction, str(status), reason.value).inc()
+        m = self.metrics
+        m.child(m.active, direction).dec()
+        m.child(m.ended, direction, str(status), reason.value).inc()
         inbound, outbound = call.inbound, call.outbound
-        log.info("call ended", extra={
-            "event": "call_ended", "call_id": call.id, "direction": direction, "profile": call.profile.id,
-            "status": status, "reason": reason.value, "talk_seconds": round(call.talk_seconds, 3),
-            "inbound_call_id": inbound.dialog.call_id if inbound else None,
-            "outbound_call_id": outbound.call_id if outbound else None})
+        if log.isEnabledFor(logging.INFO):  # per-call lines: no dict built when not logged
+            log.info("call ended", extra={
+                "event": "call_ended", "call_id": call.id, "direction": direction, "profile": call.profile.id,
+                "status": status, "reason": reason.value, "talk_seconds": round(call.talk_seconds, 3),
+                "inbound_call_id": inbound.dialog.call_id if inbound else None,
+                "outbound_call_id": outbound.call_id if outbound else None})
         for listener in self.listeners:
             listener.call_ended(call, status, reason, media)
 

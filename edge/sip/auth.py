@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 from edge.control.models import Credential
 
+from .request import token_hex
+
 ALGORITHMS = {"MD5": hashlib.md5, "SHA-256": hashlib.sha256}
 _PARAM = re.compile(r'\s*([A-Za-z0-9_-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,]+)\s*,?')
 
@@ -90,15 +92,15 @@ class DigestAuth:
     # ------------------------------------------------------------- nonces
 
     def new_nonce(self, now: float | None = None) -> str:
-        stamp = f"{int((now or time.time()) * 1000):012x}{os.urandom(8).hex()}"
-        return stamp + hmac.new(self._key, stamp.encode(), hashlib.sha256).hexdigest()[:24]
+        stamp = f"{int((now or time.time()) * 1000):012x}{token_hex(8)}"
+        return stamp + hmac.digest(self._key, stamp.encode(), "sha256").hex()[:24]
 
     def _nonce_time(self, nonce: str) -> float | None:
         """When we issued ``nonce``, or None if we did not issue it."""
         if len(nonce) != 52:
             return None
         stamp, mac = nonce[:28], nonce[28:]
-        expected = hmac.new(self._key, stamp.encode(), hashlib.sha256).hexdigest()[:24]
+        expected = hmac.digest(self._key, stamp.encode(), "sha256").hex()[:24]
         if not hmac.compare_digest(mac, expected):
             return None
         try:
