@@ -92,10 +92,21 @@ def pbx_request(method: str, user: str, call_id: str, cseq: int, *, to_tag: str 
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
-def digest(user: str, password: str, challenge: str, uri: str) -> str:
+def register_request(user: str, call_id: str, cseq: int, *, auth: str = "") -> bytes:
+    lines = [f"REGISTER sip:{DOMAIN} SIP/2.0",
+             f"Via: SIP/2.0/UDP {PBX.host}:{PBX.port};branch=z9hG4bK{secrets.token_hex(6)};rport",
+             f"From: <sip:{user}@{DOMAIN}>;tag=reg{call_id[:8]}", f"To: <sip:{user}@{DOMAIN}>",
+             f"Call-ID: {call_id}", f"CSeq: {cseq} REGISTER", f"Contact: <sip:{user}@{PBX.host}:{PBX.port}>",
+             "Expires: 3600", "Max-Forwards: 70", "User-Agent: sipp-bench-pbx"]
+    if auth:
+        lines.append(f"Authorization: {auth}")
+    return ("\r\n".join(lines) + "\r\nContent-Length: 0\r\n\r\n").encode()
+
+
+def digest(user: str, password: str, challenge: str, uri: str, method: str = "INVITE") -> str:
     params = dict(re.findall(r'(\w+)="?([^",]+)"?', challenge))
     ha1 = hashlib.md5(f"{user}:{params['realm']}:{password}".encode()).hexdigest()
-    ha2 = hashlib.md5(f"INVITE:{uri}".encode()).hexdigest()
+    ha2 = hashlib.md5(f"{method}:{uri}".encode()).hexdigest()
     resp = hashlib.md5(f"{ha1}:{params['nonce']}:00000001:0a4f113b:auth:{ha2}".encode()).hexdigest()
     return (f'Digest username="{user}", realm="{params["realm"]}", nonce="{params["nonce"]}", uri="{uri}", '
             f'response="{resp}", algorithm=MD5, qop=auth, nc=00000001, cnonce="0a4f113b"')
@@ -124,6 +135,7 @@ class Rig:
         ledger.allocate(self.store, prof.id, 5_000 * 1_000_000)
         rates.replace(self.store, [Rate(prefix="44", rate=20_000, min_seconds=1, increment_seconds=1)])
         self.user, self.password = prof.sip_username, cred.password
+        self.reg_cseq = 0
         self.peer_cpu = 0.0  # time spent building the peers' messages (wall clock: one thread), subtracted
 
     def feed(self, data: bytes, peer: Peer) -> None:
@@ -137,6 +149,26 @@ class Rig:
         data = build_response(req, status, to_tag="gw1" if status > 100 else None, headers=headers, body=body)
         self.peer_cpu += time.perf_counter() - t
         return data
+
+    def register(self) -> None:
+        """One digest registration as the SIPp PBX of bench_register does it: REGISTER -> 401 ->
+        REGISTER with Authorization -> 200 (the binding refreshed in LMDB)."""
+        t = time.perf_counter()
+        call_id = secrets.token_hex(10)
+        self.reg_cseq += 1
+        first = register_request(self.user, call_id, self.reg_cseq)
+        self.peer_cpu += time.perf_counter() - t
+        self.feed(first, PBX)
+        challenge = self.wire.take(self.wire.to_pbx, 401)
+        t = time.perf_counter()
+        self.reg_cseq += 1
+        auth = digest(self.user, self.password, challenge.header("WWW-Authenticate") or "", f"sip:{DOMAIN}",
+                      method="REGISTER")
+        second = register_request(self.user, call_id, self.reg_cseq, auth=auth)
+        self.peer_cpu += time.perf_counter() - t
+        self.feed(second, PBX)
+        self.wire.take(self.wire.to_pbx, 200)
+        self.wire.to_pbx.clear()
 
     def call(self) -> None:
         """One call, message by message, as the SIPp PBX and carrier of bench_calls do it."""
@@ -173,11 +205,12 @@ class Rig:
         self.wire.to_carrier.clear()
 
 
-async def measure(calls: int, rounds: int, profile: bool) -> dict[str, Any]:
+async def measure(calls: int, rounds: int, profile: bool, scenario: str = "call") -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-callpath-") as tmp:
         rig = Rig(Path(tmp))
+        one = rig.register if scenario == "register" else rig.call
         for _ in range(200):  # warm-up: code paths, caches, the store's pages
-            rig.call()
+            one()
             await asyncio.sleep(0)
         gc.collect()  # as Node.run does after start-up
         gc.freeze()
@@ -190,7 +223,7 @@ async def measure(calls: int, rounds: int, profile: bool) -> dict[str, Any]:
             if prof is not None:
                 prof.enable()
             for i in range(calls):
-                rig.call()
+                one()
                 if i % 20 == 19:
                     await asyncio.sleep(0)  # due timers and the flusher run, as between datagrams
             await asyncio.sleep(0.05)
@@ -209,7 +242,7 @@ async def measure(calls: int, rounds: int, profile: bool) -> dict[str, Any]:
     return out
 
 
-def count_instructions(calls: int, output: str) -> int:
+def count_instructions(calls: int, output: str, scenario: str = "call") -> int:
     """Instructions of one call: callgrind totals of a run with ``calls`` and one with ``3*calls``."""
     import subprocess
 
@@ -218,6 +251,7 @@ def count_instructions(calls: int, output: str) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             run = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/cg.out",
                                   sys.executable, "-m", "bench.bench_callpath", "--calls", str(n), "--rounds", "1",
+                                  "--scenario", scenario,
                                   "--output", f"{tmp}/inner.json"], capture_output=True, text=True, timeout=3600,
                                  cwd=Path(__file__).resolve().parents[1])
         found = re.search(r"Collected : (\d+)", run.stderr)
@@ -227,9 +261,10 @@ def count_instructions(calls: int, output: str) -> int:
         totals.append(int(found.group(1)))
     per_call = (totals[1] - totals[0]) / (2 * calls)
     path = write_result(output, {"bench": "callpath-instructions", "machine": machine_info(),
-                                 "method": {"calls": [calls, 3 * calls], "tool": "valgrind --tool=callgrind"},
+                                 "method": {"calls": [calls, 3 * calls], "scenario": scenario,
+                                            "tool": "valgrind --tool=callgrind"},
                                  "instructions_total": totals, "instructions_per_call": round(per_call)})
-    print(f"instructions per call: {per_call / 1e6:.3f} M (totals {totals}) -> {path}")
+    print(f"instructions per {scenario}: {per_call / 1e6:.3f} M (totals {totals}) -> {path}")
     return 0
 
 
@@ -238,20 +273,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="also print where the time goes (cProfile)")
+    ap.add_argument("--scenario", choices=("call", "register"), default="call",
+                    help="a full call, or a digest registration (REGISTER, 401, REGISTER, 200)")
     ap.add_argument("--instructions", action="store_true",
                     help="count instructions per call with callgrind (two runs: --calls and 3x --calls)")
     ap.add_argument("--output", default="callpath.json")
     args = ap.parse_args(argv)
     if args.instructions:
-        return count_instructions(args.calls, args.output)
-    result = asyncio.run(measure(args.calls, args.rounds, args.profile))
+        return count_instructions(args.calls, args.output, args.scenario)
+    result = asyncio.run(measure(args.calls, args.rounds, args.profile, args.scenario))
     profile_text = result.pop("profile", None)
     path = write_result(args.output, {"bench": "callpath", "machine": machine_info(),
                                       "method": {"calls": args.calls, "rounds": args.rounds,
                                                  "command": "python -m bench.bench_callpath " + " ".join(
                                                      argv if argv is not None else sys.argv[1:])},
                                       **result})
-    print(f"CPU per call: {result['cpu_us_per_call']} us (rounds {result['cpu_us_per_call_rounds']}), "
+    print(f"CPU per {args.scenario}: {result['cpu_us_per_call']} us (rounds {result['cpu_us_per_call_rounds']}), "
           f"calls left live: {result['calls_left_live']}  -> {path}")
     if profile_text:
         print(profile_text)

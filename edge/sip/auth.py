@@ -24,7 +24,8 @@ from edge.control.models import Credential
 from .request import token_hex
 
 ALGORITHMS = {"MD5": hashlib.md5, "SHA-256": hashlib.sha256}
-_PARAM = re.compile(r'\s*([A-Za-z0-9_-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,]+)\s*,?')
+# a quoted string unrolled (Friedl): twice as fast as one alternation per character
+_PARAM = re.compile(r'\s*([A-Za-z0-9_-]+)\s*=\s*("[^"\\]*(?:\\.[^"\\]*)*"|[^\s,]+)\s*,?')
 
 
 class AuthResult(enum.Enum):
@@ -91,16 +92,21 @@ class DigestAuth:
 
     # ------------------------------------------------------------- nonces
 
+    def _mac(self, stamp: str) -> str:
+        """The nonce's signature: keyed BLAKE2b (a MAC by design, RFC 7693 §2.9), 12 bytes as hex;
+        one C call, where HMAC-SHA256 costs two hash passes and an object."""
+        return hashlib.blake2b(stamp.encode(), key=self._key, digest_size=12).hexdigest()
+
     def new_nonce(self, now: float | None = None) -> str:
         stamp = f"{int((now or time.time()) * 1000):012x}{token_hex(8)}"
-        return stamp + hmac.digest(self._key, stamp.encode(), "sha256").hex()[:24]
+        return stamp + self._mac(stamp)
 
     def _nonce_time(self, nonce: str) -> float | None:
         """When we issued ``nonce``, or None if we did not issue it."""
         if len(nonce) != 52:
             return None
         stamp, mac = nonce[:28], nonce[28:]
-        expected = hmac.digest(self._key, stamp.encode(), "sha256").hex()[:24]
+        expected = self._mac(stamp)
         if not hmac.compare_digest(mac, expected):
             return None
         try:

@@ -18,7 +18,7 @@ from email.utils import formatdate
 from edge.control import profiles, registrations
 from edge.control.errors import StoreError
 from edge.control.models import Registration
-from edge.control.store import Store
+from edge.control.store import Store, Txn
 
 from .auth import AuthResult, DigestAuth, FailureTracker, parse_authorization, source_allowed
 from .metrics import SipMetrics
@@ -41,6 +41,10 @@ def _http_date(now: float) -> str:
 
 class _OutOfOrder(Exception):
     """An older REGISTER of the same Call-ID than the binding we hold (RFC 3261 §10.3 step 7)."""
+
+
+class _NewBinding(Exception):
+    """The REGISTER adds a binding: new work, to be written under the store's growth check."""
 
 
 class Registrar:
@@ -134,9 +138,11 @@ class Registrar:
         source = str(tx.peer)
         user_agent = req.header("User-Agent") or ""
 
-        def op(txn) -> list[Registration]:
+        def op(txn: Txn, adds: bool) -> list[Registration]:
             for uri, seconds in changes:
                 existing = registrations.binding(txn, profile_id, uri)
+                if existing is None and seconds and not adds:
+                    raise _NewBinding  # aborts: written again as new work
                 # §10.3 step 7: an older REGISTER of the same Call-ID must not undo a newer one
                 if existing is not None and existing.call_id == call_id and existing.cseq >= cseq:
                     raise _OutOfOrder  # aborts the whole transaction: no contact of it is applied
@@ -152,11 +158,13 @@ class Registrar:
             self._ok(tx, profile_id, registrations.live(self.store, profile_id, now), now)
             return
         # a refresh or removal of bindings we hold finishes admitted work: it may use the store's
-        # reserve, so PBXs stay registered on a full store; only a new binding is new work
-        grows = any(seconds and registrations.binding(self.store, profile_id, uri) is None
-                    for uri, seconds in changes)
+        # reserve, so PBXs stay registered on a full store; only a new binding is new work. The
+        # common case (a refresh) is one transaction; a new binding tries once more as new work.
         try:
-            bindings = self.store.write(op, sync=False, grows=grows)
+            try:
+                bindings = self.store.write(lambda txn: op(txn, False), sync=False, grows=False)
+            except _NewBinding:
+                bindings = self.store.write(lambda txn: op(txn, True), sync=False, grows=True)
         except _OutOfOrder:
             tx.respond(500, "Out of order REGISTER", headers=[("Retry-After", "1")])
             return
