@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from .errors import Conflict, NotFound
+from .errors import AdminLoginTaken, NotFound
 from .models import Account
 from .store import Txn, new_id, reads, writes
 
@@ -47,9 +47,9 @@ def create(txn: Txn, name: str, admin: str) -> Account:
     :raises Conflict: the login administers another account or is a business account name.
     """
     if is_admin_login(txn, admin):
-        raise Conflict(f"admin login {admin!r} already administers another account", field="admin")
+        raise AdminLoginTaken(f"admin login {admin!r} already administers another account", field="admin")
     if txn.get_raw("business", admin.encode()) is not None:
-        raise Conflict(f"{admin!r} is a business account name, not a free login", field="admin")
+        raise AdminLoginTaken(f"{admin!r} is a business account name, not a free login", field="admin")
     acct = Account(id=new_id("acc"), name=name, admin=admin, created_at=time.time())
     txn.put("accounts", acct.id.encode(), acct)
     txn.put_raw("admins", admin.encode(), acct.id.encode())

@@ -7,7 +7,14 @@ from __future__ import annotations
 import msgspec
 
 from . import accounts, profiles
-from .errors import Conflict, NotFound
+from .errors import (
+    AdminNotAttachable,
+    BusinessAccountAttachedElsewhere,
+    BusinessAccountExists,
+    NotFound,
+    NumberAttachedElsewhere,
+    NumberTaken,
+)
 from .models import BusinessAccount, OnlineNumber, Profile
 from .store import Store, Txn, reads, writes
 
@@ -22,7 +29,7 @@ def buy(txn: Txn, account_id: str, number: str) -> OnlineNumber:
     """:raises Conflict: the number is already owned."""
     accounts.get(txn, account_id)
     if txn.get_raw("numbers", number.encode()) is not None:
-        raise Conflict(f"number {number} is already owned", field="number")
+        raise NumberTaken(f"number {number} is already owned", field="number")
     rec = OnlineNumber(number=number, account_id=account_id)
     txn.put("numbers", number.encode(), rec)
     return rec
@@ -48,7 +55,7 @@ def attach(txn: Txn, profile_id: str, number: str, extension: str | None = None)
     if rec is None or rec.account_id != prof.account_id:
         raise NotFound(f"number {number} is not owned by the profile's account")
     if rec.profile_id is not None and rec.profile_id != prof.id:
-        raise Conflict(f"number {number} is already attached to profile {rec.profile_id}", field="number")
+        raise NumberAttachedElsewhere(f"number {number} is already attached to profile {rec.profile_id}", field="number")
     rec.profile_id, rec.extension = prof.id, extension
     txn.put("numbers", number.encode(), rec)
     if number not in prof.numbers:
@@ -93,9 +100,9 @@ def create_business(txn: Txn, account_id: str, name: str) -> BusinessAccount:
     """:raises Conflict: ``name`` is an administrator login or already exists."""
     accounts.get(txn, account_id)
     if accounts.is_admin_login(txn, name):
-        raise Conflict(f"{name!r} is an administrator login, not a business account", field="name")
+        raise AdminNotAttachable(f"{name!r} is an administrator login, not a business account", field="name")
     if txn.get_raw("business", name.encode()) is not None:
-        raise Conflict(f"business account {name!r} already exists", field="name")
+        raise BusinessAccountExists(f"business account {name!r} already exists", field="name")
     rec = BusinessAccount(name=name, account_id=account_id)
     txn.put("business", name.encode(), rec)
     return rec
@@ -111,7 +118,7 @@ def attach_business(txn: Txn, profile_id: str, name: str) -> BusinessAccount:
     prof = profiles.get(txn, profile_id)
     acct = accounts.get(txn, prof.account_id)
     if name == acct.admin or accounts.is_admin_login(txn, name):
-        raise Conflict(
+        raise AdminNotAttachable(
             f"{name!r} is the administrator login of an account; it can never be attached to a "
             "SIP profile (it could no longer sign in to manage the account)", field="name",
         )
@@ -119,7 +126,7 @@ def attach_business(txn: Txn, profile_id: str, name: str) -> BusinessAccount:
     if rec is None or rec.account_id != prof.account_id:
         raise NotFound(f"business account {name!r} does not belong to the profile's account")
     if rec.profile_id is not None and rec.profile_id != prof.id:
-        raise Conflict(f"business account {name!r} is already attached to profile {rec.profile_id}", field="name")
+        raise BusinessAccountAttachedElsewhere(f"business account {name!r} is already attached to profile {rec.profile_id}", field="name")
     rec.profile_id = prof.id
     txn.put("business", name.encode(), rec)
     if name not in prof.business_accounts:
