@@ -13,6 +13,7 @@ from .errors import (
     BusinessAccountExists,
     NotFound,
     NumberAttachedElsewhere,
+    NumberInvalid,
     NumberTaken,
 )
 from .models import BusinessAccount, OnlineNumber, Profile
@@ -26,7 +27,13 @@ _profile = msgspec.msgpack.Decoder(Profile)
 
 @writes()
 def buy(txn: Txn, account_id: str, number: str) -> OnlineNumber:
-    """:raises Conflict: the number is already owned."""
+    """:raises NumberInvalid: not a valid E.164 number (the rule of the SIP path, ``credit.is_e164``).
+    :raises Conflict: the number is already owned."""
+    from .credit import is_e164
+
+    if is_e164(number, require_plus=True) != number:
+        raise NumberInvalid(f"{number} is not a valid E.164 number (country code and a number valid there)",
+                            field="number")
     accounts.get(txn, account_id)
     if txn.get_raw("numbers", number.encode()) is not None:
         raise NumberTaken(f"number {number} is already owned", field="number")
@@ -75,6 +82,31 @@ def detach(txn: Txn, profile_id: str, number: str) -> None:
     txn.put("numbers", number.encode(), rec)
     prof.numbers.remove(number)
     profiles.save(txn, prof)
+
+
+@writes(grows=False)
+def release(txn: Txn, account_id: str, number: str) -> None:
+    """Give a number up (SPEC §5.5): detached from its profile if attached, then no longer owned.
+
+    :raises NotFound: the account does not own the number.
+    """
+    rec = txn.get("numbers", number.encode(), OnlineNumber)
+    if rec is None or rec.account_id != account_id:
+        raise NotFound(f"number {number} is not owned by account {account_id}")
+    if rec.profile_id is not None:
+        prof = profiles.find(txn, rec.profile_id)
+        if prof is not None and number in prof.numbers:
+            prof.numbers.remove(number)
+            profiles.save(txn, prof)
+    txn.delete("numbers", number.encode())
+
+
+def release_all(txn: Txn, account_id: str) -> None:
+    """Release every number and delete every business account of an account being deleted."""
+    for rec in [r for r in txn.values("numbers", OnlineNumber) if r.account_id == account_id]:
+        release(txn, account_id, rec.number)
+    for biz in [b for b in txn.values("business", BusinessAccount) if b.account_id == account_id]:
+        txn.delete("business", biz.name.encode())
 
 
 def profile_by_number(store: Store, number: str) -> tuple[OnlineNumber, Profile] | None:

@@ -167,6 +167,17 @@ def update(txn: Txn, profile_id: str, changes: dict[str, Any]) -> Profile:
 
 
 @writes()
+def rotate_password(txn: Txn, profile_id: str, *, realm: str | None = None) -> Credential:
+    """A new SIP password for the profile (both HA1s recomputed): the old one stops working at
+    the next challenge. :returns: the new credential."""
+    prof = get(txn, profile_id)
+    old = txn.get("credentials", prof.sip_username.encode(), Credential)
+    cred = make_credential(prof, new_password(), realm or (old.realm if old is not None else "sip.edge.test"))
+    txn.put("credentials", prof.sip_username.encode(), cred)
+    return cred
+
+
+@writes()
 def set_bundles(txn: Txn, profile_id: str, us_bundles: int) -> Profile:
     """:raises Conflict: more bundles than channels."""
     prof = get(txn, profile_id)
