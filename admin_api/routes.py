@@ -68,6 +68,7 @@ from .schemas import (
     LedgerEntryOut,
     LedgerPage,
     LiveCallOut,
+    LiveCallPage,
     LoadedOut,
     NumberAttach,
     NumberBuy,
@@ -82,6 +83,7 @@ from .schemas import (
     RateOut,
     RatesPut,
     RegistrationOut,
+    RegistrationPage,
     WebhookCreate,
     WebhookCreated,
     WebhookOut,
@@ -329,6 +331,53 @@ def profile_calls(profile_id: str, state: State) -> list[LiveCallOut]:
     def op(txn: Txn) -> list[LiveCallOut]:
         profiles.get(txn, profile_id)
         return [LiveCallOut.of(c) for c in channels.live_calls(txn, profile_id)]
+
+    return _store(state).read(op)
+
+
+@get("/v1/calls", operation_id="listAllLiveCalls", tags=["calls"], summary="Every live call of the node",
+     description="Live calls in (profile, call) order, in pages; an account key sees its own.", **READ)
+def list_calls(request: Request[Any, Any, Any], state: State, after: str = AfterId,
+               limit: int = Limit) -> LiveCallPage:
+    who = _who(request)
+
+    def op(txn: Txn) -> LiveCallPage:
+        own = None if who.is_admin else {p.id for p in profiles.of_account(txn, who.account_id)}
+        items = []
+        for call in channels.live_calls(txn):
+            cursor = f"{call.profile_id}/{call.call_id}"
+            if cursor <= after or (own is not None and call.profile_id not in own):
+                continue
+            items.append(call)
+            if len(items) >= limit:
+                break
+        return LiveCallPage(items=[LiveCallOut.of(c) for c in items],
+                            next_after=f"{items[-1].profile_id}/{items[-1].call_id}" if len(items) == limit else None)
+
+    return _store(state).read(op)
+
+
+@get("/v1/registrations", operation_id="listAllRegistrations", tags=["profiles"],
+     summary="Every live binding of the node", description="Unexpired bindings of every profile, in pages; an "
+                                                           "account key sees its own.", **READ)
+def list_registrations(request: Request[Any, Any, Any], state: State, after: str = AfterId,
+                       limit: int = Limit) -> RegistrationPage:
+    who = _who(request)
+    now = time.time()
+
+    def op(txn: Txn) -> RegistrationPage:
+        own = None if who.is_admin else {p.id for p in profiles.of_account(txn, who.account_id)}
+        items = []
+        for reg in registrations.live(txn, None, now):
+            cursor = f"{reg.profile_id}/{reg.contact}"
+            if cursor <= after or (own is not None and reg.profile_id not in own):
+                continue
+            items.append(reg)
+            if len(items) >= limit:
+                break
+        return RegistrationPage(items=[RegistrationOut.of(r, now) for r in items],
+                                next_after=f"{items[-1].profile_id}/{items[-1].contact}" if len(items) == limit
+                                else None)
 
     return _store(state).read(op)
 
@@ -612,7 +661,7 @@ ROUTES = [
     list_all_profiles, create_profile, list_profiles, show_profile, patch_profile, delete_profile,
     get_credentials, rotate_credentials,
     credit_profile, put_auto_recharge, put_bundles,
-    profile_calls, hangup_call, profile_cdrs, account_cdrs, profile_ledger, profile_registrations,
+    profile_calls, list_calls, list_registrations, hangup_call, profile_cdrs, account_cdrs, profile_ledger, profile_registrations,
     buy_number, list_numbers, release_number, attach_number, detach_number,
     create_business_account, attach_business_account, detach_business_account,
     put_rates, rate_lookup, put_exclusions, get_exclusions,

@@ -298,6 +298,7 @@ class LedgerEntryOut(Out):
 
 
 class RegistrationOut(Out):
+    profile_id: str
     contact: str
     expires_in: int
     expires_at: datetime
@@ -306,7 +307,7 @@ class RegistrationOut(Out):
 
     @classmethod
     def of(cls, r: Registration, now: float) -> RegistrationOut:
-        return cls(contact=r.contact, expires_in=max(0, int(r.expires_at - now)),
+        return cls(profile_id=r.profile_id, contact=r.contact, expires_in=max(0, int(r.expires_at - now)),
                    expires_at=to_datetime(r.expires_at), source=r.source, user_agent=r.user_agent)
 
 
@@ -520,3 +521,11 @@ class AuditPage(_Seq):
 
 class DeliveryPage(_Seq):
     items: list[DeliveryOut]
+
+
+class LiveCallPage(_Key):
+    items: list[LiveCallOut]
+
+
+class RegistrationPage(_Key):
+    items: list[RegistrationOut]
