@@ -14,6 +14,7 @@ a listener of its own for ``/metrics``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -113,13 +114,13 @@ def openapi_json(request: Request[Any, Any, Any], state: State) -> Response[byte
 def _metrics_app(registry: CollectorRegistry, gate: Gate | None) -> ASGIApp:
     """The ``/metrics`` listener of ``api.metrics_listen`` (with ``api.metrics_auth``: a metrics or admin key)."""
 
-    async def refuse(send: Send, status: int, code: str, detail: str) -> None:
+    async def refuse(send: Any, status: int, code: str, detail: str) -> None:
         data = problems.body(status, code, detail)
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", problems.MEDIA_TYPE.encode())]})
         await send({"type": "http.response.body", "body": data})
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+    async def app(scope: Scope, receive: Receive, send: Any) -> None:
         if scope["type"] != "http":
             return
         if scope["path"] != "/metrics":
@@ -138,7 +139,7 @@ def _metrics_app(registry: CollectorRegistry, gate: Gate | None) -> ASGIApp:
                     "headers": [(b"content-type", CONTENT_TYPE_LATEST.encode())]})
         await send({"type": "http.response.body", "body": data})
 
-    return app  # type: ignore[return-value]
+    return app
 
 
 def create_app(
@@ -179,9 +180,11 @@ def create_app(
             import uvicorn
 
             host, _, port = cfg.metrics_listen.rpartition(":")
-            server = uvicorn.Server(uvicorn.Config(_metrics_app(registry, gates[0] if cfg.metrics_auth else None), host=host.strip("[]"), port=int(port),
+            listener = _metrics_app(registry, gates[0] if cfg.metrics_auth else None)
+            server = uvicorn.Server(uvicorn.Config(listener, host=host.strip("[]"), port=int(port),
                                                    log_level="warning", access_log=False, lifespan="off"))
-            server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+            # the node owns SIGINT/SIGTERM: this second server must not capture them
+            server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
             task = asyncio.get_running_loop().create_task(server.serve(), name="metrics-listener")
             metrics_server.extend((server, task))
 

@@ -20,7 +20,7 @@ from litestar.response import Stream
 from edge.control import cdrs
 from edge.control.errors import Invalid
 from edge.control.models import Cdr
-from edge.control.store import Store
+from edge.control.store import Store, Txn
 from edge.control.times import parse_rfc3339
 
 CHUNK = 2000
@@ -49,15 +49,15 @@ def _chunks(store: Store, profile_ids: list[str], lo: float | None, hi: float | 
     for pid in profile_ids:
         after = 0
         while True:
-            def read(txn: object, after: int = after, pid: str = pid) -> list[Cdr]:
+            def read(txn: Txn, after: int = after, pid: str = pid) -> list[Cdr]:
                 out: list[Cdr] = []
-                for cdr in cdrs.scan(txn, pid, after=after, start=lo, end=hi):  # type: ignore[arg-type]
+                for cdr in cdrs.scan(txn, pid, after=after, start=lo, end=hi):
                     out.append(cdr)
                     if len(out) >= CHUNK:
                         break
                 return out
 
-            chunk = store.read(read)  # type: ignore[arg-type]
+            chunk = store.read(read)
             if not chunk:
                 break
             yield chunk

@@ -20,7 +20,8 @@ PROBLEM_SCHEMA: dict[str, Any] = {
     "description": "RFC 9457 problem details. `code` is stable: branch on it, not on `title` or `detail`.",
     "required": ["type", "title", "status", "detail", "code"],
     "properties": {
-        "type": {"type": "string", "description": "urn:sipedge:error:<code>", "examples": ["urn:sipedge:error:not_found"]},
+        "type": {"type": "string", "description": "urn:sipedge:error:<code>",
+                 "examples": ["urn:sipedge:error:not_found"]},
         "title": {"type": "string"},
         "status": {"type": "integer"},
         "detail": {"type": "string"},
@@ -101,7 +102,7 @@ def finish(doc: dict[str, Any]) -> dict[str, Any]:
             if method not in ("get", "post", "put", "patch", "delete"):
                 continue
             responses = op.setdefault("responses", {})
-            for status, resp in list(responses.items()):
+            for status in list(responses):
                 if status.startswith(("4", "5")):     # Litestar's own ValidationException schema: replace
                     del responses[status]
             for status in _errors_for(method, path, op):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from typing import Any, Literal, TypedDict
+from typing import Annotated, Any, Literal, TypedDict
 
 import msgspec
 from litestar import Request, Response, delete, get, patch, post, put
@@ -58,8 +58,8 @@ from .schemas import (
     BusinessAccountRequest,
     CdrOut,
     CdrPage,
-    CreditRequest,
     CredentialsOut,
+    CreditRequest,
     DeliveryOut,
     DeliveryPage,
     ExclusionsPut,
@@ -420,9 +420,9 @@ def profile_registrations(profile_id: str, state: State) -> list[RegistrationOut
 
 # --------------------------------------------------------------------- CDRs
 
-FromParam = QueryParameter(name="from", default=None, description="RFC 3339: calls started at or after this time")
-ToParam = QueryParameter(name="to", default=None, description="RFC 3339: calls started before this time")
-FormatParam = QueryParameter(name="format", default="json",
+FromParam = QueryParameter(name="from", description="RFC 3339: calls started at or after this time")
+ToParam = QueryParameter(name="to", description="RFC 3339: calls started before this time")
+FormatParam = QueryParameter(name="format",
                         description="json (paged), csv or jsonl (streamed, every row of the range)")
 
 
@@ -430,8 +430,8 @@ FormatParam = QueryParameter(name="format", default="json",
      summary="CDRs of a profile", description="JSON pages, or a streamed CSV / JSON Lines export (SPEC §5.4).",
      media_type="application/json", **READ)
 def profile_cdrs(profile_id: str, state: State, after: int = After, limit: int = Limit,
-                 start: str | None = FromParam, end: str | None = ToParam,
-                 fmt: Literal["json", "csv", "jsonl"] = FormatParam) -> Any:
+                 start: Annotated[str | None, FromParam] = None, end: Annotated[str | None, ToParam] = None,
+                 fmt: Annotated[Literal["json", "csv", "jsonl"], FormatParam] = "json") -> Any:
     lo, hi = time_range(start, end)
     if fmt != "json":
         profiles.get(_store(state), profile_id)
@@ -449,8 +449,8 @@ def profile_cdrs(profile_id: str, state: State, after: int = After, limit: int =
      description="Every profile of the account: JSON pages in seq order, or a streamed CSV / JSON Lines "
                  "export (profile by profile, oldest first).", media_type="application/json", **READ)
 def account_cdrs(account_id: str, state: State, after: int = After, limit: int = Limit,
-                 start: str | None = FromParam, end: str | None = ToParam,
-                 fmt: Literal["json", "csv", "jsonl"] = FormatParam) -> Any:
+                 start: Annotated[str | None, FromParam] = None, end: Annotated[str | None, ToParam] = None,
+                 fmt: Annotated[Literal["json", "csv", "jsonl"], FormatParam] = "json") -> Any:
     lo, hi = time_range(start, end)
     store = _store(state)
 
@@ -661,7 +661,8 @@ ROUTES = [
     list_all_profiles, create_profile, list_profiles, show_profile, patch_profile, delete_profile,
     get_credentials, rotate_credentials,
     credit_profile, put_auto_recharge, put_bundles,
-    profile_calls, list_calls, list_registrations, hangup_call, profile_cdrs, account_cdrs, profile_ledger, profile_registrations,
+    profile_calls, list_calls, list_registrations, hangup_call, profile_cdrs, account_cdrs, profile_ledger,
+    profile_registrations,
     buy_number, list_numbers, release_number, attach_number, detach_number,
     create_business_account, attach_business_account, detach_business_account,
     put_rates, rate_lookup, put_exclusions, get_exclusions,

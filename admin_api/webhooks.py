@@ -224,8 +224,11 @@ class Deliverer:
                 webhooks.save_delivery(txn, d)
             for seq in {d.event_seq for d in results}:
                 ev = by_seq[seq]
-                if all((hooks.get(w) is None) or ((d := webhooks.delivery(txn, w, seq)) is not None
-                                                   and d.state != "pending") for w in ev.webhooks):
+                if all(hooks.get(w) is None or _done(webhooks.delivery(txn, w, seq)) for w in ev.webhooks):
                     webhooks.settle_event(txn, seq)
 
         self.store.write(op, sync=True, grows=False)
+
+
+def _done(d: Delivery | None) -> bool:
+    return d is not None and d.state != "pending"

@@ -13,9 +13,9 @@ work (``grows=True``: refused when the store is full); updating and releasing fi
 from __future__ import annotations
 
 from . import profiles, webhooks
-from .times import rfc3339
 from .models import LiveCall, Profile
 from .store import SEP, Txn, key, reads, writes
+from .times import rfc3339
 
 
 def call_key(profile_id: str, call_id: str) -> bytes:

@@ -62,7 +62,8 @@ def attach(txn: Txn, profile_id: str, number: str, extension: str | None = None)
     if rec is None or rec.account_id != prof.account_id:
         raise NotFound(f"number {number} is not owned by the profile's account")
     if rec.profile_id is not None and rec.profile_id != prof.id:
-        raise NumberAttachedElsewhere(f"number {number} is already attached to profile {rec.profile_id}", field="number")
+        raise NumberAttachedElsewhere(f"number {number} is already attached to profile {rec.profile_id}",
+                                      field="number")
     rec.profile_id, rec.extension = prof.id, extension
     txn.put("numbers", number.encode(), rec)
     if number not in prof.numbers:
@@ -158,7 +159,8 @@ def attach_business(txn: Txn, profile_id: str, name: str) -> BusinessAccount:
     if rec is None or rec.account_id != prof.account_id:
         raise NotFound(f"business account {name!r} does not belong to the profile's account")
     if rec.profile_id is not None and rec.profile_id != prof.id:
-        raise BusinessAccountAttachedElsewhere(f"business account {name!r} is already attached to profile {rec.profile_id}", field="name")
+        raise BusinessAccountAttachedElsewhere(
+            f"business account {name!r} is already attached to profile {rec.profile_id}", field="name")
     rec.profile_id = prof.id
     txn.put("business", name.encode(), rec)
     if name not in prof.business_accounts:

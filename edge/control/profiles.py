@@ -182,7 +182,8 @@ def set_bundles(txn: Txn, profile_id: str, us_bundles: int) -> Profile:
     """:raises Conflict: more bundles than channels."""
     prof = get(txn, profile_id)
     if us_bundles > prof.channels:
-        raise BundlesExceedChannels(f"{us_bundles} US bundles exceed the profile's {prof.channels} channels", field="us_bundles")
+        raise BundlesExceedChannels(f"{us_bundles} US bundles exceed the profile's {prof.channels} channels",
+                                    field="us_bundles")
     prof.us_bundles = us_bundles
     save(txn, prof)
     return prof

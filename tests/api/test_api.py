@@ -377,7 +377,8 @@ def test_metrics_reflect_the_store(edge: EdgeProcess, api: httpx.Client, account
     assert line.endswith(" 12.5")
     assert any(ln.startswith("edge_channels_in_use") and p["id"] in ln for ln in text.splitlines())
     assert 'edge_api_requests_total{method="POST",route="/v1/profiles/{profile_id:str}/credit",status="200"}' in text
-    assert "profile_name" not in line and f'edge_profile_info{{account="{account["id"]}",profile="{p["id"]}",profile_name="HQ"}} 1.0' in text
+    info = f'edge_profile_info{{account="{account["id"]}",profile="{p["id"]}",profile_name="HQ"}} 1.0'
+    assert "profile_name" not in line and info in text
     assert "edge_api_request_duration_seconds_bucket" in text
 
 
