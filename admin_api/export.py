@@ -24,7 +24,7 @@ from edge.control.store import Store, Txn
 from edge.control.times import parse_rfc3339
 
 CHUNK = 2000
-MEDIA_TYPES = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson"}
+MEDIA_TYPES = {"csv": "text/csv", "jsonl": "application/x-ndjson"}
 
 
 def time_range(start: str | None, end: str | None) -> tuple[float | None, float | None]:
@@ -85,7 +85,7 @@ def jsonl_lines(store: Store, profile_ids: list[str], lo: float | None, hi: floa
 
 
 def export_response(store: Store, profile_ids: list[str], fmt: str, lo: float | None, hi: float | None,
-                    name: str) -> Stream:
+                    name: str) -> Stream:  # a Response: the route's default media type does not apply
     gen = csv_lines if fmt == "csv" else jsonl_lines
     ext = "csv" if fmt == "csv" else "jsonl"
     return Stream(gen(store, profile_ids, lo, hi), media_type=MEDIA_TYPES[fmt],

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, TypedDict
 import msgspec
 from litestar import Request, Response, delete, get, patch, post, put
 from litestar.datastructures import State
+from litestar.openapi import ResponseSpec
 from litestar.params import Parameter, QueryParameter
 
 from edge.control import (
@@ -428,10 +429,10 @@ FormatParam = QueryParameter(name="format",
 
 @get("/v1/profiles/{profile_id:str}/cdrs", operation_id="listProfileCdrs", tags=["cdrs"],
      summary="CDRs of a profile", description="JSON pages, or a streamed CSV / JSON Lines export (SPEC §5.4).",
-     media_type="application/json", **READ)
+     responses={200: ResponseSpec(data_container=CdrPage, description="a page of CDRs (format=json)")}, **READ)
 def profile_cdrs(profile_id: str, state: State, after: int = After, limit: int = Limit,
                  start: Annotated[str | None, FromParam] = None, end: Annotated[str | None, ToParam] = None,
-                 fmt: Annotated[Literal["json", "csv", "jsonl"], FormatParam] = "json") -> Any:
+                 fmt: Annotated[Literal["json", "csv", "jsonl"], FormatParam] = "json") -> Response[Any]:
     lo, hi = time_range(start, end)
     if fmt != "json":
         profiles.get(_store(state), profile_id)
@@ -441,16 +442,17 @@ def profile_cdrs(profile_id: str, state: State, after: int = After, limit: int =
         profiles.get(txn, profile_id)
         return _cdr_page(txn, [profile_id], after, limit, lo, hi)
 
-    return _store(state).read(op)
+    return Response(_store(state).read(op))
 
 
 @get("/v1/accounts/{account_id:str}/cdrs", operation_id="listAccountCdrs", tags=["cdrs"],
      summary="CDRs of an account",
      description="Every profile of the account: JSON pages in seq order, or a streamed CSV / JSON Lines "
-                 "export (profile by profile, oldest first).", media_type="application/json", **READ)
+                 "export (profile by profile, oldest first).",
+     responses={200: ResponseSpec(data_container=CdrPage, description="a page of CDRs (format=json)")}, **READ)
 def account_cdrs(account_id: str, state: State, after: int = After, limit: int = Limit,
                  start: Annotated[str | None, FromParam] = None, end: Annotated[str | None, ToParam] = None,
-                 fmt: Annotated[Literal["json", "csv", "jsonl"], FormatParam] = "json") -> Any:
+                 fmt: Annotated[Literal["json", "csv", "jsonl"], FormatParam] = "json") -> Response[Any]:
     lo, hi = time_range(start, end)
     store = _store(state)
 
@@ -461,7 +463,7 @@ def account_cdrs(account_id: str, state: State, after: int = After, limit: int =
     profile_ids = store.read(ids)
     if fmt != "json":
         return export_response(store, profile_ids, fmt, lo, hi, f"cdrs-{account_id}")
-    return store.read(lambda txn: _cdr_page(txn, profile_ids, after, limit, lo, hi))
+    return Response(store.read(lambda txn: _cdr_page(txn, profile_ids, after, limit, lo, hi)))
 
 
 def _cdr_page(txn: Txn, profile_ids: list[str], after: int, limit: int, lo: float | None,

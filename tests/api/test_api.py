@@ -294,7 +294,7 @@ def test_numbers_must_be_e164(api: httpx.Client, account: dict, number: str) -> 
 
 def test_number_of_another_account_cannot_be_attached(api: httpx.Client, account: dict) -> None:
     other = api.post("/v1/accounts", json={"name": "Other", "admin": f"o.{uuid.uuid4().hex[:6]}"}).json()
-    number = f"+4420{uuid.uuid4().int % 10**8:08d}"
+    number = f"+44207{uuid.uuid4().int % 10**7:07d}"
     api.post(f"/v1/accounts/{other['id']}/numbers", json={"number": number})
     p = new_profile(api, account["id"])
     assert api.post(f"/v1/profiles/{p['id']}/numbers", json={"number": number}).status_code == 404
