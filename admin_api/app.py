@@ -175,7 +175,8 @@ def create_app(
 
     async def startup() -> None:
         audit_log.start()
-        deliverer.start()
+        if cfg.webhook_deliver:
+            deliverer.start()
         if cfg.metrics_listen:
             import uvicorn
 
@@ -228,6 +229,6 @@ def create_app(
 
 
 def _guard(conn: Any, handler: Any) -> None:
-    if handler.opt.get("access") == "public":
-        return
+    if handler.opt.get("access") == "public" or "principal" not in conn.scope.get("state", {}):
+        return      # /healthz, /metrics (the Gate let them through without a key), OPTIONS of them
     guard(conn, handler)

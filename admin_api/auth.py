@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -196,6 +197,13 @@ class Gate:
                           [(b"retry-after", str(max(1, round(wait + 0.5))).encode())])
             return
         scope.setdefault("state", {})["principal"] = principal
+        if method == "OPTIONS":     # every method of the path (Litestar lists one handler's)
+            allowed = allowed_methods(self.app, path)
+            if allowed:
+                await send({"type": "http.response.start", "status": 204, "headers": [
+                    (b"allow", ", ".join(allowed).encode()), (b"content-length", b"0")]})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
         if method not in WRITE_METHODS:
             await self.app(scope, receive, send)
             return
@@ -216,6 +224,22 @@ class Gate:
                 source=f"{client[0]}:{client[1]}" if client else "",
                 account_id=scope.get("state", {}).get("audit_account") or principal.account_id,
                 request_id=uuid.uuid4().hex[:16]))
+
+
+_TEMPLATES: list[tuple[re.Pattern[str], frozenset[str]]] = []
+
+
+def allowed_methods(app: Any, path: str) -> list[str]:
+    """The methods the routes of ``path`` answer (for ``Allow``), OPTIONS included."""
+    if not _TEMPLATES:
+        from .routes import ROUTES
+
+        for handler in ROUTES:
+            for template in handler.paths:
+                rx = re.compile("^" + re.sub(r"\{[^}]+\}", "[^/]+", template) + "$")
+                _TEMPLATES.append((rx, frozenset(handler.http_methods)))
+    methods = {m for rx, ms in _TEMPLATES if rx.match(path) for m in ms}
+    return sorted(methods | {"OPTIONS"}) if methods else []
 
 
 async def _refuse(send: Send, status: int, code: str, detail: str, path: str,

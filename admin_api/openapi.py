@@ -68,14 +68,14 @@ EXAMPLES: dict[str, dict[str, Any]] = {
 
 
 def _errors_for(method: str, path: str, op: dict[str, Any]) -> list[str]:
-    codes = ["401", "403", "429", "500"]
-    if "{" in path:
-        codes.append("404")
-    if op.get("requestBody") or op.get("parameters"):
+    if op.get("operationId") == "health":
+        return ["500"]
+    codes = ["401", "403", "404", "429", "500"]
+    if op.get("requestBody") or op.get("parameters") or op.get("operationId") == "replaceRates":
         codes += ["400", "422"]
     if method in ("post", "put", "patch", "delete"):
         codes += ["409", "503", "507"]
-    if op.get("requestBody"):
+    if op.get("requestBody") or op.get("operationId") == "replaceRates":
         codes += ["413", "415"]
     return codes
 
@@ -97,6 +97,12 @@ def finish(doc: dict[str, Any]) -> dict[str, Any]:
     for name, schema in extra.items():
         schemas.setdefault(name, schema)
     ref = {"$ref": "#/components/schemas/Problem"}
+    from . import schemas as bodies
+
+    for name, schema in schemas.items():   # request bodies refuse unknown fields (a typo is a 422)
+        cls = getattr(bodies, name, None)
+        if isinstance(cls, type) and issubclass(cls, bodies.Body) and schema.get("type") == "object":
+            schema["additionalProperties"] = False
     for path, item in doc.get("paths", {}).items():
         for method, op in item.items():
             if method not in ("get", "post", "put", "patch", "delete"):
@@ -110,6 +116,8 @@ def finish(doc: dict[str, Any]) -> dict[str, Any]:
                 if status == "429":
                     responses[status]["headers"] = {"Retry-After": {"schema": {"type": "integer"}}}
             op_id = op.get("operationId", "")
+            if op_id == "health":
+                op["security"] = []
             if op_id in ("listProfileCdrs", "listAccountCdrs"):
                 ok = responses.get("200", {}).setdefault("content", {})
                 ok["text/csv"] = {"schema": {"type": "string"},

@@ -160,4 +160,10 @@ def on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Respon
     if status == 404 and detail in ("Not Found", ""):
         detail = f"no such resource: {request.url.path}"
     headers = dict(exc.headers or {})
+    if status == 405 and "Allow" not in headers:
+        from .auth import allowed_methods
+
+        methods = allowed_methods(request.app, request.url.path)
+        if methods:
+            headers["Allow"] = ", ".join(methods)
     return problem(status, code, detail, headers=headers or None, instance=request.url.path)

@@ -61,6 +61,7 @@ class ApiConfig(Section):
     webhook_backoff_seconds: Annotated[float, msgspec.Meta(gt=0)] = 5.0     # first retry; doubles
     webhook_backoff_max_seconds: Annotated[float, msgspec.Meta(gt=0)] = 3600.0
     webhook_timeout: Annotated[float, msgspec.Meta(gt=0, le=60)] = 10.0
+    webhook_deliver: bool = True    # false: events stay in the outbox (a node that must not call out)
 
 
 class StorageConfig(Section):
