@@ -1,15 +1,21 @@
-"""The control API application: Litestar (msgspec-native, OpenAPI 3) served by uvicorn.
+"""The control API application: Litestar (msgspec-native, OpenAPI 3.1) served by uvicorn.
 
 Why Litestar: request and response bodies are msgspec Structs validated and encoded
 by msgspec itself, and the OpenAPI document is generated from the same types, so
 the contract cannot drift from the code (docs/api.md).
+
+Layers, outermost first: request metrics, :class:`~admin_api.auth.Gate` (keys, scopes,
+rate limits, audit), Litestar (routing, the scope guard, handlers). Every error is an
+RFC 9457 problem (``problems.py``). The app's lifespan runs the webhook deliverer
+(``webhooks.py``) and the audit writer in this process, and, with ``api.metrics_listen``,
+a listener of its own for ``/metrics``.
 """
 
 from __future__ import annotations
 
-import hmac
+import asyncio
+import contextlib
 import logging
-import re
 import time
 from typing import Any
 
@@ -17,104 +23,38 @@ import msgspec
 from litestar import Litestar, MediaType, Request, Response, get
 from litestar.datastructures import State
 from litestar.enums import ScopeType
-from litestar.exceptions import HTTPException, SerializationException, ValidationException
+from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.spec import Components, SecurityScheme
-from litestar.types import ASGIApp, Receive, Scope, Send
+from litestar.openapi.spec import Components, SecurityScheme, Tag
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from edge import __version__
+from edge.config import ApiConfig
 from edge.control.errors import DomainError
 from edge.control.store import Store
 
+from . import openapi, problems
+from .auth import AuditLog, Gate, guard
 from .metrics import ApiMetrics, build_registry
 from .routes import ROUTES
+from .schemas import HealthOut
+from .webhooks import Deliverer, Settings
 
 log = logging.getLogger("sipedge.api")
 
-PUBLIC_PATHS = frozenset({"/healthz", "/metrics"})
 _json = msgspec.json.Encoder()
-_FIELD_IN_MESSAGE = re.compile(r"field `([^`]+)`")
-
-
-def _error(status: int, detail: str, field: str | None = None,
-           errors: list[dict[str, str]] | None = None) -> Response[bytes]:
-    body: dict[str, Any] = {"status_code": status, "detail": detail}
-    if field is not None:
-        body["field"] = field
-    if errors:
-        body["errors"] = errors
-    return Response(_json.encode(body), status_code=status, media_type=MediaType.JSON)
-
-
-def _field_of(key: str | None, message: str) -> str:
-    """Litestar reports unknown/missing fields under key "data"; the message names the field."""
-    match = _FIELD_IN_MESSAGE.search(message)
-    if match and key in (None, "data", "body"):
-        return match.group(1)
-    return key or "body"
-
-
-def on_validation_error(request: Request, exc: ValidationException) -> Response[bytes]:
-    extra = exc.extra if isinstance(exc.extra, list) else []
-    if not extra:  # body that is not JSON at all: a syntax error, not a field error
-        detail = str(exc.detail)
-        return _error(400, detail if "JSON" in detail else f"request body is not valid JSON: {detail}")
-    errors = [{"field": _field_of(e.get("key"), str(e.get("message", ""))), "message": str(e.get("message", ""))}
-              for e in extra if isinstance(e, dict)]
-    first = errors[0]
-    return _error(422, f"{first['field']}: {first['message']}", first["field"], errors)
-
-
-def on_msgspec_error(request: Request, exc: msgspec.ValidationError) -> Response[bytes]:
-    text, _, where = str(exc).rpartition(" - at `")
-    field = where.rstrip("`").removeprefix("$").lstrip(".") if where else _field_of(None, str(exc))
-    message = text or str(exc)
-    return _error(422, f"{field}: {message}", field, [{"field": field, "message": message}])
-
-
-def on_decode_error(request: Request, exc: msgspec.DecodeError) -> Response[bytes]:
-    return _error(400, f"body is not valid JSON: {exc}")
-
-
-def on_domain_error(request: Request, exc: DomainError) -> Response[bytes]:
-    """Refusals with a status of their own; a full store is 507, a failing one 503 (the store
-    logs the start of such an episode once, not per request)."""
-    return _error(exc.status, exc.message, exc.field)
-
-
-def on_unexpected(request: Request, exc: Exception) -> Response[bytes]:
-    """A bug: never a 500 without a log line (with the traceback)."""
-    log.error("control API request failed", exc_info=exc,
-              extra={"event": "api_error", "method": request.method, "path": request.url.path})
-    return _error(500, "internal error (logged)")
-
-
-def on_http_error(request: Request, exc: HTTPException) -> Response[bytes]:
-    if isinstance(exc.__cause__, SerializationException):  # Litestar could not decode the body
-        return _error(400, f"request body is not valid JSON: {exc.detail}")
-    return _error(exc.status_code, str(exc.detail))
-
-
-class BearerAuth:
-    """Every endpoint but /healthz and /metrics needs ``Authorization: Bearer <token>``."""
-
-    def __init__(self, app: ASGIApp, token: str) -> None:
-        self.app = app
-        self.token = token.encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == ScopeType.HTTP and scope["path"] not in PUBLIC_PATHS:
-            auth = dict(scope["headers"]).get(b"authorization", b"")
-            scheme, _, token = auth.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.token):
-                body = _json.encode({"status_code": 401, "detail": "missing or wrong bearer token"})
-                await send({"type": "http.response.start", "status": 401, "headers": [
-                    (b"content-type", b"application/json"), (b"www-authenticate", b'Bearer realm="sipedge"'),
-                    (b"content-length", str(len(body)).encode())]})
-                await send({"type": "http.response.body", "body": body, "more_body": False})
-                return
-        await self.app(scope, receive, send)
+PUBLIC = {"access": "public"}
+TAGS = [Tag(name="accounts", description="Accounts and their master balance"),
+        Tag(name="profiles", description="SIP profiles, their credentials and registrations"),
+        Tag(name="credit", description="Credit, ledgers, auto-recharge, US bundles"),
+        Tag(name="numbers", description="Online numbers and business accounts"),
+        Tag(name="calls", description="Live calls and operator actions"),
+        Tag(name="cdrs", description="Call detail records and their export"),
+        Tag(name="rates", description="The rate table and the US bundle exclusions"),
+        Tag(name="keys", description="API keys, scopes and the audit log"),
+        Tag(name="webhooks", description="Event subscriptions and their delivery log"),
+        Tag(name="node", description="Health of the node")]
 
 
 class RequestMetrics:
@@ -131,7 +71,7 @@ class RequestMetrics:
         status = 500
         start = time.perf_counter()
 
-        async def send_wrapper(message: Any) -> None:
+        async def send_wrapper(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -147,28 +87,59 @@ class RequestMetrics:
             self.metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - start)
 
 
-@get("/healthz", include_in_schema=False, sync_to_thread=False)
-def healthz(state: State) -> dict[str, str]:
+@get("/healthz", operation_id="health", tags=["node"], summary="Health of the node", opt=PUBLIC,
+     description="No key needed. `store` is `full` while the store refuses new work.", sync_to_thread=False)
+def healthz(state: State) -> HealthOut:
     state.store.read(lambda txn: None)  # the store answers
     # a full store still serves reads and finishes calls in progress: the node is up (metrics alert on it)
-    return {"status": "ok", "version": __version__, "store": "full" if state.store.is_full else "ok"}
+    return HealthOut(status="ok", version=__version__, store="full" if state.store.is_full else "ok")
 
 
-@get("/metrics", include_in_schema=False, sync_to_thread=True)
+@get("/metrics", include_in_schema=False, sync_to_thread=True, opt=PUBLIC)
 def metrics(state: State) -> Response[bytes]:
+    if state.metrics_elsewhere:
+        from edge.control.errors import NotFound
+
+        raise NotFound("/metrics is served on api.metrics_listen")
     return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@get("/openapi.json", include_in_schema=False, sync_to_thread=False)
-def openapi_json(request: Request) -> Response[bytes]:
-    return Response(_json.encode(request.app.openapi_schema.to_schema()), media_type=MediaType.JSON)
+@get("/openapi.json", include_in_schema=False, sync_to_thread=False, opt=PUBLIC)
+def openapi_json(request: Request[Any, Any, Any], state: State) -> Response[bytes]:
+    if state.openapi is None:
+        state.openapi = _json.encode(openapi.finish(request.app.openapi_schema.to_schema()))
+    return Response(state.openapi, media_type=MediaType.JSON)
 
 
-def _operation_id(handler: Any, method: Any, components: list[str | Any]) -> str:
-    """``PUT /v1/profiles/{id}/bundles`` -> ``putProfilesIdBundles``: unique per method and path."""
-    parts = [str(getattr(c, "name", c)) for c in components if str(getattr(c, "name", c)) != "v1"]
-    words = "_".join(parts).replace("-", "_").split("_")
-    return str(getattr(method, "value", method)).lower() + "".join(p[:1].upper() + p[1:] for p in words)
+def _metrics_app(registry: CollectorRegistry, gate: Gate | None) -> ASGIApp:
+    """The ``/metrics`` listener of ``api.metrics_listen`` (with ``api.metrics_auth``: a metrics or admin key)."""
+
+    async def refuse(send: Any, status: int, code: str, detail: str) -> None:
+        data = problems.body(status, code, detail)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", problems.MEDIA_TYPE.encode())]})
+        await send({"type": "http.response.body", "body": data})
+
+    async def app(scope: Scope, receive: Receive, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["path"] != "/metrics":
+            await refuse(send, 404, "not_found", f"no such resource: {scope['path']}")
+            return
+        if gate is not None:
+            who = gate.authenticate(dict(scope["headers"]).get(b"authorization", b""))
+            if who is None:
+                await refuse(send, 401, "unauthorized", "missing, unknown or revoked bearer token")
+                return
+            if who.scope not in ("metrics", "admin"):
+                await refuse(send, 403, "forbidden", f"a {who.scope} key cannot read /metrics")
+                return
+        data = await asyncio.to_thread(generate_latest, registry)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", CONTENT_TYPE_LATEST.encode())]})
+        await send({"type": "http.response.body", "body": data})
+
+    return app
 
 
 def create_app(
@@ -178,6 +149,7 @@ def create_app(
     registrar: str = "sip.edge.test",
     realm: str | None = None,
     registry: CollectorRegistry | None = None,
+    settings: ApiConfig | None = None,
 ) -> tuple[ASGIApp, CollectorRegistry]:
     """Build the ASGI app.
 
@@ -186,30 +158,77 @@ def create_app(
     :param registrar: the SIP domain printed in profiles.
     :param realm: the digest realm of new credentials (default: ``registrar``).
     :param registry: metrics registry shared with the edge components (created if None).
-    :returns: (ASGI app wrapped with auth and request metrics, the registry).
+    :param settings: the ``[api]`` section (rate limits, metrics, webhooks); defaults if None.
+    :returns: (ASGI app wrapped with the gate and request metrics, the registry).
     """
     if not token:
         raise ValueError("the control API needs a non-empty admin token")
-    registry = registry or build_registry(store)
+    cfg = settings or ApiConfig()
+    registry = registry or build_registry(store, per_profile=cfg.metrics_per_profile)
     api_metrics = ApiMetrics(registry)
+    audit_log = AuditLog(store)
+    deliverer = Deliverer(store, Settings(backoff=cfg.webhook_backoff_seconds,
+                                          backoff_max=cfg.webhook_backoff_max_seconds,
+                                          retry_for=cfg.webhook_retry_hours * 3600, timeout=cfg.webhook_timeout))
+    metrics_server: list[Any] = []
+    gates: list[Gate] = []
+
+    async def startup() -> None:
+        audit_log.start()
+        if cfg.webhook_deliver:
+            deliverer.start()
+        if cfg.metrics_listen:
+            import uvicorn
+
+            host, _, port = cfg.metrics_listen.rpartition(":")
+            listener = _metrics_app(registry, gates[0] if cfg.metrics_auth else None)
+            server = uvicorn.Server(uvicorn.Config(listener, host=host.strip("[]"), port=int(port),
+                                                   log_level="warning", access_log=False, lifespan="off"))
+            # the node owns SIGINT/SIGTERM: this second server must not capture them
+            server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+            task = asyncio.get_running_loop().create_task(server.serve(), name="metrics-listener")
+            metrics_server.extend((server, task))
+
+    async def shutdown() -> None:
+        if metrics_server:
+            server, task = metrics_server
+            server.should_exit = True
+            await asyncio.wait_for(task, 5)
+        await deliverer.stop()
+        await audit_log.stop()
+
     app = Litestar(
         route_handlers=[healthz, metrics, openapi_json, *ROUTES],
-        state=State({"store": store, "registrar": registrar, "realm": realm or registrar, "registry": registry}),
+        state=State({"store": store, "registrar": registrar, "realm": realm or registrar, "registry": registry,
+                     "audit": audit_log, "deliverer": deliverer, "openapi": None,
+                     "metrics_elsewhere": bool(cfg.metrics_listen)}),
+        guards=[_guard],
         exception_handlers={
-            ValidationException: on_validation_error,
-            msgspec.ValidationError: on_msgspec_error,
-            msgspec.DecodeError: on_decode_error,
-            DomainError: on_domain_error,
-            HTTPException: on_http_error,
-            Exception: on_unexpected,
+            ValidationException: problems.on_validation_error,
+            msgspec.ValidationError: problems.on_msgspec_error,
+            msgspec.DecodeError: problems.on_decode_error,
+            DomainError: problems.on_domain_error,
+            HTTPException: problems.on_http_error,
+            Exception: problems.on_unexpected,
         },
+        on_startup=[startup],
+        on_shutdown=[shutdown],
         openapi_config=OpenAPIConfig(
             title="sipedge control API", version=__version__, path="/schema",
-            components=Components(security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer")}),
-            security=[{"bearer": []}],
-            operation_id_creator=_operation_id,
+            components=Components(security_schemes={"bearer": SecurityScheme(
+                type="http", scheme="bearer", description="the admin token or an API key (POST /v1/api-keys)")}),
+            security=[{"bearer": []}], tags=TAGS, use_handler_docstrings=False,
         ),
         logging_config=None,
         debug=False,
     )
-    return RequestMetrics(BearerAuth(app, token), api_metrics), registry
+    public = frozenset({"/healthz"} | (set() if cfg.metrics_auth else {"/metrics"}))
+    gate = Gate(app, store, token, audit_log, public=public, rate=cfg.key_rate_limit, burst=cfg.key_rate_burst)
+    gates.append(gate)
+    return RequestMetrics(gate, api_metrics), registry
+
+
+def _guard(conn: Any, handler: Any) -> None:
+    if handler.opt.get("access") == "public" or "principal" not in conn.scope.get("state", {}):
+        return      # /healthz, /metrics (the Gate let them through without a key), OPTIONS of them
+    guard(conn, handler)

@@ -19,12 +19,13 @@ from prometheus_client import (
     Counter,
     Histogram,
     Info,
+    disable_created_metrics,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from edge import __version__
-from edge.control import accounts, channels, ledger, registrations
+from edge.control import accounts, channels, ledger, registrations, webhooks
 from edge.control.models import Account, Profile
 from edge.control.money import MICROS
 from edge.control.store import Store, Txn
@@ -33,11 +34,15 @@ from edge.control.store import Store, Txn
 class StoreCollector(Collector):
     """Per-profile gauges and the store's fill, read from the store in one read transaction per scrape."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, per_profile: bool = True) -> None:
         self.store = store
+        self.per_profile = per_profile
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        labels = ["profile", "profile_name", "account"]
+        # Series are keyed by ids only: names change (a rename would start a new series) and are
+        # joined from the *_info series (issue 14). Without per-profile series the same names
+        # carry node totals, so dashboards that sum() them work either way.
+        labels = ["profile", "account"] if self.per_profile else []
         capacity = GaugeMetricFamily("edge_channels_capacity", "Channels of the SIP profile (1..300).", labels=labels)
         in_use = GaugeMetricFamily("edge_channels_in_use", "Channels carrying a call now (incoming + outgoing).",
                                    labels=labels)
@@ -54,39 +59,63 @@ class StoreCollector(Collector):
         bundles = GaugeMetricFamily("edge_us_bundles", "US minute bundles of the profile.", labels=labels)
         regs = GaugeMetricFamily("edge_registrations_active", "Unexpired registrar bindings of the profile.",
                                  labels=labels)
+        info = GaugeMetricFamily("edge_profile_info", "1 per profile: its name, for joins (group_left).",
+                                 labels=["profile", "account", "profile_name"])
+        acct_info = GaugeMetricFamily("edge_account_info", "1 per account: its name, for joins (group_left).",
+                                      labels=["account", "account_name"])
         acct_balance = GaugeMetricFamily("edge_account_balance", "Master balance of the account, in currency units.",
-                                         labels=["account", "account_name"])
+                                         labels=["account"] if self.per_profile else [])
+        n_profiles = GaugeMetricFamily("edge_profiles", "SIP profiles in the store.")
         used_bytes = GaugeMetricFamily("edge_store_used_bytes", "Bytes in use in the LMDB store (pages of every "
                                        "database times the page size).")
         map_bytes = GaugeMetricFamily("edge_store_map_bytes", "Size of the LMDB map (storage.map_size_mb): the "
                                       "most the store can hold; new work is refused in its last "
                                       "max(2 MiB, 5%).")
+        outbox = GaugeMetricFamily("edge_webhook_outbox_events", "Webhook events not yet delivered everywhere.")
         used_bytes.add_metric([], self.store.used_bytes())
         map_bytes.add_metric([], self.store.map_size)
         now = time.time()
         snap = self.store.read(lambda txn: self._snapshot(txn, now))
-        reg_counts, profs, ar_counts, accts = snap
-        for (prof, used), recharges in zip(profs, ar_counts, strict=True):
-            lv = [prof.id, prof.name, prof.account_id]
-            capacity.add_metric(lv, prof.channels)
-            in_use.add_metric(lv, used)
-            balance.add_metric(lv, prof.balance / MICROS)
-            ar_min.add_metric(lv, prof.auto_recharge.min_balance / MICROS)
-            ar_amount.add_metric(lv, prof.auto_recharge.amount / MICROS)
-            ar_on.add_metric(lv, 1.0 if prof.auto_recharge.enabled else 0.0)
-            ar_count.add_metric(lv, recharges)
-            bundles.add_metric(lv, prof.us_bundles)
-            regs.add_metric(lv, reg_counts.get(prof.id, 0))
-        for acct in accts:
-            acct_balance.add_metric([acct.id, acct.name], acct.balance / MICROS)
+        reg_counts, profs, ar_counts, accts, pending = snap
+        outbox.add_metric([], pending)
+        n_profiles.add_metric([], len(profs))
+        if self.per_profile:
+            for (prof, used), recharges in zip(profs, ar_counts, strict=True):
+                lv = [prof.id, prof.account_id]
+                info.add_metric([prof.id, prof.account_id, prof.name], 1)
+                capacity.add_metric(lv, prof.channels)
+                in_use.add_metric(lv, used)
+                balance.add_metric(lv, prof.balance / MICROS)
+                ar_min.add_metric(lv, prof.auto_recharge.min_balance / MICROS)
+                ar_amount.add_metric(lv, prof.auto_recharge.amount / MICROS)
+                ar_on.add_metric(lv, 1.0 if prof.auto_recharge.enabled else 0.0)
+                ar_count.add_metric(lv, recharges)
+                bundles.add_metric(lv, prof.us_bundles)
+                regs.add_metric(lv, reg_counts.get(prof.id, 0))
+            for acct in accts:
+                acct_info.add_metric([acct.id, acct.name], 1)
+                acct_balance.add_metric([acct.id], acct.balance / MICROS)
+            yield from (info, acct_info)
+        else:
+            capacity.add_metric([], sum(p.channels for p, _ in profs))
+            in_use.add_metric([], sum(u for _, u in profs))
+            balance.add_metric([], sum(p.balance for p, _ in profs) / MICROS)
+            ar_min.add_metric([], sum(p.auto_recharge.min_balance for p, _ in profs) / MICROS)
+            ar_amount.add_metric([], sum(p.auto_recharge.amount for p, _ in profs) / MICROS)
+            ar_on.add_metric([], sum(1 for p, _ in profs if p.auto_recharge.enabled))
+            ar_count.add_metric([], sum(ar_counts))
+            bundles.add_metric([], sum(p.us_bundles for p, _ in profs))
+            regs.add_metric([], sum(reg_counts.values()))
+            acct_balance.add_metric([], sum(a.balance for a in accts) / MICROS)
         yield from (capacity, in_use, balance, ar_min, ar_amount, ar_on, ar_count, bundles, regs, acct_balance,
-                    used_bytes, map_bytes)
+                    n_profiles, used_bytes, map_bytes, outbox)
 
     @staticmethod
-    def _snapshot(txn: Txn, now: float) -> tuple[dict[str, int], list[tuple[Profile, int]], list[int], list[Account]]:
+    def _snapshot(txn: Txn, now: float) -> tuple[dict[str, int], list[tuple[Profile, int]], list[int],
+                                                  list[Account], int]:
         profs = channels.snapshot(txn)
         return (registrations.counts(txn, now), profs, [ledger.auto_recharge_count(txn, p.id) for p, _ in profs],
-                accounts.page(txn))
+                accounts.page(txn), webhooks.outbox_size(txn))
 
 
 class ApiMetrics:
@@ -103,11 +132,16 @@ class ApiMetrics:
         )
 
 
-def build_registry(store: Store) -> CollectorRegistry:
-    """A registry with the process collectors and the store's gauges; edge components add theirs."""
+def build_registry(store: Store, *, per_profile: bool = True) -> CollectorRegistry:
+    """A registry with the process collectors and the store's gauges; edge components add theirs.
+
+    :param per_profile: per-profile series (``api.metrics_per_profile``); False: node totals only.
+    """
+    # no *_created series (PROMETHEUS_DISABLE_CREATED_SERIES): one per counter, useless to PromQL
+    disable_created_metrics()
     registry = CollectorRegistry(auto_describe=True)
     for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
         registry.register(collector)
-    registry.register(StoreCollector(store))
+    registry.register(StoreCollector(store, per_profile=per_profile))
     Info("edge_build", "Version of this sipedge node.", registry=registry).info({"version": __version__})
     return registry

@@ -1,8 +1,10 @@
-"""Handlers of the control API. Thin: decode, call one domain operation, encode.
+"""Handlers of the control API. Thin: decode, check the key's scope, call one domain operation, encode.
 
 Writes run in Litestar's thread pool (``sync_to_thread=True``): an LMDB write
 transaction may wait for the writer lock or an fsync, and must not stall the
 event loop that also carries SIP. Reads take microseconds and run inline.
+Every handler has a named ``operation_id`` and a tag; ``openapi.py`` adds the error
+responses (problem+json) and examples to the document.
 """
 
 from __future__ import annotations
@@ -10,45 +12,82 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from typing import Any, TypedDict
+from typing import Annotated, Any, Literal, TypedDict
 
 import msgspec
 from litestar import Request, Response, delete, get, patch, post, put
 from litestar.datastructures import State
 from litestar.openapi import ResponseSpec
-from litestar.params import Parameter
+from litestar.params import Parameter, QueryParameter
 
-from edge.control import accounts, cdrs, channels, idempotency, ledger, numbers, profiles, rates, registrations
+from edge.control import (
+    accounts,
+    audit,
+    channels,
+    idempotency,
+    keys,
+    ledger,
+    numbers,
+    operator,
+    profiles,
+    rates,
+    registrations,
+    webhooks,
+)
+from edge.control import cdrs as cdr_store
 from edge.control.errors import Invalid, NotFound
 from edge.control.models import AutoRecharge
 from edge.control.money import format_money, parse_money
 from edge.control.store import Store, Txn
 from edge.control.tables import parse_rates_csv, rate_from_fields
 
+from .auth import Principal, principal_of
+from .export import export_response, time_range
 from .schemas import (
     AccountCreate,
     AccountOut,
+    AccountPage,
+    ApiKeyCreate,
+    ApiKeyCreated,
+    ApiKeyOut,
+    ApiKeyPage,
+    AuditOut,
+    AuditPage,
     AutoRechargeRequest,
     BundlesRequest,
     BusinessAccountOut,
     BusinessAccountRequest,
     CdrOut,
+    CdrPage,
+    CredentialsOut,
     CreditRequest,
+    DeliveryOut,
+    DeliveryPage,
     ExclusionsPut,
+    HangupCreate,
+    HangupOut,
     LedgerEntryOut,
+    LedgerPage,
     LiveCallOut,
+    LiveCallPage,
     LoadedOut,
     NumberAttach,
     NumberBuy,
     NumberOut,
-    Page,
+    PrefixesOut,
     ProfileCreate,
+    ProfileCreated,
     ProfileCreditOut,
     ProfileOut,
+    ProfilePage,
     ProfilePatch,
     RateOut,
     RatesPut,
     RegistrationOut,
+    RegistrationPage,
+    WebhookCreate,
+    WebhookCreated,
+    WebhookOut,
 )
 
 
@@ -58,20 +97,27 @@ class _Sync(TypedDict):  # typed, so that **THREAD / **READ check against the ro
 
 THREAD: _Sync = {"sync_to_thread": True}
 READ: _Sync = {"sync_to_thread": False}  # reads are one LMDB read transaction: microseconds, never block
+ADMIN = {"access": "admin"}
 _json = msgspec.json.Encoder()
 
-Limit = Parameter(ge=1, le=1000, default=100, description="page size")
-After = Parameter(ge=0, default=0, description="return entries after this seq (from next_after)")
+Limit = Parameter(ge=1, le=1000, default=100, description="page size (1..1000)")
+After = Parameter(ge=0, le=2**63 - 1, default=0, description="return entries after this seq (from next_after)")
+AfterId = Parameter(default="", max_length=64, description="last id of the previous page (from next_after)")
+Id = Parameter(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:+-]+$")
 
 
 def _store(state: State) -> Store:
     return state.store
 
 
+def _who(request: Request[Any, Any, Any]) -> Principal:
+    return principal_of(request)
+
+
 def _profile_out(state: State, profile_id: str) -> ProfileOut:
     def op(txn: Txn) -> ProfileOut:
         prof = profiles.get(txn, profile_id)
-        return ProfileOut.of(prof, profiles.credential_of(txn, prof.id), state.registrar, channels.in_use(txn, prof.id))
+        return ProfileOut.of(prof, state.registrar, channels.in_use(txn, prof.id))
 
     return _store(state).read(op)
 
@@ -83,7 +129,8 @@ def _amount(text: str) -> int:
     return micros
 
 
-def _money_move(request: Request, state: State, body: CreditRequest, fn: Any, render: Any) -> Response[bytes]:
+def _money_move(request: Request[Any, Any, Any], state: State, body: CreditRequest, fn: Any,
+                render: Any) -> Response[bytes]:
     """Run a money-moving operation, once per ``Idempotency-Key`` when the header is present."""
     store = _store(state)
     key = request.headers.get("idempotency-key")
@@ -102,101 +149,153 @@ def _money_move(request: Request, state: State, body: CreditRequest, fn: Any, re
 
 # ------------------------------------------------------------------ accounts
 
-@post("/v1/accounts", status_code=201, **THREAD)
+@post("/v1/accounts", status_code=201, operation_id="createAccount", tags=["accounts"], opt=ADMIN,
+      summary="Create an account", description="A new account with a zero master balance (admin keys only).",
+      **THREAD)
 def create_account(data: AccountCreate, state: State) -> AccountOut:
     return AccountOut.of(accounts.create(_store(state), data.name, data.admin))
 
 
-@get("/v1/accounts", **READ)
-def list_accounts(state: State, after: str = Parameter(default="", description="last id of the previous page"),
-                  limit: int = Limit) -> dict[str, Any]:
+@get("/v1/accounts", operation_id="listAccounts", tags=["accounts"], summary="List accounts",
+     description="Accounts in id order, in pages (an account key sees its own account only).", **READ)
+def list_accounts(request: Request[Any, Any, Any], state: State, after: str = AfterId,
+                  limit: int = Limit) -> AccountPage:
+    who = _who(request)
+    if not who.is_admin:
+        acct = accounts.get(_store(state), who.account_id or "")
+        items = [acct] if acct.id > after else []
+        return AccountPage(items=[AccountOut.of(a) for a in items], next_after=None)
     items = accounts.page(_store(state), after=after, limit=limit)
-    return {"items": [AccountOut.of(a) for a in items],
-            "next_after": items[-1].id if len(items) == limit else None}
+    return AccountPage(items=[AccountOut.of(a) for a in items],
+                       next_after=items[-1].id if len(items) == limit else None)
 
 
-@get("/v1/profiles", **READ)
-def list_all_profiles(state: State, after: str = Parameter(default="", description="last id of the previous page"),
-                      limit: int = Limit) -> dict[str, Any]:
-    """Every profile of the node, in id order (for fleet tools such as ``sipedge status``)."""
-    def op(txn: Txn) -> dict[str, Any]:
-        items = profiles.page(txn, after=after, limit=limit)
-        return {"items": [ProfileOut.of(p, profiles.credential_of(txn, p.id), state.registrar,
-                                        channels.in_use(txn, p.id)) for p in items],
-                "next_after": items[-1].id if len(items) == limit else None}
-
-    return _store(state).read(op)
-
-
-@get("/v1/accounts/{account_id:str}", **READ)
+@get("/v1/accounts/{account_id:str}", operation_id="getAccount", tags=["accounts"], summary="Get an account",
+     description="The account and its master balance.", **READ)
 def get_account(account_id: str, state: State) -> AccountOut:
     return AccountOut.of(accounts.get(_store(state), account_id))
 
 
-@post("/v1/accounts/{account_id:str}/credit", status_code=200, **THREAD,
-      responses={200: ResponseSpec(data_container=AccountOut, description="the account with its new balance")})
-def credit_account(account_id: str, data: CreditRequest, request: Request, state: State) -> Response[bytes]:
-    """Top up the master balance (the payment itself is out of scope). Honours ``Idempotency-Key``."""
+@delete("/v1/accounts/{account_id:str}", status_code=204, operation_id="deleteAccount", tags=["accounts"],
+        summary="Delete an account", opt=ADMIN,
+        description="Refused with `account_not_empty` while the account has profiles or credit; its numbers are "
+                    "released, its business accounts, webhooks and keys go.", **THREAD)
+def delete_account(account_id: str, state: State) -> None:
+    accounts.delete(_store(state), account_id)
+
+
+@post("/v1/accounts/{account_id:str}/credit", status_code=200, operation_id="topUpAccount", tags=["credit"],
+      summary="Top up the master balance",
+      description="Adds credit to the account's master balance (the payment itself is out of scope). "
+                  "Honours `Idempotency-Key`.", **THREAD)
+def credit_account(account_id: str, data: CreditRequest, request: Request[Any, Any, Any],
+                   state: State) -> AccountOut:
     amount = _amount(data.amount)
 
     def op(txn: Txn) -> AccountOut:
         return AccountOut.of(ledger.top_up(txn, account_id, amount, ref=request.headers.get("idempotency-key", "")))
 
-    return _money_move(request, state, data, op, lambda out: (200, _json.encode(out)))
+    return _money_move(request, state, data, op, lambda out: (200, _json.encode(out)))  # type: ignore[return-value]
 
 
-@get("/v1/accounts/{account_id:str}/ledger", **READ)
-def account_ledger(account_id: str, state: State, after: int = After, limit: int = Limit) -> Page:
-    def op(txn: Txn) -> Page:
+@get("/v1/accounts/{account_id:str}/ledger", operation_id="listAccountLedger", tags=["credit"],
+     summary="The account's ledger", description="Every movement of the master balance, oldest first.", **READ)
+def account_ledger(account_id: str, state: State, after: int = After, limit: int = Limit) -> LedgerPage:
+    def op(txn: Txn) -> LedgerPage:
         accounts.get(txn, account_id)
         entries = ledger.entries(txn, f"account:{account_id}", after=after, limit=limit)
-        return _page([LedgerEntryOut.of(e) for e in entries], limit)
+        items = [LedgerEntryOut.of(e) for e in entries]
+        return LedgerPage(items=items, next_after=items[-1].seq if len(items) == limit else None)
 
     return _store(state).read(op)
 
 
 # ------------------------------------------------------------------ profiles
 
-@post("/v1/accounts/{account_id:str}/profiles", status_code=201, **THREAD)
-def create_profile(account_id: str, data: ProfileCreate, state: State) -> ProfileOut:
+@get("/v1/profiles", operation_id="listProfiles", tags=["profiles"], summary="List every profile",
+     description="Every profile of the node in id order, in pages (fleet tools such as `sipedge status`); "
+                 "an account key sees its own.", **READ)
+def list_all_profiles(request: Request[Any, Any, Any], state: State, after: str = AfterId,
+                      limit: int = Limit) -> ProfilePage:
+    who = _who(request)
+
+    def op(txn: Txn) -> ProfilePage:
+        if who.is_admin:
+            items = profiles.page(txn, after=after, limit=limit)
+        else:
+            items = [p for p in profiles.of_account(txn, who.account_id) if p.id > after][:limit]
+        return ProfilePage(items=[ProfileOut.of(p, state.registrar, channels.in_use(txn, p.id)) for p in items],
+                           next_after=items[-1].id if len(items) == limit else None)
+
+    return _store(state).read(op)
+
+
+@post("/v1/accounts/{account_id:str}/profiles", status_code=201, operation_id="createProfile", tags=["profiles"],
+      summary="Create a SIP profile",
+      description="A profile with a generated SIP username and password. The answer is the only ordinary one "
+                  "with the password (later: `GET /v1/profiles/{id}/credentials`).", **THREAD)
+def create_profile(account_id: str, data: ProfileCreate, state: State) -> ProfileCreated:
     prof, cred = profiles.create(
         _store(state), account_id, data.name, data.channels, data.auth, data.allowed_ips, data.static_contact,
         realm=state.realm,
     )
-    return ProfileOut.of(prof, cred, state.registrar)
+    return ProfileCreated.created(prof, cred, state.registrar)
 
 
-@get("/v1/accounts/{account_id:str}/profiles", **READ)
+@get("/v1/accounts/{account_id:str}/profiles", operation_id="listAccountProfiles", tags=["profiles"],
+     summary="The account's profiles", description="Every profile of the account (no passwords).", **READ)
 def list_profiles(account_id: str, state: State) -> list[ProfileOut]:
     def op(txn: Txn) -> list[ProfileOut]:
         accounts.get(txn, account_id)
-        return [ProfileOut.of(p, profiles.credential_of(txn, p.id), state.registrar, channels.in_use(txn, p.id))
+        return [ProfileOut.of(p, state.registrar, channels.in_use(txn, p.id))
                 for p in profiles.of_account(txn, account_id)]
 
     return _store(state).read(op)
 
 
-@get("/v1/profiles/{profile_id:str}", **READ)
+@get("/v1/profiles/{profile_id:str}", operation_id="getProfile", tags=["profiles"], summary="Get a profile",
+     description="The profile with its channels in use (no password).", **READ)
 def show_profile(profile_id: str, state: State) -> ProfileOut:
     return _profile_out(state, profile_id)
 
 
-@patch("/v1/profiles/{profile_id:str}", **THREAD)
+@patch("/v1/profiles/{profile_id:str}", operation_id="updateProfile", tags=["profiles"], summary="Change a profile",
+       description="Any of name, channels (1..300, never below the US bundles), auth, allowed_ips, "
+                   "static_contact.", **THREAD)
 def patch_profile(profile_id: str, data: ProfilePatch, state: State) -> ProfileOut:
     changes = {f: getattr(data, f) for f in data.__struct_fields__ if getattr(data, f) is not msgspec.UNSET}
     profiles.update(_store(state), profile_id, changes)
     return _profile_out(state, profile_id)
 
 
-@delete("/v1/profiles/{profile_id:str}", status_code=204, **THREAD)
+@delete("/v1/profiles/{profile_id:str}", status_code=204, operation_id="deleteProfile", tags=["profiles"],
+        summary="Delete a profile",
+        description="Its credit returns to the account; refused with `profile_has_live_calls` during calls.",
+        **THREAD)
 def delete_profile(profile_id: str, state: State) -> None:
     profiles.delete(_store(state), profile_id)
 
 
-@post("/v1/profiles/{profile_id:str}/credit", status_code=200, **THREAD,
-      responses={200: ResponseSpec(data_container=ProfileCreditOut, description="the new balances")})
-def credit_profile(profile_id: str, data: CreditRequest, request: Request, state: State) -> Response[bytes]:
-    """Allocate credit from the account's master balance. Honours ``Idempotency-Key``."""
+@get("/v1/profiles/{profile_id:str}/credentials", operation_id="getProfileCredentials", tags=["profiles"],
+     summary="The profile's SIP credentials",
+     description="SIP username, password and registrar: the one read that shows the password (SPEC §5.5).", **READ)
+def get_credentials(profile_id: str, state: State) -> CredentialsOut:
+    return CredentialsOut.of(profiles.credential_of(_store(state), profile_id), state.registrar)
+
+
+@post("/v1/profiles/{profile_id:str}/credentials/rotate", status_code=200, operation_id="rotateProfileCredentials",
+      tags=["profiles"], summary="Rotate the SIP password",
+      description="A new generated password; the old one is refused from the next challenge on.", **THREAD)
+def rotate_credentials(profile_id: str, state: State) -> CredentialsOut:
+    return CredentialsOut.of(profiles.rotate_password(_store(state), profile_id, realm=state.realm), state.registrar)
+
+
+@post("/v1/profiles/{profile_id:str}/credit", status_code=200, operation_id="allocateProfileCredit",
+      tags=["credit"], summary="Allocate credit to a profile",
+      description="Moves credit from the account's master balance to the profile. Honours `Idempotency-Key`.",
+      **THREAD)
+def credit_profile(profile_id: str, data: CreditRequest, request: Request[Any, Any, Any],
+                   state: State) -> ProfileCreditOut:
     amount = _amount(data.amount)
 
     def op(txn: Txn) -> ProfileCreditOut:
@@ -204,10 +303,12 @@ def credit_profile(profile_id: str, data: CreditRequest, request: Request, state
         return ProfileCreditOut(profile_id=prof.id, account_id=acct.id, balance=format_money(prof.balance),
                                 account_balance=format_money(acct.balance))
 
-    return _money_move(request, state, data, op, lambda out: (200, _json.encode(out)))
+    return _money_move(request, state, data, op, lambda out: (200, _json.encode(out)))  # type: ignore[return-value]
 
 
-@put("/v1/profiles/{profile_id:str}/auto-recharge", **THREAD)
+@put("/v1/profiles/{profile_id:str}/auto-recharge", operation_id="setAutoRecharge", tags=["credit"],
+     summary="Auto-recharge settings",
+     description="Recharges at once if the balance is already below the minimum.", **THREAD)
 def put_auto_recharge(profile_id: str, data: AutoRechargeRequest, state: State) -> ProfileOut:
     settings = AutoRecharge(enabled=data.enabled, amount=parse_money(data.amount),
                             min_balance=parse_money(data.min_balance))
@@ -217,13 +318,16 @@ def put_auto_recharge(profile_id: str, data: AutoRechargeRequest, state: State) 
     return _profile_out(state, profile_id)
 
 
-@put("/v1/profiles/{profile_id:str}/bundles", **THREAD)
+@put("/v1/profiles/{profile_id:str}/bundles", operation_id="setBundles", tags=["credit"],
+     summary="US minute bundles", description="Never more than the profile's channels (`bundles_exceed_channels`).",
+     **THREAD)
 def put_bundles(profile_id: str, data: BundlesRequest, state: State) -> ProfileOut:
     profiles.set_bundles(_store(state), profile_id, data.us_bundles)
     return _profile_out(state, profile_id)
 
 
-@get("/v1/profiles/{profile_id:str}/calls", **READ)
+@get("/v1/profiles/{profile_id:str}/calls", operation_id="listLiveCalls", tags=["calls"],
+     summary="Live calls of a profile", description="Calls holding a channel now.", **READ)
 def profile_calls(profile_id: str, state: State) -> list[LiveCallOut]:
     def op(txn: Txn) -> list[LiveCallOut]:
         profiles.get(txn, profile_id)
@@ -232,26 +336,79 @@ def profile_calls(profile_id: str, state: State) -> list[LiveCallOut]:
     return _store(state).read(op)
 
 
-@get("/v1/profiles/{profile_id:str}/cdrs", **READ)
-def profile_cdrs(profile_id: str, state: State, after: int = After, limit: int = Limit) -> Page:
-    def op(txn: Txn) -> Page:
-        profiles.get(txn, profile_id)
-        return _page([CdrOut.of(c) for c in cdrs.page(txn, profile_id, after=after, limit=limit)], limit)
+@get("/v1/calls", operation_id="listAllLiveCalls", tags=["calls"], summary="Every live call of the node",
+     description="Live calls in (profile, call) order, in pages; an account key sees its own.", **READ)
+def list_calls(request: Request[Any, Any, Any], state: State, after: str = AfterId,
+               limit: int = Limit) -> LiveCallPage:
+    who = _who(request)
+
+    def op(txn: Txn) -> LiveCallPage:
+        own = None if who.is_admin else {p.id for p in profiles.of_account(txn, who.account_id)}
+        items = []
+        for call in channels.live_calls(txn):
+            cursor = f"{call.profile_id}/{call.call_id}"
+            if cursor <= after or (own is not None and call.profile_id not in own):
+                continue
+            items.append(call)
+            if len(items) >= limit:
+                break
+        return LiveCallPage(items=[LiveCallOut.of(c) for c in items],
+                            next_after=f"{items[-1].profile_id}/{items[-1].call_id}" if len(items) == limit else None)
 
     return _store(state).read(op)
 
 
-@get("/v1/profiles/{profile_id:str}/ledger", **READ)
-def profile_ledger(profile_id: str, state: State, after: int = After, limit: int = Limit) -> Page:
-    def op(txn: Txn) -> Page:
+@get("/v1/registrations", operation_id="listAllRegistrations", tags=["profiles"],
+     summary="Every live binding of the node", description="Unexpired bindings of every profile, in pages; an "
+                                                           "account key sees its own.", **READ)
+def list_registrations(request: Request[Any, Any, Any], state: State, after: str = AfterId,
+                       limit: int = Limit) -> RegistrationPage:
+    who = _who(request)
+    now = time.time()
+
+    def op(txn: Txn) -> RegistrationPage:
+        own = None if who.is_admin else {p.id for p in profiles.of_account(txn, who.account_id)}
+        items = []
+        for reg in registrations.live(txn, None, now):
+            cursor = f"{reg.profile_id}/{reg.contact}"
+            if cursor <= after or (own is not None and reg.profile_id not in own):
+                continue
+            items.append(reg)
+            if len(items) >= limit:
+                break
+        return RegistrationPage(items=[RegistrationOut.of(r, now) for r in items],
+                                next_after=f"{items[-1].profile_id}/{items[-1].contact}" if len(items) == limit
+                                else None)
+
+    return _store(state).read(op)
+
+
+@post("/v1/calls/{call_id:str}/hangup", status_code=202, operation_id="hangupCall", tags=["calls"],
+      summary="End a live call",
+      description="BYE to both legs with a Reason, settled as usual. Accepted (202): the process that owns the "
+                  "call ends it within a few hundred ms; 404 `call_not_found` if no such live call.", **THREAD)
+def hangup_call(call_id: str, request: Request[Any, Any, Any], state: State,
+                data: HangupCreate | None = None) -> HangupOut:
+    who = _who(request)
+    req = operator.request_hangup(_store(state), call_id, cause=(data or HangupCreate()).cause, key_id=who.key_id,
+                                  account_id=None if who.is_admin else who.account_id)
+    return HangupOut.of(req)
+
+
+@get("/v1/profiles/{profile_id:str}/ledger", operation_id="listProfileLedger", tags=["credit"],
+     summary="The profile's ledger", description="Every movement of the profile's credit, oldest first.", **READ)
+def profile_ledger(profile_id: str, state: State, after: int = After, limit: int = Limit) -> LedgerPage:
+    def op(txn: Txn) -> LedgerPage:
         profiles.get(txn, profile_id)
         entries = ledger.entries(txn, f"profile:{profile_id}", after=after, limit=limit)
-        return _page([LedgerEntryOut.of(e) for e in entries], limit)
+        items = [LedgerEntryOut.of(e) for e in entries]
+        return LedgerPage(items=items, next_after=items[-1].seq if len(items) == limit else None)
 
     return _store(state).read(op)
 
 
-@get("/v1/profiles/{profile_id:str}/registrations", **READ)
+@get("/v1/profiles/{profile_id:str}/registrations", operation_id="listRegistrations", tags=["profiles"],
+     summary="Live registrar bindings", description="Unexpired bindings with their expiry.", **READ)
 def profile_registrations(profile_id: str, state: State) -> list[RegistrationOut]:
     now = time.time()
 
@@ -262,54 +419,127 @@ def profile_registrations(profile_id: str, state: State) -> list[RegistrationOut
     return _store(state).read(op)
 
 
-def _page(items: list[Any], limit: int) -> Page:
-    return Page(items=items, next_after=items[-1].seq if len(items) == limit else None)
+# --------------------------------------------------------------------- CDRs
+
+FromParam = QueryParameter(name="from", description="RFC 3339: calls started at or after this time")
+ToParam = QueryParameter(name="to", description="RFC 3339: calls started before this time")
+FormatParam = QueryParameter(name="format",
+                        description="json (paged), csv or jsonl (streamed, every row of the range)")
+
+
+@get("/v1/profiles/{profile_id:str}/cdrs", operation_id="listProfileCdrs", tags=["cdrs"],
+     summary="CDRs of a profile", description="JSON pages, or a streamed CSV / JSON Lines export (SPEC §5.4).",
+     responses={200: ResponseSpec(data_container=CdrPage, description="a page of CDRs (format=json)")}, **READ)
+def profile_cdrs(profile_id: str, state: State, after: int = After, limit: int = Limit,
+                 start: Annotated[str | None, FromParam] = None, end: Annotated[str | None, ToParam] = None,
+                 fmt: Annotated[Literal["json", "csv", "jsonl"], FormatParam] = "json") -> Response[Any]:
+    lo, hi = time_range(start, end)
+    if fmt != "json":
+        profiles.get(_store(state), profile_id)
+        return export_response(_store(state), [profile_id], fmt, lo, hi, f"cdrs-{profile_id}")
+
+    def op(txn: Txn) -> CdrPage:
+        profiles.get(txn, profile_id)
+        return _cdr_page(txn, [profile_id], after, limit, lo, hi)
+
+    return Response(_store(state).read(op))
+
+
+@get("/v1/accounts/{account_id:str}/cdrs", operation_id="listAccountCdrs", tags=["cdrs"],
+     summary="CDRs of an account",
+     description="Every profile of the account: JSON pages in seq order, or a streamed CSV / JSON Lines "
+                 "export (profile by profile, oldest first).",
+     responses={200: ResponseSpec(data_container=CdrPage, description="a page of CDRs (format=json)")}, **READ)
+def account_cdrs(account_id: str, state: State, after: int = After, limit: int = Limit,
+                 start: Annotated[str | None, FromParam] = None, end: Annotated[str | None, ToParam] = None,
+                 fmt: Annotated[Literal["json", "csv", "jsonl"], FormatParam] = "json") -> Response[Any]:
+    lo, hi = time_range(start, end)
+    store = _store(state)
+
+    def ids(txn: Txn) -> list[str]:
+        accounts.get(txn, account_id)
+        return [p.id for p in profiles.of_account(txn, account_id)]
+
+    profile_ids = store.read(ids)
+    if fmt != "json":
+        return export_response(store, profile_ids, fmt, lo, hi, f"cdrs-{account_id}")
+    return Response(store.read(lambda txn: _cdr_page(txn, profile_ids, after, limit, lo, hi)))
+
+
+def _cdr_page(txn: Txn, profile_ids: list[str], after: int, limit: int, lo: float | None,
+              hi: float | None) -> CdrPage:
+    """The ``limit`` CDRs with the lowest seq > ``after`` over the profiles (each profile's are in seq order)."""
+    import heapq
+    import itertools
+
+    streams = [itertools.islice(cdr_store.scan(txn, pid, after=after, start=lo, end=hi), limit) for pid in profile_ids]
+    items = [CdrOut.of(c) for c in itertools.islice(heapq.merge(*streams, key=lambda c: c.seq), limit)]
+    return CdrPage(items=items, next_after=items[-1].seq if len(items) == limit else None)
 
 
 # ------------------------------------------------------- numbers & business
 
-@post("/v1/accounts/{account_id:str}/numbers", status_code=201, **THREAD)
+@post("/v1/accounts/{account_id:str}/numbers", status_code=201, operation_id="buyNumber", tags=["numbers"],
+      summary="Buy an online number", description="A valid E.164 number (`number_invalid` otherwise).", **THREAD)
 def buy_number(account_id: str, data: NumberBuy, state: State) -> NumberOut:
     return NumberOut.of(numbers.buy(_store(state), account_id, data.number))
 
 
-@get("/v1/accounts/{account_id:str}/numbers", **READ)
+@get("/v1/accounts/{account_id:str}/numbers", operation_id="listNumbers", tags=["numbers"],
+     summary="The account's numbers", description="With the profile each is attached to.", **READ)
 def list_numbers(account_id: str, state: State) -> list[NumberOut]:
     return [NumberOut.of(n) for n in numbers.of_account(_store(state), account_id)]
 
 
-@post("/v1/profiles/{profile_id:str}/numbers", status_code=201, **THREAD)
+@delete("/v1/accounts/{account_id:str}/numbers/{number:str}", status_code=204, operation_id="releaseNumber",
+        tags=["numbers"], summary="Release a number",
+        description="Detached from its profile if attached, then no longer owned by the account.", **THREAD)
+def release_number(account_id: str, number: str, state: State) -> None:
+    numbers.release(_store(state), account_id, number)
+
+
+@post("/v1/profiles/{profile_id:str}/numbers", status_code=201, operation_id="attachNumber", tags=["numbers"],
+      summary="Attach a number to a profile", description="`number_attached_elsewhere` if another profile has it.",
+      **THREAD)
 def attach_number(profile_id: str, data: NumberAttach, state: State) -> NumberOut:
     return NumberOut.of(numbers.attach(_store(state), profile_id, data.number, data.extension))
 
 
-@delete("/v1/profiles/{profile_id:str}/numbers/{number:str}", status_code=204, **THREAD)
+@delete("/v1/profiles/{profile_id:str}/numbers/{number:str}", status_code=204, operation_id="detachNumber",
+        tags=["numbers"], summary="Detach a number", description="The account keeps owning it.", **THREAD)
 def detach_number(profile_id: str, number: str, state: State) -> None:
     numbers.detach(_store(state), profile_id, number)
 
 
-@post("/v1/accounts/{account_id:str}/business-accounts", status_code=201, **THREAD)
+@post("/v1/accounts/{account_id:str}/business-accounts", status_code=201, operation_id="createBusinessAccount",
+      tags=["numbers"], summary="Create a business account", description="A login owned by the account.", **THREAD)
 def create_business_account(account_id: str, data: BusinessAccountRequest, state: State) -> BusinessAccountOut:
     rec = numbers.create_business(_store(state), account_id, data.name)
     return BusinessAccountOut(name=rec.name, account_id=rec.account_id, profile_id=None, can_sign_in=True)
 
 
-@post("/v1/profiles/{profile_id:str}/business-accounts", status_code=201, **THREAD)
+@post("/v1/profiles/{profile_id:str}/business-accounts", status_code=201, operation_id="attachBusinessAccount",
+      tags=["numbers"], summary="Attach a business account",
+      description="It cannot sign in elsewhere while attached; an administrator login never attaches "
+                  "(`admin_not_attachable`).", **THREAD)
 def attach_business_account(profile_id: str, data: BusinessAccountRequest, state: State) -> BusinessAccountOut:
     rec = numbers.attach_business(_store(state), profile_id, data.name)
     return BusinessAccountOut(name=rec.name, account_id=rec.account_id, profile_id=rec.profile_id, can_sign_in=False)
 
 
-@delete("/v1/profiles/{profile_id:str}/business-accounts/{name:str}", status_code=204, **THREAD)
+@delete("/v1/profiles/{profile_id:str}/business-accounts/{name:str}", status_code=204,
+        operation_id="detachBusinessAccount", tags=["numbers"], summary="Detach a business account",
+        description="It can sign in again.", **THREAD)
 def detach_business_account(profile_id: str, name: str, state: State) -> None:
     numbers.detach_business(_store(state), profile_id, name)
 
 
 # --------------------------------------------------------------------- rates
 
-@put("/v1/rates", request_max_body_size=64 << 20)
-async def put_rates(request: Request, state: State) -> LoadedOut:
-    """Replace the rate table: JSON ``{"rates": [...]}`` or ``text/csv`` with the same columns."""
+@put("/v1/rates", request_max_body_size=64 << 20, operation_id="replaceRates", tags=["rates"], opt=ADMIN,
+     summary="Replace the rate table",
+     description="JSON `{\"rates\": [...]}` or `text/csv` with the same columns; atomic (admin keys only).")
+async def put_rates(request: Request[Any, Any, Any], state: State) -> LoadedOut:
     body = await request.body()
     ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if ctype == "text/csv":
@@ -322,12 +552,16 @@ async def put_rates(request: Request, state: State) -> LoadedOut:
         put_body = msgspec.json.decode(body, type=RatesPut)
         table = [rate_from_fields(msgspec.structs.asdict(r), f"rates[{i}]") for i, r in enumerate(put_body.rates)]
     else:
-        raise Invalid(f"unsupported content type {ctype!r}: use application/json or text/csv", field="Content-Type")
+        from litestar.exceptions import HTTPException
+
+        raise HTTPException(status_code=415, detail=f"unsupported content type {ctype!r}: use application/json "
+                                                    "or text/csv")
     # 100k rows take a fraction of a second: keep that off the event loop.
     return LoadedOut(loaded=await asyncio.to_thread(rates.replace, _store(state), table))
 
 
-@get("/v1/rates/lookup", **READ)
+@get("/v1/rates/lookup", operation_id="lookupRate", tags=["rates"], summary="The rate of a number",
+     description="The longest-prefix rate covering the number (404 if none).", **READ)
 def rate_lookup(state: State, number: str = Parameter(pattern=r"^\+?[0-9]{1,20}$")) -> RateOut:
     rate = rates.rate_for(_store(state), number)
     if rate is None:
@@ -335,22 +569,105 @@ def rate_lookup(state: State, number: str = Parameter(pattern=r"^\+?[0-9]{1,20}$
     return RateOut.of(rate)
 
 
-@put("/v1/bundle-exclusions", **THREAD)
+@put("/v1/bundle-exclusions", operation_id="replaceBundleExclusions", tags=["rates"], opt=ADMIN,
+     summary="Replace the US bundle exclusions", description="Prefixes never covered by a US bundle.", **THREAD)
 def put_exclusions(data: ExclusionsPut, state: State) -> LoadedOut:
     return LoadedOut(loaded=rates.replace_exclusions(_store(state), data.prefixes))
 
 
-@get("/v1/bundle-exclusions", **READ)
-def get_exclusions(state: State) -> dict[str, list[str]]:
-    return {"prefixes": rates.exclusions(_store(state))}
+@get("/v1/bundle-exclusions", operation_id="getBundleExclusions", tags=["rates"],
+     summary="The US bundle exclusions", description="Prefixes never covered by a US bundle.", **READ)
+def get_exclusions(state: State) -> PrefixesOut:
+    return PrefixesOut(prefixes=rates.exclusions(_store(state)))
+
+
+# ----------------------------------------------------------------- API keys
+
+@post("/v1/api-keys", status_code=201, operation_id="createApiKey", tags=["keys"], opt=ADMIN,
+      summary="Create an API key",
+      description="Scope `admin`, `account` (with `account_id`, optionally `read_only`) or `metrics`. The key is "
+                  "in this answer only: it is stored hashed.", **THREAD)
+def create_key(data: ApiKeyCreate, state: State) -> ApiKeyCreated:
+    rec, token = keys.create(_store(state), name=data.name, scope=data.scope, account_id=data.account_id,
+                             read_only=data.read_only, rate_limit=data.rate_limit)
+    return ApiKeyCreated.created(rec, token)
+
+
+@get("/v1/api-keys", operation_id="listApiKeys", tags=["keys"], opt=ADMIN, summary="List API keys",
+     description="Every key with its scope and last use (never the key itself).", **READ)
+def list_keys(state: State, after: str = AfterId, limit: int = Limit) -> ApiKeyPage:
+    items = keys.page(_store(state), after=after, limit=limit)
+    return ApiKeyPage(items=[ApiKeyOut.of(k) for k in items], next_after=items[-1].id if len(items) == limit else None)
+
+
+@delete("/v1/api-keys/{key_id:str}", status_code=204, operation_id="revokeApiKey", tags=["keys"], opt=ADMIN,
+        summary="Revoke an API key", description="Refused (401) from the next request on.", **THREAD)
+def revoke_key(key_id: str, state: State) -> None:
+    keys.revoke(_store(state), key_id)
+
+
+@get("/v1/audit", operation_id="listAudit", tags=["keys"], summary="The audit log",
+     description="Every write: key id, method, path, status, source, time (an account key sees its account's).")
+async def list_audit(request: Request[Any, Any, Any], state: State, after: int = After,
+                     limit: int = Limit) -> AuditPage:
+    who = _who(request)
+    await state.audit.flush()
+    items, nxt = audit.page(_store(state), after=after, limit=limit,
+                            account_id=None if who.is_admin else who.account_id)
+    return AuditPage(items=[AuditOut.of(e) for e in items], next_after=nxt)
+
+
+# ----------------------------------------------------------------- webhooks
+
+@post("/v1/accounts/{account_id:str}/webhooks", status_code=201, operation_id="createWebhook", tags=["webhooks"],
+      summary="Subscribe to events",
+      description="An endpoint for some of `call.started`, `call.ended`, `credit.low`, `auto_recharge.succeeded`, "
+                  "`auto_recharge.failed`, `channels.exhausted`. The secret (given or generated) signs each "
+                  "delivery (`Sipedge-Signature`) and is shown in this answer only.", **THREAD)
+def create_webhook(account_id: str, data: WebhookCreate, state: State) -> WebhookCreated:
+    hook = webhooks.create(_store(state), account_id, data.url, list(data.events), data.secret, data.description)
+    return WebhookCreated.created(hook)
+
+
+@get("/v1/accounts/{account_id:str}/webhooks", operation_id="listWebhooks", tags=["webhooks"],
+     summary="The account's webhooks", description="Endpoints and their events (not the secrets).", **READ)
+def list_webhooks(account_id: str, state: State) -> list[WebhookOut]:
+    def op(txn: Txn) -> list[WebhookOut]:
+        accounts.get(txn, account_id)
+        return [WebhookOut.of(w) for w in webhooks.of_account(txn, account_id)]
+
+    return _store(state).read(op)
+
+
+@delete("/v1/accounts/{account_id:str}/webhooks/{webhook_id:str}", status_code=204, operation_id="deleteWebhook",
+        tags=["webhooks"], summary="Delete a webhook", description="With its delivery log.", **THREAD)
+def delete_webhook(account_id: str, webhook_id: str, state: State) -> None:
+    webhooks.delete(_store(state), account_id, webhook_id)
+
+
+@get("/v1/accounts/{account_id:str}/webhooks/{webhook_id:str}/deliveries", operation_id="listDeliveries",
+     tags=["webhooks"], summary="Delivery log",
+     description="Each event sent to the endpoint with its attempts (status, error, time), oldest first.", **READ)
+def list_deliveries(account_id: str, webhook_id: str, state: State, after: int = After,
+                    limit: int = Limit) -> DeliveryPage:
+    def op(txn: Txn) -> DeliveryPage:
+        webhooks.get(txn, account_id, webhook_id)
+        items = [DeliveryOut.of(d) for d in webhooks.deliveries(txn, webhook_id, after=after, limit=limit)]
+        return DeliveryPage(items=items, next_after=items[-1].event_seq if len(items) == limit else None)
+
+    return _store(state).read(op)
 
 
 ROUTES = [
-    list_accounts, create_account, get_account, credit_account, account_ledger,
+    list_accounts, create_account, get_account, delete_account, credit_account, account_ledger,
     list_all_profiles, create_profile, list_profiles, show_profile, patch_profile, delete_profile,
+    get_credentials, rotate_credentials,
     credit_profile, put_auto_recharge, put_bundles,
-    profile_calls, profile_cdrs, profile_ledger, profile_registrations,
-    buy_number, list_numbers, attach_number, detach_number,
+    profile_calls, list_calls, list_registrations, hangup_call, profile_cdrs, account_cdrs, profile_ledger,
+    profile_registrations,
+    buy_number, list_numbers, release_number, attach_number, detach_number,
     create_business_account, attach_business_account, detach_business_account,
     put_rates, rate_lookup, put_exclusions, get_exclusions,
+    create_key, list_keys, revoke_key, list_audit,
+    create_webhook, list_webhooks, delete_webhook, list_deliveries,
 ]

@@ -6,27 +6,36 @@ names the field rather than a silently ignored setting.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from datetime import datetime
+from typing import Annotated, Any, Literal
 
 import msgspec
 
+from edge.control.cdrs import MEDIA_FIELDS
 from edge.control.models import (
     Account,
+    ApiKey,
+    AuditEntry,
     Cdr,
     Credential,
+    Delivery,
+    HangupRequest,
     LedgerEntry,
     LiveCall,
     OnlineNumber,
     Profile,
     Rate,
     Registration,
+    Webhook,
 )
 from edge.control.money import Money, format_money
+from edge.control.times import maybe_datetime, to_datetime
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f]+$")]
 Login = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
 Channels = Annotated[int, msgspec.Meta(ge=1, le=300, description="1..300 channels (SPEC §3)")]
-E164 = Annotated[str, msgspec.Meta(pattern=r"^\+[1-9][0-9]{6,14}$", description="E.164 with a leading +")]
+E164 = Annotated[str, msgspec.Meta(pattern=r"^\+[1-9][0-9]{6,14}$", examples=["+14155550100"],
+                                   description="E.164 with a leading +; must be a valid number (phonenumbers)")]
 Extension = Annotated[str, msgspec.Meta(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9._-]+$")]
 SipUri = Annotated[str, msgspec.Meta(pattern=r"^sips?:\S+$", max_length=256)]
 Cidr = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
@@ -34,6 +43,12 @@ Cidr = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 
 class Body(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
+
+
+Url = Annotated[str, msgspec.Meta(pattern=r"^https?://[^\s/?#]+[^\s]*$", max_length=2048,
+                                  examples=["https://provisioning.example.com/sipedge/events"])]
+EventName = Literal["call.started", "call.ended", "credit.low", "auto_recharge.succeeded", "auto_recharge.failed",
+                    "channels.exhausted"]
 
 
 # ------------------------------------------------------------------ requests
@@ -103,6 +118,29 @@ class ExclusionsPut(Body):
     prefixes: list[Annotated[str, msgspec.Meta(pattern=r"^1[0-9]{1,14}$", description="E.164 digits, country code 1")]]
 
 
+class ApiKeyCreate(Body):
+    scope: Literal["admin", "account", "metrics"]
+    name: Name = "key"
+    account_id: str | None = None          # scope "account": the account the key sees
+    read_only: bool = False
+    rate_limit: Annotated[float, msgspec.Meta(gt=0, le=100000)] | None = None   # requests/s (default: the node's)
+
+
+class WebhookCreate(Body):
+    url: Url
+    events: Annotated[list[EventName], msgspec.Meta(min_length=1, max_length=6)]
+    secret: Annotated[str, msgspec.Meta(min_length=16, max_length=128, pattern=r"^[\x21-\x7e]+$")] | None = None
+    description: Annotated[str, msgspec.Meta(max_length=256)] = ""
+
+
+class HangupCreate(Body):
+    cause: Annotated[int, msgspec.Meta(ge=200, le=699, description="the Reason header's SIP cause")] = 487
+
+
+class AdminPassword(Body):
+    password: Annotated[str, msgspec.Meta(min_length=8, max_length=128)]
+
+
 # ----------------------------------------------------------------- responses
 
 class Out(msgspec.Struct, kw_only=True):
@@ -114,11 +152,12 @@ class AccountOut(Out):
     name: str
     admin: str
     balance: str
-    created_at: float
+    created_at: datetime
 
     @classmethod
     def of(cls, a: Account) -> AccountOut:
-        return cls(id=a.id, name=a.name, admin=a.admin, balance=format_money(a.balance), created_at=a.created_at)
+        return cls(id=a.id, name=a.name, admin=a.admin, balance=format_money(a.balance),
+                   created_at=to_datetime(a.created_at))
 
 
 class AutoRechargeOut(Out):
@@ -128,6 +167,8 @@ class AutoRechargeOut(Out):
 
 
 class ProfileOut(Out):
+    """A profile as every GET shows it: without its SIP password (``GET .../credentials``)."""
+
     id: str
     account_id: str
     name: str
@@ -135,7 +176,6 @@ class ProfileOut(Out):
     channels_in_use: int
     auth: str
     sip_username: str
-    sip_password: str
     registrar: str
     balance: str
     allowed_ips: list[str]
@@ -144,21 +184,50 @@ class ProfileOut(Out):
     us_bundles: int
     numbers: list[str]
     business_accounts: list[str]
-    created_at: float
+    created_at: datetime
 
     @classmethod
-    def of(cls, p: Profile, cred: Credential | None, registrar: str, in_use: int = 0) -> ProfileOut:
+    def fields_of(cls, p: Profile, registrar: str, in_use: int) -> dict[str, Any]:
         ar = p.auto_recharge
-        return cls(
+        return dict(
             id=p.id, account_id=p.account_id, name=p.name, channels=p.channels, channels_in_use=in_use,
-            auth=p.auth, sip_username=p.sip_username, sip_password=cred.password if cred else "",
-            registrar=registrar, balance=format_money(p.balance), allowed_ips=p.allowed_ips,
-            static_contact=p.static_contact,
+            auth=p.auth, sip_username=p.sip_username, registrar=registrar, balance=format_money(p.balance),
+            allowed_ips=p.allowed_ips, static_contact=p.static_contact,
             auto_recharge=AutoRechargeOut(enabled=ar.enabled, amount=format_money(ar.amount),
                                           min_balance=format_money(ar.min_balance)),
             us_bundles=p.us_bundles, numbers=p.numbers, business_accounts=p.business_accounts,
-            created_at=p.created_at,
+            created_at=to_datetime(p.created_at),
         )
+
+    @classmethod
+    def of(cls, p: Profile, registrar: str, in_use: int = 0) -> ProfileOut:
+        return cls(**cls.fields_of(p, registrar, in_use))
+
+
+class ProfileCreated(ProfileOut):
+    """The answer to a profile's creation: the one ordinary answer with its SIP password."""
+
+    sip_password: str
+
+    @classmethod
+    def created(cls, p: Profile, cred: Credential, registrar: str) -> ProfileCreated:
+        return cls(**cls.fields_of(p, registrar, 0), sip_password=cred.password)
+
+
+class CredentialsOut(Out):
+    """What a PBX needs to register (SPEC §5.5): only from ``.../credentials`` and its rotation."""
+
+    profile_id: str
+    sip_username: str
+    sip_password: str
+    registrar: str
+    realm: str
+    auth: str
+
+    @classmethod
+    def of(cls, cred: Credential, registrar: str) -> CredentialsOut:
+        return cls(profile_id=cred.profile_id, sip_username=cred.username, sip_password=cred.password,
+                   registrar=registrar, realm=cred.realm, auth=cred.auth)
 
 
 class ProfileCreditOut(Out):
@@ -204,9 +273,19 @@ class LoadedOut(Out):
     loaded: int
 
 
+class PrefixesOut(Out):
+    prefixes: list[str]
+
+
+class HealthOut(Out):
+    status: str
+    version: str
+    store: str
+
+
 class LedgerEntryOut(Out):
     seq: int
-    ts: float
+    ts: datetime
     kind: str
     amount: str
     balance_after: str
@@ -214,69 +293,239 @@ class LedgerEntryOut(Out):
 
     @classmethod
     def of(cls, e: LedgerEntry) -> LedgerEntryOut:
-        return cls(seq=e.seq, ts=e.ts, kind=e.kind, amount=format_money(e.amount),
+        return cls(seq=e.seq, ts=to_datetime(e.ts), kind=e.kind, amount=format_money(e.amount),
                    balance_after=format_money(e.balance_after), ref=e.ref)
 
 
-class Page(Out):
-    items: list
-    next_after: int | None          # pass as ?after= for the next page; null at the end
-
-
 class RegistrationOut(Out):
+    profile_id: str
     contact: str
     expires_in: int
+    expires_at: datetime
     source: str
     user_agent: str
 
     @classmethod
     def of(cls, r: Registration, now: float) -> RegistrationOut:
-        return cls(contact=r.contact, expires_in=max(0, int(r.expires_at - now)), source=r.source,
-                   user_agent=r.user_agent)
+        return cls(profile_id=r.profile_id, contact=r.contact, expires_in=max(0, int(r.expires_at - now)),
+                   expires_at=to_datetime(r.expires_at), source=r.source, user_agent=r.user_agent)
 
 
 class LiveCallOut(Out):
     call_id: str
+    profile_id: str
     direction: str
     caller: str
     callee: str
-    started_at: float
-    answered_at: float | None
+    started_at: datetime
+    answered_at: datetime | None
     reserved: str
 
     @classmethod
     def of(cls, c: LiveCall) -> LiveCallOut:
-        return cls(call_id=c.call_id, direction=c.direction, caller=c.caller, callee=c.callee,
-                   started_at=c.started_at, answered_at=c.answered_at, reserved=format_money(c.reserved))
+        return cls(call_id=c.call_id, profile_id=c.profile_id, direction=c.direction, caller=c.caller,
+                   callee=c.callee, started_at=to_datetime(c.started_at), answered_at=maybe_datetime(c.answered_at),
+                   reserved=format_money(c.reserved))
+
+
+class MediaStats(Out):
+    a_packets: int = 0
+    a_bytes: int = 0
+    a_lost: int = 0
+    a_dropped: int = 0
+    a_jitter_us: int = 0
+    b_packets: int = 0
+    b_bytes: int = 0
+    b_lost: int = 0
+    b_dropped: int = 0
+    b_jitter_us: int = 0
 
 
 class CdrOut(Out):
     seq: int
     call_id: str
+    account_id: str
+    profile_id: str
     direction: str
     caller: str
     callee: str
-    started_at: float
-    answered_at: float | None
-    ended_at: float
+    carrier: str
+    started_at: datetime
+    answered_at: datetime | None
+    ended_at: datetime
+    setup_seconds: float | None
+    talk_seconds: float
     duration: int
     status: int
     end_reason: str
     cost: str
     bundle_seconds: int
     rate_prefix: str | None
-    media: dict[str, int]
+    media: MediaStats | None
 
     @classmethod
     def of(cls, c: Cdr) -> CdrOut:
-        return cls(seq=c.seq, call_id=c.call_id, direction=c.direction, caller=c.caller, callee=c.callee,
-                   started_at=c.started_at, answered_at=c.answered_at, ended_at=c.ended_at,
+        answered = c.answered_at
+        return cls(seq=c.seq, call_id=c.call_id, account_id=c.account_id, profile_id=c.profile_id,
+                   direction=c.direction, caller=c.caller, callee=c.callee, carrier=c.carrier,
+                   started_at=to_datetime(c.started_at), answered_at=maybe_datetime(answered),
+                   ended_at=to_datetime(c.ended_at),
+                   setup_seconds=round(answered - c.started_at, 3) if answered is not None else None,
+                   talk_seconds=round(max(0.0, c.ended_at - answered), 3) if answered is not None else 0.0,
                    duration=c.duration, status=c.status, end_reason=c.end_reason, cost=format_money(c.cost),
-                   bundle_seconds=c.bundle_seconds, rate_prefix=c.rate_prefix, media=c.media)
+                   bundle_seconds=c.bundle_seconds, rate_prefix=c.rate_prefix,
+                   media=MediaStats(**{f: c.media.get(f, 0) for f in MEDIA_FIELDS}) if c.media else None)
 
 
-class ErrorOut(Out):
-    status_code: int
-    detail: str
-    field: str | None = None
-    errors: list[dict[str, str]] = []
+class ApiKeyOut(Out):
+    id: str
+    name: str
+    scope: str
+    account_id: str | None
+    read_only: bool
+    rate_limit: float | None
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+    @classmethod
+    def of(cls, k: ApiKey) -> ApiKeyOut:
+        return cls(id=k.id, name=k.name, scope=k.scope, account_id=k.account_id, read_only=k.read_only,
+                   rate_limit=k.rate_limit, created_at=to_datetime(k.created_at),
+                   last_used_at=maybe_datetime(k.last_used_at), revoked_at=maybe_datetime(k.revoked_at))
+
+
+class ApiKeyCreated(ApiKeyOut):
+    key: str                        # shown once: only its hash is stored
+
+    @classmethod
+    def created(cls, k: ApiKey, token: str) -> ApiKeyCreated:
+        base = ApiKeyOut.of(k)
+        return cls(key=token, **{f: getattr(base, f) for f in ApiKeyOut.__struct_fields__})
+
+
+class AuditOut(Out):
+    seq: int
+    ts: datetime
+    key_id: str
+    method: str
+    path: str
+    status: int
+    source: str
+    account_id: str | None
+    request_id: str
+
+    @classmethod
+    def of(cls, e: AuditEntry) -> AuditOut:
+        return cls(seq=e.seq, ts=to_datetime(e.ts), key_id=e.key_id, method=e.method, path=e.path, status=e.status,
+                   source=e.source, account_id=e.account_id, request_id=e.request_id)
+
+
+class WebhookOut(Out):
+    id: str
+    account_id: str
+    url: str
+    events: list[str]
+    description: str
+    created_at: datetime
+
+    @classmethod
+    def of(cls, w: Webhook) -> WebhookOut:
+        return cls(id=w.id, account_id=w.account_id, url=w.url, events=w.events, description=w.description,
+                   created_at=to_datetime(w.created_at))
+
+
+class WebhookCreated(WebhookOut):
+    secret: str                     # the HMAC key of Sipedge-Signature: shown at creation only
+
+    @classmethod
+    def created(cls, w: Webhook) -> WebhookCreated:
+        base = WebhookOut.of(w)
+        return cls(secret=w.secret, **{f: getattr(base, f) for f in WebhookOut.__struct_fields__})
+
+
+class AttemptOut(Out):
+    at: datetime
+    status: int
+    error: str
+    duration_ms: float
+
+
+class DeliveryOut(Out):
+    event_seq: int
+    event_id: str
+    event_type: str
+    webhook_id: str
+    state: str
+    attempts: list[AttemptOut]
+    next_attempt_at: datetime | None
+    created_at: datetime
+    delivered_at: datetime | None
+
+    @classmethod
+    def of(cls, d: Delivery) -> DeliveryOut:
+        return cls(event_seq=d.event_seq, event_id=d.event_id, event_type=d.event_type, webhook_id=d.webhook_id,
+                   state=d.state, attempts=[AttemptOut(at=to_datetime(a.at), status=a.status, error=a.error,
+                                                       duration_ms=a.duration_ms) for a in d.attempts],
+                   next_attempt_at=to_datetime(d.next_attempt_at) if d.state == "pending" else None,
+                   created_at=to_datetime(d.created_at), delivered_at=maybe_datetime(d.delivered_at))
+
+
+class HangupOut(Out):
+    id: str
+    call_id: str
+    profile_id: str
+    state: str
+    requested_at: datetime
+
+    @classmethod
+    def of(cls, r: HangupRequest) -> HangupOut:
+        return cls(id=r.id, call_id=r.call_id, profile_id=r.profile_id, state=r.state,
+                   requested_at=to_datetime(r.requested_at))
+
+
+# ---------------------------------------------------------------- pages
+# One page type per item type, so the OpenAPI document types the items (issue 14).
+
+class _Seq(Out):
+    next_after: int | None          # pass as ?after= for the next page; null at the end
+
+
+class _Key(Out):
+    next_after: str | None          # pass as ?after= for the next page; null at the end
+
+
+class AccountPage(_Key):
+    items: list[AccountOut]
+
+
+class ProfilePage(_Key):
+    items: list[ProfileOut]
+
+
+class ApiKeyPage(_Key):
+    items: list[ApiKeyOut]
+
+
+class LedgerPage(_Seq):
+    items: list[LedgerEntryOut]
+
+
+class CdrPage(_Seq):
+    items: list[CdrOut]
+
+
+class AuditPage(_Seq):
+    items: list[AuditOut]
+
+
+class DeliveryPage(_Seq):
+    items: list[DeliveryOut]
+
+
+class LiveCallPage(_Key):
+    items: list[LiveCallOut]
+
+
+class RegistrationPage(_Key):
+    items: list[RegistrationOut]

@@ -51,6 +51,17 @@ class MediaConfig(Section):
 class ApiConfig(Section):
     listen: str = "127.0.0.1:8080"
     token: str = ""                 # empty: generated once and kept under the data directory
+    # control API v2 (docs/api.md, docs/operations.md)
+    metrics_listen: str = ""        # host:port of a listener of its own for /metrics ("": on api.listen)
+    metrics_auth: bool = False      # /metrics needs a metrics (or admin) key
+    metrics_per_profile: bool = True  # per-profile series; false: node totals only (10k+ profiles)
+    key_rate_limit: Annotated[float, msgspec.Meta(ge=0)] = 100.0   # requests/s per API key; 0 = off
+    key_rate_burst: Annotated[float, msgspec.Meta(ge=1)] = 200.0
+    webhook_retry_hours: Annotated[float, msgspec.Meta(gt=0, le=168)] = 24.0
+    webhook_backoff_seconds: Annotated[float, msgspec.Meta(gt=0)] = 5.0     # first retry; doubles
+    webhook_backoff_max_seconds: Annotated[float, msgspec.Meta(gt=0)] = 3600.0
+    webhook_timeout: Annotated[float, msgspec.Meta(gt=0, le=60)] = 10.0
+    webhook_deliver: bool = True    # false: events stay in the outbox (a node that must not call out)
 
 
 class StorageConfig(Section):
@@ -111,6 +122,8 @@ def validate(cfg: Config) -> Config:
     for i, item in enumerate(cfg.sip.listen):
         parse_listen(item, f"sip.listen[{i}]")
     _check_hostport("api.listen", cfg.api.listen)
+    if cfg.api.metrics_listen:
+        _check_hostport("api.metrics_listen", cfg.api.metrics_listen)
     lo, hi = cfg.media.ports
     if lo % 2 or hi - lo < 3:
         raise ConfigError(f"media.ports: need an even first port and at least 4 ports, got [{lo}, {hi}]")

@@ -24,6 +24,7 @@ import uvicorn
 from .calls.admission import Admission
 from .calls.billing import Billing
 from .calls.controller import CallController
+from .calls.events import OperatorActions
 from .calls.media import CallMedia
 from .calls.metrics import CallMetrics
 from .calls.model import Call, EndReason
@@ -78,7 +79,7 @@ class Node:
         loop = asyncio.get_running_loop()
         self.cfg = cfg
         self.store = store
-        self.app, self.registry = create_app(store, token, registrar=cfg.sip.domain)
+        self.app, self.registry = create_app(store, token, registrar=cfg.sip.domain, settings=cfg.api)
         host, _, port = cfg.api.listen.rpartition(":")
         self.api = uvicorn.Server(uvicorn.Config(
             self.app, host=host.strip("[]"), port=int(port), log_level="warning",
@@ -106,7 +107,9 @@ class Node:
         self.calls = CallController(
             tl=sip.transactions, dialogs=dialogs, local=self.local, admission=admission, routing=routing,
             media=CallMedia(self.media, cfg.media.rtp_timeout), metrics=CallMetrics(self.registry),
-            listeners=[self.billing], is_trusted=sip.is_trusted, setup_timeout=cfg.sip.setup_timeout)
+            # operator actions first: it names the carrier in the live record before billing settles it
+            listeners=[OperatorActions(store, loop, calls=lambda cid: self.calls.calls.get(cid), hangup=self._hangup),
+                       self.billing], is_trusted=sip.is_trusted, setup_timeout=cfg.sip.setup_timeout)
         # the upward edges: new INVITEs and media timeouts reach the controller
         sip.serve_calls(self.calls.on_invite)
         self.media.on_event = self.calls.on_media_event

@@ -86,6 +86,16 @@ class Client:
     def json(self, path: str) -> Any:
         return msgspec.json.decode(self.get(path))
 
+    def pages(self, path: str, limit: int = 1000) -> Any:
+        """Every item of a paged endpoint (``{"items", "next_after"}``), one request per page."""
+        after = ""
+        while True:
+            page = self.json(f"{path}?limit={limit}&after={urllib.parse.quote(str(after))}")
+            yield from page["items"]
+            after = page.get("next_after")
+            if after is None:
+                return
+
 
 class ApiHTTPError(StatusError):
     def __init__(self, status: int, message: str) -> None:
@@ -108,6 +118,15 @@ def _sum(samples: dict[str, list[tuple[dict[str, str], float]]], name: str, **ma
     return sum(v for labels, v in samples.get(name, ()) if all(labels.get(k) == want for k, want in match.items()))
 
 
+def _ts(value: Any) -> float:
+    """An RFC 3339 timestamp of the API (or a number) as Unix seconds."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    from datetime import datetime
+
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+
+
 def _money(value: float) -> str:
     return f"{Decimal(str(value)).quantize(Decimal('0.01'))}"
 
@@ -122,6 +141,8 @@ def collect(client: Client, only: list[str] | None = None, details: bool = True)
     samples = parse_metrics(client.get("/metrics", auth=False).decode())
 
     by_profile: dict[str, dict[str, Any]] = {}
+    names = {labels.get("profile", ""): labels.get("profile_name", "")
+             for labels, _ in samples.get("edge_profile_info", ())}
     for name, key in (("edge_channels_capacity", "capacity"), ("edge_channels_in_use", "in_use"),
                       ("edge_credit_balance", "balance"), ("edge_registrations_active", "registrations"),
                       ("edge_auto_recharge_min_balance", "min_balance"), ("edge_auto_recharge_enabled", "ar_on")):
@@ -129,10 +150,11 @@ def collect(client: Client, only: list[str] | None = None, details: bool = True)
             pid = labels.get("profile")
             if not pid:
                 continue
-            entry = by_profile.setdefault(pid, {"name": labels.get("profile_name", ""),
-                                                "account": labels.get("account", "")})
+            entry = by_profile.setdefault(pid, {"name": names.get(pid, ""), "account": labels.get("account", "")})
             entry[key] = value
-    accounts = {labels["account"]: {"name": labels.get("account_name", ""), "balance": _money(v)}
+    acct_names = {labels.get("account", ""): labels.get("account_name", "")
+                  for labels, _ in samples.get("edge_account_info", ())}
+    accounts = {labels["account"]: {"name": acct_names.get(labels["account"], ""), "balance": _money(v)}
                 for labels, v in samples.get("edge_account_balance", ()) if "account" in labels}
 
     profiles = []
@@ -144,7 +166,6 @@ def collect(client: Client, only: list[str] | None = None, details: bool = True)
             in_use=int(e.get("in_use", 0)), balance=_money(e.get("balance", 0.0)),
             registrations=int(e.get("registrations", 0)), min_balance=_money(e.get("min_balance", 0.0)),
             auto_recharge_on=bool(e.get("ar_on", 0.0))))
-    profiles.sort(key=lambda p: (accounts.get(p.account, {}).get("name", ""), p.name, p.id))
 
     api_error = None
     if not details:
@@ -153,27 +174,38 @@ def collect(client: Client, only: list[str] | None = None, details: bool = True)
         api_error = "no admin token (--token or SIPEDGE_ADMIN_TOKEN): live calls and registrations not shown"
     else:
         try:
-            for p in list(profiles):
-                try:
-                    prof = client.json(f"/v1/profiles/{p.id}")
-                except ApiHTTPError as exc:
-                    if exc.status != 404:
-                        raise
-                    profiles.remove(p)          # deleted since the scrape
+            # the paged endpoints: one request per page of profiles, accounts, calls, bindings
+            # (not three requests per profile)
+            views = {p.id: p for p in profiles}
+            listed: dict[str, ProfileView] = {}
+            for prof in client.pages("/v1/profiles"):
+                if only and prof["id"] not in only:
                     continue
-                p.name, p.capacity, p.in_use = prof["name"], prof["channels"], prof["channels_in_use"]
+                p = views.get(prof["id"]) or ProfileView(
+                    id=prof["id"], name=prof["name"], account=prof["account_id"], capacity=0, in_use=0,
+                    balance="0.00", registrations=0)
+                p.name, p.account, p.capacity, p.in_use = (prof["name"], prof["account_id"], prof["channels"],
+                                                           prof["channels_in_use"])
                 p.balance, p.auto_recharge = prof["balance"], prof.get("auto_recharge")
-                p.calls = client.json(f"/v1/profiles/{p.id}/calls")
-                p.bindings = client.json(f"/v1/profiles/{p.id}/registrations")
+                p.calls, p.bindings = [], []
+                listed[p.id] = p
+            for call in client.pages("/v1/calls"):
+                if call["profile_id"] in listed:
+                    listed[call["profile_id"]].calls.append(call)
+            for binding in client.pages("/v1/registrations"):
+                if binding["profile_id"] in listed:
+                    listed[binding["profile_id"]].bindings.append(binding)
+            for p in listed.values():
                 p.registrations = len(p.bindings)
-            for acct_id in {p.account for p in profiles}:
-                acct = client.json(f"/v1/accounts/{acct_id}")
-                accounts[acct_id] = {"name": acct["name"], "balance": acct["balance"]}
+            profiles = list(listed.values())
+            for acct in client.pages("/v1/accounts"):
+                accounts[acct["id"]] = {"name": acct["name"], "balance": acct["balance"]}
         except ApiHTTPError as exc:
             if exc.status in (401, 403):
                 api_error = "the admin token was refused (401): live calls and registrations not shown"
             else:
                 api_error = str(exc)
+    profiles.sort(key=lambda p: (accounts.get(p.account, {}).get("name", ""), p.name, p.id))
 
     totals = {
         "calls_active_outgoing": _sum(samples, "edge_calls_active", direction="outgoing"),
@@ -273,10 +305,10 @@ def render(snap: Snapshot, *, max_calls: int = 50) -> str:
         lines.append("(no profiles)")
     calls = [(p, c) for p in snap.profiles for c in p.calls]
     if calls:
-        calls.sort(key=lambda pc: pc[1].get("started_at", 0))
+        calls.sort(key=lambda pc: _ts(pc[1].get("started_at", 0)))
         rows = [[p.name, c["call_id"], c["direction"], c["caller"], c["callee"],
-                 _dur(now - c["started_at"]),
-                 _dur(now - c["answered_at"]) if c.get("answered_at") else "ringing", c.get("reserved", "")]
+                 _dur(now - _ts(c["started_at"])),
+                 _dur(now - _ts(c["answered_at"])) if c.get("answered_at") else "ringing", c.get("reserved", "")]
                 for p, c in calls[:max_calls]]
         lines += ["", f"LIVE CALLS ({len(calls)})"]
         lines += _table(rows, ["PROFILE", "CALL", "DIRECTION", "CALLER", "CALLEE", "AGE", "TALK", "RESERVED"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from .errors import Conflict, NotFound
+from .errors import AccountNotEmpty, AdminLoginTaken, NotFound
 from .models import Account
 from .store import Txn, new_id, reads, writes
 
@@ -47,9 +47,9 @@ def create(txn: Txn, name: str, admin: str) -> Account:
     :raises Conflict: the login administers another account or is a business account name.
     """
     if is_admin_login(txn, admin):
-        raise Conflict(f"admin login {admin!r} already administers another account", field="admin")
+        raise AdminLoginTaken(f"admin login {admin!r} already administers another account", field="admin")
     if txn.get_raw("business", admin.encode()) is not None:
-        raise Conflict(f"{admin!r} is a business account name, not a free login", field="admin")
+        raise AdminLoginTaken(f"{admin!r} is a business account name, not a free login", field="admin")
     acct = Account(id=new_id("acc"), name=name, admin=admin, created_at=time.time())
     txn.put("accounts", acct.id.encode(), acct)
     txn.put_raw("admins", admin.encode(), acct.id.encode())
@@ -59,3 +59,25 @@ def create(txn: Txn, name: str, admin: str) -> Account:
 def save(txn: Txn, acct: Account) -> None:
     """Store ``acct`` as it is (the ledger's balance updates; nothing else calls this)."""
     txn.put("accounts", acct.id.encode(), acct)
+
+
+@writes(grows=False)
+def delete(txn: Txn, account_id: str) -> None:
+    """Delete an account with no profiles and a zero master balance: its numbers are released,
+    its business accounts, webhooks and API keys go, its login is free again.
+
+    :raises AccountNotEmpty: it still has profiles or credit.
+    """
+    from . import keys, numbers, webhooks
+    from .models import Profile
+
+    acct = get(txn, account_id)
+    n_profiles = sum(1 for p in txn.values("profiles", Profile) if p.account_id == account_id)
+    if n_profiles or acct.balance:
+        raise AccountNotEmpty(f"account {account_id} still has {n_profiles} profiles and a balance of "
+                              f"{acct.balance / 1_000_000:.6f}: delete the profiles and move the credit out first")
+    numbers.release_all(txn, account_id)
+    webhooks.delete_of_account(txn, account_id)
+    keys.revoke_of_account(txn, account_id)
+    txn.delete("admins", acct.admin.encode())
+    txn.delete("accounts", account_id.encode())

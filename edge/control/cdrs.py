@@ -2,8 +2,44 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 from .models import Cdr
+from .money import format_money
 from .store import SEP, Txn, reads, u64, writes
+from .times import rfc3339
+
+MEDIA_FIELDS = ("a_packets", "a_bytes", "a_lost", "a_dropped", "a_jitter_us",
+                "b_packets", "b_bytes", "b_lost", "b_dropped", "b_jitter_us")
+#: the columns of a CSV export, in order: one per CDR field, media stats flattened (media_a_packets ...)
+CSV_COLUMNS = ("seq", "call_id", "account_id", "profile_id", "direction", "caller", "callee", "carrier",
+               "started_at", "answered_at", "ended_at", "setup_seconds", "talk_seconds", "duration", "status",
+               "end_reason", "cost", "bundle_seconds", "rate_prefix", *(f"media_{f}" for f in MEDIA_FIELDS))
+
+
+def fields(cdr: Cdr) -> dict[str, Any]:
+    """A CDR as it leaves the edge (API, export, ``call.ended`` webhook): RFC 3339 times, money as
+    a decimal string, ``talk_seconds`` (answer to end) and ``setup_seconds`` (start to answer)."""
+    answered = cdr.answered_at
+    return {
+        "seq": cdr.seq, "call_id": cdr.call_id, "account_id": cdr.account_id, "profile_id": cdr.profile_id,
+        "direction": cdr.direction, "caller": cdr.caller, "callee": cdr.callee, "carrier": cdr.carrier,
+        "started_at": rfc3339(cdr.started_at), "answered_at": rfc3339(answered), "ended_at": rfc3339(cdr.ended_at),
+        "setup_seconds": round(answered - cdr.started_at, 3) if answered is not None else None,
+        "talk_seconds": round(max(0.0, cdr.ended_at - answered), 3) if answered is not None else 0.0,
+        "duration": cdr.duration, "status": cdr.status, "end_reason": cdr.end_reason,
+        "cost": format_money(cdr.cost), "bundle_seconds": cdr.bundle_seconds, "rate_prefix": cdr.rate_prefix,
+        "media": {f: cdr.media.get(f, 0) for f in MEDIA_FIELDS} if cdr.media else {},
+    }
+
+
+def csv_row(cdr: Cdr) -> list[Any]:
+    """The CSV columns of ``CSV_COLUMNS`` (empty cells for nulls)."""
+    f = fields(cdr)
+    media = f.pop("media")
+    row = ["" if f[c] is None else f[c] for c in CSV_COLUMNS[:19]]
+    return row + [media.get(m, "") if media else "" for m in MEDIA_FIELDS]
 
 
 def add(txn: Txn, cdr: Cdr) -> Cdr:
@@ -17,6 +53,22 @@ def add(txn: Txn, cdr: Cdr) -> Cdr:
 def page(txn: Txn, profile_id: str, *, after: int = 0, limit: int = 100) -> list[Cdr]:
     """CDRs of a profile with seq > ``after``, oldest first."""
     return txn.page_after_seq("cdrs", profile_id.encode() + SEP, Cdr, after, limit)
+
+
+def scan(txn: Txn, profile_id: str, *, after: int = 0, start: float | None = None,
+         end: float | None = None) -> Iterator[Cdr]:
+    """CDRs of a profile with seq > ``after`` whose call started in [``start``, ``end``), oldest first."""
+    prefix = profile_id.encode() + SEP
+    cur = txn._cursor("cdrs", prefix + u64(after + 1))
+    if cur is None:
+        return
+    decode = txn.store.decoder(Cdr).decode
+    for k, raw in cur:
+        if not k.startswith(prefix):
+            return
+        cdr = decode(raw)
+        if (start is None or cdr.started_at >= start) and (end is None or cdr.started_at < end):
+            yield cdr
 
 
 @writes(grows=False)

@@ -12,9 +12,10 @@ work (``grows=True``: refused when the store is full); updating and releasing fi
 
 from __future__ import annotations
 
-from . import profiles
+from . import profiles, webhooks
 from .models import LiveCall, Profile
 from .store import SEP, Txn, key, reads, writes
+from .times import rfc3339
 
 
 def call_key(profile_id: str, call_id: str) -> bytes:
@@ -35,6 +36,15 @@ def take(txn: Txn, profile_id: str, call: LiveCall) -> bool:
         return False
     txn.put_u64("channels", k, in_use + 1)
     txn.put("calls", call_key(prof.id, call.call_id), call)
+    # webhook events commit with the seizure (a transactional outbox: edge/control/webhooks.py)
+    webhooks.emit(txn, prof.account_id, "call.started", call.call_id, {
+        "call_id": call.call_id, "profile_id": prof.id, "account_id": prof.account_id,
+        "direction": call.direction, "caller": call.caller, "callee": call.callee,
+        "started_at": rfc3339(call.started_at)}, now=call.started_at)
+    if in_use + 1 >= prof.channels:
+        webhooks.emit(txn, prof.account_id, "channels.exhausted", prof.id, {
+            "profile_id": prof.id, "account_id": prof.account_id, "channels": prof.channels,
+            "channels_in_use": in_use + 1, "call_id": call.call_id}, now=call.started_at)
     return True
 
 
@@ -57,6 +67,16 @@ def release(txn: Txn, profile_id: str, call_id: str) -> LiveCall | None:
     txn.delete("calls", ck)
     txn.add_u64("channels", profile_id.encode(), -1)
     return call
+
+
+@reads
+def find_call(txn: Txn, call_id: str) -> LiveCall | None:
+    """The live call with this id, of any profile (operator actions: a scan of the live calls' keys)."""
+    suffix = SEP + call_id.encode()
+    for k, raw in txn.scan("calls"):
+        if k.endswith(suffix):
+            return txn.store.decoder(LiveCall).decode(raw)
+    return None
 
 
 @reads

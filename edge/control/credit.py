@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import phonenumbers
 
-from . import bundles, cdrs, channels, ledger, profiles, rates
+from . import bundles, cdrs, channels, ledger, profiles, rates, webhooks
 from .models import Cdr, LiveCall, Profile, Rate
 from .store import Store, Txn
 
@@ -55,16 +55,49 @@ def minimum_charge(rate: Rate) -> int:
     return price(billed_seconds(1, rate), rate)
 
 
-def is_e164(user: str) -> str | None:
-    """The Request-URI user as E.164 with "+", if it is a full international number (SPEC §4.2 rule 3)."""
-    digits = user[1:] if user.startswith("+") else user
+# Regions whose national numbers have no trunk prefix ("0"), so that a number dialled in their
+# national format can also read as a valid international number of another country (the US
+# 4155550100 is also +41 55 550 01 00, a Swiss number). Without a "+", digits that are a valid
+# national number of one of these are refused as national (SPEC §4.2 rule 3, issue 14 item 8).
+NATIONAL_WITHOUT_TRUNK_PREFIX = ("US", "ES", "DK", "NO", "PT", "GR")
+
+
+def is_e164(user: str, *, require_plus: bool = False) -> str | None:
+    """The one E.164 rule of the edge (the control API and the SIP path use it alike).
+
+    :param user: a Request-URI user or an API field: international digits, with or without
+        "+" (``require_plus``: the API insists on it).
+    :returns: the number as E.164 with "+", if it is a full international number that
+        phonenumbers holds *valid* (a country code that exists and a number of the length and
+        ranges that country uses), else None. National formats are refused: a leading 0 or
+        00, and digits without "+" that are a valid national number of a region dialled
+        without a trunk prefix (4155550100), even when they happen to be a valid number of
+        another country.
+    """
+    has_plus = user.startswith("+")
+    if require_plus and not has_plus:
+        return None
+    digits = user[1:] if has_plus else user
     if not digits.isdigit() or not 7 <= len(digits) <= 15 or digits[0] == "0":
         return None
     try:
         parsed = phonenumbers.parse("+" + digits, None)
     except phonenumbers.NumberParseException:
         return None
-    return "+" + digits if phonenumbers.is_possible_number(parsed) else None
+    if not phonenumbers.is_valid_number(parsed):
+        return None
+    if not has_plus:
+        for region in NATIONAL_WITHOUT_TRUNK_PREFIX:
+            code = str(phonenumbers.country_code_for_region(region))
+            if digits.startswith(code):
+                continue        # already international for that region (14155550100)
+            try:
+                national = phonenumbers.parse(digits, region)
+            except phonenumbers.NumberParseException:
+                continue
+            if phonenumbers.is_valid_number(national):
+                return None
+    return "+" + digits
 
 
 def is_us_number(e164: str) -> bool:
@@ -211,8 +244,12 @@ class CreditEngine:
                   caller=call.caller, callee=call.callee, started_at=call.started_at, answered_at=call.answered_at,
                   ended_at=ended_at, duration=billed, status=status, end_reason=end_reason, cost=cost,
                   bundle_seconds=bundle_used, rate_prefix=rate.prefix if rate is not None else None,
-                  media=media or {})
-        return cdrs.add(txn, cdr)
+                  media=media or {}, account_id=prof.account_id if prof is not None else "",
+                  carrier=call.carrier)
+        cdrs.add(txn, cdr)
+        if prof is not None:   # the event commits with the CDR (a transactional outbox)
+            webhooks.emit(txn, prof.account_id, "call.ended", call.call_id, {"cdr": cdrs.fields(cdr)}, now=ended_at)
+        return cdr
 
     def recover(self, now: float | None = None) -> list[LiveCall]:
         """After a crash: settle every live call of the previous run from its last reservation.

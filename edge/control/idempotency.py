@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from .errors import Conflict
+from .errors import IdempotencyKeyReused
 from .models import IdempotentResult
 from .store import Txn, writes
 
@@ -31,12 +31,12 @@ def run_once(
 
     :param fingerprint: what identifies the request (method, path, body hash).
     :returns: (status, body, replayed)
-    :raises Conflict: the key was used for another request.
+    :raises IdempotencyKeyReused: the key was used for another request.
     """
     prior = txn.get("idempotency", idem_key.encode(), IdempotentResult)
     if prior is not None:
         if prior.fingerprint != fingerprint:
-            raise Conflict("Idempotency-Key was already used for a different request")
+            raise IdempotencyKeyReused("Idempotency-Key was already used for a different request")
         return prior.status, prior.body, True
     status, body = render(fn(txn))
     txn.put("idempotency", idem_key.encode(),

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import time
 
-from . import accounts, profiles
+from . import accounts, profiles, webhooks
 from .errors import InsufficientFunds, Invalid
 from .models import Account, AutoRecharge, LedgerEntry, Profile
+from .money import format_money
 from .store import SEP, Txn, reads, u64, writes
 
 
@@ -95,6 +96,9 @@ def allocate(txn: Txn, profile_id: str, amount: int, *, ref: str = "") -> tuple[
         raise InsufficientFunds(f"account {acct.id} master balance is lower than the allocation", field="amount")
     move(txn, acct, -amount, "allocate_out", ref or f"profile:{prof.id}")
     move(txn, prof, amount, "allocate_in", ref or f"account:{acct.id}")
+    if prof.credit_low and prof.balance >= prof.auto_recharge.min_balance:
+        prof.credit_low = False    # back above the minimum: the next fall is a new credit.low
+        profiles.save(txn, prof)
     return prof, acct
 
 
@@ -110,18 +114,50 @@ def close_profile(txn: Txn, prof: Profile) -> None:
 def auto_recharge(txn: Txn, prof: Profile) -> bool:
     """Recharge ``prof`` from its account if it is below its minimum (SPEC §4.4).
 
-    ``prof`` must have been read in ``txn``. :returns: True if credit moved.
+    ``prof`` must have been read in ``txn``. Also where the credit webhooks are written, in
+    the transaction of the movement that caused them (edge/control/webhooks.py):
+    ``credit.low`` once when the balance falls below ``min_balance`` (again only after it
+    was back above), ``auto_recharge.succeeded`` for each recharge, ``auto_recharge.failed``
+    once per low episode when the master balance cannot pay it.
+    :returns: True if credit moved.
     """
     ar = prof.auto_recharge
-    if not ar.enabled or ar.amount <= 0 or prof.balance >= ar.min_balance:
+    if ar.min_balance <= 0 or prof.balance >= ar.min_balance:
+        if prof.credit_low:
+            prof.credit_low = False
+            profiles.save(txn, prof)
+        return False
+    entering = not prof.credit_low
+    if entering:
+        prof.credit_low = True
+        profiles.save(txn, prof)
+        _event(txn, prof, "credit.low", {"balance": format_money(prof.balance),
+                                         "min_balance": format_money(ar.min_balance),
+                                         "auto_recharge": ar.enabled and ar.amount > 0})
+    if not ar.enabled or ar.amount <= 0:
         return False
     acct = accounts.get(txn, prof.account_id)
     if acct.balance < ar.amount:
+        if entering:
+            _event(txn, prof, "auto_recharge.failed", {
+                "amount": format_money(ar.amount), "balance": format_money(prof.balance),
+                "account_balance": format_money(acct.balance), "reason": "insufficient_funds"})
         return False
     move(txn, acct, -ar.amount, "auto_recharge_out", f"profile:{prof.id}")
     move(txn, prof, ar.amount, "auto_recharge_in", f"account:{acct.id}")
     txn.next_counter(b"auto_recharges:" + prof.id.encode())
+    if prof.balance >= ar.min_balance:
+        prof.credit_low = False
+        profiles.save(txn, prof)
+    _event(txn, prof, "auto_recharge.succeeded", {
+        "amount": format_money(ar.amount), "balance": format_money(prof.balance),
+        "account_balance": format_money(acct.balance)})
     return True
+
+
+def _event(txn: Txn, prof: Profile, event_type: str, data: dict[str, object]) -> None:
+    webhooks.emit(txn, prof.account_id, event_type, prof.id,
+                  {"profile_id": prof.id, "account_id": prof.account_id, **data})
 
 
 @writes()

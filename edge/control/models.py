@@ -48,6 +48,7 @@ class Profile(Record):
     numbers: list[str] = []
     business_accounts: list[str] = []
     created_at: float = 0.0
+    credit_low: bool = False        # below auto_recharge.min_balance since the last credit.low event
 
 
 class Credential(Record):
@@ -121,6 +122,7 @@ class LiveCall(Record):
     funding: str = ""               # "free" (echo), "credit", "bundle"; "" for incoming calls
     rate: Rate | None = None        # the rate the call is billed at, fixed when funded (recovery bills at it)
     legs: list[dict[str, str]] = [] # how to reach each leg with a BYE after a restart
+    carrier: str = ""               # outgoing: the carrier that carried (or last tried) the call
     # Records of older builds may also carry rate_prefix and owner_pid: ignored when decoded.
 
 
@@ -142,6 +144,8 @@ class Cdr(Record):
     bundle_seconds: int = 0
     rate_prefix: str | None = None
     media: dict[str, int] = {}
+    account_id: str = ""            # the profile's account at settlement ("" in CDRs of older builds)
+    carrier: str = ""               # outgoing calls: the carrier URI ("" incoming, echo, older builds)
 
 
 class IdempotentResult(Record):
@@ -151,6 +155,96 @@ class IdempotentResult(Record):
     status: int
     body: bytes
     created_at: float
+
+
+class ApiKey(Record):
+    """A control-API key (SPEC §5.2). Only a hash of its secret is stored: the key is shown once."""
+
+    id: str                         # key_<16 hex>; the public half of the key
+    name: str
+    scope: Literal["admin", "account", "metrics"]
+    account_id: str | None = None   # scope "account": the only account it sees
+    read_only: bool = False
+    salt: bytes = b""
+    digest: bytes = b""             # HMAC-SHA256(salt, secret)
+    created_at: float = 0.0
+    last_used_at: float | None = None
+    revoked_at: float | None = None
+    rate_limit: float | None = None  # requests per second (None: the node's [api] key_rate_limit)
+
+
+class AuditEntry(Record):
+    """One control-API write: who, what, when, from where, and how it ended."""
+
+    seq: int
+    ts: float
+    key_id: str                     # "bootstrap" for the configured admin token
+    method: str
+    path: str
+    status: int
+    source: str                     # client address
+    account_id: str | None = None   # the account the request touched, when known
+    request_id: str = ""
+
+
+class Webhook(Record):
+    """An account's webhook endpoint (SPEC §5.3)."""
+
+    id: str                         # whk_<16 hex>
+    account_id: str
+    url: str
+    events: list[str]
+    secret: str                     # HMAC key of Sipedge-Signature (the account chose or got it)
+    created_at: float = 0.0
+    description: str = ""
+
+
+class OutboxEvent(Record):
+    """A webhook event in the durable outbox, written in the transaction of its cause."""
+
+    seq: int                        # outbox order (global, increasing)
+    id: str                         # evt_<...>: stable across retries
+    type: str
+    account_id: str
+    order_key: str                  # events of one key (a call, a profile) are delivered in seq order
+    webhooks: list[str]             # the subscribed endpoints when it was written
+    created_at: float
+    body: bytes                     # the JSON POSTed, fixed at creation (retries send the same bytes)
+
+
+class DeliveryAttempt(Record):
+    at: float
+    status: int                     # HTTP status, 0 when no answer (connect error, timeout)
+    error: str = ""
+    duration_ms: float = 0.0
+
+
+class Delivery(Record):
+    """The delivery of one event to one endpoint, with its attempts (the delivery log)."""
+
+    event_seq: int
+    event_id: str
+    event_type: str
+    webhook_id: str
+    state: Literal["pending", "delivered", "failed"] = "pending"
+    attempts: list[DeliveryAttempt] = []
+    next_attempt_at: float = 0.0
+    created_at: float = 0.0
+    delivered_at: float | None = None
+
+
+class HangupRequest(Record):
+    """An operator's request to end a live call, picked up by the process that owns the call."""
+
+    id: str                         # hup_<16 hex>
+    call_id: str
+    profile_id: str
+    account_id: str
+    cause: int = 487                # the Reason header's cause
+    requested_at: float = 0.0
+    key_id: str = ""
+    state: Literal["pending", "done", "gone"] = "pending"
+    done_at: float | None = None
 
 
 ENCODER = msgspec.msgpack.Encoder()

@@ -7,7 +7,15 @@ from __future__ import annotations
 import msgspec
 
 from . import accounts, profiles
-from .errors import Conflict, NotFound
+from .errors import (
+    AdminNotAttachable,
+    BusinessAccountAttachedElsewhere,
+    BusinessAccountExists,
+    NotFound,
+    NumberAttachedElsewhere,
+    NumberInvalid,
+    NumberTaken,
+)
 from .models import BusinessAccount, OnlineNumber, Profile
 from .store import Store, Txn, reads, writes
 
@@ -19,10 +27,16 @@ _profile = msgspec.msgpack.Decoder(Profile)
 
 @writes()
 def buy(txn: Txn, account_id: str, number: str) -> OnlineNumber:
-    """:raises Conflict: the number is already owned."""
+    """:raises NumberInvalid: not a valid E.164 number (the rule of the SIP path, ``credit.is_e164``).
+    :raises Conflict: the number is already owned."""
+    from .credit import is_e164
+
+    if is_e164(number, require_plus=True) != number:
+        raise NumberInvalid(f"{number} is not a valid E.164 number (country code and a number valid there)",
+                            field="number")
     accounts.get(txn, account_id)
     if txn.get_raw("numbers", number.encode()) is not None:
-        raise Conflict(f"number {number} is already owned", field="number")
+        raise NumberTaken(f"number {number} is already owned", field="number")
     rec = OnlineNumber(number=number, account_id=account_id)
     txn.put("numbers", number.encode(), rec)
     return rec
@@ -48,7 +62,8 @@ def attach(txn: Txn, profile_id: str, number: str, extension: str | None = None)
     if rec is None or rec.account_id != prof.account_id:
         raise NotFound(f"number {number} is not owned by the profile's account")
     if rec.profile_id is not None and rec.profile_id != prof.id:
-        raise Conflict(f"number {number} is already attached to profile {rec.profile_id}", field="number")
+        raise NumberAttachedElsewhere(f"number {number} is already attached to profile {rec.profile_id}",
+                                      field="number")
     rec.profile_id, rec.extension = prof.id, extension
     txn.put("numbers", number.encode(), rec)
     if number not in prof.numbers:
@@ -68,6 +83,31 @@ def detach(txn: Txn, profile_id: str, number: str) -> None:
     txn.put("numbers", number.encode(), rec)
     prof.numbers.remove(number)
     profiles.save(txn, prof)
+
+
+@writes(grows=False)
+def release(txn: Txn, account_id: str, number: str) -> None:
+    """Give a number up (SPEC §5.5): detached from its profile if attached, then no longer owned.
+
+    :raises NotFound: the account does not own the number.
+    """
+    rec = txn.get("numbers", number.encode(), OnlineNumber)
+    if rec is None or rec.account_id != account_id:
+        raise NotFound(f"number {number} is not owned by account {account_id}")
+    if rec.profile_id is not None:
+        prof = profiles.find(txn, rec.profile_id)
+        if prof is not None and number in prof.numbers:
+            prof.numbers.remove(number)
+            profiles.save(txn, prof)
+    txn.delete("numbers", number.encode())
+
+
+def release_all(txn: Txn, account_id: str) -> None:
+    """Release every number and delete every business account of an account being deleted."""
+    for rec in [r for r in txn.values("numbers", OnlineNumber) if r.account_id == account_id]:
+        release(txn, account_id, rec.number)
+    for biz in [b for b in txn.values("business", BusinessAccount) if b.account_id == account_id]:
+        txn.delete("business", biz.name.encode())
 
 
 def profile_by_number(store: Store, number: str) -> tuple[OnlineNumber, Profile] | None:
@@ -93,9 +133,9 @@ def create_business(txn: Txn, account_id: str, name: str) -> BusinessAccount:
     """:raises Conflict: ``name`` is an administrator login or already exists."""
     accounts.get(txn, account_id)
     if accounts.is_admin_login(txn, name):
-        raise Conflict(f"{name!r} is an administrator login, not a business account", field="name")
+        raise AdminNotAttachable(f"{name!r} is an administrator login, not a business account", field="name")
     if txn.get_raw("business", name.encode()) is not None:
-        raise Conflict(f"business account {name!r} already exists", field="name")
+        raise BusinessAccountExists(f"business account {name!r} already exists", field="name")
     rec = BusinessAccount(name=name, account_id=account_id)
     txn.put("business", name.encode(), rec)
     return rec
@@ -111,7 +151,7 @@ def attach_business(txn: Txn, profile_id: str, name: str) -> BusinessAccount:
     prof = profiles.get(txn, profile_id)
     acct = accounts.get(txn, prof.account_id)
     if name == acct.admin or accounts.is_admin_login(txn, name):
-        raise Conflict(
+        raise AdminNotAttachable(
             f"{name!r} is the administrator login of an account; it can never be attached to a "
             "SIP profile (it could no longer sign in to manage the account)", field="name",
         )
@@ -119,7 +159,8 @@ def attach_business(txn: Txn, profile_id: str, name: str) -> BusinessAccount:
     if rec is None or rec.account_id != prof.account_id:
         raise NotFound(f"business account {name!r} does not belong to the profile's account")
     if rec.profile_id is not None and rec.profile_id != prof.id:
-        raise Conflict(f"business account {name!r} is already attached to profile {rec.profile_id}", field="name")
+        raise BusinessAccountAttachedElsewhere(
+            f"business account {name!r} is already attached to profile {rec.profile_id}", field="name")
     rec.profile_id = prof.id
     txn.put("business", name.encode(), rec)
     if name not in prof.business_accounts:

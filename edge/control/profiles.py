@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 
 from . import accounts
-from .errors import Conflict, Invalid, NotFound
+from .errors import BundlesExceedChannels, ChannelsOutOfRange, Invalid, NotFound, ProfileHasLiveCalls
 from .models import Credential, Profile
 from .store import Store, Txn, new_id, reads, writes
 
@@ -151,7 +151,7 @@ def update(txn: Txn, profile_id: str, changes: dict[str, Any]) -> Profile:
     if "channels" in changes:
         check_channels(changes["channels"])
         if changes["channels"] < prof.us_bundles:
-            raise Conflict(
+            raise BundlesExceedChannels(
                 f"profile has {prof.us_bundles} US bundles; channels cannot go below that "
                 "(US bundles never exceed channels)", field="channels",
             )
@@ -167,11 +167,23 @@ def update(txn: Txn, profile_id: str, changes: dict[str, Any]) -> Profile:
 
 
 @writes()
+def rotate_password(txn: Txn, profile_id: str, *, realm: str | None = None) -> Credential:
+    """A new SIP password for the profile (both HA1s recomputed): the old one stops working at
+    the next challenge. :returns: the new credential."""
+    prof = get(txn, profile_id)
+    old = txn.get("credentials", prof.sip_username.encode(), Credential)
+    cred = make_credential(prof, new_password(), realm or (old.realm if old is not None else "sip.edge.test"))
+    txn.put("credentials", prof.sip_username.encode(), cred)
+    return cred
+
+
+@writes()
 def set_bundles(txn: Txn, profile_id: str, us_bundles: int) -> Profile:
     """:raises Conflict: more bundles than channels."""
     prof = get(txn, profile_id)
     if us_bundles > prof.channels:
-        raise Conflict(f"{us_bundles} US bundles exceed the profile's {prof.channels} channels", field="us_bundles")
+        raise BundlesExceedChannels(f"{us_bundles} US bundles exceed the profile's {prof.channels} channels",
+                                    field="us_bundles")
     prof.us_bundles = us_bundles
     save(txn, prof)
     return prof
@@ -189,7 +201,7 @@ def delete(txn: Txn, profile_id: str) -> None:
 
     prof = get(txn, profile_id)
     if channels.in_use(txn, prof.id):
-        raise Conflict("profile has live calls; end them first")
+        raise ProfileHasLiveCalls("profile has live calls; end them first")
     ledger.close_profile(txn, prof)
     numbers.detach_all(txn, prof)
     registrations.remove_all(txn, prof.id)
@@ -201,7 +213,7 @@ def delete(txn: Txn, profile_id: str) -> None:
 
 def check_channels(channels: int) -> None:
     if not 1 <= channels <= MAX_CHANNELS:
-        raise Invalid(f"channels must be between 1 and {MAX_CHANNELS}, got {channels}", field="channels")
+        raise ChannelsOutOfRange(f"channels must be between 1 and {MAX_CHANNELS}, got {channels}", field="channels")
 
 
 def check_auth(auth: str, allowed_ips: list[str], static_contact: str | None) -> None:

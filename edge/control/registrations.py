@@ -40,10 +40,11 @@ def remove_all(txn: Txn, profile_id: str) -> int:
 
 
 @reads
-def live(txn: Txn, profile_id: str, now: float | None = None) -> list[Registration]:
-    """Unexpired bindings of a profile, in contact order."""
+def live(txn: Txn, profile_id: str | None, now: float | None = None) -> list[Registration]:
+    """Unexpired bindings of a profile (of every profile if None), in (profile, contact) order."""
     now = time.time() if now is None else now
-    return [r for r in txn.values("registrations", Registration, profile_id.encode() + SEP) if r.expires_at > now]
+    prefix = profile_id.encode() + SEP if profile_id is not None else b""
+    return [r for r in txn.values("registrations", Registration, prefix) if r.expires_at > now]
 
 
 @writes(grows=False)

@@ -90,6 +90,12 @@ DB_NAMES = (
     "cdrs",            # profile id \0 seq u64 BE -> Cdr
     "bundle_usage",    # profile id \0 "YYYY-MM" -> seconds used, u64 BE
     "idempotency",     # Idempotency-Key -> IdempotentResult
+    "api_keys",        # key id -> ApiKey (hashed secret)
+    "audit",           # seq u64 BE -> AuditEntry (every control-API write)
+    "webhooks",        # account id \0 webhook id -> Webhook
+    "outbox",          # seq u64 BE -> OutboxEvent (undelivered webhook events)
+    "deliveries",      # webhook id \0 event seq u64 BE -> Delivery (the delivery log)
+    "hangups",         # hang-up request id -> HangupRequest (operator actions for the call owner)
     "meta",            # counters and index shapes (see docs/storage.md)
 )
 

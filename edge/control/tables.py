@@ -70,12 +70,19 @@ def rate_from_fields(row: dict[str, object], where: str) -> Rate:
 def parse_rates_csv(text: str) -> list[Rate]:
     """CSV with a header row naming the columns of ``RATE_COLUMNS`` (prefix and rate required)."""
     reader = csv.DictReader(io.StringIO(text))
+    try:
+        reader.fieldnames  # noqa: B018 -- reading it parses the header row
+    except csv.Error as exc:
+        raise Invalid(f"not valid CSV: {exc}", field="csv") from None
     if not reader.fieldnames or not {"prefix", "rate"} <= set(reader.fieldnames):
         raise Invalid("CSV needs a header row with at least 'prefix' and 'rate'", field="csv")
     unknown = set(reader.fieldnames) - set(RATE_COLUMNS)
     if unknown:
         raise Invalid(f"unknown CSV columns: {', '.join(sorted(unknown))}", field="csv")
-    return [rate_from_fields(row, f"rates[{i}]") for i, row in enumerate(reader)]
+    try:
+        return [rate_from_fields(row, f"rates[{i}]") for i, row in enumerate(reader)]
+    except csv.Error as exc:   # a bare CR inside a field, a NUL, ...: bad input, not a bug (schemathesis)
+        raise Invalid(f"not valid CSV: {exc}", field="csv") from None
 
 
 def shipped_rates() -> list[Rate]:

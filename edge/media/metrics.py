@@ -59,9 +59,9 @@ class RtpCollector(Collector):
                                 "RTP packets lost upstream of the edge (sequence gaps, RFC 3550 A.3)")
         c.add_metric([], t.get("lost", 0))
         yield c
-        g = GaugeMetricFamily("edge_rtp_jitter_ms",
-                              "Interarrival jitter of live RTP streams (RFC 3550 A.8), ms",
+        g = GaugeMetricFamily("edge_rtp_jitter_seconds",
+                              "Interarrival jitter of live RTP streams (RFC 3550 A.8), seconds",
                               labels=["stat"])
-        g.add_metric(["mean"], t.get("jitter_mean_ms", 0.0))
-        g.add_metric(["max"], t.get("jitter_max_ms", 0.0))
+        g.add_metric(["mean"], t.get("jitter_mean_ms", 0.0) / 1000)   # base units (issue 14)
+        g.add_metric(["max"], t.get("jitter_max_ms", 0.0) / 1000)
         yield g

@@ -14,6 +14,19 @@ def D(text: str) -> Decimal:
     return Decimal(text)
 
 
+def where(r: httpx.Response) -> str:
+    """The first invalid input of a 422 problem: its JSON pointer (or parameter name)."""
+    assert r.headers["content-type"].startswith("application/problem+json"), r.headers
+    first = r.json()["errors"][0]
+    return first.get("pointer") or first.get("parameter")
+
+
+def code(r: httpx.Response) -> str:
+    body = r.json()
+    assert body["type"] == "urn:sipedge:error:" + body["code"] and body["status"] == r.status_code
+    return body["code"]
+
+
 @pytest.fixture
 def account(api: httpx.Client) -> dict:
     r = api.post("/v1/accounts", json={"name": "Acme", "admin": f"admin.{uuid.uuid4().hex[:8]}"})
@@ -76,40 +89,40 @@ def test_account_shape_and_top_up(api: httpx.Client, account: dict) -> None:
 
 def test_duplicate_admin_login_conflicts(api: httpx.Client, account: dict) -> None:
     r = api.post("/v1/accounts", json={"name": "Other", "admin": account["admin"]})
-    assert r.status_code == 409 and r.json()["field"] == "admin"
+    assert r.status_code == 409 and code(r) == "admin_login_taken"
 
 
 # ------------------------------------------------------------- bad input
 
 def test_bad_json_is_400(api: httpx.Client) -> None:
     r = api.post("/v1/accounts", content=b'{"name": "x", ', headers={"content-type": "application/json"})
-    assert r.status_code == 400
+    assert r.status_code == 400 and code(r) == "malformed_json"
     assert "JSON" in r.json()["detail"]
 
 
 @pytest.mark.parametrize("body, field", [
-    ({"name": "x", "admin": "y", "colour": "red"}, "colour"),
-    ({"name": "x"}, "admin"),
-    ({"name": "", "admin": "y"}, "name"),
-    ({"name": "x", "admin": 5}, "admin"),
+    ({"name": "x", "admin": "y", "colour": "red"}, "/colour"),
+    ({"name": "x"}, "/admin"),
+    ({"name": "", "admin": "y"}, "/name"),
+    ({"name": "x", "admin": 5}, "/admin"),
 ])
 def test_invalid_account_bodies_name_the_field(api: httpx.Client, body: dict, field: str) -> None:
     r = api.post("/v1/accounts", json=body)
     assert r.status_code == 422, r.text
-    assert r.json()["field"] == field
+    assert where(r) == field and code(r) == "validation_failed"
 
 
 @pytest.mark.parametrize("amount", ["-1", "1e3", "1.0000001", "abc", "", " 1", "1,00", 10, 1.5, None])
 def test_money_must_be_a_decimal_string(api: httpx.Client, account: dict, amount: object) -> None:
     r = api.post(f"/v1/accounts/{account['id']}/credit", json={"amount": amount})
     assert r.status_code == 422, r.text
-    assert r.json()["field"] == "amount"
+    assert where(r) == "/amount"
     assert D(api.get(f"/v1/accounts/{account['id']}").json()["balance"]) == 0
 
 
 def test_zero_amount_is_refused(api: httpx.Client, account: dict) -> None:
     r = api.post(f"/v1/accounts/{account['id']}/credit", json={"amount": "0.00"})
-    assert r.status_code == 422 and r.json()["field"] == "amount"
+    assert r.status_code == 422 and where(r) == "/amount"
 
 
 def test_unknown_resources_are_404(api: httpx.Client) -> None:
@@ -117,7 +130,8 @@ def test_unknown_resources_are_404(api: httpx.Client) -> None:
     assert api.get("/v1/profiles/prf_nope").status_code == 404
     assert api.post("/v1/profiles/prf_nope/credit", json={"amount": "1"}).status_code == 404
     assert api.post("/v1/accounts/acc_nope/profiles", json={"name": "a", "channels": 1}).status_code == 404
-    assert api.get("/v1/nothing-here").status_code == 404
+    r = api.get("/v1/nothing-here")
+    assert r.status_code == 404 and code(r) == "not_found"
 
 
 # --------------------------------------------------------------- profiles
@@ -130,7 +144,9 @@ def test_profile_shape(api: httpx.Client, account: dict) -> None:
     assert len(p["sip_password"]) >= 12
     assert p["registrar"] == "sip.edge.test"
     again = api.get(f"/v1/profiles/{p['id']}").json()
-    assert again["sip_password"] == p["sip_password"]  # retrievable, as the seed's "Authentication details"
+    assert "sip_password" not in again   # only at creation and from .../credentials (SPEC §5.5)
+    cred = api.get(f"/v1/profiles/{p['id']}/credentials").json()
+    assert cred["sip_password"] == p["sip_password"] and cred["sip_username"] == p["sip_username"]
 
 
 def test_sip_usernames_are_unique(api: httpx.Client, account: dict) -> None:
@@ -143,7 +159,7 @@ def test_channels_between_1_and_300(api: httpx.Client, account: dict, channels: 
     r = api.post(f"/v1/accounts/{account['id']}/profiles", json={"name": "x", "channels": channels})
     assert r.status_code == status, r.text
     if status == 422:
-        assert r.json()["field"] == "channels"
+        assert where(r) == "/channels" and code(r) == "channels_out_of_range"
 
 
 def test_patch_channels_limits(api: httpx.Client, account: dict) -> None:
@@ -151,16 +167,16 @@ def test_patch_channels_limits(api: httpx.Client, account: dict) -> None:
     assert api.patch(f"/v1/profiles/{p['id']}", json={"channels": 301}).status_code == 422
     r = api.patch(f"/v1/profiles/{p['id']}", json={"channels": 300, "name": "Big"})
     assert r.status_code == 200 and r.json()["channels"] == 300 and r.json()["name"] == "Big"
-    assert api.patch(f"/v1/profiles/{p['id']}", json={"unknown": 1}).json()["field"] == "unknown"
+    assert where(api.patch(f"/v1/profiles/{p['id']}", json={"unknown": 1})) == "/unknown"
 
 
 def test_ip_profile_needs_addresses_and_contact(api: httpx.Client, account: dict) -> None:
     base = f"/v1/accounts/{account['id']}/profiles"
     r = api.post(base, json={"name": "DC", "channels": 4, "auth": "ip"})
-    assert r.status_code == 422 and r.json()["field"] == "allowed_ips"
+    assert r.status_code == 422 and where(r) == "/allowed_ips"
     r = api.post(base, json={"name": "DC", "channels": 4, "auth": "ip", "allowed_ips": ["10.0.0.300/32"],
                              "static_contact": "sip:127.0.0.1:5070"})
-    assert r.status_code == 422 and r.json()["field"] == "allowed_ips[0]"
+    assert r.status_code == 422 and where(r) == "/allowed_ips/0"
     r = api.post(base, json={"name": "DC", "channels": 4, "auth": "ip", "allowed_ips": ["127.0.0.1/32"],
                              "static_contact": "sip:127.0.0.1:5070"})
     assert r.status_code == 201 and r.json()["auth"] == "ip"
@@ -170,10 +186,11 @@ def test_ip_profile_needs_addresses_and_contact(api: httpx.Client, account: dict
 def test_bundles_never_exceed_channels(api: httpx.Client, account: dict) -> None:
     p = new_profile(api, account["id"], channels=3)
     url = f"/v1/profiles/{p['id']}"
-    assert api.put(url + "/bundles", json={"us_bundles": 4}).status_code == 409
+    r = api.put(url + "/bundles", json={"us_bundles": 4})
+    assert r.status_code == 409 and code(r) == "bundles_exceed_channels"
     assert api.put(url + "/bundles", json={"us_bundles": 3}).json()["us_bundles"] == 3
     r = api.patch(url, json={"channels": 2})  # lowering channels below the bundles
-    assert r.status_code == 409 and r.json()["field"] == "channels"
+    assert r.status_code == 409 and code(r) == "bundles_exceed_channels"
     assert api.get(url).json()["channels"] == 3
     assert api.put(url + "/bundles", json={"us_bundles": 1}).status_code == 200
     assert api.patch(url, json={"channels": 1}).status_code == 200
@@ -203,7 +220,7 @@ def test_allocation_moves_money_and_writes_ledger(api: httpx.Client, account: di
 def test_allocation_never_exceeds_master_balance(api: httpx.Client, account: dict, funded: dict) -> None:
     p = new_profile(api, account["id"])
     r = api.post(f"/v1/profiles/{p['id']}/credit", json={"amount": "100.01"})
-    assert r.status_code == 409
+    assert r.status_code == 409 and code(r) == "insufficient_funds"
     assert D(api.get(f"/v1/accounts/{account['id']}").json()["balance"]) == D("100")
     assert D(api.get(f"/v1/profiles/{p['id']}").json()["balance"]) == 0
     assert api.post(f"/v1/profiles/{p['id']}/credit", json={"amount": "100"}).status_code == 200
@@ -234,7 +251,7 @@ def test_idempotent_retry_moves_money_once(api: httpx.Client, account: dict, fun
     assert D(api.get(f"/v1/profiles/{p['id']}").json()["balance"]) == 3
     # the same key with another body is a conflict, not a second movement
     third = api.post(f"/v1/profiles/{p['id']}/credit", json={"amount": "4.00"}, headers=key)
-    assert third.status_code == 409
+    assert third.status_code == 409 and code(third) == "idempotency_key_reused"
     top = {"Idempotency-Key": uuid.uuid4().hex}
     a = api.post(f"/v1/accounts/{account['id']}/credit", json={"amount": "1.00"}, headers=top).json()
     b = api.post(f"/v1/accounts/{account['id']}/credit", json={"amount": "1.00"}, headers=top).json()
@@ -254,27 +271,30 @@ def test_failed_movement_is_not_remembered(api: httpx.Client, account: dict) -> 
 def test_number_attached_to_one_profile_only(api: httpx.Client, account: dict) -> None:
     number = f"+1415555{uuid.uuid4().int % 10000:04d}"
     assert api.post(f"/v1/accounts/{account['id']}/numbers", json={"number": number}).status_code == 201
-    assert api.post(f"/v1/accounts/{account['id']}/numbers", json={"number": number}).status_code == 409
+    r = api.post(f"/v1/accounts/{account['id']}/numbers", json={"number": number})
+    assert r.status_code == 409 and code(r) == "number_taken"
     p1, p2 = new_profile(api, account["id"]), new_profile(api, account["id"], name="B")
     r = api.post(f"/v1/profiles/{p1['id']}/numbers", json={"number": number, "extension": "sales"})
     assert r.status_code == 201 and r.json()["extension"] == "sales"
     r = api.post(f"/v1/profiles/{p2['id']}/numbers", json={"number": number})
-    assert r.status_code == 409 and r.json()["field"] == "number"
+    assert r.status_code == 409 and code(r) == "number_attached_elsewhere"
     assert api.delete(f"/v1/profiles/{p1['id']}/numbers/{number}").status_code == 204
     assert api.post(f"/v1/profiles/{p2['id']}/numbers", json={"number": number}).status_code == 201
     assert api.get(f"/v1/profiles/{p2['id']}").json()["numbers"] == [number]
     assert api.get(f"/v1/profiles/{p1['id']}").json()["numbers"] == []
 
 
-@pytest.mark.parametrize("number", ["14155550100", "+0123456789", "+1", "+1415555010012345", "+1415abc0100"])
+@pytest.mark.parametrize("number", ["14155550100", "+0123456789", "+1", "+1415555010012345", "+1415abc0100",
+                                    "+9991234567", "+1555", "+4420712345"])
 def test_numbers_must_be_e164(api: httpx.Client, account: dict, number: str) -> None:
+    """The rule of the SIP path (phonenumbers: valid, not only possible): +999 has no country."""
     r = api.post(f"/v1/accounts/{account['id']}/numbers", json={"number": number})
-    assert r.status_code == 422 and r.json()["field"] == "number"
+    assert r.status_code == 422 and where(r) == "/number" and code(r) == "number_invalid"
 
 
 def test_number_of_another_account_cannot_be_attached(api: httpx.Client, account: dict) -> None:
     other = api.post("/v1/accounts", json={"name": "Other", "admin": f"o.{uuid.uuid4().hex[:6]}"}).json()
-    number = f"+4420{uuid.uuid4().int % 10**8:08d}"
+    number = f"+44207{uuid.uuid4().int % 10**7:07d}"
     api.post(f"/v1/accounts/{other['id']}/numbers", json={"number": number})
     p = new_profile(api, account["id"])
     assert api.post(f"/v1/profiles/{p['id']}/numbers", json={"number": number}).status_code == 404
@@ -287,7 +307,8 @@ def test_business_accounts(api: httpx.Client, account: dict) -> None:
     p1, p2 = new_profile(api, account["id"]), new_profile(api, account["id"], name="B")
     r = api.post(f"/v1/profiles/{p1['id']}/business-accounts", json={"name": name})
     assert r.status_code == 201 and r.json()["can_sign_in"] is False
-    assert api.post(f"/v1/profiles/{p2['id']}/business-accounts", json={"name": name}).status_code == 409
+    r = api.post(f"/v1/profiles/{p2['id']}/business-accounts", json={"name": name})
+    assert r.status_code == 409 and code(r) == "business_account_attached_elsewhere"
     assert api.delete(f"/v1/profiles/{p1['id']}/business-accounts/{name}").status_code == 204
     assert api.post(f"/v1/profiles/{p2['id']}/business-accounts", json={"name": name}).status_code == 201
 
@@ -295,8 +316,8 @@ def test_business_accounts(api: httpx.Client, account: dict) -> None:
 def test_admin_login_can_never_be_attached(api: httpx.Client, account: dict) -> None:
     p = new_profile(api, account["id"])
     r = api.post(f"/v1/profiles/{p['id']}/business-accounts", json={"name": account["admin"]})
-    assert r.status_code == 409
-    assert "administrator" in r.json()["detail"] and r.json()["field"] == "name"
+    assert r.status_code == 409 and code(r) == "admin_not_attachable"
+    assert "administrator" in r.json()["detail"]
     r = api.post(f"/v1/accounts/{account['id']}/business-accounts", json={"name": account["admin"]})
     assert r.status_code == 409
 
@@ -328,13 +349,13 @@ def test_rates_csv_and_atomic_replace(api: httpx.Client) -> None:
     assert api.get("/v1/rates/lookup", params={"number": "+4930123456"}).json()["connect_fee"] == "0.01"
     bad = csv + "33,zero,0,60,6,France\n"
     r = api.put("/v1/rates", content=bad, headers={"content-type": "text/csv"})
-    assert r.status_code == 422 and "rates[2].rate" in r.json()["field"]
+    assert r.status_code == 422 and where(r) == "/rates/2/rate"
     # the failed load changed nothing
     assert api.get("/v1/rates/lookup", params={"number": "+4930123456"}).json()["prefix"] == "49"
     dup = "prefix,rate\n49,0.1\n49,0.2\n"
     assert api.put("/v1/rates", content=dup, headers={"content-type": "text/csv"}).status_code == 422
     r = api.put("/v1/rates", json={"rates": [{"prefix": "44", "rate": "-1"}]})
-    assert r.status_code == 422 and "rate" in r.json()["field"]
+    assert r.status_code == 422 and where(r).endswith("/rate")
 
 
 def test_bundle_exclusions_replace(api: httpx.Client) -> None:
@@ -356,6 +377,8 @@ def test_metrics_reflect_the_store(edge: EdgeProcess, api: httpx.Client, account
     assert line.endswith(" 12.5")
     assert any(ln.startswith("edge_channels_in_use") and p["id"] in ln for ln in text.splitlines())
     assert 'edge_api_requests_total{method="POST",route="/v1/profiles/{profile_id:str}/credit",status="200"}' in text
+    info = f'edge_profile_info{{account="{account["id"]}",profile="{p["id"]}",profile_name="HQ"}} 1.0'
+    assert "profile_name" not in line and info in text
     assert "edge_api_request_duration_seconds_bucket" in text
 
 

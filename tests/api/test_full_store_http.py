@@ -61,7 +61,7 @@ def test_a_full_store_answers_507_and_keeps_serving(small_edge: EdgeProcess) -> 
         assert refused is not None, "the store never filled up"
         assert refused.status_code == 507, refused.text
         body = refused.json()
-        assert body["status_code"] == 507
+        assert body["status"] == 507 and body["code"] == "store_full"
         assert "store is full" in body["detail"] and "storage.map_size_mb" in body["detail"], body
         assert loaded > 0
 

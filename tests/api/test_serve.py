@@ -18,7 +18,8 @@ def test_demo_is_provisioned_and_printed(tmp_path) -> None:
         with edge.client() as api:
             prof_id = re.search(r"/v1/profiles/(prf_\w+)", out).group(1)
             prof = api.get(f"/v1/profiles/{prof_id}").json()
-            assert prof["sip_username"] == user and prof["sip_password"] == password
+            assert prof["sip_username"] == user and "sip_password" not in prof
+            assert api.get(f"/v1/profiles/{prof_id}/credentials").json()["sip_password"] == password
             assert prof["numbers"] == ["+14155550100"] and float(prof["balance"]) == 20
             assert api.get("/v1/rates/lookup", params={"number": "+14155550100"}).json()["prefix"] == "1"
     # a restart on the same store prints the same demo and provisions nothing new

@@ -39,7 +39,9 @@ def test_a_bug_is_a_500_with_a_log_line(client: TestClient, monkeypatch: pytest.
     monkeypatch.setattr(accounts, "create", boom)
     with caplog.at_level(logging.ERROR, logger="sipedge.api"):
         r = client.post("/v1/accounts", json={"name": "A", "admin": "a"})
-    assert r.status_code == 500 and r.json() == {"status_code": 500, "detail": "internal error (logged)"}
+    assert r.status_code == 500 and r.headers["content-type"] == "application/problem+json"
+    assert r.json() == {"type": "urn:sipedge:error:internal_error", "title": "Internal error", "status": 500,
+                        "detail": "internal error (logged)", "code": "internal_error", "instance": "/v1/accounts"}
     [rec] = [x for x in caplog.records if x.name == "sipedge.api"]
     assert rec.exc_info is not None and rec.path == "/v1/accounts" and rec.method == "POST"
 
@@ -54,6 +56,8 @@ def test_a_store_that_cannot_write(client: TestClient, monkeypatch: pytest.Monke
     monkeypatch.setattr(accounts, "create", refuse)
     with caplog.at_level(logging.INFO):
         r = client.post("/v1/accounts", json={"name": "A", "admin": "a"})
-    assert r.status_code == status and r.json() == {"status_code": status, "detail": str(exc)}
+    body = r.json()
+    assert r.status_code == status and body["status"] == status and body["detail"] == str(exc)
+    assert body["code"] == ("store_full" if status == 507 else "store_unavailable")
     assert not [x for x in caplog.records if x.name == "sipedge.api"]   # the store logs it, once per episode
     assert client.get("/healthz").status_code == 200

@@ -485,7 +485,7 @@ def test_metrics_collector_reads_engine(call):
     assert 'edge_rtp_packets_dropped_total{reason="short"} 1.0' in text
     assert "edge_rtp_packets_lost_total 2.0" in text
     assert "edge_rtp_streams_active 1.0" in text
-    assert 'edge_rtp_jitter_ms{stat="max"}' in text
+    assert 'edge_rtp_jitter_seconds{stat="max"}' in text
 
 
 def test_relayed_media_marked_dscp_ef(call):
