@@ -41,7 +41,10 @@ def carrier_loop(sock: socket.socket, stop: threading.Event) -> None:
             sock.sendto(build_response(msg, 200), addr)
 
 
-def pbx_process(sip_port: int, user: str, password: str, index: int, out: mp.Queue) -> None:
+def pbx_process(sip_port: int, user: str, password: str, index: int, out: mp.Queue, rounds) -> None:  # type: ignore[no-untyped-def]
+    """CALLS_PER_PROCESS rounds; in each, every process sends its INVITE at once (a barrier) and
+    holds an answered call until every process has its final answer (a second barrier), so
+    PROCESSES attempts always meet CHANNELS channels, however slowly the processes start."""
     import sys
     from pathlib import Path
 
@@ -58,8 +61,10 @@ def pbx_process(sip_port: int, user: str, password: str, index: int, out: mp.Que
     pbx = Pbx(edge)
     try:
         for _ in range(CALLS_PER_PROCESS):
+            rounds.wait(60)
             d = pbx.invite(prof, "+442071234567")
             final = pbx.recv_final(timeout=10)
+            rounds.wait(60)
             if final.status == 200:
                 pbx.ack(d, final.to_tag)
                 time.sleep(random.uniform(0.05, 0.3))
@@ -109,8 +114,9 @@ def test_channels_never_exceed_the_limit(tmp_path, carrier: int) -> None:
         watcher.start()
         ctx = mp.get_context("spawn")
         queue = ctx.Queue()
+        rounds = ctx.Barrier(PROCESSES)
         procs = [ctx.Process(target=pbx_process, args=(edge.sip_port, prof["sip_username"], prof["sip_password"], i,
-                                                       queue)) for i in range(PROCESSES)]
+                                                       queue, rounds)) for i in range(PROCESSES)]
         for p in procs:
             p.start()
         statuses = [s for _ in procs for s in queue.get(timeout=120)]
@@ -120,7 +126,9 @@ def test_channels_never_exceed_the_limit(tmp_path, carrier: int) -> None:
         watcher.join(2)
         assert len(statuses) == PROCESSES * CALLS_PER_PROCESS
         assert set(statuses) <= {200, 486}
-        assert statuses.count(200) >= CHANNELS and statuses.count(486) >= 1  # the limit was reached
+        # the first round meets free channels: CHANNELS answered, the rest refused (the barrier makes
+        # a round's calls overlap); later rounds may meet a channel still being released
+        assert statuses.count(200) >= CHANNELS and statuses.count(486) >= 1, statuses
         assert peak <= CHANNELS
         with edge.client() as api:
             def settled() -> bool:
