@@ -73,12 +73,6 @@ class CarrierConfig(Section):
     uri: str
     priority: Annotated[int, msgspec.Meta(ge=0)] = 1
     weight: Annotated[int, msgspec.Meta(ge=0)] = 100
-    name: str = ""                  # the ``carrier`` label of metrics (default: the URI's host:port)
-    # per-carrier overrides of [health] (0 / None: the global value)
-    health_interval: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 0.0
-    health_threshold: Annotated[int, msgspec.Meta(ge=0, le=100)] = 0
-    health_recovery: Annotated[int, msgspec.Meta(ge=0, le=100)] = 0
-    probe: bool = True              # false: never probed, always considered up
 
 
 class SideConfig(Section):
@@ -95,16 +89,6 @@ class SideConfig(Section):
 class SidesConfig(Section):
     customer: SideConfig | None = None   # the PBXs
     carrier: SideConfig | None = None    # the upstream carriers and [inbound] trusted sources
-
-
-class HealthConfig(Section):
-    """OPTIONS probing of every carrier (docs/network.md "Carrier health")."""
-
-    interval: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0   # seconds between probes of one carrier
-    timeout: Annotated[float, msgspec.Meta(gt=0, le=60)] = 4.0       # seconds a probe may take
-    threshold: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3        # failed probes in a row: down
-    recovery: Annotated[int, msgspec.Meta(ge=1, le=100)] = 2         # answered probes in a row: up again
-    enabled: bool = True
 
 
 class InboundConfig(Section):
@@ -124,7 +108,6 @@ class Config(Section):
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     carriers: list[CarrierConfig] = []
     sides: SidesConfig = msgspec.field(default_factory=SidesConfig)
-    health: HealthConfig = msgspec.field(default_factory=HealthConfig)
     inbound: InboundConfig = msgspec.field(default_factory=InboundConfig)
     credit: CreditConfig = msgspec.field(default_factory=CreditConfig)
 

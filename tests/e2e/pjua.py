@@ -746,9 +746,6 @@ def _child_main(cfg: dict[str, Any]) -> int:  # one closure keeps the child self
         acfg.mediaConfig.transportConfig.portRange = 400
         acfg.mediaConfig.transportConfig.boundAddress = cfg["bind"]
         acfg.mediaConfig.transportConfig.publicAddress = cfg["bind"]
-        if ipv6:  # SIP and RTP over IPv6 only: the UA's one address is an IPv6 one
-            acfg.mediaConfig.ipv6Use = pj.PJSUA_IPV6_ENABLED_USE_IPV6_ONLY
-            acfg.sipConfig.ipv6Use = pj.PJSUA_IPV6_ENABLED_USE_IPV6_ONLY
         acfg.regConfig.registerOnAdd = False
         acfg.regConfig.retryIntervalSec = 0
         acfg.regConfig.dropCallsOnFail = False

@@ -28,10 +28,10 @@ import pytest
 
 pytest.importorskip("pjsua2")
 
-from edgeproc import EdgeProcess
-
 from e2e.pjua import PjUA, provision_profile
 from e2e.test_calls_e2e import RATES, assert_hears, wait_for
+from edgeproc import EdgeProcess
+
 from net.netns import Capture, Lab, NetnsUnavailable, check_available
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -210,6 +210,88 @@ def test_cloud_vm_behind_a_1to1_nat_with_a_carrier_interface(site: Site) -> None
     assert b"Via: SIP/2.0/UDP 10.0.0.10:5060" in to_carrier and b"c=IN IP4 10.0.0.10" in to_carrier
 
 
+class RawPbx6:
+    """A PBX on IPv6 from raw sockets: the pjsua2 build here has no IPv6 media (PJ_HAS_IPV6 is
+    off for pjsua), so SIP and RTP are written by hand -- digest from tests/sip/rawsip.py."""
+
+    def __init__(self, host: str, edge: str) -> None:
+        import socket
+
+        self.host, self.edge = host, (edge, 5060)
+        self.sip = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        self.sip.bind((host, 0))
+        self.sip.settimeout(5)
+        self.rtp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        self.rtp.bind((host, 0))
+        self.rtp.settimeout(0.02)
+        self.port, self.rtp_port = self.sip.getsockname()[1], self.rtp.getsockname()[1]
+
+    def close(self) -> None:
+        self.sip.close()
+        self.rtp.close()
+
+    def msg(self, method: str, ruri: str, user: str, call_id: str, cseq: int, *, to: str, tag: str = "",
+            to_tag: str = "", extra: tuple[str, ...] = (), body: bytes = b"") -> bytes:
+        import secrets
+
+        head = [f"{method} {ruri} SIP/2.0",
+                f"Via: SIP/2.0/UDP [{self.host}]:{self.port};branch=z9hG4bK{secrets.token_hex(6)};rport",
+                "Max-Forwards: 70", f"From: <sip:{user}@{DOMAIN}>;tag={tag or 'pbx6'}",
+                f"To: <sip:{to}@{DOMAIN}>" + (f";tag={to_tag}" if to_tag else ""), f"Call-ID: {call_id}",
+                f"CSeq: {cseq} {method}", f"Contact: <sip:{user}@[{self.host}]:{self.port}>", *extra,
+                *(["Content-Type: application/sdp"] if body else []), f"Content-Length: {len(body)}"]
+        return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+    def ask(self, data: bytes) -> Any:
+        from edge.sip import parse
+
+        sent = parse(data)
+        self.sip.sendto(data, self.edge)
+        while True:  # a retransmitted answer to an earlier request (the 407 we did not ACK) is not ours
+            reply = parse(self.sip.recvfrom(65535)[0])
+            if reply.status >= 200 and (reply.cseq, reply.cseq_method) == (sent.cseq, sent.method):
+                return reply
+
+    def authed(self, method: str, ruri: str, user: str, password: str, call_id: str, *, to: str,
+               body: bytes = b"") -> Any:
+        from rawsip import digest
+
+        first = self.ask(self.msg(method, ruri, user, call_id, 1, to=to, body=body))
+        if first.status not in (401, 407):
+            return first
+        name = "WWW-Authenticate" if first.status == 401 else "Proxy-Authenticate"
+        challenge = next(v for v in first.headers(name) if "MD5" in v)
+        auth = digest(method, ruri, user, password, challenge, algorithm="MD5")
+        header = "Authorization" if first.status == 401 else "Proxy-Authorization"
+        return self.ask(self.msg(method, ruri, user, call_id, 2, to=to, extra=(f"{header}: {auth}",), body=body))
+
+    def talk(self, dest: tuple[str, int], seconds: float) -> list[tuple[str, bytes]]:
+        """Send 20 ms PCMU frames of a PBX_TONE sine to ``dest``; what came back (source, packet)."""
+        import math
+        import struct
+
+        got: list[tuple[str, bytes]] = []
+        for seq in range(int(seconds * 50)):
+            pcm = [int(8000 * math.sin(2 * math.pi * PBX_TONE * (seq * 160 + i) / 8000)) for i in range(160)]
+            self.rtp.sendto(struct.pack("!BBHII", 0x80, 0, seq, seq * 160, 0x6666) + bytes(map(ulaw, pcm)), dest)
+            try:
+                while True:
+                    data, src = self.rtp.recvfrom(2048)
+                    got.append((src[0], data))
+            except TimeoutError:
+                pass
+        return got
+
+
+def ulaw(sample: int) -> int:
+    """G.711 mu-law of one 16-bit sample (ITU-T G.711, the classic bias-and-segment form)."""
+    sign = 0x80 if sample < 0 else 0
+    magnitude = min(abs(sample), 32635) + 0x84
+    exponent = max(0, magnitude.bit_length() - 8)
+    mantissa = (magnitude >> (exponent + 3)) & 0x0F
+    return ~(sign | (exponent << 4) | mantissa) & 0xFF
+
+
 def test_ipv6_pbx_and_ipv4_carrier_bridged_by_the_relay(site: Site) -> None:
     lab = site.lab
     for name in ("pbx", "edge", "carrier"):
@@ -226,16 +308,37 @@ def test_ipv6_pbx_and_ipv4_carrier_bridged_by_the_relay(site: Site) -> None:
         '[sides.customer]\nlisten = ["udp:[2001:db8:1::10]:5060", "tcp:[2001:db8:1::10]:5060"]\n'
         '[sides.carrier]\nlisten = ["udp:10.0.0.10:5060"]\n',
         carrier_uri=f"sip:10.0.0.20:{carrier.port}", trusted="10.0.0.20/32")
-    pbx = site.ua("pbx", "pbx", "2001:db8:1::20")
-
-    calls_both_ways(site, pbx, carrier, "sip:[2001:db8:1::10]:5060", "10.0.0.10")
+    prof, number = site.provision()
+    user, password = prof["sip_username"], prof["sip_password"]
+    with lab.inside(ns["pbx"]):
+        pbx = RawPbx6("2001:db8:1::20", "2001:db8:1::10")  # its sockets belong to the PBX's namespace
+        site.stack.callback(pbx.close)
+        ok = pbx.authed("REGISTER", f"sip:{DOMAIN}", user, password, "reg6", to=user)
+        assert ok.status == 200, ok.status
+        carrier.on_incoming(200, tone_hz=CARRIER_TONE)
+        offer = (f"v=0\r\no=- 1 1 IN IP6 2001:db8:1::20\r\ns=-\r\nc=IN IP6 2001:db8:1::20\r\nt=0 0\r\n"
+                 f"m=audio {pbx.rtp_port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendrecv\r\n").encode()
+        answer = pbx.authed("INVITE", f"sip:{UK}@{DOMAIN}", user, password, "call6", to=UK, body=offer)
+        assert answer.status == 200, answer.status
+        text = answer.body.decode()
+        assert "c=IN IP6 2001:db8:1::10" in text
+        relay_port = int(text.split("m=audio ", 1)[1].split()[0])
+        to_tag = answer.to_tag
+        pbx.sip.sendto(pbx.msg("ACK", f"sip:{UK}@{DOMAIN}", user, "call6", 2, to=UK, to_tag=to_tag), pbx.edge)
+        leg = carrier.wait_incoming(1, 5)
+        leg.wait_state("CONFIRMED", 5)
+        heard = pbx.talk(("2001:db8:1::10", relay_port), 2.0)
+        bye = pbx.ask(pbx.msg("BYE", f"sip:{UK}@{DOMAIN}", user, "call6", 3, to=UK, to_tag=to_tag))
+        assert bye.status == 200
+    leg.wait_state("DISCONNECTED", 10)
+    assert_hears(leg.record_wav, PBX_TONE, CARRIER_TONE)              # IPv6 PBX -> IPv4 carrier
+    assert len(heard) > 40 and {src for src, _ in heard} == {"2001:db8:1::10"}  # IPv4 carrier -> IPv6 PBX
     pbx_seen.stop()
     carrier_seen.stop()
 
     assert routable(pbx_seen.addresses()) == {"2001:db8:1::20", "2001:db8:1::10"}  # IPv6 only, toward the PBX
     assert_never_seen(pbx_seen, "the PBX", ("10.0.0.0/24",), (b"10.0.0.", b"IN IP4"))
-    from_edge = b"".join(sip_from(pbx_seen, "2001:db8:1::10"))
-    assert b"Contact: <sip:[2001:db8:1::10]:5060" in from_edge and b"Via: SIP/2.0/UDP [2001:db8:1::10]:5060" in from_edge
-    assert b"c=IN IP6 2001:db8:1::10" in from_edge
     assert routable(carrier_seen.addresses()) == {"10.0.0.20", "10.0.0.10"}
     assert_never_seen(carrier_seen, "the carrier", ("2001:db8:1::/64",), (b"2001:db8:1", b"IN IP6"))
+    to_carrier = b"".join(sip_from(carrier_seen, "10.0.0.10"))
+    assert b"c=IN IP4 10.0.0.10" in to_carrier
