@@ -91,6 +91,16 @@ class SidesConfig(Section):
     carrier: SideConfig | None = None    # the upstream carriers and [inbound] trusted sources
 
 
+class HealthConfig(Section):
+    """OPTIONS probing of the carriers (edge/calls/carriers.py); one setting for all of them."""
+
+    enabled: bool = False                                             # as Kamailio's ds_ping_interval = 0
+    interval: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0   # seconds between probe rounds
+    timeout: Annotated[float, msgspec.Meta(gt=0, le=60)] = 4.0       # seconds a probe may wait for its answer
+    threshold: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3        # failed probes in a row: down
+    recovery: Annotated[int, msgspec.Meta(ge=1, le=100)] = 2         # answered probes in a row: up again
+
+
 class InboundConfig(Section):
     trusted: list[str] = []
 
@@ -108,6 +118,7 @@ class Config(Section):
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     carriers: list[CarrierConfig] = []
     sides: SidesConfig = msgspec.field(default_factory=SidesConfig)
+    health: HealthConfig = msgspec.field(default_factory=HealthConfig)
     inbound: InboundConfig = msgspec.field(default_factory=InboundConfig)
     credit: CreditConfig = msgspec.field(default_factory=CreditConfig)
 

@@ -25,6 +25,7 @@ import uvicorn
 
 from .calls.admission import Admission
 from .calls.billing import Billing
+from .calls.carriers import CarrierHealth
 from .calls.controller import CallController
 from .calls.events import OperatorActions
 from .calls.media import CallMedia
@@ -103,7 +104,10 @@ class Node:
                                   advertise={"a": customer.media_advertise, "b": carrier.media_advertise})
 
         credit = CreditEngine(store, slice_seconds=cfg.credit.slice_seconds, bundle_minutes=cfg.credit.bundle_minutes)
-        routing = Routing(cfg.carriers, lambda profile_id: registrations.live(store, profile_id), cfg.sip.domain)
+        self.health = CarrierHealth(cfg.carriers, cfg.health, self.sip.transactions, self.local, self.registry,
+                                    cfg.sip.domain)
+        routing = Routing(cfg.carriers, lambda profile_id: registrations.live(store, profile_id), cfg.sip.domain,
+                          is_up=self.health.is_up)
         sip = self.sip
         admission = Admission(store, credit, routing, sip.auth, sip.failures,
                               count_auth_failure=lambda reason, method: sip.metrics.auth_failures.labels(
@@ -148,6 +152,7 @@ class Node:
         # ends the API task first, and uvicorn raises it again afterwards for the handlers above
         await self.sip.start()
         self.media.start()
+        self.health.start()
         # Everything allocated so far lives as long as the process: keep it out of the
         # cyclic collector, and collect young objects less often (fewer pauses under load).
         gc.collect()
@@ -169,6 +174,7 @@ class Node:
         for call in list(self.calls.calls.values()):
             self.calls.hangup(call, EndReason.SHUTDOWN, reason_header=SHUTDOWN_REASON)
         await asyncio.sleep(0.05)  # let the BYEs leave
+        self.health.stop()
         await self.sip.stop()
         self.media.close()
 
