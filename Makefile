@@ -9,9 +9,12 @@ STAMP  := $(VENV)/.installed
 .PHONY: run test build system-deps bench clean distclean
 
 # Debian packages the test suite drives as real peers: SIPp (sip-tester) and Prometheus
-# (the dashboard and alert-rule test). Installed only if missing.
+# (the dashboard and alert-rule test); iproute2 and nftables for the network-namespace
+# tests (tests/net: veth links, a 1:1 NAT). Installed only if missing.
 DEBS_NEEDED = $(shell command -v sipp >/dev/null 2>&1 || echo sip-tester) \
-              $(shell command -v promtool >/dev/null 2>&1 || echo prometheus)
+              $(shell command -v promtool >/dev/null 2>&1 || echo prometheus) \
+              $(shell command -v ip >/dev/null 2>&1 || echo iproute2) \
+              $(shell command -v nft >/dev/null 2>&1 || echo nftables)
 system-deps:
 	@if [ -n "$(strip $(DEBS_NEEDED))" ]; then \
 	  echo "installing Debian packages: $(DEBS_NEEDED)"; \

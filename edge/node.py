@@ -13,27 +13,31 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import ipaddress
 import logging
 import os
 import secrets
 import signal
+import socket
 from pathlib import Path
 
 import uvicorn
 
 from .calls.admission import Admission
 from .calls.billing import Billing
+from .calls.carriers import CarrierHealth
 from .calls.controller import CallController
 from .calls.events import OperatorActions
 from .calls.media import CallMedia
 from .calls.metrics import CallMetrics
 from .calls.model import Call, EndReason
 from .calls.routing import Routing
-from .config import Config
+from .config import Config, resolve_sides
 from .control import registrations
 from .control.credit import CreditEngine
 from .control.store import Store
 from .sip.dialog import Dialogs, Local
+from .sip.transport import Peer
 
 log = logging.getLogger("sipedge")
 
@@ -89,14 +93,21 @@ class Node:
 
         dialogs = Dialogs(loop)
         self.sip = SipService(cfg, store, self.registry, loop, dialogs)
+        self.sides = resolve_sides(cfg)
+        customer, carrier = self.sides["customer"], self.sides["carrier"]
         lo, hi = cfg.media.ports
-        self.engine = RelayEngine(cfg.media.address, lo, hi, quiet_period=cfg.media.quiet_period,
-                                  timeout=cfg.media.rtp_timeout)
+        # relay leg "a" faces the customer side, "b" the carrier side (calls/model.py Side)
+        self.engine = RelayEngine(customer.media, lo, hi, quiet_period=cfg.media.quiet_period,
+                                  timeout=cfg.media.rtp_timeout, address_b=carrier.media)
         self.registry.register(RtpCollector(self.engine))
-        self.media = MediaService(self.engine, loop)
+        self.media = MediaService(self.engine, loop,
+                                  advertise={"a": customer.media_advertise, "b": carrier.media_advertise})
 
         credit = CreditEngine(store, slice_seconds=cfg.credit.slice_seconds, bundle_minutes=cfg.credit.bundle_minutes)
-        routing = Routing(cfg.carriers, lambda profile_id: registrations.live(store, profile_id), cfg.sip.domain)
+        self.health = CarrierHealth(cfg.carriers, cfg.health, self.sip.transactions, self.local, self.registry,
+                                    cfg.sip.domain)
+        routing = Routing(cfg.carriers, lambda profile_id: registrations.live(store, profile_id), cfg.sip.domain,
+                          is_up=self.health.is_up)
         sip = self.sip
         admission = Admission(store, credit, routing, sip.auth, sip.failures,
                               count_auth_failure=lambda reason, method: sip.metrics.auth_failures.labels(
@@ -117,10 +128,21 @@ class Node:
     def _hangup(self, call: Call, reason: EndReason, *, status: int = 480, reason_header: str | None = None) -> None:
         self.calls.hangup(call, reason, status=status, reason_header=reason_header)
 
-    def local(self, proto: str) -> Local:
-        """Via sent-by and Contact of the edge on ``proto``: the listener's address."""
-        host, port = self.sip.transports.advertised(proto)
-        return Local(f"{host}:{port}", f"<sip:{host}:{port};transport={proto}>")
+    def local(self, peer: Peer) -> Local:
+        """Via sent-by and Contact of the edge toward ``peer``: its side's listener on its
+        transport, named by the side's ``advertise`` address when it has one (SPEC §2.1).
+
+        A peer reached on a listener both sides share is on the carrier side when it is a
+        trusted source, else on the customer side (the single-interface rule)."""
+        side = peer.side or ("carrier" if self.sip.is_trusted(peer.host) else "customer")
+        family = socket.AF_INET6 if ":" in peer.host else socket.AF_INET
+        host, port = self.sip.transports.advertised(peer.proto, side, family)
+        advertise = self.sides[side].advertise
+        # an advertised address stands for the listeners of its family; a DNS name for all
+        if advertise and (not _is_ip(advertise) or (":" in advertise) == (":" in host)):
+            host = advertise
+        name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return Local(name, f"<sip:{name};transport={peer.proto}>")
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -130,6 +152,7 @@ class Node:
         # ends the API task first, and uvicorn raises it again afterwards for the handlers above
         await self.sip.start()
         self.media.start()
+        self.health.start()
         # Everything allocated so far lives as long as the process: keep it out of the
         # cyclic collector, and collect young objects less often (fewer pauses under load).
         gc.collect()
@@ -151,8 +174,17 @@ class Node:
         for call in list(self.calls.calls.values()):
             self.calls.hangup(call, EndReason.SHUTDOWN, reason_header=SHUTDOWN_REASON)
         await asyncio.sleep(0.05)  # let the BYEs leave
+        self.health.stop()
         await self.sip.stop()
         self.media.close()
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 async def serve(cfg: Config, store: Store, token: str) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
 
-from edge.config import Config, parse_listen
+from edge.config import Config, resolve_sides
 from edge.control.errors import StoreError
 from edge.control.store import Store
 
@@ -21,7 +21,7 @@ from .dialog import Dialogs
 from .metrics import SipMetrics
 from .registrar import Registrar
 from .transaction import Clock, ServerTransaction, State, TransactionLayer
-from .transport import Peer, Transports
+from .transport import BOTH, Peer, Transports
 
 log = logging.getLogger("sipedge.sip")
 
@@ -57,7 +57,7 @@ class RateLimiter:
 
 
 class SipService:
-    """Owns the SIP side of a node; ``start()`` binds the listeners of ``cfg.sip.listen``.
+    """Owns the SIP side of a node; ``start()`` binds the listeners of both sides (SPEC §2.1).
 
     In-dialog requests, ACKs, CANCELs and stray 2xx go to ``dialogs``; a new INVITE to
     the handler given to :meth:`serve_calls` (the call controller).
@@ -89,9 +89,8 @@ class SipService:
         self.on_invite = on_invite
 
     async def start(self) -> None:
-        for item in self.cfg.sip.listen:
-            proto, host, port = parse_listen(item)
-            await self.transports.listen(proto, host, port)
+        for (proto, host, port), side in listeners_by_side(self.cfg).items():
+            await self.transports.listen(proto, host, port, side)
         self._flusher = asyncio.get_running_loop().create_task(self._flush_periodically())
 
     async def stop(self) -> None:
@@ -162,9 +161,15 @@ class SipService:
                 tx.respond(481, "Call/Transaction Does Not Exist")
             return
         if method == "REGISTER":
-            self.registrar.handle(tx)
+            if tx.peer.side == "carrier":  # PBXs register on the customer side (SPEC §2.1)
+                tx.respond(403, "Registrations are taken on the customer side")
+            else:
+                self.registrar.handle(tx)
         elif method == "OPTIONS":
             tx.respond(200, headers=[("Allow", ALLOW), ("Accept", "application/sdp"), ("Supported", "")])
+        elif method == "INVITE" and tx.peer.side == "carrier" and not self.is_trusted(tx.peer.host):
+            # the carrier side hears carriers only: a PBX registers and calls on the customer side
+            tx.respond(403, "Not a trusted carrier source")
         elif method == "INVITE":
             if self.on_invite is None:
                 tx.respond(503, "Calls not enabled", headers=[("Retry-After", "60")])
@@ -184,3 +189,12 @@ class SipService:
 
     def on_stray_response(self, msg: SipMessage, peer: Peer) -> None:
         self.dialogs.on_stray_response(msg)
+
+
+def listeners_by_side(cfg: Config) -> dict[tuple[str, str, int], str]:
+    """Every listener to bind, with its side; one both sides list is bound once (``BOTH``)."""
+    out: dict[tuple[str, str, int], str] = {}
+    for name, side in resolve_sides(cfg).items():
+        for listener in side.listeners:
+            out[listener] = BOTH if out.get(listener, name) != name else name
+    return out
