@@ -1,8 +1,10 @@
 """``sipedge status``: a terminal view of a running edge, from its control API and ``/metrics``.
 
 Profiles are enumerated from ``/metrics`` (``edge_channels_capacity`` carries every profile id, read
-from the store at scrape time), then each profile, its live calls and registrations and each account
-come from the control API with the admin token. Without a valid token the view still shows what
+from the store at scrape time), then the profiles, live calls, registrations and accounts come from the
+control API's paged endpoints with the admin token, one request per page (never one per profile).
+``/metrics`` may have a listener of its own (``--metrics``, or ``[api] metrics_listen`` of ``--config``);
+the token goes along, for ``[api] metrics_auth``. Without a valid token the view still shows what
 ``/metrics`` knows (channels, credit, registration counts) and says why the rest is missing.
 
 Works against a remote edge: ``sipedge status --api https://edge1.example:8080 --token T`` (or env
