@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .status import register as register_status
 
     register_status(sub)
+    from .provision import register as register_provisioning
+
+    register_provisioning(sub)  # account, profile, number, rates, keys, cdrs (edge/provision.py)
     return parser
 
 
