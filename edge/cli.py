@@ -134,12 +134,20 @@ def _cmd_drain(args: argparse.Namespace) -> int:
     print(f"sipedge (pid {pid}) is draining: new calls get 503, it exits when the live calls end")
     if args.wait is not None:
         deadline = time.monotonic() + args.wait
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if Path(f"/proc/{pid}").exists():
+        if _alive(pid):
             raise Failure(f"sipedge (pid {pid}) is still draining after {args.wait:g} s")
         print(f"sipedge (pid {pid}) has exited")
     return EXIT_OK
+
+
+def _alive(pid: int) -> bool:
+    """Is ``pid`` running (a zombie whose parent has not reaped it yet has exited)?"""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _cmd_reload(args: argparse.Namespace) -> int:

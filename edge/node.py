@@ -182,8 +182,8 @@ class Node:
     def drain(self) -> None:
         """Stop admitting calls now, end the node when the live calls have (SPEC §2.2).
 
-        The gate closes in this call, before the loop reads another datagram, so no INVITE
-        is admitted after the signal. A second call ends the calls still up at once.
+        The gate closes in this call (for SIGTERM already in the signal handler, see :meth:`run`),
+        so no INVITE is admitted after the signal. A second call ends the calls still up at once.
         """
         if self.draining:
             if not self._end_now:
@@ -327,8 +327,15 @@ class Node:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+
+        def stop_signal(signum: int, frame: object) -> None:
+            # A Python-level handler runs at the next bytecode boundary, before the callback of any
+            # datagram read after the signal: the gate closes first, the drain itself follows on the loop.
+            self.sip.draining = True
+            loop.call_soon_threadsafe(self.drain)
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.drain)
+            signal.signal(sig, stop_signal)
         loop.add_signal_handler(signal.SIGHUP, self.reload_file)
         api_socket = self._bind_api()
         await self._start_sip()
@@ -364,6 +371,8 @@ class Node:
             self.api.should_exit = True
             await api_task
         finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)  # on the way out: a late signal has nothing left to stop
             for task in (*background, drained):
                 task.cancel()
             await self.sip.stop()
