@@ -66,7 +66,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .control.tables import shipped_exclusions
     from .node import admin_token, data_dir_of, open_store, running_node, serve
 
-    data_dir = data_dir_of(cfg, args.data)
+    data_dir = args.resolved_data = data_dir_of(cfg, args.data)
     running = running_node(data_dir)
     if running is not None:
         raise Failure(f"data directory {data_dir} is served by a running sipedge (pid {running[0]})")
@@ -288,10 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         message, code = str(exc), exc.code
     except StartupError as exc:
         message, code = str(exc), EXIT_FAILURE
-    except lmdb.Error as exc:
-        message, code = f"store: {_lmdb_message(exc)}", EXIT_FAILURE
-    except StoreError as exc:
-        message, code = f"store: {exc}", EXIT_FAILURE
+    except (lmdb.Error, StoreError) as exc:
+        message, code = _store_message(exc, getattr(args, "resolved_data", None)), EXIT_FAILURE
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
         message, code = f"{exc.strerror or exc}{where}", EXIT_FAILURE
@@ -299,12 +297,21 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def _lmdb_message(exc: Exception) -> str:
-    """lmdb says "path: No space left on device" or "mdb_txn_commit: ..."; keep it one line."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if "No space left" in text or getattr(exc, "errno", None) == errno.ENOSPC:
-        return f"no space left on the device of the data directory ({text})"
-    return text
+def _store_message(exc: Exception, data_dir: Path | None) -> str:
+    """One line for a store that cannot write; a full disk (ENOSPC, or the EIO LMDB reports when
+    a page write fails on it) is named as such."""
+    import shutil
+
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    full = "No space left" in text or getattr(exc, "errno", None) == errno.ENOSPC
+    if data_dir is not None and not full:
+        try:
+            full = shutil.disk_usage(data_dir).free < 1 << 20
+        except OSError:
+            pass
+    if full:
+        return f"no space left on the device of the data directory {data_dir or ''} ({text})"
+    return f"store: {text}"
 
 
 if __name__ == "__main__":
