@@ -42,7 +42,8 @@ def test_install_lays_out_the_service(destdir: Path) -> None:
     assert (site / "msgspec").exists() and not (site / "pytest").exists() and not (site / "pjsua2").exists()
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing (make test installs systemd)")
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze missing (make test installs systemd)")
 def test_unit_verifies(destdir: Path, tmp_path: Path) -> None:
     unit = (destdir / "lib/systemd/system/sipedge.service").read_text()
     assert "Type=notify" in unit and "AmbientCapabilities=CAP_NET_BIND_SERVICE" in unit and "User=sipedge" in unit
@@ -71,7 +72,8 @@ def test_installed_entry_point_serves_with_the_default_config_path(destdir: Path
     sip_port, api_port = free_port(), free_port()
     # what an operator edits: addresses, and here a data directory inside the staged tree
     config.write_text(config.read_text()
-                      .replace("127.0.0.1:5060", f"127.0.0.1:{sip_port}").replace("127.0.0.1:8080", f"127.0.0.1:{api_port}")
+                      .replace("127.0.0.1:5060", f"127.0.0.1:{sip_port}")
+                      .replace("127.0.0.1:8080", f"127.0.0.1:{api_port}")
                       .replace('"/var/lib/sipedge/edge.lmdb"', f'"{destdir}/var/lib/sipedge/edge.lmdb"')
                       .replace("map_size_mb = 4096", "map_size_mb = 64"))
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
