@@ -98,3 +98,16 @@ def test_purge_cdrs_command(tmp_path: Path) -> None:
     assert [c.call_id for c in cdrs.page(store, "prf_1")] == ["c2"]
     store.close()
     assert sipedge("purge-cdrs", "--data", str(tmp_path / "none"), "--older-than-days", "1").returncode == 2
+
+
+def test_node_section_and_what_a_reload_applies(tmp_path: Path) -> None:
+    from edge.config import restart_only_changes
+
+    old = load(write(tmp_path, "[sip]\nrate_limit = 10\n"))
+    assert old.node.drain_timeout == 600 and old.node.log_level is None
+    new = load(write(tmp_path, "[node]\ndrain_timeout = 5\nlog_level = 'debug'\n[sip]\nrate_limit = 20\n"
+                               "domain = 'other.test'\n[media]\nports = [30000, 30099]\n"
+                               "[[carriers]]\nuri = 'sip:192.0.2.1'\n[inbound]\ntrusted = ['192.0.2.1/32']\n"))
+    assert restart_only_changes(old, new) == ["media.ports", "sip.domain"]
+    with pytest.raises(ConfigError, match="node.drain_timeout"):
+        load(write(tmp_path, "[node]\ndrain_timeout = -1\n"))
