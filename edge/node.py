@@ -82,6 +82,13 @@ def running_node(data_dir: Path) -> tuple[int, str] | None:
         return None
     if b"sipedge" not in cmdline and b"edge.cli" not in cmdline:
         return None  # the pid was reused by something else
+    try:  # and by a sipedge of this very store: its map of data.mdb says so
+        if str((data_dir / "data.mdb").resolve()) not in Path(f"/proc/{pid}/maps").read_text():
+            return None
+    except PermissionError:
+        pass  # another user's process: the command line has to do
+    except OSError:
+        return None
     return pid, config.strip()
 
 
