@@ -15,9 +15,14 @@ fi
 rm -rf "$DIR/root/sipedge" && mkdir -p "$DIR/root/sipedge"
 git -C "$HERE" archive HEAD | tar -x -C "$DIR/root/sipedge"
 cp /etc/resolv.conf "$DIR/etc/resolv.conf"
+# a host behind a TLS-inspecting proxy: its CA bundle, for pip inside (PIP_CERT / SSL_CERT_FILE below)
+HOST_CA=${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}
+[ -f "$HOST_CA" ] && mkdir -p "$DIR/etc/ssl/host" && cp "$HOST_CA" "$DIR/etc/ssl/host/ca.pem"
 mount -t proc proc "$DIR/proc"
 trap 'umount "$DIR/proc" 2>/dev/null || true' EXIT
-chroot "$DIR" /bin/sh -eu -c '
+CA_ENV=""
+[ -f "$DIR/etc/ssl/host/ca.pem" ] && CA_ENV="PIP_CERT=/etc/ssl/host/ca.pem SSL_CERT_FILE=/etc/ssl/host/ca.pem"
+env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root $CA_ENV chroot "$DIR" /bin/sh -eu -c '
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3 gcc make libc6-dev sip-tester >/dev/null
   cd /root/sipedge
