@@ -15,6 +15,13 @@ import msgspec
 
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 
+DEFAULT_CONFIG_PATH = "/etc/sipedge/sipedge.toml"  # SPEC §2.3; env SIPEDGE_CONFIG moves it
+
+
+def default_config_path() -> str:
+    """The config file used when ``--config`` is not given: ``$SIPEDGE_CONFIG`` or /etc/sipedge/sipedge.toml."""
+    return os.environ.get("SIPEDGE_CONFIG") or DEFAULT_CONFIG_PATH
+
 
 class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
@@ -111,7 +118,16 @@ class CreditConfig(Section):
     max_call_seconds: Annotated[int, msgspec.Meta(ge=1)] = 4 * 3600
 
 
+class NodeConfig(Section):
+    """The node's own lifecycle (SPEC §2.2)."""
+
+    drain_timeout: Annotated[float, msgspec.Meta(ge=0)] = 600.0  # seconds live calls may run on after SIGTERM
+    # None: the --log-level of `sipedge serve` (info); a value here is applied again by every reload
+    log_level: Literal["debug", "info", "warning", "error"] | None = None
+
+
 class Config(Section):
+    node: NodeConfig = msgspec.field(default_factory=NodeConfig)
     sip: SipConfig = msgspec.field(default_factory=SipConfig)
     media: MediaConfig = msgspec.field(default_factory=MediaConfig)
     api: ApiConfig = msgspec.field(default_factory=ApiConfig)
@@ -285,6 +301,34 @@ def load(path: str | os.PathLike[str] | None) -> Config:
     if token:
         cfg.api.token = token
     return cfg
+
+
+# What `sipedge reload` applies to a running node (docs/deployment.md); every other key keeps its
+# running value until the next start, and a reload that changes one says so.
+RELOADABLE = frozenset({
+    "carriers", "inbound.trusted", "node.log_level", "node.drain_timeout",
+    "sip.rate_limit", "sip.rate_burst", "sip.profile_rate_limit", "sip.auth_block_threshold",
+    "sip.auth_block_seconds", "sip.tcp_max_connections", "sip.setup_timeout", "sip.min_expires",
+    "sip.max_expires", "credit.max_call_seconds",
+})
+
+
+def restart_only_changes(old: Config, new: Config) -> list[str]:
+    """The keys that differ between ``old`` and ``new`` but are not in :data:`RELOADABLE`.
+
+    Compared section by section, key by key, so sections added later (``[sides]``, ``[tls]``)
+    are covered without being listed here.
+    """
+    before, after = msgspec.to_builtins(old), msgspec.to_builtins(new)
+    changed: list[str] = []
+    for section in sorted(set(before) | set(after)):
+        a, b = before.get(section), after.get(section)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys = [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        else:
+            keys = [section] if a != b else []
+        changed += [k for k in keys if k not in RELOADABLE]
+    return changed
 
 
 def _friendly(message: str) -> str:

@@ -78,17 +78,25 @@ class CarrierHealth:
         self.local = local
         self.domain = domain
         self.states: dict[str, CarrierState] = {}
+        self.gauge = Gauge("edge_carrier_up", "1 while the carrier answers OPTIONS probes (always 1 unprobed)",
+                           ["carrier"], registry=registry)
+        self.replace_carriers(carriers)
+        self._task: asyncio.Task[None] | None = None
+
+    def replace_carriers(self, carriers: Sequence[CarrierConfig]) -> None:
+        """Probe ``carriers`` from now on (a reload); a carrier kept by the new config keeps its state."""
+        states: dict[str, CarrierState] = {}
         for carrier in carriers:
             uri = parse_uri(carrier.uri)
             peer = Peer((uri.params.get("transport") or "udp").lower(), uri.host, uri.port or 5060, side="carrier")
             label = carrier_label(carrier)
             host = f"[{uri.host}]" if ":" in uri.host else uri.host
-            self.states.setdefault(label, CarrierState(label, peer, f"sip:{host}:{peer.port}"))
-        self.gauge = Gauge("edge_carrier_up", "1 while the carrier answers OPTIONS probes (always 1 unprobed)",
-                           ["carrier"], registry=registry)
-        for label in self.states:
-            self.gauge.labels(label).set(1)
-        self._task: asyncio.Task[None] | None = None
+            states.setdefault(label, self.states.get(label) or CarrierState(label, peer, f"sip:{host}:{peer.port}"))
+        for label in self.states.keys() - states.keys():
+            self.gauge.remove(label)
+        for label, state in states.items():
+            self.gauge.labels(label).set(1 if state.up else 0)
+        self.states = states
 
     def is_up(self, carrier: CarrierConfig) -> bool:
         state = self.states.get(carrier_label(carrier))

@@ -39,6 +39,10 @@ class Routing:
         self.domain = domain
         self.rng = rng or random.Random()
 
+    def replace_carriers(self, carriers: Sequence[CarrierConfig]) -> None:
+        """A reload: the next call routes over ``carriers``; calls already routed keep their targets."""
+        self.carriers = sorted(carriers, key=lambda c: c.priority)
+
     def carrier_targets(self, callee: str) -> list[Target]:
         """Carriers in the order to try them for ``callee`` (E.164 with "+")."""
         out: list[Target] = []

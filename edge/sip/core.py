@@ -25,6 +25,7 @@ from .transport import BOTH, Peer, Transports
 
 log = logging.getLogger("sipedge.sip")
 
+DRAIN_RETRY_AFTER = 60  # seconds a peer should leave a draining edge alone (docs/deployment.md)
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, REGISTER"
 
 
@@ -81,12 +82,24 @@ class SipService:
         self.transactions = TransactionLayer(self.transports, self, self.metrics, loop)
         self.dialogs = dialogs
         self.on_invite: Callable[[ServerTransaction], None] | None = None
+        self.draining = False  # SPEC §2.2: new INVITEs and OPTIONS get 503 so peers fail over
         self._flusher: asyncio.Task[None] | None = None
         self._flush_wanted = asyncio.Event()
 
     def serve_calls(self, on_invite: Callable[[ServerTransaction], None]) -> None:
         """New INVITEs go to ``on_invite`` from now on (without it they get 503)."""
         self.on_invite = on_invite
+
+    def reconfigure(self, cfg: Config) -> None:
+        """A reload (SPEC §2.2): trusted sources and limits change; listeners, connections,
+        transactions and dialogs stay as they are."""
+        sip = cfg.sip
+        self.trusted = [ipaddress.ip_network(n, strict=False) for n in cfg.inbound.trusted]
+        self.limiter.rate, self.limiter.burst = sip.rate_limit, sip.rate_burst
+        self.failures.threshold, self.failures.block_seconds = sip.auth_block_threshold, sip.auth_block_seconds
+        self.transports.max_tcp = sip.tcp_max_connections
+        self.registrar.min_expires, self.registrar.max_expires = sip.min_expires, sip.max_expires
+        self.registrar.default_expires = min(3600, sip.max_expires)  # as built: the Registrar default, bounded
 
     async def start(self) -> None:
         for (proto, host, port), side in listeners_by_side(self.cfg).items():
@@ -165,6 +178,8 @@ class SipService:
                 tx.respond(403, "Registrations are taken on the customer side")
             else:
                 self.registrar.handle(tx)
+        elif self.draining and method in ("INVITE", "OPTIONS"):
+            tx.respond(503, "Draining", headers=[("Retry-After", str(DRAIN_RETRY_AFTER))])
         elif method == "OPTIONS":
             tx.respond(200, headers=[("Allow", ALLOW), ("Accept", "application/sdp"), ("Supported", "")])
         elif method == "INVITE" and tx.peer.side == "carrier" and not self.is_trusted(tx.peer.host):
