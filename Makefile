@@ -8,10 +8,13 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test build system-deps bench clean distclean
 
-# Debian packages the test suite drives as real peers: SIPp (sip-tester) and Prometheus
-# (the dashboard and alert-rule test). Installed only if missing.
+# Debian packages the test suite drives as real peers: SIPp (sip-tester), Prometheus
+# (the dashboard and alert-rule test), Chromium and its WebDriver (the console's browser
+# test). Installed only if missing.
 DEBS_NEEDED = $(shell command -v sipp >/dev/null 2>&1 || echo sip-tester) \
-              $(shell command -v promtool >/dev/null 2>&1 || echo prometheus)
+              $(shell command -v promtool >/dev/null 2>&1 || echo prometheus) \
+              $(shell command -v chromium >/dev/null 2>&1 || echo chromium) \
+              $(shell command -v chromedriver >/dev/null 2>&1 || echo chromium-driver)
 system-deps:
 	@if [ -n "$(strip $(DEBS_NEEDED))" ]; then \
 	  echo "installing Debian packages: $(DEBS_NEEDED)"; \
