@@ -42,7 +42,7 @@ STATIC = {"console.css": "text/css; charset=utf-8", "console.js": "text/javascri
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
                                "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-    "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin",  # no-referrer would make Chrome send "Origin: null"
     "Cache-Control": "no-store",
 }
 DONE = {  # ?done=... after a successful POST (fixed texts: nothing from the URL is echoed)
@@ -159,7 +159,7 @@ def _not_found(ctx: Ctx, answer: Answer) -> Response[str]:
 
 # ------------------------------------------------------------------ sign-in
 
-@get("/", sync_to_thread=False)
+@get("/")
 async def index(request: Request[Any, Any, Any]) -> Redirect:
     ctx = await _ctx(request)
     return _see(_home(ctx.who))
