@@ -42,7 +42,8 @@ STATIC = {"console.css": "text/css; charset=utf-8", "console.js": "text/javascri
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
                                "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-    "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin",  # no-referrer would make Chrome send "Origin: null"
+    # Referrer-Policy no-referrer would make Chrome send "Origin: null" with every form
+    "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 DONE = {  # ?done=... after a successful POST (fixed texts: nothing from the URL is echoed)

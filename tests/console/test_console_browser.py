@@ -26,13 +26,12 @@ webdriver = pytest.importorskip("selenium.webdriver")
 if shutil.which("chromedriver") is None or shutil.which("chromium") is None:
     pytest.skip("Debian chromium and chromium-driver are needed (make system-deps)", allow_module_level=True)
 
+from e2e.pjua import PjUA, edge_registrar  # noqa: E402
 from edgeproc import EdgeProcess  # noqa: E402
 from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
-
-from e2e.pjua import PjUA, edge_registrar  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
