@@ -28,7 +28,11 @@ if shutil.which("chromedriver") is None or shutil.which("chromium") is None:
 
 from e2e.pjua import PjUA, edge_registrar  # noqa: E402
 from edgeproc import EdgeProcess  # noqa: E402
-from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException  # noqa: E402
+from selenium.common.exceptions import (  # noqa: E402
+    NoSuchElementException,
+    StaleElementReferenceException,
+    WebDriverException,
+)
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -87,9 +91,17 @@ def wait(driver: Any, timeout: float = 10.0) -> WebDriverWait:
 
 
 def fill(driver: Any, field_id: str, value: str) -> None:
-    el = driver.find_element(By.ID, field_id)
-    el.clear()
-    el.send_keys(value)
+    """Type into a field; chromedriver may hand out a node of the page being replaced: find it again."""
+    for attempt in range(3):
+        try:
+            el = driver.find_element(By.ID, field_id)
+            el.clear()
+            el.send_keys(value)
+            return
+        except WebDriverException:
+            if attempt == 2:
+                raise
+            wait(driver).until(lambda d: d.execute_script("return document.readyState") == "complete")
 
 
 def click(driver: Any, button_id: str) -> None:
@@ -97,6 +109,7 @@ def click(driver: Any, button_id: str) -> None:
     old = driver.find_element(By.TAG_NAME, "html")
     driver.find_element(By.ID, button_id).click()
     wait(driver).until(ec.staleness_of(old))
+    wait(driver).until(lambda d: d.execute_script("return document.readyState") == "complete")
 
 
 def text(driver: Any, element_id: str) -> str:
