@@ -12,7 +12,6 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from edge.control.cdrs import MEDIA_FIELDS
-from edge.control.console_auth import PASSWORD_MAX
 from edge.control.models import (
     Account,
     ApiKey,
@@ -139,9 +138,7 @@ class HangupCreate(Body):
 
 
 class AdminPassword(Body):
-    """``PUT /v1/accounts/{id}/admin-password``: how strong it must be is ``console_auth.check_password``."""
-
-    password: Annotated[str, msgspec.Meta(max_length=PASSWORD_MAX)]
+    password: Annotated[str, msgspec.Meta(min_length=8, max_length=128)]
 
 
 # ----------------------------------------------------------------- responses
