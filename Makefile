@@ -15,12 +15,14 @@ toolchain:
 # Debian packages the test suite drives as real peers: SIPp (sip-tester) and Prometheus
 # (the dashboard and alert-rule test); iproute2 and nftables for the network-namespace
 # tests (tests/net: veth links, a 1:1 NAT); systemd-analyze (systemd) for the unit file
-# test. Installed only if missing.
+# test; Chromium and its WebDriver for the console's browser test. Installed only if missing.
 DEBS_NEEDED = $(shell command -v sipp >/dev/null 2>&1 || echo sip-tester) \
               $(shell command -v promtool >/dev/null 2>&1 || echo prometheus) \
               $(shell command -v ip >/dev/null 2>&1 || echo iproute2) \
               $(shell command -v nft >/dev/null 2>&1 || echo nftables) \
-              $(shell command -v systemd-analyze >/dev/null 2>&1 || echo systemd)
+              $(shell command -v systemd-analyze >/dev/null 2>&1 || echo systemd) \
+              $(shell command -v chromium >/dev/null 2>&1 || echo chromium) \
+              $(shell command -v chromedriver >/dev/null 2>&1 || echo chromium-driver)
 system-deps:
 	@if [ -n "$(strip $(DEBS_NEEDED))" ]; then \
 	  echo "installing Debian packages: $(DEBS_NEEDED)"; \

@@ -40,7 +40,7 @@ DESCRIPTIONS = {
     "403": "forbidden: the key's scope does not allow this", "404": "not_found / call_not_found",
     "405": "method_not_allowed", "409": "a conflict with stored state (see `code`)",
     "413": "payload_too_large", "415": "unsupported_media_type",
-    "422": "validation_failed or a field's own code (channels_out_of_range, number_invalid)",
+    "422": "validation_failed or a field's own code (channels_out_of_range, number_invalid, password_too_weak)",
     "429": "rate_limited (see Retry-After)", "500": "internal_error (logged)",
     "503": "store_unavailable: nothing was written", "507": "store_full: nothing was written",
 }
@@ -48,6 +48,7 @@ DESCRIPTIONS = {
 EXAMPLES: dict[str, dict[str, Any]] = {
     "createAccount": {"name": "Acme", "admin": "acme.admin"},
     "topUpAccount": {"amount": "100.00"},
+    "setAdminPassword": {"password": "correct horse battery staple"},
     "createProfile": {"name": "HQ", "channels": 10, "auth": "digest"},
     "updateProfile": {"channels": 20},
     "allocateProfileCredit": {"amount": "5.00"},
