@@ -98,10 +98,10 @@ class SipService:
 
         :raises TlsSetupError: the new ``[tls]`` files are unusable (nothing was changed).
         """
-        if cfg.tls != self.cfg.tls or (self.transports.tls is None and uses_tls(cfg)):
+        if uses_tls(cfg):  # the files are read again even under the same names (a renewed certificate)
             if self.transports.tls is None:
                 self.transports.tls = tls_contexts(cfg)
-            elif uses_tls(cfg):
+            else:
                 self.transports.tls.reload(cfg.tls)  # new handshakes only: connections keep their session
         self.cfg = cfg
         sip = cfg.sip

@@ -29,6 +29,7 @@ import asyncio
 import datetime
 import logging
 import ssl
+import time
 from typing import TYPE_CHECKING
 
 from cryptography import x509
@@ -313,14 +314,32 @@ class TlsAccept:
         return None
 
 
+_log_quiet_until: dict[tuple[str, str], list[float]] = {}  # (side, reason) -> [quiet until, suppressed]
+INBOUND_LOG_INTERVAL = 10.0        # seconds between two log lines for inbound failures of one side and reason
+
+
 def handshake_failed(layer: Transports, side: str, direction: str, peer: object, exc: BaseException) -> None:
-    """Count and log one refused or failed handshake, with its reason and no traceback."""
+    """Count and log one refused or failed handshake, with its reason and no traceback.
+
+    Toward carriers every failure is logged (they are few and configured); inbound ones at most
+    once per ``INBOUND_LOG_INTERVAL`` per side and reason, with the number left out, so that a
+    scanner hammering the port cannot flood the log (the counter has them all)."""
     reason = failure_reason(exc)
-    layer.metrics.tls_handshake_failures.labels(side or "both", reason).inc()
+    side_label = side or "both"
+    layer.metrics.tls_handshake_failures.labels(side_label, reason).inc()
+    suppressed = 0
+    if direction == "in":
+        now = time.monotonic()
+        state = _log_quiet_until.setdefault((side_label, reason), [0.0, 0])
+        if now < state[0]:
+            state[1] += 1
+            return
+        suppressed, state[0], state[1] = int(state[1]), now + INBOUND_LOG_INTERVAL, 0
     where = peer if isinstance(peer, str) else (f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?")
-    log.warning("TLS handshake %s %s failed: %s (%s)", "from" if direction == "in" else "to", where, reason,
-                _verify_detail(exc), extra={"event": "tls_handshake_failed", "side": side or "both",
-                                            "direction": direction, "peer": where, "reason": reason})
+    log.warning("TLS handshake %s %s failed: %s (%s)%s", "from" if direction == "in" else "to", where, reason,
+                _verify_detail(exc), f"; {suppressed} more like it not logged" if suppressed else "",
+                extra={"event": "tls_handshake_failed", "side": side_label, "direction": direction,
+                       "peer": where, "reason": reason})
 
 
 async def connect(layer: Transports, host: str, port: int, side: str,
