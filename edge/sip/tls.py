@@ -30,7 +30,7 @@ import datetime
 import logging
 import ssl
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -173,6 +173,8 @@ class TlsContexts:
         else:
             to_carrier.check_hostname = False
             to_carrier.verify_mode = ssl.CERT_NONE
+            log.warning("[tls] verify_carriers = false: carriers' certificates are not checked; anyone on "
+                        "the path can pose as a carrier", extra={"event": "tls_verify_off"})
         if client_cert and cert and key:
             to_carrier.load_cert_chain(cert, key)
         to_pbx = _base(1)
@@ -272,7 +274,7 @@ class TlsAccept:
         self._task: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport subclasses
         transport.pause_reading()
         if self.layer.tcp_count + len(self.layer.handshaking) >= self.layer.max_tcp:
             self.layer.metrics.transport_errors.labels("tcp_limit").inc()

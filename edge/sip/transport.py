@@ -391,10 +391,15 @@ class Transports:
 
     # -------------------------------------------------------------- sending
 
-    def send(self, data: bytes, dest: Peer) -> None:
+    def send(self, data: bytes, dest: Peer, on_failure: Callable[[], None] | None = None) -> None:
         """Send one message. TCP reuses the connection of ``dest`` (or any to that address),
-        else opens one; UDP goes from the listener."""
-        self._send_raw(data, dest)
+        else opens one; UDP goes from the listener.
+
+        :param on_failure: called when a connection for the message cannot be made (refused,
+            timed out, a TLS handshake refused): RFC 3261 §17.1.4, the transaction learns of
+            the transport error at once instead of waiting for Timer B/F.
+        """
+        self._send_raw(data, dest, on_failure)
 
     def _udp_toward(self, dest: Peer) -> SipUdp | None:
         """The socket of ``dest``'s side and address family: a message leaves from the side
@@ -402,7 +407,7 @@ class Transports:
         family = socket.AF_INET6 if ":" in dest.host else socket.AF_INET
         return self.udp_toward.get((dest.side, family)) or self.udp_toward.get((BOTH, family)) or self.udp_default
 
-    def _send_raw(self, data: bytes, dest: Peer) -> None:
+    def _send_raw(self, data: bytes, dest: Peer, on_failure: Callable[[], None] | None = None) -> None:
         if dest.proto == "udp":
             udp = self._udp_toward(dest)
             if udp is None or udp.closed:
@@ -415,10 +420,10 @@ class Transports:
         if conn is not None and conn.proto == dest.proto and conn.write(data):
             return  # a message for TLS never leaves over a plain TCP connection to the same address
         asyncio.get_running_loop().create_task(
-            self._connect_and_send(data, dest.host, dest.port, dest.side, dest.proto))
+            self._connect_and_send(data, dest.host, dest.port, dest.side, dest.proto, on_failure))
 
     async def _connect_and_send(self, data: bytes, host: str, port: int, side: str = BOTH,
-                                proto: str = "tcp") -> None:
+                                proto: str = "tcp", on_failure: Callable[[], None] | None = None) -> None:
         key = (host, port)
         task = self._pending.get(key)
         if task is None:
@@ -427,6 +432,8 @@ class Transports:
         self._pending.pop(key, None)
         if conn is None or conn.proto != proto or not conn.write(data):
             self.metrics.transport_errors.labels(f"{proto}_connect").inc()
+            if on_failure is not None:
+                on_failure()
 
     async def _connect(self, host: str, port: int, side: str = BOTH, proto: str = "tcp") -> TcpConnection | None:
         """A new connection toward ``side``, from that side's TCP (or TLS) listener address."""
