@@ -24,8 +24,19 @@ from edgeproc import EdgeProcess, free_port
 from tlscerts import TestCA
 
 from e2e.pjua import PjUA, provision_profile
-from e2e.test_calls_e2e import (CARRIER_TONE, PBX_TONE, RATES, TALK, UK, ParallelPool, assert_hears, attach_number,
-                                cdrs, free_media_block, hang_up)
+from e2e.test_calls_e2e import (
+    CARRIER_TONE,
+    PBX_TONE,
+    RATES,
+    TALK,
+    UK,
+    ParallelPool,
+    assert_hears,
+    attach_number,
+    cdrs,
+    free_media_block,
+    hang_up,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
