@@ -33,6 +33,7 @@ import datetime
 import hashlib
 import ipaddress
 import json
+import os
 import re
 import resource
 import secrets
@@ -64,6 +65,7 @@ from bench.bench_register import (
 CHALLENGE = re.compile(rb'WWW-Authenticate:\s*Digest\s+([^\r\n]+)', re.I)
 STATUS = re.compile(rb"^SIP/2\.0 (\d{3})")
 PARAM = re.compile(r'(\w+)=("[^"]*"|[^,\s]+)')
+KAM_TLS_MODULE = Path("/usr/lib/x86_64-linux-gnu/kamailio/modules/tls.so")
 
 
 # -- certificates ----------------------------------------------------------------------------
@@ -324,8 +326,14 @@ def main(argv: list[str] | None = None) -> int:
     seconds = args.seconds or (5.0 if args.quick else 15.0)
     repeats = args.repeats or (1 if args.quick else 3)
     ensure_debs({"kamailio": "kamailio", "taskset": "util-linux"})
-    if not Path("/usr/lib/x86_64-linux-gnu/kamailio/modules/tls.so").exists():
-        ensure_debs({"kamailio-tls-modules-missing": "kamailio-tls-modules"})
+    if not KAM_TLS_MODULE.exists():  # a module, not a binary: ensure_debs cannot see it
+        log("installing Debian package: kamailio-tls-modules")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, timeout=600)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "kamailio-tls-modules"], check=True, env=env,
+                       timeout=1200, stdout=subprocess.DEVNULL)
+        if not KAM_TLS_MODULE.exists():
+            raise SystemExit(f"{KAM_TLS_MODULE} still missing after installing kamailio-tls-modules")
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-tls-register-"))
     certs = make_certificates(workdir)
