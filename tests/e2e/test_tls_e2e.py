@@ -128,6 +128,8 @@ def test_outgoing_call_over_tls_with_audio(edge: EdgeProcess, api: Any, pbx: PjU
     assert_hears(leg.record_wav, PBX_TONE, CARRIER_TONE)
     cdr = cdrs(api, prof)[0]
     assert cdr["status"] == 200 and cdr["transport"] == {"customer": "tls", "carrier": "udp"}
+    metrics = api.get("/metrics").text
+    assert 'edge_calls_started_by_transport_total{direction="outgoing",transport="tls"} 1.0' in metrics
 
 
 def test_incoming_call_over_the_registered_tls_connection(edge: EdgeProcess, api: Any, pbx: PjUA,
