@@ -14,6 +14,7 @@ relay in the middle that sees no SIP in clear.
 from __future__ import annotations
 
 import json
+import random
 import re
 import signal
 import socket
@@ -27,8 +28,8 @@ from pathlib import Path
 import httpx
 import pytest
 from edgeproc import EdgeProcess, free_port
-from rawsip import RawSip, digest
-from test_calls_raw import Carrier, attach_number, carrier_final, carrier_invite, new_profile
+from rawsip import RawSip, digest, sdp
+from test_calls_raw import Carrier, Pbx, attach_number, carrier_final, carrier_invite, new_profile
 from tlscerts import TestCA, serial_of
 
 from edge.sip import build_response, frame_length, parse
@@ -84,6 +85,26 @@ def wait_for(fn, timeout: float = 10.0, what: str = "condition"):
         time.sleep(0.05)
 
 
+def free_media_block(size: int = 100) -> tuple[int, int]:
+    """Relay ports free right now below the ephemeral range: other test processes on this
+    machine run edges too, and a shared block ends in 503 "no media ports"."""
+    for _ in range(50):
+        lo = random.randrange(10000, 20000 - size, 2)
+        socks: list[socket.socket] = []
+        try:
+            for port in range(lo, lo + size):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return lo, lo + size - 1
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no free block of media ports")
+
+
 def reload(edge: EdgeProcess) -> dict:
     """SIGHUP, then the outcome the node writes to reload.json."""
     path = edge.data / "reload.json"
@@ -121,6 +142,7 @@ class TlsCarrier:
         self.accepted = 0           # TCP connections accepted
         self.handshakes = 0         # of them, handshakes that succeeded
         self.options = 0
+        self.requests: list[object] = []  # every other request, as parsed
         self.client_subjects: list[str] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._accept, daemon=True)]
@@ -166,6 +188,15 @@ class TlsCarrier:
                     if msg.is_request and msg.method == "OPTIONS":
                         self.options += 1
                         conn.sendall(build_response(msg, 200, to_tag="gw"))
+                    elif msg.is_request:
+                        self.requests.append(msg)
+                        if msg.method == "INVITE":  # answered at once, over the connection it came on
+                            contact = f"<sip:gw@{self.host}:{self.port};transport=tls>"
+                            conn.sendall(build_response(msg, 200, to_tag="gw", body=sdp(40000, host=self.host),
+                                                        headers=[("Contact", contact),
+                                                                 ("Content-Type", "application/sdp")]))
+                        elif msg.method == "BYE":
+                            conn.sendall(build_response(msg, 200))
 
     def close(self) -> None:
         self._stop.set()
@@ -250,12 +281,26 @@ def edge(tmp_path_factory: pytest.TempPathFactory, ca: TestCA,
     extra = (carrier_toml + '[health]\nenabled = true\ninterval = 0.3\ntimeout = 1.0\nthreshold = 1\n'
              f'[tls]\ncert = "{cert}"\nkey = "{key}"\nca = "{ca.path}"\nclient_cert_carriers = true\n')
     proc = EdgeProcess(tmp_path_factory.mktemp("tls"), extra_config=extra, trusted=["127.0.0.2/32"],
-                       sip_extra="rate_limit = 0", listen_extra=(f"tls:127.0.0.1:{tls_port}",))
+                       sip_extra="rate_limit = 0", listen_extra=(f"tls:127.0.0.1:{tls_port}",),
+                       media_ports=free_media_block())
     proc.tls_port = tls_port  # type: ignore[attr-defined]
     proc.tls_cert = cert  # type: ignore[attr-defined]
     proc.tls_key = key  # type: ignore[attr-defined]
     with proc:
+        with proc.client() as api:
+            assert api.put("/v1/rates", json={"rates": [
+                {"prefix": "44", "rate": "0.0200", "min_seconds": 60, "increment_seconds": 6}]}).status_code == 200
         yield proc
+
+
+class TlsPbx(Pbx):
+    """test_calls_raw's PBX (INVITE with digest, ACK, BYE) on a TLS connection."""
+
+    def __init__(self, edge: EdgeProcess, ctx: ssl.SSLContext) -> None:
+        RawSip.__init__(self, edge.tls_port, "tls", tls=ctx)  # type: ignore[attr-defined]
+        self.rtp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.rtp.bind(("127.0.0.1", 0))
+        self.rtp_port = self.rtp.getsockname()[1]
 
 
 @pytest.fixture
@@ -382,6 +427,33 @@ def test_carriers_over_tls_are_verified(edge: EdgeProcess, carriers: dict[str, T
     log = edge.log.read_text()
     assert f"127.0.0.3:{wrong.port} failed: wrong_host" in log
     assert "Traceback" not in log
+
+
+def test_a_call_over_tls_on_both_legs(edge: EdgeProcess, ca: TestCA, carriers: dict[str, TlsCarrier]) -> None:
+    good = carriers["good"]
+    wait_for(lambda: good.options >= 1, 10.0, "the carrier probed up")
+    pbx = TlsPbx(edge, client_context(ca))
+    try:
+        prof = new_profile(edge)
+        d = pbx.invite(prof, "+442071234567")
+        assert d["first"].status == 407
+        ok = pbx.recv_final()
+        assert ok.status == 200, ok.raw
+        assert ";transport=tls" in ok.header("Contact")
+        pbx.ack(d, ok.to_tag)
+        invite = wait_for(lambda: [r for r in good.requests if r.method == "INVITE"], 5.0, "the INVITE")[0]
+        assert invite.header("Via").startswith("SIP/2.0/TLS 127.0.0.1:")
+        assert ";transport=tls" in invite.header("Contact")
+        wait_for(lambda: any(r.method == "ACK" for r in good.requests), 5.0, "the ACK over TLS")
+        assert pbx.bye(d, ok.to_tag).status == 200
+        wait_for(lambda: any(r.method == "BYE" for r in good.requests), 5.0, "the BYE over TLS")
+        assert good.handshakes == 1  # probes, INVITE, ACK and BYE: one connection
+        with edge.client() as api:
+            cdr = wait_for(lambda: api.get(f"/v1/profiles/{prof['id']}/cdrs").json()["items"], 5.0, "CDR")[0]
+        assert cdr["status"] == 200 and cdr["transport"] == {"customer": "tls", "carrier": "tls"}
+        assert cdr["carrier"] == f"sip:127.0.0.2:{good.port};transport=tls"
+    finally:
+        pbx.close()
 
 
 # ------------------------------------------------------------------------------ reload
