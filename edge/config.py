@@ -108,6 +108,17 @@ class HealthConfig(Section):
     recovery: Annotated[int, msgspec.Meta(ge=1, le=100)] = 2         # answered probes in a row: up again
 
 
+class TlsConfig(Section):
+    """Certificates of every ``tls:`` listener and of connections toward carriers with
+    ``transport=tls`` (SPEC §2.1, docs/security.md). Paths to PEM files."""
+
+    cert: str = ""                      # the edge's certificate chain (leaf first)
+    key: str = ""                       # its private key (unencrypted PEM, readable by the edge only)
+    ca: str = ""                        # trust anchors for carrier certificates ("": the system's)
+    verify_carriers: bool = True        # check a carrier's certificate chain and host name
+    client_cert_carriers: bool = False  # present cert/key to carriers (mutual TLS)
+
+
 class InboundConfig(Section):
     trusted: list[str] = []
 
@@ -137,6 +148,7 @@ class Config(Section):
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
     inbound: InboundConfig = msgspec.field(default_factory=InboundConfig)
     credit: CreditConfig = msgspec.field(default_factory=CreditConfig)
+    tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
 
 
 class ConfigError(Exception):
@@ -155,8 +167,8 @@ def _check_hostport(key: str, value: str) -> tuple[str, int]:
 def parse_listen(value: str, key: str = "sip.listen") -> tuple[str, str, int]:
     """``"udp:127.0.0.1:5060"`` -> ("udp", "127.0.0.1", 5060); ``"udp:[::1]:5060"`` -> ("udp", "::1", 5060)."""
     transport, sep, rest = value.partition(":")
-    if not sep or transport not in ("udp", "tcp"):
-        raise ConfigError(f"{key}: expected udp:HOST:PORT or tcp:HOST:PORT, got {value!r}")
+    if not sep or transport not in ("udp", "tcp", "tls"):
+        raise ConfigError(f"{key}: expected udp:HOST:PORT, tcp:HOST:PORT or tls:HOST:PORT, got {value!r}")
     host, port = _check_hostport(key, rest)
     return transport, host, port
 
@@ -267,11 +279,23 @@ def validate(cfg: Config) -> Config:
     for i, carrier in enumerate(cfg.carriers):
         if not carrier.uri.startswith(("sip:", "sips:")):
             raise ConfigError(f"carriers[{i}].uri: expected a sip: URI, got {carrier.uri!r}")
+    uses_tls = any(proto == "tls" for side in sides.values() for proto, _, _ in side.listeners)
+    carriers_tls = any(carrier_uses_tls(c.uri) for c in cfg.carriers)
+    if uses_tls or carriers_tls:
+        from .sip.tls import check_tls_config  # ssl and cryptography only when TLS is configured
+
+        check_tls_config(cfg.tls, listeners=uses_tls, carriers=carriers_tls)
     if not cfg.sip.digest_algorithms:
         raise ConfigError("sip.digest_algorithms: offer at least one of SHA-256, MD5")
     if cfg.sip.min_expires > cfg.sip.max_expires:
         raise ConfigError("sip.min_expires: larger than sip.max_expires")
     return cfg
+
+
+def carrier_uses_tls(uri: str) -> bool:
+    """A ``sips:`` URI (RFC 5630) or one with ``transport=tls`` is reached over TLS."""
+    params = uri.partition(">")[0].split(";")[1:]
+    return uri.lower().startswith("sips:") or any(p.strip().lower() == "transport=tls" for p in params)
 
 
 def load(path: str | os.PathLike[str] | None) -> Config:
@@ -310,6 +334,8 @@ RELOADABLE = frozenset({
     "sip.rate_limit", "sip.rate_burst", "sip.profile_rate_limit", "sip.auth_block_threshold",
     "sip.auth_block_seconds", "sip.tcp_max_connections", "sip.setup_timeout", "sip.min_expires",
     "sip.max_expires", "credit.max_call_seconds",
+    # new handshakes use the new files; established TLS connections keep theirs (edge/sip/tls.py)
+    "tls.cert", "tls.key", "tls.ca", "tls.verify_carriers", "tls.client_cert_carriers",
 })
 
 

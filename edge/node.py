@@ -261,14 +261,15 @@ class Node:
 
     def reload(self, new: Config) -> list[str]:
         """Apply ``new`` to the running node without dropping a call, a registration or a
-        connection: carriers, trusted sources, limits, log level (config.RELOADABLE).
+        connection: carriers, trusted sources, limits, log level, TLS certificates (config.RELOADABLE).
 
         :returns: the changed keys that only a restart applies (they keep their running value).
+        :raises ConfigError: the new TLS files are unusable; nothing was applied.
         """
         restart = restart_only_changes(self.cfg, new)
         old = self.cfg
         applied = msgspec.structs.replace(
-            old, node=new.node, carriers=new.carriers, inbound=new.inbound,
+            old, node=new.node, carriers=new.carriers, inbound=new.inbound, tls=new.tls,
             sip=msgspec.structs.replace(old.sip, **{key: getattr(new.sip, key) for key in RELOADABLE_SIP}),
             credit=msgspec.structs.replace(old.credit, max_call_seconds=new.credit.max_call_seconds))
         self.sip.reconfigure(applied)
@@ -291,11 +292,11 @@ class Node:
             if self.config_path is None:
                 raise ConfigError("started without a config file: nothing to reload")
             new = load(self.config_path)
+            restart = self.reload(new)  # the TLS files are read again here: a ConfigError changes nothing
         except ConfigError as exc:
             log.error("reload refused, the running config stays: %s", exc, extra={"event": "reload_refused"})
             self._record_reload(ok=False, error=str(exc))
         else:
-            restart = self.reload(new)
             if restart:
                 log.warning("reload: %s changed; applied at the next start", ", ".join(restart),
                             extra={"event": "reload_restart_keys"})

@@ -52,7 +52,8 @@ class EdgeProcess:
 
     def __init__(self, tmp: Path, *, extra_config: str = "", sip_port: int | None = None,
                  carriers: list[str] | None = None, trusted: list[str] | None = None,
-                 media_ports: tuple[int, int] = (0, 0), sip_extra: str = "", map_size_mb: int = 256) -> None:
+                 media_ports: tuple[int, int] = (0, 0), sip_extra: str = "", map_size_mb: int = 256,
+                 listen_extra: tuple[str, ...] = ()) -> None:
         self.tmp = Path(tmp)
         self.api_port = free_port()
         self.sip_port = sip_port or free_port()
@@ -66,7 +67,8 @@ class EdgeProcess:
         carriers_toml = "".join(f'[[carriers]]\nuri = "{c}"\npriority = 1\nweight = 100\n' for c in (carriers or []))
         self.config = self.tmp / "sipedge.toml"
         self.config.write_text(
-            f'[sip]\nlisten = ["udp:127.0.0.1:{self.sip_port}", "tcp:127.0.0.1:{self.sip_port}"]\n'
+            f'[sip]\nlisten = ["udp:127.0.0.1:{self.sip_port}", "tcp:127.0.0.1:{self.sip_port}"'
+            + "".join(f', "{item}"' for item in listen_extra) + ']\n'
             f'domain = "sip.edge.test"\n{sip_extra}\n'
             f'[media]\naddress = "127.0.0.1"\nports = [{lo}, {hi}]\n'
             f'[api]\nlisten = "127.0.0.1:{self.api_port}"\ntoken = "{TOKEN}"\n'

@@ -43,9 +43,13 @@ class Hangup(Protocol):
 
 
 def _name_carrier(call: Call, live: LiveCall) -> None:
-    """The CDR's carrier: the one that answered an outgoing call, or the last one tried."""
+    """The CDR's carrier: the one that answered an outgoing call, or the last one tried;
+    and the transport of each leg, by side."""
     if call.direction is Direction.OUTGOING and call.attempt:
         live.carrier = call.attempt
+    for session in (call.inbound, call.outbound):
+        if session is not None:
+            live.transport[call.side_of(session).value] = session.peer.proto
 
 
 class Billing:

@@ -23,6 +23,7 @@ from edge.config import CarrierConfig, HealthConfig
 from edge.sip import SipMessage, parse_uri
 from edge.sip.dialog import Local
 from edge.sip.request import OutRequest, new_call_id, new_tag
+from edge.sip.tls import default_port, transport_of
 from edge.sip.transaction import TransactionLayer
 from edge.sip.transport import Peer
 
@@ -34,7 +35,7 @@ DOWN_STATUSES = frozenset({408, 503})
 def carrier_label(carrier: CarrierConfig) -> str:
     """The ``carrier`` label of a carrier: its URI's host:port."""
     uri = parse_uri(carrier.uri)
-    return f"{uri.host}:{uri.port or 5060}"
+    return f"{uri.host}:{uri.port or default_port(transport_of(uri))}"
 
 
 class CarrierState:
@@ -88,7 +89,8 @@ class CarrierHealth:
         states: dict[str, CarrierState] = {}
         for carrier in carriers:
             uri = parse_uri(carrier.uri)
-            peer = Peer((uri.params.get("transport") or "udp").lower(), uri.host, uri.port or 5060, side="carrier")
+            proto = transport_of(uri)
+            peer = Peer(proto, uri.host, uri.port or default_port(proto), side="carrier")
             label = carrier_label(carrier)
             host = f"[{uri.host}]" if ":" in uri.host else uri.host
             states.setdefault(label, self.states.get(label) or CarrierState(label, peer, f"sip:{host}:{peer.port}"))

@@ -117,6 +117,7 @@ class CallController:
         self.calls[call.id] = call
         m = self.metrics
         m.child(m.started, call.direction.value).inc()
+        m.child(m.started_by_transport, call.direction.value, a.tx.peer.proto).inc()  # udp | tcp | tls
         m.child(m.active, call.direction.value).inc()
         if log.isEnabledFor(logging.INFO):  # per-call lines: no dict built when not logged
             log.info("call started", extra={"event": "call_started", "call_id": call.id,

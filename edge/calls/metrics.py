@@ -21,6 +21,10 @@ class CallMetrics:
         self.rejected = Counter("edge_calls_rejected", "INVITEs refused before a channel was taken, by rule.",
                                 ["direction", "rule", "status"], registry=r)
         self.active = Gauge("edge_calls_active", "Calls in progress on this node.", ["direction"], registry=r)
+        # a family of its own: edge_calls_started keeps its labels (dashboards and alerts sum it by direction)
+        self.started_by_transport = Counter(
+            "edge_calls_started_by_transport", "Calls admitted, by the transport of the leg they came in on.",
+            ["direction", "transport"], registry=r)
         for direction in Direction:  # known label sets start at 0 (increase() sees the first call)
             self.started.labels(direction.value)
             self.active.labels(direction.value)

@@ -17,6 +17,7 @@ from edge.config import CarrierConfig
 from edge.control.models import Profile, Registration
 from edge.sip import SipParseError, parse_uri
 from edge.sip.dialog import peer_of
+from edge.sip.tls import default_port, transport_of
 from edge.sip.transport import Peer
 
 from .model import Call, CallState, Direction, Reject, Target
@@ -53,9 +54,11 @@ class Routing:
                 pick = self.rng.choices(group, weights=[max(c.weight, 0) or 1e-9 for c in group])[0]
                 group.remove(pick)
                 uri = parse_uri(pick.uri)
-                port = uri.port or 5060
-                peer = Peer((uri.params.get("transport") or "udp").lower(), uri.host, port)
-                out.append(Target(pick.uri, peer, f"sip:{callee}@{uri.host}:{port}"))
+                proto = transport_of(uri)  # sips: and transport=tls: over TLS (RFC 5630)
+                port = uri.port or default_port(proto)
+                peer = Peer(proto, uri.host, port)
+                scheme = "sips" if uri.scheme == "sips" else "sip"  # a sips: carrier stays sips (RFC 5630)
+                out.append(Target(pick.uri, peer, f"{scheme}:{callee}@{uri.host}:{port}"))
         return out
 
     def should_fail_over(self, call: Call, status: int) -> bool:
@@ -80,14 +83,15 @@ class Routing:
             contact = parse_uri(contact_text)
         except SipParseError:
             return Reject("not_registered", 480, "the PBX contact is not a usable SIP URI")
-        proto = (contact.params.get("transport") or "udp").lower()
+        proto = transport_of(contact)
         # NAT: send to where the REGISTER came from, not to a private Contact address
         peer = peer_of(source) if source else None
         if peer is None:
-            peer = Peer(proto, contact.host, contact.port or 5060)
+            peer = Peer(proto, contact.host, contact.port or default_port(proto))
         host_port = f"{contact.host}:{contact.port}" if contact.port else contact.host
         params = "".join(f";{k}={v}" if v is not None else f";{k}" for k, v in contact.params.items())
-        return Target("pbx", peer, f"sip:{pbx_user}@{host_port}{params}")
+        scheme = "sips" if contact.scheme == "sips" else "sip"
+        return Target("pbx", peer, f"{scheme}:{pbx_user}@{host_port}{params}")
 
     def outbound_uris(self, call: Call, target: Target, display: str | None) -> tuple[str, str]:
         """From and To of the outbound leg: the edge speaks for the profile on the carrier

@@ -10,12 +10,14 @@ from .money import format_money
 from .store import SEP, Txn, reads, u64, writes
 from .times import rfc3339, window
 
+LEG_SIDES = ("customer", "carrier")   # per-leg fields are keyed by the side the leg faces
 MEDIA_FIELDS = ("a_packets", "a_bytes", "a_lost", "a_dropped", "a_jitter_us",
                 "b_packets", "b_bytes", "b_lost", "b_dropped", "b_jitter_us")
 #: the columns of a CSV export, in order: one per CDR field, media stats flattened (media_a_packets ...)
 CSV_COLUMNS = ("seq", "call_id", "account_id", "profile_id", "direction", "caller", "callee", "carrier",
                "started_at", "answered_at", "ended_at", "setup_seconds", "talk_seconds", "duration", "status",
-               "end_reason", "cost", "bundle_seconds", "rate_prefix", *(f"media_{f}" for f in MEDIA_FIELDS))
+               "end_reason", "cost", "bundle_seconds", "rate_prefix", *(f"media_{f}" for f in MEDIA_FIELDS),
+               *(f"transport_{side}" for side in LEG_SIDES))
 
 
 def fields(cdr: Cdr) -> dict[str, Any]:
@@ -31,6 +33,7 @@ def fields(cdr: Cdr) -> dict[str, Any]:
         "duration": cdr.duration, "status": cdr.status, "end_reason": cdr.end_reason,
         "cost": format_money(cdr.cost), "bundle_seconds": cdr.bundle_seconds, "rate_prefix": cdr.rate_prefix,
         "media": {f: cdr.media.get(f, 0) for f in MEDIA_FIELDS} if cdr.media else {},
+        "transport": dict(cdr.transport),
     }
 
 
@@ -39,7 +42,8 @@ def csv_row(cdr: Cdr) -> list[Any]:
     f = fields(cdr)
     media = f.pop("media")
     row = ["" if f[c] is None else f[c] for c in CSV_COLUMNS[:19]]
-    return row + [media.get(m, "") if media else "" for m in MEDIA_FIELDS]
+    return (row + [media.get(m, "") if media else "" for m in MEDIA_FIELDS]
+            + [cdr.transport.get(side, "") for side in LEG_SIDES])
 
 
 def add(txn: Txn, cdr: Cdr) -> Cdr:

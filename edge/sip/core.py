@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
 
-from edge.config import Config, resolve_sides
+from edge.config import Config, carrier_uses_tls, resolve_sides
 from edge.control.errors import StoreError
 from edge.control.store import Store
 
@@ -20,6 +20,7 @@ from .auth import DigestAuth, FailureTracker
 from .dialog import Dialogs
 from .metrics import SipMetrics
 from .registrar import Registrar
+from .tls import TlsContexts
 from .transaction import Clock, ServerTransaction, State, TransactionLayer
 from .transport import BOTH, Peer, Transports
 
@@ -79,6 +80,7 @@ class SipService:
                                      tcp_body_timeout=cfg.sip.tcp_body_timeout)
         self.registrar = Registrar(store, self.auth, self.metrics, self.failures, self.auth_failed,
                                    min_expires=cfg.sip.min_expires, max_expires=cfg.sip.max_expires)
+        self.transports.tls = tls_contexts(cfg)
         self.transactions = TransactionLayer(self.transports, self, self.metrics, loop)
         self.dialogs = dialogs
         self.on_invite: Callable[[ServerTransaction], None] | None = None
@@ -91,8 +93,17 @@ class SipService:
         self.on_invite = on_invite
 
     def reconfigure(self, cfg: Config) -> None:
-        """A reload (SPEC §2.2): trusted sources and limits change; listeners, connections,
-        transactions and dialogs stay as they are."""
+        """A reload (SPEC §2.2): trusted sources, limits and TLS certificates change;
+        listeners, connections, transactions and dialogs stay as they are.
+
+        :raises TlsSetupError: the new ``[tls]`` files are unusable (nothing was changed).
+        """
+        if uses_tls(cfg):  # the files are read again even under the same names (a renewed certificate)
+            if self.transports.tls is None:
+                self.transports.tls = tls_contexts(cfg)
+            else:
+                self.transports.tls.reload(cfg.tls)  # new handshakes only: connections keep their session
+        self.cfg = cfg
         sip = cfg.sip
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in cfg.inbound.trusted]
         self.limiter.rate, self.limiter.burst = sip.rate_limit, sip.rate_burst
@@ -173,7 +184,10 @@ class SipService:
             if not self.dialogs.on_request(tx):
                 tx.respond(481, "Call/Transaction Does Not Exist")
             return
-        if method == "REGISTER":
+        if tx.peer.proto != "tls" and req.uri is not None and req.uri.scheme == "sips":
+            # RFC 5630 §3.1.3: SIPS means TLS on every hop, no last-hop exception (docs/security.md)
+            tx.respond(416, "SIPS Requires TLS")
+        elif method == "REGISTER":
             if tx.peer.side == "carrier":  # PBXs register on the customer side (SPEC §2.1)
                 tx.respond(403, "Registrations are taken on the customer side")
             else:
@@ -204,6 +218,17 @@ class SipService:
 
     def on_stray_response(self, msg: SipMessage, peer: Peer) -> None:
         self.dialogs.on_stray_response(msg)
+
+
+def uses_tls(cfg: Config) -> bool:
+    """A ``tls:`` listener or a carrier reached over TLS."""
+    listens = any(proto == "tls" for side in resolve_sides(cfg).values() for proto, _, _ in side.listeners)
+    return listens or any(carrier_uses_tls(c.uri) for c in cfg.carriers)
+
+
+def tls_contexts(cfg: Config) -> TlsContexts | None:
+    """The node's TLS contexts when it uses TLS (the files were checked by config.validate)."""
+    return TlsContexts.from_config(cfg.tls) if uses_tls(cfg) else None
 
 
 def listeners_by_side(cfg: Config) -> dict[tuple[str, str, int], str]:

@@ -171,7 +171,7 @@ def peer_of(text: str) -> Peer | None:
     """``"udp:1.2.3.4:5060"`` (as ``str(Peer)`` writes it) back to a Peer."""
     proto, _, rest = text.partition(":")
     host, _, port = rest.rpartition(":")
-    if proto not in ("udp", "tcp") or not host or not port.isdigit():
+    if proto not in ("udp", "tcp", "tls") or not host or not port.isdigit():
         return None
     return Peer(proto, host.strip("[]"), int(port))
 

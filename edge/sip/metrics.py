@@ -45,6 +45,10 @@ class SipMetrics:
         self.auth_blocks = Counter(
             "edge_sip_auth_blocks", "Sources blocked after repeated authentication failures (the address is logged).",
             registry=r)
+        self.tls_handshake_failures = Counter(
+            "edge_tls_handshake_failures", "TLS handshakes refused or failed, by side and reason "
+            "(expired, wrong_host, untrusted, no_certificate, peer_refused, protocol, timeout, closed, other).",
+            ["side", "reason"], registry=r)
         # Known label sets start at 0, so increase() sees the first event and panels show 0, not "No data".
         for scope in ("source", "profile", "auth_block"):
             self.rate_limited.labels(scope)

@@ -191,7 +191,16 @@ class ClientTransaction:
         self._after(64 * self.layer.t1, self._timeout)      # Timer B / F
 
     def _send(self, data: bytes) -> None:
-        self.layer.transports.send(data, self.dest)
+        if self.reliable:
+            self.layer.transports.send(data, self.dest, self._transport_failed)
+        else:
+            self.layer.transports.send(data, self.dest)
+
+    def _transport_failed(self) -> None:
+        """No connection for the request (RFC 3261 §17.1.4): a timeout now, not after Timer B."""
+        if self.state in (State.CALLING, State.TRYING):
+            self._terminate()
+            self.on_timeout()
 
     def _retransmit(self) -> None:
         if self.state in (State.CALLING, State.TRYING) or (not self.is_invite and self.state is State.PROCEEDING):

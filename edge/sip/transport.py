@@ -1,4 +1,4 @@
-"""SIP over UDP and TCP on asyncio (RFC 3261 §18, RFC 3581).
+"""SIP over UDP, TCP and TLS on asyncio (RFC 3261 §18, RFC 3581; TLS in ``tls.py``).
 
 This is the one boundary where bytes from the network become ``SipMessage``s
 (STYLE.md, docs/sip.md "The boundary"): ``parse()`` then ``SipMessage.validate()``, so
@@ -17,12 +17,15 @@ import enum
 import logging
 import socket
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from edge.logs import ThrottledLog
 
 from . import SipMessage, SipParseError, build_stateless_error, frame_length, parse, skip_keepalive
 from .metrics import SipMetrics
+
+if TYPE_CHECKING:
+    from .tls import TlsContexts
 
 log = logging.getLogger("sipedge.sip")
 
@@ -43,10 +46,10 @@ class Peer(NamedTuple):
     serves both sides (the single-interface configuration).
     """
 
-    proto: str                               # "udp" | "tcp"
+    proto: str                               # "udp" | "tcp" | "tls"
     host: str
     port: int
-    conn: TcpConnection | None = None      # the TCP connection it arrived on
+    conn: TcpConnection | None = None      # the TCP or TLS connection it arrived on
     side: str = ""
 
     def __str__(self) -> str:
@@ -135,6 +138,8 @@ class TcpConnection(asyncio.Protocol):
     it fires early, sleeps again until it.
     """
 
+    proto = "tcp"  # the Peer transport of its messages (tls.TlsConnection: "tls")
+
     def __init__(self, layer: Transports, outbound_key: tuple[str, int] | None = None, side: str = BOTH) -> None:
         self.layer = layer
         self.side = side
@@ -151,7 +156,7 @@ class TcpConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         host, port = transport.get_extra_info("peername")[:2]
-        self.peer = Peer("tcp", host, port, self, self.side)
+        self.peer = Peer(self.proto, host, port, self, self.side)
         if not self.layer.admit(self):
             self.layer.metrics.transport_errors.labels("tcp_limit").inc()
             transport.close()
@@ -285,6 +290,8 @@ class Transports:
         self.local: dict[str, tuple[str, int]] = {}         # proto -> advertised (host, port)
         self.local_of: dict[tuple[str, str, int], tuple[str, int]] = {}  # (side, proto, family) -> (host, port)
         self._pending: dict[tuple[str, int], asyncio.Task[TcpConnection | None]] = {}
+        self.tls: TlsContexts | None = None                  # [tls] contexts; set before a tls: listen
+        self.handshaking: set[asyncio.Task[None]] = set()    # accepted TLS connections not yet upgraded
 
     async def listen(self, proto: str, host: str, port: int, side: str = BOTH) -> None:
         """Bind one listener of ``side`` (``BOTH``: a listener the two sides share)."""
@@ -310,6 +317,14 @@ class Transports:
             self.udp_default = self.udp_default or listener
             for s in sides:
                 self.udp_toward.setdefault((s, family), listener)
+        elif proto == "tls":
+            from .tls import TlsAccept
+
+            if self.tls is None or side not in self.tls.server:
+                raise OSError(0, "a tls: listener needs [tls] cert and key")
+            server = await loop.create_server(lambda: TlsAccept(self, side), host, port,  # type: ignore[arg-type,return-value]
+                                              reuse_address=True, backlog=1024)
+            self.tcp_servers.append(server)
         else:
             server = await loop.create_server(lambda: TcpConnection(self, side=side), host, port,
                                               reuse_address=True, backlog=1024)
@@ -376,10 +391,15 @@ class Transports:
 
     # -------------------------------------------------------------- sending
 
-    def send(self, data: bytes, dest: Peer) -> None:
+    def send(self, data: bytes, dest: Peer, on_failure: Callable[[], None] | None = None) -> None:
         """Send one message. TCP reuses the connection of ``dest`` (or any to that address),
-        else opens one; UDP goes from the listener."""
-        self._send_raw(data, dest)
+        else opens one; UDP goes from the listener.
+
+        :param on_failure: called when a connection for the message cannot be made (refused,
+            timed out, a TLS handshake refused): RFC 3261 §17.1.4, the transaction learns of
+            the transport error at once instead of waiting for Timer B/F.
+        """
+        self._send_raw(data, dest, on_failure)
 
     def _udp_toward(self, dest: Peer) -> SipUdp | None:
         """The socket of ``dest``'s side and address family: a message leaves from the side
@@ -387,7 +407,7 @@ class Transports:
         family = socket.AF_INET6 if ":" in dest.host else socket.AF_INET
         return self.udp_toward.get((dest.side, family)) or self.udp_toward.get((BOTH, family)) or self.udp_default
 
-    def _send_raw(self, data: bytes, dest: Peer) -> None:
+    def _send_raw(self, data: bytes, dest: Peer, on_failure: Callable[[], None] | None = None) -> None:
         if dest.proto == "udp":
             udp = self._udp_toward(dest)
             if udp is None or udp.closed:
@@ -397,25 +417,35 @@ class Transports:
             return
         conn = (dest.conn if dest.conn is not None and not dest.conn.closed
                 else self.tcp_by_peer.get((dest.host, dest.port)))
-        if conn is not None and conn.write(data):
-            return
-        asyncio.get_running_loop().create_task(self._connect_and_send(data, dest.host, dest.port, dest.side))
+        if conn is not None and conn.proto == dest.proto and conn.write(data):
+            return  # a message for TLS never leaves over a plain TCP connection to the same address
+        asyncio.get_running_loop().create_task(
+            self._connect_and_send(data, dest.host, dest.port, dest.side, dest.proto, on_failure))
 
-    async def _connect_and_send(self, data: bytes, host: str, port: int, side: str = BOTH) -> None:
+    async def _connect_and_send(self, data: bytes, host: str, port: int, side: str = BOTH,
+                                proto: str = "tcp", on_failure: Callable[[], None] | None = None) -> None:
         key = (host, port)
         task = self._pending.get(key)
         if task is None:
-            task = self._pending[key] = asyncio.get_running_loop().create_task(self._connect(host, port, side))
+            task = self._pending[key] = asyncio.get_running_loop().create_task(self._connect(host, port, side, proto))
         conn = await task
         self._pending.pop(key, None)
-        if conn is None or not conn.write(data):
-            self.metrics.transport_errors.labels("tcp_connect").inc()
+        if conn is None or conn.proto != proto or not conn.write(data):
+            self.metrics.transport_errors.labels(f"{proto}_connect").inc()
+            if on_failure is not None:
+                on_failure()
 
-    async def _connect(self, host: str, port: int, side: str = BOTH) -> TcpConnection | None:
-        """A new connection toward ``side``, from that side's TCP listener address."""
+    async def _connect(self, host: str, port: int, side: str = BOTH, proto: str = "tcp") -> TcpConnection | None:
+        """A new connection toward ``side``, from that side's TCP (or TLS) listener address."""
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        local = self.local_of.get((side, "tcp", family))
+        local = self.local_of.get((side, proto, family)) or self.local_of.get((side, "tcp", family))
+        if proto == "tls":
+            if self.tls is None:
+                return None
+            from .tls import connect
+
+            return await connect(self, host, port, side, (local[0], 0) if local and side else None)
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(lambda: TcpConnection(self, (host, port), side), host, port,
@@ -435,6 +465,8 @@ class Transports:
         return max(mine, key=lambda item: (item[0][1] == proto, item[0][2] == family))[1]
 
     def close(self) -> None:
+        for task in list(self.handshaking):
+            task.cancel()
         for udp in self.udp.values():
             udp.close()
         for server in self.tcp_servers:

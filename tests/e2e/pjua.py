@@ -305,7 +305,9 @@ class PjUA:
     :param name: label used in logs and the default SIP user.
     :param bind: local address for SIP and RTP.
     :param port: SIP port (0 = any free port; see :attr:`port`).
-    :param transport: ``"udp"`` or ``"tcp"``.
+    :param transport: ``"udp"``, ``"tcp"`` or ``"tls"``.
+    :param tls_ca: for ``"tls"``: the CA file the server's certificate is verified against
+        (pjsip checks chain and name; without it nothing is verified).
     :param null_audio: use the null audio device (always true in tests).
     :param log_dir: where the pjsip log goes (default: a temp dir; see :attr:`log_path`).
     :param log_level: pjsip log level for the file (4 logs every SIP message).
@@ -316,12 +318,12 @@ class PjUA:
     def __init__(self, name: str = "ua", bind: str = "127.0.0.1", port: int = 0, transport: str = "udp",
                  null_audio: bool = True, *, log_dir: str | os.PathLike[str] | None = None, log_level: int = 4,
                  media_port: int = 0, user_agent: str | None = None, max_calls: int = 32,
-                 max_lifetime: float = 900.0, start_timeout: float = 15.0) -> None:
+                 max_lifetime: float = 900.0, start_timeout: float = 15.0, tls_ca: str = "") -> None:
         self.name = name
         self.bind = bind
         self.transport = transport.lower()
-        if self.transport not in ("udp", "tcp"):
-            raise ValueError("transport must be 'udp' or 'tcp'")
+        if self.transport not in ("udp", "tcp", "tls"):
+            raise ValueError("transport must be 'udp', 'tcp' or 'tls'")
         self._own_dir = None if log_dir else tempfile.mkdtemp(prefix=f"pjua-{name}-")
         self.dir = Path(log_dir or self._own_dir)  # type: ignore[arg-type]
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -341,7 +343,7 @@ class PjUA:
         cfg = {"name": name, "bind": bind, "port": port, "transport": self.transport, "null_audio": null_audio,
                "log_path": str(self.log_path), "log_level": log_level, "media_port": media_port,
                "user_agent": user_agent or f"sipedge-test-pjua/{name}", "max_calls": max_calls,
-               "max_lifetime": max_lifetime, "dir": str(self.dir)}
+               "max_lifetime": max_lifetime, "dir": str(self.dir), "tls_ca": tls_ca}
         self._stderr = open(self._stderr_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--child", json.dumps(cfg)],
@@ -357,7 +359,8 @@ class PjUA:
             raise
         self.port: int = ready["port"]
         #: ``sip:<name>@<bind>:<port>`` (with ``;transport=tcp`` on TCP): where this UA is reachable
-        self.uri: str = f"sip:{name}@{_host(bind)}:{self.port}" + (";transport=tcp" if self.transport == "tcp" else "")
+        self.uri: str = f"sip:{name}@{_host(bind)}:{self.port}" + (
+            f";transport={self.transport}" if self.transport != "udp" else "")
         self.contact = self.uri
 
     # ---- plumbing -------------------------------------------------------------------
@@ -461,7 +464,7 @@ class PjUA:
     def _with_transport(self, uri: str | None) -> str | None:
         if uri is None or self.transport == "udp" or "transport=" in uri.lower():
             return uri
-        return uri + ";transport=tcp"
+        return uri + f";transport={self.transport}"
 
     # ---- calls ----------------------------------------------------------------------
     def call(self, uri: str, *, from_user: str | None = None, domain: str | None = None,
@@ -479,9 +482,9 @@ class PjUA:
         :param tone_hz: sine played into the call (0 = silence).
         :param record_wav: where the remote audio is recorded (default: in the UA's dir).
         """
-        if (self.transport == "tcp" and proxy is None and not (use_registration and self._registered)
+        if (self.transport != "udp" and proxy is None and not (use_registration and self._registered)
                 and "transport=" not in uri.lower()):
-            uri = uri + ";transport=tcp"
+            uri = uri + f";transport={self.transport}"
         rec = str(record_wav) if record_wav else None
         hid = self._cmd("call", uri=uri, from_user=from_user, domain=domain, headers=headers or {},
                         auth=list(auth) if auth else None, proxy=self._with_transport(proxy), tone_hz=tone_hz,
@@ -705,9 +708,14 @@ def _child_main(cfg: dict[str, Any]) -> int:  # one closure keeps the child self
     tcfg.publicAddress = cfg["bind"]
     ipv6 = ":" in cfg["bind"]
     if ipv6:
-        ttype = pj.PJSIP_TRANSPORT_TCP6 if cfg["transport"] == "tcp" else pj.PJSIP_TRANSPORT_UDP6
+        ttype = {"tcp": pj.PJSIP_TRANSPORT_TCP6, "tls": pj.PJSIP_TRANSPORT_TLS6}.get(cfg["transport"],
+                                                                                  pj.PJSIP_TRANSPORT_UDP6)
     else:
-        ttype = pj.PJSIP_TRANSPORT_TCP if cfg["transport"] == "tcp" else pj.PJSIP_TRANSPORT_UDP
+        ttype = {"tcp": pj.PJSIP_TRANSPORT_TCP, "tls": pj.PJSIP_TRANSPORT_TLS}.get(cfg["transport"],
+                                                                                pj.PJSIP_TRANSPORT_UDP)
+    if cfg["transport"] == "tls" and cfg.get("tls_ca"):
+        tcfg.tlsConfig.CaListFile = cfg["tls_ca"]
+        tcfg.tlsConfig.verifyServer = True
     tid = ep.transportCreate(ttype, tcfg)
     ep.libStart()
     if cfg["null_audio"]:
@@ -720,7 +728,7 @@ def _child_main(cfg: dict[str, Any]) -> int:  # one closure keeps the child self
     local_name = ep.transportGetInfo(tid).localName
     port = int(local_name.rsplit(":", 1)[1])
     media_base = int(cfg["media_port"]) or (40000 + (os.getpid() % 1000) * 20)
-    tsuffix = ";transport=tcp" if cfg["transport"] == "tcp" else ""
+    tsuffix = f";transport={cfg['transport']}" if cfg["transport"] != "udp" else ""
 
     policy: dict[str, Any] = {"answer": 200, "tone_hz": 1000.0, "record_wav": None, "ring_ms": 0,
                               "early_media": False}

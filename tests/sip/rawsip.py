@@ -6,24 +6,31 @@ import hashlib
 import re
 import secrets
 import socket
+import ssl
 import time
 
 from edge.sip import SipMessage, parse
 
 
 class RawSip:
-    """UDP or TCP socket from ``127.0.0.1`` (or ``bind``) to the edge."""
+    """UDP, TCP or TLS socket from ``127.0.0.1`` (or ``bind``) to the edge.
+
+    :param tls: the client context of a ``"tls"`` socket (its handshake runs in the constructor).
+    """
 
     def __init__(self, edge_port: int, proto: str = "udp", bind: str = "127.0.0.1",
-                 edge_host: str = "127.0.0.1") -> None:
+                 edge_host: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> None:
         self.proto = proto
         self.edge = (edge_host, edge_port)
         kind = socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM
         self.sock = socket.socket(socket.AF_INET, kind)
         self.sock.bind((bind, 0))
         self.sock.settimeout(5)
-        if proto == "tcp":
+        if proto in ("tcp", "tls"):
             self.sock.connect(self.edge)
+        if proto == "tls":
+            assert tls is not None, "a tls RawSip needs its client context"
+            self.sock = tls.wrap_socket(self.sock, server_hostname=edge_host)
         self.host, self.port = self.sock.getsockname()
         self._buf = b""
 

@@ -71,7 +71,7 @@ class Wire:
         self.loop = loop
         self.sent: list[tuple[float, Peer, bytes]] = []
 
-    def send(self, data: bytes, dest: Peer) -> None:
+    def send(self, data: bytes, dest: Peer, on_failure: object = None) -> None:
         self.sent.append((self.loop.time(), dest, data))
 
     def messages(self, dest: Peer | None = None) -> list[SipMessage]:

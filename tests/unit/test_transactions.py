@@ -19,7 +19,7 @@ class Wire:
     def __init__(self) -> None:
         self.sent: list[tuple[float, bytes]] = []
 
-    def send(self, data: bytes, dest: Peer) -> None:
+    def send(self, data: bytes, dest: Peer, on_failure: object = None) -> None:
         self.sent.append((asyncio.get_running_loop().time(), data))
 
     def first_lines(self) -> list[str]:
@@ -200,4 +200,25 @@ def test_ack_for_2xx_reaches_the_tu() -> None:
         tl.on_message(parse(incoming("ACK", branch="z9hG4bKa2", to_tag="t2", cseq_method="ACK")), PEER)
         assert len(tu.acks) == 1
 
+    asyncio.run(run())
+
+
+def test_a_connection_that_cannot_be_made_times_the_request_out_at_once() -> None:
+    """RFC 3261 §17.1.4: a refused TLS handshake (or TCP connect) is a transport error the
+    transaction hears now, so the call fails over without waiting 64*T1 for Timer B."""
+    class Refusing(Wire):
+        def send(self, data: bytes, dest: Peer, on_failure=None) -> None:
+            super().send(data, dest)
+            assert on_failure is not None  # a reliable transport reports failures
+            asyncio.get_running_loop().call_soon(on_failure)
+
+    async def run() -> None:
+        wire, tu = Refusing(), TU()
+        tl = TransactionLayer(wire, tu, SipMetrics(None), asyncio.get_running_loop(), t1=10.0)  # Timer B: 640 s
+        timed_out = asyncio.Event()
+        tx = tl.send_request(out_request(), Peer("tls", "127.0.0.9", 5061), on_response=lambda m: None,
+                             on_timeout=timed_out.set)
+        await asyncio.wait_for(timed_out.wait(), 2)
+        assert tx.state is State.TERMINATED and not tl.client
+        assert len(wire.sent) == 1  # reliable: no retransmission
     asyncio.run(run())
