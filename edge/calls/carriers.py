@@ -198,7 +198,8 @@ class CarrierHealth:
                     self._forget(old, state)
                 if old.by_name:
                     self.dns.unwatch(uri)
-                self.gauge.remove(old.label)
+                if old.label not in {e.label for e in entries.values()}:
+                    self.gauge.remove(old.label)
         self.entries = entries
         for entry in entries.values():
             if entry.by_name:
@@ -233,9 +234,10 @@ class CarrierHealth:
             if probing and state.task is None:
                 state.task = asyncio.get_running_loop().create_task(
                     self._probe_loop(entry, state), name=f"carrier-health-{state.address}")
-            elif not probing and state.task is not None:
-                state.task.cancel()
-                state.task = None
+            elif not probing:
+                if state.task is not None:
+                    state.task.cancel()
+                    state.task = None
                 state.reset()
             self.target_gauge.labels(entry.label, str(state.address)).set(1 if state.up else 0)
         self._carrier_gauge(entry)
