@@ -10,13 +10,14 @@ every call (4 relay ports per call; with ``--rtp`` 50 packets/s each way per cal
 calls of one step are placed at ``--rate`` calls/s and held until all N are up; then the
 edge's memory is read from /proc three times, 1 s apart (median).
 
-Per step: VmRSS, RssAnon (the heap: Python objects, the relay's C state) and Pss, each as
-the delta over the same edge with no call up just before the step, divided by N. The
-slope of a least-squares line through the steps (bytes per extra call) is the figure to
-size with; the per-step quotients also carry whatever the step grew once (allocator
-arenas, LMDB pages first touched: RssFile). After each step the calls end (BYE) and the
-memory read again shows what the allocator keeps. One warm-up step (50 calls) first, so
-that lazy imports and first-use caches are not counted as call memory.
+Each step runs on a fresh edge (the same store): 50 calls placed and ended first (lazy
+imports, first-use caches), then the baseline, then the N held calls. Per step: VmRSS,
+RssAnon (the heap: Python objects, the relay's C state), RssFile (LMDB pages touched) and
+Pss, each as the delta over the baseline, divided by N; and the slope of a least-squares
+line through the steps (bytes per extra call, fixed costs cancelled). After the step the
+calls end (BYE) and the memory read again shows what is not given back at once: cyclic
+garbage waits for the collector's next full run (edge/node.py freezes the start-up heap and
+raises the thresholds) and pymalloc keeps its arenas; the next calls reuse both.
 JSON: bench/results/memory.json.
 """
 
@@ -176,18 +177,23 @@ def main(argv: list[str] | None = None) -> int:
     dev = Sipedge(workdir, CPU_DUT, media_ports=(RTP_RANGE[0], RTP_RANGE[1] + 1),
                   extra_config=f'[[carriers]]\nuri = "{carrier.uri}"\npriority = 1\nweight = 100\n')
     steps: list[dict[str, Any]] = []
+    csv_path = workdir / "calls.csv"
     try:
         carrier.start()
-        dev.start()
-        csv_path = workdir / "calls.csv"
-        write_calls_csv(csv_path, provision_sipedge(dev, args.users, args.channels))
-        log("warm-up: 50 calls")
-        warm = step(workdir, dev, scenario, csv_path, 50, args.rate, args.rtp, 1.0)
-        if "error" in warm:
-            raise RuntimeError(f"warm-up failed: {warm['error']} (logs in {workdir})")
         for n in ladder:
-            log(f"{n} calls held")
-            result = step(workdir, dev, scenario, csv_path, n, args.rate, args.rtp, args.settle)
+            # a fresh edge per step (same store): what one step's calls leave behind (garbage
+            # awaiting a full collection, allocator arenas) is not in the next step's baseline
+            dev.start()
+            try:
+                if not csv_path.exists():
+                    write_calls_csv(csv_path, provision_sipedge(dev, args.users, args.channels))
+                warm = step(workdir, dev, scenario, csv_path, 50, args.rate, args.rtp, 1.0)
+                if "error" in warm:
+                    raise RuntimeError(f"warm-up failed: {warm['error']} (logs in {workdir})")
+                log(f"{n} calls held")
+                result = step(workdir, dev, scenario, csv_path, n, args.rate, args.rtp, args.settle)
+            finally:
+                dev.stop()
             steps.append(result)
             if "error" in result:
                 log(f"  {result['error']}")
@@ -195,7 +201,6 @@ def main(argv: list[str] | None = None) -> int:
             per = result["bytes_per_call"]
             log("  per call: " + ", ".join(f"{k} {per[k] / 1024:.1f} KiB" for k in KEYS))
     finally:
-        dev.stop()
         carrier.stop()
     good = [s for s in steps if "error" not in s]
     summary = {k: {"slope_bytes_per_call": slope([(s["calls"], s["delta"][k]) for s in good]),
