@@ -24,6 +24,7 @@ JSON: bench/results/memory.json.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import subprocess
 import sys
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settle", type=float, default=3.0, help="seconds between the last call up and the samples")
     ap.add_argument("--users", type=int, default=10)
     ap.add_argument("--channels", type=int, default=300)
+    ap.add_argument("--keep", action="store_true", help="keep the work dir (SIPp logs, the edge's store)")
     ap.add_argument("--output", default="memory.json")
     args = ap.parse_args(argv)
     ladder = [int(x) for x in args.calls.split(",") if x.strip()]
@@ -202,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             log("  per call: " + ", ".join(f"{k} {per[k] / 1024:.1f} KiB" for k in KEYS))
     finally:
         carrier.stop()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
     good = [s for s in steps if "error" not in s]
     summary = {k: {"slope_bytes_per_call": slope([(s["calls"], s["delta"][k]) for s in good]),
                    "per_step_bytes_per_call": {str(s["calls"]): round(s["bytes_per_call"][k]) for s in good}}
