@@ -34,7 +34,7 @@ RUN_STAMP := $(VENV)/.installed-run
 $(RUN_STAMP): pyproject.toml setup.py
 	@sh tools/check-toolchain.sh $(PYTHON)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip "setuptools>=68" wheel "Cython>=3,<4"
+	$(PIP) install -q --upgrade pip "setuptools>=77" wheel "Cython>=3,<4"
 	$(PIP) install -q --no-build-isolation -e .
 	touch $(RUN_STAMP)
 

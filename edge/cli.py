@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
@@ -76,30 +77,34 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     idempotency.purge(store, time.time() - IDEMPOTENCY_TTL)
     registrations.purge_expired(store)
     rates.ensure_exclusions(store, shipped_exclusions())  # the seed's list until the API replaces it
+    banner: Callable[[], None] | None = None
     if args.demo:
         demo = ensure_demo(store, realm=cfg.sip.domain)
         udp = next((spec for spec in cfg.sip.listen if spec.startswith("udp:")), cfg.sip.listen[0])
         _, host_port = udp.split(":", 1)
-        print(
-            f"sipedge {__version__} serving (data in {data_dir})\n"
-            f"  control API   http://{cfg.api.listen}   token: {token}\n"
-            f"  SIP registrar {cfg.sip.domain}  (send to {host_port}, {', '.join(cfg.sip.listen)})\n"
-            f"  SIP username  {demo.sip_username}\n"
-            f"  SIP password  {demo.sip_password}\n"
-            f"  online number {demo.number}{'  (demo provisioned now)' if demo.created else ''}\n"
-            f"  test call     sipp -sf deploy/sipp/uac-echo-call.xml -key user {demo.sip_username} "
-            f"-key domain {cfg.sip.domain} -au {demo.sip_username} -ap {demo.sip_password} "
-            f"-s {ECHO_NUMBER.lstrip('+')} -m 1 {host_port}   (the echo number {ECHO_NUMBER}, free)\n"
-            f"  try           curl -H 'Authorization: Bearer {token}' http://{cfg.api.listen}/v1/profiles/{demo.profile_id}",
-            flush=True,
-        )
+
+        def banner() -> None:
+            """Printed once the listeners are bound: a test call run at once finds the edge there."""
+            print(
+                f"sipedge {__version__} serving (data in {data_dir})\n"
+                f"  control API   http://{cfg.api.listen}   token: {token}\n"
+                f"  SIP registrar {cfg.sip.domain}  (send to {host_port}, {', '.join(cfg.sip.listen)})\n"
+                f"  SIP username  {demo.sip_username}\n"
+                f"  SIP password  {demo.sip_password}\n"
+                f"  online number {demo.number}{'  (demo provisioned now)' if demo.created else ''}\n"
+                f"  test call     sipp -sf deploy/sipp/uac-echo-call.xml -key user {demo.sip_username} "
+                f"-key domain {cfg.sip.domain} -au {demo.sip_username} -ap {demo.sip_password} "
+                f"-s {ECHO_NUMBER.lstrip('+')} -m 1 {host_port}   (the echo number {ECHO_NUMBER}, free)\n"
+                f"  try           curl -H 'Authorization: Bearer {token}' http://{cfg.api.listen}/v1/profiles/{demo.profile_id}",
+                flush=True,
+            )
     try:
         if args.loop == "uvloop":
             import uvloop
 
-            uvloop.run(serve(cfg, store, token, config_path=args.config, data_dir=data_dir))
+            uvloop.run(serve(cfg, store, token, config_path=args.config, data_dir=data_dir, ready=banner))
         else:
-            asyncio.run(serve(cfg, store, token, config_path=args.config, data_dir=data_dir))
+            asyncio.run(serve(cfg, store, token, config_path=args.config, data_dir=data_dir, ready=banner))
     finally:
         store.close()
     return EXIT_OK

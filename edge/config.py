@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -76,10 +77,37 @@ class StorageConfig(Section):
     map_size_mb: Annotated[int, msgspec.Meta(ge=16)] = 4096
 
 
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=3600)]
+ProbeCount = Annotated[int, msgspec.Meta(ge=1, le=100)]
+
+
+class CarrierHealthOverride(Section):
+    """``[carriers.health]``: any key of ``[health]`` for this carrier only; unset keys follow ``[health]``."""
+
+    enabled: bool | None = None
+    interval: Seconds | None = None
+    timeout: Annotated[float, msgspec.Meta(gt=0, le=60)] | None = None
+    threshold: ProbeCount | None = None
+    recovery: ProbeCount | None = None
+
+
 class CarrierConfig(Section):
+    # an IP address, or a host name resolved per RFC 3263 (NAPTR -> SRV -> A/AAAA, edge/calls/dns.py)
     uri: str
     priority: Annotated[int, msgspec.Meta(ge=0)] = 1
     weight: Annotated[int, msgspec.Meta(ge=0)] = 100
+    health: CarrierHealthOverride | None = None
+
+
+class DnsConfig(Section):
+    """How carriers given by host name are resolved (edge/calls/dns.py, docs/network.md)."""
+
+    servers: list[str] = []      # "IP" or "IP:port" ("[v6]:port"); empty: the nameservers of /etc/resolv.conf
+    timeout: Annotated[float, msgspec.Meta(gt=0, le=30)] = 2.0   # seconds one lookup may take, retries included
+    retry: Seconds = 5.0         # seconds between attempts after a failed resolution
+    grace: Annotated[float, msgspec.Meta(ge=0, le=86400)] = 300.0  # the last good answer outlives its TTL this long
+    min_ttl: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 1.0   # TTLs are clamped into [min_ttl, max_ttl]
+    max_ttl: Annotated[float, msgspec.Meta(ge=1, le=86400)] = 3600.0
 
 
 class SideConfig(Section):
@@ -99,13 +127,21 @@ class SidesConfig(Section):
 
 
 class HealthConfig(Section):
-    """OPTIONS probing of the carriers (edge/calls/carriers.py); one setting for all of them."""
+    """OPTIONS probing of the carriers (edge/calls/carriers.py); a carrier's ``[carriers.health]`` overrides it."""
 
     enabled: bool = False                                             # as Kamailio's ds_ping_interval = 0
-    interval: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0   # seconds between probe rounds
+    interval: Seconds = 30.0                                          # seconds between probes of a target
     timeout: Annotated[float, msgspec.Meta(gt=0, le=60)] = 4.0       # seconds a probe may wait for its answer
-    threshold: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3        # failed probes in a row: down
-    recovery: Annotated[int, msgspec.Meta(ge=1, le=100)] = 2         # answered probes in a row: up again
+    threshold: ProbeCount = 3                                         # failed probes in a row: down
+    recovery: ProbeCount = 2                                          # answered probes in a row: up again
+
+
+def carrier_health(settings: HealthConfig, carrier: CarrierConfig) -> HealthConfig:
+    """The probing of ``carrier``: ``[health]`` with the carrier's own ``[carriers.health]`` keys on top."""
+    if carrier.health is None:
+        return settings
+    own = {k: v for k, v in msgspec.structs.asdict(carrier.health).items() if v is not None}
+    return msgspec.structs.replace(settings, **own) if own else settings
 
 
 class TlsConfig(Section):
@@ -146,6 +182,7 @@ class Config(Section):
     carriers: list[CarrierConfig] = []
     sides: SidesConfig = msgspec.field(default_factory=SidesConfig)
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
+    dns: DnsConfig = msgspec.field(default_factory=DnsConfig)
     inbound: InboundConfig = msgspec.field(default_factory=InboundConfig)
     credit: CreditConfig = msgspec.field(default_factory=CreditConfig)
     tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
@@ -190,6 +227,11 @@ class Side(msgspec.Struct, frozen=True):
     advertise: str
     media: str
     media_advertise: str
+
+    @property
+    def families(self) -> frozenset[int]:
+        """The address families of the side's listeners (``socket.AF_INET``/``AF_INET6``)."""
+        return frozenset(socket.AF_INET6 if ":" in host else socket.AF_INET for _, host, _ in self.listeners)
 
 
 def _ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -252,6 +294,31 @@ def _hostname(value: str) -> bool:
         0 < len(lb) <= 63 and lb.replace("-", "").isalnum() and not lb.startswith("-") for lb in labels)
 
 
+def _validate_carrier_uri(key: str, value: str) -> None:
+    from edge.sip import SipParseError, parse_uri  # edge.sip does not import this module: no cycle
+
+    if not value.startswith(("sip:", "sips:")):
+        raise ConfigError(f"{key}: expected a sip: URI, got {value!r}")
+    try:
+        host = parse_uri(value).host.strip("[]")
+    except SipParseError as exc:
+        raise ConfigError(f"{key}: not a SIP URI ({exc.reason}): {value!r}") from None
+    if _ip(host) is None and not _hostname(host):
+        raise ConfigError(f"{key}: the host is not an IP address or a host name: {value!r}")
+
+
+def dns_server(value: str, key: str = "dns.servers") -> tuple[str, int]:
+    """``"192.0.2.53"`` -> ("192.0.2.53", 53); ``"127.0.0.1:5353"``, ``"[::1]:5353"`` with their port."""
+    if _ip(value) is not None:
+        return value, 53
+    if value.startswith("[") and value.endswith("]") and _ip(value[1:-1]) is not None:
+        return value[1:-1], 53
+    host, port = _check_hostport(key, value)
+    if _ip(host) is None:
+        raise ConfigError(f"{key}: a name server is an IP address (optionally with :port), got {value!r}")
+    return host, port
+
+
 def validate(cfg: Config) -> Config:
     """Checks msgspec cannot express: addresses, CIDRs, ranges."""
     if not cfg.sip.listen:
@@ -277,8 +344,11 @@ def validate(cfg: Config) -> Config:
         except ValueError:
             raise ConfigError(f"inbound.trusted[{i}]: not an address or CIDR: {net!r}") from None
     for i, carrier in enumerate(cfg.carriers):
-        if not carrier.uri.startswith(("sip:", "sips:")):
-            raise ConfigError(f"carriers[{i}].uri: expected a sip: URI, got {carrier.uri!r}")
+        _validate_carrier_uri(f"carriers[{i}].uri", carrier.uri)
+    for i, server in enumerate(cfg.dns.servers):
+        dns_server(server, f"dns.servers[{i}]")
+    if cfg.dns.min_ttl > cfg.dns.max_ttl:
+        raise ConfigError("dns.min_ttl: larger than dns.max_ttl")
     uses_tls = any(proto == "tls" for side in sides.values() for proto, _, _ in side.listeners)
     carriers_tls = any(carrier_uses_tls(c.uri) for c in cfg.carriers)
     if uses_tls or carriers_tls:

@@ -165,9 +165,9 @@ class Node:
 
         credit = CreditEngine(store, slice_seconds=cfg.credit.slice_seconds, bundle_minutes=cfg.credit.bundle_minutes)
         self.health = CarrierHealth(cfg.carriers, cfg.health, self.sip.transactions, self.local, self.registry,
-                                    cfg.sip.domain)
+                                    cfg.sip.domain, dns=cfg.dns, families=carrier.families)
         self.routing = routing = Routing(cfg.carriers, lambda profile_id: registrations.live(store, profile_id),
-                                         cfg.sip.domain, is_up=self.health.is_up)
+                                         cfg.sip.domain, targets=self.health.targets)
         sip = self.sip
         self.admission = admission = Admission(
             store, credit, routing, sip.auth, sip.failures,
@@ -354,7 +354,8 @@ class Node:
             sdnotify.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
 
-    async def run(self) -> None:
+    async def run(self, ready: Callable[[], None] | None = None) -> None:
+        """Serve until drained; ``ready()`` once SIP and the API listen (the `--demo` banner)."""
         loop = asyncio.get_running_loop()
 
         def stop_signal(signum: int, frame: object) -> None:
@@ -387,6 +388,8 @@ class Node:
         background = []
         if not api_task.done():
             sdnotify.notify("READY=1", "STATUS=serving")
+            if ready is not None:
+                ready()
             interval = sdnotify.watchdog_interval()
             if interval is not None:
                 background.append(asyncio.create_task(self._watchdog(interval), name="watchdog"))
@@ -421,6 +424,6 @@ def _is_ip(host: str) -> bool:
 
 
 async def serve(cfg: Config, store: Store, token: str, *, config_path: str | None = None,
-                data_dir: Path | None = None) -> None:
+                data_dir: Path | None = None, ready: Callable[[], None] | None = None) -> None:
     """Build the node inside the running loop and run it until it has drained."""
-    await Node(cfg, store, token, config_path=config_path, data_dir=data_dir).run()
+    await Node(cfg, store, token, config_path=config_path, data_dir=data_dir).run(ready)

@@ -45,6 +45,15 @@ def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path, timeout: floa
     raise RuntimeError(f"{name} did not become ready:\n{log.read_text()}")
 
 
+def wait_for_text(proc: subprocess.Popen[bytes], log: Path, text: str, timeout: float, start: int = 0) -> None:
+    """Wait until ``text`` is in ``log`` past its first ``start`` bytes."""
+    deadline = time.monotonic() + timeout
+    while text.encode() not in log.read_bytes()[start:]:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"sipedge printed no {text.strip()!r} line:\n{log.read_text()}")
+        time.sleep(0.05)
+
+
 class EdgeProcess:
     """A ``sipedge serve`` child process; ``stop()`` (or the context manager) ends it."""
 
@@ -84,12 +93,15 @@ class EdgeProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("SIPEDGE_ADMIN_TOKEN", None)
         self._log_file = open(self.log, "ab")
+        logged = self._log_file.tell()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edge.cli", "serve", "--config", str(self.config), *args],
             stdout=self._log_file, stderr=subprocess.STDOUT, env=env,
         )
         try:
             wait_ready(self.proc, self.base + "/healthz", self.log, timeout, "sipedge")
+            if "--demo" in args:  # the banner comes once the listeners are bound, just after /healthz answers
+                wait_for_text(self.proc, self.log, "\n  try ", timeout, start=logged)
         except RuntimeError:
             self.stop()
             raise

@@ -1,9 +1,11 @@
 """Routing: where the outbound leg of a call goes, and when to try the next place.
 
 Outgoing calls go to the ``[[carriers]]`` by priority (lowest first), carriers of one
-priority in a weighted random order; the next carrier is tried on a timeout, 408 or
-5xx, and only while nothing was relayed back to the caller yet (SPEC §4.2: never on
-4xx answers about the callee, nor on 6xx). Incoming calls go to the PBX of the profile:
+priority in a weighted random order; each carrier's targets in turn (a carrier given by
+host name has the addresses of its RFC 3263 resolution: SRV priority first, weighted random
+within one, RFC 2782). The next target is tried on a timeout, 408 or 5xx, and only while
+nothing was relayed back to the caller yet (SPEC §4.2: never on 4xx answers about the
+callee, nor on 6xx). Incoming calls go to the PBX of the profile:
 its newest live registration, reached at the address that REGISTER came from (NAT),
 or the static contact of an ``ip`` profile (SPEC §4.3).
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from edge.config import CarrierConfig
 from edge.control.models import Profile, Registration
@@ -20,22 +23,27 @@ from edge.sip.dialog import peer_of
 from edge.sip.tls import default_port, transport_of
 from edge.sip.transport import Peer
 
+from .carriers import CarrierTarget, request_host, scheme_of
 from .model import Call, CallState, Direction, Reject, Target
 
 FAILOVER_STATUSES = frozenset({408, 500, 502, 503, 504})
 
+T = TypeVar("T")
+
 
 class Routing:
     """:param bindings: the live registrations of a profile (``registrations.live``).
-    :param rng: the weighted order's randomness (tests pass a seeded one).
-    :param is_up: is a carrier up (OPTIONS probing)? ``None``: every carrier is.
+    :param rng: the weighted orders' randomness (tests pass a seeded one).
+    :param targets: a carrier's targets that are up now (``CarrierHealth.targets``: resolved,
+        probed); ``None``: the URI of each carrier, which must then carry an IP address.
     """
 
     def __init__(self, carriers: Sequence[CarrierConfig], bindings: Callable[[str], list[Registration]],
                  domain: str, rng: random.Random | None = None,
-                 is_up: Callable[[CarrierConfig], bool] | None = None) -> None:
+                 targets: Callable[[CarrierConfig], list[CarrierTarget]] | None = None) -> None:
         self.carriers = sorted(carriers, key=lambda c: c.priority)
-        self.is_up = is_up  # carrier health (calls/carriers.py): a down carrier is skipped, not tried
+        # carrier health (calls/carriers.py): a down target is skipped, not tried; no DNS on this path
+        self.targets = targets or static_targets
         self.bindings = bindings
         self.domain = domain
         self.rng = rng or random.Random()
@@ -47,18 +55,27 @@ class Routing:
     def carrier_targets(self, callee: str) -> list[Target]:
         """Carriers in the order to try them for ``callee`` (E.164 with "+")."""
         out: list[Target] = []
-        carriers = [c for c in self.carriers if self.is_up is None or self.is_up(c)]
-        for prio in sorted({c.priority for c in carriers}):
-            group = [c for c in carriers if c.priority == prio]
+        reachable = [(c, t) for c in self.carriers if (t := self.targets(c))]
+        for group in self._weighted_order(reachable, lambda ct: (ct[0].priority, ct[0].weight)):
+            for carrier, targets in group:
+                uri = parse_uri(carrier.uri)
+                ruri = f"{scheme_of(uri)}:{callee}@{request_host(uri)}"
+                for tg in self._weighted_order(targets, lambda t: (t.priority, t.weight)):
+                    out += [Target(carrier.uri, t.peer._replace(side=""), ruri) for t in tg]
+        return out
+
+    def _weighted_order(self, items: Sequence[T], key: Callable[[T], tuple[int, int]]) -> list[list[T]]:
+        """``items`` by priority (lowest first), each priority in a weighted random order (RFC 2782:
+        weight 0 is picked last but for a very small chance)."""
+        out: list[list[T]] = []
+        for prio in sorted({key(i)[0] for i in items}):
+            group = [i for i in items if key(i)[0] == prio]
+            ordered: list[T] = []
             while group:
-                pick = self.rng.choices(group, weights=[max(c.weight, 0) or 1e-9 for c in group])[0]
+                pick = self.rng.choices(group, weights=[max(key(i)[1], 0) or 1e-9 for i in group])[0]
                 group.remove(pick)
-                uri = parse_uri(pick.uri)
-                proto = transport_of(uri)  # sips: and transport=tls: over TLS (RFC 5630)
-                port = uri.port or default_port(proto)
-                peer = Peer(proto, uri.host, port)
-                scheme = "sips" if uri.scheme == "sips" else "sip"  # a sips: carrier stays sips (RFC 5630)
-                out.append(Target(pick.uri, peer, f"{scheme}:{callee}@{uri.host}:{port}"))
+                ordered.append(pick)
+            out.append(ordered)
         return out
 
     def should_fail_over(self, call: Call, status: int) -> bool:
@@ -101,3 +118,10 @@ class Routing:
             return f"<sip:{call.caller}@{self.domain}>", f"<sip:{username}@{self.domain}>"
         name = f'"{display}" ' if display else ""
         return f"{name}<sip:{username}@{self.domain}>", f"<{target.ruri}>"
+
+
+def static_targets(carrier: CarrierConfig) -> list[CarrierTarget]:
+    """The one target of a carrier given by IP address: its URI (no probing, no DNS)."""
+    uri = parse_uri(carrier.uri)
+    peer = Peer((uri.params.get("transport") or "udp").lower(), uri.host.strip("[]"), uri.port or 5060)
+    return [CarrierTarget(peer, 0, 0)]

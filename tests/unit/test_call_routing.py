@@ -6,8 +6,9 @@ import random
 from collections import Counter
 from typing import Any
 
+from edge.calls.carriers import CarrierTarget
 from edge.calls.model import Call, CallState, Direction, Reject
-from edge.calls.routing import Routing
+from edge.calls.routing import Routing, static_targets
 from edge.config import CarrierConfig
 from edge.control.models import Profile, Registration
 from edge.sip.transport import Peer
@@ -102,9 +103,45 @@ def test_a_carrier_that_is_down_is_left_out_of_the_targets() -> None:
 
     carriers = [CarrierConfig(uri="sip:10.0.0.1:5060", priority=1), CarrierConfig(uri="sip:10.0.0.2:5060", priority=2)]
     down = {"sip:10.0.0.1:5060"}
-    routing = Routing(carriers, lambda _: [], "sip.edge.test", is_up=lambda c: c.uri not in down)
+
+    def up_targets(carrier: CarrierConfig) -> list[CarrierTarget]:
+        return [] if carrier.uri in down else static_targets(carrier)
+
+    routing = Routing(carriers, lambda _: [], "sip.edge.test", targets=up_targets)
     assert [t.peer.host for t in routing.carrier_targets("+442071234567")] == ["10.0.0.2"]
     down.clear()
     assert [t.peer.host for t in routing.carrier_targets("+442071234567")] == ["10.0.0.1", "10.0.0.2"]
     down.update(c.uri for c in carriers)
     assert routing.carrier_targets("+442071234567") == []  # nothing to try: 503 no_carrier at once
+
+
+def test_resolved_targets_in_srv_priority_order_weighted_within_one_the_uri_keeps_the_name() -> None:
+    """RFC 3263 §4.3 / RFC 2782: a carrier by name expands into its SRV targets, lowest priority
+    first, weighted random within a priority; then the next carrier. The R-URI keeps the name."""
+    named = CarrierConfig(uri="sip:carrier.test", priority=1)
+    backup = CarrierConfig(uri="sip:10.0.0.9:5060", priority=2)
+    srv = {named.uri: [CarrierTarget(Peer("udp", "10.0.0.3", 5062), 20, 0),
+                       CarrierTarget(Peer("udp", "10.0.0.1", 5060), 10, 80),
+                       CarrierTarget(Peer("tcp", "10.0.0.2", 5061), 10, 20)]}
+
+    def targets(carrier: CarrierConfig) -> list[CarrierTarget]:
+        return srv.get(carrier.uri) or static_targets(carrier)
+
+    firsts: Counter[str] = Counter()
+    for seed in range(400):
+        r = Routing([backup, named], lambda _: [], "sip.edge.test", rng=random.Random(seed), targets=targets)
+        out = r.carrier_targets("+442071234567")
+        assert [t.peer.host for t in out][2:] == ["10.0.0.3", "10.0.0.9"]
+        assert {t.peer.host for t in out[:2]} == {"10.0.0.1", "10.0.0.2"}
+        assert [t.label for t in out] == [named.uri] * 3 + [backup.uri]
+        assert out[0].ruri == "sip:+442071234567@carrier.test" and out[3].ruri == "sip:+442071234567@10.0.0.9:5060"
+        firsts[out[0].peer.host] += 1
+    assert 260 < firsts["10.0.0.1"] < 380  # weight 80 vs 20
+
+
+def test_a_carrier_without_a_target_up_is_skipped() -> None:
+    named = CarrierConfig(uri="sip:carrier.test:5070", priority=1)
+    backup = CarrierConfig(uri="sip:10.0.0.9", priority=2)
+    r = Routing([named, backup], lambda _: [], "sip.edge.test",
+                targets=lambda c: [] if c is named else static_targets(c))
+    assert [t.peer.host for t in r.carrier_targets("+442071234567")] == ["10.0.0.9"]

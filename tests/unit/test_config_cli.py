@@ -40,6 +40,12 @@ def test_shipped_config_is_valid() -> None:
     ("[inbound]\ntrusted = ['10.0.0.0/33']\n", "inbound.trusted[0]"),
     ("[[carriers]]\nuri = 'http://x'\n", "carriers[0].uri"),
     ("[[carriers]]\npriority = 1\n", "carriers[0]"),
+    ("[[carriers]]\nuri = 'sip:carrier_1.test'\n", "carriers[0].uri"),
+    ("[[carriers]]\nuri = 'sip:a.test'\n[carriers.health]\nthreshold = 0\n", "carriers[0].health.threshold"),
+    ("[[carriers]]\nuri = 'sip:a.test'\n[carriers.health]\nbogus = 1\n", "carriers[0].health.bogus"),
+    ("[dns]\nservers = ['ns1.example']\n", "dns.servers[0]"),
+    ("[dns]\nservers = ['127.0.0.1:99999']\n", "dns.servers[0]"),
+    ("[dns]\nmin_ttl = 60\nmax_ttl = 30\n", "dns.min_ttl"),
     ("[sip\n", "not valid TOML"),
 ])
 def test_broken_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:
@@ -131,3 +137,30 @@ def test_backup_command(tmp_path: Path) -> None:
     copy.close()
     again = sipedge("backup", str(tmp_path / "bk"), "--data", str(tmp_path / "d"))
     assert again.returncode == 1 and "not empty" in again.stderr
+
+
+def test_carrier_by_name_dns_and_per_carrier_health(tmp_path: Path) -> None:
+    from edge.config import carrier_health, dns_server
+
+    cfg = load(write(tmp_path, """
+[health]
+enabled = true
+interval = 30
+threshold = 3
+[[carriers]]
+uri = "sip:carrier.example.com"
+[carriers.health]
+interval = 5
+recovery = 1
+[[carriers]]
+uri = "sip:[2001:db8::1]:5070;transport=tcp"
+[dns]
+servers = ["192.0.2.53", "127.0.0.1:5353", "[::1]:5354", "2001:db8::53"]
+grace = 60
+"""))
+    own, plain = (carrier_health(cfg.health, c) for c in cfg.carriers)
+    assert (own.enabled, own.interval, own.threshold, own.recovery, own.timeout) == (True, 5, 3, 1, 4.0)
+    assert plain is cfg.health
+    assert [dns_server(s) for s in cfg.dns.servers] == [
+        ("192.0.2.53", 53), ("127.0.0.1", 5353), ("::1", 5354), ("2001:db8::53", 53)]
+    assert cfg.dns.grace == 60 and cfg.dns.retry == 5.0
