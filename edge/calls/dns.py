@@ -46,11 +46,12 @@ from edge.sip import SipUri
 log = logging.getLogger("sipedge.calls")
 
 # NAPTR services (RFC 3263 §4.1) and SRV prefixes of the transports, and their default ports.
-# If you add a transport here (TLS), add it to the transports the node passes to Rfc3263 too.
 NAPTR_SERVICES = {"SIP+D2U": "udp", "SIP+D2T": "tcp", "SIPS+D2T": "tls"}
 SRV_PREFIX = {"udp": "_sip._udp", "tcp": "_sip._tcp", "tls": "_sips._tcp"}
 DEFAULT_PORT = {"udp": 5060, "tcp": 5060, "tls": 5061}
-TRANSPORTS = ("udp", "tcp")         # what the edge's SIP transport speaks today, in order of preference
+# A sip: carrier by name is reached over UDP or TCP: TLS is chosen by a sips: URI (SIPS+D2T,
+# _sips._tcp) or transport=tls, never by a NAPTR record alone.
+TRANSPORTS = ("udp", "tcp")
 
 
 class Address(NamedTuple):
@@ -120,7 +121,9 @@ class Rfc3263:
 
     def _naptr_transport(self, service: bytes, secure: bool) -> str | None:
         proto = NAPTR_SERVICES.get(service.decode("ascii", "replace").upper())
-        if proto is None or proto not in self.transports or (secure and proto != "tls"):
+        if secure:                     # a sips: carrier: TLS only (RFC 3263 §4.1)
+            return proto if proto == "tls" else None
+        if proto is None or proto not in self.transports:
             return None
         return proto
 

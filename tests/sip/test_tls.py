@@ -421,9 +421,9 @@ def test_carriers_over_tls_are_verified(edge: EdgeProcess, carriers: dict[str, T
     wait_for(lambda: metric(edge, "edge_tls_handshake_failures_total", side="carrier", reason="expired") >= 1,
              5.0, "expired counted")
     assert wrong.options == 0 and expired.options == 0  # nothing was sent over a refused handshake
-    assert metric(edge, "edge_carrier_up", carrier=f"127.0.0.2:{good.port}") == 1
-    assert metric(edge, "edge_carrier_up", carrier=f"127.0.0.3:{wrong.port}") == 0
-    assert metric(edge, "edge_carrier_up", carrier=f"127.0.0.4:{expired.port}") == 0
+    assert metric(edge, "edge_carrier_up", carrier=f"127.0.0.2:{good.port};transport=tls") == 1
+    assert metric(edge, "edge_carrier_up", carrier=f"127.0.0.3:{wrong.port};transport=tls") == 0
+    assert metric(edge, "edge_carrier_up", carrier=f"127.0.0.4:{expired.port};transport=tls") == 0
     log = edge.log.read_text()
     assert f"127.0.0.3:{wrong.port} failed: wrong_host" in log
     assert "Traceback" not in log
