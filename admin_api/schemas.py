@@ -323,12 +323,13 @@ class LiveCallOut(Out):
     started_at: datetime
     answered_at: datetime | None
     reserved: str
+    srtp: dict[str, str] = {}   # per side ("customer", "carrier"): SRTP suite of its leg, "rtp" = plain; set at answer
 
     @classmethod
     def of(cls, c: LiveCall) -> LiveCallOut:
         return cls(call_id=c.call_id, profile_id=c.profile_id, direction=c.direction, caller=c.caller,
                    callee=c.callee, started_at=to_datetime(c.started_at), answered_at=maybe_datetime(c.answered_at),
-                   reserved=format_money(c.reserved))
+                   reserved=format_money(c.reserved), srtp=dict(c.srtp))
 
 
 class MediaStats(Out):
@@ -365,6 +366,7 @@ class CdrOut(Out):
     bundle_seconds: int
     rate_prefix: str | None
     media: MediaStats | None
+    srtp: dict[str, str] = {}   # per side: SRTP suite of its leg, "rtp" = plain (never a key)
 
     @classmethod
     def of(cls, c: Cdr) -> CdrOut:
@@ -377,7 +379,8 @@ class CdrOut(Out):
                    talk_seconds=round(max(0.0, c.ended_at - answered), 3) if answered is not None else 0.0,
                    duration=c.duration, status=c.status, end_reason=c.end_reason, cost=format_money(c.cost),
                    bundle_seconds=c.bundle_seconds, rate_prefix=c.rate_prefix,
-                   media=MediaStats(**{f: c.media.get(f, 0) for f in MEDIA_FIELDS}) if c.media else None)
+                   media=MediaStats(**{f: c.media.get(f, 0) for f in MEDIA_FIELDS}) if c.media else None,
+                   srtp=dict(c.srtp))
 
 
 class ApiKeyOut(Out):

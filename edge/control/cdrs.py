@@ -31,6 +31,7 @@ def fields(cdr: Cdr) -> dict[str, Any]:
         "duration": cdr.duration, "status": cdr.status, "end_reason": cdr.end_reason,
         "cost": format_money(cdr.cost), "bundle_seconds": cdr.bundle_seconds, "rate_prefix": cdr.rate_prefix,
         "media": {f: cdr.media.get(f, 0) for f in MEDIA_FIELDS} if cdr.media else {},
+        "srtp": dict(cdr.srtp),
     }
 
 

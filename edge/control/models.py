@@ -123,6 +123,7 @@ class LiveCall(Record):
     rate: Rate | None = None        # the rate the call is billed at, fixed when funded (recovery bills at it)
     legs: list[dict[str, str]] = [] # how to reach each leg with a BYE after a restart
     carrier: str = ""               # outgoing: the carrier that carried (or last tried) the call
+    srtp: dict[str, str] = {}       # per side ("customer", "carrier"): SRTP suite of its leg, "rtp" = plain
     # Records of older builds may also carry rate_prefix and owner_pid: ignored when decoded.
 
 
@@ -146,6 +147,7 @@ class Cdr(Record):
     media: dict[str, int] = {}
     account_id: str = ""            # the profile's account at settlement ("" in CDRs of older builds)
     carrier: str = ""               # outgoing calls: the carrier URI ("" incoming, echo, older builds)
+    srtp: dict[str, str] = {}       # per side: SRTP suite of its leg, "rtp" = plain ({} before media was set up)
 
 
 class IdempotentResult(Record):
