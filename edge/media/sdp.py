@@ -17,6 +17,9 @@ DIRECTIONS = (b"sendrecv", b"sendonly", b"recvonly", b"inactive")  # RFC 3264 §
 # as rtpengine does with ICE=remove.
 _ICE_ATTRS = (b"a=candidate:", b"a=remote-candidates:", b"a=ice-ufrag:", b"a=ice-pwd:",
               b"a=ice-options:", b"a=ice-lite", b"a=ice-mismatch", b"a=end-of-candidates")
+# DTLS-SRTP (RFC 5763) is not spoken by the relay: a fingerprint sent on would invite a handshake
+# with the edge's ports that never completes. SDES keys are the edge's own (rewrite_sdp ``crypto``).
+_KEYING_ATTRS = (b"a=crypto:", b"a=fingerprint:", b"a=setup:", b"a=tls-id:")
 
 
 class SdpError(ValueError):
@@ -231,7 +234,8 @@ def rewrite_sdp(sdp: bytes, address: str, rtp_port: int, rtcp_port: int | None =
       party's SDP changes, and the edge ports of a relay never change) but its
       address becomes ``address`` (topology hiding).
     - ICE attributes are removed; so is every ``a=crypto`` line (the sender's keys are for
-      the edge only); ``crypto`` (the edge's own lines) is written into the audio stream.
+      the edge only) and DTLS-SRTP's ``a=fingerprint``/``a=setup``/``a=tls-id``; ``crypto``
+      (the edge's own lines) is written into the audio stream.
     - ``secure`` True/False sets the audio profile to ``RTP/SAVP``/``RTP/AVP`` (the F variants
       stay F); None leaves it as it is.
     - everything else passes through unchanged.
@@ -296,7 +300,7 @@ def rewrite_sdp(sdp: bytes, address: str, rtp_port: int, rtcp_port: int | None =
                 has_addr = len(ln[7:].split()) > 1
                 out.append(b"a=rtcp:%d" % rtcp_port + (b" IN " + addrtype + b" " + addr if has_addr else b""))
             # else: dropped (no RTCP port to give, or stream not anchored)
-        elif ln.startswith(_ICE_ATTRS) or ln.startswith(b"a=crypto:"):
+        elif ln.startswith(_ICE_ATTRS) or ln.startswith(_KEYING_ATTRS):
             continue
         else:
             out.append(ln)
