@@ -64,6 +64,7 @@ from bench.bench_rtp import (
 from bench.rtp.engine_relay import SUITE, offer_key
 
 KINDS = ("sipedge", "rtpengine")
+GCM = "AEAD_AES_128_GCM"
 _CRYPTO = re.compile(r"a=crypto:\d+ (\S+) inline:([A-Za-z0-9+/=]+)")
 
 
@@ -84,14 +85,15 @@ def build_gen(tmp: Path) -> str:
 
 
 @contextlib.contextmanager
-def relay_sipedge(n: int, rtpe: RtpEngine | None):
+def relay_sipedge(n: int, rtpe: RtpEngine | None, suite: str):
     p = subprocess.Popen(pin(CPU_DUT) + [PY, "-m", "bench.rtp.engine_relay", str(ENGINE_RANGE[0]),
-                                        str(ENGINE_RANGE[1]), str(n), str(GEN_A), str(GEN_B), str(GEN_K), "--srtp"],
+                                        str(ENGINE_RANGE[1]), str(n), str(GEN_A), str(GEN_B), str(GEN_K),
+                                        f"--srtp={suite}"],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         ready = json.loads(read_line(p, 120))
-        yield [(a, b, offer_key(i).hex(), key) for i, ((a, b), key) in enumerate(zip(ready["ports"], ready["keys"],
-                                                                                   strict=True))], p.pid
+        yield [(a, b, offer_key(i, suite).hex(), key)
+               for i, ((a, b), key) in enumerate(zip(ready["ports"], ready["keys"], strict=True))], p.pid
     finally:
         with contextlib.suppress(OSError):
             p.stdin.close()
@@ -101,7 +103,7 @@ def relay_sipedge(n: int, rtpe: RtpEngine | None):
 
 
 @contextlib.contextmanager
-def relay_rtpengine(n: int, rtpe: RtpEngine | None):
+def relay_rtpengine(n: int, rtpe: RtpEngine | None, suite: str):
     from edge.media.sdp import parse_sdp_media
 
     assert rtpe is not None
@@ -112,7 +114,7 @@ def relay_rtpengine(n: int, rtpe: RtpEngine | None):
         for i in range(n):
             cid = f"bench-srtp-{os.getpid()}-{i}"
             calls.append(cid)
-            crypto = f"a=crypto:1 {SUITE} inline:{base64.b64encode(offer_key(i)).decode()}\r\n"
+            crypto = f"a=crypto:1 {suite} inline:{base64.b64encode(offer_key(i, suite)).decode()}\r\n"
             off = rtpe.ng.call("offer", call_id=cid, from_tag=f"a{i}", ICE="remove",
                                sdp=sdp.format(i=i, p=GEN_A + i % GEN_K, proto="RTP/SAVP", crypto=crypto),
                                **{"transport-protocol": "RTP/AVP"})
@@ -121,11 +123,11 @@ def relay_rtpengine(n: int, rtpe: RtpEngine | None):
             to_b, to_a = off["sdp"].decode(), ans["sdp"].decode()
             if "RTP/SAVP" in to_b or "a=crypto" in to_b:
                 raise RuntimeError(f"rtpengine offered SRTP to the plain side: {to_b!r}")
-            keys = [k for s, k in _CRYPTO.findall(to_a) if s == SUITE]
+            keys = [k for s, k in _CRYPTO.findall(to_a) if s == suite]
             if "RTP/SAVP" not in to_a or not keys:
-                raise RuntimeError(f"rtpengine's answer to the SRTP side has no {SUITE} key: {to_a!r}")
+                raise RuntimeError(f"rtpengine's answer to the SRTP side has no {suite} key: {to_a!r}")
             rows.append((parse_sdp_media(ans["sdp"]).port, parse_sdp_media(off["sdp"]).port,
-                         offer_key(i).hex(), base64.b64decode(keys[0]).hex()))
+                         offer_key(i, suite).hex(), base64.b64decode(keys[0]).hex()))
         yield rows, rtpe.proc.pid
     finally:
         for i, cid in enumerate(calls):
@@ -133,13 +135,13 @@ def relay_rtpengine(n: int, rtpe: RtpEngine | None):
                 rtpe.ng.call("delete", call_id=cid, from_tag=f"a{i}")
 
 
-def run_once(kind: str, n: int, hold: float, gen: str, rtpe: RtpEngine | None) -> dict:
+def run_once(kind: str, n: int, hold: float, gen: str, rtpe: RtpEngine | None, suite: str) -> dict:
     maker = relay_rtpengine if kind == "rtpengine" else relay_sipedge
     load = os.getloadavg()[0]
-    with maker(n, rtpe) as (rows, pid):
+    with maker(n, rtpe, suite) as (rows, pid):
         time.sleep(0.3)
         g_proc = subprocess.Popen(pin(CPU_GEN) + [gen, str(n), str(PPS_PER_STREAM), str(hold), str(GEN_A),
-                                                 str(GEN_B), str(GEN_K)],
+                                                 str(GEN_B), str(GEN_K), "gcm" if suite == GCM else "cm"],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         cpu0 = proc_cpu(pid)
         err0 = udp_errors()
@@ -172,9 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", default=None, help="comma-separated call counts")
     ap.add_argument("--max-minutes", type=float, default=30.0, help="stop the ladder after this long")
     ap.add_argument("--no-pin", action="store_true", help="do not taskset the relay and generator")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "srtp.json"))
+    ap.add_argument("--suite", choices=(SUITE, GCM), default=SUITE, help="the SDES suite of side A")
+    ap.add_argument("--nice", type=int, default=0,
+                    help="run both relays and the generator at this nice level (as in bench_rtp); default 0")
+    ap.add_argument("--out", default=None, help="default bench/results/srtp.json (srtp-gcm.json for GCM)")
     args = ap.parse_args(argv)
     rtp.PIN = not args.no_pin
+    rtp.NICE = args.nice
+    suite = args.suite
+    out = Path(args.out or ROOT / "bench" / "results" / ("srtp-gcm.json" if suite == GCM else "srtp.json"))
     hold = args.hold or (5.0 if args.quick else 20.0)
     repeat = args.repeat or (1 if args.quick else 3)
     ladder = [int(x) for x in (args.steps or ("250,1000,2000,3000" if args.quick else
@@ -206,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                 for rep in range(repeat):
                     for kind in alive[rep % len(alive):] + alive[:rep % len(alive)]:
                         try:
-                            row = run_once(kind, n, hold, gen, rtpe)
+                            row = run_once(kind, n, hold, gen, rtpe, suite)
                         except Exception as exc:          # a relay failing is a result, not a crash
                             log(f"{kind} @ {n} calls failed: {exc}")
                             row = {"kind": kind, "calls": n, "pps": 0, "loss": 1.0, "p50_us": None,
@@ -244,20 +252,21 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "srtp_bridge", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join(["python -m bench.bench_srtp"] + (argv if argv is not None else sys.argv[1:])),
-        "load": {"codec": "G.711 20 ms", "suite": SUITE, "srtp_side": "A", "pps_per_stream": PPS_PER_STREAM,
-                 "hold_s": hold, "repeats": repeat, "loss_max": LOSS_MAX, "ladder": ladder,
+        "load": {"codec": "G.711 20 ms", "suite": suite, "nice": args.nice, "srtp_side": "A",
+                 "pps_per_stream": PPS_PER_STREAM, "hold_s": hold, "repeats": repeat, "loss_max": LOSS_MAX,
+                 "ladder": ladder,
                  "pinning": {"relay": CPU_DUT, "generator": CPU_GEN} if rtp.PIN else None},
         "machine": machine(), "versions": versions, "best": best, "ratios": ratios,
         "steps": {str(n): v for n, v in steps.items()}, "runs": raw, "elapsed_s": round(time.monotonic() - t_start, 1),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print("| relay | max calls (<0.1% loss) | pps | first failing step | us CPU per packet |")
     print("|---|---|---|---|---|")
     for kind, b in best.items():
         print(f"| {kind} | {b['max_calls']} | {b['max_pps']} | {b['first_fail_calls']} | {b['us_per_packet']} |")
     print("\n" + "\n".join(f"{k} = {v}" for k, v in ratios.items()))
-    print(f"\nwritten: {args.out} ({result['elapsed_s']:.0f} s)")
+    print(f"\nwritten: {out} ({result['elapsed_s']:.0f} s)")
     return 0
 
 

@@ -253,6 +253,7 @@ cdef void handle_ready(rtp_engine *eng, rtp_relay *r, int idx, int64_t now) noex
     cdef const uint8_t *p
     cdef rtp_addr *src
     cdef srtp_err_status_t err
+    cdef bint rtcp_pkt
     cdef int leg = idx >> 1
     cdef bint echo = r.echo[leg]
     # SRTP contexts: what this leg sends is unprotected with its key; what leaves toward the
@@ -289,9 +290,11 @@ cdef void handle_ready(rtp_engine *eng, rtp_relay *r, int idx, int64_t now) noex
                 st.dropped[DROP_SOURCE] += 1
                 continue
             clear_len = <int>plen
+            # RTCP multiplexed on the RTP port (RFC 5761 §4: packet types 192-223) is SRTCP there.
+            rtcp_pkt = st.is_rtcp or (192 <= p[1] <= 223)
             if rx != NULL:
                 # Authenticated before it may latch: a forged packet cannot steer the stream.
-                err = srtp_apply(rx, st.is_rtcp, False, eng.rbuf[i], &clear_len)
+                err = srtp_apply(rx, rtcp_pkt, False, eng.rbuf[i], &clear_len)
                 if err != srtp_err_status_ok:
                     if err == srtp_err_status_replay_fail or err == srtp_err_status_replay_old:
                         st.dropped[DROP_SRTP_REPLAY] += 1
@@ -321,7 +324,7 @@ cdef void handle_ready(rtp_engine *eng, rtp_relay *r, int idx, int64_t now) noex
                 continue
             if tx != NULL:
                 # In place: RTP_BUFSZ leaves room for the tag (and the SRTCP index) past RTP_MAX_PKT.
-                if srtp_apply(tx, st.is_rtcp, True, eng.rbuf[i], &clear_len) != srtp_err_status_ok:
+                if srtp_apply(tx, rtcp_pkt, True, eng.rbuf[i], &clear_len) != srtp_err_status_ok:
                     st.dropped[DROP_SRTP_PROTECT] += 1
                     continue
             # Zero copy: the send vector points at the receive buffer.

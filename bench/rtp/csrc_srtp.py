@@ -1,6 +1,7 @@
 """C source of the SRTP<->RTP load generator (``bench/bench_srtp.py``), kept as a string.
 
-``SRTPGEN`` is ``csrc.LOADGEN`` with side A speaking SRTP (AES_CM_128_HMAC_SHA1_80, libsrtp2):
+``SRTPGEN`` is ``csrc.LOADGEN`` with side A speaking SRTP (AES_CM_128_HMAC_SHA1_80 or, with a
+7th argument ``gcm``, AEAD_AES_128_GCM; libsrtp2):
 per call, one libsrtp session protects what A sends (with A's key, the one A "offered") and
 one unprotects what the relay sends to A (with the relay's key, from its "answer"). Side B is
 plain RTP. The send time is stamped before protection on side A (so the A->B latency includes
@@ -24,7 +25,8 @@ SRTPGEN = r'''
 #include <time.h>
 #include <unistd.h>
 
-/* usage: srtpgen N pps_per_stream seconds gA gB k  < "portA portB keyA keyR" lines (hex keys, 30 bytes) */
+/* usage: srtpgen N pps_per_stream seconds gA gB k [gcm]  < "portA portB keyA keyR" lines
+   (hex master key + salt: 30 bytes for AES_CM_128_HMAC_SHA1_80, 28 for AEAD_AES_128_GCM) */
 #define BATCH 64
 #define HIST 200000
 #define PKT 172
@@ -41,10 +43,15 @@ static int unhex(const char *s, unsigned char *out, int n) {
     for (int i = 0; i < n; i++) { unsigned int b; if (sscanf(s + 2 * i, "%2x", &b) != 1) return -1; out[i] = b; }
     return 0;
 }
+static int gcm;
 static srtp_t session(const unsigned char *key, int inbound) {
     srtp_policy_t p; srtp_t s = NULL;
     memset(&p, 0, sizeof p);
-    srtp_crypto_policy_set_rtp_default(&p.rtp); srtp_crypto_policy_set_rtcp_default(&p.rtcp);
+    if (gcm) {
+        srtp_crypto_policy_set_aes_gcm_128_16_auth(&p.rtp); srtp_crypto_policy_set_aes_gcm_128_16_auth(&p.rtcp);
+    } else {
+        srtp_crypto_policy_set_rtp_default(&p.rtp); srtp_crypto_policy_set_rtcp_default(&p.rtcp);
+    }
     p.ssrc.type = inbound ? ssrc_any_inbound : ssrc_any_outbound;
     p.key = (unsigned char *)key; p.window_size = 128; p.allow_repeat_tx = 0;
     if (srtp_create(&s, &p) != srtp_err_status_ok) { fprintf(stderr, "srtp_create\n"); exit(1); }
@@ -56,13 +63,15 @@ int main(int argc, char **argv) {
     int n = atoi(argv[1]); double pps = atof(argv[2]); double secs = atof(argv[3]);
     int ga = atoi(argv[4]), gb = atoi(argv[5]), k = atoi(argv[6]);
     int nst = 2 * n, nsock = 2 * k;
+    gcm = argc > 7 && strcmp(argv[7], "gcm") == 0;
+    int klen = gcm ? 28 : 30;
     srtp_init();
     struct sockaddr_in *dst = calloc(nst, sizeof *dst);
     srtp_t *tx = calloc(n, sizeof *tx), *rx = calloc(n, sizeof *rx);
     int *call_of_port = calloc(65536, sizeof *call_of_port);     /* relay A port -> call + 1 */
     for (int i = 0; i < n; i++) {
         int pa, pb; char ka[128], kr[128]; unsigned char kab[30], krb[30];
-        if (scanf("%d %d %127s %127s", &pa, &pb, ka, kr) != 4 || unhex(ka, kab, 30) || unhex(kr, krb, 30)) {
+        if (scanf("%d %d %127s %127s", &pa, &pb, ka, kr) != 4 || unhex(ka, kab, klen) || unhex(kr, krb, klen)) {
             fprintf(stderr, "short port/key list\n"); return 2;
         }
         tx[i] = session(kab, 0); rx[i] = session(krb, 1);
