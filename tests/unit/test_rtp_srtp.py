@@ -171,3 +171,20 @@ def test_bad_srtp_parameters_leave_the_leg_as_it_was(engine):
     assert r.srtp("a") == (False, False)
     with pytest.raises(ValueError):
         r.set_srtp("c", rx=keyed(CM80))
+
+
+def test_rtcp_muxed_on_the_rtp_port_is_srtcp_there(engine):
+    """RFC 5761: with rtcp-mux, RTCP (packet types 192-223) shares the RTP port; on an SRTP leg it
+    is SRTCP, unprotected and protected as such."""
+    a, b = udp(), udp()
+    r = engine.create("mux")
+    r.set_remote("a", *a.getsockname())
+    r.set_remote("b", *b.getsockname())
+    pbx_key, edge_key = keyed(CM80), keyed(CM80)
+    r.set_srtp("a", rx=pbx_key, tx=edge_key)
+    report = bytes.fromhex("81c80006") + os.urandom(24)
+    a.sendto(SrtpContext(*pbx_key, inbound=False).protect_rtcp(report), edge(r.leg_a))
+    assert [d for d, _ in recv_all(b, 1)] == [report]
+    b.sendto(report, edge(r.leg_b))
+    (sealed, _), = recv_all(a, 1)
+    assert SrtpContext(*edge_key, inbound=True).unprotect_rtcp(sealed) == report
