@@ -75,6 +75,12 @@ class SdesCall:
             key = self._keys[(leg, suite)] = secrets.token_bytes(SDES_SUITES[suite])
         return key
 
+    def _forget(self, leg: str) -> None:
+        """``leg`` went plain: its edge keys go. A later SRTP session toward it starts at index 0
+        again, so it must not reuse a key (the same key and index would repeat keystream)."""
+        for suite in SDES_SUITES:
+            self._keys.pop((leg, suite), None)
+
     def is_answer(self, sender: str, kind: Literal["offer", "answer"] | None) -> bool:
         """Whether an SDP from ``sender`` answers the pending offer: said by the caller, else inferred."""
         pending = self._offer is not None and self._offer.sender != sender
@@ -115,6 +121,8 @@ class SdesCall:
                            for tag, suite in enumerate(OFFERED_SUITES, start=1))
         self._offer = _Offer(sender, chosen, media.secure, bool(crypto))
         self._answered = False
+        if chosen is None:
+            self._forget(sender)
         rx = (chosen.suite, chosen.key) if chosen is not None else None
         tx = (chosen.suite, self._edge_key(sender, chosen.suite)) if chosen is not None else None
         # mandatory offers SRTP only (RTP/SAVP); optional offers best-effort SDES on RTP/AVP
@@ -137,6 +145,8 @@ class SdesCall:
                 raise SdesRefused("the answer has no SRTP on a side with srtp = \"mandatory\"")
             elif media.secure:
                 raise SdesRefused("the answer's SRTP does not match any a=crypto line of the offer")
+        if rx is None:
+            self._forget(sender)
         self._answered = True
         back = offer.chosen
         crypto: tuple[bytes, ...] = ()

@@ -158,3 +158,16 @@ def test_parse_reads_profile_and_usable_lines_only():
     assert parse_crypto(PBX_LINE + b"|2^31") is not None              # a lifetime is fine
     assert parse_crypto(PBX_LINE + b"|1:4") is None                   # an MKI is not
     assert parse_crypto(PBX_LINE + b"|2^31|1:4") is None
+
+
+def test_a_leg_that_went_plain_gets_a_new_key_when_srtp_comes_back(engine):
+    """A new libsrtp session restarts at index 0: the same key again would repeat keystream."""
+    media, call = call_media(engine, "optional", "off")
+    media.relay_sdp(call, Side.CUSTOMER, sdp("RTP/SAVP", (PBX_LINE,)), "offer")
+    first = crypto_of(media.relay_sdp(call, Side.CARRIER, sdp(), "answer"))[0].key
+    media.relay_sdp(call, Side.CUSTOMER, sdp(), "offer")                  # re-INVITE: plain now
+    media.relay_sdp(call, Side.CARRIER, sdp(), "answer")
+    assert call.relay.srtp("a") == (False, False)
+    media.relay_sdp(call, Side.CUSTOMER, sdp("RTP/SAVP", (PBX_LINE,)), "offer")
+    again = crypto_of(media.relay_sdp(call, Side.CARRIER, sdp(), "answer"))[0].key
+    assert again != first and call.relay.srtp("a") == (True, True)
