@@ -127,7 +127,7 @@ def relay_rtpengine(n: int, rtpe: RtpEngine | None, suite: str):
             if "RTP/SAVP" not in to_a or not keys:
                 raise RuntimeError(f"rtpengine's answer to the SRTP side has no {suite} key: {to_a!r}")
             rows.append((parse_sdp_media(ans["sdp"]).port, parse_sdp_media(off["sdp"]).port,
-                         offer_key(i, suite).hex(), base64.b64decode(keys[0]).hex()))
+                         offer_key(i, suite).hex(), base64.b64decode(keys[0] + "=" * (-len(keys[0]) % 4)).hex()))
         yield rows, rtpe.proc.pid
     finally:
         for i, cid in enumerate(calls):

@@ -81,7 +81,8 @@ def parse_crypto(line: bytes) -> SdesCrypto | None:
     if len(fields) > 2 or (len(fields) == 2 and b":" in fields[1]):
         return None
     try:
-        key = base64.b64decode(fields[0], validate=True)
+        # some peers (rtpengine among them) leave out the base64 padding of a 28- or 44-byte key
+        key = base64.b64decode(fields[0] + b"=" * (-len(fields[0]) % 4), validate=True)
     except (binascii.Error, ValueError):
         return None
     if len(key) != want:

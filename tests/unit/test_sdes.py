@@ -157,6 +157,8 @@ def test_parse_reads_profile_and_usable_lines_only():
     assert [(c.tag, c.suite, c.key) for c in m.crypto] == [(2, CM80, PBX_KEY)]
     assert parse_crypto(PBX_LINE + b"|2^31") is not None              # a lifetime is fine
     assert parse_crypto(PBX_LINE + b"|1:4") is None                   # an MKI is not
+    unpadded = crypto_line(1, GCM, CARRIER_KEY).rstrip(b"=")              # as rtpengine writes them
+    assert unpadded.endswith(b"=") is False and parse_crypto(unpadded).key == CARRIER_KEY
     assert parse_crypto(PBX_LINE + b"|2^31|1:4") is None
 
 
