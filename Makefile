@@ -8,7 +8,8 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test build build-run toolchain system-deps install bench clean distclean
 
-# What building needs (python3-venv, python3-dev, gcc): installed when root on Debian, else named.
+# What building needs (python3-venv, python3-dev, gcc, libsrtp2-dev for the relay's SRTP):
+# installed when root on Debian, else named.
 toolchain:
 	@sh tools/check-toolchain.sh $(PYTHON)
 
@@ -42,10 +43,11 @@ $(STAMP): $(RUN_STAMP)
 	$(PIP) install -q --no-build-isolation -e '.[test]'
 	touch $(STAMP)
 
-# Rebuild the Cython extensions in place whenever a .pyx/.pxd/.pxi changed.
-build-run: $(RUN_STAMP)
+# Rebuild the Cython extensions in place whenever a .pyx/.pxd/.pxi changed. The toolchain check
+# runs each time (it is quick): an older venv also gets libsrtp2-dev, which the relay links.
+build-run: toolchain $(RUN_STAMP)
 	$(PY) setup.py -q build_ext --inplace
-build: $(STAMP)
+build: toolchain $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
 run: build-run

@@ -28,7 +28,8 @@ def extensions() -> list[Extension]:
                 [str(rel)],
                 define_macros=macros,
                 extra_compile_args=cflags,
-                libraries=["pthread"],
+                # the relay protects/unprotects SRTP with libsrtp2 (Debian libsrtp2-dev)
+                libraries=["pthread", "srtp2"] if module == "edge._rtp" else ["pthread"],
             )
         )
     return exts

@@ -324,12 +324,13 @@ class LiveCallOut(Out):
     answered_at: datetime | None
     reserved: str
     transport: dict[str, str]       # per leg by side, once answered: {"customer": "tls", "carrier": "udp"}
+    srtp: dict[str, str] = {}   # per side ("customer", "carrier"): SRTP suite of its leg, "rtp" = plain; set at answer
 
     @classmethod
     def of(cls, c: LiveCall) -> LiveCallOut:
         return cls(call_id=c.call_id, profile_id=c.profile_id, direction=c.direction, caller=c.caller,
                    callee=c.callee, started_at=to_datetime(c.started_at), answered_at=maybe_datetime(c.answered_at),
-                   reserved=format_money(c.reserved), transport=dict(c.transport))
+                   reserved=format_money(c.reserved), transport=dict(c.transport), srtp=dict(c.srtp))
 
 
 class MediaStats(Out):
@@ -367,6 +368,7 @@ class CdrOut(Out):
     rate_prefix: str | None
     media: MediaStats | None
     transport: dict[str, str]       # per leg by side: {"customer": "tls", "carrier": "udp"} ({} before this build)
+    srtp: dict[str, str] = {}   # per side: SRTP suite of its leg, "rtp" = plain (never a key)
 
     @classmethod
     def of(cls, c: Cdr) -> CdrOut:
@@ -380,7 +382,7 @@ class CdrOut(Out):
                    duration=c.duration, status=c.status, end_reason=c.end_reason, cost=format_money(c.cost),
                    bundle_seconds=c.bundle_seconds, rate_prefix=c.rate_prefix,
                    media=MediaStats(**{f: c.media.get(f, 0) for f in MEDIA_FIELDS}) if c.media else None,
-                   transport=dict(c.transport))
+                   transport=dict(c.transport), srtp=dict(c.srtp))
 
 
 class ApiKeyOut(Out):

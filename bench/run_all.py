@@ -13,8 +13,9 @@ import argparse
 import subprocess
 import sys
 
-BENCHES = ("bench_store", "bench_parse", "bench_rtp", "bench_register", "bench_calls")
+BENCHES = ("bench_store", "bench_parse", "bench_rtp", "bench_srtp", "bench_register", "bench_calls")
 QUICK = {"bench_store": ["--lookups", "50000"], "bench_parse": ["--quick"], "bench_rtp": ["--quick"],
+         "bench_srtp": ["--quick"],
          "bench_register": ["--quick"], "bench_calls": ["--quick"]}
 
 

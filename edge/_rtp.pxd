@@ -125,6 +125,49 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_mutex_unlock(pthread_mutex_t *m)
 
 
+cdef extern from "<srtp2/srtp.h>" nogil:
+    # libsrtp2 (RFC 3711, RFC 7714): the packet loop calls protect/unprotect without the GIL.
+    ctypedef struct srtp_ctx_t:
+        pass
+    ctypedef srtp_ctx_t *srtp_t
+    ctypedef enum srtp_err_status_t:
+        srtp_err_status_ok
+        srtp_err_status_auth_fail
+        srtp_err_status_replay_fail
+        srtp_err_status_replay_old
+    ctypedef enum srtp_ssrc_type_t:
+        ssrc_any_inbound
+        ssrc_any_outbound
+    ctypedef struct srtp_ssrc_t:
+        srtp_ssrc_type_t type
+        unsigned int value
+    ctypedef struct srtp_crypto_policy_t:
+        pass
+    ctypedef struct srtp_policy_t:
+        srtp_ssrc_t ssrc
+        srtp_crypto_policy_t rtp
+        srtp_crypto_policy_t rtcp
+        unsigned char *key
+        unsigned long window_size
+        int allow_repeat_tx
+        srtp_policy_t *next
+    enum:
+        SRTP_MAX_TRAILER_LEN
+    srtp_err_status_t srtp_init()
+    srtp_err_status_t srtp_create(srtp_t *session, const srtp_policy_t *policy)
+    srtp_err_status_t srtp_dealloc(srtp_t s)
+    srtp_err_status_t srtp_protect(srtp_t ctx, void *hdr, int *len)
+    srtp_err_status_t srtp_unprotect(srtp_t ctx, void *hdr, int *len)
+    srtp_err_status_t srtp_protect_rtcp(srtp_t ctx, void *hdr, int *len)
+    srtp_err_status_t srtp_unprotect_rtcp(srtp_t ctx, void *hdr, int *len)
+    void srtp_crypto_policy_set_rtp_default(srtp_crypto_policy_t *p)
+    void srtp_crypto_policy_set_rtcp_default(srtp_crypto_policy_t *p)
+    void srtp_crypto_policy_set_aes_cm_128_hmac_sha1_32(srtp_crypto_policy_t *p)
+    void srtp_crypto_policy_set_aes_cm_256_hmac_sha1_80(srtp_crypto_policy_t *p)
+    void srtp_crypto_policy_set_aes_gcm_128_16_auth(srtp_crypto_policy_t *p)
+    void srtp_crypto_policy_set_aes_gcm_256_16_auth(srtp_crypto_policy_t *p)
+
+
 # If you add a DROP_* reason, update DROP_REASONS in _rtp.pyx and docs/media.md.
 cdef enum:
     DROP_SHORT = 0       # shorter than an RTP (12) / RTCP (8) header, RFC 3550 §5.1/§6.4
@@ -133,7 +176,10 @@ cdef enum:
     DROP_SOURCE = 3      # not from the latched source (hijack protection)
     DROP_NODEST = 4      # other leg has no remote yet, or is on hold (0.0.0.0 / port 0)
     DROP_SEND = 5        # sendmmsg refused it (socket buffer full)
-    DROP_COUNT = 6
+    DROP_SRTP_AUTH = 6   # SRTP/SRTCP authentication (or decryption) failed, RFC 3711 §3.3 step 7
+    DROP_SRTP_REPLAY = 7 # SRTP/SRTCP index already seen or too old (replay protection, RFC 3711 §3.3.2)
+    DROP_SRTP_PROTECT = 8  # libsrtp refused to protect it toward an SRTP leg (malformed header, repeated index)
+    DROP_COUNT = 9
 
 cdef enum:
     RTP_BATCH = 64       # recvmmsg/sendmmsg vector length
@@ -168,7 +214,7 @@ ctypedef struct rtp_stream:
     uint64_t bytes          # their UDP payload bytes
     uint64_t relayed        # packets sent on (to the other leg, or echoed back)
     uint64_t relayed_bytes  # their bytes
-    uint64_t dropped[6]     # per DROP_* reason (DROP_COUNT)
+    uint64_t dropped[9]     # per DROP_* reason (DROP_COUNT)
     int64_t last_ns         # CLOCK_MONOTONIC of the last accepted packet, 0 = never
     uint32_t ssrc           # SSRC the sequence state belongs to
     uint16_t max_seq        # RFC 3550 A.1 highest sequence number seen
@@ -188,6 +234,8 @@ ctypedef struct rtp_relay:
     int64_t created_ns      # CLOCK_MONOTONIC at create (timeout runs from here)
     int64_t timeout_ns      # silence on both legs before an event, 0 = never
     rtp_stream st[4]        # ST_A_RTP, ST_A_RTCP, ST_B_RTP, ST_B_RTCP
+    srtp_t srtp_in[2]       # per leg: unprotects what the leg sends (its SDES key), NULL = plain RTP
+    srtp_t srtp_out[2]      # per leg: protects what the edge sends to it (the edge's key), NULL = plain
 
 
 ctypedef struct rtp_event:
@@ -201,7 +249,7 @@ ctypedef struct rtp_totals:
     uint64_t bytes          # their bytes
     uint64_t relayed        # packets relayed
     uint64_t relayed_bytes  # bytes relayed
-    uint64_t dropped[6]     # per DROP_* reason
+    uint64_t dropped[9]     # per DROP_* reason (DROP_COUNT)
     int64_t lost            # sequence-gap loss (RFC 3550 A.1)
 
 
@@ -265,5 +313,6 @@ cdef class Relay:
     cdef readonly object leg_b        # LegAddr
     cdef uint32_t _slot               # index in rtp_engine.slots
     cdef bint _deleted                # delete() ran
+    cdef list _srtp                   # per leg: (rx, tx) parameters installed, to keep a context on a re-offer
 
     cdef rtp_relay *_get(self) except NULL

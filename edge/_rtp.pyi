@@ -12,7 +12,37 @@ Leg = Literal["a", "b", "A", "B"]
 DROP_REASONS: tuple[str, ...]
 """Reasons a received packet is not relayed: ``short``, ``version``,
 ``oversize``, ``source`` (hijack protection), ``no_dest`` (no remote yet or
-hold), ``send`` (socket buffer full)."""
+hold), ``send`` (socket buffer full), ``srtp_auth`` (SRTP/SRTCP authentication
+failed), ``srtp_replay`` (replay protection), ``srtp_protect`` (libsrtp refused
+to protect it toward an SRTP leg)."""
+
+SRTP_SUITES: dict[str, int]
+"""SDES suites the relay speaks -> length of master key + salt in bytes."""
+
+SrtpKey = tuple[str, bytes]
+"""(suite, master key + salt)."""
+
+class SrtpError(ValueError):
+    """libsrtp refused a key, a suite or a packet."""
+
+    reason: str
+    """``auth``, ``replay`` or ``error``."""
+    def __init__(self, reason: str, message: str) -> None: ...
+
+class SrtpContext:
+    """One SRTP direction (tests and tools): the libsrtp session the relay uses.
+
+    :param suite: a key of :data:`SRTP_SUITES`
+    :param key: master key followed by master salt
+    :param inbound: True unprotects, False protects
+    """
+
+    inbound: bool
+    def __init__(self, suite: str, key: bytes, *, inbound: bool) -> None: ...
+    def protect(self, packet: bytes) -> bytes: ...
+    def unprotect(self, packet: bytes) -> bytes: ...
+    def protect_rtcp(self, packet: bytes) -> bytes: ...
+    def unprotect_rtcp(self, packet: bytes) -> bytes: ...
 
 class LegAddr(NamedTuple):
     """Edge address of one relay leg: put these in the SDP sent to that leg."""
@@ -104,6 +134,15 @@ class Relay:
         :param rtp_port: port from ``m=audio``
         :param rtcp_port: port from ``a=rtcp`` (RFC 3605); default ``rtp_port + 1``
         """
+    def set_srtp(self, leg: Leg, rx: SrtpKey | None = None, tx: SrtpKey | None = None) -> None:
+        """SRTP on ``leg``: ``rx`` unprotects what the leg sends (its SDES key), ``tx`` protects
+        what the edge sends to it (the edge's key); None is plain RTP that way. Unchanged
+        parameters keep their libsrtp session (rollover counter, replay window).
+
+        :raises SrtpError: unknown suite or a key of the wrong length (the leg stays as it was)
+        """
+    def srtp(self, leg: Leg) -> tuple[bool, bool]:
+        """``(receiving, sending)`` SRTP on ``leg``; never the keys."""
     def set_echo(self, leg: Leg, on: bool = True) -> None:
         """Echo mode: every packet received on ``leg`` goes back to its source."""
     def stats(self) -> RelayStats: ...

@@ -19,8 +19,30 @@ import os
 import time
 
 # Index = DROP_* value (_rtp.pxd).
-DROP_REASONS = ("short", "version", "oversize", "source", "no_dest", "send")
+DROP_REASONS = ("short", "version", "oversize", "source", "no_dest", "send", "srtp_auth", "srtp_replay",
+                "srtp_protect")
 _LEGS = {"a": 0, "A": 0, "b": 1, "B": 1}
+
+# SDES crypto suites (RFC 4568 §6.2, RFC 6188, RFC 7714 §12) -> master key + salt length in bytes.
+SRTP_SUITES = {
+    "AES_CM_128_HMAC_SHA1_80": 30,
+    "AES_CM_128_HMAC_SHA1_32": 30,
+    "AES_256_CM_HMAC_SHA1_80": 46,
+    "AEAD_AES_128_GCM": 28,
+    "AEAD_AES_256_GCM": 44,
+}
+
+
+class SrtpError(ValueError):
+    """libsrtp refused a key, a suite or a packet; ``reason`` is ``auth``, ``replay`` or ``error``."""
+
+    def __init__(self, reason, message):
+        super().__init__(message)
+        self.reason = reason
+
+
+if srtp_init() != srtp_err_status_ok:
+    raise ImportError("libsrtp2: srtp_init failed")
 
 LegAddr = collections.namedtuple("LegAddr", "address rtp_port rtcp_port")
 LegAddr.__doc__ = "Edge address of one relay leg: put these in the SDP sent to that leg."
@@ -213,18 +235,31 @@ cdef void scan_timeouts(rtp_engine *eng, int64_t now) noexcept nogil:
             push_event(eng, r.gen, EVT_TIMEOUT, 0 if la <= lb else 1)
 
 
+cdef inline srtp_err_status_t srtp_apply(srtp_t ctx, bint rtcp, bint protect, char *buf, int *len) noexcept nogil:
+    if protect:
+        return srtp_protect_rtcp(ctx, buf, len) if rtcp else srtp_protect(ctx, buf, len)
+    return srtp_unprotect_rtcp(ctx, buf, len) if rtcp else srtp_unprotect(ctx, buf, len)
+
+
 @cython.boundscheck(False)
 @cython.wraparound(False)
 cdef void handle_ready(rtp_engine *eng, rtp_relay *r, int idx, int64_t now) noexcept nogil:
-    """Drain one ready socket: validate, latch, count, forward in one sendmmsg."""
+    """Drain one ready socket: validate, unprotect, latch, count, protect, forward in one sendmmsg."""
     cdef rtp_stream *st = &r.st[idx]
     cdef rtp_stream *out
     cdef rtp_stream *sender
-    cdef int got, i, j, nsend, sent, rounds, minlen
+    cdef int got, i, j, nsend, sent, rounds, minlen, clear_len
     cdef unsigned int plen
     cdef const uint8_t *p
     cdef rtp_addr *src
-    cdef bint echo = r.echo[idx >> 1]
+    cdef srtp_err_status_t err
+    cdef bint rtcp_pkt
+    cdef int leg = idx >> 1
+    cdef bint echo = r.echo[leg]
+    # SRTP contexts: what this leg sends is unprotected with its key; what leaves toward the
+    # destination leg (this one when echoing) is protected with the edge's key for that leg.
+    cdef srtp_t rx = r.srtp_in[leg]
+    cdef srtp_t tx = r.srtp_out[leg if echo else leg ^ 1]
     minlen = 8 if st.is_rtcp else 12
     # Echo: back out of the same socket to the source; else out of the other leg's socket.
     sender = st if echo else &r.st[idx ^ 2]
@@ -251,11 +286,22 @@ cdef void handle_ready(rtp_engine *eng, rtp_relay *r, int idx, int64_t now) noex
                 st.dropped[DROP_VERSION] += 1
                 continue
             # Symmetric RTP latching with strict source (docs/media.md, "Latching").
-            if st.latched:
-                if not same_addr(src, &st.source):
-                    st.dropped[DROP_SOURCE] += 1
+            if st.latched and not same_addr(src, &st.source):
+                st.dropped[DROP_SOURCE] += 1
+                continue
+            clear_len = <int>plen
+            # RTCP multiplexed on the RTP port (RFC 5761 §4: packet types 192-223) is SRTCP there.
+            rtcp_pkt = st.is_rtcp or (192 <= p[1] <= 223)
+            if rx != NULL:
+                # Authenticated before it may latch: a forged packet cannot steer the stream.
+                err = srtp_apply(rx, rtcp_pkt, False, eng.rbuf[i], &clear_len)
+                if err != srtp_err_status_ok:
+                    if err == srtp_err_status_replay_fail or err == srtp_err_status_replay_old:
+                        st.dropped[DROP_SRTP_REPLAY] += 1
+                    else:
+                        st.dropped[DROP_SRTP_AUTH] += 1
                     continue
-            else:
+            if not st.latched:
                 st.source = src[0]
                 st.latched = 1
             st.packets += 1
@@ -276,9 +322,14 @@ cdef void handle_ready(rtp_engine *eng, rtp_relay *r, int idx, int64_t now) noex
             else:
                 st.dropped[DROP_NODEST] += 1
                 continue
+            if tx != NULL:
+                # In place: RTP_BUFSZ leaves room for the tag (and the SRTCP index) past RTP_MAX_PKT.
+                if srtp_apply(tx, rtcp_pkt, True, eng.rbuf[i], &clear_len) != srtp_err_status_ok:
+                    st.dropped[DROP_SRTP_PROTECT] += 1
+                    continue
             # Zero copy: the send vector points at the receive buffer.
             eng.siov[nsend].iov_base = eng.rbuf[i]
-            eng.siov[nsend].iov_len = plen
+            eng.siov[nsend].iov_len = <size_t>clear_len
             eng.smsg[nsend].msg_len = 0
             nsend += 1
         if nsend:
@@ -370,6 +421,111 @@ cdef void totals_add(rtp_totals *t, const rtp_relay *r) noexcept nogil:
             t.dropped[j] += s.dropped[j]
         if not s.is_rtcp:
             t.lost += stream_lost(s)
+
+
+# ---------------------------------------------------------------------------
+# SRTP sessions (libsrtp2). Made and freed here, with the GIL; used by the loop under the lock.
+
+cdef srtp_t _srtp_session(str suite, bytes key, bint inbound) except NULL:
+    """One libsrtp session for one direction of one leg: RTP and RTCP of any SSRC, replay on."""
+    cdef srtp_policy_t policy
+    cdef srtp_t session = NULL
+    cdef unsigned char keybuf[64]
+    want = SRTP_SUITES.get(suite)
+    if want is None:
+        raise SrtpError("error", "unsupported SRTP crypto suite %r" % (suite,))
+    if len(key) != want:
+        raise SrtpError("error", "%s needs a %d-byte master key and salt, got %d" % (suite, want, len(key)))
+    memset(&policy, 0, sizeof(policy))
+    if suite == "AES_CM_128_HMAC_SHA1_80":
+        srtp_crypto_policy_set_rtp_default(&policy.rtp)
+        srtp_crypto_policy_set_rtcp_default(&policy.rtcp)
+    elif suite == "AES_CM_128_HMAC_SHA1_32":
+        srtp_crypto_policy_set_aes_cm_128_hmac_sha1_32(&policy.rtp)
+        srtp_crypto_policy_set_rtcp_default(&policy.rtcp)       # SRTCP keeps the 80-bit tag (RFC 4568 §6.2.2)
+    elif suite == "AES_256_CM_HMAC_SHA1_80":
+        srtp_crypto_policy_set_aes_cm_256_hmac_sha1_80(&policy.rtp)
+        srtp_crypto_policy_set_aes_cm_256_hmac_sha1_80(&policy.rtcp)
+    elif suite == "AEAD_AES_128_GCM":
+        srtp_crypto_policy_set_aes_gcm_128_16_auth(&policy.rtp)
+        srtp_crypto_policy_set_aes_gcm_128_16_auth(&policy.rtcp)
+    else:
+        srtp_crypto_policy_set_aes_gcm_256_16_auth(&policy.rtp)
+        srtp_crypto_policy_set_aes_gcm_256_16_auth(&policy.rtcp)
+    memcpy(keybuf, <const char *>key, want)
+    policy.key = keybuf
+    policy.ssrc.type = ssrc_any_inbound if inbound else ssrc_any_outbound
+    policy.window_size = 128                                    # RFC 3711 §3.3.2: at least 64
+    policy.allow_repeat_tx = 0
+    policy.next = NULL
+    err = srtp_create(&session, &policy)
+    memset(keybuf, 0, sizeof(keybuf))                           # libsrtp keeps its own expanded keys
+    if err != srtp_err_status_ok or session == NULL:
+        raise SrtpError("error", "libsrtp could not create a %s session (error %d)" % (suite, <int>err))
+    return session
+
+
+cdef class SrtpContext:
+    """One SRTP direction, for tests and tools: the same libsrtp session the relay uses.
+
+    :param suite: a key of ``SRTP_SUITES``
+    :param key: master key followed by master salt (RFC 4568 ``inline:`` decoded)
+    :param inbound: True to unprotect (a receiver), False to protect (a sender)
+    """
+
+    cdef srtp_t _session
+    cdef readonly bint inbound
+
+    def __cinit__(self):
+        self._session = NULL
+
+    def __init__(self, str suite, bytes key, *, bint inbound):
+        self._session = _srtp_session(suite, key, inbound)
+        self.inbound = inbound
+
+    def __dealloc__(self):
+        if self._session != NULL:
+            srtp_dealloc(self._session)
+            self._session = NULL
+
+    cdef bytes _apply(self, bytes packet, bint rtcp, bint protect):
+        cdef char buf[2048]
+        cdef int n = len(packet)
+        cdef srtp_err_status_t err
+        if protect == self.inbound:
+            raise SrtpError("error", "this context %s" % ("unprotects" if self.inbound else "protects"))
+        if n > 2048 - SRTP_MAX_TRAILER_LEN:
+            raise SrtpError("error", "packet too long")
+        memcpy(buf, <const char *>packet, n)
+        err = srtp_apply(self._session, rtcp, protect, buf, &n)
+        if err == srtp_err_status_ok:
+            return PyBytes_FromStringAndSize(buf, n)
+        if err == srtp_err_status_auth_fail:
+            raise SrtpError("auth", "SRTP authentication failed")
+        if err == srtp_err_status_replay_fail or err == srtp_err_status_replay_old:
+            raise SrtpError("replay", "SRTP replay check failed")
+        raise SrtpError("error", "libsrtp error %d" % <int>err)
+
+    def protect(self, bytes packet):
+        return self._apply(packet, False, True)
+
+    def unprotect(self, bytes packet):
+        return self._apply(packet, False, False)
+
+    def protect_rtcp(self, bytes packet):
+        return self._apply(packet, True, True)
+
+    def unprotect_rtcp(self, bytes packet):
+        return self._apply(packet, True, False)
+
+
+cdef void _free_srtp(srtp_t *sessions) noexcept:
+    """Free the four sessions of a relay (collected under the lock, freed after it)."""
+    cdef int k
+    for k in range(4):
+        if sessions[k] != NULL:
+            srtp_dealloc(sessions[k])
+            sessions[k] = NULL
 
 
 # ---------------------------------------------------------------------------
@@ -491,6 +647,7 @@ cdef class RelayEngine:
                     for k in range(4):
                         if eng.slots[i].st[k].fd >= 0:
                             close(eng.slots[i].st[k].fd)
+                    _free_srtp(eng.slots[i].srtp_in)            # srtp_in[2] and srtp_out[2] are adjacent
                     free(eng.slots[i])
             free(eng.slots)
         for fd in (eng.epfd, eng.wakefd, eng.evfd):
@@ -675,6 +832,7 @@ cdef class RelayEngine:
         relay.tag = tag
         relay._slot = slot
         relay._deleted = False
+        relay._srtp = [(None, None), (None, None)]
         relay.leg_a = LegAddr(self.address, tmp.st[ST_A_RTP].port, tmp.st[ST_A_RTCP].port)
         relay.leg_b = LegAddr(self.address_b, tmp.st[ST_B_RTP].port, tmp.st[ST_B_RTCP].port)
         self._relays[gen] = relay
@@ -695,6 +853,7 @@ cdef class RelayEngine:
     def _delete(self, Relay relay, bint quiet):
         cdef rtp_relay *r
         cdef int k
+        cdef srtp_t sessions[4]
         stats = self._snapshot(relay)
         pthread_mutex_lock(&self._eng.lock)
         r = self._eng.slots[relay._slot]
@@ -705,7 +864,13 @@ cdef class RelayEngine:
                 r.st[k].fd = -1
         totals_add(&self._eng.gone, r)
         r.active = 0
+        for k in range(2):
+            sessions[k] = r.srtp_in[k]
+            sessions[2 + k] = r.srtp_out[k]
+            r.srtp_in[k] = NULL
+            r.srtp_out[k] = NULL
         pthread_mutex_unlock(&self._eng.lock)
+        _free_srtp(sessions)
         self._release(r, quiet)
         relay._deleted = True
         del self._relays[relay.id]
@@ -867,6 +1032,46 @@ cdef class Relay:
             s.remote.sin6_port = htons(<uint16_t>ports[k])
             s.latched = 0                           # re-arm: latch on the next packet
         pthread_mutex_unlock(&self.engine._eng.lock)
+
+    def set_srtp(self, str leg, rx=None, tx=None):
+        """SRTP on ``leg``: ``rx`` = (suite, key) the leg protects with, ``tx`` = (suite, key) the
+        edge protects with toward it; None = plain RTP that way. Unchanged parameters keep their
+        session (its rollover counter and replay window go on across a re-offer)."""
+        cdef int li = _leg_index(leg)
+        cdef rtp_relay *r = self._get()
+        cdef srtp_t made[2]
+        cdef srtp_t old[4]
+        cdef int k
+        want = (rx, tx)
+        have = self._srtp[li]
+        made[0] = made[1] = NULL
+        for k in range(4):
+            old[k] = NULL
+        try:
+            for k in range(2):
+                if want[k] is not None and want[k] != have[k]:
+                    suite, key = want[k]
+                    made[k] = _srtp_session(suite, key, k == 0)
+        except BaseException:
+            for k in range(2):
+                if made[k] != NULL:
+                    srtp_dealloc(made[k])
+            raise
+        pthread_mutex_lock(&self.engine._eng.lock)
+        if want[0] != have[0]:
+            old[0] = r.srtp_in[li]
+            r.srtp_in[li] = made[0]
+        if want[1] != have[1]:
+            old[1] = r.srtp_out[li]
+            r.srtp_out[li] = made[1]
+        pthread_mutex_unlock(&self.engine._eng.lock)
+        _free_srtp(old)
+        self._srtp[li] = want
+
+    def srtp(self, str leg):
+        """Whether ``leg`` is SRTP: ``(receiving, sending)`` as two booleans (never the keys)."""
+        rx, tx = self._srtp[_leg_index(leg)]
+        return (rx is not None, tx is not None)
 
     def set_echo(self, str leg, bint on=True):
         cdef int li = _leg_index(leg)

@@ -117,8 +117,7 @@ class SideConfig(Section):
     advertise: str = ""          # host (IP or DNS name) written into Via/Contact instead of the listener's
     media: str = ""              # relay ports of this side bind here
     media_advertise: str = ""    # written into SDP c=/o=/a=rtcp instead of ``media`` (1:1 NAT)
-    # SRTP is not implemented yet: "optional" is accepted (plain RTP is what it negotiates today)
-    srtp: Literal["off", "optional", "mandatory"] = "off"
+    srtp: Literal["off", "optional", "mandatory"] = "off"   # SDES-SRTP on this side's media (SPEC §4.6)
 
 
 class SidesConfig(Section):
@@ -220,6 +219,7 @@ class Side(msgspec.Struct, frozen=True):
     :param advertise: host written into Via/Contact/Record-Route ("" = the listener's own address).
     :param media: address the side's relay ports bind to.
     :param media_advertise: address written into the SDP sent toward the side.
+    :param srtp: ``"off"``, ``"optional"`` or ``"mandatory"`` (SPEC §4.6).
     """
 
     name: str
@@ -227,6 +227,7 @@ class Side(msgspec.Struct, frozen=True):
     advertise: str
     media: str
     media_advertise: str
+    srtp: Literal["off", "optional", "mandatory"] = "off"
 
     @property
     def families(self) -> frozenset[int]:
@@ -254,7 +255,7 @@ def resolve_sides(cfg: Config) -> dict[str, Side]:
         key = f"sides.{name}.listen" if own else "sip.listen"
         listeners = tuple(parse_listen(item, f"{key}[{i}]") for i, item in enumerate(specs))
         media = side.media or (listeners[0][1] if own and listeners else cfg.media.address)
-        out[name] = Side(name, listeners, side.advertise, media, side.media_advertise or media)
+        out[name] = Side(name, listeners, side.advertise, media, side.media_advertise or media, side.srtp)
     return out
 
 
@@ -262,9 +263,6 @@ def _validate_side(name: str, side: SideConfig | None, resolved: Side) -> None:
     key = f"sides.{name}"
     listen_key = f"{key}.listen" if side is not None and side.listen else "sip.listen"
     if side is not None:
-        if side.srtp == "mandatory":
-            raise ConfigError(f'{key}.srtp: "mandatory" is not supported yet (SRTP is not implemented; '
-                              f'use "off" or "optional")')
         if side.advertise and _ip(side.advertise) is None and not _hostname(side.advertise):
             raise ConfigError(f"{key}.advertise: not an IP address or host name: {side.advertise!r}")
     for i, (_, host, _) in enumerate(resolved.listeners):

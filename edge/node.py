@@ -177,7 +177,8 @@ class Node:
                                max_call_seconds=cfg.credit.max_call_seconds)
         self.calls = CallController(
             tl=sip.transactions, dialogs=dialogs, local=self.local, admission=admission, routing=routing,
-            media=CallMedia(self.media, cfg.media.rtp_timeout), metrics=CallMetrics(self.registry),
+            media=CallMedia(self.media, cfg.media.rtp_timeout, {"customer": customer.srtp, "carrier": carrier.srtp}),
+            metrics=CallMetrics(self.registry),
             # operator actions first: it names the carrier in the live record before billing settles it
             listeners=[OperatorActions(store, loop, calls=lambda cid: self.calls.calls.get(cid), hangup=self._hangup),
                        self.billing], is_trusted=sip.is_trusted, setup_timeout=cfg.sip.setup_timeout)

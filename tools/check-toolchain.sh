@@ -1,7 +1,8 @@
 #!/bin/sh
-# What `make run` needs to build sipedge: a Python 3.11 with venv/ensurepip and its headers, and a C
-# compiler. On Debian they come from python3-venv, python3-dev (python3.11-*) and gcc: installed here
-# when running as root, otherwise one line says what to install. Nothing else is installed.
+# What `make run` needs to build sipedge: a Python 3.11 with venv/ensurepip and its headers, a C
+# compiler and libsrtp2's headers (the relay links libsrtp2 for SRTP). On Debian they come from
+# python3-venv, python3-dev (python3.11-*), gcc and libsrtp2-dev: installed here when running as
+# root, otherwise one line says what to install. Nothing else is installed.
 PY=${1:-python3.11}
 missing=""
 if ! command -v "$PY" >/dev/null 2>&1; then
@@ -12,6 +13,7 @@ else
   [ -n "$inc" ] && [ -f "$inc/Python.h" ] || missing="$missing python3-dev"
 fi
 command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || missing="$missing gcc"
+[ -f /usr/include/srtp2/srtp.h ] || [ -f /usr/local/include/srtp2/srtp.h ] || missing="$missing libsrtp2-dev"
 missing=$(echo $missing)
 [ -z "$missing" ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

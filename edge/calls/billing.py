@@ -86,6 +86,7 @@ class Billing:
         live.answered_at = now
         _name_carrier(call, live)   # stored with the answer: a recovered call's CDR names it too
         live.legs = [s.dialog.as_record() for s in (call.inbound, call.outbound) if s is not None]
+        live.srtp = call.srtp       # what GET .../calls shows per leg (never a key)
         rate = call.rate
         try:
             if self.paid(call):
@@ -153,6 +154,7 @@ class Billing:
         if live is None:
             return
         _name_carrier(call, live)
+        live.srtp = call.srtp
         self._settle(live, call, self.wall(), status, reason, media)
 
     def _settle(self, live: LiveCall, call: Call, ended: float, status: int, reason: EndReason,

@@ -143,7 +143,7 @@ class CallController:
         target = call.targets.pop(0)
         req = call.inbound.tx.request
         try:
-            body = self.media.relay_sdp(call, call.inbound_side, req.body) if req.body else b""
+            body = self.media.relay_sdp(call, call.inbound_side, req.body, "offer") if req.body else b""
         except MediaRefused as exc:
             self._end(call, exc.status, exc.reason, text=exc.text)
             return
@@ -197,7 +197,7 @@ class CallController:
         body = b""
         if response.body:
             try:  # early media (183/180 with SDP): anchored now
-                body = self.media.relay_sdp(call, call.side_of(session), response.body)
+                body = self.media.relay_sdp(call, call.side_of(session), response.body, "answer")
             except MediaRefused:
                 body = b""
         call.inbound.progress(response.status, response.reason, [SDP] if body else [], body)
@@ -209,7 +209,7 @@ class CallController:
             return
         assert call.inbound is not None
         try:
-            body = self.media.relay_sdp(call, call.side_of(session), response.body) if response.body else b""
+            body = self.media.relay_sdp(call, call.side_of(session), response.body, "answer") if response.body else b""
         except MediaRefused as exc:
             log.warning("call %s: answer SDP cannot be anchored: %s", call.id, exc.text)
             self._end(call, exc.status, exc.reason, text=exc.text)

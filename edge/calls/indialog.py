@@ -27,7 +27,7 @@ def relay_reinvite(media: CallMedia, call: Call, origin: InviteSession, other: I
         tx.respond(488, headers=[warning("re-INVITE without SDP is not supported")])
         return
     try:
-        body = media.relay_sdp(call, call.side_of(origin), req.body)
+        body = media.relay_sdp(call, call.side_of(origin), req.body, "offer")
     except MediaRefused as exc:
         tx.respond(exc.status, headers=[warning(exc.text)])
         return
@@ -41,7 +41,7 @@ def relay_reinvite(media: CallMedia, call: Call, origin: InviteSession, other: I
         answer = b""
         if resp.body:
             try:
-                answer = media.relay_sdp(call, call.side_of(other), resp.body)
+                answer = media.relay_sdp(call, call.side_of(other), resp.body, "answer")
             except MediaRefused:
                 answer = b""
         if tx.state is State.PROCEEDING:

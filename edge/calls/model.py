@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, NamedTuple
 if TYPE_CHECKING:
     from edge._rtp import Leg, Relay
     from edge.control.models import LiveCall, Profile, Rate
+    from edge.media.sdes import SdesCall
     from edge.sip.invite import InviteSession, UacInvite, UasInvite
     from edge.sip.transport import Peer
 
@@ -75,6 +76,7 @@ class EndReason(enum.Enum):
     NO_RATE = "no_rate"
     NO_CARRIER = "no_carrier"
     BAD_SDP = "bad_sdp"
+    SRTP_POLICY = "srtp_policy"     # the SDP breaks a side's srtp mode (SPEC §4.6): 488
     NO_MEDIA_PORTS = "no_media_ports"
 
 
@@ -94,7 +96,7 @@ class Call:
     """
 
     __slots__ = ("id", "direction", "profile", "caller", "callee", "funding", "rate", "live", "inbound",
-                 "outbound", "relay", "state", "targets", "attempt", "from_uri", "to_uri", "started",
+                 "outbound", "relay", "sdes", "state", "targets", "attempt", "from_uri", "to_uri", "started",
                  "answered", "last_failure")
 
     def __init__(self, call_id: str, direction: Direction, profile: Profile, *, caller: str, callee: str,
@@ -110,6 +112,7 @@ class Call:
         self.inbound: UasInvite | None = None
         self.outbound: UacInvite | None = None
         self.relay: Relay | None = None
+        self.sdes: SdesCall | None = None       # SRTP keys and modes of its legs (with the relay)
         self.state = CallState.ROUTING
         self.targets: list[Target] = []         # outbound targets left to try
         self.attempt = ""                       # label of the current outbound target
@@ -128,6 +131,13 @@ class Call:
 
     def other_leg(self, session: InviteSession) -> InviteSession | None:
         return self.outbound if session is self.inbound else self.inbound
+
+    @property
+    def srtp(self) -> dict[str, str]:
+        """Per side, the SRTP suite of its leg, ``"rtp"`` for plain RTP (CDR, live calls; never a key)."""
+        suites = self.sdes.suites if self.sdes is not None else {}
+        return {side.value: suites.get(side.relay_leg) or "rtp" for side in Side
+                if side.relay_leg in suites}
 
     @property
     def talk_seconds(self) -> float:

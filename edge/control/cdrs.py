@@ -34,6 +34,7 @@ def fields(cdr: Cdr) -> dict[str, Any]:
         "cost": format_money(cdr.cost), "bundle_seconds": cdr.bundle_seconds, "rate_prefix": cdr.rate_prefix,
         "media": {f: cdr.media.get(f, 0) for f in MEDIA_FIELDS} if cdr.media else {},
         "transport": dict(cdr.transport),
+        "srtp": dict(cdr.srtp),
     }
 
 

@@ -245,7 +245,7 @@ class CreditEngine:
                   ended_at=ended_at, duration=billed, status=status, end_reason=end_reason, cost=cost,
                   bundle_seconds=bundle_used, rate_prefix=rate.prefix if rate is not None else None,
                   media=media or {}, account_id=prof.account_id if prof is not None else "",
-                  carrier=call.carrier, transport=call.transport)
+                  carrier=call.carrier, transport=call.transport, srtp=call.srtp)
         cdrs.add(txn, cdr)
         if prof is not None:   # the event commits with the CDR (a transactional outbox)
             webhooks.emit(txn, prof.account_id, "call.ended", call.call_id, {"cdr": cdrs.fields(cdr)}, now=ended_at)

@@ -124,6 +124,7 @@ class LiveCall(Record):
     legs: list[dict[str, str]] = [] # how to reach each leg with a BYE after a restart
     carrier: str = ""               # outgoing: the carrier that carried (or last tried) the call
     transport: dict[str, str] = {}  # per leg by side ("customer", "carrier"): "udp" | "tcp" | "tls"
+    srtp: dict[str, str] = {}       # per side ("customer", "carrier"): SRTP suite of its leg, "rtp" = plain
     # Records of older builds may also carry rate_prefix and owner_pid: ignored when decoded.
 
 
@@ -148,6 +149,7 @@ class Cdr(Record):
     account_id: str = ""            # the profile's account at settlement ("" in CDRs of older builds)
     carrier: str = ""               # outgoing calls: the carrier URI ("" incoming, echo, older builds)
     transport: dict[str, str] = {}  # per leg by side ("customer", "carrier"): "udp" | "tcp" | "tls"
+    srtp: dict[str, str] = {}       # per side: SRTP suite of its leg, "rtp" = plain ({} before media was set up)
 
 
 class IdempotentResult(Record):

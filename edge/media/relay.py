@@ -93,7 +93,8 @@ class MediaService:
     def create(self, tag: str, *, timeout: float | None = None) -> Relay:
         return self.engine.create(tag, timeout=timeout)
 
-    def anchor(self, relay: Relay, from_leg: Leg, sdp: bytes) -> bytes:
+    def anchor(self, relay: Relay, from_leg: Leg, sdp: bytes, *, secure: bool | None = None,
+               crypto: tuple[bytes, ...] = ()) -> bytes:
         """Take the SDP received on ``from_leg``; return the SDP for the other leg.
 
         The remote of ``from_leg`` is set from the SDP (offer, answer,
@@ -103,6 +104,8 @@ class MediaService:
         :param relay: the call's relay
         :param from_leg: ``"a"`` (SDP from the PBX) or ``"b"`` (SDP from the carrier)
         :param sdp: the SDP body as received
+        :param secure: / :param crypto: the profile and the edge's ``a=crypto`` lines of the
+            returned SDP (edge/media/sdes.py); the sender's ``a=crypto`` lines never pass
         """
         media = parse_sdp_media(sdp)
         try:
@@ -111,9 +114,10 @@ class MediaService:
             raise SdpError(str(exc)) from None
         to_leg = "b" if from_leg.lower() == "a" else "a"
         out = relay.leg_b if to_leg == "b" else relay.leg_a
-        return rewrite_sdp(sdp, self.advertise[to_leg], out.rtp_port, out.rtcp_port)
+        return rewrite_sdp(sdp, self.advertise[to_leg], out.rtp_port, out.rtcp_port, secure=secure, crypto=crypto)
 
-    def echo(self, relay: Relay, leg: Leg, sdp: bytes) -> bytes:
+    def echo(self, relay: Relay, leg: Leg, sdp: bytes, *, secure: bool | None = None,
+             crypto: tuple[bytes, ...] = ()) -> bytes:
         """Echo ``leg``'s audio back to it; the SDP answer names that leg's own port."""
         media = parse_sdp_media(sdp)
         try:
@@ -122,4 +126,4 @@ class MediaService:
             raise SdpError(str(exc)) from None
         relay.set_echo(leg)
         own = relay.leg_a if leg == "a" else relay.leg_b
-        return rewrite_sdp(sdp, self.advertise[leg], own.rtp_port, own.rtcp_port)
+        return rewrite_sdp(sdp, self.advertise[leg], own.rtp_port, own.rtcp_port, secure=secure, crypto=crypto)

@@ -1,12 +1,15 @@
-"""A small SDP rewriter for media anchoring (RFC 4566, RFC 3264, RFC 3605).
+"""A small SDP rewriter for media anchoring (RFC 4566, RFC 3264, RFC 3605, RFC 4568).
 
-Only what an anchoring B2BUA needs: read where a party wants its audio
-(:func:`parse_sdp_media`) and point the other party at the edge instead
-(:func:`rewrite_sdp`). Everything else (codecs, ``a=rtpmap``/``a=fmtp``,
+Only what an anchoring B2BUA needs: read where a party wants its audio and with which
+SDES keys (:func:`parse_sdp_media`) and point the other party at the edge instead
+(:func:`rewrite_sdp`), with the edge's own transport profile and ``a=crypto`` lines. A
+party's keys never cross the edge. Everything else (codecs, ``a=rtpmap``/``a=fmtp``,
 RFC 4733 ``telephone-event``, ptime, direction) passes through byte for byte.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import NamedTuple
 
 DIRECTIONS = (b"sendrecv", b"sendonly", b"recvonly", b"inactive")  # RFC 3264 §5.1
@@ -14,10 +17,82 @@ DIRECTIONS = (b"sendrecv", b"sendonly", b"recvonly", b"inactive")  # RFC 3264 §
 # as rtpengine does with ICE=remove.
 _ICE_ATTRS = (b"a=candidate:", b"a=remote-candidates:", b"a=ice-ufrag:", b"a=ice-pwd:",
               b"a=ice-options:", b"a=ice-lite", b"a=ice-mismatch", b"a=end-of-candidates")
+# DTLS-SRTP (RFC 5763) is not spoken by the relay: a fingerprint sent on would invite a handshake
+# with the edge's ports that never completes. SDES keys are the edge's own (rewrite_sdp ``crypto``).
+_KEYING_ATTRS = (b"a=crypto:", b"a=fingerprint:", b"a=setup:", b"a=tls-id:")
 
 
 class SdpError(ValueError):
     """The SDP cannot be anchored (no audio stream, no connection address)."""
+
+
+#: SDES suites the relay can use (RFC 4568 §6.2, RFC 6188, RFC 7714 §12): master key + salt bytes.
+SDES_SUITES = {
+    "AES_CM_128_HMAC_SHA1_80": 30,
+    "AES_CM_128_HMAC_SHA1_32": 30,
+    "AES_256_CM_HMAC_SHA1_80": 46,
+    "AEAD_AES_128_GCM": 28,
+    "AEAD_AES_256_GCM": 44,
+}
+SECURE_PROFILES = {b"RTP/SAVP": b"RTP/AVP", b"RTP/SAVPF": b"RTP/AVPF"}    # RFC 3711 §12, RFC 5124
+PLAIN_PROFILES = {v: k for k, v in SECURE_PROFILES.items()}
+
+
+class SdesCrypto:
+    """One usable ``a=crypto`` line (RFC 4568 §9.1): tag, suite and the decoded master key + salt.
+
+    Its ``repr`` never shows the key: SDP objects end up in log lines and tracebacks.
+    """
+
+    __slots__ = ("tag", "suite", "key")
+
+    def __init__(self, tag: int, suite: str, key: bytes) -> None:
+        self.tag = tag
+        self.suite = suite
+        self.key = key
+
+    def __repr__(self) -> str:
+        return f"SdesCrypto(tag={self.tag}, suite={self.suite!r}, key=<{len(self.key)} bytes>)"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SdesCrypto) and (self.tag, self.suite, self.key) == (other.tag, other.suite,
+                                                                                      other.key)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def parse_crypto(line: bytes) -> SdesCrypto | None:
+    """``a=crypto:<tag> <suite> inline:<key||salt>[|lifetime][|MKI:len] [session-params]``.
+
+    Returns None for a line the relay cannot use: an unknown suite, several keys or an MKI
+    (RFC 4568 §6.1: the relay keeps one key per direction), a key of the wrong length, session
+    parameters (UNENCRYPTED_SRTP and friends weaken what SRTP means: refused, not honoured).
+    """
+    parts = line[len(b"a=crypto:"):].split()
+    if len(parts) != 3 or not parts[0].isdigit() or len(parts[0]) > 9:
+        return None
+    suite = parts[1].decode("ascii", "replace")
+    want = SDES_SUITES.get(suite)
+    params = parts[2]
+    if want is None or not params.startswith(b"inline:") or b";" in params:
+        return None
+    fields = params[len(b"inline:"):].split(b"|")
+    # key|lifetime is fine (2^31 or decimal); an MKI (|value:length) is not supported
+    if len(fields) > 2 or (len(fields) == 2 and b":" in fields[1]):
+        return None
+    try:
+        # some peers (rtpengine among them) leave out the base64 padding of a 28- or 44-byte key
+        key = base64.b64decode(fields[0] + b"=" * (-len(fields[0]) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if len(key) != want:
+        return None
+    return SdesCrypto(int(parts[0]), suite, key)
+
+
+def crypto_line(tag: int, suite: str, key: bytes) -> bytes:
+    """The ``a=crypto`` line that offers or answers ``suite`` with ``key`` (RFC 4568 §9.1)."""
+    return b"a=crypto:%d %s inline:%s" % (tag, suite.encode("ascii"), base64.b64encode(key))
 
 
 class SdpMedia(NamedTuple):
@@ -28,6 +103,9 @@ class SdpMedia(NamedTuple):
     :param rtcp_port: from ``a=rtcp`` (RFC 3605) or None (then RTP + 1)
     :param direction: ``sendrecv``/``sendonly``/``recvonly``/``inactive`` (RFC 3264 §5.1)
     :param addrtype: ``IP4`` or ``IP6``
+    :param profile: transport profile of ``m=audio`` (``RTP/AVP``, ``RTP/SAVP``, ...)
+    :param crypto: the usable ``a=crypto`` lines of the stream, in the sender's order
+    :param crypto_lines: how many ``a=crypto`` lines it had, usable or not
     """
 
     host: str
@@ -35,6 +113,14 @@ class SdpMedia(NamedTuple):
     rtcp_port: int | None
     direction: str
     addrtype: str
+    profile: str = "RTP/AVP"
+    crypto: tuple[SdesCrypto, ...] = ()
+    crypto_lines: int = 0
+
+    @property
+    def secure(self) -> bool:
+        """The stream asks for SRTP only (``RTP/SAVP``/``RTP/SAVPF``)."""
+        return self.profile.encode() in SECURE_PROFILES
 
 
 def _split(sdp: bytes) -> tuple[list[bytes], bytes]:
@@ -59,6 +145,11 @@ def _rtcp_port(line: bytes) -> int:
         return int(line[7:].split()[0])
     except (ValueError, IndexError):
         raise SdpError(f"bad a=rtcp line: {line!r}") from None
+
+
+def _media_profile(line: bytes) -> bytes:
+    parts = line[2:].split()
+    return parts[2] if len(parts) >= 3 else b""
 
 
 def _media_port(line: bytes) -> int:
@@ -89,6 +180,9 @@ def parse_sdp_media(sdp: bytes) -> SdpMedia:
     port = 0
     rtcp: int | None = None
     direction: str | None = None
+    profile = b"RTP/AVP"
+    crypto: list[SdesCrypto] = []
+    crypto_lines = 0
     for ln in lines:
         if ln.startswith(b"m="):
             if found:
@@ -97,6 +191,7 @@ def parse_sdp_media(sdp: bytes) -> SdpMedia:
             if in_audio:
                 found = True
                 port = _media_port(ln)
+                profile = _media_profile(ln)
             continue
         if not found:
             if ln.startswith(b"c="):
@@ -110,15 +205,22 @@ def parse_sdp_media(sdp: bytes) -> SdpMedia:
             rtcp = _rtcp_port(ln)
         elif ln.startswith(b"a=") and ln[2:] in DIRECTIONS:
             direction = ln[2:].decode()
+        elif ln.startswith(b"a=crypto:"):
+            crypto_lines += 1
+            parsed = parse_crypto(ln)
+            if parsed is not None:
+                crypto.append(parsed)
     if not found:
         raise SdpError("no m=audio stream")
     conn = media_conn or sess_conn
     if conn is None:
         raise SdpError("no c= line for the audio stream")
-    return SdpMedia(conn[1], port, rtcp, direction or sess_dir, conn[0])
+    return SdpMedia(conn[1], port, rtcp, direction or sess_dir, conn[0],
+                    profile.decode("ascii", "replace"), tuple(crypto), crypto_lines)
 
 
-def rewrite_sdp(sdp: bytes, address: str, rtp_port: int, rtcp_port: int | None = None) -> bytes:
+def rewrite_sdp(sdp: bytes, address: str, rtp_port: int, rtcp_port: int | None = None, *,
+                secure: bool | None = None, crypto: tuple[bytes, ...] = ()) -> bytes:
     """Point the first audio stream at the edge: ``address:rtp_port`` (RTCP ``rtcp_port``).
 
     - ``c=`` lines (session and media level) get ``IN IP4 address`` (``IN IP6`` for an
@@ -132,7 +234,12 @@ def rewrite_sdp(sdp: bytes, address: str, rtp_port: int, rtcp_port: int | None =
     - ``o=`` keeps username, sess-id and sess-version (they change exactly when the
       party's SDP changes, and the edge ports of a relay never change) but its
       address becomes ``address`` (topology hiding).
-    - ICE attributes are removed; everything else passes through unchanged.
+    - ICE attributes are removed; so is every ``a=crypto`` line (the sender's keys are for
+      the edge only) and DTLS-SRTP's ``a=fingerprint``/``a=setup``/``a=tls-id``; ``crypto``
+      (the edge's own lines) is written into the audio stream.
+    - ``secure`` True/False sets the audio profile to ``RTP/SAVP``/``RTP/AVP`` (the F variants
+      stay F); None leaves it as it is.
+    - everything else passes through unchanged.
 
     Line endings (CRLF or LF) are preserved.
     """
@@ -152,6 +259,8 @@ def rewrite_sdp(sdp: bytes, address: str, rtp_port: int, rtcp_port: int | None =
         if section == "audio" and not rtcp_seen and not rtp_zero and rtcp_port is not None \
                 and rtcp_port != rtp_port + 1:
             out.append(b"a=rtcp:%d" % rtcp_port)
+        if section == "audio" and not rtp_zero:
+            out.extend(crypto)
 
     for ln in lines:
         if ln.startswith(b"m="):
@@ -164,6 +273,9 @@ def rewrite_sdp(sdp: bytes, address: str, rtp_port: int, rtcp_port: int | None =
                 rtp_zero = _media_port(ln) == 0
                 if not rtp_zero:
                     parts[1] = b"%d" % rtp_port
+                if secure is not None and len(parts) >= 3:
+                    parts[2] = (PLAIN_PROFILES.get(parts[2], parts[2]) if secure
+                                else SECURE_PROFILES.get(parts[2], parts[2]))
                 out.append(b" ".join(parts))
             else:
                 section = "other"
@@ -189,7 +301,7 @@ def rewrite_sdp(sdp: bytes, address: str, rtp_port: int, rtcp_port: int | None =
                 has_addr = len(ln[7:].split()) > 1
                 out.append(b"a=rtcp:%d" % rtcp_port + (b" IN " + addrtype + b" " + addr if has_addr else b""))
             # else: dropped (no RTCP port to give, or stream not anchored)
-        elif ln.startswith(_ICE_ATTRS):
+        elif ln.startswith(_ICE_ATTRS) or ln.startswith(_KEYING_ATTRS):
             continue
         else:
             out.append(ln)

@@ -313,12 +313,16 @@ class PjUA:
     :param log_level: pjsip log level for the file (4 logs every SIP message).
     :param media_port: first RTP port (0 = derived from the child's pid).
     :param max_lifetime: the child exits on its own after this many seconds.
+    :param srtp: ``"mandatory"`` (``RTP/SAVP``) or ``"optional"`` (best-effort ``a=crypto`` on
+        ``RTP/AVP``): SDES-SRTP on every account, allowed over plain UDP (``srtpSecureSignaling = 0``)
+    :param srtp_suites: the SDES suites offered, in order (default: all pjmedia has)
     """
 
     def __init__(self, name: str = "ua", bind: str = "127.0.0.1", port: int = 0, transport: str = "udp",
                  null_audio: bool = True, *, log_dir: str | os.PathLike[str] | None = None, log_level: int = 4,
                  media_port: int = 0, user_agent: str | None = None, max_calls: int = 32,
-                 max_lifetime: float = 900.0, start_timeout: float = 15.0, tls_ca: str = "") -> None:
+                 max_lifetime: float = 900.0, start_timeout: float = 15.0, tls_ca: str = "", srtp: str | None = None,
+                 srtp_suites: tuple[str, ...] = ()) -> None:
         self.name = name
         self.bind = bind
         self.transport = transport.lower()
@@ -343,7 +347,8 @@ class PjUA:
         cfg = {"name": name, "bind": bind, "port": port, "transport": self.transport, "null_audio": null_audio,
                "log_path": str(self.log_path), "log_level": log_level, "media_port": media_port,
                "user_agent": user_agent or f"sipedge-test-pjua/{name}", "max_calls": max_calls,
-               "max_lifetime": max_lifetime, "dir": str(self.dir), "tls_ca": tls_ca}
+               "max_lifetime": max_lifetime, "dir": str(self.dir), "tls_ca": tls_ca,
+               "srtp": srtp, "srtp_suites": list(srtp_suites)}
         self._stderr = open(self._stderr_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--child", json.dumps(cfg)],
@@ -758,6 +763,15 @@ def _child_main(cfg: dict[str, Any]) -> int:  # one closure keeps the child self
         acfg.regConfig.retryIntervalSec = 0
         acfg.regConfig.dropCallsOnFail = False
         acfg.callConfig.timerUse = pj.PJSUA_SIP_TIMER_INACTIVE
+        if cfg.get("srtp"):
+            acfg.mediaConfig.srtpUse = {"mandatory": pj.PJMEDIA_SRTP_MANDATORY,
+                                        "optional": pj.PJMEDIA_SRTP_OPTIONAL}[cfg["srtp"]]
+            acfg.mediaConfig.srtpSecureSignaling = 0     # SDES over UDP: the tests' signalling is in clear
+            acfg.mediaConfig.srtpOpt.keyings.append(pj.PJMEDIA_SRTP_KEYING_SDES)
+            for suite in cfg.get("srtp_suites") or ():
+                crypto = pj.SrtpCrypto()
+                crypto.name = suite
+                acfg.mediaConfig.srtpOpt.cryptos.append(crypto)
         if cfg["transport"] == "tcp" and "@" in id_uri:
             # pjsua would advertise the ephemeral port of its outgoing connection; a PBX
             # advertises its listener, which the edge can connect back to
@@ -836,7 +850,7 @@ def _child_main(cfg: dict[str, Any]) -> int:  # one closure keeps the child self
             if key in self.seen:
                 return
             self.seen.add(key)
-            ev: dict[str, Any] = {"event": "rx", "h": self.h, "start": start, "headers": hdrs}
+            ev: dict[str, Any] = {"event": "rx", "h": self.h, "start": start, "headers": hdrs, "raw": raw}
             cseq = hdrs.get("cseq", [""])[0].split()
             ev["cseq_method"] = cseq[1] if len(cseq) > 1 else ""
             if start.startswith("SIP/2.0"):

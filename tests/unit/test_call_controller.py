@@ -118,12 +118,14 @@ class FakeAdmission:
 class FakeMedia:
     def __init__(self) -> None:
         self.closed: list[str] = []
+        self.kinds: list[str | None] = []       # offer/answer, as the controller names each SDP
 
     def open(self, call: Call) -> object:
         call.relay = object()  # type: ignore[assignment]
         return call.relay
 
-    def relay_sdp(self, call: Call, sender: Any, sdp: bytes) -> bytes:
+    def relay_sdp(self, call: Call, sender: Any, sdp: bytes, kind: str | None = None) -> bytes:
+        self.kinds.append(kind)
         return b"anchored-from-" + sender.value.encode()
 
     def echo(self, call: Call, sdp: bytes) -> bytes:

@@ -56,7 +56,6 @@ def test_a_side_left_out_keeps_the_sip_listeners_and_media_address(tmp_path: Pat
 
 
 @pytest.mark.parametrize("text, words", [
-    ('[sides.customer]\nsrtp = "mandatory"\n', ["sides.customer.srtp", "not supported yet"]),
     ('[sides.customer]\nsrtp = "always"\n', ["sides.customer.srtp"]),
     ('[sides.carrier]\nlisten = ["udp:::1:5060"]\n', ["sides.carrier.listen[0]", "brackets"]),
     ('[sides.carrier]\nlisten = ["udp:0.0.0.0:5060"]\n', ["sides.carrier.listen[0]", "advertise"]),
@@ -80,3 +79,10 @@ def test_a_wildcard_listener_with_an_advertised_address_is_accepted(tmp_path: Pa
     cfg = load_text(tmp_path, '[sides.customer]\nlisten = ["udp:0.0.0.0:5060"]\nadvertise = "sbc.example.net"\n'
                               'media = "0.0.0.0"\nmedia_advertise = "198.51.100.7"\n')
     assert resolve_sides(cfg)["customer"].advertise == "sbc.example.net"
+
+
+def test_every_srtp_mode_is_accepted_and_reaches_the_side(tmp_path: Path) -> None:
+    for mode in ("off", "optional", "mandatory"):
+        cfg = load_text(tmp_path, f'[sides.customer]\nsrtp = "{mode}"\n')
+        sides = resolve_sides(cfg)
+        assert sides["customer"].srtp == mode and sides["carrier"].srtp == "off"
