@@ -41,6 +41,14 @@ class SipConfig(Section):
     auth_block_seconds: Annotated[float, msgspec.Meta(ge=0)] = 120.0
 
 
+class NodeConfig(Section):
+    # SIP worker processes (SPEC §2.2); 0: one per core. Each takes an equal slice of media.ports.
+    workers: Annotated[int, msgspec.Meta(ge=0, le=32)] = 0
+
+    def worker_count(self) -> int:
+        return self.workers or max(1, len(os.sched_getaffinity(0)))
+
+
 class MediaConfig(Section):
     address: str = "127.0.0.1"
     ports: tuple[Port, Port] = (20000, 29999)
@@ -88,6 +96,7 @@ class CreditConfig(Section):
 class Config(Section):
     sip: SipConfig = msgspec.field(default_factory=SipConfig)
     media: MediaConfig = msgspec.field(default_factory=MediaConfig)
+    node: NodeConfig = msgspec.field(default_factory=NodeConfig)
     api: ApiConfig = msgspec.field(default_factory=ApiConfig)
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     carriers: list[CarrierConfig] = []
@@ -127,6 +136,9 @@ def validate(cfg: Config) -> Config:
     lo, hi = cfg.media.ports
     if lo % 2 or hi - lo < 3:
         raise ConfigError(f"media.ports: need an even first port and at least 4 ports, got [{lo}, {hi}]")
+    if (hi - lo + 1) // cfg.node.worker_count() < 4:
+        raise ConfigError(f"media.ports: [{lo}, {hi}] leaves fewer than 4 ports to each of "
+                          f"{cfg.node.worker_count()} node.workers")
     try:
         ipaddress.ip_address(cfg.media.address)
     except ValueError:
