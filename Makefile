@@ -6,35 +6,78 @@ PIP    := $(PY) -m pip
 CONFIG ?= sipedge.toml
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test build system-deps bench clean distclean
+.PHONY: run test build build-run toolchain system-deps install bench clean distclean
+
+# What building needs (python3-venv, python3-dev, gcc): installed when root on Debian, else named.
+toolchain:
+	@sh tools/check-toolchain.sh $(PYTHON)
 
 # Debian packages the test suite drives as real peers: SIPp (sip-tester) and Prometheus
-# (the dashboard and alert-rule test). Installed only if missing.
+# (the dashboard and alert-rule test); iproute2 and nftables for the network-namespace
+# tests (tests/net: veth links, a 1:1 NAT); systemd-analyze (systemd) for the unit file
+# test; Chromium and its WebDriver for the console's browser test. Installed only if missing.
 DEBS_NEEDED = $(shell command -v sipp >/dev/null 2>&1 || echo sip-tester) \
-              $(shell command -v promtool >/dev/null 2>&1 || echo prometheus)
+              $(shell command -v promtool >/dev/null 2>&1 || echo prometheus) \
+              $(shell command -v ip >/dev/null 2>&1 || echo iproute2) \
+              $(shell command -v nft >/dev/null 2>&1 || echo nftables) \
+              $(shell command -v systemd-analyze >/dev/null 2>&1 || echo systemd) \
+              $(shell command -v chromium >/dev/null 2>&1 || echo chromium) \
+              $(shell command -v chromedriver >/dev/null 2>&1 || echo chromium-driver)
 system-deps:
 	@if [ -n "$(strip $(DEBS_NEEDED))" ]; then \
 	  echo "installing Debian packages: $(DEBS_NEEDED)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEBS_NEEDED) >/dev/null; \
 	fi
 
-$(STAMP): pyproject.toml setup.py
+# `make run` installs what running needs; the test extras (pytest, pjsua2, ...) come with `make test`.
+RUN_STAMP := $(VENV)/.installed-run
+$(RUN_STAMP): pyproject.toml setup.py
+	@sh tools/check-toolchain.sh $(PYTHON)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip "setuptools>=68" wheel "Cython>=3,<4"
+	$(PIP) install -q --no-build-isolation -e .
+	touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP)
 	$(PIP) install -q --no-build-isolation -e '.[test]'
 	touch $(STAMP)
 
 # Rebuild the Cython extensions in place whenever a .pyx/.pxd/.pxi changed.
+build-run: $(RUN_STAMP)
+	$(PY) setup.py -q build_ext --inplace
 build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
-run: system-deps build
+run: build-run
 	$(VENV)/bin/sipedge serve --config $(CONFIG) --demo
 
 # pytest exits 5 when it collected nothing: that is a failure, not a pass.
 test: system-deps build
 	$(PY) -m pytest tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# The service layout (docs/deployment.md): the program in its own venv under /opt/sipedge, the
+# /usr/bin/sipedge wrapper, the unit and its user, /etc/sipedge/sipedge.toml (kept if present) and
+# /var/lib/sipedge. DESTDIR stages it elsewhere (packaging, tests): SIPEDGE_ROOT=$(DESTDIR) runs it there.
+DESTDIR ?=
+OPT     := /opt/sipedge
+install: build-run
+	rm -rf build/wheel
+	$(PIP) wheel -q --no-deps --no-build-isolation -w build/wheel .
+	$(PYTHON) -m venv --clear $(DESTDIR)$(OPT)
+	$(DESTDIR)$(OPT)/bin/python -m pip install -q build/wheel/sipedge-*.whl
+	install -Dm755 deploy/sipedge.sh $(DESTDIR)/usr/bin/sipedge
+	install -Dm644 deploy/systemd/sipedge.service $(DESTDIR)/lib/systemd/system/sipedge.service
+	install -Dm644 deploy/systemd/sipedge.sysusers $(DESTDIR)/usr/lib/sysusers.d/sipedge.conf
+	install -Dm644 docs/deployment.md $(DESTDIR)/usr/share/doc/sipedge/deployment.md
+	test -e $(DESTDIR)/etc/sipedge/sipedge.toml || install -Dm640 deploy/sipedge.toml $(DESTDIR)/etc/sipedge/sipedge.toml
+	install -d -m750 $(DESTDIR)/var/lib/sipedge
+	@if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" = 0 ]; then \
+	  systemd-sysusers /usr/lib/sysusers.d/sipedge.conf 2>/dev/null || id sipedge >/dev/null 2>&1 || \
+	    useradd --system --home-dir /var/lib/sipedge --shell /usr/sbin/nologin sipedge; \
+	  chown sipedge:sipedge /var/lib/sipedge; chgrp sipedge /etc/sipedge/sipedge.toml; \
+	  systemctl daemon-reload 2>/dev/null || true; \
+	  echo "installed: systemctl enable --now sipedge"; fi
 
 bench: build
 	$(PIP) install -q -e '.[test,bench]' --no-build-isolation

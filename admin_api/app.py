@@ -34,7 +34,7 @@ from edge.config import ApiConfig
 from edge.control.errors import DomainError
 from edge.control.store import Store
 
-from . import openapi, problems
+from . import console, openapi, problems
 from .auth import AuditLog, Gate, guard
 from .metrics import ApiMetrics, build_registry
 from .routes import ROUTES
@@ -198,7 +198,7 @@ def create_app(
         await audit_log.stop()
 
     app = Litestar(
-        route_handlers=[healthz, metrics, openapi_json, *ROUTES],
+        route_handlers=[healthz, metrics, openapi_json, *ROUTES, console.router()],
         state=State({"store": store, "registrar": registrar, "realm": realm or registrar, "registry": registry,
                      "audit": audit_log, "deliverer": deliverer, "openapi": None,
                      "metrics_elsewhere": bool(cfg.metrics_listen)}),
@@ -225,7 +225,7 @@ def create_app(
     public = frozenset({"/healthz"} | (set() if cfg.metrics_auth else {"/metrics"}))
     gate = Gate(app, store, token, audit_log, public=public, rate=cfg.key_rate_limit, burst=cfg.key_rate_burst)
     gates.append(gate)
-    return RequestMetrics(gate, api_metrics), registry
+    return RequestMetrics(console.mount(app, gate), api_metrics), registry   # /console: sessions, not keys
 
 
 def _guard(conn: Any, handler: Any) -> None:

@@ -40,7 +40,7 @@ DESCRIPTIONS = {
     "403": "forbidden: the key's scope does not allow this", "404": "not_found / call_not_found",
     "405": "method_not_allowed", "409": "a conflict with stored state (see `code`)",
     "413": "payload_too_large", "415": "unsupported_media_type",
-    "422": "validation_failed or a field's own code (channels_out_of_range, number_invalid)",
+    "422": "validation_failed or a field's own code (channels_out_of_range, number_invalid, password_too_weak)",
     "429": "rate_limited (see Retry-After)", "500": "internal_error (logged)",
     "503": "store_unavailable: nothing was written", "507": "store_full: nothing was written",
 }
@@ -48,6 +48,7 @@ DESCRIPTIONS = {
 EXAMPLES: dict[str, dict[str, Any]] = {
     "createAccount": {"name": "Acme", "admin": "acme.admin"},
     "topUpAccount": {"amount": "100.00"},
+    "setAdminPassword": {"password": "correct horse battery staple"},
     "createProfile": {"name": "HQ", "channels": 10, "auth": "digest"},
     "updateProfile": {"channels": 20},
     "allocateProfileCredit": {"amount": "5.00"},
@@ -64,6 +65,36 @@ EXAMPLES: dict[str, dict[str, Any]] = {
                      "name": "portal"},
     "createWebhook": {"url": "https://provisioning.example.com/sipedge", "events": ["call.ended", "credit.low"]},
     "hangupCall": {"cause": 487},
+}
+
+
+#: OpenAPI links (3.1 §4.8.20): what an answer's ids open, for clients and for schemathesis's stateful
+#: phase (tests/api/test_schemathesis.py), which follows them from a create to its reads, changes and deletes
+_ACCOUNT = {"account_id": "$response.body#/id"}
+_PROFILE = {"profile_id": "$response.body#/id"}
+LINKS: dict[str, tuple[str, dict[str, tuple[str, dict[str, str]]]]] = {
+    "createAccount": ("201", {
+        "GetAccount": ("getAccount", _ACCOUNT), "TopUpAccount": ("topUpAccount", _ACCOUNT),
+        "CreateProfile": ("createProfile", _ACCOUNT), "ListAccountProfiles": ("listAccountProfiles", _ACCOUNT),
+        "BuyNumber": ("buyNumber", _ACCOUNT), "CreateWebhook": ("createWebhook", _ACCOUNT),
+        "ListAccountCdrs": ("listAccountCdrs", _ACCOUNT), "DeleteAccount": ("deleteAccount", _ACCOUNT)}),
+    "createProfile": ("201", {
+        "GetProfile": ("getProfile", _PROFILE), "UpdateProfile": ("updateProfile", _PROFILE),
+        "AllocateProfileCredit": ("allocateProfileCredit", _PROFILE),
+        "GetProfileCredentials": ("getProfileCredentials", _PROFILE),
+        "RotateProfileCredentials": ("rotateProfileCredentials", _PROFILE),
+        "SetAutoRecharge": ("setAutoRecharge", _PROFILE), "SetBundles": ("setBundles", _PROFILE),
+        "ListProfileCdrs": ("listProfileCdrs", _PROFILE), "ListProfileLedger": ("listProfileLedger", _PROFILE),
+        "DeleteProfile": ("deleteProfile", _PROFILE)}),
+    "buyNumber": ("201", {
+        "ReleaseNumber": ("releaseNumber", {"account_id": "$response.body#/account_id",
+                                            "number": "$response.body#/number"})}),
+    "createApiKey": ("201", {"RevokeApiKey": ("revokeApiKey", {"key_id": "$response.body#/id"})}),
+    "createWebhook": ("201", {
+        "ListDeliveries": ("listDeliveries", {"account_id": "$response.body#/account_id",
+                                              "webhook_id": "$response.body#/id"}),
+        "DeleteWebhook": ("deleteWebhook", {"account_id": "$response.body#/account_id",
+                                            "webhook_id": "$response.body#/id"})}),
 }
 
 
@@ -116,6 +147,10 @@ def finish(doc: dict[str, Any]) -> dict[str, Any]:
                 if status == "429":
                     responses[status]["headers"] = {"Retry-After": {"schema": {"type": "integer"}}}
             op_id = op.get("operationId", "")
+            if op_id in LINKS:
+                status, links = LINKS[op_id]
+                responses.setdefault(status, {"description": "created"})["links"] = {
+                    name: {"operationId": target, "parameters": params} for name, (target, params) in links.items()}
             if op_id == "health":
                 op["security"] = []
             if op_id in ("listProfileCdrs", "listAccountCdrs"):

@@ -24,6 +24,7 @@ from edge.control import (
     accounts,
     audit,
     channels,
+    console_auth,
     idempotency,
     keys,
     ledger,
@@ -47,6 +48,7 @@ from .schemas import (
     AccountCreate,
     AccountOut,
     AccountPage,
+    AdminPassword,
     ApiKeyCreate,
     ApiKeyCreated,
     ApiKeyOut,
@@ -182,6 +184,15 @@ def get_account(account_id: str, state: State) -> AccountOut:
                     "released, its business accounts, webhooks and keys go.", **THREAD)
 def delete_account(account_id: str, state: State) -> None:
     accounts.delete(_store(state), account_id)
+
+
+@put("/v1/accounts/{account_id:str}/admin-password", status_code=204, operation_id="setAdminPassword",
+     tags=["accounts"], summary="Set the console password of the account's admin login",
+     description="The password the account's `admin` login signs in to `/console/` with (SPEC §5.6): at "
+                 "least 12 characters (at most 256), not the login (`password_too_weak`). Stored as scrypt; the "
+                 "account's console sessions end and a sign-in lock lifts.", **THREAD)
+def put_admin_password(account_id: str, data: AdminPassword, state: State) -> None:
+    console_auth.set_admin_password(_store(state), account_id, data.password)
 
 
 @post("/v1/accounts/{account_id:str}/credit", status_code=200, operation_id="topUpAccount", tags=["credit"],
@@ -518,6 +529,14 @@ def create_business_account(account_id: str, data: BusinessAccountRequest, state
     return BusinessAccountOut(name=rec.name, account_id=rec.account_id, profile_id=None, can_sign_in=True)
 
 
+@get("/v1/accounts/{account_id:str}/business-accounts", operation_id="listBusinessAccounts", tags=["numbers"],
+     summary="The account's business accounts", description="With the profile each is attached to.", **READ)
+def list_business_accounts(account_id: str, state: State) -> list[BusinessAccountOut]:
+    return [BusinessAccountOut(name=b.name, account_id=b.account_id, profile_id=b.profile_id,
+                               can_sign_in=b.profile_id is None)
+            for b in numbers.business_of_account(_store(state), account_id)]
+
+
 @post("/v1/profiles/{profile_id:str}/business-accounts", status_code=201, operation_id="attachBusinessAccount",
       tags=["numbers"], summary="Attach a business account",
       description="It cannot sign in elsewhere while attached; an administrator login never attaches "
@@ -659,14 +678,14 @@ def list_deliveries(account_id: str, webhook_id: str, state: State, after: int =
 
 
 ROUTES = [
-    list_accounts, create_account, get_account, delete_account, credit_account, account_ledger,
+    list_accounts, create_account, get_account, delete_account, put_admin_password, credit_account, account_ledger,
     list_all_profiles, create_profile, list_profiles, show_profile, patch_profile, delete_profile,
     get_credentials, rotate_credentials,
     credit_profile, put_auto_recharge, put_bundles,
     profile_calls, list_calls, list_registrations, hangup_call, profile_cdrs, account_cdrs, profile_ledger,
     profile_registrations,
     buy_number, list_numbers, release_number, attach_number, detach_number,
-    create_business_account, attach_business_account, detach_business_account,
+    create_business_account, list_business_accounts, attach_business_account, detach_business_account,
     put_rates, rate_lookup, put_exclusions, get_exclusions,
     create_key, list_keys, revoke_key, list_audit,
     create_webhook, list_webhooks, delete_webhook, list_deliveries,

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from edge.control.cdrs import MEDIA_FIELDS
+from edge.control.console_auth import PASSWORD_MAX
 from edge.control.models import (
     Account,
     ApiKey,
@@ -138,7 +139,9 @@ class HangupCreate(Body):
 
 
 class AdminPassword(Body):
-    password: Annotated[str, msgspec.Meta(min_length=8, max_length=128)]
+    """``PUT /v1/accounts/{id}/admin-password``: how strong it must be is ``console_auth.check_password``."""
+
+    password: Annotated[str, msgspec.Meta(max_length=PASSWORD_MAX)]
 
 
 # ----------------------------------------------------------------- responses

@@ -45,11 +45,23 @@ cdef extern from "<netinet/in.h>" nogil:
         unsigned short sin_family
         in_port_t sin_port
         in_addr sin_addr
+    struct in6_addr:
+        uint8_t s6_addr[16]
+    struct sockaddr_in6:
+        unsigned short sin6_family
+        in_port_t sin6_port
+        uint32_t sin6_flowinfo
+        in6_addr sin6_addr
+        uint32_t sin6_scope_id
     enum:
         AF_INET
+        AF_INET6
         IPPROTO_UDP
         IPPROTO_IP
+        IPPROTO_IPV6
         IP_TOS
+        IPV6_TCLASS
+        IPV6_V6ONLY
     uint16_t htons(uint16_t)
     uint16_t ntohs(uint16_t)
 
@@ -93,6 +105,11 @@ cdef extern from "<sys/socket.h>" nogil:
 
 cdef extern from "<arpa/inet.h>" nogil:
     int inet_pton(int af, const char *src, void *dst)
+    const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)
+
+
+# An IPv4 or IPv6 socket address: sin6_family says which (a sockaddr_in fits in it).
+ctypedef sockaddr_in6 rtp_addr
 
 
 cdef extern from "<pthread.h>" nogil:
@@ -145,8 +162,8 @@ ctypedef struct rtp_stream:
     uint8_t pt              # payload type of the first packet; jitter follows it only
     uint8_t seq_init        # RFC 3550 A.1 state initialised
     uint8_t jit_init        # a previous transit time exists
-    sockaddr_in remote      # address from SDP c=/m= (or a=rtcp, RFC 3605)
-    sockaddr_in source      # latched source: where packets really come from (NAT)
+    rtp_addr remote         # address from SDP c=/m= (or a=rtcp, RFC 3605)
+    rtp_addr source         # latched source: where packets really come from (NAT)
     uint64_t packets        # valid packets accepted from the latched source
     uint64_t bytes          # their UDP payload bytes
     uint64_t relayed        # packets sent on (to the other leg, or echoed back)
@@ -208,8 +225,8 @@ ctypedef struct rtp_engine:
     mmsghdr smsg[64]
     iovec riov[64]
     iovec siov[64]
-    sockaddr_in rsrc[64]    # source address per received packet
-    sockaddr_in sdst[64]    # destination per sent packet
+    rtp_addr rsrc[64]       # source address per received packet
+    rtp_addr sdst[64]       # destination per sent packet
     char rbuf[64][2048]     # RTP_BATCH x RTP_BUFSZ
 
 
@@ -221,7 +238,8 @@ cdef class RelayEngine:
     cdef rtp_engine *_eng       # C state shared with the loop thread (malloc'd)
     cdef pthread_t _thread      # loop thread while _started
     cdef bint _started          # loop thread is running
-    cdef readonly str address   # dotted IPv4 the relay sockets bind to
+    cdef readonly str address   # IPv4 or IPv6 address leg A's sockets bind to (the customer side)
+    cdef readonly str address_b # address leg B's sockets bind to (the carrier side)
     cdef readonly int port_min  # configured range (inclusive)
     cdef readonly int port_max
     cdef readonly double quiet_period  # seconds before a freed port is reused
@@ -231,9 +249,9 @@ cdef class RelayEngine:
     cdef object _free_ports     # deque[(rtp_port, reusable_at_monotonic)], FIFO
     cdef list _free_slots       # unused slot indices
     cdef dict _relays           # id -> Relay
-    cdef uint32_t _bind_addr    # address, network order
+    cdef rtp_addr _bind[2]      # per leg: bind address (port 0), family in sin6_family
 
-    cdef int _open_pair(self, rtp_stream *rtp, rtp_stream *rtcp) except -1
+    cdef int _open_pair(self, rtp_stream *rtp, rtp_stream *rtcp, int leg) except -1
     cdef object _alloc_pair(self)
     cdef _release(self, rtp_relay *r, bint quiet)
     cdef object _snapshot(self, Relay relay)

@@ -95,11 +95,12 @@ class Relay:
         """Set where a leg's media goes, from its SDP (offer, answer, re-INVITE).
 
         Re-arms latching on that leg: the next packet's source becomes the
-        latched source. ``0.0.0.0`` or port 0 means hold: nothing is sent to
-        that leg until the next call.
+        latched source. ``0.0.0.0`` (``::``) or port 0 means hold: nothing is sent
+        to that leg until the next call.
 
         :param leg: ``"a"`` or ``"b"``
-        :param host: IPv4 address from ``c=``
+        :param host: IPv4 or IPv6 address from ``c=``, of the leg's own family
+        :raises ValueError: not an IP address, or not of the family the leg binds to
         :param rtp_port: port from ``m=audio``
         :param rtcp_port: port from ``a=rtcp`` (RFC 3605); default ``rtp_port + 1``
         """
@@ -111,16 +112,20 @@ class Relay:
 class RelayEngine:
     """RTP/RTCP relay with its own packet thread.
 
-    :param address: IPv4 address the edge ports bind to (and advertise in SDP)
+    :param address: IPv4 or IPv6 address leg A's ports bind to (the customer side)
     :param port_min: first port of the range (RTP ports are even, RTCP = RTP + 1)
     :param port_max: last port of the range
     :param quiet_period: seconds a freed port waits before it is reused
     :param timeout: default seconds of silence on both legs before a timeout event
     :param clock_rate: RTP clock used for jitter in ms (8000 for G.711/G.729/G.722)
     :param tos: IP TOS byte set on relay sockets; 0xB8 is DSCP EF (RFC 3246), 0 leaves the default
+        (the IPv6 traffic class on IPv6 legs)
+    :param address_b: address leg B's ports bind to (the carrier side); default ``address``.
+        The legs may differ in family: the relay bridges IPv4 and IPv6.
     """
 
     address: str
+    address_b: str
     port_min: int
     port_max: int
     quiet_period: float
@@ -136,6 +141,7 @@ class RelayEngine:
         timeout: float = 30.0,
         clock_rate: float = 8000.0,
         tos: int = 0xB8,
+        address_b: str | None = None,
     ) -> None: ...
     def start(self) -> None:
         """Start the packet thread (no-op if running)."""

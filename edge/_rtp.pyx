@@ -10,7 +10,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.errno cimport errno, EAGAIN, EINTR, EADDRINUSE, EACCES
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, UINT64_MAX
 from libc.stdlib cimport calloc, free
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from posix.unistd cimport close, read, write
 
@@ -109,8 +109,14 @@ cdef inline int64_t mono_ns() noexcept nogil:
     return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
-cdef inline bint same_addr(const sockaddr_in *x, const sockaddr_in *y) noexcept nogil:
-    return x.sin_port == y.sin_port and x.sin_addr.s_addr == y.sin_addr.s_addr
+cdef inline bint same_addr(const rtp_addr *x, const rtp_addr *y) noexcept nogil:
+    # sin_port and sin6_port sit at the same offset; only the family's own bytes count
+    # (an IPv4 source leaves the tail of the buffer as it was).
+    if x.sin6_family != y.sin6_family or x.sin6_port != y.sin6_port:
+        return False
+    if x.sin6_family == AF_INET:
+        return (<const sockaddr_in *>x).sin_addr.s_addr == (<const sockaddr_in *>y).sin_addr.s_addr
+    return memcmp(&x.sin6_addr, &y.sin6_addr, 16) == 0
 
 
 cdef inline int64_t stream_lost(const rtp_stream *s) noexcept nogil:
@@ -217,7 +223,7 @@ cdef void handle_ready(rtp_engine *eng, rtp_relay *r, int idx, int64_t now) noex
     cdef int got, i, j, nsend, sent, rounds, minlen
     cdef unsigned int plen
     cdef const uint8_t *p
-    cdef sockaddr_in *src
+    cdef rtp_addr *src
     cdef bint echo = r.echo[idx >> 1]
     minlen = 8 if st.is_rtcp else 12
     # Echo: back out of the same socket to the source; else out of the other leg's socket.
@@ -225,7 +231,7 @@ cdef void handle_ready(rtp_engine *eng, rtp_relay *r, int idx, int64_t now) noex
     out = &r.st[idx ^ 2]
     for rounds in range(RTP_READS_PER_WAKE):
         for i in range(RTP_BATCH):
-            eng.rmsg[i].msg_hdr.msg_namelen = sizeof(sockaddr_in)
+            eng.rmsg[i].msg_hdr.msg_namelen = sizeof(rtp_addr)
             eng.rmsg[i].msg_hdr.msg_flags = 0
         got = recvmmsg(st.fd, eng.rmsg, RTP_BATCH, MSG_DONTWAIT, NULL)
         if got <= 0:
@@ -341,12 +347,12 @@ cdef void engine_init_buffers(rtp_engine *eng) noexcept nogil:
         eng.riov[i].iov_len = RTP_BUFSZ
         memset(&eng.rmsg[i], 0, sizeof(mmsghdr))
         eng.rmsg[i].msg_hdr.msg_name = &eng.rsrc[i]
-        eng.rmsg[i].msg_hdr.msg_namelen = sizeof(sockaddr_in)
+        eng.rmsg[i].msg_hdr.msg_namelen = sizeof(rtp_addr)
         eng.rmsg[i].msg_hdr.msg_iov = &eng.riov[i]
         eng.rmsg[i].msg_hdr.msg_iovlen = 1
         memset(&eng.smsg[i], 0, sizeof(mmsghdr))
         eng.smsg[i].msg_hdr.msg_name = &eng.sdst[i]
-        eng.smsg[i].msg_hdr.msg_namelen = sizeof(sockaddr_in)
+        eng.smsg[i].msg_hdr.msg_namelen = sizeof(rtp_addr)   # longer than a sockaddr_in: accepted
         eng.smsg[i].msg_hdr.msg_iov = &eng.siov[i]
         eng.smsg[i].msg_hdr.msg_iovlen = 1
 
@@ -369,22 +375,43 @@ cdef void totals_add(rtp_totals *t, const rtp_relay *r) noexcept nogil:
 # ---------------------------------------------------------------------------
 # Python side.
 
-cdef str _fmt_addr(const sockaddr_in *a):
-    cdef uint32_t ip = a.sin_addr.s_addr   # network order: first octet in low byte
+cdef str _fmt_addr(const rtp_addr *a):
+    cdef char buf[64]
+    cdef uint32_t ip
+    if a.sin6_family == AF_INET6:
+        inet_ntop(AF_INET6, &a.sin6_addr, buf, sizeof(buf))
+        return buf.decode("ascii")
+    ip = (<const sockaddr_in *>a).sin_addr.s_addr   # network order: first octet in low byte
     return "%d.%d.%d.%d" % (ip & 0xFF, (ip >> 8) & 0xFF, (ip >> 16) & 0xFF, (ip >> 24) & 0xFF)
 
 
-cdef object _addr_tuple(const sockaddr_in *a):
-    return (_fmt_addr(a), ntohs(a.sin_port))
+cdef object _addr_tuple(const rtp_addr *a):
+    return (_fmt_addr(a), ntohs(a.sin6_port))
 
 
-cdef int _parse_ipv4(str host, uint32_t *out) except -1:
-    cdef bytes b = host.encode("ascii")
-    cdef in_addr a
-    if inet_pton(AF_INET, b, &a) != 1:
-        raise ValueError("not an IPv4 address: %r (the relay is IPv4 only)" % (host,))
-    out[0] = a.s_addr
-    return 0
+cdef int _parse_ip(str host, rtp_addr *out) except -1:
+    """``host`` (IPv4 dotted or IPv6 text) -> ``out`` with its family, port 0."""
+    cdef bytes b = host.strip("[]").encode("ascii", "replace")
+    cdef sockaddr_in *v4 = <sockaddr_in *>out
+    memset(out, 0, sizeof(rtp_addr))
+    if inet_pton(AF_INET, b, &v4.sin_addr) == 1:
+        v4.sin_family = AF_INET
+        return 0
+    memset(out, 0, sizeof(rtp_addr))
+    if inet_pton(AF_INET6, b, &out.sin6_addr) == 1:
+        out.sin6_family = AF_INET6
+        return 0
+    raise ValueError("not an IP address: %r" % (host,))
+
+
+cdef bint _unspecified(const rtp_addr *a) noexcept nogil:
+    cdef int i
+    if a.sin6_family == AF_INET:
+        return (<const sockaddr_in *>a).sin_addr.s_addr == 0
+    for i in range(16):
+        if a.sin6_addr.s6_addr[i]:
+            return False
+    return True
 
 
 cdef int _leg_index(leg) except -1:
@@ -401,14 +428,16 @@ cdef class RelayEngine:
         self._started = False
 
     def __init__(self, str address, int port_min, int port_max, *, double quiet_period=2.0,
-                 double timeout=30.0, double clock_rate=8000.0, int tos=0xB8):
+                 double timeout=30.0, double clock_rate=8000.0, int tos=0xB8, address_b=None):
         cdef uint32_t nslots
         cdef int first
         cdef epoll_event ev
         if not (0 < port_min <= port_max <= 65535):
             raise ValueError("bad port range %d-%d" % (port_min, port_max))
-        _parse_ipv4(address, &self._bind_addr)
+        _parse_ip(address, &self._bind[0])
+        _parse_ip(address if address_b is None else address_b, &self._bind[1])
         self.address = address
+        self.address_b = address if address_b is None else address_b
         self.port_min = port_min
         self.port_max = port_max
         self.quiet_period = quiet_period
@@ -533,17 +562,20 @@ cdef class RelayEngine:
         raise RuntimeError("no free RTP port pair in %d-%d (quiet period %.1fs)"
                            % (self.port_min, self.port_max, self.quiet_period))
 
-    cdef int _open_pair(self, rtp_stream *rtp, rtp_stream *rtcp) except -1:
-        """Bind an even RTP port and RTP+1 (RFC 3550 §11); skip ports in use by others."""
-        cdef sockaddr_in sa
+    cdef int _open_pair(self, rtp_stream *rtp, rtp_stream *rtcp, int leg) except -1:
+        """Bind an even RTP port and RTP+1 (RFC 3550 §11) on ``leg``'s address; skip ports
+        in use by others. The two legs share one port pool (a port is free on both addresses)."""
+        cdef rtp_addr sa
         cdef int fd0, fd1, k, tries
         cdef int bufsz = 1 << 20
         cdef int tos = self.tos
+        cdef int family = self._bind[leg].sin6_family
+        cdef socklen_t salen = sizeof(sockaddr_in6) if family == AF_INET6 else sizeof(sockaddr_in)
         tries = len(self._free_ports) + 1
         for k in range(tries):
             port = self._alloc_pair()
-            fd0 = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
-            fd1 = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+            fd0 = socket(family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+            fd1 = socket(family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
             if fd0 < 0 or fd1 < 0:
                 err = errno
                 if fd0 >= 0:
@@ -552,15 +584,17 @@ cdef class RelayEngine:
                     close(fd1)
                 self._free_ports.appendleft((port, 0.0))
                 raise OSError(err, os.strerror(err))
-            memset(&sa, 0, sizeof(sa))
-            sa.sin_family = AF_INET
-            sa.sin_addr.s_addr = self._bind_addr
-            sa.sin_port = htons(<uint16_t>port)
-            if bind(fd0, <sockaddr *>&sa, sizeof(sa)) == 0:
-                sa.sin_port = htons(<uint16_t>(port + 1))
-                if bind(fd1, <sockaddr *>&sa, sizeof(sa)) == 0:
+            sa = self._bind[leg]
+            sa.sin6_port = htons(<uint16_t>port)           # same offset as sin_port
+            if bind(fd0, <sockaddr *>&sa, salen) == 0:
+                sa.sin6_port = htons(<uint16_t>(port + 1))
+                if bind(fd1, <sockaddr *>&sa, salen) == 0:
                     setsockopt(fd0, SOL_SOCKET, SO_RCVBUF, &bufsz, sizeof(int))
-                    if tos:
+                    if tos and family == AF_INET6:
+                        # the traffic class carries the same DSCP on IPv6 (RFC 2474)
+                        setsockopt(fd0, IPPROTO_IPV6, IPV6_TCLASS, &tos, sizeof(int))
+                        setsockopt(fd1, IPPROTO_IPV6, IPV6_TCLASS, &tos, sizeof(int))
+                    elif tos:
                         # DSCP EF (46 << 2 = 0xB8) on relayed media, RFC 3246 / RFC 4594 (rtpengine.conf ships tos = 184).
                         setsockopt(fd0, IPPROTO_IP, IP_TOS, &tos, sizeof(int))
                         setsockopt(fd1, IPPROTO_IP, IP_TOS, &tos, sizeof(int))
@@ -604,8 +638,8 @@ cdef class RelayEngine:
         for k in range(4):
             tmp.st[k].fd = -1
         try:
-            self._open_pair(&tmp.st[ST_A_RTP], &tmp.st[ST_A_RTCP])
-            self._open_pair(&tmp.st[ST_B_RTP], &tmp.st[ST_B_RTCP])
+            self._open_pair(&tmp.st[ST_A_RTP], &tmp.st[ST_A_RTCP], 0)
+            self._open_pair(&tmp.st[ST_B_RTP], &tmp.st[ST_B_RTCP], 1)
         except BaseException:
             for k in range(4):
                 if tmp.st[k].fd >= 0:
@@ -642,7 +676,7 @@ cdef class RelayEngine:
         relay._slot = slot
         relay._deleted = False
         relay.leg_a = LegAddr(self.address, tmp.st[ST_A_RTP].port, tmp.st[ST_A_RTCP].port)
-        relay.leg_b = LegAddr(self.address, tmp.st[ST_B_RTP].port, tmp.st[ST_B_RTCP].port)
+        relay.leg_b = LegAddr(self.address_b, tmp.st[ST_B_RTP].port, tmp.st[ST_B_RTCP].port)
         self._relays[gen] = relay
         if not ok:
             self._delete(relay, False)
@@ -807,28 +841,30 @@ cdef class Relay:
 
     def set_remote(self, str leg, str host, int rtp_port, rtcp_port=None):
         cdef int li = _leg_index(leg)
-        cdef uint32_t ip
+        cdef rtp_addr ip
         cdef rtp_relay *r = self._get()
         cdef rtp_stream *s
         cdef int k
         cdef int ports[2]
-        _parse_ipv4(host, &ip)
+        _parse_ip(host, &ip)
+        if ip.sin6_family != self.engine._bind[li].sin6_family:
+            raise ValueError("leg %s relays IPv%d, the address %r is IPv%d" % (
+                "ab"[li], 6 if self.engine._bind[li].sin6_family == AF_INET6 else 4, host,
+                6 if ip.sin6_family == AF_INET6 else 4))
         if not (0 <= rtp_port <= 65535):
             raise ValueError("bad RTP port %r" % rtp_port)
         ports[0] = rtp_port
         ports[1] = (rtp_port + 1 if rtp_port else 0) if rtcp_port is None else rtcp_port
         if not (0 <= ports[1] <= 65535):
             raise ValueError("bad RTCP port %r" % rtcp_port)
-        hold = ip == 0 or rtp_port == 0             # RFC 3264 §8.4 / RFC 2543 hold
+        hold = _unspecified(&ip) or rtp_port == 0   # RFC 3264 §8.4 / RFC 2543 hold (0.0.0.0 or ::)
         pthread_mutex_lock(&self.engine._eng.lock)
         for k in range(2):
             s = &r.st[li * 2 + k]
             s.hold = hold
             s.has_remote = not hold
-            memset(&s.remote, 0, sizeof(sockaddr_in))
-            s.remote.sin_family = AF_INET
-            s.remote.sin_addr.s_addr = ip
-            s.remote.sin_port = htons(<uint16_t>ports[k])
+            s.remote = ip
+            s.remote.sin6_port = htons(<uint16_t>ports[k])
             s.latched = 0                           # re-arm: latch on the next packet
         pthread_mutex_unlock(&self.engine._eng.lock)
 

@@ -15,6 +15,13 @@ import msgspec
 
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 
+DEFAULT_CONFIG_PATH = "/etc/sipedge/sipedge.toml"  # SPEC §2.3; env SIPEDGE_CONFIG moves it
+
+
+def default_config_path() -> str:
+    """The config file used when ``--config`` is not given: ``$SIPEDGE_CONFIG`` or /etc/sipedge/sipedge.toml."""
+    return os.environ.get("SIPEDGE_CONFIG") or DEFAULT_CONFIG_PATH
+
 
 class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
@@ -83,6 +90,32 @@ class CarrierConfig(Section):
     weight: Annotated[int, msgspec.Meta(ge=0)] = 100
 
 
+class SideConfig(Section):
+    """One network side (SPEC §2.1). Empty values take the defaults of :func:`resolve_sides`."""
+
+    listen: list[str] = []
+    advertise: str = ""          # host (IP or DNS name) written into Via/Contact instead of the listener's
+    media: str = ""              # relay ports of this side bind here
+    media_advertise: str = ""    # written into SDP c=/o=/a=rtcp instead of ``media`` (1:1 NAT)
+    # SRTP is not implemented yet: "optional" is accepted (plain RTP is what it negotiates today)
+    srtp: Literal["off", "optional", "mandatory"] = "off"
+
+
+class SidesConfig(Section):
+    customer: SideConfig | None = None   # the PBXs
+    carrier: SideConfig | None = None    # the upstream carriers and [inbound] trusted sources
+
+
+class HealthConfig(Section):
+    """OPTIONS probing of the carriers (edge/calls/carriers.py); one setting for all of them."""
+
+    enabled: bool = False                                             # as Kamailio's ds_ping_interval = 0
+    interval: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0   # seconds between probe rounds
+    timeout: Annotated[float, msgspec.Meta(gt=0, le=60)] = 4.0       # seconds a probe may wait for its answer
+    threshold: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3        # failed probes in a row: down
+    recovery: Annotated[int, msgspec.Meta(ge=1, le=100)] = 2         # answered probes in a row: up again
+
+
 class InboundConfig(Section):
     trusted: list[str] = []
 
@@ -93,13 +126,24 @@ class CreditConfig(Section):
     max_call_seconds: Annotated[int, msgspec.Meta(ge=1)] = 4 * 3600
 
 
+class NodeConfig(Section):
+    """The node's own lifecycle (SPEC §2.2)."""
+
+    drain_timeout: Annotated[float, msgspec.Meta(ge=0)] = 600.0  # seconds live calls may run on after SIGTERM
+    # None: the --log-level of `sipedge serve` (info); a value here is applied again by every reload
+    log_level: Literal["debug", "info", "warning", "error"] | None = None
+
+
 class Config(Section):
+    node: NodeConfig = msgspec.field(default_factory=NodeConfig)
     sip: SipConfig = msgspec.field(default_factory=SipConfig)
     media: MediaConfig = msgspec.field(default_factory=MediaConfig)
     node: NodeConfig = msgspec.field(default_factory=NodeConfig)
     api: ApiConfig = msgspec.field(default_factory=ApiConfig)
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     carriers: list[CarrierConfig] = []
+    sides: SidesConfig = msgspec.field(default_factory=SidesConfig)
+    health: HealthConfig = msgspec.field(default_factory=HealthConfig)
     inbound: InboundConfig = msgspec.field(default_factory=InboundConfig)
     credit: CreditConfig = msgspec.field(default_factory=CreditConfig)
 
@@ -112,16 +156,97 @@ def _check_hostport(key: str, value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"{key}: expected host:port, got {value!r}")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise ConfigError(f"{key}: an IPv6 address goes in brackets ([2001:db8::1]:5060), got {value!r}")
     return host.strip("[]"), int(port)
 
 
 def parse_listen(value: str, key: str = "sip.listen") -> tuple[str, str, int]:
-    """``"udp:127.0.0.1:5060"`` -> ("udp", "127.0.0.1", 5060)."""
+    """``"udp:127.0.0.1:5060"`` -> ("udp", "127.0.0.1", 5060); ``"udp:[::1]:5060"`` -> ("udp", "::1", 5060)."""
     transport, sep, rest = value.partition(":")
     if not sep or transport not in ("udp", "tcp"):
         raise ConfigError(f"{key}: expected udp:HOST:PORT or tcp:HOST:PORT, got {value!r}")
     host, port = _check_hostport(key, rest)
     return transport, host, port
+
+
+SIDE_NAMES = ("customer", "carrier")
+
+
+class Side(msgspec.Struct, frozen=True):
+    """One side as the node uses it: every default of SPEC §2.1 applied.
+
+    :param listeners: (proto, host, port) the side listens on.
+    :param advertise: host written into Via/Contact/Record-Route ("" = the listener's own address).
+    :param media: address the side's relay ports bind to.
+    :param media_advertise: address written into the SDP sent toward the side.
+    """
+
+    name: str
+    listeners: tuple[tuple[str, str, int], ...]
+    advertise: str
+    media: str
+    media_advertise: str
+
+
+def _ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        return None
+
+
+def resolve_sides(cfg: Config) -> dict[str, Side]:
+    """The customer and the carrier side, with the defaults of SPEC §2.1: a side without
+    ``[sides.X]`` (or without its ``listen``) uses ``[sip] listen``; ``media`` defaults to
+    the side's first listener when the side has listeners of its own, else to ``[media]
+    address``; ``media_advertise`` to ``media``."""
+    out: dict[str, Side] = {}
+    for name in SIDE_NAMES:
+        side = getattr(cfg.sides, name) or SideConfig()
+        own = bool(side.listen)
+        specs = side.listen if own else cfg.sip.listen
+        key = f"sides.{name}.listen" if own else "sip.listen"
+        listeners = tuple(parse_listen(item, f"{key}[{i}]") for i, item in enumerate(specs))
+        media = side.media or (listeners[0][1] if own and listeners else cfg.media.address)
+        out[name] = Side(name, listeners, side.advertise, media, side.media_advertise or media)
+    return out
+
+
+def _validate_side(name: str, side: SideConfig | None, resolved: Side) -> None:
+    key = f"sides.{name}"
+    listen_key = f"{key}.listen" if side is not None and side.listen else "sip.listen"
+    if side is not None:
+        if side.srtp == "mandatory":
+            raise ConfigError(f'{key}.srtp: "mandatory" is not supported yet (SRTP is not implemented; '
+                              f'use "off" or "optional")')
+        if side.advertise and _ip(side.advertise) is None and not _hostname(side.advertise):
+            raise ConfigError(f"{key}.advertise: not an IP address or host name: {side.advertise!r}")
+    for i, (_, host, _) in enumerate(resolved.listeners):
+        addr = _ip(host)
+        if addr is not None and addr.is_unspecified and not resolved.advertise:
+            raise ConfigError(f"{listen_key}[{i}]: listening on {host!r} needs {key}.advertise "
+                              f"(the address written into Via and Contact)")
+    media = _ip(resolved.media)
+    media_key = f"{key}.media" if side is not None and side.media else (
+        f"{key}.listen[0]" if side is not None and side.listen else "media.address")
+    if media is None:
+        raise ConfigError(f"{media_key}: not an IP address: {resolved.media!r}")
+    adv = _ip(resolved.media_advertise)
+    if adv is None:
+        raise ConfigError(f"{key}.media_advertise: not an IP address: {resolved.media_advertise!r}")
+    if adv.version != media.version:
+        raise ConfigError(f"{key}.media_advertise: IPv{adv.version} address for an IPv{media.version} relay "
+                          f"({resolved.media!r}); the SDP would name a family the relay does not speak")
+    if adv.is_unspecified:
+        raise ConfigError(f"{key}.media_advertise: needed when the relay binds to {resolved.media!r} "
+                          f"(the address peers send media to)")
+
+
+def _hostname(value: str) -> bool:
+    labels = value.rstrip(".").split(".")
+    return bool(value) and len(value) <= 253 and all(
+        0 < len(lb) <= 63 and lb.replace("-", "").isalnum() and not lb.startswith("-") for lb in labels)
 
 
 def validate(cfg: Config) -> Config:
@@ -143,6 +268,9 @@ def validate(cfg: Config) -> Config:
         ipaddress.ip_address(cfg.media.address)
     except ValueError:
         raise ConfigError(f"media.address: not an IP address: {cfg.media.address!r}") from None
+    sides = resolve_sides(cfg)
+    for name in SIDE_NAMES:
+        _validate_side(name, getattr(cfg.sides, name), sides[name])
     for i, net in enumerate(cfg.inbound.trusted):
         try:
             ipaddress.ip_network(net, strict=False)
@@ -185,6 +313,34 @@ def load(path: str | os.PathLike[str] | None) -> Config:
     if token:
         cfg.api.token = token
     return cfg
+
+
+# What `sipedge reload` applies to a running node (docs/deployment.md); every other key keeps its
+# running value until the next start, and a reload that changes one says so.
+RELOADABLE = frozenset({
+    "carriers", "inbound.trusted", "node.log_level", "node.drain_timeout",
+    "sip.rate_limit", "sip.rate_burst", "sip.profile_rate_limit", "sip.auth_block_threshold",
+    "sip.auth_block_seconds", "sip.tcp_max_connections", "sip.setup_timeout", "sip.min_expires",
+    "sip.max_expires", "credit.max_call_seconds",
+})
+
+
+def restart_only_changes(old: Config, new: Config) -> list[str]:
+    """The keys that differ between ``old`` and ``new`` but are not in :data:`RELOADABLE`.
+
+    Compared section by section, key by key, so sections added later (``[sides]``, ``[tls]``)
+    are covered without being listed here.
+    """
+    before, after = msgspec.to_builtins(old), msgspec.to_builtins(new)
+    changed: list[str] = []
+    for section in sorted(set(before) | set(after)):
+        a, b = before.get(section), after.get(section)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys = [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        else:
+            keys = [section] if a != b else []
+        changed += [k for k in keys if k not in RELOADABLE]
+    return changed
 
 
 def _friendly(message: str) -> str:

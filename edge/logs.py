@@ -4,12 +4,17 @@ Events carry their context as ``extra`` fields (``call_id`` ties both legs of a 
 together, with each leg's SIP Call-ID beside it). Nothing secret is ever logged:
 no passwords, no digest responses, no admin token; the formatter also drops any
 field whose name looks like a secret, as a second line of defence.
+
+Under systemd (stderr is journald's stream, ``$JOURNAL_STREAM``) each line starts with its
+syslog priority (``<3>``), which journald strips and stores as the entry's level, and the
+text format leaves the time out: journald stamps every entry itself.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -38,8 +43,8 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    def __init__(self, *, with_time: bool = True) -> None:
+        super().__init__(("%(asctime)s " if with_time else "") + "%(levelname)-7s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
@@ -49,9 +54,34 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+class JournalFormatter(logging.Formatter):
+    """``<priority>`` before what ``inner`` writes (sd-daemon(3) prefixes, SyslogLevelPrefix=yes)."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{SYSLOG_PRIORITY.get(record.levelno, 6)}>{self.inner.format(record)}"
+
+
+def stderr_is_journal() -> bool:
+    """Is stderr the journald stream systemd named in ``$JOURNAL_STREAM`` ("device:inode")?"""
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return os.environ.get("JOURNAL_STREAM", "") == f"{st.st_dev}:{st.st_ino}"
+
+
 def setup(fmt: str = "text", level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    journal = stderr_is_journal()
+    inner = JsonFormatter() if fmt == "json" else TextFormatter(with_time=not journal)
+    handler.setFormatter(JournalFormatter(inner) if journal else inner)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -7,37 +7,92 @@ thread reporting media timeouts) are connected here, by name, after both ends ex
 
 The store, the metrics registry, the control API and the SIP edge share one asyncio
 loop; the RTP relay runs on its own native thread.
+
+Lifecycle (SPEC §2.2, docs/deployment.md): SIGTERM/SIGINT call :meth:`Node.drain`, SIGHUP
+calls :meth:`Node.reload_file`; both are plain methods so that a supervisor process can
+forward the signals it gets to its workers. The node finds itself for ``sipedge drain`` and
+``sipedge reload`` through ``<data>/sipedge.pid``, and reports each reload in
+``<data>/reload.json``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import ipaddress
+import json
 import logging
 import os
 import secrets
 import signal
+import socket
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
+import msgspec
 import uvicorn
 
+from . import sdnotify
 from .calls.admission import Admission
 from .calls.billing import Billing
+from .calls.carriers import CarrierHealth
 from .calls.controller import CallController
 from .calls.events import OperatorActions
 from .calls.media import CallMedia
 from .calls.metrics import CallMetrics
 from .calls.model import Call, EndReason
 from .calls.routing import Routing
-from .config import Config
+from .config import RELOADABLE, Config, ConfigError, load, resolve_sides, restart_only_changes
 from .control import registrations
 from .control.credit import CreditEngine
 from .control.store import Store
 from .sip.dialog import Dialogs, Local
+from .sip.transaction import State
+from .sip.transport import Peer
 
 log = logging.getLogger("sipedge")
 
 SHUTDOWN_REASON = 'SIP;cause=503;text="Edge shutting down"'
+RELOADABLE_SIP = sorted(key.removeprefix("sip.") for key in RELOADABLE if key.startswith("sip."))
+PID_FILE = "sipedge.pid"        # "<pid>\n<config path>\n": how `sipedge drain` / `reload` find the node
+RELOAD_FILE = "reload.json"     # the outcome of the last reload, for `sipedge reload`
+BYE_WAIT = 4.0                  # seconds the last BYEs of a drain may take to be answered
+SETTLE_WAIT = 5.0               # seconds a drain waits for CDRs the store refused (then: recovery)
+
+
+class StartupError(Exception):
+    """The node cannot start (a port in use, an unwritable data directory): one line for the operator."""
+
+
+class ApiServer(uvicorn.Server):
+    """uvicorn without its own SIGINT/SIGTERM handlers: the node's drain owns those signals,
+    and the API keeps serving while the calls drain (SPEC §2.2)."""
+
+    def capture_signals(self) -> nullcontext[None]:  # type: ignore[override]
+        return nullcontext()
+
+
+def running_node(data_dir: Path) -> tuple[int, str] | None:
+    """``(pid, config path)`` of the live node serving ``data_dir``, or None (no pid file, or a
+    stale one whose process is gone or is no sipedge)."""
+    try:
+        pid_text, _, config = (data_dir / PID_FILE).read_text().partition("\n")
+        pid = int(pid_text)
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    if b"sipedge" not in cmdline and b"edge.cli" not in cmdline:
+        return None  # the pid was reused by something else
+    try:  # and by a sipedge of this very store: its map of data.mdb says so
+        if str((data_dir / "data.mdb").resolve()) not in Path(f"/proc/{pid}/maps").read_text():
+            return None
+    except PermissionError:
+        pass  # another user's process: the command line has to do
+    except OSError:
+        return None
+    return pid, config.strip()
 
 
 def data_dir_of(cfg: Config, data: str | None) -> Path:
@@ -66,9 +121,14 @@ def open_store(cfg: Config, data_dir: Path) -> Store:
 
 class Node:
     """Owns every long-lived component of a running edge; started and stopped as one.
-    Built inside the running event loop (the SIP layers take it as their clock)."""
+    Built inside the running event loop (the SIP layers take it as their clock).
 
-    def __init__(self, cfg: Config, store: Store, token: str) -> None:
+    :param config_path: the file :meth:`reload_file` reads again (None: built-in defaults).
+    :param data_dir: where the pid file and the reload outcome are kept (None: not kept).
+    """
+
+    def __init__(self, cfg: Config, store: Store, token: str, *, config_path: str | None = None,
+                 data_dir: Path | None = None) -> None:
         from admin_api.app import create_app
 
         from ._rtp import RelayEngine
@@ -79,29 +139,40 @@ class Node:
         loop = asyncio.get_running_loop()
         self.cfg = cfg
         self.store = store
+        self.config_path = config_path
+        self.data_dir = data_dir
         self.app, self.registry = create_app(store, token, registrar=cfg.sip.domain, settings=cfg.api)
-        host, _, port = cfg.api.listen.rpartition(":")
-        self.api = uvicorn.Server(uvicorn.Config(
-            self.app, host=host.strip("[]"), port=int(port), log_level="warning",
-            access_log=False, lifespan="on", loop="asyncio",
+        self.api = ApiServer(uvicorn.Config(
+            self.app, log_level="warning", access_log=False, lifespan="on", loop="asyncio",
         ))
-        self._stopping = asyncio.Event()
+        self.draining = False
+        self._end_now = False                       # a second SIGTERM: end the calls now
+        self._drained = asyncio.Event()
+        self._drain_task: asyncio.Task[None] | None = None
+        self.reloads = 0
 
         dialogs = Dialogs(loop)
         self.sip = SipService(cfg, store, self.registry, loop, dialogs)
+        self.sides = resolve_sides(cfg)
+        customer, carrier = self.sides["customer"], self.sides["carrier"]
         lo, hi = cfg.media.ports
-        self.engine = RelayEngine(cfg.media.address, lo, hi, quiet_period=cfg.media.quiet_period,
-                                  timeout=cfg.media.rtp_timeout)
+        # relay leg "a" faces the customer side, "b" the carrier side (calls/model.py Side)
+        self.engine = RelayEngine(customer.media, lo, hi, quiet_period=cfg.media.quiet_period,
+                                  timeout=cfg.media.rtp_timeout, address_b=carrier.media)
         self.registry.register(RtpCollector(self.engine))
-        self.media = MediaService(self.engine, loop)
+        self.media = MediaService(self.engine, loop,
+                                  advertise={"a": customer.media_advertise, "b": carrier.media_advertise})
 
         credit = CreditEngine(store, slice_seconds=cfg.credit.slice_seconds, bundle_minutes=cfg.credit.bundle_minutes)
-        routing = Routing(cfg.carriers, lambda profile_id: registrations.live(store, profile_id), cfg.sip.domain)
+        self.health = CarrierHealth(cfg.carriers, cfg.health, self.sip.transactions, self.local, self.registry,
+                                    cfg.sip.domain)
+        self.routing = routing = Routing(cfg.carriers, lambda profile_id: registrations.live(store, profile_id),
+                                         cfg.sip.domain, is_up=self.health.is_up)
         sip = self.sip
-        admission = Admission(store, credit, routing, sip.auth, sip.failures,
-                              count_auth_failure=lambda reason, method: sip.metrics.auth_failures.labels(
-                                  reason, method).inc(),
-                              refuse_source=sip.auth_failed, profile_rate_limit=cfg.sip.profile_rate_limit)
+        self.admission = admission = Admission(
+            store, credit, routing, sip.auth, sip.failures,
+            count_auth_failure=lambda reason, method: sip.metrics.auth_failures.labels(reason, method).inc(),
+            refuse_source=sip.auth_failed, profile_rate_limit=cfg.sip.profile_rate_limit)
         self.billing = Billing(store, credit, loop, hangup=self._hangup, flush_soon=sip.flush_soon,
                                max_call_seconds=cfg.credit.max_call_seconds)
         self.calls = CallController(
@@ -117,19 +188,187 @@ class Node:
     def _hangup(self, call: Call, reason: EndReason, *, status: int = 480, reason_header: str | None = None) -> None:
         self.calls.hangup(call, reason, status=status, reason_header=reason_header)
 
-    def local(self, proto: str) -> Local:
-        """Via sent-by and Contact of the edge on ``proto``: the listener's address."""
-        host, port = self.sip.transports.advertised(proto)
-        return Local(f"{host}:{port}", f"<sip:{host}:{port};transport={proto}>")
+    def local(self, peer: Peer) -> Local:
+        """Via sent-by and Contact of the edge toward ``peer``: its side's listener on its
+        transport, named by the side's ``advertise`` address when it has one (SPEC §2.1).
+
+        A peer reached on a listener both sides share is on the carrier side when it is a
+        trusted source, else on the customer side (the single-interface rule)."""
+        side = peer.side or ("carrier" if self.sip.is_trusted(peer.host) else "customer")
+        family = socket.AF_INET6 if ":" in peer.host else socket.AF_INET
+        host, port = self.sip.transports.advertised(peer.proto, side, family)
+        advertise = self.sides[side].advertise
+        # an advertised address stands for the listeners of its family; a DNS name for all
+        if advertise and (not _is_ip(advertise) or (":" in advertise) == (":" in host)):
+            host = advertise
+        name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return Local(name, f"<sip:{name};transport={peer.proto}>")
+
+    # ------------------------------------------------------------ drain
+
+    def drain(self) -> None:
+        """Stop admitting calls now, end the node when the live calls have (SPEC §2.2).
+
+        The gate closes in this call (for SIGTERM already in the signal handler, see :meth:`run`),
+        so no INVITE is admitted after the signal. A second call ends the calls still up at once.
+        """
+        if self.draining:
+            if not self._end_now:
+                log.warning("second stop signal: ending the %d calls still up", len(self.calls.calls),
+                            extra={"event": "drain_now"})
+            self._end_now = True
+            return
+        self.draining = True
+        self.sip.draining = True
+        sdnotify.notify("STOPPING=1", f"STATUS=draining {len(self.calls.calls)} calls")
+        log.info("draining: new calls get 503, %d live calls may run for up to %g s",
+                 len(self.calls.calls), self.cfg.node.drain_timeout,
+                 extra={"event": "drain_started", "live_calls": len(self.calls.calls)})
+        self._drain_task = asyncio.get_running_loop().create_task(self._drain(), name="drain")
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.node.drain_timeout
+        while self.calls.calls and not self._end_now and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        left = list(self.calls.calls.values())
+        for call in left:
+            self.calls.hangup(call, EndReason.SHUTDOWN, reason_header=SHUTDOWN_REASON)
+        if left:
+            log.warning("drain: ended %d calls still up with BYE", len(left),
+                        extra={"event": "drain_timeout", "ended_calls": len(left)})
+        await self._wait(lambda: not self._signalling(), BYE_WAIT)
+        if not await self._wait(lambda: not self.billing.unsettled, SETTLE_WAIT):
+            log.error("drain: %d calls could not be settled; the next start settles them (recovery)",
+                      self.billing.unsettled, extra={"event": "drain_unsettled"})
+        log.info("drained", extra={"event": "drain_done"})
+        self._drained.set()
+
+    def _signalling(self) -> int:
+        """BYEs and CANCELs of ours still waiting for their final answer."""
+        return sum(1 for key, tx in self.sip.transactions.client.items()
+                   if key[1] in ("BYE", "CANCEL") and tx.state in (State.TRYING, State.PROCEEDING))
+
+    @staticmethod
+    async def _wait(done: Callable[[], bool], timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not done() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        return done()
+
+    # ------------------------------------------------------------ reload
+
+    def reload(self, new: Config) -> list[str]:
+        """Apply ``new`` to the running node without dropping a call, a registration or a
+        connection: carriers, trusted sources, limits, log level (config.RELOADABLE).
+
+        :returns: the changed keys that only a restart applies (they keep their running value).
+        """
+        restart = restart_only_changes(self.cfg, new)
+        old = self.cfg
+        applied = msgspec.structs.replace(
+            old, node=new.node, carriers=new.carriers, inbound=new.inbound,
+            sip=msgspec.structs.replace(old.sip, **{key: getattr(new.sip, key) for key in RELOADABLE_SIP}),
+            credit=msgspec.structs.replace(old.credit, max_call_seconds=new.credit.max_call_seconds))
+        self.sip.reconfigure(applied)
+        self.routing.replace_carriers(applied.carriers)
+        self.health.replace_carriers(applied.carriers)
+        self.admission.profile_limiter.rate = applied.sip.profile_rate_limit
+        self.admission.profile_limiter.burst = max(1.0, 2 * applied.sip.profile_rate_limit)
+        self.calls.setup_timeout = applied.sip.setup_timeout
+        self.billing.max_call_seconds = applied.credit.max_call_seconds
+        if applied.node.log_level is not None:
+            logging.getLogger().setLevel(applied.node.log_level.upper())
+        self.cfg = applied
+        return restart
+
+    def reload_file(self) -> None:
+        """SIGHUP: read the config file again and apply it; an invalid one is refused, named in
+        the log and in ``<data>/reload.json``, and the running config stays."""
+        sdnotify.reloading()
+        try:
+            if self.config_path is None:
+                raise ConfigError("started without a config file: nothing to reload")
+            new = load(self.config_path)
+        except ConfigError as exc:
+            log.error("reload refused, the running config stays: %s", exc, extra={"event": "reload_refused"})
+            self._record_reload(ok=False, error=str(exc))
+        else:
+            restart = self.reload(new)
+            if restart:
+                log.warning("reload: %s changed; applied at the next start", ", ".join(restart),
+                            extra={"event": "reload_restart_keys"})
+            log.info("reloaded %s: %d carriers, %d trusted sources", self.config_path, len(new.carriers),
+                     len(new.inbound.trusted), extra={"event": "reloaded"})
+            self._record_reload(ok=True, restart_needed=restart)
+        sdnotify.notify("READY=1", f"STATUS=serving, {len(self.calls.calls)} calls")
+
+    def _record_reload(self, *, ok: bool, error: str = "", restart_needed: list[str] | None = None) -> None:
+        self.reloads += 1
+        if self.data_dir is None:
+            return
+        result = {"pid": os.getpid(), "serial": self.reloads, "at": time.time(), "ok": ok, "error": error,
+                  "restart_needed": restart_needed or []}
+        try:
+            tmp = self.data_dir / (RELOAD_FILE + ".tmp")
+            tmp.write_text(json.dumps(result) + "\n")
+            tmp.replace(self.data_dir / RELOAD_FILE)
+        except OSError as exc:
+            log.warning("cannot write %s: %s", RELOAD_FILE, exc.strerror)
+
+    # ------------------------------------------------------------ run
+
+    def _bind_api(self) -> socket.socket:
+        host, _, port = self.cfg.api.listen.rpartition(":")
+        host = host.strip("[]")
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, int(port)))
+            sock.listen(2048)
+        except OSError as exc:
+            sock.close()
+            raise StartupError(f"control API api.listen {self.cfg.api.listen}: {exc.strerror}") from None
+        sock.set_inheritable(True)
+        return sock
+
+    async def _start_sip(self) -> None:
+        try:
+            await self.sip.start()
+        except OSError as exc:
+            self.sip.transports.close()
+            raise StartupError(f"SIP listener in sip.listen {self.cfg.sip.listen}: {exc.strerror}") from None
+
+    def _write_pid_file(self) -> None:
+        if self.data_dir is not None:
+            (self.data_dir / PID_FILE).write_text(f"{os.getpid()}\n{self.config_path or ''}\n")
+
+    def _remove_pid_file(self) -> None:
+        if self.data_dir is not None and running_node(self.data_dir) == (os.getpid(), self.config_path or ""):
+            (self.data_dir / PID_FILE).unlink(missing_ok=True)
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            sdnotify.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+
+        def stop_signal(signum: int, frame: object) -> None:
+            # A Python-level handler runs at the next bytecode boundary, before the callback of any
+            # datagram read after the signal: the gate closes first, the drain itself follows on the loop.
+            self.sip.draining = True
+            loop.call_soon_threadsafe(self.drain)
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._stopping.set)
-        # uvicorn (>= 0.29) holds SIGINT/SIGTERM while it serves (Server.capture_signals): a signal
-        # ends the API task first, and uvicorn raises it again afterwards for the handlers above
-        await self.sip.start()
+            signal.signal(sig, stop_signal)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_file)
+        api_socket = self._bind_api()
+        await self._start_sip()
         self.media.start()
+        self.health.start()
         # Everything allocated so far lives as long as the process: keep it out of the
         # cyclic collector, and collect young objects less often (fewer pauses under load).
         gc.collect()
@@ -140,21 +379,47 @@ class Node:
             self.calls.bye_recovered(live)
         if recovered:
             log.warning("settled %d calls left by the previous run (CDR end_reason=recovery)", len(recovered))
-        api_task = asyncio.create_task(self.api.serve(), name="control-api")
-        stop_task = asyncio.create_task(self._stopping.wait())
-        done, _ = await asyncio.wait({api_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-        if api_task in done and api_task.exception() is not None:
-            raise api_task.exception()  # type: ignore[misc]  # could not bind, for instance
-        self.api.should_exit = True
-        await api_task
-        stop_task.cancel()
-        for call in list(self.calls.calls.values()):
-            self.calls.hangup(call, EndReason.SHUTDOWN, reason_header=SHUTDOWN_REASON)
-        await asyncio.sleep(0.05)  # let the BYEs leave
-        await self.sip.stop()
-        self.media.close()
+        api_task = asyncio.create_task(self.api.serve(sockets=[api_socket]), name="control-api")
+        while not self.api.started and not api_task.done():
+            await asyncio.sleep(0.01)
+        self._write_pid_file()
+        background = []
+        if not api_task.done():
+            sdnotify.notify("READY=1", "STATUS=serving")
+            interval = sdnotify.watchdog_interval()
+            if interval is not None:
+                background.append(asyncio.create_task(self._watchdog(interval), name="watchdog"))
+        drained = asyncio.create_task(self._drained.wait())
+        try:
+            await asyncio.wait({api_task, drained}, return_when=asyncio.FIRST_COMPLETED)
+            if api_task.done():  # the API ended by itself: stop the SIP side as well
+                self.sip.draining = True
+                if api_task.exception() is not None:
+                    raise api_task.exception()  # type: ignore[misc]
+                raise StartupError("control API stopped")
+            self.api.should_exit = True
+            await api_task
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)  # on the way out: a late signal has nothing left to stop
+            for task in (*background, drained):
+                task.cancel()
+            self.health.stop()
+            await self.sip.stop()
+            self.media.close()
+            self._remove_pid_file()
+            api_socket.close()
 
 
-async def serve(cfg: Config, store: Store, token: str) -> None:
-    """Build the node inside the running loop and run it until a signal stops it."""
-    await Node(cfg, store, token).run()
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+async def serve(cfg: Config, store: Store, token: str, *, config_path: str | None = None,
+                data_dir: Path | None = None) -> None:
+    """Build the node inside the running loop and run it until it has drained."""
+    await Node(cfg, store, token, config_path=config_path, data_dir=data_dir).run()

@@ -1,8 +1,10 @@
 """``sipedge status``: a terminal view of a running edge, from its control API and ``/metrics``.
 
 Profiles are enumerated from ``/metrics`` (``edge_channels_capacity`` carries every profile id, read
-from the store at scrape time), then each profile, its live calls and registrations and each account
-come from the control API with the admin token. Without a valid token the view still shows what
+from the store at scrape time), then the profiles, live calls, registrations and accounts come from the
+control API's paged endpoints with the admin token, one request per page (never one per profile).
+``/metrics`` may have a listener of its own (``--metrics``, or ``[api] metrics_listen`` of ``--config``);
+the token goes along, for ``[api] metrics_auth``. Without a valid token the view still shows what
 ``/metrics`` knows (channels, credit, registration counts) and says why the rest is missing.
 
 Works against a remote edge: ``sipedge status --api https://edge1.example:8080 --token T`` (or env
@@ -65,13 +67,14 @@ class Snapshot:
 
 
 class Client:
-    def __init__(self, api: str, token: str | None, timeout: float = TIMEOUT) -> None:
+    def __init__(self, api: str, token: str | None, timeout: float = TIMEOUT, metrics: str | None = None) -> None:
         self.api = api.rstrip("/")
+        self.metrics = (metrics or api).rstrip("/")     # api.metrics_listen, when /metrics has its own listener
         self.token = token
         self.timeout = timeout
 
-    def get(self, path: str, *, auth: bool = True) -> bytes:
-        req = urllib.request.Request(self.api + path, headers={"Accept": "application/json"})
+    def get(self, path: str, *, auth: bool = True, base: str | None = None) -> bytes:
+        req = urllib.request.Request((base or self.api) + path, headers={"Accept": "application/json"})
         if auth and self.token:
             req.add_header("Authorization", f"Bearer {self.token}")
         try:
@@ -138,7 +141,8 @@ def collect(client: Client, only: list[str] | None = None, details: bool = True)
         healthy = True
     except ApiHTTPError:
         healthy = False
-    samples = parse_metrics(client.get("/metrics", auth=False).decode())
+    # the token goes along: with api.metrics_auth, /metrics needs a metrics or admin key
+    samples = parse_metrics(client.get("/metrics", base=client.metrics).decode())
 
     by_profile: dict[str, dict[str, Any]] = {}
     names = {labels.get("profile", ""): labels.get("profile_name", "")
@@ -334,6 +338,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api", help=f"control API base URL (env SIPEDGE_API; default {DEFAULT_API}, "
                                       "or [api] listen of --config)")
     parser.add_argument("--token", help="admin token (env SIPEDGE_ADMIN_TOKEN; or found via --config)")
+    parser.add_argument("--metrics", help="base URL of /metrics when it has a listener of its own "
+                                          "(env SIPEDGE_METRICS; or [api] metrics_listen of --config)")
     parser.add_argument("--config", help="a local edge's TOML config: API address and token from it")
     parser.add_argument("--data", help="with --config: the LMDB directory holding a generated admin_token")
     parser.add_argument("--profile", action="append", metavar="ID", help="only this profile (repeatable)")
@@ -351,25 +357,32 @@ def register(sub: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve(args: argparse.Namespace) -> tuple[str, str | None]:
+def _url_of(listen: str) -> str:
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+def _resolve(args: argparse.Namespace) -> tuple[str, str | None, str | None]:
     api = args.api or os.environ.get("SIPEDGE_API")
+    metrics = getattr(args, "metrics", None) or os.environ.get("SIPEDGE_METRICS")
     token = args.token or os.environ.get("SIPEDGE_ADMIN_TOKEN") or None
     if args.config:
         from .config import load
 
         cfg = load(args.config)
         if not api:
-            host, _, port = cfg.api.listen.rpartition(":")
-            host = host.strip("[]")
-            if host in ("0.0.0.0", "::", ""):
-                host = "127.0.0.1"
-            api = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+            api = _url_of(cfg.api.listen)
+        if not metrics and cfg.api.metrics_listen:
+            metrics = _url_of(cfg.api.metrics_listen)
         if not token:
             token = cfg.api.token or None
             path = Path(args.data or cfg.storage.path) / "admin_token"
             if not token and path.exists():
                 token = path.read_text().strip() or None
-    return api or DEFAULT_API, token
+    return api or DEFAULT_API, token, metrics
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
@@ -381,11 +394,11 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 def _run(args: argparse.Namespace, out: TextIO) -> int:
     try:
-        api, token = _resolve(args)
+        api, token, metrics = _resolve(args)
     except Exception as exc:  # a config error is reported like any other
         print(f"sipedge status: {exc}", file=sys.stderr)
         return 2
-    client = Client(api, token, timeout=args.timeout)
+    client = Client(api, token, timeout=args.timeout, metrics=metrics)
     interactive = args.watch and out.isatty()
     while True:
         try:

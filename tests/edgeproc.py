@@ -97,7 +97,9 @@ class EdgeProcess:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return httpx.Client(base_url=self.base, headers=headers, timeout=10.0)
 
-    def stop(self, sig_kill: bool = False) -> int | None:
+    def stop(self, sig_kill: bool = False, drain_wait: float = 3.0) -> int | None:
+        """SIGTERM (a drain), and a second SIGTERM after ``drain_wait`` s if calls are still up (the
+        edge then ends them with BYE); SIGKILL only if it has not exited 10 s later."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
@@ -106,10 +108,14 @@ class EdgeProcess:
             else:
                 self.proc.terminate()
             try:
-                self.proc.wait(10)
+                self.proc.wait(drain_wait)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+                self.proc.terminate()
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(5)
         self._log_file.close()
         return self.proc.returncode
 

@@ -42,6 +42,12 @@ class Hangup(Protocol):
         ...
 
 
+def _name_carrier(call: Call, live: LiveCall) -> None:
+    """The CDR's carrier: the one that answered an outgoing call, or the last one tried."""
+    if call.direction is Direction.OUTGOING and call.attempt:
+        live.carrier = call.attempt
+
+
 class Billing:
     """:param hangup: ends a call from the edge (the controller's ``hangup``).
     :param wall: Unix time (LMDB records use it); ``clock`` times the timers.
@@ -74,6 +80,7 @@ class Billing:
         assert live is not None
         now = self.wall()
         live.answered_at = now
+        _name_carrier(call, live)   # stored with the answer: a recovered call's CDR names it too
         live.legs = [s.dialog.as_record() for s in (call.inbound, call.outbound) if s is not None]
         rate = call.rate
         try:
@@ -141,6 +148,7 @@ class Billing:
         live = call.live
         if live is None:
             return
+        _name_carrier(call, live)
         self._settle(live, call, self.wall(), status, reason, media)
 
     def _settle(self, live: LiveCall, call: Call, ended: float, status: int, reason: EndReason,
@@ -174,7 +182,7 @@ class Billing:
         now = self.wall()
         cdr = Cdr(seq=0, call_id=call_id, profile_id=profile.id, direction=direction.value, caller=caller,
                   callee=callee, started_at=now, answered_at=None, ended_at=now, duration=0,
-                  status=refusal.status, end_reason=refusal.rule)
+                  status=refusal.status, end_reason=refusal.rule, account_id=profile.account_id)
 
         def op(txn: Txn) -> None:
             cdrs.add(txn, cdr)

@@ -16,10 +16,11 @@ from typing import Protocol
 
 from edge.control.models import LiveCall, Profile
 from edge.sip import SipMessage
-from edge.sip.dialog import Dialogs, Local, bye_from_record
+from edge.sip.dialog import Dialogs, Local, bye_from_record, peer_of
 from edge.sip.invite import InviteSession, UacInvite, UasInvite
 from edge.sip.request import new_tag, token_hex, warning
 from edge.sip.transaction import ServerTransaction, TransactionLayer
+from edge.sip.transport import Peer
 
 from . import indialog
 from .admission import Admission, Attempt
@@ -48,13 +49,13 @@ class CallListener(Protocol):
 
 
 class CallController:
-    """:param local: how the edge names itself on a transport (Via, Contact).
+    """:param local: how the edge names itself toward a peer (Via, Contact): by its side and transport.
     :param is_trusted: is a source one of the carriers of ``[inbound] trusted``?
     :param setup_timeout: Timer C of a call: seconds its outbound leg may ring.
     :param inbound_session: / :param outbound_session: the session classes (tests pass fakes).
     """
 
-    def __init__(self, *, tl: TransactionLayer, dialogs: Dialogs, local: Callable[[str], Local],
+    def __init__(self, *, tl: TransactionLayer, dialogs: Dialogs, local: Callable[[Peer], Local],
                  admission: Admission, routing: Routing, media: CallMedia, metrics: CallMetrics,
                  listeners: Sequence[CallListener], is_trusted: Callable[[str], bool],
                  setup_timeout: float, inbound_session: type[UasInvite] = UasInvite,
@@ -76,7 +77,9 @@ class CallController:
     # ------------------------------------------------------------------- try
 
     def on_invite(self, tx: ServerTransaction) -> None:
-        direction = Direction.INCOMING if self.is_trusted(tx.peer.host) else Direction.OUTGOING
+        # a trusted source is a carrier only where carriers are heard: not on the customer side
+        carrier = tx.peer.side != "customer" and self.is_trusted(tx.peer.host)
+        direction = Direction.INCOMING if carrier else Direction.OUTGOING
         call_id = "c" + token_hex(8)
         attempt = self.admission.check(tx, direction)
         refusal = attempt.refusal
@@ -110,7 +113,7 @@ class CallController:
         call = Call(call_id, a.direction, a.profile, caller=a.caller, callee=a.callee, funding=a.funding,
                     rate=a.rate)
         call.live = live
-        call.inbound = self.inbound_session(self.tl, self.dialogs, a.tx, self.local(a.tx.peer.proto), self, owner=call)
+        call.inbound = self.inbound_session(self.tl, self.dialogs, a.tx, self.local(a.tx.peer), self, owner=call)
         self.calls[call.id] = call
         m = self.metrics
         m.child(m.started, call.direction.value).inc()
@@ -144,8 +147,10 @@ class CallController:
             self._end(call, exc.status, exc.reason, text=exc.text)
             return
         from_uri, to_uri = self.routing.outbound_uris(call, target, req.from_.display)
-        session = self.outbound_session(self.tl, self.dialogs, self, peer=target.peer,
-                                        local=self.local(target.peer.proto), ruri=target.ruri, from_uri=from_uri,
+        # the outbound leg faces the other side: its messages leave from, and name, that side
+        peer = target.peer._replace(side=call.inbound_side.other.value)
+        session = self.outbound_session(self.tl, self.dialogs, self, peer=peer,
+                                        local=self.local(peer), ruri=target.ruri, from_uri=from_uri,
                                         to_uri=to_uri, owner=call)
         call.outbound = session
         call.attempt = target.label
@@ -309,8 +314,11 @@ class CallController:
     def bye_recovered(self, live: LiveCall) -> None:
         """BYE the legs of a call a previous run left (recovery), each from its stored record."""
         for record in live.legs:
-            proto = record.get("peer", "udp").partition(":")[0]
-            built = bye_from_record(record, self.local(proto), 'SIP;cause=500;text="Edge restarted"')
+            peer = peer_of(record.get("peer", ""))
+            if peer is None:
+                continue
+            built = bye_from_record(record, self.local(peer._replace(side=record.get("side", ""))),
+                                    'SIP;cause=500;text="Edge restarted"')
             if built is not None:
                 bye, peer = built
                 self.tl.send_request(bye, peer, on_response=lambda m: None, on_timeout=lambda: None)

@@ -7,10 +7,6 @@ listener, in the process that owns calls, looks for requests every ``poll`` seco
 read transaction, ~µs, when there are none) and ends the ones of its calls with
 ``hangup(call, EndReason.OPERATOR, reason_header=...)``: BYE to both legs with a
 ``Reason``, settled by billing as any other end.
-
-It also copies the carrier of an outgoing call into its live record when the call ends,
-before billing settles it (this listener comes first in ``node.py``'s list), so the CDR
-names it.
 """
 
 from __future__ import annotations
@@ -82,8 +78,7 @@ class OperatorActions:
         pass
 
     def call_ended(self, call: Call, status: int, reason: EndReason, media: dict[str, int]) -> None:
-        if call.live is not None and call.direction is Direction.OUTGOING and call.attempt:
-            call.live.carrier = call.attempt
+        pass
 
     def call_refused(self, call_id: str, direction: Direction, profile: Profile, caller: str, callee: str,
                      refusal: Reject) -> None:

@@ -13,7 +13,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from edge.media.relay import MediaService
-from edge.media.sdp import SdpError, parse_sdp_media, rewrite_sdp
+from edge.media.sdp import SdpError
 
 from .model import Call, EndReason, Side
 
@@ -70,11 +70,7 @@ class CallMedia:
         """The echo test number: the customer leg's audio goes back to it; the answer names that leg."""
         relay = self.open(call)
         try:
-            media = parse_sdp_media(sdp)
-            relay.set_remote("a", media.host, media.port, media.rtcp_port)
-            relay.set_echo("a")
-            leg = relay.leg_a
-            return rewrite_sdp(sdp, leg.address, leg.rtp_port, leg.rtcp_port)
+            return self.service.echo(relay, "a", sdp)
         except SdpError as exc:
             raise MediaRefused(488, EndReason.BAD_SDP, f"SDP cannot be anchored: {exc}") from None
 

@@ -27,20 +27,28 @@ FAILOVER_STATUSES = frozenset({408, 500, 502, 503, 504})
 class Routing:
     """:param bindings: the live registrations of a profile (``registrations.live``).
     :param rng: the weighted order's randomness (tests pass a seeded one).
+    :param is_up: is a carrier up (OPTIONS probing)? ``None``: every carrier is.
     """
 
     def __init__(self, carriers: Sequence[CarrierConfig], bindings: Callable[[str], list[Registration]],
-                 domain: str, rng: random.Random | None = None) -> None:
+                 domain: str, rng: random.Random | None = None,
+                 is_up: Callable[[CarrierConfig], bool] | None = None) -> None:
         self.carriers = sorted(carriers, key=lambda c: c.priority)
+        self.is_up = is_up  # carrier health (calls/carriers.py): a down carrier is skipped, not tried
         self.bindings = bindings
         self.domain = domain
         self.rng = rng or random.Random()
 
+    def replace_carriers(self, carriers: Sequence[CarrierConfig]) -> None:
+        """A reload: the next call routes over ``carriers``; calls already routed keep their targets."""
+        self.carriers = sorted(carriers, key=lambda c: c.priority)
+
     def carrier_targets(self, callee: str) -> list[Target]:
         """Carriers in the order to try them for ``callee`` (E.164 with "+")."""
         out: list[Target] = []
-        for prio in sorted({c.priority for c in self.carriers}):
-            group = [c for c in self.carriers if c.priority == prio]
+        carriers = [c for c in self.carriers if self.is_up is None or self.is_up(c)]
+        for prio in sorted({c.priority for c in carriers}):
+            group = [c for c in carriers if c.priority == prio]
             while group:
                 pick = self.rng.choices(group, weights=[max(c.weight, 0) or 1e-9 for c in group])[0]
                 group.remove(pick)

@@ -119,6 +119,13 @@ class NumberInvalid(Invalid):
     title = "Not a valid E.164 number"
 
 
+class WeakPassword(Invalid):
+    """A console password that is too short, too long or the login itself (SPEC §5.6)."""
+
+    code = "password_too_weak"
+    title = "Password not acceptable"
+
+
 class Unauthorized(DomainError):
     status = 401
     code = "unauthorized"
@@ -141,6 +148,13 @@ class RateLimited(DomainError):
     def __init__(self, message: str, *, retry_after: int = 1) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class SignInLocked(RateLimited):
+    """Too many failed console sign-ins for this login (or source): refused until the lock ends."""
+
+    code = "sign_in_locked"
+    title = "Sign-in locked after repeated failures"
 
 
 class StoreError(DomainError):

@@ -187,6 +187,13 @@ def business_account(txn: Txn, name: str) -> BusinessAccount | None:
     return txn.get("business", name.encode(), BusinessAccount)
 
 
+@reads
+def business_of_account(txn: Txn, account_id: str) -> list[BusinessAccount]:
+    """The account's business accounts in name order (a scan: there are few per node)."""
+    accounts.get(txn, account_id)
+    return [b for b in txn.values("business", BusinessAccount) if b.account_id == account_id]
+
+
 def detach_all(txn: Txn, prof: Profile) -> None:
     """Detach every number and business account of ``prof`` (the profile record is left as is)."""
     for number in prof.numbers:

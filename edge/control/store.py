@@ -96,6 +96,9 @@ DB_NAMES = (
     "outbox",          # seq u64 BE -> OutboxEvent (undelivered webhook events)
     "deliveries",      # webhook id \0 event seq u64 BE -> Delivery (the delivery log)
     "hangups",         # hang-up request id -> HangupRequest (operator actions for the call owner)
+    "console_passwords",  # account id -> AdminPassword (scrypt of the console password)
+    "console_sessions",   # SHA-256 of the session token -> ConsoleSession
+    "console_signins",    # login (or "key@<source>") -> SignInFailures (lockout)
     "meta",            # counters and index shapes (see docs/storage.md)
 )
 

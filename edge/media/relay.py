@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from edge._rtp import Relay, RelayEngine, RelayEvent
-from edge.media.sdp import parse_sdp_media, rewrite_sdp
+from edge.media.sdp import SdpError, parse_sdp_media, rewrite_sdp
 
 if TYPE_CHECKING:
     from edge._rtp import Leg
@@ -29,6 +29,9 @@ class MediaService:
     :param engine: the relay engine (started by :meth:`start` if not running)
     :param loop: the event loop; the running loop by default
     :param on_event: called as ``on_event(relay_id, tag, kind)`` for each event
+    :param advertise: per leg (``"a"``: customer side, ``"b"``: carrier side), the address
+        written into the SDP sent to that leg (1:1 NAT, ``media_advertise``); a leg missing
+        here advertises the address its ports bind to
     """
 
     def __init__(
@@ -36,8 +39,10 @@ class MediaService:
         engine: RelayEngine,
         loop: asyncio.AbstractEventLoop | None = None,
         on_event: EventCallback | None = None,
+        advertise: dict[str, str] | None = None,
     ) -> None:
         self.engine = engine
+        self.advertise = {"a": engine.address, "b": engine.address_b, **(advertise or {})}
         self._loop = loop
         self.on_event = on_event
         self._reading = False
@@ -100,6 +105,21 @@ class MediaService:
         :param sdp: the SDP body as received
         """
         media = parse_sdp_media(sdp)
-        relay.set_remote(from_leg, media.host, media.port, media.rtcp_port)
-        out = relay.leg_b if from_leg.lower() == "a" else relay.leg_a
-        return rewrite_sdp(sdp, out.address, out.rtp_port, out.rtcp_port)
+        try:
+            relay.set_remote(from_leg, media.host, media.port, media.rtcp_port)
+        except ValueError as exc:  # a host name in c=, or an IPv4 address offered on an IPv6 side
+            raise SdpError(str(exc)) from None
+        to_leg = "b" if from_leg.lower() == "a" else "a"
+        out = relay.leg_b if to_leg == "b" else relay.leg_a
+        return rewrite_sdp(sdp, self.advertise[to_leg], out.rtp_port, out.rtcp_port)
+
+    def echo(self, relay: Relay, leg: Leg, sdp: bytes) -> bytes:
+        """Echo ``leg``'s audio back to it; the SDP answer names that leg's own port."""
+        media = parse_sdp_media(sdp)
+        try:
+            relay.set_remote(leg, media.host, media.port, media.rtcp_port)
+        except ValueError as exc:
+            raise SdpError(str(exc)) from None
+        relay.set_echo(leg)
+        own = relay.leg_a if leg == "a" else relay.leg_b
+        return rewrite_sdp(sdp, self.advertise[leg], own.rtp_port, own.rtcp_port)

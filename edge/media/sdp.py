@@ -121,8 +121,9 @@ def parse_sdp_media(sdp: bytes) -> SdpMedia:
 def rewrite_sdp(sdp: bytes, address: str, rtp_port: int, rtcp_port: int | None = None) -> bytes:
     """Point the first audio stream at the edge: ``address:rtp_port`` (RTCP ``rtcp_port``).
 
-    - ``c=`` lines (session and media level) get ``IN IP4 address``; a hold
-      address ``0.0.0.0`` is kept so hold reaches the other party (RFC 3264 §8.4).
+    - ``c=`` lines (session and media level) get ``IN IP4 address`` (``IN IP6`` for an
+      IPv6 ``address``); a hold address ``0.0.0.0`` or ``::`` stays a hold address, of
+      ``address``'s family, so hold reaches the other party (RFC 3264 §8.4).
     - The first ``m=audio`` port becomes ``rtp_port`` (a port 0 stays 0: rejected).
       Other media streams are not anchored, so their port is set to 0 (disabled,
       RFC 3264 §8.2) rather than leaking the party's address.
@@ -138,6 +139,9 @@ def rewrite_sdp(sdp: bytes, address: str, rtp_port: int, rtcp_port: int | None =
     parse_sdp_media(sdp)                    # same validation as the reader: SdpError
     lines, eol = _split(sdp)
     addr = address.encode("ascii")
+    ip6 = b":" in addr
+    addrtype = b"IP6" if ip6 else b"IP4"
+    hold = b"c=IN IP6 ::" if ip6 else b"c=IN IP4 0.0.0.0"
     out: list[bytes] = []
     section = "session"                     # "session" | "audio" | "other"
     anchored = False
@@ -171,19 +175,19 @@ def rewrite_sdp(sdp: bytes, address: str, rtp_port: int, rtcp_port: int | None =
         if ln.startswith(b"o="):
             parts = ln.split(b" ")
             if len(parts) == 6:
-                parts[4] = b"IP4"
+                parts[4] = addrtype
                 parts[5] = addr
                 ln = b" ".join(parts)
             out.append(ln)
         elif ln.startswith(b"c="):
             _, host = _conn(ln)
-            out.append(ln if host == "0.0.0.0" else b"c=IN IP4 " + addr)
+            out.append(hold if host in ("0.0.0.0", "::") else b"c=IN " + addrtype + b" " + addr)
         elif ln.startswith(b"a=rtcp:"):
             _rtcp_port(ln)
             rtcp_seen = True
             if section == "audio" and rtcp_port is not None and not rtp_zero:
                 has_addr = len(ln[7:].split()) > 1
-                out.append(b"a=rtcp:%d" % rtcp_port + (b" IN IP4 " + addr if has_addr else b""))
+                out.append(b"a=rtcp:%d" % rtcp_port + (b" IN " + addrtype + b" " + addr if has_addr else b""))
             # else: dropped (no RTCP port to give, or stream not anchored)
         elif ln.startswith(_ICE_ATTRS):
             continue

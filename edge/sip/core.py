@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
 
-from edge.config import Config, parse_listen
+from edge.config import Config, resolve_sides
 from edge.control.errors import StoreError
 from edge.control.store import Store
 
@@ -21,10 +21,11 @@ from .dialog import Dialogs
 from .metrics import SipMetrics
 from .registrar import Registrar
 from .transaction import Clock, ServerTransaction, State, TransactionLayer
-from .transport import Peer, Transports
+from .transport import BOTH, Peer, Transports
 
 log = logging.getLogger("sipedge.sip")
 
+DRAIN_RETRY_AFTER = 60  # seconds a peer should leave a draining edge alone (docs/deployment.md)
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, REGISTER"
 
 
@@ -57,7 +58,7 @@ class RateLimiter:
 
 
 class SipService:
-    """Owns the SIP side of a node; ``start()`` binds the listeners of ``cfg.sip.listen``.
+    """Owns the SIP side of a node; ``start()`` binds the listeners of both sides (SPEC §2.1).
 
     In-dialog requests, ACKs, CANCELs and stray 2xx go to ``dialogs``; a new INVITE to
     the handler given to :meth:`serve_calls` (the call controller).
@@ -81,6 +82,7 @@ class SipService:
         self.transactions = TransactionLayer(self.transports, self, self.metrics, loop)
         self.dialogs = dialogs
         self.on_invite: Callable[[ServerTransaction], None] | None = None
+        self.draining = False  # SPEC §2.2: new INVITEs and OPTIONS get 503 so peers fail over
         self._flusher: asyncio.Task[None] | None = None
         self._flush_wanted = asyncio.Event()
 
@@ -88,10 +90,20 @@ class SipService:
         """New INVITEs go to ``on_invite`` from now on (without it they get 503)."""
         self.on_invite = on_invite
 
+    def reconfigure(self, cfg: Config) -> None:
+        """A reload (SPEC §2.2): trusted sources and limits change; listeners, connections,
+        transactions and dialogs stay as they are."""
+        sip = cfg.sip
+        self.trusted = [ipaddress.ip_network(n, strict=False) for n in cfg.inbound.trusted]
+        self.limiter.rate, self.limiter.burst = sip.rate_limit, sip.rate_burst
+        self.failures.threshold, self.failures.block_seconds = sip.auth_block_threshold, sip.auth_block_seconds
+        self.transports.max_tcp = sip.tcp_max_connections
+        self.registrar.min_expires, self.registrar.max_expires = sip.min_expires, sip.max_expires
+        self.registrar.default_expires = min(3600, sip.max_expires)  # as built: the Registrar default, bounded
+
     async def start(self) -> None:
-        for item in self.cfg.sip.listen:
-            proto, host, port = parse_listen(item)
-            await self.transports.listen(proto, host, port)
+        for (proto, host, port), side in listeners_by_side(self.cfg).items():
+            await self.transports.listen(proto, host, port, side)
         self._flusher = asyncio.get_running_loop().create_task(self._flush_periodically())
 
     async def stop(self) -> None:
@@ -162,9 +174,17 @@ class SipService:
                 tx.respond(481, "Call/Transaction Does Not Exist")
             return
         if method == "REGISTER":
-            self.registrar.handle(tx)
+            if tx.peer.side == "carrier":  # PBXs register on the customer side (SPEC §2.1)
+                tx.respond(403, "Registrations are taken on the customer side")
+            else:
+                self.registrar.handle(tx)
+        elif self.draining and method in ("INVITE", "OPTIONS"):
+            tx.respond(503, "Draining", headers=[("Retry-After", str(DRAIN_RETRY_AFTER))])
         elif method == "OPTIONS":
             tx.respond(200, headers=[("Allow", ALLOW), ("Accept", "application/sdp"), ("Supported", "")])
+        elif method == "INVITE" and tx.peer.side == "carrier" and not self.is_trusted(tx.peer.host):
+            # the carrier side hears carriers only: a PBX registers and calls on the customer side
+            tx.respond(403, "Not a trusted carrier source")
         elif method == "INVITE":
             if self.on_invite is None:
                 tx.respond(503, "Calls not enabled", headers=[("Retry-After", "60")])
@@ -184,3 +204,12 @@ class SipService:
 
     def on_stray_response(self, msg: SipMessage, peer: Peer) -> None:
         self.dialogs.on_stray_response(msg)
+
+
+def listeners_by_side(cfg: Config) -> dict[tuple[str, str, int], str]:
+    """Every listener to bind, with its side; one both sides list is bound once (``BOTH``)."""
+    out: dict[tuple[str, str, int], str] = {}
+    for name, side in resolve_sides(cfg).items():
+        for listener in side.listeners:
+            out[listener] = BOTH if out.get(listener, name) != name else name
+    return out

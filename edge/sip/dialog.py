@@ -145,8 +145,8 @@ class Dialog:
 
     def as_record(self) -> dict[str, str]:
         """What is needed to BYE this leg after a restart (kept with the live call in LMDB)."""
-        return {"peer": str(self.peer), "call_id": self.call_id, "local": self._from(), "remote": self._to(),
-                "target": self.remote_target, "cseq": str(self.local_cseq)}
+        return {"peer": str(self.peer), "side": self.peer.side, "call_id": self.call_id, "local": self._from(),
+                "remote": self._to(), "target": self.remote_target, "cseq": str(self.local_cseq)}
 
 
 def bye_from_record(record: dict[str, str], local: Local, reason: str) -> tuple[OutRequest, Peer] | None:
@@ -158,6 +158,7 @@ def bye_from_record(record: dict[str, str], local: Local, reason: str) -> tuple[
         peer = peer_of(record["peer"])
         if peer is None:
             return None
+        peer = peer._replace(side=record.get("side", ""))
         bye = OutRequest("BYE", record["target"], proto=peer.proto, via_host=local.via_host,
                          from_=record["local"], to=record["remote"], call_id=record["call_id"],
                          cseq=int(record.get("cseq", "1")) + 100, headers=[("Reason", reason)])

@@ -36,15 +36,25 @@ TCP_BODY_SECONDS = 10.0
 
 
 class Peer(NamedTuple):
-    """Where a message came from, or where one goes: transport, address, connection."""
+    """Where a message came from, or where one goes: transport, address, connection, side.
+
+    ``side`` is the network side (SPEC §2.1) of the listener a message arrived on, or the
+    side a message goes toward: ``"customer"``, ``"carrier"``, or ``""`` when one listener
+    serves both sides (the single-interface configuration).
+    """
 
     proto: str                               # "udp" | "tcp"
     host: str
     port: int
     conn: TcpConnection | None = None      # the TCP connection it arrived on
+    side: str = ""
 
     def __str__(self) -> str:
-        return f"{self.proto}:{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.proto}:{host}:{self.port}"
+
+
+BOTH = ""                                    # a listener of both sides
 
 
 OnMessage = Callable[[SipMessage, Peer], None]
@@ -63,9 +73,10 @@ class SipUdp:
     event, and sends go to the non-blocking socket directly (docs/sip.md has the figures).
     """
 
-    def __init__(self, layer: Transports, sock: socket.socket) -> None:
+    def __init__(self, layer: Transports, sock: socket.socket, side: str = BOTH) -> None:
         self.layer = layer
         self.sock = sock
+        self.side = side
         self.closed = False
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -74,6 +85,7 @@ class SipUdp:
     def _readable(self) -> None:
         recvfrom = self.sock.recvfrom
         received = self.layer.received
+        side = self.side
         for _ in range(UDP_BURST):
             try:
                 data, addr = recvfrom(UDP_MAX)
@@ -82,7 +94,7 @@ class SipUdp:
             except OSError:  # ICMP port unreachable from an earlier send, and friends
                 self.layer.metrics.transport_errors.labels("udp").inc()
                 continue
-            received(data, Peer("udp", addr[0], addr[1]), self)
+            received(data, Peer("udp", addr[0], addr[1], None, side), self)
 
     def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
         try:
@@ -123,8 +135,9 @@ class TcpConnection(asyncio.Protocol):
     it fires early, sleeps again until it.
     """
 
-    def __init__(self, layer: Transports, outbound_key: tuple[str, int] | None = None) -> None:
+    def __init__(self, layer: Transports, outbound_key: tuple[str, int] | None = None, side: str = BOTH) -> None:
         self.layer = layer
+        self.side = side
         self.buf = bytearray()
         self.transport: asyncio.Transport | None = None
         self.peer: Peer | None = None
@@ -138,7 +151,7 @@ class TcpConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         host, port = transport.get_extra_info("peername")[:2]
-        self.peer = Peer("tcp", host, port, self)
+        self.peer = Peer("tcp", host, port, self, self.side)
         if not self.layer.admit(self):
             self.layer.metrics.transport_errors.labels("tcp_limit").inc()
             transport.close()
@@ -265,16 +278,20 @@ class Transports:
         self.max_tcp = max_tcp_connections
         self.udp: dict[str, SipUdp] = {}                    # by local host
         self.udp_default: SipUdp | None = None
+        self.udp_toward: dict[tuple[str, int], SipUdp] = {}  # (side, family) -> the socket sending there
         self.tcp_servers: list[asyncio.AbstractServer] = []
         self.tcp_by_peer: dict[tuple[str, int], TcpConnection] = {}
         self.tcp_count = 0
         self.local: dict[str, tuple[str, int]] = {}         # proto -> advertised (host, port)
+        self.local_of: dict[tuple[str, str, int], tuple[str, int]] = {}  # (side, proto, family) -> (host, port)
         self._pending: dict[tuple[str, int], asyncio.Task[TcpConnection | None]] = {}
 
-    async def listen(self, proto: str, host: str, port: int) -> None:
+    async def listen(self, proto: str, host: str, port: int, side: str = BOTH) -> None:
+        """Bind one listener of ``side`` (``BOTH``: a listener the two sides share)."""
         loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sides = (side,) if side else ("customer", "carrier", BOTH)
         if proto == "udp":
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_DGRAM)
             sock.setblocking(False)
             for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):  # absorb bursts instead of dropping them
@@ -287,14 +304,19 @@ class Transports:
             except OSError:
                 sock.close()
                 raise
-            listener = SipUdp(self, sock)
+            listener = SipUdp(self, sock, side)
             listener.start(loop)
             self.udp[host] = listener
             self.udp_default = self.udp_default or listener
+            for s in sides:
+                self.udp_toward.setdefault((s, family), listener)
         else:
-            server = await loop.create_server(lambda: TcpConnection(self), host, port, reuse_address=True, backlog=1024)
+            server = await loop.create_server(lambda: TcpConnection(self, side=side), host, port,
+                                              reuse_address=True, backlog=1024)
             self.tcp_servers.append(server)
         self.local.setdefault(proto, (host, port))
+        for s in sides:
+            self.local_of.setdefault((s, proto, family), (host, port))
 
     # ------------------------------------------------------------ receiving
 
@@ -359,9 +381,15 @@ class Transports:
         else opens one; UDP goes from the listener."""
         self._send_raw(data, dest)
 
+    def _udp_toward(self, dest: Peer) -> SipUdp | None:
+        """The socket of ``dest``'s side and address family: a message leaves from the side
+        it goes toward (SPEC §2.1), an IPv6 peer is sent to from an IPv6 socket."""
+        family = socket.AF_INET6 if ":" in dest.host else socket.AF_INET
+        return self.udp_toward.get((dest.side, family)) or self.udp_toward.get((BOTH, family)) or self.udp_default
+
     def _send_raw(self, data: bytes, dest: Peer) -> None:
         if dest.proto == "udp":
-            udp = self.udp_default
+            udp = self._udp_toward(dest)
             if udp is None or udp.closed:
                 self.metrics.transport_errors.labels("udp_no_socket").inc()
                 return
@@ -371,30 +399,40 @@ class Transports:
                 else self.tcp_by_peer.get((dest.host, dest.port)))
         if conn is not None and conn.write(data):
             return
-        asyncio.get_running_loop().create_task(self._connect_and_send(data, dest.host, dest.port))
+        asyncio.get_running_loop().create_task(self._connect_and_send(data, dest.host, dest.port, dest.side))
 
-    async def _connect_and_send(self, data: bytes, host: str, port: int) -> None:
+    async def _connect_and_send(self, data: bytes, host: str, port: int, side: str = BOTH) -> None:
         key = (host, port)
         task = self._pending.get(key)
         if task is None:
-            task = self._pending[key] = asyncio.get_running_loop().create_task(self._connect(host, port))
+            task = self._pending[key] = asyncio.get_running_loop().create_task(self._connect(host, port, side))
         conn = await task
         self._pending.pop(key, None)
         if conn is None or not conn.write(data):
             self.metrics.transport_errors.labels("tcp_connect").inc()
 
-    async def _connect(self, host: str, port: int) -> TcpConnection | None:
+    async def _connect(self, host: str, port: int, side: str = BOTH) -> TcpConnection | None:
+        """A new connection toward ``side``, from that side's TCP listener address."""
         loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        local = self.local_of.get((side, "tcp", family))
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: TcpConnection(self, (host, port)), host, port), timeout=5.0)
+                loop.create_connection(lambda: TcpConnection(self, (host, port), side), host, port,
+                                       local_addr=(local[0], 0) if local and side else None), timeout=5.0)
         except (TimeoutError, OSError):
             return None
         return conn if not conn.closed else None
 
-    def advertised(self, proto: str) -> tuple[str, int]:
-        """The (host, port) written into our Via and Contact for ``proto``."""
-        return self.local.get(proto) or next(iter(self.local.values()))
+    def advertised(self, proto: str, side: str = BOTH, family: int = socket.AF_INET) -> tuple[str, int]:
+        """The listener (host, port) of ``side`` for ``proto`` toward a peer of ``family``:
+        what our Via and Contact name unless the side advertises another address. Only
+        ``side``'s own listeners are candidates (best: same transport, then same family),
+        so one side's address never stands in for the other's."""
+        mine = [(key, where) for key, where in self.local_of.items() if key[0] == side]
+        if not mine:
+            return self.local.get(proto) or next(iter(self.local.values()))
+        return max(mine, key=lambda item: (item[0][1] == proto, item[0][2] == family))[1]
 
     def close(self) -> None:
         for udp in self.udp.values():

@@ -357,7 +357,7 @@ class PjUA:
             raise
         self.port: int = ready["port"]
         #: ``sip:<name>@<bind>:<port>`` (with ``;transport=tcp`` on TCP): where this UA is reachable
-        self.uri: str = f"sip:{name}@{bind}:{self.port}" + (";transport=tcp" if self.transport == "tcp" else "")
+        self.uri: str = f"sip:{name}@{_host(bind)}:{self.port}" + (";transport=tcp" if self.transport == "tcp" else "")
         self.contact = self.uri
 
     # ---- plumbing -------------------------------------------------------------------
@@ -639,6 +639,11 @@ def edge_registrar(edge: Any, transport: str = "udp") -> str:
     return f"sip:127.0.0.1:{edge.sip_port}" + (";transport=tcp" if transport == "tcp" else "")
 
 
+def _host(host: str) -> str:
+    """A host as a URI names it: an IPv6 address in brackets (RFC 3261 §19.1.1)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 def _lr(uri: str) -> str:
     return uri if ";lr" in uri else uri + ";lr"
 
@@ -698,7 +703,11 @@ def _child_main(cfg: dict[str, Any]) -> int:  # one closure keeps the child self
     tcfg.port = int(cfg["port"])
     tcfg.boundAddress = cfg["bind"]
     tcfg.publicAddress = cfg["bind"]
-    ttype = pj.PJSIP_TRANSPORT_TCP if cfg["transport"] == "tcp" else pj.PJSIP_TRANSPORT_UDP
+    ipv6 = ":" in cfg["bind"]
+    if ipv6:
+        ttype = pj.PJSIP_TRANSPORT_TCP6 if cfg["transport"] == "tcp" else pj.PJSIP_TRANSPORT_UDP6
+    else:
+        ttype = pj.PJSIP_TRANSPORT_TCP if cfg["transport"] == "tcp" else pj.PJSIP_TRANSPORT_UDP
     tid = ep.transportCreate(ttype, tcfg)
     ep.libStart()
     if cfg["null_audio"]:
@@ -745,7 +754,7 @@ def _child_main(cfg: dict[str, Any]) -> int:  # one closure keeps the child self
             # pjsua would advertise the ephemeral port of its outgoing connection; a PBX
             # advertises its listener, which the edge can connect back to
             user = id_uri.split(":", 1)[1].split("@", 1)[0]
-            acfg.sipConfig.contactForced = f"<sip:{user}@{cfg['bind']}:{port};transport=tcp>"
+            acfg.sipConfig.contactForced = f"<sip:{user}@{_host(cfg['bind'])}:{port};transport=tcp>"
         return acfg
 
     def add_creds(acfg: Any, user: str, password: str) -> None:
@@ -880,7 +889,7 @@ def _child_main(cfg: dict[str, Any]) -> int:  # one closure keeps the child self
 
     # local account: peer-to-peer calls and the default for incoming INVITEs
     local = UaAccount("local")
-    local.create(base_acfg(f"sip:{cfg['name']}@{cfg['bind']}:{port}{tsuffix}"), True)
+    local.create(base_acfg(f"sip:{cfg['name']}@{_host(cfg['bind'])}:{port}{tsuffix}"), True)
     accounts: dict[Any, Any] = {}
     reg: dict[str, Any] = {}
 

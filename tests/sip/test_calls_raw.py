@@ -235,6 +235,7 @@ def test_outgoing_call_end_to_end(edge, pbx: Pbx, carriers) -> None:
     assert cdr["status"] == 200 and cdr["end_reason"] == "caller_bye" and cdr["callee"] == "+442071234567"
     assert Decimal(cdr["cost"]) == Decimal("0.02") and cdr["duration"] == 60
     assert cdr["media"]["a_packets"] == 20 and cdr["media"]["b_packets"] == 20
+    assert cdr["carrier"] == f"sip:{carrier.host}:{carrier.port}" and cdr["account_id"] == prof["account_id"]
     kinds = [e["kind"] for e in api_get(edge, f"/v1/profiles/{prof['id']}/ledger")["items"]]
     assert kinds[0] == "allocate_in" and "reserve" in kinds and kinds[-2:] == ["release", "call"]
     assert Decimal(api_get(edge, f"/v1/profiles/{prof['id']}")["balance"]) == Decimal("4.98")
@@ -268,7 +269,8 @@ def test_no_credit_is_402_and_frees_the_channel(edge, pbx: Pbx) -> None:
     answer = pbx.recv_final()
     assert answer.status == 402 and "credit" in answer.header("Warning")
     assert api_get(edge, f"/v1/profiles/{prof['id']}")["channels_in_use"] == 0
-    assert api_get(edge, f"/v1/profiles/{prof['id']}/cdrs")["items"][0]["status"] == 402
+    refused = api_get(edge, f"/v1/profiles/{prof['id']}/cdrs")["items"][0]
+    assert (refused["status"], refused["account_id"], refused["carrier"]) == (402, prof["account_id"], "")
 
 
 def test_channel_limit(edge, pbx: Pbx, carriers) -> None:
@@ -366,6 +368,9 @@ def test_carrier_failover_on_503(edge, pbx: Pbx, carriers) -> None:
     assert inv2.uri.user == "+442071234567"
     backup.answer(inv2, 404)  # a 4xx about the callee: no further failover, relayed to the PBX
     assert pbx.recv_final().status == 404
+    # the CDR names the last carrier tried
+    cdr = wait_for(lambda: api_get(edge, f"/v1/profiles/{prof['id']}/cdrs")["items"])[0]
+    assert (cdr["status"], cdr["carrier"]) == (404, f"sip:127.0.0.3:{backup.port}")
 
 
 def test_credit_runs_out_mid_call(edge, pbx: Pbx, carriers) -> None:

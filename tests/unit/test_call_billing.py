@@ -216,3 +216,49 @@ def test_a_refused_attempt_is_recorded(rig: Rig) -> None:
                              Reject("credit", 402, "insufficient credit", record=True))
     (cdr,) = cdrs.page(rig.store, pid)
     assert (cdr.call_id, cdr.status, cdr.end_reason, cdr.duration, cdr.cost) == ("c-r", 402, "credit", 0, 0)
+    assert (cdr.account_id, cdr.carrier) == (rig.account.id, "")       # refused before any carrier was tried
+
+
+GW_A, GW_B = "sip:gw-a.carrier.example", "sip:gw-b.carrier.example"
+
+
+def seized(rig: Rig, pid: str, call_id: str, carrier: str) -> Call:
+    """An outgoing call holding a channel whose current outbound attempt is ``carrier``."""
+    prof = profiles.get(rig.store, pid)
+    call = Call(call_id, Direction.OUTGOING, prof, caller=prof.sip_username, callee="+442071234567",
+                funding=Funding.CREDIT, rate=UK)
+    call.live = LiveCall(call_id=call.id, profile_id=pid, direction="outgoing", started_at=rig.loop.time(),
+                         caller=prof.sip_username, callee="+442071234567", funding="credit", rate=UK)
+    assert channels.take(rig.store, pid, call.live)
+    call.attempt = carrier
+    return call
+
+
+def test_the_cdr_names_the_carrier_that_answered(rig: Rig) -> None:
+    pid = rig.profile(1_000_000)
+    call = seized(rig, pid, "c-gw", GW_B)        # GW_A failed over to GW_B, which answered
+    rig.billing.call_answered(call)
+    assert channels.find_call(rig.store, call.id).carrier == GW_B   # stored with the answer (recovery)
+    rig.loop.advance(10)
+    rig.end(call)
+    (cdr,) = cdrs.page(rig.store, pid)
+    assert (cdr.carrier, cdr.account_id) == (GW_B, rig.account.id)
+
+
+def test_an_unanswered_call_names_the_last_carrier_tried(rig: Rig) -> None:
+    pid = rig.profile(1_000_000)
+    call = seized(rig, pid, "c-busy", GW_A)
+    rig.billing.call_ended(call, 486, EndReason.CARRIER_FAILURE, {})
+    (cdr,) = cdrs.page(rig.store, pid)
+    assert (cdr.carrier, cdr.status, cdr.answered_at, cdr.cost) == (GW_A, 486, None, 0)
+
+
+def test_a_recovered_call_names_its_carrier(rig: Rig) -> None:
+    pid = rig.profile(1_000_000)
+    call = seized(rig, pid, "c-crash", GW_A)
+    rig.billing.call_answered(call)
+    # the process dies here: the next start settles the call from its stored record
+    (recovered,) = rig.billing.recover()
+    (cdr,) = cdrs.page(rig.store, pid)
+    assert recovered.call_id == call.id and (cdr.end_reason, cdr.carrier) == ("recovery", GW_A)
+    assert rig.balanced()

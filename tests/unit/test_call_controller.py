@@ -158,7 +158,7 @@ class Rig:
         self.admission, self.media, self.listener = FakeAdmission(), FakeMedia(), Listener()
         self.loop = FakeLoop()
         self.ctl = CallController(
-            tl=None, dialogs=None, local=lambda proto: Local("198.51.100.1:5060", "<sip:198.51.100.1:5060>"),  # type: ignore[arg-type]
+            tl=None, dialogs=None, local=lambda peer: Local("198.51.100.1:5060", "<sip:198.51.100.1:5060>"),  # type: ignore[arg-type]
             admission=self.admission, routing=Routing(list(carriers), lambda pid: [], "sip.edge.test"),  # type: ignore[arg-type]
             media=self.media, metrics=CallMetrics(None), listeners=[self.listener],  # type: ignore[arg-type]
             is_trusted=lambda host: trusted, setup_timeout=180.0,
@@ -185,7 +185,8 @@ def test_an_admitted_call_places_the_outbound_leg_with_anchored_sdp_and_one_hop_
     rig = Rig()
     call, inbound = rig.invite(max_forwards=20)
     (leg,) = FakeUac.placed
-    assert leg.peer == Peer("udp", "203.0.113.5", 5060) and leg.ruri == "sip:+442071234567@203.0.113.5:5060"
+    assert leg.peer == Peer("udp", "203.0.113.5", 5060, side="carrier")  # the outbound leg faces the carrier side
+    assert leg.ruri == "sip:+442071234567@203.0.113.5:5060"
     assert leg.from_uri == '"HQ" <sip:990500000001@sip.edge.test>'  # the edge speaks for the profile
     kind, body, ringing, hops = leg.did[0]
     assert (kind, body, hops) == ("invite", b"anchored-from-customer", 19) and ringing == pytest.approx(180, abs=1)

@@ -95,3 +95,16 @@ def test_outbound_from_and_to() -> None:
     inc = Call("c2", Direction.INCOMING, PROFILE, caller="+33123456789", callee="+14155550100")
     assert r.outbound_uris(inc, target, None) == (
         "<sip:+33123456789@sip.edge.test>", "<sip:990500000001@sip.edge.test>")
+
+
+def test_a_carrier_that_is_down_is_left_out_of_the_targets() -> None:
+    from edge.config import CarrierConfig
+
+    carriers = [CarrierConfig(uri="sip:10.0.0.1:5060", priority=1), CarrierConfig(uri="sip:10.0.0.2:5060", priority=2)]
+    down = {"sip:10.0.0.1:5060"}
+    routing = Routing(carriers, lambda _: [], "sip.edge.test", is_up=lambda c: c.uri not in down)
+    assert [t.peer.host for t in routing.carrier_targets("+442071234567")] == ["10.0.0.2"]
+    down.clear()
+    assert [t.peer.host for t in routing.carrier_targets("+442071234567")] == ["10.0.0.1", "10.0.0.2"]
+    down.update(c.uri for c in carriers)
+    assert routing.carrier_targets("+442071234567") == []  # nothing to try: 503 no_carrier at once

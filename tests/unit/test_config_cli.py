@@ -98,3 +98,36 @@ def test_purge_cdrs_command(tmp_path: Path) -> None:
     assert [c.call_id for c in cdrs.page(store, "prf_1")] == ["c2"]
     store.close()
     assert sipedge("purge-cdrs", "--data", str(tmp_path / "none"), "--older-than-days", "1").returncode == 2
+
+
+def test_node_section_and_what_a_reload_applies(tmp_path: Path) -> None:
+    from edge.config import restart_only_changes
+
+    old = load(write(tmp_path, "[sip]\nrate_limit = 10\n"))
+    assert old.node.drain_timeout == 600 and old.node.log_level is None
+    new = load(write(tmp_path, "[node]\ndrain_timeout = 5\nlog_level = 'debug'\n[sip]\nrate_limit = 20\n"
+                               "domain = 'other.test'\n[media]\nports = [30000, 30099]\n"
+                               "[[carriers]]\nuri = 'sip:192.0.2.1'\n[inbound]\ntrusted = ['192.0.2.1/32']\n"))
+    assert restart_only_changes(old, new) == ["media.ports", "sip.domain"]
+    with pytest.raises(ConfigError, match="node.drain_timeout"):
+        load(write(tmp_path, "[node]\ndrain_timeout = -1\n"))
+
+
+def test_backup_command(tmp_path: Path) -> None:
+    """`sipedge backup DIR`: a compacted copy that opens as a store with the same records."""
+    from edge.control import cdrs
+    from edge.control.models import Cdr
+    from edge.control.store import Store
+
+    store = Store(tmp_path / "d", map_size=16 << 20, durable=False)
+    cdr = Cdr(seq=0, call_id="c1", profile_id="prf_1", direction="outgoing", caller="a", callee="b",
+              started_at=1.0, answered_at=None, ended_at=2.0, duration=0, status=486, end_reason="rejected")
+    store.write(lambda txn: cdrs.add(txn, cdr))
+    store.close()
+    r = sipedge("backup", str(tmp_path / "bk"), "--data", str(tmp_path / "d"))
+    assert r.returncode == 0 and "backed up" in r.stdout, r.stderr
+    copy = Store(tmp_path / "bk", map_size=16 << 20)
+    assert [c.call_id for c in cdrs.page(copy, "prf_1")] == ["c1"]
+    copy.close()
+    again = sipedge("backup", str(tmp_path / "bk"), "--data", str(tmp_path / "d"))
+    assert again.returncode == 1 and "not empty" in again.stderr

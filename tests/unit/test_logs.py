@@ -63,3 +63,29 @@ def test_throttled_log_memory_is_bounded() -> None:
     for i in range(50):
         log.exception(_raise(type(f"E{i}", (Exception,), {})()), "x")
     assert len(log._state) <= 4
+
+
+def test_journald_gets_priorities_and_no_time(tmp_path, monkeypatch) -> None:
+    """Under systemd ($JOURNAL_STREAM names stderr) lines carry <priority> and leave the time to journald."""
+    import io
+    import logging
+    import os
+    import sys
+
+    from edge import logs
+
+    with open(tmp_path / "journal", "w+") as stream:
+        st = os.fstat(stream.fileno())
+        monkeypatch.setattr(sys, "stderr", stream)
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+        try:
+            logs.setup("text", "info")
+            logging.getLogger("sipedge.x").warning("port busy", extra={"port": 5060})
+            logging.getLogger("sipedge.x").info("serving")
+        finally:
+            logging.getLogger().handlers[:] = [logging.StreamHandler(io.StringIO())]
+        stream.seek(0)
+        lines = stream.read().splitlines()
+    assert lines == ["<4>WARNING sipedge.x: port busy port=5060", "<6>INFO    sipedge.x: serving"]
+    monkeypatch.setenv("JOURNAL_STREAM", "1:2")
+    assert not logs.stderr_is_journal()

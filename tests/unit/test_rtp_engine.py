@@ -425,7 +425,9 @@ def test_bad_arguments(engine):
     with pytest.raises(ValueError):
         RelayEngine(HOST, 5000, 4000)
     with pytest.raises(ValueError):
-        RelayEngine("::1", 5000, 6000)
+        RelayEngine("not-an-ip", 5000, 6000)
+    with pytest.raises(ValueError):
+        engine.create("v4").set_remote("a", "::1", 4000)  # an IPv4 leg cannot send to IPv6
 
 
 def test_control_ops_race_with_traffic(port_range):
