@@ -48,14 +48,6 @@ class SipConfig(Section):
     auth_block_seconds: Annotated[float, msgspec.Meta(ge=0)] = 120.0
 
 
-class NodeConfig(Section):
-    # SIP worker processes (SPEC §2.2); 0: one per core. Each takes an equal slice of media.ports.
-    workers: Annotated[int, msgspec.Meta(ge=0, le=32)] = 0
-
-    def worker_count(self) -> int:
-        return self.workers or max(1, len(os.sched_getaffinity(0)))
-
-
 class MediaConfig(Section):
     address: str = "127.0.0.1"
     ports: tuple[Port, Port] = (20000, 29999)
@@ -132,13 +124,18 @@ class NodeConfig(Section):
     drain_timeout: Annotated[float, msgspec.Meta(ge=0)] = 600.0  # seconds live calls may run on after SIGTERM
     # None: the --log-level of `sipedge serve` (info); a value here is applied again by every reload
     log_level: Literal["debug", "info", "warning", "error"] | None = None
+    # SIP worker processes (docs/architecture.md "Processes"); 0: one per core. Each takes an equal
+    # slice of media.ports. 1: the single process of earlier builds (SIP, calls and the API on one loop).
+    workers: Annotated[int, msgspec.Meta(ge=0, le=32)] = 0
+
+    def worker_count(self) -> int:
+        return self.workers or max(1, len(os.sched_getaffinity(0)))
 
 
 class Config(Section):
     node: NodeConfig = msgspec.field(default_factory=NodeConfig)
     sip: SipConfig = msgspec.field(default_factory=SipConfig)
     media: MediaConfig = msgspec.field(default_factory=MediaConfig)
-    node: NodeConfig = msgspec.field(default_factory=NodeConfig)
     api: ApiConfig = msgspec.field(default_factory=ApiConfig)
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     carriers: list[CarrierConfig] = []

@@ -123,6 +123,7 @@ class LiveCall(Record):
     rate: Rate | None = None        # the rate the call is billed at, fixed when funded (recovery bills at it)
     legs: list[dict[str, str]] = [] # how to reach each leg with a BYE after a restart
     carrier: str = ""               # outgoing: the carrier that carried (or last tried) the call
+    worker: int = 0                 # the SIP worker that carries it (its recovery settles it after a crash)
     # Records of older builds may also carry rate_prefix and owner_pid: ignored when decoded.
 
 
