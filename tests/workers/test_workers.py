@@ -337,6 +337,34 @@ def _final_answering(pbx: Pbx, carrier: Carrier):
     raise AssertionError("no final answer")
 
 
+def test_a_cancel_from_a_socket_of_the_other_worker_is_offered_to_the_owner(edge: EdgeProcess,
+                                                                          carrier: Carrier) -> None:
+    """A CANCEL has no To tag: the worker it lands on asks the other, which has the INVITE."""
+    pbx = pbx_on(edge, 0)
+    elsewhere = pbx_on(edge, 1)
+    prof = new_profile(edge)
+    try:
+        carrier.drain()
+        d = pbx.invite(prof, "+442071234567")
+        inv = carrier.recv_request("INVITE")
+        carrier.answer(inv, 180)
+        assert pbx.recv().status in (100, 180)
+        elsewhere.send(elsewhere.request("CANCEL", d["ruri"], from_user=d["user"], to_user="x",
+                                         call_id=d["call_id"], cseq=2, from_tag=d["from_tag"], branch=d["branch"]))
+        assert elsewhere.recv_final().status == 200
+        carrier.answer(carrier.recv_request("CANCEL"), 200)
+        carrier.answer(inv, 487)
+        assert pbx.recv_final().status == 487
+        # nobody's CANCEL: each worker says so, and the one it reached answers 481
+        elsewhere.send(elsewhere.request("CANCEL", d["ruri"], from_user=d["user"], to_user="x",
+                                         call_id="nobody", cseq=1, from_tag="x"))
+        assert elsewhere.recv_final().status == 481
+    finally:
+        pbx.close()
+        elsewhere.close()
+    assert wait_for(lambda: api_get(edge, f"/v1/profiles/{prof['id']}")["channels_in_use"] == 0)
+
+
 def test_the_echo_service_works_on_every_worker(edge: EdgeProcess) -> None:
     for k in range(WORKERS):
         pbx = pbx_on(edge, k)
