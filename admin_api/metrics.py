@@ -132,6 +132,26 @@ class ApiMetrics:
         )
 
 
+class StoreLockCollector(Collector):
+    """How long this process's write transactions waited for LMDB's writer lock (all processes
+    of a node write the one store: the API's long writes would show here as the workers' waits)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        waits = self.store.lock_waits
+        writes = CounterMetricFamily("edge_store_writes", "LMDB write transactions begun.")
+        writes.add_metric([], waits.writes)
+        waited = CounterMetricFamily("edge_store_write_lock_wait_seconds",
+                                     "Time write transactions waited for the LMDB writer lock.")
+        waited.add_metric([], waits.seconds)
+        longest = GaugeMetricFamily("edge_store_write_lock_wait_seconds_max",
+                                    "The longest wait for the LMDB writer lock since the process started.")
+        longest.add_metric([], waits.max)
+        yield from (writes, waited, longest)
+
+
 def build_registry(store: Store, *, per_profile: bool = True) -> CollectorRegistry:
     """A registry with the process collectors and the store's gauges; edge components add theirs.
 
@@ -143,6 +163,7 @@ def build_registry(store: Store, *, per_profile: bool = True) -> CollectorRegist
     for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
         registry.register(collector)
     registry.register(StoreCollector(store, per_profile=per_profile))
+    registry.register(StoreLockCollector(store))
     Info("edge_build", "Version of this sipedge node.", registry=registry).info({"version": __version__})
     return registry
 

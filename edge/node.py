@@ -184,7 +184,10 @@ class Node:
                 self.app, log_level="warning", access_log=False, lifespan="on", loop="asyncio",
             ))
         else:
+            from admin_api.metrics import StoreLockCollector
+
             self.registry = worker_registry()
+            self.registry.register(StoreLockCollector(store))
         set_worker(role.index if role is not None else None)
         self.draining = False
         self._end_now = False                       # a second SIGTERM: end the calls now
