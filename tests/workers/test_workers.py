@@ -278,6 +278,10 @@ def test_two_workers_seizing_the_last_channel_at_once(edge: EdgeProcess, carrier
                 finals.append(_final_answering(pbx, carrier))
             assert sorted(f.status for f in finals) == [200, 486], [f.status for f in finals]
             winner = next(i for i, f in enumerate(finals) if f.status == 200)
+            loser, busy = pbxs[1 - winner], dialogs[1 - winner][0]
+            loser.send(loser.request("ACK", busy["ruri"], from_user=busy["user"], to_user="+442071234567",
+                                     call_id=busy["call_id"], cseq=2, from_tag=busy["from_tag"],
+                                     to_tag=finals[1 - winner].to_tag, branch=busy["branch"]))
             d = dialogs[winner][0]
             pbx = pbxs[winner]
             pbx.ack(d, finals[winner].to_tag)
@@ -349,8 +353,9 @@ def test_a_cancel_from_a_socket_of_the_other_worker_is_offered_to_the_owner(edge
         inv = carrier.recv_request("INVITE")
         carrier.answer(inv, 180)
         assert pbx.recv().status in (100, 180)
-        elsewhere.send(elsewhere.request("CANCEL", d["ruri"], from_user=d["user"], to_user="x",
-                                         call_id=d["call_id"], cseq=2, from_tag=d["from_tag"], branch=d["branch"]))
+        # the INVITE's Via (§9.1), from another source port (a NAT rebinding): answered there (rport)
+        elsewhere.send(pbx.request("CANCEL", d["ruri"], from_user=d["user"], to_user="x",
+                                   call_id=d["call_id"], cseq=2, from_tag=d["from_tag"], branch=d["branch"]))
         assert elsewhere.recv_final().status == 200
         carrier.answer(carrier.recv_request("CANCEL"), 200)
         carrier.answer(inv, 487)
