@@ -209,12 +209,20 @@ def credit_account(account_id: str, data: CreditRequest, request: Request[Any, A
     return _money_move(request, state, data, op, lambda out: (200, _json.encode(out)))  # type: ignore[return-value]
 
 
+LedgerFrom = QueryParameter(name="from", description="RFC 3339: entries written at or after this time")
+LedgerTo = QueryParameter(name="to", description="RFC 3339: entries written before this time")
+
+
 @get("/v1/accounts/{account_id:str}/ledger", operation_id="listAccountLedger", tags=["credit"],
      summary="The account's ledger", description="Every movement of the master balance, oldest first.", **READ)
-def account_ledger(account_id: str, state: State, after: int = After, limit: int = Limit) -> LedgerPage:
+def account_ledger(account_id: str, state: State, after: int = After, limit: int = Limit,
+                   start: Annotated[str | None, LedgerFrom] = None,
+                   end: Annotated[str | None, LedgerTo] = None) -> LedgerPage:
+    lo, hi = time_range(start, end)
+
     def op(txn: Txn) -> LedgerPage:
         accounts.get(txn, account_id)
-        entries = ledger.entries(txn, f"account:{account_id}", after=after, limit=limit)
+        entries = ledger.entries(txn, f"account:{account_id}", after=after, limit=limit, start=lo, end=hi)
         items = [LedgerEntryOut.of(e) for e in entries]
         return LedgerPage(items=items, next_after=items[-1].seq if len(items) == limit else None)
 
@@ -408,10 +416,14 @@ def hangup_call(call_id: str, request: Request[Any, Any, Any], state: State,
 
 @get("/v1/profiles/{profile_id:str}/ledger", operation_id="listProfileLedger", tags=["credit"],
      summary="The profile's ledger", description="Every movement of the profile's credit, oldest first.", **READ)
-def profile_ledger(profile_id: str, state: State, after: int = After, limit: int = Limit) -> LedgerPage:
+def profile_ledger(profile_id: str, state: State, after: int = After, limit: int = Limit,
+                   start: Annotated[str | None, LedgerFrom] = None,
+                   end: Annotated[str | None, LedgerTo] = None) -> LedgerPage:
+    lo, hi = time_range(start, end)
+
     def op(txn: Txn) -> LedgerPage:
         profiles.get(txn, profile_id)
-        entries = ledger.entries(txn, f"profile:{profile_id}", after=after, limit=limit)
+        entries = ledger.entries(txn, f"profile:{profile_id}", after=after, limit=limit, start=lo, end=hi)
         items = [LedgerEntryOut.of(e) for e in entries]
         return LedgerPage(items=items, next_after=items[-1].seq if len(items) == limit else None)
 

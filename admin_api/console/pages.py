@@ -14,6 +14,7 @@ import csv
 import io
 import re
 import time
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -28,7 +29,7 @@ from litestar.response import Redirect, Stream
 
 from edge import __version__
 from edge.control import console_auth
-from edge.control.errors import DomainError, SignInLocked, Unauthorized
+from edge.control.errors import SignInLocked, Unauthorized
 
 from ..auth import BOOTSTRAP, Principal
 from . import session as sess
@@ -37,7 +38,6 @@ from .apicall import Answer, call, stream
 HERE = Path(__file__).parent
 ECHO_NUMBER = "+17606604690"
 MAX_FORM = 64 << 10
-LEDGER_PAGES = 20           # at most 20 000 ledger entries are read for one page or CSV
 STATIC = {"console.css": "text/css; charset=utf-8", "console.js": "text/javascript; charset=utf-8"}
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -53,7 +53,7 @@ DONE = {  # ?done=... after a successful POST (fixed texts: nothing from the URL
     "number": "Number attached.", "detached": "Detached.", "business": "Business account attached.",
     "bought": "Number bought.", "released": "Number released.", "biz_created": "Business account created.",
     "password": "Admin password set. Other console sessions of this account were signed out.",
-    "channels": "Channels saved.",
+    "channels": "Channels saved.", "hangup": "Hang-up sent: the call ends within a second or so.",
 }
 
 templates = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
@@ -404,7 +404,7 @@ async def _profile_action(request: Request[Any, Any, Any], profile_id: str, what
     answer = await ctx.api(method, path, body(ctx.form) if callable(body) else body)
     if answer.ok:
         return _see(f"/console/profiles/{profile_id}", done)
-    if answer.status == 404 and what not in ("number", "business"):
+    if answer.status == 404 and what not in ("number", "business", "hangup"):
         return _not_found(ctx, answer)
     return await _profile(ctx, profile_id, answer.status, {what: answer}, ctx.form)
 
@@ -413,6 +413,13 @@ async def _profile_action(request: Request[Any, Any, Any], profile_id: str, what
 async def profile_credit(request: Request[Any, Any, Any], profile_id: str) -> Response[Any]:
     return await _profile_action(request, profile_id, "credit", "POST", f"/v1/profiles/{quote(profile_id)}/credit",
                                  lambda f: {"amount": f.get("amount", "").strip()}, "credit")
+
+
+@post("/profiles/{profile_id:str}/calls/{call_id:str}/hangup", status_code=200)
+async def profile_hangup(request: Request[Any, Any, Any], profile_id: str, call_id: str) -> Response[Any]:
+    """End a live call from the page (the API's operator action: BYE to both legs, settled as usual)."""
+    return await _profile_action(request, profile_id, "hangup", "POST", f"/v1/calls/{quote(call_id)}/hangup",
+                                 {"cause": 487}, "hangup")
 
 
 @post("/profiles/{profile_id:str}/auto-recharge", status_code=200)
@@ -482,57 +489,52 @@ def _range(request: Request[Any, Any, Any]) -> dict[str, str]:
     return {"from": _rfc3339(request.query_params.get("from", "")), "to": _rfc3339(request.query_params.get("to", ""))}
 
 
-async def _ledger(ctx: Ctx, profile_id: str) -> tuple[Answer | None, list[dict[str, Any]], bool]:
-    """The profile's ledger entries in the range (the API pages by seq; the range is applied here
-    to ``ts``, with the API's own parser of ``from``/``to``). :returns: (refusal, entries, truncated)."""
-    from ..export import time_range
-
-    span = _range(ctx.request)
-    try:
-        lo, hi = time_range(span["from"] or None, span["to"] or None)
-    except DomainError as exc:
-        return Answer(exc.status, {"code": exc.code, "detail": exc.message}, {}), [], False
-    items: list[dict[str, Any]] = []
-    after = "0"
-    for _ in range(LEDGER_PAGES):
-        page = await ctx.api("GET", f"/v1/profiles/{quote(profile_id)}/ledger", query={"after": after,
-                                                                                        "limit": "1000"})
-        if not page.ok:
-            return page, [], False
-        for entry in page.data["items"]:
-            ts = datetime.fromisoformat(entry["ts"].replace("Z", "+00:00")).timestamp()
-            if (lo is None or ts >= lo) and (hi is None or ts < hi):
-                items.append(entry)
-        if page.data["next_after"] is None:
-            return None, items, False
-        after = str(page.data["next_after"])
-    return None, items, True
+def _ledger_page(ctx: Ctx, profile_id: str, span: dict[str, str], after: str, limit: int) -> Awaitable[Answer]:
+    """One page of the profile's ledger in the range, filtered by the API itself."""
+    return ctx.api("GET", f"/v1/profiles/{quote(profile_id)}/ledger",
+                   query={**span, "after": after, "limit": str(limit)})
 
 
 @get("/profiles/{profile_id:str}/ledger")
-async def ledger_page(request: Request[Any, Any, Any], profile_id: str) -> Response[Any]:
+async def ledger_page(request: Request[Any, Any, Any], profile_id: str, after: int = 0) -> Response[Any]:
     ctx = await _ctx(request)
     prof = await ctx.api("GET", f"/v1/profiles/{quote(profile_id)}")
     if not prof.ok:
         return _not_found(ctx, prof)
-    refusal, items, truncated = await _ledger(ctx, profile_id)
-    return ctx.page("ledger.html", refusal.status if refusal else 200, profile=prof.data, items=items,
-                    truncated=truncated, error=refusal, span=dict(request.query_params))
+    page = await _ledger_page(ctx, profile_id, _range(request), str(after), 100)
+    return ctx.page("ledger.html", page.status, profile=prof.data, items=page.data.get("items", []) if page.ok else [],
+                    next_after=page.data.get("next_after") if page.ok else None, error=None if page.ok else page,
+                    span=dict(request.query_params))
+
+
+LEDGER_CSV_FIELDS = ("seq", "ts", "kind", "amount", "balance_after", "ref")
 
 
 @get("/profiles/{profile_id:str}/ledger.csv")
 async def ledger_csv(request: Request[Any, Any, Any], profile_id: str) -> Response[Any]:
+    """Every entry of the range as CSV, streamed page by page (the API has no ledger CSV of its own)."""
     ctx = await _ctx(request)
-    refusal, items, _ = await _ledger(ctx, profile_id)
-    if refusal is not None:
-        return ctx.page("error.html", refusal.status, title="Refused", answer=refusal)
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    fields = ["seq", "ts", "kind", "amount", "balance_after", "ref"]
-    writer.writerow(fields)
-    for entry in items:
-        writer.writerow([entry[f] for f in fields])
-    return Response(out.getvalue(), media_type="text/csv; charset=utf-8", headers={
+    span = _range(request)
+    first = await _ledger_page(ctx, profile_id, span, "0", 1000)
+    if not first.ok:
+        return ctx.page("error.html", first.status, title="Refused", answer=first)
+
+    def rows(items: list[dict[str, Any]]) -> bytes:
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows([e[f] for f in LEDGER_CSV_FIELDS] for e in items)
+        return out.getvalue().encode()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield (",".join(LEDGER_CSV_FIELDS) + "\n").encode() + rows(first.data["items"])
+        after = first.data["next_after"]
+        while after is not None:
+            page = await _ledger_page(ctx, profile_id, span, str(after), 1000)
+            if not page.ok:     # the profile went away mid-export: the file ends here
+                return
+            yield rows(page.data["items"])
+            after = page.data["next_after"]
+
+    return Stream(chunks(), media_type="text/csv; charset=utf-8", headers={
         **SECURITY_HEADERS, "Content-Disposition": f'attachment; filename="ledger-{profile_id}.csv"'})
 
 
@@ -575,6 +577,13 @@ def static(name: str) -> Response[bytes]:
                     headers={"Cache-Control": "max-age=300", "X-Content-Type-Options": "nosniff"})
 
 
+@get("/{rest:path}", sync_to_thread=False)
+def unknown_page(rest: str) -> Response[str]:
+    """Any other /console path: a page that says so (not the API's JSON problem)."""
+    return render("error.html", 404, title="Not found", answer=Answer(404, {
+        "code": "not_found", "detail": "There is no such console page."}, {}))
+
+
 # ---------------------------------------------------------------- errors
 
 def _on_sign_in_first(request: Request[Any, Any, Any], exc: SignInFirst) -> Response[Any]:
@@ -600,10 +609,11 @@ def router() -> Router:
         path="/console", include_in_schema=False, opt={"access": "public"},
         route_handlers=[index, sign_in_form, sign_in, sign_out, accounts_page, account_page, account_credit,
                         account_buy_number, account_release_number, account_create_business, account_password,
-                        new_profile_form, new_profile, profile_page, profile_live, reveal_credentials,
+                        new_profile_form, new_profile, profile_page, profile_live, reveal_credentials, profile_hangup,
                         profile_credit, profile_auto_recharge, profile_bundles, profile_channels,
                         profile_attach_number, profile_detach_number, profile_attach_business,
-                        profile_detach_business, ledger_page, ledger_csv, cdrs_page, cdrs_csv, static],
+                        profile_detach_business, ledger_page, ledger_csv, cdrs_page, cdrs_csv, static,
+                        unknown_page],
         exception_handlers={SignInFirst: _on_sign_in_first, CsrfRefused: _on_csrf,
                             HTTPException: _on_http},
     )

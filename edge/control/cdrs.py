@@ -8,7 +8,7 @@ from typing import Any
 from .models import Cdr
 from .money import format_money
 from .store import SEP, Txn, reads, u64, writes
-from .times import rfc3339
+from .times import rfc3339, window
 
 MEDIA_FIELDS = ("a_packets", "a_bytes", "a_lost", "a_dropped", "a_jitter_us",
                 "b_packets", "b_bytes", "b_lost", "b_dropped", "b_jitter_us")
@@ -58,16 +58,9 @@ def page(txn: Txn, profile_id: str, *, after: int = 0, limit: int = 100) -> list
 def scan(txn: Txn, profile_id: str, *, after: int = 0, start: float | None = None,
          end: float | None = None) -> Iterator[Cdr]:
     """CDRs of a profile with seq > ``after`` whose call started in [``start``, ``end``), oldest first."""
-    prefix = profile_id.encode() + SEP
-    cur = txn._cursor("cdrs", prefix + u64(after + 1))
-    if cur is None:
-        return
-    decode = txn.store.decoder(Cdr).decode
-    for k, raw in cur:
-        if not k.startswith(prefix):
-            return
-        cdr = decode(raw)
-        if (start is None or cdr.started_at >= start) and (end is None or cdr.started_at < end):
+    inside = window(start, end)
+    for cdr in txn.scan_after_seq("cdrs", profile_id.encode() + SEP, Cdr, after):
+        if inside(cdr.started_at):
             yield cdr
 
 

@@ -13,6 +13,7 @@ profile's credit returns to its account), and the call kinds of the credit engin
 
 from __future__ import annotations
 
+import itertools
 import time
 
 from . import accounts, profiles, webhooks
@@ -20,6 +21,7 @@ from .errors import InsufficientFunds, Invalid
 from .models import Account, AutoRecharge, LedgerEntry, Profile
 from .money import format_money
 from .store import SEP, Txn, reads, u64, writes
+from .times import window
 
 
 def owner_key(owner: Account | Profile) -> str:
@@ -55,9 +57,13 @@ def move(txn: Txn, owner: Account | Profile, amount: int, kind: str, ref: str = 
 
 
 @reads
-def entries(txn: Txn, owner: str, *, after: int = 0, limit: int = 100) -> list[LedgerEntry]:
-    """Entries of ``"account:<id>"`` or ``"profile:<id>"`` with seq > ``after``, oldest first."""
-    return txn.page_after_seq("ledger", owner.encode() + SEP, LedgerEntry, after, limit)
+def entries(txn: Txn, owner: str, *, after: int = 0, limit: int = 100, start: float | None = None,
+            end: float | None = None) -> list[LedgerEntry]:
+    """Entries of ``"account:<id>"`` or ``"profile:<id>"`` with seq > ``after`` written in
+    [``start``, ``end``) (Unix seconds; None: unbounded), oldest first."""
+    inside = window(start, end)
+    found = (e for e in txn.scan_after_seq("ledger", owner.encode() + SEP, LedgerEntry, after) if inside(e.ts))
+    return list(itertools.islice(found, limit))
 
 
 @reads

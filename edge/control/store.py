@@ -53,6 +53,7 @@ and the map size); the end of it (a grows write committed with room to spare) on
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 import secrets
@@ -233,18 +234,20 @@ class Txn:
             out.append(decode(value))
         return out
 
-    def page_after_seq(self, db: str, prefix: bytes, cls: type[T], after: int = 0, limit: int = 100) -> list[T]:
-        """Records under ``prefix`` whose key ends in a u64 seq > ``after``, oldest first."""
+    def scan_after_seq(self, db: str, prefix: bytes, cls: type[T], after: int = 0) -> Iterator[T]:
+        """Records under ``prefix`` whose key ends in a u64 seq > ``after``, oldest first, lazily."""
         cur = self._cursor(db, prefix + u64(after + 1))
-        out: list[T] = []
         if cur is None:
-            return out
+            return
         decode = self.store.decoder(cls).decode
         for k, value in cur:
-            if not k.startswith(prefix) or len(out) >= limit:
-                break
-            out.append(decode(value))
-        return out
+            if not k.startswith(prefix):
+                return
+            yield decode(value)
+
+    def page_after_seq(self, db: str, prefix: bytes, cls: type[T], after: int = 0, limit: int = 100) -> list[T]:
+        """The first ``limit`` of :meth:`scan_after_seq`."""
+        return list(itertools.islice(self.scan_after_seq(db, prefix, cls, after), limit))
 
 
 def reads(fn: Callable[Concatenate[Txn, P], T]) -> Callable[Concatenate[Txn | Store, P], T]:

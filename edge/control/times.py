@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+EPOCH = datetime.fromtimestamp(0, UTC)
+ONE_MICROSECOND = timedelta(microseconds=1)
 
 
 def to_datetime(ts: float) -> datetime:
@@ -33,3 +37,21 @@ def parse_rfc3339(text: str) -> float:
         else:
             raise ValueError("a timestamp needs an offset (Z or +hh:mm)")
     return value.timestamp()
+
+
+def micros(ts: float) -> int:
+    """Unix seconds as integer microseconds, rounded as :func:`rfc3339` rounds them."""
+    return (datetime.fromtimestamp(ts, UTC) - EPOCH) // ONE_MICROSECOND
+
+
+def window(start: float | None, end: float | None) -> Callable[[float], bool]:
+    """``ts in [start, end)`` (None: unbounded) at the microseconds a body shows, so a client that
+    sends a record's own timestamp as ``from`` gets that record back (a float compare may not)."""
+    lo = None if start is None else micros(start)
+    hi = None if end is None else micros(end)
+
+    def inside(ts: float) -> bool:
+        t = micros(ts)
+        return (lo is None or t >= lo) and (hi is None or t < hi)
+
+    return inside

@@ -8,6 +8,7 @@ import io
 import json
 import time
 import uuid
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -307,3 +308,28 @@ def test_cdr_export_csv_jsonl_and_time_range(edge: EdgeProcess, admin: httpx.Cli
     assert len(page["items"]) == 4 and page["next_after"] == page["items"][-1]["seq"]
     bad = admin.get(f"/v1/accounts/{a['id']}/cdrs", params={"from": "yesterday"})
     assert bad.status_code == 422 and bad.json()["errors"][0]["parameter"] == "from"
+
+
+def test_ledger_time_range(admin: httpx.Client) -> None:
+    a = account(admin, "100")
+    p = profile(admin, a["id"])
+    for amount in ("1", "2", "3", "4", "5", "6"):
+        assert admin.post(f"/v1/profiles/{p['id']}/credit", json={"amount": amount}).status_code == 200
+    url = f"/v1/profiles/{p['id']}/ledger"
+    full = admin.get(url, params={"limit": 100}).json()["items"]
+    assert [e["kind"] for e in full] == ["allocate_in"] * 6
+
+    def when(e: dict) -> datetime:
+        return datetime.fromisoformat(e["ts"].replace("Z", "+00:00"))
+
+    cut = full[3]["ts"]
+    since = admin.get(url, params={"from": cut}).json()["items"]
+    before = admin.get(url, params={"to": cut}).json()["items"]
+    assert since == [e for e in full if when(e) >= when(full[3])] and full[3] in since
+    assert before == [e for e in full if when(e) < when(full[3])] and since[0] not in before
+    assert before + since == full                       # [from, to): every entry on exactly one side
+    page = admin.get(url, params={"from": full[0]["ts"], "limit": 2}).json()
+    assert page["items"] == full[:2] and page["next_after"] == full[1]["seq"]
+    assert admin.get(f"/v1/accounts/{a['id']}/ledger", params={"from": "2099-01-01T00:00:00Z"}).json()["items"] == []
+    bad = admin.get(url, params={"to": "tomorrow"})
+    assert bad.status_code == 422 and bad.json()["errors"][0]["parameter"] == "to"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,37 +77,48 @@ def browser() -> Iterator[Any]:
         opts.add_argument(arg)
     service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
     driver = webdriver.Chrome(options=opts, service=service)
-    driver.set_page_load_timeout(20)
+    driver.set_page_load_timeout(60)
     try:
         yield driver
     finally:
         driver.quit()
 
 
-def wait(driver: Any, timeout: float = 10.0) -> WebDriverWait:
+def wait(driver: Any, timeout: float = 30.0) -> WebDriverWait:
     """Wait for a page (a condition read across a navigation may see the old page go)."""
     return WebDriverWait(driver, timeout, poll_frequency=0.1,
                          ignored_exceptions=[StaleElementReferenceException, NoSuchElementException])
 
 
-def fill(driver: Any, field_id: str, value: str) -> None:
-    """Type into a field; chromedriver may hand out a node of the page being replaced: find it again."""
+def on_this_page(driver: Any, action: Callable[[], None]) -> None:
+    """Run ``action`` on an element found afresh; chromedriver may hand out a node of the document
+    being replaced (a stale element, or "Node ... does not belong to the document"): the action
+    did not happen then, so wait for the page and find it again."""
     for attempt in range(3):
         try:
-            el = driver.find_element(By.ID, field_id)
-            el.clear()
-            el.send_keys(value)
+            action()
             return
-        except WebDriverException:
-            if attempt == 2:
+        except WebDriverException as exc:
+            stale = isinstance(exc, StaleElementReferenceException) or "does not belong to the document" in str(exc)
+            if attempt == 2 or not (stale or isinstance(exc, NoSuchElementException)):
                 raise
             wait(driver).until(lambda d: d.execute_script("return document.readyState") == "complete")
+
+
+def fill(driver: Any, field_id: str, value: str) -> None:
+    """Type into a field."""
+    def type_in() -> None:
+        el = driver.find_element(By.ID, field_id)
+        el.clear()
+        el.send_keys(value)
+
+    on_this_page(driver, type_in)
 
 
 def click(driver: Any, button_id: str) -> None:
     """Click a submit button or link and wait for the next page to replace this one."""
     old = driver.find_element(By.TAG_NAME, "html")
-    driver.find_element(By.ID, button_id).click()
+    on_this_page(driver, lambda: driver.find_element(By.ID, button_id).click())
     wait(driver).until(ec.staleness_of(old))
     wait(driver).until(lambda d: d.execute_script("return document.readyState") == "complete")
 
@@ -235,12 +246,24 @@ def test_the_seed_walk_in_a_browser(edge: EdgeProcess, accounts: dict[str, Any],
         call.hangup(timeout=10)
         wait(driver, 15).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#live-calls tr.no-calls"))
         assert "0 / 10" in text(driver, "channels-in-use")
-    assert marker.is_displayed()    # the same page all along: the live part was refreshed in place
+        assert marker.is_displayed()    # the same page all along: the live part was refreshed in place
+
+        # a second call, ended from the page (the API's hang-up: BYE to both legs, settled as usual)
+        second = pbx.call(f"sip:{ECHO}@sip.edge.test", tone_hz=440.0)
+        second.wait_state("CONFIRMED", 10)
+        wait(driver, 15).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#live-calls button.hangup"))
+        click(driver, driver.find_element(By.CSS_SELECTOR, "#live-calls button.hangup").get_attribute("id"))
+        assert "Hang-up sent" in driver.page_source
+        assert second.wait_state("DISCONNECTED", 10) == "DISCONNECTED"
+        wait(driver, 15).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#live-calls tr.no-calls"))
+        assert "0 / 10" in text(driver, "channels-in-use")
 
     # its CDR, with a time filter and the API's CSV export; the ledger and its CSV
     driver.get(f"{edge.base}/console/profiles/{profile_id}/cdrs")
-    wait(driver).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#cdrs tr.cdr"))
+    wait(driver).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#cdrs tr.cdr")) == 2)
     assert ECHO in text(driver, "cdrs")
+    reasons = [c["end_reason"] for c in api.get(f"/v1/profiles/{profile_id}/cdrs").json()["items"]]
+    assert reasons[0] != reasons[1] and any(r in text(driver, "cdrs") for r in reasons)
     shoot(driver, shots, "cdrs")
     driver.execute_script("document.getElementById('from').value = '2099-01-01T00:00:00'")  # the future: nothing
     click(driver, "filter")
@@ -339,3 +362,11 @@ def test_sign_in_form_needs_its_own_token(edge: EdgeProcess, accounts: dict[str,
                                                  "password": PASSWORD_A})
         assert ok.status_code == 303 and "HttpOnly" in ok.headers["set-cookie"]
         assert web.get(ok.headers["location"]).status_code == 200
+
+
+def test_an_unknown_console_path_is_a_page(edge: EdgeProcess) -> None:
+    with httpx.Client(base_url=edge.base, follow_redirects=False) as web:
+        r = web.get("/console/no/such/page")
+        assert r.status_code == 404 and r.headers["content-type"].startswith("text/html")
+        assert "There is no such console page." in r.text
+        assert web.get("/v1/no-such-thing").headers["content-type"].startswith("application/problem+json")
