@@ -511,3 +511,25 @@ def test_a_sip_port_in_use_fails_the_start_with_one_line(tmp_path: Path) -> None
         busy.bind(("127.0.0.1", proc.sip_port))
         with pytest.raises(RuntimeError, match="sip.listen.*Address already in use"):
             proc.start()
+
+
+def test_reload_and_drain_go_through_the_supervisor(own_edge: EdgeProcess) -> None:
+    """`sipedge reload` and `sipedge drain` find the supervisor by the pid file; it forwards the
+    signals, reports the reload, and exits 0 once every worker has drained."""
+    import subprocess
+
+    edge = own_edge
+    assert edge.proc is not None
+    kids = wait_children(edge)
+    cli = [sys.executable, "-m", "edge.cli"]
+    edge.config.write_text(edge.config.read_text().replace("rate_limit = 0", "rate_limit = 0\nrate_burst = 900"))
+    r = subprocess.run([*cli, "reload", "--config", str(edge.config)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and f"(pid {edge.proc.pid}) reloaded" in r.stdout, r.stdout + r.stderr
+    assert children(edge.proc.pid) == kids                      # a reload restarts nothing
+    r = subprocess.run([*cli, "drain", "--config", str(edge.config), "--wait", "30"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and "has exited" in r.stdout, r.stdout + r.stderr
+    assert edge.proc.wait(5) == 0
+    assert not (edge.data / "sipedge.pid").exists()
+    assert all(not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+               for pid in kids.values())
