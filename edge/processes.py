@@ -8,8 +8,9 @@ environment opened by another, and LMDB's one-writer lock keeps channels and cre
 across them.
 
 - Each child gets a ready pipe: it writes ``ready`` once it serves, or ``fail <why>`` if it
-  cannot start (a port in use); READY=1 goes to systemd when every child is ready, and a
-  child that fails at start fails the start (exit 1, its one line).
+  cannot start (a port in use); a child that fails at start fails the start (exit 1, its one
+  line). The workers start first, the API once they all serve (so a /healthz that answers
+  means SIP is served too), and READY=1 goes to systemd when the API is ready as well.
 - Children die with the supervisor (``PR_SET_PDEATHSIG``) and sit in a session of their own,
   so a terminal's Ctrl-C reaches the supervisor alone, which forwards one SIGTERM.
 - A worker that dies (kill -9, a crash) is started again, with a backoff that grows while it
@@ -227,10 +228,13 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGTERM, self._on_stop)
         loop.add_signal_handler(signal.SIGINT, self._on_stop)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload)
-        for child in self._children():
+        for child in self.workers:
             self._start(child)
         try:
-            await self._until_ready()
+            await self._until_ready(self.workers)
+            # the API last: once /healthz answers, every SIP worker serves
+            self._start(self.api)
+            await self._until_ready([self.api])
         except StartFailed as exc:
             self._signal(self._children(), signal.SIGKILL)
             for child in self._children():
@@ -269,10 +273,10 @@ class Supervisor:
         log.info("drained: every SIP worker has exited", extra={"event": "drain_done"})
         return 0 if all(code == 0 for code in codes) else 1
 
-    async def _until_ready(self) -> None:
+    async def _until_ready(self, children: list[Child]) -> None:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
-            for child in self._children():
+            for child in children:
                 if child.failure:
                     raise StartFailed(child.failure)
                 if child.proc is not None and child.proc.poll() is not None and not child.ready:
@@ -281,7 +285,7 @@ class Supervisor:
                         if child.failure:
                             raise StartFailed(child.failure)
                     raise StartFailed(f"{child.name} exited with {child.proc.returncode} while starting")
-            if all(child.ready for child in self._children()):
+            if all(child.ready for child in children):
                 return
             if time.monotonic() > deadline:
                 raise StartFailed(f"the node's processes did not start within {START_TIMEOUT:g} s")
