@@ -162,8 +162,6 @@ class Node:
 
     def __init__(self, cfg: Config, store: Store, token: str, *, config_path: str | None = None,
                  data_dir: Path | None = None, role: WorkerRole | None = None) -> None:
-        from admin_api.app import create_app
-
         from ._rtp import RelayEngine
         from .media.metrics import RtpCollector
         from .media.relay import MediaService
@@ -179,6 +177,8 @@ class Node:
         self.role = role
         self.api: ApiServer | None = None
         if role is None:
+            from admin_api.app import create_app   # not imported by a SIP worker: the API runs elsewhere
+
             self.app, self.registry = create_app(store, token, registrar=cfg.sip.domain, settings=cfg.api)
             self.api = ApiServer(uvicorn.Config(
                 self.app, log_level="warning", access_log=False, lifespan="on", loop="asyncio",
