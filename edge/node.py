@@ -177,7 +177,7 @@ class Node:
         self.role = role
         self.api: ApiServer | None = None
         if role is None:
-            from admin_api.app import create_app   # not imported by a SIP worker: the API runs elsewhere
+            from admin_api.app import create_app  # not imported by a SIP worker: the API runs elsewhere
 
             self.app, self.registry = create_app(store, token, registrar=cfg.sip.domain, settings=cfg.api)
             self.api = ApiServer(uvicorn.Config(
