@@ -174,26 +174,58 @@ async def api_load(base: str, clients: int, seconds: float, rates_csv: bytes, pr
             for name, v in counts.items()} | ({"errors": errors} if errors else {})
 
 
-def run_phase(edge: ApiEdge, args: argparse.Namespace, prof: dict, load: bool, rates_csv: bytes) -> dict[str, Any]:
+def probe(port: int, rate: float, seconds: float, user: str, password: str, out: Any) -> None:
+    """The probers, in a process of their own: the load generator's GIL must not delay them."""
     stop = threading.Event()
-    probers = [Prober(edge.sip_port, "options", args.sip_rate, stop),
-               Prober(edge.sip_port, "register", args.sip_rate / 2, stop, prof["sip_username"], prof["sip_password"])]
-    pids = tree_pids(edge.pid)
-    cpu0 = tree_cpu(pids)
+    probers = [Prober(port, "options", rate, stop), Prober(port, "register", rate / 2, stop, user, password)]
     for p in probers:
         p.start()
+    time.sleep(seconds)
+    stop.set()
+    for p in probers:
+        p.join(PROBE_TIMEOUT + 5)
+    out.put([(p.latencies, p.lost) for p in probers])
+
+
+def run_phase(edge: ApiEdge, args: argparse.Namespace, prof: dict, load: bool, rates_csv: bytes) -> dict[str, Any]:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    prober = ctx.Process(target=probe, args=(edge.sip_port, args.sip_rate, args.seconds, prof["sip_username"],
+                                             prof["sip_password"], results))
+    cpu0 = tree_cpu(tree_pids(edge.pid))
+    locks0 = lock_waits(edge.base)
+    prober.start()
     out: dict[str, Any] = {}
     if load:
         out["api"] = asyncio.run(api_load(edge.base, args.clients, args.seconds, rates_csv, prof["id"]))
     else:
         time.sleep(args.seconds)
-    stop.set()
-    for p in probers:
-        p.join(PROBE_TIMEOUT + 5)
+    (options, options_lost), (register, register_lost) = results.get(timeout=args.seconds + 30)
+    prober.join(10)
     out["node_cpu_s"] = round(tree_cpu(tree_pids(edge.pid)) - cpu0, 2)
-    out["options"] = summary(probers[0].latencies, probers[0].lost)
-    out["register"] = summary(probers[1].latencies, probers[1].lost)
+    locks = lock_waits(edge.base)
+    out["lmdb_writes"] = int(locks[0] - locks0[0])
+    out["lmdb_lock_wait_s"] = round(locks[1] - locks0[1], 3)
+    out["lmdb_lock_wait_max_ms"] = round(locks[2] * 1000, 1)
+    out["options"] = summary(options, options_lost)
+    out["register"] = summary(register, register_lost)
     return out
+
+
+def lock_waits(base: str) -> tuple[float, float, float]:
+    """(write transactions, seconds waited for the LMDB writer lock, the longest wait) of the node."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found = dict.fromkeys(("edge_store_writes_total", "edge_store_write_lock_wait_seconds_total",
+                           "edge_store_write_lock_wait_seconds_max"), 0.0)
+    for family in text_string_to_metric_families(httpx.get(base + "/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name in found:
+                found[sample.name] = sample.value
+    return (found["edge_store_writes_total"], found["edge_store_write_lock_wait_seconds_total"],
+            found["edge_store_write_lock_wait_seconds_max"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
             for phase, load in (("idle", False), ("api_load", True)):
                 run[phase] = run_phase(edge, args, prof, load, rates_csv)
                 print(f"workers={workers} {phase}: OPTIONS {run[phase]['options']}  "
-                      f"REGISTER {run[phase]['register']}  cpu {run[phase]['node_cpu_s']} s"
+                      f"REGISTER {run[phase]['register']}  cpu {run[phase]['node_cpu_s']} s  "
+                      f"lmdb waits {run[phase]['lmdb_lock_wait_s']} s (max {run[phase]['lmdb_lock_wait_max_ms']} ms)"
                       + (f"  api {run[phase]['api']}" if load else ""), flush=True)
             runs[f"workers={workers}"] = run
     result = {"machine": machine_info(), "args": vars(args), "runs": runs}

@@ -82,7 +82,8 @@ DB_NAMES = (
     "credentials",     # SIP username -> Credential
     "numbers",         # E.164 "+..." -> OnlineNumber
     "business",        # business account name -> BusinessAccount
-    "rates",           # prefix digits -> Rate
+    "rates",           # prefix digits -> Rate (one half of the rate table's double buffer)
+    "rates_b",         # the other half: meta:rate_table says which one calls are rated from
     "exclusions",      # prefix digits (with country code 1) -> b"" (US bundle exclusions)
     "registrations",   # profile id \0 contact -> Registration
     "calls",           # profile id \0 call id -> LiveCall
