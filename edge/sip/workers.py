@@ -31,6 +31,7 @@ import hashlib
 import logging
 import socket
 import struct
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -51,6 +52,7 @@ MESSAGE, PROBE, WRITE, CLAIM, NOCLAIM, CONN_UP, CONN_DOWN, HELLO = range(1, 9)
 _PROTOS = ("udp", "tcp")
 _SIDES = ("", "customer", "carrier")
 LINK_BUFFER = 4 << 20
+LINK_BACKLOG = 20_000  # datagrams queued here for one busy worker before they are dropped (and counted)
 PROBE_WAIT = 1.0      # seconds a CANCEL offered to the other workers waits for them before 481
 
 
@@ -92,6 +94,11 @@ class WorkerLink:
                 pass
         self.sock.bind(link_address(key, index))
         self._peers = [link_address(key, k) for k in range(count)]
+        # one connected socket per other worker: a connected AF_UNIX datagram socket polls
+        # writable only while the peer's queue (net.unix.max_dgram_qlen, 10 by default) has
+        # room, so a burst waits in ``_backlog`` instead of being dropped
+        self._out: list[socket.socket | None] = [None] * count
+        self._backlog: list[deque[bytes]] = [deque() for _ in range(count)]
         self.on_message: OnMessage | None = None
         self._forwarded = metrics.worker_forwarded
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -121,18 +128,74 @@ class WorkerLink:
 
     def send(self, index: int, kind: int, data: bytes = b"", proto: str = "udp", host: str = "", port: int = 0,
              side: str = "") -> bool:
+        """Send to worker ``index``: at once, or queued behind what waits for room in its queue.
+        :returns: False if that worker is gone (restarting), or its backlog is full."""
         raw_host = host.encode()
         packet = _HEAD.pack(kind, self.index, _PROTOS.index(proto), _SIDES.index(side), port,
                             len(raw_host)) + raw_host + data
+        backlog = self._backlog[index]
+        if backlog:
+            if len(backlog) >= LINK_BACKLOG:
+                self.metrics.transport_errors.labels("worker_link_full").inc()
+                return False
+            backlog.append(packet)
+            return True
+        for _ in range(2):
+            out = self._out[index] or self._connect(index)
+            if out is None:
+                break
+            try:
+                out.send(packet)
+                return True
+            except (BlockingIOError, InterruptedError):
+                backlog.append(packet)
+                if self._loop is not None:
+                    self._loop.add_writer(out.fileno(), self._drain, index)
+                return True
+            except OSError:   # the worker behind it restarted (or is gone): connect again, once
+                self._disconnect(index)
+        self.metrics.transport_errors.labels("worker_gone").inc()   # its calls are being recovered
+        return False
+
+    def _connect(self, index: int) -> socket.socket | None:
+        out = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        out.setblocking(False)
         try:
-            self.sock.sendto(packet, self._peers[index])
-        except (BlockingIOError, InterruptedError):
-            self.metrics.transport_errors.labels("worker_link_full").inc()
-            return False
-        except OSError:   # that worker is gone (restarting): its calls are being recovered
-            self.metrics.transport_errors.labels("worker_gone").inc()
-            return False
-        return True
+            out.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LINK_BUFFER)
+        except OSError:
+            pass
+        try:
+            out.connect(self._peers[index])
+        except OSError:
+            out.close()
+            return None
+        self._out[index] = out
+        return out
+
+    def _disconnect(self, index: int) -> None:
+        out = self._out[index]
+        self._out[index] = None
+        if out is not None:
+            if self._loop is not None:
+                self._loop.remove_writer(out.fileno())
+            out.close()
+
+    def _drain(self, index: int) -> None:
+        """Room in worker ``index``'s queue: send what waited, in order."""
+        out, backlog = self._out[index], self._backlog[index]
+        while backlog and out is not None:
+            try:
+                out.send(backlog[0])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.metrics.transport_errors.labels("worker_gone").inc(len(backlog))
+                backlog.clear()
+                self._disconnect(index)
+                return
+            backlog.popleft()
+        if out is not None and self._loop is not None:
+            self._loop.remove_writer(out.fileno())
 
     def others(self) -> range:
         return range(self.count)
@@ -141,6 +204,11 @@ class WorkerLink:
         if self._loop is not None:
             try:
                 self._loop.remove_reader(self.sock.fileno())
+            except (ValueError, RuntimeError):
+                pass
+        for k in range(self.count):
+            try:
+                self._disconnect(k)
             except (ValueError, RuntimeError):
                 pass
         self.sock.close()

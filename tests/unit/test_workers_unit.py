@@ -129,3 +129,43 @@ def test_node_metrics_add_up_the_workers_under_one_process_names() -> None:
     assert samples[("edge_workers_up", ())] == 2                           # worker 9 did not answer
     assert text.count("# TYPE edge_calls_started_total counter") == 1
     assert isinstance(NodeCollector(local, []), NodeCollector)
+
+
+def test_a_burst_on_the_worker_link_waits_for_room_instead_of_being_dropped() -> None:
+    """The kernel queues 10 datagrams per AF_UNIX socket by default (net.unix.max_dgram_qlen):
+    a burst beyond that waits in the sender's backlog and arrives whole, in order."""
+    import asyncio
+
+    from edge.sip.metrics import SipMetrics
+    from edge.sip.workers import MESSAGE, WorkerLink
+
+    key = f"unit{os.getpid()}"
+
+    async def run() -> list[bytes]:
+        loop = asyncio.get_running_loop()
+        metrics = SipMetrics(CollectorRegistry())
+        sender, receiver = WorkerLink(key, 0, 2, metrics), WorkerLink(key, 1, 2, metrics)
+        got: list[bytes] = []
+        done = asyncio.Event()
+
+        def on_message(kind, data, proto, host, port, side, origin) -> None:
+            assert (kind, proto, host, port, side, origin) == (MESSAGE, "tcp", "127.0.0.1", 5060, "carrier", 0)
+            got.append(data)
+            if len(got) == 500:
+                done.set()
+
+        sender.start(loop, lambda *a: None)
+        try:
+            assert all(sender.send(1, MESSAGE, b"%d" % i + b"x" * 1000, "tcp", "127.0.0.1", 5060, "carrier")
+                       for i in range(500))                      # before the receiver reads anything
+            assert sender._backlog[1]                             # more than the kernel queue holds
+            receiver.start(loop, on_message)
+            await asyncio.wait_for(done.wait(), 10)
+        finally:
+            sender.close()
+            receiver.close()
+        assert metrics.transport_errors.labels("worker_link_full")._value.get() == 0
+        return got
+
+    got = asyncio.run(run())
+    assert [int(d.rstrip(b"x")) for d in got] == list(range(500))
