@@ -20,7 +20,10 @@ socket, source port or connection it comes on:
 
 Workers talk in AF_UNIX datagrams, one socket per worker in the abstract namespace
 (nothing on disk to clean up after kill -9), named after the node's data directory so
-that several nodes share a machine. A forwarded message is handled where it arrives and
+that several nodes share a machine. Each worker sends over a socket connected to each
+other worker: the kernel queues only ``net.unix.max_dgram_qlen`` (10) datagrams per
+socket, and a connected sender can wait for room, so a burst queues here (bounded) and
+arrives whole and in order instead of being dropped. A forwarded message is handled where it arrives and
 never forwarded again. With one worker there is no link at all.
 """
 
