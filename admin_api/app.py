@@ -101,7 +101,7 @@ def metrics(state: State) -> Response[bytes]:
         from edge.control.errors import NotFound
 
         raise NotFound("/metrics is served on api.metrics_listen")
-    return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(state.exposition), media_type=CONTENT_TYPE_LATEST)
 
 
 @get("/openapi.json", include_in_schema=False, sync_to_thread=False, opt=PUBLIC)
@@ -150,6 +150,7 @@ def create_app(
     realm: str | None = None,
     registry: CollectorRegistry | None = None,
     settings: ApiConfig | None = None,
+    exposition: CollectorRegistry | None = None,
 ) -> tuple[ASGIApp, CollectorRegistry]:
     """Build the ASGI app.
 
@@ -159,12 +160,15 @@ def create_app(
     :param realm: the digest realm of new credentials (default: ``registrar``).
     :param registry: metrics registry shared with the edge components (created if None).
     :param settings: the ``[api]`` section (rate limits, metrics, webhooks); defaults if None.
+    :param exposition: what ``/metrics`` serves (default: ``registry``); a node of several SIP
+        workers serves ``registry`` and the workers' metrics added up (metrics.node_exposition).
     :returns: (ASGI app wrapped with the gate and request metrics, the registry).
     """
     if not token:
         raise ValueError("the control API needs a non-empty admin token")
     cfg = settings or ApiConfig()
     registry = registry or build_registry(store, per_profile=cfg.metrics_per_profile)
+    exposition = exposition or registry
     api_metrics = ApiMetrics(registry)
     audit_log = AuditLog(store)
     deliverer = Deliverer(store, Settings(backoff=cfg.webhook_backoff_seconds,
@@ -181,7 +185,7 @@ def create_app(
             import uvicorn
 
             host, _, port = cfg.metrics_listen.rpartition(":")
-            listener = _metrics_app(registry, gates[0] if cfg.metrics_auth else None)
+            listener = _metrics_app(exposition, gates[0] if cfg.metrics_auth else None)
             server = uvicorn.Server(uvicorn.Config(listener, host=host.strip("[]"), port=int(port),
                                                    log_level="warning", access_log=False, lifespan="off"))
             # the node owns SIGINT/SIGTERM: this second server must not capture them
@@ -200,7 +204,7 @@ def create_app(
     app = Litestar(
         route_handlers=[healthz, metrics, openapi_json, *ROUTES, console.router()],
         state=State({"store": store, "registrar": registrar, "realm": realm or registrar, "registry": registry,
-                     "audit": audit_log, "deliverer": deliverer, "openapi": None,
+                     "exposition": exposition, "audit": audit_log, "deliverer": deliverer, "openapi": None,
                      "metrics_elsewhere": bool(cfg.metrics_listen)}),
         guards=[_guard],
         exception_handlers={

@@ -21,7 +21,7 @@ from prometheus_client import (
     Info,
     disable_created_metrics,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from edge import __version__
@@ -132,6 +132,26 @@ class ApiMetrics:
         )
 
 
+class StoreLockCollector(Collector):
+    """How long this process's write transactions waited for LMDB's writer lock (all processes
+    of a node write the one store: the API's long writes would show here as the workers' waits)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        waits = self.store.lock_waits
+        writes = CounterMetricFamily("edge_store_writes", "LMDB write transactions begun.")
+        writes.add_metric([], waits.writes)
+        waited = CounterMetricFamily("edge_store_write_lock_wait_seconds",
+                                     "Time write transactions waited for the LMDB writer lock.")
+        waited.add_metric([], waits.seconds)
+        longest = GaugeMetricFamily("edge_store_write_lock_wait_seconds_max",
+                                    "The longest wait for the LMDB writer lock since the process started.")
+        longest.add_metric([], waits.max)
+        yield from (writes, waited, longest)
+
+
 def build_registry(store: Store, *, per_profile: bool = True) -> CollectorRegistry:
     """A registry with the process collectors and the store's gauges; edge components add theirs.
 
@@ -143,5 +163,93 @@ def build_registry(store: Store, *, per_profile: bool = True) -> CollectorRegist
     for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
         registry.register(collector)
     registry.register(StoreCollector(store, per_profile=per_profile))
+    registry.register(StoreLockCollector(store))
     Info("edge_build", "Version of this sipedge node.", registry=registry).info({"version": __version__})
+    return registry
+
+
+# ---------------------------------------------------------------- a node of several SIP workers
+
+# How the figures of several processes add up to the node's; every other sample is summed
+# (counters, histograms, and gauges of things each process holds a share of).
+_MIN = frozenset({"process_start_time_seconds", "edge_carrier_up"})   # the oldest process; up only if up everywhere
+_MAX = frozenset({"process_max_fds", "python_info", "edge_build_info"})
+_MEAN_LABELS = frozenset({("stat", "mean")})                          # edge_rtp_jitter_seconds{stat="mean"}
+WORKER_SCRAPE_TIMEOUT = 2.0     # seconds one worker may take to hand over its metrics
+
+
+def fetch_worker_metrics(address: str, timeout: float = WORKER_SCRAPE_TIMEOUT) -> str | None:
+    """The exposition text a SIP worker serves on its abstract unix socket, or None (restarting)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(address)
+            chunks = []
+            while chunk := sock.recv(1 << 16):
+                chunks.append(chunk)
+    except OSError:
+        return None
+    return b"".join(chunks).decode()
+
+
+class NodeCollector(Collector):
+    """The node's ``/metrics``: this process's registry and every SIP worker's, added up under
+    the names one process uses (a counter of calls is the node's count, whichever worker
+    carried the call). ``edge_workers_up`` says how many workers answered the scrape.
+
+    :param local: this (the API) process's registry: store gauges, API metrics, build info.
+    :param workers: the workers' metrics socket addresses (edge/sip/workers.py metrics_address).
+    """
+
+    def __init__(self, local: CollectorRegistry, workers: list[str]) -> None:
+        self.local = local
+        self.workers = workers
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        families: dict[str, Metric] = {}
+        values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], list[float]]] = {}
+
+        def add(family: Metric) -> None:
+            if family.name not in families:
+                families[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+                values[family.name] = {}
+            for sample in family.samples:
+                values[family.name].setdefault((sample.name, tuple(sorted(sample.labels.items()))),
+                                               []).append(sample.value)
+
+        for family in self.local.collect():
+            add(family)
+        up = 0
+        for address in self.workers:
+            text = fetch_worker_metrics(address)
+            if text is None:
+                continue
+            up += 1
+            for family in text_string_to_metric_families(text):
+                add(family)
+        for name, family in families.items():
+            for (sample_name, labels), seen in values[name].items():
+                if name in _MIN:
+                    value = min(seen)
+                elif name in _MAX or sample_name.endswith("_max") or ("stat", "max") in labels:
+                    value = max(seen)
+                elif _MEAN_LABELS & set(labels):
+                    value = sum(seen) / len(seen)
+                else:
+                    value = sum(seen)
+                family.add_sample(sample_name, dict(labels), value)
+            yield family
+        workers_up = GaugeMetricFamily("edge_workers_up", "SIP worker processes that answered this scrape.")
+        workers_up.add_metric([], up)
+        yield workers_up
+
+
+def node_exposition(local: CollectorRegistry, workers: list[str]) -> CollectorRegistry:
+    """What ``/metrics`` serves for a node of several SIP workers (create_app ``exposition``)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(NodeCollector(local, workers))
     return registry

@@ -587,8 +587,9 @@ async def put_rates(request: Request[Any, Any, Any], state: State) -> LoadedOut:
 
         raise HTTPException(status_code=415, detail=f"unsupported content type {ctype!r}: use application/json "
                                                     "or text/csv")
-    # 100k rows take a fraction of a second: keep that off the event loop.
-    return LoadedOut(loaded=await asyncio.to_thread(rates.replace, _store(state), table))
+    # 100k rows take a fraction of a second: keep that off the event loop, and written in chunks
+    # so that the SIP workers' writes never wait long for LMDB's writer lock (edge/control/rates.py)
+    return LoadedOut(loaded=await asyncio.to_thread(rates.load, _store(state), table))
 
 
 @get("/v1/rates/lookup", operation_id="lookupRate", tags=["rates"], summary="The rate of a number",

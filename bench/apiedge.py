@@ -24,16 +24,19 @@ def free_port() -> int:
 class ApiEdge:
     """``with ApiEdge(tmp) as edge``: the node runs while the block does; ``edge.pid`` is its process."""
 
-    def __init__(self, tmp: Path, *, map_size_mb: int = 1024, extra_api: str = "") -> None:
+    def __init__(self, tmp: Path, *, map_size_mb: int = 1024, extra_api: str = "", workers: int = 1,
+                 sip_extra: str = "") -> None:
+        """:param workers: ``[node] workers`` (1: the single process the API benchmarks were written for)."""
         self.tmp = tmp
         self.data = tmp / "data"
         self.map_size_mb = map_size_mb
         self.api_port = free_port()
-        sip = free_port()
+        sip = self.sip_port = free_port()
         self.base = f"http://127.0.0.1:{self.api_port}"
         self.config = tmp / "sipedge.toml"
         self.config.write_text(
-            f'[sip]\nlisten = ["udp:127.0.0.1:{sip}"]\n'
+            f'[node]\nworkers = {workers}\n'
+            f'[sip]\nlisten = ["udp:127.0.0.1:{sip}"]\n{sip_extra}\n'
             f'[media]\nports = [27000, 27999]\n'
             f'[api]\nlisten = "127.0.0.1:{self.api_port}"\ntoken = "{TOKEN}"\nkey_rate_limit = 0\n'
             f'webhook_deliver = false\n{extra_api}\n'

@@ -216,6 +216,26 @@ def provision_sipedge(dev: Sipedge, users: int, channels: int) -> list[tuple[str
     return [(p["sip_username"], p["sip_password"]) for p in profiles]
 
 
+def lock_waits(dev: Sipedge) -> tuple[float, float, float] | None:
+    """(write transactions, seconds waited for LMDB's writer lock, the longest wait) of the whole
+    node so far, from its /metrics (edge_store_* added up over its processes)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = httpx.get(dev.base + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return None
+    found = {"edge_store_writes_total": 0.0, "edge_store_write_lock_wait_seconds_total": 0.0,
+             "edge_store_write_lock_wait_seconds_max": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in found:
+                found[sample.name] = sample.value
+    return (found["edge_store_writes_total"], found["edge_store_write_lock_wait_seconds_total"],
+            found["edge_store_write_lock_wait_seconds_max"])
+
+
 def main(argv: list[str] | None = None) -> int:
     from bench.common import machine_info, write_result
 
@@ -234,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run another sipedge build: a checkout (e.g. a git worktree of the commit "
                          "before a change) with its .venv built; reported as 'baseline' beside 'sipedge'")
     ap.add_argument("--kam-children", type=int, default=4, help="Kamailio children per listener (its default)")
+    ap.add_argument("--workers", default=None,
+                    help="comma-separated [node] workers values: sipedge runs once per value, reported as "
+                         "sipedge-wN (default: the config default, one per core of the CPU set it is pinned to)")
     ap.add_argument("--no-pin", action="store_true")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--output", default="calls.json")
@@ -251,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_rtp:
         uac = strip_rtp(uac, workdir)
     names = [args.only] if args.only else ["kamailio", "sipedge"]
+    if args.workers and "sipedge" in names:
+        at = names.index("sipedge")
+        names[at:at + 1] = [f"sipedge-w{int(w)}" for w in args.workers.split(",")]
     if args.baseline is not None:
         names.insert(names.index("sipedge") if "sipedge" in names else len(names), "baseline")
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
@@ -271,8 +297,9 @@ def main(argv: list[str] | None = None) -> int:
                     dev.write_users(kam_users)
                     csv_path = kam_csv
                 else:
+                    workers = f"[node]\nworkers = {name.split('-w')[1]}\n" if "-w" in name else ""
                     dev = Sipedge(workdir, cpu_dut, media_ports=(RTP_RANGE[0], RTP_RANGE[1] + 1), extra_config=(
-                        f'[[carriers]]\nuri = "{carrier.uri}"\npriority = 1\nweight = 100\n'), name=name,
+                        f'[[carriers]]\nuri = "{carrier.uri}"\npriority = 1\nweight = 100\n' + workers), name=name,
                         checkout=args.baseline if name == "baseline" else None)
                     csv_path = workdir / f"calls-{name}.csv"
                 try:
@@ -293,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                             r = StepResult(dut=dev.name, rate=rate, seconds=hold, offered=int(rate * hold),
                                            failed=int(rate * hold), note=f"{dev.name} is not running")
                             return r
+                        locks = lock_waits(dev) if isinstance(dev, Sipedge) else None
                         r = run_sipp(dut=dev.name, scenario=uac, target=dev.target, rate=rate, seconds=hold,
                                      workdir=workdir, dut_pids=pids, inf=csv_path,
                                      limit=max(200, int(rate * (args.call_seconds + 5) * 2)),
@@ -300,6 +328,14 @@ def main(argv: list[str] | None = None) -> int:
                                                  "-mp", str(UAC_MEDIA_PORT)],
                                      sample_rss=True, recv_timeout_ms=8000)
                         r.extra["expected_concurrent_calls"] = rate * (args.call_seconds + setup_s)
+                        if locks is not None:
+                            after = lock_waits(dev)
+                            if after is not None:
+                                writes = after[0] - locks[0]
+                                r.extra["lmdb_writes"] = writes
+                                r.extra["lmdb_lock_wait_us_per_write"] = round(
+                                    (after[1] - locks[1]) / max(1, writes) * 1e6, 2)
+                                r.extra["lmdb_lock_wait_max_ms"] = round(after[2] * 1000, 3)
                         return r
 
                     res_steps, best, first_fail = ladder(rates, step, log_prefix=f"  {name:>8}")
@@ -328,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
             str(k): spread([s["cpu_us_per_op"] for s in v])["median"] for k, v in sorted(by_rate.items())}
         summary[n]["setup_ms_by_rate"] = {
             str(k): spread([s["response_ms"] for s in v])["median"] for k, v in sorted(by_rate.items())}
+        summary[n]["lmdb_lock_wait_us_per_write_by_rate"] = {
+            str(k): spread([s["extra"]["lmdb_lock_wait_us_per_write"] for s in v
+                            if "lmdb_lock_wait_us_per_write" in s["extra"]])["median"]
+            for k, v in sorted(by_rate.items())}
         summary[n]["memory_bytes_per_active_call_by_rate"] = {
             str(k): spread([(s["extra"].get("pss_peak", 0) - s["extra"].get("pss_before", 0))
                             / max(1.0, s["extra"].get("expected_concurrent_calls", 1.0)) for s in v

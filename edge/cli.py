@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
-from .config import Config, ConfigError, default_config_path, load
+from .config import Config, ConfigError, default_config_path, load, validate
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -98,6 +98,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 f"  try           curl -H 'Authorization: Bearer {token}' http://{cfg.api.listen}/v1/profiles/{demo.profile_id}",
                 flush=True,
             )
+    if args.workers is not None:
+        cfg.node.workers = args.workers
+        try:
+            validate(cfg)
+        except ConfigError as exc:
+            raise Failure(f"invalid config with --workers {args.workers}: {exc}", EXIT_USAGE) from None
+    if cfg.node.worker_count() > 1:
+        store.close()   # the supervisor's children open the store themselves
+        return _supervise(cfg, args, data_dir, banner)
     try:
         if args.loop == "uvloop":
             import uvloop
@@ -108,6 +117,27 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return EXIT_OK
+
+
+def _supervise(cfg: Config, args: argparse.Namespace, data_dir: Path, ready: Callable[[], None] | None) -> int:
+    """A node of several SIP workers and a control-API process (edge/processes.py)."""
+    from .node import Node, open_store
+    from .processes import Supervisor
+
+    api_socket = Node._bind_api_socket(cfg.api.listen)
+    argv = ["--data", str(data_dir), "--log-format", args.log_format,
+            "--log-level", args.log_level or cfg.node.log_level or "info", "--loop", args.loop]
+    if args.config:
+        argv += ["--config", args.config]
+    # held open (and never used) while the node runs: `sipedge drain` knows the node by its map
+    store = open_store(cfg, data_dir)
+    try:
+        supervisor = Supervisor(cfg, config_path=args.config, data_dir=data_dir, count=cfg.node.worker_count(),
+                                argv=argv, api_socket=api_socket, ready=ready)
+        return asyncio.run(supervisor.run())
+    finally:
+        store.close()
+        api_socket.close()
 
 
 def _check_data_dir(data_dir: Path) -> None:
@@ -247,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="event loop implementation (see docs/sip.md for the measurement)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                        help="default: node.log_level of the config, else info")
+    serve.add_argument("--workers", type=int, metavar="N",
+                       help="SIP worker processes (overrides [node] workers; 1: one process, API inline)")
     serve.set_defaults(fn=_cmd_serve)
     check = sub.add_parser("check", help="validate a config file")
     check.add_argument("--config", help=config_help)

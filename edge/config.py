@@ -170,6 +170,12 @@ class NodeConfig(Section):
     drain_timeout: Annotated[float, msgspec.Meta(ge=0)] = 600.0  # seconds live calls may run on after SIGTERM
     # None: the --log-level of `sipedge serve` (info); a value here is applied again by every reload
     log_level: Literal["debug", "info", "warning", "error"] | None = None
+    # SIP worker processes (docs/architecture.md "Processes"); 0: one per core. Each takes an equal
+    # slice of media.ports. 1: the single process of earlier builds (SIP, calls and the API on one loop).
+    workers: Annotated[int, msgspec.Meta(ge=0, le=32)] = 0
+
+    def worker_count(self) -> int:
+        return self.workers or max(1, len(os.sched_getaffinity(0)))
 
 
 class Config(Section):
@@ -329,6 +335,9 @@ def validate(cfg: Config) -> Config:
     lo, hi = cfg.media.ports
     if lo % 2 or hi - lo < 3:
         raise ConfigError(f"media.ports: need an even first port and at least 4 ports, got [{lo}, {hi}]")
+    if (hi - lo + 1) // cfg.node.worker_count() < 4:
+        raise ConfigError(f"media.ports: [{lo}, {hi}] leaves fewer than 4 ports to each of "
+                          f"{cfg.node.worker_count()} node.workers")
     try:
         ipaddress.ip_address(cfg.media.address)
     except ValueError:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import msgspec
 import uvicorn
+from prometheus_client import CollectorRegistry
 
 from . import sdnotify
 from .calls.admission import Admission
@@ -47,6 +48,7 @@ from .calls.routing import Routing
 from .config import RELOADABLE, Config, ConfigError, load, resolve_sides, restart_only_changes
 from .control import registrations
 from .control.credit import CreditEngine
+from .control.models import LiveCall
 from .control.store import Store
 from .sip.dialog import Dialogs, Local
 from .sip.transaction import State
@@ -119,32 +121,74 @@ def open_store(cfg: Config, data_dir: Path) -> Store:
     return Store(data_dir, map_size=cfg.storage.map_size_mb << 20)
 
 
+class WorkerRole(msgspec.Struct, frozen=True):
+    """This node process is SIP worker ``index`` of ``count`` (docs/architecture.md "Processes").
+
+    :param key: the node's name on the machine (:func:`edge.sip.workers.node_key`).
+    :param nonce_key: the digest nonce key every worker of the node shares.
+    :param ready: called once the worker serves (the supervisor's ready pipe).
+    """
+
+    index: int
+    count: int
+    key: str
+    nonce_key: bytes
+    ready: Callable[[], None]
+
+    def owns(self, call: LiveCall) -> bool:
+        """Is ``call`` this worker's to settle: its own, and for worker 0 also those of workers a
+        smaller config no longer runs."""
+        return call.worker == self.index or (self.index == 0 and not 0 <= call.worker < self.count)
+
+
+def worker_ports(ports: tuple[int, int], index: int, count: int) -> tuple[int, int]:
+    """Worker ``index``'s slice of ``[media] ports``: equal, even-sized and disjoint, so the
+    relays of two workers never collide."""
+    lo, hi = ports
+    size = ((hi - lo + 1) // count) & ~1
+    start = lo + index * size
+    return start, start + size - 1
+
+
 class Node:
     """Owns every long-lived component of a running edge; started and stopped as one.
     Built inside the running event loop (the SIP layers take it as their clock).
 
     :param config_path: the file :meth:`reload_file` reads again (None: built-in defaults).
     :param data_dir: where the pid file and the reload outcome are kept (None: not kept).
+    :param role: one SIP worker of several (no control API here: it runs in a process of its
+        own); None: the whole node in this process, API included.
     """
 
     def __init__(self, cfg: Config, store: Store, token: str, *, config_path: str | None = None,
-                 data_dir: Path | None = None) -> None:
-        from admin_api.app import create_app
-
+                 data_dir: Path | None = None, role: WorkerRole | None = None) -> None:
         from ._rtp import RelayEngine
         from .media.metrics import RtpCollector
         from .media.relay import MediaService
         from .sip.core import SipService
+        from .sip.request import set_worker
+        from .sip.workers import WorkerLink
 
         loop = asyncio.get_running_loop()
         self.cfg = cfg
         self.store = store
         self.config_path = config_path
         self.data_dir = data_dir
-        self.app, self.registry = create_app(store, token, registrar=cfg.sip.domain, settings=cfg.api)
-        self.api = ApiServer(uvicorn.Config(
-            self.app, log_level="warning", access_log=False, lifespan="on", loop="asyncio",
-        ))
+        self.role = role
+        self.api: ApiServer | None = None
+        if role is None:
+            from admin_api.app import create_app  # not imported by a SIP worker: the API runs elsewhere
+
+            self.app, self.registry = create_app(store, token, registrar=cfg.sip.domain, settings=cfg.api)
+            self.api = ApiServer(uvicorn.Config(
+                self.app, log_level="warning", access_log=False, lifespan="on", loop="asyncio",
+            ))
+        else:
+            from admin_api.metrics import StoreLockCollector
+
+            self.registry = worker_registry()
+            self.registry.register(StoreLockCollector(store))
+        set_worker(role.index if role is not None else None)
         self.draining = False
         self._end_now = False                       # a second SIGTERM: end the calls now
         self._drained = asyncio.Event()
@@ -152,10 +196,13 @@ class Node:
         self.reloads = 0
 
         dialogs = Dialogs(loop)
-        self.sip = SipService(cfg, store, self.registry, loop, dialogs)
+        self.sip = SipService(cfg, store, self.registry, loop, dialogs, reuse_port=role is not None,
+                              nonce_key=role.nonce_key if role is not None else None)
+        if role is not None:
+            self.sip.join_workers(WorkerLink(role.key, role.index, role.count, self.sip.metrics), loop)
         self.sides = resolve_sides(cfg)
         customer, carrier = self.sides["customer"], self.sides["carrier"]
-        lo, hi = cfg.media.ports
+        lo, hi = cfg.media.ports if role is None else worker_ports(cfg.media.ports, role.index, role.count)
         # relay leg "a" faces the customer side, "b" the carrier side (calls/model.py Side)
         self.engine = RelayEngine(customer.media, lo, hi, quiet_period=cfg.media.quiet_period,
                                   timeout=cfg.media.rtp_timeout, address_b=carrier.media)
@@ -172,7 +219,8 @@ class Node:
         self.admission = admission = Admission(
             store, credit, routing, sip.auth, sip.failures,
             count_auth_failure=lambda reason, method: sip.metrics.auth_failures.labels(reason, method).inc(),
-            refuse_source=sip.auth_failed, profile_rate_limit=cfg.sip.profile_rate_limit)
+            refuse_source=sip.auth_failed, profile_rate_limit=cfg.sip.profile_rate_limit,
+            worker=role.index if role is not None else 0)
         self.billing = Billing(store, credit, loop, hangup=self._hangup, flush_soon=sip.flush_soon,
                                max_call_seconds=cfg.credit.max_call_seconds)
         self.calls = CallController(
@@ -322,7 +370,11 @@ class Node:
     # ------------------------------------------------------------ run
 
     def _bind_api(self) -> socket.socket:
-        host, _, port = self.cfg.api.listen.rpartition(":")
+        return self._bind_api_socket(self.cfg.api.listen)
+
+    @staticmethod
+    def _bind_api_socket(listen: str) -> socket.socket:
+        host, _, port = listen.rpartition(":")
         host = host.strip("[]")
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         try:
@@ -331,7 +383,7 @@ class Node:
             sock.listen(2048)
         except OSError as exc:
             sock.close()
-            raise StartupError(f"control API api.listen {self.cfg.api.listen}: {exc.strerror}") from None
+            raise StartupError(f"control API api.listen {listen}: {exc.strerror}") from None
         sock.set_inheritable(True)
         return sock
 
@@ -341,6 +393,48 @@ class Node:
         except OSError as exc:
             self.sip.transports.close()
             raise StartupError(f"SIP listener in sip.listen {self.cfg.sip.listen}: {exc.strerror}") from None
+
+    def _recover(self) -> None:
+        """Settle the calls a previous run (of this worker) left behind, BYE their legs."""
+        recovered = self.billing.recover(self.role.owns if self.role is not None else None)
+        for live in recovered:
+            self.calls.bye_recovered(live)
+        if recovered:
+            log.warning("settled %d calls left by the previous run (CDR end_reason=recovery)", len(recovered))
+
+    async def _run_worker(self, role: WorkerRole) -> None:
+        """One SIP worker: serve until drained; the metrics go to the API process on request."""
+        from .sip.workers import metrics_address
+
+        await self._start_sip()
+        self.media.start()
+        self.health.start()
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(20_000, 20, 50)
+        self._recover()
+        metrics = await asyncio.start_unix_server(self._serve_metrics, path=metrics_address(role.key, role.index))
+        role.ready()
+        try:
+            await self._drained.wait()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
+            metrics.close()
+            self.health.stop()
+            await self.sip.stop()
+            self.media.close()
+
+    async def _serve_metrics(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        from prometheus_client import generate_latest
+
+        try:
+            writer.write(await asyncio.to_thread(generate_latest, self.registry))
+            await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
 
     def _write_pid_file(self) -> None:
         if self.data_dir is not None:
@@ -368,6 +462,9 @@ class Node:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, stop_signal)
         loop.add_signal_handler(signal.SIGHUP, self.reload_file)
+        if self.role is not None:
+            await self._run_worker(self.role)
+            return
         api_socket = self._bind_api()
         await self._start_sip()
         self.media.start()
@@ -377,11 +474,8 @@ class Node:
         gc.collect()
         gc.freeze()
         gc.set_threshold(20_000, 20, 50)
-        recovered = self.billing.recover()
-        for live in recovered:
-            self.calls.bye_recovered(live)
-        if recovered:
-            log.warning("settled %d calls left by the previous run (CDR end_reason=recovery)", len(recovered))
+        self._recover()
+        assert self.api is not None
         api_task = asyncio.create_task(self.api.serve(sockets=[api_socket]), name="control-api")
         while not self.api.started and not api_task.done():
             await asyncio.sleep(0.01)
@@ -416,6 +510,18 @@ class Node:
             api_socket.close()
 
 
+def worker_registry() -> CollectorRegistry:
+    """A SIP worker's metrics: its own counters and process figures. The store's gauges and the
+    build info come from the API process, which adds the workers' up (admin_api/metrics.py)."""
+    from prometheus_client import GC_COLLECTOR, PROCESS_COLLECTOR, disable_created_metrics
+
+    disable_created_metrics()
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(PROCESS_COLLECTOR)
+    registry.register(GC_COLLECTOR)
+    return registry
+
+
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -425,6 +531,7 @@ def _is_ip(host: str) -> bool:
 
 
 async def serve(cfg: Config, store: Store, token: str, *, config_path: str | None = None,
-                data_dir: Path | None = None, ready: Callable[[], None] | None = None) -> None:
-    """Build the node inside the running loop and run it until it has drained."""
-    await Node(cfg, store, token, config_path=config_path, data_dir=data_dir).run(ready)
+                data_dir: Path | None = None, role: WorkerRole | None = None,
+                ready: Callable[[], None] | None = None) -> None:
+    """Build the node (or one SIP worker of it) inside the running loop and run it until it has drained."""
+    await Node(cfg, store, token, config_path=config_path, data_dir=data_dir, role=role).run(ready)

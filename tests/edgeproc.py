@@ -62,7 +62,9 @@ class EdgeProcess:
     def __init__(self, tmp: Path, *, extra_config: str = "", sip_port: int | None = None,
                  carriers: list[str] | None = None, trusted: list[str] | None = None,
                  media_ports: tuple[int, int] = (0, 0), sip_extra: str = "", map_size_mb: int = 256,
-                 listen_extra: tuple[str, ...] = ()) -> None:
+                 listen_extra: tuple[str, ...] = (), workers: int = 1) -> None:
+        """:param workers: ``[node] workers``; 1 (the default here) is the single process of the
+        tests written before the worker processes (a real config defaults to one per core)."""
         self.tmp = Path(tmp)
         self.api_port = free_port()
         self.sip_port = sip_port or free_port()
@@ -73,10 +75,13 @@ class EdgeProcess:
             lo = 20000 + (os.getpid() % 12) * 1000 + (EdgeProcess._instances % 2) * 500
             hi = lo + 499
         EdgeProcess._instances += 1
+        node_toml = f"[node]\nworkers = {workers}\n"
+        if "[node]\n" in extra_config:   # the test's own [node] keys join the section
+            extra_config, node_toml = extra_config.replace("[node]\n", node_toml, 1), ""
         carriers_toml = "".join(f'[[carriers]]\nuri = "{c}"\npriority = 1\nweight = 100\n' for c in (carriers or []))
         self.config = self.tmp / "sipedge.toml"
         self.config.write_text(
-            f'[sip]\nlisten = ["udp:127.0.0.1:{self.sip_port}", "tcp:127.0.0.1:{self.sip_port}"'
+            node_toml + f'[sip]\nlisten = ["udp:127.0.0.1:{self.sip_port}", "tcp:127.0.0.1:{self.sip_port}"'
             + "".join(f', "{item}"' for item in listen_extra) + ']\n'
             f'domain = "sip.edge.test"\n{sip_extra}\n'
             f'[media]\naddress = "127.0.0.1"\nports = [{lo}, {hi}]\n'

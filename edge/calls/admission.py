@@ -75,8 +75,10 @@ class Admission:
 
     def __init__(self, store: Store, credit: CreditEngine, routing: Routing, auth: DigestAuth,
                  failures: FailureTracker, *, count_auth_failure: Callable[[str, str], None],
-                 refuse_source: Callable[[str, str, str], None], profile_rate_limit: float) -> None:
+                 refuse_source: Callable[[str, str, str], None], profile_rate_limit: float,
+                 worker: int = 0) -> None:
         self.store = store
+        self.worker = worker    # written into each live call: whose recovery settles it after a crash
         self.credit = credit
         self.routing = routing
         self.auth = auth
@@ -229,7 +231,8 @@ class Admission:
         prof = a.profile
         assert prof is not None
         live = LiveCall(call_id=call_id, profile_id=prof.id, direction=a.direction.value, started_at=time.time(),
-                        caller=a.caller, callee=a.callee, funding=a.funding.value, rate=a.rate)
+                        caller=a.caller, callee=a.callee, funding=a.funding.value, rate=a.rate,
+                        worker=self.worker)
         try:
             taken = channels.take(self.store, prof.id, live)
         except NotFound:

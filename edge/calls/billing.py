@@ -199,6 +199,9 @@ class Billing:
         except STORE_ERRORS as exc:
             log.warning("refused call of profile %s not recorded: %s", profile.id, exc)
 
-    def recover(self) -> list[LiveCall]:
-        """Settle the calls a previous run left behind (CDR ``recovery``); the caller BYEs their legs."""
-        return self.credit.recover()
+    def recover(self, owned: Callable[[LiveCall], bool] | None = None) -> list[LiveCall]:
+        """Settle the calls a previous run left behind (CDR ``recovery``); the caller BYEs their legs.
+
+        :param owned: the live calls that are this process's (a SIP worker's own); None: all.
+        """
+        return self.credit.recover(owned=owned)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import phonenumbers
@@ -251,7 +252,7 @@ class CreditEngine:
             webhooks.emit(txn, prof.account_id, "call.ended", call.call_id, {"cdr": cdrs.fields(cdr)}, now=ended_at)
         return cdr
 
-    def recover(self, now: float | None = None) -> list[LiveCall]:
+    def recover(self, now: float | None = None, owned: Callable[[LiveCall], bool] | None = None) -> list[LiveCall]:
         """After a crash: settle every live call of the previous run from its last reservation.
 
         The reservation is what was funded; the call is billed up to ``funded_until``
@@ -259,10 +260,13 @@ class CreditEngine:
         rate table of today only for a record of an older build that lacks it), its channel
         is freed and its CDR says ``recovery``. Each settlement is one durable write that
         may use the store's reserve.
+        :param owned: which live calls are this process's to settle (None: all). Each SIP worker
+            settles its own (docs/architecture.md "Processes"); the others run on.
         :returns: the calls settled (the B2BUA sends BYE to the legs it can reach).
         """
         now = time.time() if now is None else now
-        calls = channels.live_calls(self.store)
+        calls = [call for call in channels.live_calls(self.store) if owned is None or owned(call)]
+        settled: list[LiveCall] = []
         for call in calls:
             rate = None
             if call.funding in ("credit", "bundle"):
@@ -270,8 +274,12 @@ class CreditEngine:
             end = (min(now, call.funded_until) if call.funded_until is not None
                    else (call.answered_at or call.started_at))
 
-            def op(txn: Txn, call: LiveCall = call, rate: Rate | None = rate, end: float = end) -> None:
+            def op(txn: Txn, call: LiveCall = call, rate: Rate | None = rate, end: float = end) -> bool:
+                if channels.get(txn, call.profile_id, call.call_id) is None:
+                    return False    # settled meanwhile, by the process that carried it
                 self.settle(txn, call, rate, end, status=200 if call.answered_at else 500, end_reason="recovery")
+                return True
 
-            self.store.write(op, grows=False)
-        return calls
+            if self.store.write(op, grows=False):
+                settled.append(call)
+        return settled

@@ -125,6 +125,7 @@ class LiveCall(Record):
     carrier: str = ""               # outgoing: the carrier that carried (or last tried) the call
     transport: dict[str, str] = {}  # per leg by side ("customer", "carrier"): "udp" | "tcp" | "tls"
     srtp: dict[str, str] = {}       # per side ("customer", "carrier"): SRTP suite of its leg, "rtp" = plain
+    worker: int = 0                 # the SIP worker that carries it (its recovery settles it after a crash)
     # Records of older builds may also carry rate_prefix and owner_pid: ignored when decoded.
 
 

@@ -82,7 +82,8 @@ DB_NAMES = (
     "credentials",     # SIP username -> Credential
     "numbers",         # E.164 "+..." -> OnlineNumber
     "business",        # business account name -> BusinessAccount
-    "rates",           # prefix digits -> Rate
+    "rates",           # prefix digits -> Rate (one half of the rate table's double buffer)
+    "rates_b",         # the other half: meta:rate_table says which one calls are rated from
     "exclusions",      # prefix digits (with country code 1) -> b"" (US bundle exclusions)
     "registrations",   # profile id \0 contact -> Registration
     "calls",           # profile id \0 call id -> LiveCall
@@ -331,6 +332,8 @@ class Store:
         self._dec: dict[type, msgspec.msgpack.Decoder[Any]] = {}
         self._enc = msgspec.msgpack.Encoder()
         self._used = 0
+        #: write transactions begun here, and the time they waited for the writer lock (bench/, /metrics)
+        self.lock_waits = SimpleNamespace(writes=0, seconds=0.0, max=0.0)
         self._used_at = -FILL_TTL           # monotonic time of the last measure; < now - TTL: stale
         self._latch = threading.Lock()
         self._full = False                  # in a "store full" episode (logged once)
@@ -374,7 +377,14 @@ class Store:
         if grows and self.used_bytes() > self.limit:
             raise self._refuse(self._used)
         try:
-            with self.env.begin(write=True) as raw:
+            asked = time.perf_counter()
+            begun = self.env.begin(write=True)   # waits for LMDB's writer lock (any process of the node)
+            waited = time.perf_counter() - asked
+            self.lock_waits.writes += 1
+            self.lock_waits.seconds += waited
+            if waited > self.lock_waits.max:
+                self.lock_waits.max = waited
+            with begun as raw:
                 result = fn(Txn(self, raw, True))
                 if grows and (sync or self._used > self.limit - self.reserve):
                     used = self._measure(raw)

@@ -23,6 +23,7 @@ from .registrar import Registrar
 from .tls import TlsContexts
 from .transaction import Clock, ServerTransaction, State, TransactionLayer
 from .transport import BOTH, Peer, Transports
+from .workers import WorkerLink, WorkerRouter
 
 log = logging.getLogger("sipedge.sip")
 
@@ -66,18 +67,22 @@ class SipService:
     """
 
     def __init__(self, cfg: Config, store: Store, registry: CollectorRegistry | None, loop: Clock,
-                 dialogs: Dialogs) -> None:
+                 dialogs: Dialogs, *, reuse_port: bool = False, nonce_key: bytes | None = None) -> None:
+        """:param reuse_port: bind the listeners with SO_REUSEPORT (one of several SIP workers).
+        :param nonce_key: the digest nonce key the node's workers share (None: one of this process's own).
+        """
         self.cfg = cfg
         self.store = store
         self.metrics = SipMetrics(registry)
-        self.auth = DigestAuth(cfg.sip.domain, nonce_ttl=cfg.sip.nonce_ttl, algorithms=cfg.sip.digest_algorithms)
+        self.auth = DigestAuth(cfg.sip.domain, nonce_ttl=cfg.sip.nonce_ttl, algorithms=cfg.sip.digest_algorithms,
+                               key=nonce_key)
         self.failures = FailureTracker(threshold=cfg.sip.auth_block_threshold, block_seconds=cfg.sip.auth_block_seconds)
         self.metrics.blocked_sources.set_function(lambda: self.failures.blocked_count)  # read at scrape time
         self.limiter = RateLimiter(cfg.sip.rate_limit, cfg.sip.rate_burst)
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in cfg.inbound.trusted]
         self.transports = Transports(self._on_message, self.metrics, max_tcp_connections=cfg.sip.tcp_max_connections,
                                      may_answer=self._source_admitted, tcp_header_timeout=cfg.sip.tcp_header_timeout,
-                                     tcp_body_timeout=cfg.sip.tcp_body_timeout)
+                                     tcp_body_timeout=cfg.sip.tcp_body_timeout, reuse_port=reuse_port)
         self.registrar = Registrar(store, self.auth, self.metrics, self.failures, self.auth_failed,
                                    min_expires=cfg.sip.min_expires, max_expires=cfg.sip.max_expires)
         self.transports.tls = tls_contexts(cfg)
@@ -87,6 +92,11 @@ class SipService:
         self.draining = False  # SPEC §2.2: new INVITEs and OPTIONS get 503 so peers fail over
         self._flusher: asyncio.Task[None] | None = None
         self._flush_wanted = asyncio.Event()
+        self.router: WorkerRouter | None = None   # several workers: messages of another go there
+
+    def join_workers(self, link: WorkerLink, loop: asyncio.AbstractEventLoop) -> None:
+        """Be one of the node's SIP workers: what another worker owns is forwarded to it."""
+        self.router = WorkerRouter(link, self.transports, self.transactions, self._handle, loop)
 
     def serve_calls(self, on_invite: Callable[[ServerTransaction], None]) -> None:
         """New INVITEs go to ``on_invite`` from now on (without it they get 503)."""
@@ -113,6 +123,8 @@ class SipService:
         self.registrar.default_expires = min(3600, sip.max_expires)  # as built: the Registrar default, bounded
 
     async def start(self) -> None:
+        if self.router is not None:
+            self.router.start()
         for (proto, host, port), side in listeners_by_side(self.cfg).items():
             await self.transports.listen(proto, host, port, side)
         self._flusher = asyncio.get_running_loop().create_task(self._flush_periodically())
@@ -121,6 +133,8 @@ class SipService:
         if self._flusher is not None:
             self._flusher.cancel()
         self.transports.close()
+        if self.router is not None:
+            self.router.close()
         self.store.flush()
 
     def flush_soon(self) -> None:
@@ -147,6 +161,12 @@ class SipService:
     # ------------------------------------------------------------ dispatch
 
     def _on_message(self, msg: SipMessage, peer: Peer) -> None:
+        if self.router is not None:
+            self.router.on_message(msg, peer)   # forwarded to its owner, or back to _handle
+        else:
+            self._handle(msg, peer)
+
+    def _handle(self, msg: SipMessage, peer: Peer) -> None:
         if msg.is_request and msg.method != "ACK" and not self._source_admitted(peer.host):
             return
         self.transactions.on_message(msg, peer)

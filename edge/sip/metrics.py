@@ -42,6 +42,10 @@ class SipMetrics:
         self.blocked_sources = Gauge(
             "edge_sip_blocked_sources", "Source addresses blocked now after repeated authentication failures.",
             registry=r)
+        self.worker_forwarded = Counter(
+            "edge_sip_worker_forwarded", "Messages a SIP worker handed to the worker that owns them "
+            "(message), CANCELs offered to the others (probe), bytes written on another worker's TCP "
+            "connection (write); 0 with one worker.", ["kind"], registry=r)
         self.auth_blocks = Counter(
             "edge_sip_auth_blocks", "Sources blocked after repeated authentication failures (the address is logged).",
             registry=r)

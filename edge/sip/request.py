@@ -34,13 +34,38 @@ class _TokenPool:
 _tokens = _TokenPool()
 token_hex = _tokens.hex
 
+# In a node of several SIP workers (edge/sip/workers.py) every branch and tag the edge makes
+# starts with its worker's mark, "w" and one base-36 digit: whatever socket or connection a
+# response or an in-dialog request arrives on, the worker that owns it can be read off it.
+_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
+_mark = ""
+
+
+def set_worker(index: int | None) -> None:
+    """Mark the tokens this process makes as worker ``index``'s (None: a single process)."""
+    global _mark
+    _mark = "" if index is None else "w" + _DIGITS[index]
+
+
+def token_owner(token: str | None) -> int:
+    """The worker whose mark ``token`` (a tag, or a branch without its cookie) carries, or -1."""
+    if token is None or len(token) < 3 or token[0] != "w":
+        return -1
+    return _DIGITS.find(token[1])
+
+
+def branch_owner(branch: str | None) -> int:
+    if branch is None or not branch.startswith(BRANCH_COOKIE):
+        return -1
+    return token_owner(branch[len(BRANCH_COOKIE):])
+
 
 def new_branch() -> str:
-    return BRANCH_COOKIE + token_hex(8)
+    return BRANCH_COOKIE + _mark + token_hex(8)
 
 
 def new_tag() -> str:
-    return token_hex(6)
+    return _mark + token_hex(6)
 
 
 def new_call_id(host: str) -> str:

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from . import SipMessage, build_response
 from .metrics import SipMetrics
-from .request import OutRequest
+from .request import OutRequest, new_tag
 from .transport import Peer, Transports
 
 T1, T2, T4 = 0.5, 4.0, 5.0
@@ -88,7 +88,8 @@ class ServerTransaction:
         if self.state in (State.COMPLETED, State.CONFIRMED, State.TERMINATED, State.ACCEPTED):
             return  # a final answer was sent already
         if to_tag is None and status > 100:
-            to_tag = self.to_tag
+            # §8.2.6.2: a response to a request without a To tag gets one (ours carry the worker's mark)
+            to_tag = self.to_tag or (new_tag() if self.request.to_tag is None else None)
         self.to_tag = to_tag or self.to_tag
         data = build_response(self.request, status, reason, to_tag=to_tag if status > 100 else None,
                               headers=headers, body=body, received=self._received, rport=self._rport)

@@ -273,8 +273,13 @@ class Transports:
 
     def __init__(self, on_message: OnMessage, metrics: SipMetrics, *, max_tcp_connections: int = 4096,
                  may_answer: MayAnswer | None = None, tcp_header_timeout: float = TCP_HEADER_SECONDS,
-                 tcp_body_timeout: float = TCP_BODY_SECONDS) -> None:
+                 tcp_body_timeout: float = TCP_BODY_SECONDS, reuse_port: bool = False) -> None:
         self.on_message = on_message
+        self.reuse_port = reuse_port    # the node's SIP workers share every listener (edge/sip/workers.py)
+        # with several workers: (host, port) -> another worker's connection there, and who to tell
+        # about ours as they open and close
+        self.remote_tcp: Callable[[str, int], TcpConnection | None] | None = None
+        self.on_tcp_change: Callable[[TcpConnection, bool], None] | None = None
         self.metrics = metrics
         self.may_answer = may_answer
         self.read_timeouts = {ReadPhase.IDLE: TCP_IDLE_SECONDS, ReadPhase.HEAD: tcp_header_timeout,
@@ -307,6 +312,8 @@ class Transports:
                 except OSError:
                     pass
             try:
+                if self.reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 sock.bind((host, port))
             except OSError:
                 sock.close()
@@ -323,11 +330,13 @@ class Transports:
             if self.tls is None or side not in self.tls.server:
                 raise OSError(0, "a tls: listener needs [tls] cert and key")
             server = await loop.create_server(lambda: TlsAccept(self, side), host, port,  # type: ignore[arg-type,return-value]
-                                              reuse_address=True, backlog=1024)
+                                              reuse_address=True, reuse_port=self.reuse_port or None,
+                                              backlog=1024)
             self.tcp_servers.append(server)
         else:
             server = await loop.create_server(lambda: TcpConnection(self, side=side), host, port,
-                                              reuse_address=True, backlog=1024)
+                                              reuse_address=True, reuse_port=self.reuse_port or None,
+                                              backlog=1024)
             self.tcp_servers.append(server)
         self.local.setdefault(proto, (host, port))
         for s in sides:
@@ -382,12 +391,16 @@ class Transports:
         self.tcp_count += 1
         assert conn.peer is not None
         self.tcp_by_peer[(conn.peer.host, conn.peer.port)] = conn
+        if self.on_tcp_change is not None:
+            self.on_tcp_change(conn, True)
         return True
 
     def forget(self, conn: TcpConnection) -> None:
         if conn.peer is not None and self.tcp_by_peer.get((conn.peer.host, conn.peer.port)) is conn:
             del self.tcp_by_peer[(conn.peer.host, conn.peer.port)]
             self.tcp_count -= 1
+            if self.on_tcp_change is not None:
+                self.on_tcp_change(conn, False)
 
     # -------------------------------------------------------------- sending
 
@@ -417,6 +430,8 @@ class Transports:
             return
         conn = (dest.conn if dest.conn is not None and not dest.conn.closed
                 else self.tcp_by_peer.get((dest.host, dest.port)))
+        if conn is None and self.remote_tcp is not None:   # held by another worker: written there
+            conn = self.remote_tcp(dest.host, dest.port)
         if conn is not None and conn.proto == dest.proto and conn.write(data):
             return  # a message for TLS never leaves over a plain TCP connection to the same address
         asyncio.get_running_loop().create_task(

@@ -47,6 +47,54 @@ def test_duplicate_prefix_rejected_and_table_kept(store: Store) -> None:
     assert rate_for(store, "+3312") is None
 
 
+def test_a_chunked_load_switches_tables_at_its_end_only(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """rates.load writes the other half of the double buffer chunk by chunk: calls rated
+    between two chunks still see the old table, never a mix."""
+    rates.replace(store, [Rate(prefix="44", rate=1)])
+    seen: list[tuple[str | None, str | None]] = []
+    write = store.write
+
+    def spying(fn, **kw):   # between chunks: what a call would be rated at
+        seen.append(((rate_for(store, "+4420") or Rate(prefix="-", rate=0)).prefix,
+                     (rate_for(store, "+3312") or Rate(prefix="-", rate=0)).prefix))
+        return write(fn, **kw)
+
+    monkeypatch.setattr(store, "write", spying)
+    new = [Rate(prefix=f"3{i}", rate=i + 1) for i in range(10)]
+    assert rates.load(store, new, chunk=3) == 10
+    monkeypatch.undo()
+    assert len(seen) == 1 + 4 + 1 and set(seen) == {("44", "-")}   # begin, 4 chunks, switch: the old table
+    assert rate_for(store, "+3312").prefix == "33" and rate_for(store, "+4420") is None
+    assert rates.count(store) == 10
+    assert rates.load(store, [Rate(prefix="44", rate=2)], chunk=3) == 1   # and back to the first half
+    assert rate_for(store, "+4420").rate == 2 and rate_for(store, "+3312") is None and rates.count(store) == 1
+
+
+def test_a_chunked_load_with_a_duplicate_keeps_the_table(store: Store) -> None:
+    rates.replace(store, [Rate(prefix="44", rate=1)])
+    with pytest.raises(Invalid, match="appears twice"):
+        rates.load(store, [Rate(prefix="33", rate=1), *(Rate(prefix=f"7{i}", rate=1) for i in range(5)),
+                           Rate(prefix="33", rate=2)], chunk=2)
+    assert rate_for(store, "+4420").prefix == "44" and rate_for(store, "+3312") is None
+
+
+def test_a_load_overtaken_by_another_is_abandoned(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    rates.replace(store, [Rate(prefix="44", rate=1)])
+    write, calls = store.write, []
+
+    def overtaken(fn, **kw):
+        calls.append(fn)
+        if len(calls) == 2:   # after the load began: another replaces the table
+            write(lambda txn: rates.replace(txn, [Rate(prefix="81", rate=1)]))
+        return write(fn, **kw)
+
+    monkeypatch.setattr(store, "write", overtaken)
+    with pytest.raises(Invalid, match="another rate table load"):
+        rates.load(store, [Rate(prefix="33", rate=1)] * 1 + [Rate(prefix="34", rate=1)], chunk=1)
+    monkeypatch.undo()
+    assert rate_for(store, "+8131").prefix == "81" and rate_for(store, "+3312") is None
+
+
 def test_exclusions_are_parsed_from_the_seed() -> None:
     shipped = shipped_exclusions()
     assert len(shipped) == 101
