@@ -52,7 +52,7 @@ log = logging.getLogger("sipedge.sip")
 
 _HEAD = struct.Struct("!BBBBHB")   # kind, origin worker, proto, side, port, len(host); then host, then the bytes
 MESSAGE, PROBE, WRITE, CLAIM, NOCLAIM, CONN_UP, CONN_DOWN, HELLO = range(1, 9)
-_PROTOS = ("udp", "tcp")
+_PROTOS = ("udp", "tcp", "tls")
 _SIDES = ("", "customer", "carrier")
 LINK_BUFFER = 4 << 20
 LINK_BACKLOG = 20_000  # datagrams queued here for one busy worker before they are dropped (and counted)

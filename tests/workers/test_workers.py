@@ -20,8 +20,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from edgeproc import EdgeProcess
+from edgeproc import EdgeProcess, free_port
 from rawsip import RawSip, media_port, rtp_packet, sdp
+from tlscerts import TestCA
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sip"))
 from test_calls_raw import (
@@ -56,9 +57,15 @@ def options_worker(sock: RawSip) -> int:
 
 
 def pbx_on(edge: EdgeProcess, worker: int, proto: str = "udp") -> Pbx | RawSip:
-    """A PBX socket (UDP: a :class:`Pbx` with its RTP socket; TCP: a connection) that ``worker`` serves."""
+    """A PBX socket (UDP: a :class:`Pbx` with its RTP socket; TCP, TLS: a connection) that ``worker`` serves."""
     for _ in range(SOCKET_TRIES):
-        sock: Pbx | RawSip = Pbx(edge) if proto == "udp" else RawSip(edge.sip_port, proto="tcp")
+        sock: Pbx | RawSip
+        if proto == "udp":
+            sock = Pbx(edge)
+        elif proto == "tls":
+            sock = RawSip(edge.tls_port, proto="tls", tls=edge.tls_client)  # type: ignore[attr-defined]
+        else:
+            sock = RawSip(edge.sip_port, proto="tcp")
         if options_worker(sock) == worker:
             return sock
         sock.close()
@@ -151,10 +158,20 @@ def carrier():
 
 @pytest.fixture(scope="module")
 def edge(tmp_path_factory, carrier):
+    """Two workers, with a TLS listener beside UDP and TCP (a TLS session lives in one worker)."""
+    import ssl
+
+    tmp = tmp_path_factory.mktemp("workers")
+    ca = TestCA(tmp / "ca")
+    cert, key, _ = ca.issue("edge", ips=("127.0.0.1",))
+    tls_port = free_port()
     extra = (f'[[carriers]]\nuri = "sip:127.0.0.2:{carrier.port}"\npriority = 1\nweight = 100\n'
-             '[credit]\nslice_seconds = 2\n')
-    proc = EdgeProcess(tmp_path_factory.mktemp("workers"), extra_config=extra, trusted=["127.0.0.2/32"],
-                       sip_extra="rate_limit = 0", workers=WORKERS)
+             '[credit]\nslice_seconds = 2\n'
+             f'[tls]\ncert = "{cert}"\nkey = "{key}"\nca = "{ca.path}"\n')
+    proc = EdgeProcess(tmp, extra_config=extra, trusted=["127.0.0.2/32"], sip_extra="rate_limit = 0",
+                       listen_extra=(f"tls:127.0.0.1:{tls_port}",), workers=WORKERS)
+    proc.tls_port = tls_port  # type: ignore[attr-defined]
+    proc.tls_client = ssl.create_default_context(cafile=str(ca.path))  # type: ignore[attr-defined]
     with proc:
         with proc.client() as api:
             assert api.put("/v1/rates", json={"rates": [
@@ -202,14 +219,17 @@ def test_in_dialog_requests_from_another_source_port_reach_the_owning_worker(edg
     assert metric(edge, "edge_sip_worker_forwarded_total", kind="message") >= forwarded + 2 * WORKERS
 
 
-def test_a_call_over_tcp_and_bye_work_across_workers(edge: EdgeProcess, carrier: Carrier) -> None:
-    """A PBX registered over a TCP connection one worker holds gets an incoming call the other
-    worker handles (written over the link), answers it and hangs up over its connection."""
+@pytest.mark.parametrize("proto", ["tcp", "tls"])
+def test_a_call_over_tcp_and_bye_work_across_workers(edge: EdgeProcess, carrier: Carrier, proto: str) -> None:
+    """A PBX registered over a TCP (or TLS) connection one worker holds gets an incoming call the
+    other worker handles (written over the link: for TLS, encrypted by the worker holding the
+    session), answers it and hangs up over its connection."""
     carrier_worker = options_worker_of_carrier(edge, carrier)
     prof = new_profile(edge)
     number = f"+1415559{uuid.uuid4().int % 10000:04d}"
     attach_number(edge, prof, number)
-    tcp = pbx_on(edge, 1 - carrier_worker, "tcp")
+    tcp = pbx_on(edge, 1 - carrier_worker, proto)
+    via, transport = proto.upper(), f"transport={proto}"
     writes = metric(edge, "edge_sip_worker_forwarded_total", kind="write")
     try:
         register_pbx(tcp, prof)
@@ -219,9 +239,9 @@ def test_a_call_over_tcp_and_bye_work_across_workers(edge: EdgeProcess, carrier:
         inv = tcp.recv()
         while not (inv.is_request and inv.method == "INVITE"):
             inv = tcp.recv()
-        assert inv.top_via.transport == "TCP" and worker_of(inv.from_tag) == carrier_worker
+        assert inv.top_via.transport == via and worker_of(inv.from_tag) == carrier_worker
         tcp.send(build_response(inv, 200, to_tag="pbxtcp", headers=[
-            ("Contact", f"<sip:{prof['sip_username']}@127.0.0.1:{tcp.port};transport=tcp>"),
+            ("Contact", f"<sip:{prof['sip_username']}@127.0.0.1:{tcp.port};{transport}>"),
             ("Content-Type", "application/sdp")], body=sdp(40002)))
         final = carrier.recv()
         while final.is_request or final.status < 200:
@@ -235,7 +255,7 @@ def test_a_call_over_tcp_and_bye_work_across_workers(edge: EdgeProcess, carrier:
         assert got.is_request and got.method == "ACK"
         assert api_get(edge, f"/v1/profiles/{prof['id']}")["channels_in_use"] == 1
         # the PBX hangs up over its TCP connection: the worker holding it forwards to the call's
-        bye = (f"BYE {inv.header('Contact').strip('<>')} SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:{tcp.port};"
+        bye = (f"BYE {inv.header('Contact').strip('<>')} SIP/2.0\r\nVia: SIP/2.0/{via} 127.0.0.1:{tcp.port};"
                f"branch=z9hG4bK{uuid.uuid4().hex[:10]}\r\nFrom: {inv.header('To')};tag=pbxtcp\r\n"
                f"To: {inv.header('From')}\r\nCall-ID: {inv.call_id}\r\nCSeq: 2 BYE\r\nMax-Forwards: 70\r\n"
                "Content-Length: 0\r\n\r\n")
