@@ -34,6 +34,7 @@ import io
 import pstats
 import re
 import secrets
+import socket
 import sys
 import tempfile
 import time
@@ -46,8 +47,8 @@ from edge.control import accounts, ledger, profiles, rates
 from edge.control.models import Rate
 from edge.control.store import Store
 from edge.node import Node
-from edge.sip import SipMessage, build_response, parse
-from edge.sip.transport import Peer
+from edge.sip import SipMessage, build_response, frame_length, parse
+from edge.sip.transport import Peer, TcpConnection
 
 PBX = Peer("udp", "127.0.0.1", 5070)
 CARRIER = Peer("udp", "127.0.0.2", 5080)
@@ -92,9 +93,9 @@ def pbx_request(method: str, user: str, call_id: str, cseq: int, *, to_tag: str 
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
-def register_request(user: str, call_id: str, cseq: int, *, auth: str = "") -> bytes:
+def register_request(user: str, call_id: str, cseq: int, *, auth: str = "", proto: str = "udp") -> bytes:
     lines = [f"REGISTER sip:{DOMAIN} SIP/2.0",
-             f"Via: SIP/2.0/UDP {PBX.host}:{PBX.port};branch=z9hG4bK{secrets.token_hex(6)};rport",
+             f"Via: SIP/2.0/{proto.upper()} {PBX.host}:{PBX.port};branch=z9hG4bK{secrets.token_hex(6)};rport",
              f"From: <sip:{user}@{DOMAIN}>;tag=reg{call_id[:8]}", f"To: <sip:{user}@{DOMAIN}>",
              f"Call-ID: {call_id}", f"CSeq: {cseq} REGISTER", f"Contact: <sip:{user}@{PBX.host}:{PBX.port}>",
              "Expires: 3600", "Max-Forwards: 70", "User-Agent: sipp-bench-pbx"]
@@ -112,8 +113,98 @@ def digest(user: str, password: str, challenge: str, uri: str, method: str = "IN
             f'response="{resp}", algorithm=MD5, qop=auth, nc=00000001, cnonce="0a4f113b"')
 
 
+class StreamStandIn:
+    """Stands in for an asyncio transport under a :class:`TcpConnection`: what it writes is
+    parsed and put on the :class:`Wire`, as ``Wire.send`` does for UDP."""
+
+    def __init__(self, wire: Wire, peer: Peer) -> None:
+        self.wire = wire
+        self.peer = peer
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return (self.peer.host, self.peer.port) if name == "peername" else default
+
+    def write(self, data: bytes) -> None:
+        self.wire.send(data, self.peer)
+
+    def close(self) -> None:
+        pass
+
+
+class SocketPbx:
+    """The PBX of the register scenario on a real loopback TCP connection: the edge's end is
+    asyncio's socket transport under a :class:`TcpConnection`, as in production, so the
+    event loop's wake-up, ``recv`` and ``send`` of every message are paid too. The PBX end
+    is a plain non-blocking socket read by a loop callback; its CPU is timed apart."""
+
+    def __init__(self, rig: Rig) -> None:
+        self.rig = rig
+        self.sock: socket.socket | None = None
+        self.buf = bytearray()
+        self.left = 0
+        self.call_id = ""
+        self.done: asyncio.Future[None] | None = None
+
+    async def connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            self.sock = socket.create_connection(listener.getsockname())
+            accepted, _ = listener.accept()
+        self.sock.setblocking(False)
+        await loop.connect_accepted_socket(lambda: TcpConnection(self.rig.node.sip.transports), accepted)
+        loop.add_reader(self.sock.fileno(), self._readable)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
+
+    async def run(self, registrations: int) -> None:
+        """``registrations`` digest registrations, one after the other, as bench_tls_register's
+        generator does them on each of its connections."""
+        self.left = registrations
+        self.done = asyncio.get_running_loop().create_future()
+        t = time.perf_counter()
+        self._begin()
+        self.rig.peer_cpu += time.perf_counter() - t
+        await asyncio.wait_for(self.done, timeout=60 + registrations * 0.01)
+
+    def _begin(self) -> None:
+        rig = self.rig
+        self.call_id = secrets.token_hex(10)
+        rig.reg_cseq += 1
+        self._send(register_request(rig.user, self.call_id, rig.reg_cseq, proto="tcp"))
+
+    def _send(self, data: bytes) -> None:
+        assert self.sock is not None
+        self.sock.sendall(data)  # a few hundred octets into an empty loopback buffer
+
+    def _readable(self) -> None:
+        t = time.perf_counter()
+        assert self.sock is not None and self.done is not None
+        self.buf += self.sock.recv(65536)
+        while (n := frame_length(self.buf)) > 0:
+            response = parse(bytes(self.buf[:n]))
+            del self.buf[:n]
+            rig = self.rig
+            if response.status == 401:
+                rig.reg_cseq += 1
+                auth = digest(rig.user, rig.password, response.header("WWW-Authenticate") or "", f"sip:{DOMAIN}",
+                              method="REGISTER")
+                self._send(register_request(rig.user, self.call_id, rig.reg_cseq, auth=auth, proto="tcp"))
+            elif response.status == 200:
+                self.left -= 1
+                if self.left > 0:
+                    self._begin()
+                elif not self.done.done():
+                    self.done.set_result(None)
+            elif not self.done.done():
+                self.done.set_exception(LookupError(f"the edge answered {response.status}"))
+        self.rig.peer_cpu += time.perf_counter() - t
+
+
 class Rig:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, transport: str = "udp") -> None:
         cfg = Config(carriers=[CarrierConfig(uri=f"sip:{CARRIER.host}:{CARRIER.port}")],
                      inbound=InboundConfig(trusted=["127.0.0.3/32"]))
         cfg.sip.digest_algorithms = ["MD5"]
@@ -128,6 +219,14 @@ class Rig:
         transports.local = {"udp": ("127.0.0.1", 5060)}
         transports.send = self.wire.send  # type: ignore[method-assign]
         self.received = transports.received
+        self.transport = transport
+        self.stream: TcpConnection | None = None
+        self.pbx = SocketPbx(self) if transport == "tcp" else None
+        if transport != "udp":
+            del transports.send  # answers go back over the PBX's connection (its transport or StreamStandIn)
+        if transport == "tcp-framing":  # the PBX's messages arrive on one TCP connection, framed by it
+            self.stream = TcpConnection(transports)
+            self.stream.connection_made(StreamStandIn(self.wire, PBX))  # type: ignore[arg-type]
         self.node.media.start()
         acct = accounts.create(self.store, "Bench", "bench.admin")
         ledger.top_up(self.store, acct.id, 10_000 * 1_000_000)
@@ -139,7 +238,10 @@ class Rig:
         self.peer_cpu = 0.0  # time spent building the peers' messages (wall clock: one thread), subtracted
 
     def feed(self, data: bytes, peer: Peer) -> None:
-        self.received(data, peer, None)
+        if self.stream is not None and peer is PBX:
+            self.stream.data_received(data)
+        else:
+            self.received(data, peer, None)
 
     def answer(self, req: SipMessage, status: int, body: bytes = b"") -> bytes:
         t = time.perf_counter()
@@ -156,7 +258,7 @@ class Rig:
         t = time.perf_counter()
         call_id = secrets.token_hex(10)
         self.reg_cseq += 1
-        first = register_request(self.user, call_id, self.reg_cseq)
+        first = register_request(self.user, call_id, self.reg_cseq, proto=self.transport)
         self.peer_cpu += time.perf_counter() - t
         self.feed(first, PBX)
         challenge = self.wire.take(self.wire.to_pbx, 401)
@@ -164,7 +266,7 @@ class Rig:
         self.reg_cseq += 1
         auth = digest(self.user, self.password, challenge.header("WWW-Authenticate") or "", f"sip:{DOMAIN}",
                       method="REGISTER")
-        second = register_request(self.user, call_id, self.reg_cseq, auth=auth)
+        second = register_request(self.user, call_id, self.reg_cseq, auth=auth, proto=self.transport)
         self.peer_cpu += time.perf_counter() - t
         self.feed(second, PBX)
         self.wire.take(self.wire.to_pbx, 200)
@@ -205,11 +307,15 @@ class Rig:
         self.wire.to_carrier.clear()
 
 
-async def measure(calls: int, rounds: int, profile: bool, scenario: str = "call") -> dict[str, Any]:
+async def measure(calls: int, rounds: int, profile: bool, scenario: str = "call",
+                  transport: str = "udp") -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-callpath-") as tmp:
-        rig = Rig(Path(tmp))
+        rig = Rig(Path(tmp), transport)
         one = rig.register if scenario == "register" else rig.call
-        for _ in range(200):  # warm-up: code paths, caches, the store's pages
+        if rig.pbx is not None:
+            await rig.pbx.connect()
+            await rig.pbx.run(200)  # warm-up, as below
+        for _ in range(200 if rig.pbx is None else 0):  # warm-up: code paths, caches, the store's pages
             one()
             await asyncio.sleep(0)
         gc.collect()  # as Node.run does after start-up
@@ -222,7 +328,9 @@ async def measure(calls: int, rounds: int, profile: bool, scenario: str = "call"
             start = time.process_time()
             if prof is not None:
                 prof.enable()
-            for i in range(calls):
+            if rig.pbx is not None:
+                await rig.pbx.run(calls)  # the loop runs between messages, as in production
+            for i in range(calls if rig.pbx is None else 0):
                 one()
                 if i % 20 == 19:
                     await asyncio.sleep(0)  # due timers and the flusher run, as between datagrams
@@ -231,6 +339,8 @@ async def measure(calls: int, rounds: int, profile: bool, scenario: str = "call"
                 prof.disable()
             per_call.append((time.process_time() - start - rig.peer_cpu) / calls)
         live = len(rig.node.calls.calls)
+        if rig.pbx is not None:
+            rig.pbx.close()
         rig.node.media.close()
         rig.store.close()
     out: dict[str, Any] = {"cpu_us_per_call_rounds": [round(x * 1e6, 1) for x in per_call],
@@ -242,7 +352,7 @@ async def measure(calls: int, rounds: int, profile: bool, scenario: str = "call"
     return out
 
 
-def count_instructions(calls: int, output: str, scenario: str = "call") -> int:
+def count_instructions(calls: int, output: str, scenario: str = "call", transport: str = "udp") -> int:
     """Instructions of one call: callgrind totals of a run with ``calls`` and one with ``3*calls``."""
     import subprocess
 
@@ -251,7 +361,7 @@ def count_instructions(calls: int, output: str, scenario: str = "call") -> int:
         with tempfile.TemporaryDirectory() as tmp:
             run = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/cg.out",
                                   sys.executable, "-m", "bench.bench_callpath", "--calls", str(n), "--rounds", "1",
-                                  "--scenario", scenario,
+                                  "--scenario", scenario, "--transport", transport,
                                   "--output", f"{tmp}/inner.json"], capture_output=True, text=True, timeout=3600,
                                  cwd=Path(__file__).resolve().parents[1])
         found = re.search(r"Collected : (\d+)", run.stderr)
@@ -261,10 +371,10 @@ def count_instructions(calls: int, output: str, scenario: str = "call") -> int:
         totals.append(int(found.group(1)))
     per_call = (totals[1] - totals[0]) / (2 * calls)
     path = write_result(output, {"bench": "callpath-instructions", "machine": machine_info(),
-                                 "method": {"calls": [calls, 3 * calls], "scenario": scenario,
+                                 "method": {"calls": [calls, 3 * calls], "scenario": scenario, "transport": transport,
                                             "tool": "valgrind --tool=callgrind"},
                                  "instructions_total": totals, "instructions_per_call": round(per_call)})
-    print(f"instructions per {scenario}: {per_call / 1e6:.3f} M (totals {totals}) -> {path}")
+    print(f"instructions per {scenario} ({transport}): {per_call / 1e6:.3f} M (totals {totals}) -> {path}")
     return 0
 
 
@@ -275,13 +385,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="also print where the time goes (cProfile)")
     ap.add_argument("--scenario", choices=("call", "register"), default="call",
                     help="a full call, or a digest registration (REGISTER, 401, REGISTER, 200)")
+    ap.add_argument("--transport", choices=("udp", "tcp-framing", "tcp"), default="udp",
+                    help="register scenario: how the PBX's messages arrive: datagrams handed to the boundary; "
+                         "a TcpConnection fed directly (its framing only); or a real loopback TCP connection")
     ap.add_argument("--instructions", action="store_true",
                     help="count instructions per call with callgrind (two runs: --calls and 3x --calls)")
     ap.add_argument("--output", default="callpath.json")
     args = ap.parse_args(argv)
     if args.instructions:
-        return count_instructions(args.calls, args.output, args.scenario)
-    result = asyncio.run(measure(args.calls, args.rounds, args.profile, args.scenario))
+        return count_instructions(args.calls, args.output, args.scenario, args.transport)
+    result = asyncio.run(measure(args.calls, args.rounds, args.profile, args.scenario, args.transport))
     profile_text = result.pop("profile", None)
     path = write_result(args.output, {"bench": "callpath", "machine": machine_info(),
                                       "method": {"calls": args.calls, "rounds": args.rounds,

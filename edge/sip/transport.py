@@ -152,9 +152,11 @@ class TcpConnection(asyncio.Protocol):
         self._deadline = 0.0                           # loop time when the current phase expires
         self._timer: asyncio.TimerHandle | None = None  # fires at or before _deadline
         self._scanned = 0                              # octets of buf searched for the end of the head
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop it runs on, from connection_made
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._loop = asyncio.get_running_loop()
         host, port = transport.get_extra_info("peername")[:2]
         self.peer = Peer(self.proto, host, port, self, self.side)
         if not self.layer.admit(self):
@@ -165,7 +167,7 @@ class TcpConnection(asyncio.Protocol):
 
     def _enter(self, phase: ReadPhase) -> None:
         """Start ``phase`` now: its deadline counts from this moment."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         self.phase = phase
         self._deadline = loop.time() + self.layer.read_timeouts[phase]
         if self._timer is None or self._timer.when() > self._deadline:
@@ -205,6 +207,18 @@ class TcpConnection(asyncio.Protocol):
                 self._enter(ReadPhase.BODY)
 
     def data_received(self, data: bytes) -> None:
+        if not self.buf and len(data) <= TCP_READ_LIMIT:
+            # The usual read: nothing buffered, and the read is one whole message. It goes up
+            # as it came, without a copy through the buffer; anything else takes the general path.
+            try:
+                whole = frame_length(data) == len(data)
+            except Exception:  # the general path below answers it (or counts a framing bug)
+                whole = False
+            if whole:
+                self.layer.received(data, self.peer, self)  # type: ignore[arg-type]
+                if not self.closed:
+                    self._enter(ReadPhase.IDLE)  # a complete message: the idle timeout restarts
+                return
         self.buf += data
         if len(self.buf) > TCP_READ_LIMIT:
             self.layer.metrics.parse_errors.labels("StreamOverflow").inc()
@@ -235,9 +249,8 @@ class TcpConnection(asyncio.Protocol):
                 break
             frame = bytes(self.buf[:n])
             del self.buf[:n]
-            progressed = True
-            if frame.strip(b"\r\n"):
-                self.layer.received(frame, self.peer, self)  # type: ignore[arg-type]
+            progressed = True  # n > 0: a whole head was found, so the frame is never only CR/LF
+            self.layer.received(frame, self.peer, self)  # type: ignore[arg-type]
         if not self.closed:
             self._read_done(progressed)
 

@@ -156,3 +156,23 @@ def test_an_idle_connection_is_closed_without_counting_an_error(env) -> None:
     assert transport.closing and timeouts() == 0
     run(lambda: None)
     assert conn.closed and conn._timer is None
+
+
+def test_every_way_a_message_can_arrive_delivers_the_same_message(env) -> None:
+    """A read that is one whole message skips the buffer; every other read goes through it.
+    Both paths must hand up the same messages and leave the connection in the same phase."""
+    clock, conn, transport, run, got, timeouts = env
+    run(lambda: conn.data_received(WITH_BODY))                    # one whole message: the short path
+    run(lambda: conn.data_received(WITH_BODY + OPTIONS))          # two in one read
+    run(lambda: conn.data_received(WITH_BODY[:50]))               # one split across reads
+    run(lambda: conn.data_received(WITH_BODY[50:]))
+    run(lambda: conn.data_received(b"\r\n" + OPTIONS))            # a stray CRLF before a message
+    assert [m.raw.lstrip(b"\r\n") for m in got] == [WITH_BODY, WITH_BODY, OPTIONS, WITH_BODY, OPTIONS]
+    assert [m.body for m in got if m.method == "OPTIONS" and m.raw.endswith(b"0123456789")] == [b"0123456789"] * 3
+    assert conn.phase is ReadPhase.IDLE and not conn.buf and not transport.closing
+
+
+def test_a_whole_read_without_content_length_is_answered_and_closes_the_stream(env) -> None:
+    clock, conn, transport, run, got, timeouts = env
+    run(lambda: conn.data_received(OPTIONS.replace(b"Content-Length: 0\r\n", b"")))
+    assert got == [] and transport.written.startswith(b"SIP/2.0 400 ") and transport.closing
