@@ -356,16 +356,8 @@ class Node:
 
     def _record_reload(self, *, ok: bool, error: str = "", restart_needed: list[str] | None = None) -> None:
         self.reloads += 1
-        if self.data_dir is None:
-            return
-        result = {"pid": os.getpid(), "serial": self.reloads, "at": time.time(), "ok": ok, "error": error,
-                  "restart_needed": restart_needed or []}
-        try:
-            tmp = self.data_dir / (RELOAD_FILE + ".tmp")
-            tmp.write_text(json.dumps(result) + "\n")
-            tmp.replace(self.data_dir / RELOAD_FILE)
-        except OSError as exc:
-            log.warning("cannot write %s: %s", RELOAD_FILE, exc.strerror)
+        if self.data_dir is not None:
+            write_reload_record(self.data_dir, self.reloads, ok=ok, error=error, restart_needed=restart_needed)
 
     # ------------------------------------------------------------ run
 
@@ -528,6 +520,19 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def write_reload_record(data_dir: Path, serial: int, *, ok: bool, error: str = "",
+                        restart_needed: list[str] | None = None) -> None:
+    """The outcome of a reload, for `sipedge reload` to read (written whole or not at all)."""
+    result = {"pid": os.getpid(), "serial": serial, "at": time.time(), "ok": ok, "error": error,
+              "restart_needed": restart_needed or []}
+    try:
+        tmp = data_dir / (RELOAD_FILE + ".tmp")
+        tmp.write_text(json.dumps(result) + "\n")
+        tmp.replace(data_dir / RELOAD_FILE)
+    except OSError as exc:
+        log.warning("cannot write %s: %s", RELOAD_FILE, exc.strerror)
 
 
 async def serve(cfg: Config, store: Store, token: str, *, config_path: str | None = None,

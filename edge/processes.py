@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import ctypes
 import hashlib
-import json
 import logging
 import os
 import signal
@@ -209,17 +208,10 @@ class Supervisor:
         sdnotify.notify("READY=1", "STATUS=serving")
 
     def _record_reload(self, *, ok: bool, error: str = "", restart_needed: list[str] | None = None) -> None:
-        from .node import RELOAD_FILE
+        from .node import write_reload_record
 
         self.reloads += 1
-        result = {"pid": os.getpid(), "serial": self.reloads, "at": time.time(), "ok": ok, "error": error,
-                  "restart_needed": restart_needed or []}
-        try:
-            tmp = self.data_dir / (RELOAD_FILE + ".tmp")
-            tmp.write_text(json.dumps(result) + "\n")
-            tmp.replace(self.data_dir / RELOAD_FILE)
-        except OSError as exc:
-            log.warning("cannot write %s: %s", RELOAD_FILE, exc.strerror)
+        write_reload_record(self.data_dir, self.reloads, ok=ok, error=error, restart_needed=restart_needed)
 
     # ------------------------------------------------------------ run
 
