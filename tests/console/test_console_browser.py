@@ -90,6 +90,26 @@ def wait(driver: Any, timeout: float = 30.0) -> WebDriverWait:
                          ignored_exceptions=[StaleElementReferenceException, NoSuchElementException])
 
 
+def gone_document(exc: WebDriverException) -> bool:
+    """chromedriver reports a node of a replaced document either as stale or as "Node ... does
+    not belong to the document" (an inspector error): both mean the page has moved on."""
+    return isinstance(exc, StaleElementReferenceException) or "does not belong to the document" in str(exc)
+
+
+def replaced(old: Any) -> Callable[[Any], bool]:
+    """A wait condition: ``old`` (an element of the page before) no longer belongs to the page."""
+    def check(_driver: Any) -> bool:
+        try:
+            old.is_enabled()
+        except WebDriverException as exc:
+            if gone_document(exc):
+                return True
+            raise
+        return False
+
+    return check
+
+
 def on_this_page(driver: Any, action: Callable[[], None]) -> None:
     """Run ``action`` on an element found afresh; chromedriver may hand out a node of the document
     being replaced (a stale element, or "Node ... does not belong to the document"): the action
@@ -99,8 +119,7 @@ def on_this_page(driver: Any, action: Callable[[], None]) -> None:
             action()
             return
         except WebDriverException as exc:
-            stale = isinstance(exc, StaleElementReferenceException) or "does not belong to the document" in str(exc)
-            if attempt == 2 or not (stale or isinstance(exc, NoSuchElementException)):
+            if attempt == 2 or not (gone_document(exc) or isinstance(exc, NoSuchElementException)):
                 raise
             wait(driver).until(lambda d: d.execute_script("return document.readyState") == "complete")
 
@@ -119,7 +138,7 @@ def click(driver: Any, button_id: str) -> None:
     """Click a submit button or link and wait for the next page to replace this one."""
     old = driver.find_element(By.TAG_NAME, "html")
     on_this_page(driver, lambda: driver.find_element(By.ID, button_id).click())
-    wait(driver).until(ec.staleness_of(old))
+    wait(driver).until(replaced(old))
     wait(driver).until(lambda d: d.execute_script("return document.readyState") == "complete")
 
 
