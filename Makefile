@@ -16,14 +16,16 @@ toolchain:
 # Debian packages the test suite drives as real peers: SIPp (sip-tester) and Prometheus
 # (the dashboard and alert-rule test); iproute2 and nftables for the network-namespace
 # tests (tests/net: veth links, a 1:1 NAT); systemd-analyze (systemd) for the unit file
-# test; Chromium and its WebDriver for the console's browser test. Installed only if missing.
+# test; Chromium and its WebDriver for the console's browser test; nats-server (JetStream) for
+# the cluster tests' three-member engine. Installed only if missing.
 DEBS_NEEDED = $(shell command -v sipp >/dev/null 2>&1 || echo sip-tester) \
               $(shell command -v promtool >/dev/null 2>&1 || echo prometheus) \
               $(shell command -v ip >/dev/null 2>&1 || echo iproute2) \
               $(shell command -v nft >/dev/null 2>&1 || echo nftables) \
               $(shell command -v systemd-analyze >/dev/null 2>&1 || echo systemd) \
               $(shell command -v chromium >/dev/null 2>&1 || echo chromium) \
-              $(shell command -v chromedriver >/dev/null 2>&1 || echo chromium-driver)
+              $(shell command -v chromedriver >/dev/null 2>&1 || echo chromium-driver) \
+              $(shell command -v nats-server >/dev/null 2>&1 || echo nats-server)
 system-deps:
 	@if [ -n "$(strip $(DEBS_NEEDED))" ]; then \
 	  echo "installing Debian packages: $(DEBS_NEEDED)"; \

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Annotated, Literal
@@ -178,6 +179,18 @@ class NodeConfig(Section):
         return self.workers or max(1, len(os.sched_getaffinity(0)))
 
 
+class ClusterConfig(Section):
+    """Several nodes on one distributed engine (SPEC §9, docs/cluster.md). No engine: one node alone."""
+
+    node: str = ""                 # unique name of this node in the cluster
+    engine: list[str] = []         # NATS JetStream members: "nats://host:port" (or tls://)
+    lease_seconds: Annotated[float, msgspec.Meta(ge=1, le=60)] = 5.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.engine)
+
+
 class Config(Section):
     node: NodeConfig = msgspec.field(default_factory=NodeConfig)
     sip: SipConfig = msgspec.field(default_factory=SipConfig)
@@ -191,6 +204,7 @@ class Config(Section):
     inbound: InboundConfig = msgspec.field(default_factory=InboundConfig)
     credit: CreditConfig = msgspec.field(default_factory=CreditConfig)
     tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
 
 
 class ConfigError(Exception):
@@ -366,7 +380,26 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("sip.digest_algorithms: offer at least one of SHA-256, MD5")
     if cfg.sip.min_expires > cfg.sip.max_expires:
         raise ConfigError("sip.min_expires: larger than sip.max_expires")
+    _validate_cluster(cfg.cluster)
     return cfg
+
+
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+
+
+def _validate_cluster(cluster: ClusterConfig) -> None:
+    if not cluster.enabled:
+        if cluster.node:
+            raise ConfigError("cluster.engine: cluster.node is set but no engine member is named")
+        return
+    # The name is a NATS subject and key token: no dots, wildcards or spaces.
+    if not _NODE_NAME.fullmatch(cluster.node):
+        raise ConfigError(f"cluster.node: a name of letters, digits, '-' and '_' is required, got {cluster.node!r}")
+    for i, url in enumerate(cluster.engine):
+        scheme, sep, rest = url.partition("://")
+        if scheme not in ("nats", "tls") or not sep:
+            raise ConfigError(f"cluster.engine[{i}]: expected nats://HOST:PORT or tls://HOST:PORT, got {url!r}")
+        _check_hostport(f"cluster.engine[{i}]", rest)
 
 
 def carrier_uses_tls(uri: str) -> bool:
