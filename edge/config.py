@@ -174,6 +174,9 @@ class NodeConfig(Section):
     # SIP worker processes (docs/architecture.md "Processes"); 0: one per core. Each takes an equal
     # slice of media.ports. 1: the single process of earlier builds (SIP, calls and the API on one loop).
     workers: Annotated[int, msgspec.Meta(ge=0, le=32)] = 0
+    # seconds a worker or the API process may go without its heartbeat before the supervisor
+    # kills and restarts it (its calls are settled as after a crash); 0: never
+    hang_timeout: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 30.0
 
     def worker_count(self) -> int:
         return self.workers or max(1, len(os.sched_getaffinity(0)))

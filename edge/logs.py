@@ -77,8 +77,15 @@ def stderr_is_journal() -> bool:
     return os.environ.get("JOURNAL_STREAM", "") == f"{st.st_dev}:{st.st_ino}"
 
 
-def setup(fmt: str = "text", level: str = "info") -> None:
+def setup(fmt: str = "text", level: str = "info", *, process: str = "") -> None:
+    """:param process: the node process this is (``w0``, ``api``): every line carries it as ``proc``."""
     handler = logging.StreamHandler(sys.stderr)
+    if process:
+        def stamp(record: logging.LogRecord) -> bool:
+            setattr(record, "proc", process)  # noqa: B010 (a LogRecord takes extra fields)
+            return True
+
+        handler.addFilter(stamp)
     journal = stderr_is_journal()
     inner = JsonFormatter() if fmt == "json" else TextFormatter(with_time=not journal)
     handler.setFormatter(JournalFormatter(inner) if journal else inner)

@@ -17,6 +17,9 @@ across them.
   keeps dying; at start it settles the calls it left (CDR ``recovery``, its channels freed),
   the other workers' calls are never touched. The API process is restarted the same way;
   calls go on without it.
+- A child that stops answering (its event loop blocked: a bug, a stuck syscall, SIGSTOP) is
+  killed and started like a dead one: after ``ready`` it writes ``alive`` on the pipe every
+  second from its loop, and ``[node] hang_timeout`` seconds without one end it (SIGKILL).
 - SIGTERM drains: forwarded to the workers, the API keeps serving until the last worker has
   exited, and the supervisor exits 0 when every worker did. SIGHUP: the supervisor reads the
   config (and reports in ``reload.json`` under its pid), the workers apply it.
@@ -50,6 +53,7 @@ BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0   # seconds before a dead child is starte
 STABLE_AFTER = 30.0                      # a child up this long has its backoff reset
 START_TIMEOUT = 60.0                     # seconds the children may take to be ready at start
 API_STOP_WAIT = 10.0
+HEARTBEAT = 1.0                          # seconds between two ``alive`` lines of a child
 NONCE_KEY_FILE = "nonce.key"
 
 
@@ -90,6 +94,7 @@ class Child:
     failure: str = ""
     restart_at: float | None = None
     restarts: int = 0
+    alive_at: float = 0.0         # the last ``ready``/``alive`` line (monotonic)
     buffer: bytearray = field(default_factory=bytearray)
 
 
@@ -148,19 +153,24 @@ class Supervisor:
             return
         except OSError:
             data = b""
-        if data:
-            child.buffer += data
-            line = child.buffer.decode(errors="replace")
-            if line.startswith("ready"):
-                child.ready = True
+        if not data:   # the child closed its end (it exited, or failed at start)
+            self._close_ready(child)
+            self._wake.set()
+            return
+        child.buffer += data
+        *lines, rest = child.buffer.split(b"\n")
+        child.buffer[:] = rest
+        for raw in lines:
+            line = raw.decode(errors="replace")
+            if line == "alive":
+                child.alive_at = time.monotonic()
+            elif line == "ready":
+                child.ready, child.alive_at = True, time.monotonic()
                 if child.restarts:
                     log.info("%s serves again (pid %d)", child.name, child.proc.pid if child.proc else 0,
                              extra={"event": "child_restarted", "child": child.name})
-            elif line.startswith("fail ") and line.endswith("\n"):
+            elif line.startswith("fail "):
                 child.failure = line[5:].strip()
-            else:
-                return
-        self._close_ready(child)
         self._wake.set()
 
     def _close_ready(self, child: Child) -> None:
@@ -294,11 +304,20 @@ class Supervisor:
 
     def _tend(self, now: float) -> bool:
         """Restart what died; :returns: True once a drain has ended (every worker exited)."""
+        hang_timeout = self.cfg.node.hang_timeout
         for child in self._children():
             proc = child.proc
             if proc is None or proc.poll() is None:
                 if child.restart_at is not None and now >= child.restart_at and not self.draining:
                     self._start(child)
+                elif proc is not None and hang_timeout and child.ready and now - child.alive_at > hang_timeout:
+                    log.error("%s (pid %d) has not answered for %.0f s: killing it", child.name, proc.pid,
+                              now - child.alive_at, extra={"event": "child_hung", "child": child.name})
+                    child.ready = False   # killed once; its exit is handled as any death below
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
                 continue
             if child.restart_at is None and not (self.draining and child is not self.api):
                 if child.ready_fd >= 0:
@@ -328,9 +347,13 @@ class Supervisor:
 # ---------------------------------------------------------------- the children
 
 
+def _ready_fd() -> int:
+    return int(os.environ.get("SIPEDGE_READY_FD", "-1"))
+
+
 def _report(message: str) -> None:
-    """Tell the supervisor over the ready pipe: ``ready``, or ``fail <why>``."""
-    fd = int(os.environ.get("SIPEDGE_READY_FD", "-1"))
+    """Tell the supervisor over the ready pipe: ``fail <why>`` (and close it)."""
+    fd = _ready_fd()
     if fd < 0:
         return
     try:
@@ -339,6 +362,27 @@ def _report(message: str) -> None:
     except OSError:
         pass
     os.environ["SIPEDGE_READY_FD"] = "-1"
+
+
+def _report_ready() -> None:
+    """``ready``, then ``alive`` every :data:`HEARTBEAT` from this (running) event loop: a loop
+    that blocks stops the lines, and the supervisor's ``hang_timeout`` ends the process."""
+    fd = _ready_fd()
+    if fd < 0:
+        return
+    os.set_blocking(fd, False)   # a supervisor that does not read must never block this loop
+    loop = asyncio.get_running_loop()
+
+    def say(line: bytes) -> None:
+        try:
+            os.write(fd, line)
+        except BlockingIOError:
+            pass                   # the pipe is full: the supervisor will read the next one
+        except OSError:
+            return                 # the supervisor is gone (we die with it)
+        loop.call_later(HEARTBEAT, say, b"alive\n")
+
+    say(b"ready\n")
 
 
 def _child_main(argv: list[str] | None = None) -> int:
@@ -358,7 +402,7 @@ def _child_main(argv: list[str] | None = None) -> int:
         die_with_parent(supervisor)
     from .logs import setup as setup_logging
 
-    setup_logging(args.log_format, args.log_level)
+    setup_logging(args.log_format, args.log_level, process=f"w{args.index}" if args.role == "worker" else "api")
     from .node import StartupError
 
     try:
@@ -390,7 +434,7 @@ async def _worker(cfg: Config, args: argparse.Namespace) -> None:
     store = open_store(cfg, data_dir)   # opened here, in this process: never inherited
     try:
         role = WorkerRole(index=args.index, count=args.count, key=node_key(data_dir),
-                          nonce_key=nonce_key(data_dir), ready=lambda: _report("ready"))
+                          nonce_key=nonce_key(data_dir), ready=_report_ready)
         await serve(cfg, store, "", config_path=args.config, role=role)
     finally:
         store.close()
@@ -425,7 +469,7 @@ async def _api(cfg: Config, args: argparse.Namespace) -> None:
         while not server.started and not task.done():
             await asyncio.sleep(0.01)
         if server.started:
-            _report("ready")
+            _report_ready()
         await task
     finally:
         store.close()

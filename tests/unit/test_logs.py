@@ -89,3 +89,23 @@ def test_journald_gets_priorities_and_no_time(tmp_path, monkeypatch) -> None:
     assert lines == ["<4>WARNING sipedge.x: port busy port=5060", "<6>INFO    sipedge.x: serving"]
     monkeypatch.setenv("JOURNAL_STREAM", "1:2")
     assert not logs.stderr_is_journal()
+
+
+def test_every_line_of_a_node_process_names_it(tmp_path, monkeypatch) -> None:
+    """With workers each line says which process wrote it (``proc=w1``, ``"proc":"api"``)."""
+    import io
+    import sys
+
+    from edge import logs
+
+    for fmt, process, want in (("text", "w1", "proc=w1"), ("json", "api", '"proc":"api"')):
+        stream = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", stream)
+        monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+        try:
+            logs.setup(fmt, "info", process=process)
+            logging.getLogger("sipedge.x").warning("a call ended", extra={"call_id": "c9"})
+        finally:
+            logging.getLogger().handlers[:] = [logging.StreamHandler(io.StringIO())]
+        line = stream.getvalue().strip()
+        assert want in line and "c9" in line, line

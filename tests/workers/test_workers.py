@@ -553,3 +553,46 @@ def test_reload_and_drain_go_through_the_supervisor(own_edge: EdgeProcess) -> No
     assert not (edge.data / "sipedge.pid").exists()
     assert all(not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
                for pid in kids.values())
+
+
+@pytest.fixture
+def hang_edge(tmp_path, carrier):
+    extra = (f'[[carriers]]\nuri = "sip:127.0.0.2:{carrier.port}"\npriority = 1\nweight = 100\n'
+             '[credit]\nslice_seconds = 2\n[node]\nhang_timeout = 3\n')
+    proc = EdgeProcess(tmp_path, extra_config=extra, trusted=["127.0.0.2/32"], sip_extra="rate_limit = 0",
+                       workers=WORKERS)
+    with proc:
+        with proc.client() as api:
+            assert api.put("/v1/rates", json={"rates": [
+                {"prefix": "44", "rate": "0.0200", "min_seconds": 60, "increment_seconds": 6}]}).status_code == 200
+        yield proc
+
+
+def test_a_hung_worker_is_killed_and_its_calls_settled(hang_edge: EdgeProcess, carrier: Carrier) -> None:
+    """A worker whose loop stops (SIGSTOP stands for a blocked loop) sends no heartbeat: after
+    ``[node] hang_timeout`` the supervisor kills it, starts it again, and the call it held is
+    settled at its start as after a crash; the other worker never stops serving."""
+    edge = hang_edge
+    pbxs = [pbx_on(edge, 1), pbx_on(edge, 0)]
+    try:
+        call = Call(edge, pbxs[0], carrier, new_profile(edge))
+        call.ack_from(pbxs[0])
+        carrier.recv_request("ACK")
+        assert call.worker == 1
+        before = wait_children(edge)
+        os.kill(before["worker 1"], signal.SIGSTOP)
+        assert wait_for(lambda: children(edge.proc.pid).get("worker 1") not in (None, before["worker 1"]), 40)
+        cdr = wait_for(lambda: api_get(edge, f"/v1/profiles/{call.prof['id']}/cdrs")["items"], 30)
+        assert cdr and cdr[0]["end_reason"] == "recovery", cdr
+        assert api_get(edge, f"/v1/profiles/{call.prof['id']}")["channels_in_use"] == 0
+        ledger_matches_balance(edge, call.prof)
+        assert f"worker 1 (pid {before['worker 1']}) has not answered" in edge.log.read_text()
+        assert wait_children(edge)["worker 0"] == before["worker 0"]   # never touched
+        other = Call(edge, pbxs[1], carrier, new_profile(edge))
+        other.ack_from(pbxs[1])
+        carrier.recv_request("ACK")
+        assert other.bye_from(pbxs[1]) == 200
+    finally:
+        for pbx in pbxs:
+            pbx.close()
+    assert edge.stop() == 0, edge.log.read_text()[-3000:]
