@@ -432,10 +432,9 @@ def test_metrics_totals_are_the_calls_placed_on_every_worker(edge: EdgeProcess, 
 # ------------------------------------------------------------ crashes (a node of their own)
 
 
-@pytest.fixture
-def own_edge(tmp_path, carrier):
+def node_of_its_own(tmp_path, carrier, extra_config: str = ""):  # type: ignore[no-untyped-def]
     extra = (f'[[carriers]]\nuri = "sip:127.0.0.2:{carrier.port}"\npriority = 1\nweight = 100\n'
-             '[credit]\nslice_seconds = 2\n')
+             '[credit]\nslice_seconds = 2\n' + extra_config)
     proc = EdgeProcess(tmp_path, extra_config=extra, trusted=["127.0.0.2/32"], sip_extra="rate_limit = 0",
                        workers=WORKERS)
     with proc:
@@ -443,6 +442,11 @@ def own_edge(tmp_path, carrier):
             assert api.put("/v1/rates", json={"rates": [
                 {"prefix": "44", "rate": "0.0200", "min_seconds": 60, "increment_seconds": 6}]}).status_code == 200
         yield proc
+
+
+@pytest.fixture
+def own_edge(tmp_path, carrier):
+    yield from node_of_its_own(tmp_path, carrier)
 
 
 def test_kill_9_of_a_worker_settles_its_calls_and_leaves_the_others(own_edge: EdgeProcess, carrier: Carrier) -> None:
@@ -557,15 +561,7 @@ def test_reload_and_drain_go_through_the_supervisor(own_edge: EdgeProcess) -> No
 
 @pytest.fixture
 def hang_edge(tmp_path, carrier):
-    extra = (f'[[carriers]]\nuri = "sip:127.0.0.2:{carrier.port}"\npriority = 1\nweight = 100\n'
-             '[credit]\nslice_seconds = 2\n[node]\nhang_timeout = 3\n')
-    proc = EdgeProcess(tmp_path, extra_config=extra, trusted=["127.0.0.2/32"], sip_extra="rate_limit = 0",
-                       workers=WORKERS)
-    with proc:
-        with proc.client() as api:
-            assert api.put("/v1/rates", json={"rates": [
-                {"prefix": "44", "rate": "0.0200", "min_seconds": 60, "increment_seconds": 6}]}).status_code == 200
-        yield proc
+    yield from node_of_its_own(tmp_path, carrier, "[node]\nhang_timeout = 3\n")
 
 
 def test_a_hung_worker_is_killed_and_its_calls_settled(hang_edge: EdgeProcess, carrier: Carrier) -> None:
