@@ -8,7 +8,8 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test build build-run toolchain system-deps install bench clean distclean
 
-# What building needs (python3-venv, python3-dev, gcc, libsrtp2-dev for the relay's SRTP):
+# What building needs (python3-venv, python3-dev, gcc, libsrtp2-dev and libssl-dev for the relay's SRTP;
+# tools/build-libsrtp.sh builds libsrtp2 on OpenSSL into build/libsrtp, else Debian's is linked):
 # installed when root on Debian, else named.
 toolchain:
 	@sh tools/check-toolchain.sh $(PYTHON)
@@ -48,8 +49,10 @@ $(STAMP): $(RUN_STAMP)
 # Rebuild the Cython extensions in place whenever a .pyx/.pxd/.pxi changed. The toolchain check
 # runs each time (it is quick): an older venv also gets libsrtp2-dev, which the relay links.
 build-run: toolchain $(RUN_STAMP)
+	@sh tools/build-libsrtp.sh $(PY)
 	$(PY) setup.py -q build_ext --inplace
 build: toolchain $(STAMP)
+	@sh tools/build-libsrtp.sh $(PY)
 	$(PY) setup.py -q build_ext --inplace
 
 run: build-run

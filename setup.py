@@ -17,21 +17,28 @@ if DEBUG:
     cflags = ["-O0", "-g", "-Wall"]
 
 
+# libsrtp2 on OpenSSL, when tools/build-libsrtp.sh could build it (else Debian's, on NSS)
+LIBSRTP = HERE / "build" / "libsrtp"
+
+
+def srtp_linkage() -> dict:
+    static = LIBSRTP / "lib" / "libsrtp2.a"
+    if static.exists():
+        return {"include_dirs": [str(LIBSRTP / "include")], "extra_objects": [str(static)],
+                "libraries": ["pthread", "crypto"], "depends": [str(static)],
+                "define_macros": [("SIPEDGE_SRTP_CRYPTO", '"openssl"')]}
+    return {"libraries": ["pthread", "srtp2"], "define_macros": [("SIPEDGE_SRTP_CRYPTO", '"debian"')]}
+
+
 def extensions() -> list[Extension]:
     exts = []
     for pyx in sorted((HERE / "edge").rglob("*.pyx")):
         rel = pyx.relative_to(HERE)
         module = ".".join(rel.with_suffix("").parts)
-        exts.append(
-            Extension(
-                module,
-                [str(rel)],
-                define_macros=macros,
-                extra_compile_args=cflags,
-                # the relay protects/unprotects SRTP with libsrtp2 (Debian libsrtp2-dev)
-                libraries=["pthread", "srtp2"] if module == "edge._rtp" else ["pthread"],
-            )
-        )
+        # the relay protects/unprotects SRTP with libsrtp2
+        link = srtp_linkage() if module == "edge._rtp" else {"libraries": ["pthread"]}
+        link["define_macros"] = macros + link.get("define_macros", [])
+        exts.append(Extension(module, [str(rel)], extra_compile_args=cflags, **link))
     return exts
 
 

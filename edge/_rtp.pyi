@@ -29,6 +29,8 @@ class SrtpError(ValueError):
     """``auth``, ``replay`` or ``error``."""
     def __init__(self, reason: str, message: str) -> None: ...
 
+def srtp_library() -> str: ...
+
 class SrtpContext:
     """One SRTP direction (tests and tools): the libsrtp session the relay uses.
 

@@ -465,6 +465,25 @@ cdef srtp_t _srtp_session(str suite, bytes key, bint inbound) except NULL:
     return session
 
 
+cdef extern from *:
+    """
+    #ifndef SIPEDGE_SRTP_CRYPTO
+    #define SIPEDGE_SRTP_CRYPTO "debian"
+    #endif
+    """
+    const char *SIPEDGE_SRTP_CRYPTO
+
+
+cdef extern from "<srtp2/srtp.h>" nogil:
+    const char *srtp_get_version_string()
+
+
+def srtp_library():
+    """``"libsrtp2 2.5.0 on openssl"``: the SRTP library linked and its crypto (``debian``: Debian's
+    libsrtp2, built on NSS; ``openssl``: tools/build-libsrtp.sh's)."""
+    return "%s on %s" % (srtp_get_version_string().decode(), SIPEDGE_SRTP_CRYPTO.decode())
+
+
 cdef class SrtpContext:
     """One SRTP direction, for tests and tools: the same libsrtp session the relay uses.
 

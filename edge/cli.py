@@ -50,6 +50,19 @@ def _config(args: argparse.Namespace) -> Config:
         raise Failure(f"invalid config: {exc}", EXIT_USAGE) from None
 
 
+def _srtp_library() -> str:
+    try:
+        from ._rtp import srtp_library
+    except ImportError:   # not built yet
+        return "relay not built"
+    return srtp_library()
+
+
+def _print_version(args: argparse.Namespace) -> int:
+    print(f"sipedge {__version__} ({_srtp_library()})")
+    return 0
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     cfg = _config(args)
     print(f"{args.config}: OK ({len(cfg.sip.listen)} SIP listeners, {len(cfg.carriers)} carriers, "
@@ -264,7 +277,7 @@ def _cmd_purge_cdrs(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sipedge", description="SIP/RTP trunking edge")
-    parser.add_argument("--version", action="version", version=f"sipedge {__version__}")
+    parser.add_argument("--version", action="version", version=f"sipedge {__version__} ({_srtp_library()})")
     sub = parser.add_subparsers(dest="command", required=True)
     config_help = "TOML config file (default: $SIPEDGE_CONFIG, else /etc/sipedge/sipedge.toml)"
     serve = sub.add_parser("serve", help="run the edge and its control API")
@@ -304,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument("--older-than-days", type=float, required=True, metavar="DAYS")
     purge.set_defaults(fn=_cmd_purge_cdrs)
     version = sub.add_parser("version", help="print the version")
-    version.set_defaults(fn=lambda a: print(f"sipedge {__version__}") or 0)
+    version.set_defaults(fn=_print_version)
     from .status import register as register_status
 
     register_status(sub)

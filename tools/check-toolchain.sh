@@ -1,7 +1,7 @@
 #!/bin/sh
 # What `make run` needs to build sipedge: a Python 3.11 with venv/ensurepip and its headers, a C
-# compiler and libsrtp2's headers (the relay links libsrtp2 for SRTP). On Debian they come from
-# python3-venv, python3-dev (python3.11-*), gcc and libsrtp2-dev: installed here when running as
+# compiler, libsrtp2's and OpenSSL's headers (the relay links libsrtp2 for SRTP). On Debian they come
+# from python3-venv, python3-dev (python3.11-*), gcc, libsrtp2-dev and libssl-dev: installed here when running as
 # root, otherwise one line says what to install. Nothing else is installed.
 PY=${1:-python3.11}
 missing=""
@@ -14,6 +14,8 @@ else
 fi
 command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || missing="$missing gcc"
 [ -f /usr/include/srtp2/srtp.h ] || [ -f /usr/local/include/srtp2/srtp.h ] || missing="$missing libsrtp2-dev"
+# OpenSSL's headers: tools/build-libsrtp.sh builds libsrtp2 on OpenSSL (without them, Debian's is linked)
+[ -f /usr/include/openssl/evp.h ] || missing="$missing libssl-dev"
 missing=$(echo $missing)
 [ -z "$missing" ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -82,3 +82,14 @@ def test_bad_keys_and_suites_are_refused(suite: str, key: bytes) -> None:
 def test_a_context_does_one_direction() -> None:
     with pytest.raises(SrtpError):
         SrtpContext("AES_CM_128_HMAC_SHA1_80", bytes(30), inbound=True).protect(PLAIN_RTP)
+
+
+def test_the_relay_links_the_libsrtp2_the_build_made() -> None:
+    """tools/build-libsrtp.sh's OpenSSL build when it exists (setup.py links it), else Debian's."""
+    from pathlib import Path
+
+    from edge._rtp import srtp_library
+
+    built = (Path(__file__).resolve().parents[2] / "build" / "libsrtp" / "lib" / "libsrtp2.a").exists()
+    name = srtp_library()
+    assert name.startswith("libsrtp2 2.") and name.endswith(" on openssl" if built else " on debian"), name
