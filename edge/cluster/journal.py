@@ -447,16 +447,22 @@ class _Journal(Generic[S, E]):
         conflicting writer added). :returns: how many."""
         count = 0
         while count < CATCH_UP_LIMIT:
-            subject = self.slot_subject(self.state.slot + 1)
-            try:
-                self.round_trips += 1
-                msg = await self.engine.js.get_msg(STREAM, subject=subject)   # the slot's one message
-            except NotFoundError:
+            if not await self._fold_next():
                 return count
-            assert msg.seq is not None
-            self._fold(msg.seq, subject, msg.data or b"", (msg.headers or {}).get("Nats-Msg-Id"))
             count += 1
         raise JournalUnavailable(f"{self.subject}: more than {CATCH_UP_LIMIT} messages behind; replay() instead")
+
+    async def _fold_next(self) -> bool:
+        """Read and fold the next slot's event. :returns: False if the slot is empty."""
+        subject = self.slot_subject(self.state.slot + 1)
+        try:
+            self.round_trips += 1
+            msg = await self.engine.js.get_msg(STREAM, subject=subject)   # the slot's one message
+        except NotFoundError:
+            return False
+        assert msg.seq is not None
+        self._fold(msg.seq, subject, msg.data or b"", (msg.headers or {}).get("Nats-Msg-Id"))
+        return True
 
     async def replay(self, *, timeout: float = 120.0) -> int:
         """Fold everything after ``last_seq`` (all of the subject from a fresh state) through an
@@ -475,7 +481,7 @@ class _Journal(Generic[S, E]):
         raise JournalUnavailable(f"{self.subject}: no replay in {MAX_ATTEMPTS} attempts")
 
     async def _replay_once(self, deadline: float) -> int:
-        if not await self.catch_up():
+        if not await self._fold_next():
             return 0                       # not one event after ours: no consumer needed
         self.round_trips += 1
         sub = await self.engine.js.subscribe(

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import msgspec
 import pytest
 from journal_workers import reserve_worker
-from nats.js.errors import NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError
 from natscluster import NatsCluster
 
 from edge.cluster.engine import Engine
@@ -114,6 +114,42 @@ def test_the_duplicate_window_answers_before_the_expected_sequence(engine_cluste
                 "Nats-Msg-Id": "m3", "Nats-Expected-Last-Subject-Sequence": str(first.seq)})
         last = await engine.js.get_msg(STREAM, subject=subject)
         assert last.seq == other.seq
+
+    run(engine_cluster, scenario)
+
+
+def test_the_engine_checks_an_empty_subject_when_it_applies(engine_cluster: NatsCluster) -> None:
+    """Why the journal writes each event to a slot subject of its own with "expected last
+    subject sequence 0" (docs/cluster-journal.md). nats-server checks an expected sequence of 0
+    when it applies the entry, on every replica: of 20 concurrent appends to one empty subject
+    exactly one lands. An expected sequence > 0 it checks only at the leader *before*
+    proposing (server/jetstream_cluster.go processClusteredInboundMsg, fixed in 2.11 by
+    nats-server#6194): concurrent appends on one view all pass that check and all land."""
+    async def scenario(engine: Engine) -> None:
+        async def winners(subject: str, expected: int) -> int:
+            async def one() -> int:
+                try:
+                    await engine.js.publish(subject, b"x",
+                                            headers={"Nats-Expected-Last-Subject-Sequence": str(expected)})
+                    return 1
+                except BadRequestError as exc:
+                    assert exc.err_code == 10071
+                    return 0
+            return sum(await asyncio.gather(*(one() for _ in range(20))))
+
+        for _ in range(5):
+            assert await winners(f"sipedge.journal.p.{new_id()}.1", 0) == 1
+        version = tuple(int(x) for x in (engine.nc.connected_server_version.major,
+                                         engine.nc.connected_server_version.minor))
+        stale: list[int] = []
+        for _ in range(5):
+            subject = f"sipedge.journal.t.{new_id()}"
+            first = await engine.js.publish(subject, b"first")
+            stale.append(await winners(subject, first.seq))
+        if version < (2, 11):
+            assert max(stale) > 1, f"nats-server {version}: expected > 0 held under concurrency: {stale}"
+        else:
+            assert stale == [1] * 5
 
     run(engine_cluster, scenario)
 
