@@ -33,6 +33,7 @@ import random
 import re
 import time
 import uuid
+import zlib
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -63,6 +64,7 @@ WRONG_LAST_SEQUENCE = 10071      # JetStream's error code for a failed expected-
 APPEND_DEADLINE = 30.0           # covers a leader election (a few seconds) with margin
 MAX_ATTEMPTS = 500               # conflicts and timeouts together, per append
 CATCH_UP_LIMIT = 100_000         # messages read one by one before a catch-up gives up (use replay)
+CALL_HORIZON = 5_000             # slots a settled call id is remembered (see ProfileState.settled)
 
 # Any transient failure of one publish: the append may or may not have landed.
 _AMBIGUOUS = (NatsTimeoutError, asyncio.TimeoutError, NoStreamResponseError, NoRespondersError,
@@ -161,6 +163,12 @@ class Entry(msgspec.Struct, frozen=True):
     ref: str
 
 
+class Settled(msgspec.Struct, array_like=True):
+    slot: int          # the slot of its Settle
+    cost: int
+    recovery: bool
+
+
 class OpenCall(msgspec.Struct):
     call_id: str
     node: str
@@ -177,8 +185,12 @@ class ProfileState(msgspec.Struct):
     slot: int = 0                      # events folded: the next one goes to slot + 1
     balance: int = 0
     calls: dict[str, OpenCall] = {}
-    keys: dict[str, int] = {}          # event key -> sequence: refuses a second of the same
-    settled: dict[str, Settle] = {}    # call id -> its settlement (why a second one is refused)
+    keys: dict[str, int] = {}          # credit and transfer keys -> slot, kept for good (rare events)
+    # Calls settled in the last CALL_HORIZON slots: a second Settle (or a Reserve of the same id)
+    # is refused as AlreadySettled; older ones are forgotten (bounded memory and snapshots) and a
+    # late Settle of one is refused as UnknownCall -- refused either way, never applied twice.
+    # The horizon is counted in slots, so every fold refuses the same events.
+    settled: dict[str, Settled] = {}
     opening: int = 0                   # balance at the snapshot this fold started from (0: none)
 
     @property
@@ -234,6 +246,10 @@ class InvalidEvent(JournalRefused):
     """An amount or field no event may have."""
 
 
+class SnapshotTooLarge(Exception):
+    """The fold's snapshot does not fit one engine message (too many credit/transfer ids)."""
+
+
 class JournalCorrupt(Exception):
     """The stream holds an event its predecessors refuse: written around this module."""
 
@@ -281,8 +297,13 @@ def check_profile(state: ProfileState, event: ProfileEvent) -> None:
     :raises JournalRefused: the event is not valid here.
     """
     key = event_key(event)
-    if isinstance(event, Settle) and event.call_id in state.settled:
-        raise AlreadySettled(f"call {event.call_id} is settled already", state.settled[event.call_id])
+    if isinstance(event, Reserve | Settle):
+        done = state.settled.get(event.call_id)
+        if done is not None and done.slot > state.slot - CALL_HORIZON:
+            if isinstance(event, Reserve):
+                raise AlreadyApplied(f"call {event.call_id} was reserved and settled already")
+            raise AlreadySettled(f"call {event.call_id} is settled already",
+                                 Settle(event.call_id, done.cost, done.recovery))
     _need(key not in state.keys, AlreadyApplied, f"{key} is in profile {state.profile_id}'s journal already")
     if isinstance(event, Credit):
         _need(event.amount != 0, InvalidEvent, "credit amount must not be 0")
@@ -290,6 +311,7 @@ def check_profile(state: ProfileState, event: ProfileEvent) -> None:
               f"profile {state.profile_id} balance is too low for this movement")
     elif isinstance(event, Reserve):
         _need(event.amount >= 0 and event.channels >= 1, InvalidEvent, "reserve needs amount >= 0, channels >= 1")
+        _need(event.call_id not in state.calls, AlreadyApplied, f"call {event.call_id} is open already")
         _need(len(state.calls) < event.channels, ChannelsBusy,
               f"profile {state.profile_id}: all {event.channels} channels are busy")
         _need(state.balance >= event.amount, InsufficientCredit,
@@ -312,7 +334,8 @@ def check_profile(state: ProfileState, event: ProfileEvent) -> None:
 
 
 def apply_profile(state: ProfileState, event: ProfileEvent, seq: int) -> list[Entry]:
-    """Check ``event`` against ``state`` (:func:`check_profile`) and apply it as of ``seq``.
+    """Check ``event`` against ``state`` (:func:`check_profile`) and apply it as the next slot,
+    stream sequence ``seq``.
 
     :returns: the ledger-like entries the event makes.
     :raises JournalRefused: the event is not valid here (``state`` unchanged).
@@ -335,7 +358,7 @@ def apply_profile(state: ProfileState, event: ProfileEvent, seq: int) -> list[En
         entries.append(Entry(seq, "reserve", -event.amount, event.call_id))
     elif isinstance(event, Settle):
         call = state.calls.pop(event.call_id)
-        state.settled[event.call_id] = event
+        state.settled[event.call_id] = Settled(state.slot + 1, event.cost, event.recovery)
         state.balance += call.reserved - event.cost
         if call.reserved:
             entries.append(Entry(seq, "release", call.reserved, event.call_id))
@@ -344,9 +367,18 @@ def apply_profile(state: ProfileState, event: ProfileEvent, seq: int) -> list[En
     else:
         state.balance += event.amount
         entries.append(Entry(seq, "transfer_in", event.amount, event.transfer_id))
-    state.keys[event_key(event)] = seq
+    state.slot += 1
+    if isinstance(event, Credit | TransferIn):
+        state.keys[event_key(event)] = state.slot
     state.last_seq = seq
     return entries
+
+
+def prune(state: ProfileState) -> None:
+    """Forget calls settled more than CALL_HORIZON slots ago (the checks ignore them already)."""
+    floor = state.slot - CALL_HORIZON
+    if any(s.slot <= floor for s in state.settled.values()):
+        state.settled = {c: s for c, s in state.settled.items() if s.slot > floor}
 
 
 def check_account(state: AccountState, event: AccountEvent) -> None:
@@ -369,7 +401,8 @@ def apply_account(state: AccountState, event: AccountEvent, seq: int) -> list[En
     else:
         state.balance += event.amount
         entries = [Entry(seq, event.reason, event.amount, event.entry_id)]
-    state.keys[event_key(event)] = seq
+    state.slot += 1
+    state.keys[event_key(event)] = state.slot
     state.last_seq = seq
     return entries
 
@@ -430,7 +463,8 @@ class _Journal(Generic[S, E]):
             self._entries.extend(self._apply(event, seq))
         except (msgspec.ValidationError, msgspec.DecodeError, JournalRefused) as exc:
             raise JournalCorrupt(f"{subject} seq {seq}: {exc}") from exc
-        self.state.slot = slot
+        if isinstance(self.state, ProfileState) and slot % 1000 == 0:
+            prune(self.state)
         if msg_id is not None and msg_id == self._pending:
             self._landed[msg_id] = seq
 
@@ -717,8 +751,13 @@ class ProfileJournal(_Journal[ProfileState, ProfileEvent]):
         however old it is, replaying from it gives the same state as replaying everything.
         :returns: its ``last_seq``.
         """
+        prune(self.state)
+        blob = zlib.compress(msgspec.msgpack.encode(self.state))
+        if len(blob) > self.engine.nc.max_payload - 1024:
+            raise SnapshotTooLarge(f"{self.subject}: a snapshot of {len(blob)} bytes exceeds the engine's "
+                                   f"max_payload ({self.engine.nc.max_payload})")
         kv = await self.engine.bucket(SNAPSHOT_BUCKET)
-        await kv.put(self._snapshot_key(), msgspec.msgpack.encode(self.state))
+        await kv.put(self._snapshot_key(), blob)
         return self.state.last_seq
 
     async def load_snapshot(self) -> bool:
@@ -805,7 +844,7 @@ async def _read_snapshot(engine: Engine, key: str, kind: type[S]) -> S | None:
     if not entry.value:
         return None
     try:
-        return msgspec.msgpack.decode(entry.value, type=kind)
-    except (msgspec.ValidationError, msgspec.DecodeError):
+        return msgspec.msgpack.decode(zlib.decompress(entry.value), type=kind)
+    except (msgspec.ValidationError, msgspec.DecodeError, zlib.error):
         log.warning("snapshot %s does not decode: replaying from the start", key)
         return None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from edge.cluster.journal import (
+    CALL_HORIZON,
     AccountCredit,
     AccountState,
     AlreadyApplied,
@@ -19,11 +20,13 @@ from edge.cluster.journal import (
     ProfileState,
     Reserve,
     Settle,
+    Settled,
     TransferIn,
     TransferOut,
     UnknownCall,
     apply_account,
     apply_profile,
+    prune,
     validate,
 )
 
@@ -40,7 +43,7 @@ def test_a_call_reserves_extends_and_settles_like_the_single_node_ledger() -> No
     state, total = fold(Credit("t", 1_000_000), Reserve("c", "edge-a", 0, 2), Extend("c", 1, 300_000),
                         Extend("c", 2, 300_000), Settle("c", 450_000))
     assert state.balance == total == 550_000
-    assert state.calls == {} and state.settled["c"] == Settle("c", 450_000)
+    assert state.calls == {} and state.settled["c"] == Settled(5, 450_000, False) and state.slot == 5
     assert state.last_seq == 5
 
 
@@ -89,3 +92,13 @@ def test_account_transfers_spend_the_master_balance_once() -> None:
     with pytest.raises(AlreadyApplied):
         apply_profile(prof, TransferIn("t1", "a1", 60), 2)
     assert prof.balance + acct.balance == 100
+
+
+def test_a_settled_call_is_remembered_for_a_horizon_of_slots_then_still_refused() -> None:
+    state, _ = fold(Credit("t", 10), Reserve("old", "n", 0, 1), Settle("old", 0))
+    for n in range(CALL_HORIZON):
+        apply_profile(state, Credit(f"e{n}", 1), 4 + n)
+    prune(state)
+    assert "old" not in state.settled
+    with pytest.raises(UnknownCall):            # forgotten, but a late settle still moves nothing
+        apply_profile(state, Settle("old", 0), 10**6)
