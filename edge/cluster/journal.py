@@ -1,28 +1,36 @@
 """The per-profile and per-account money journal in the engine (SPEC §9, issue 13).
 
-Every money and channel event of a profile is one message on its own subject
-``sipedge.journal.p.<profile id>`` (an account's on ``sipedge.journal.a.<account id>``) of the
-replicated stream ``SIPEDGE_JOURNAL``. A profile's state -- balance, open reservations, channels
-in use -- is the fold of its subject, and nothing else: a node's disk lost with the node loses no
-money, and any node can rebuild any profile by replay.
+Every money and channel event of a profile is one message of the replicated stream
+``SIPEDGE_JOURNAL``, the n-th on the subject ``sipedge.journal.p.<profile id>.<n>`` (an
+account's: ``sipedge.journal.a.<account id>.<n>``). A profile's state -- balance, open
+reservations, channels in use -- is the fold of its events in slot order, and nothing else: a
+node's disk lost with the node loses no money, and any node can rebuild any profile by replay.
 
-Exactness: **every append is conditional** on ``Nats-Expected-Last-Subject-Sequence`` = the last
-sequence of that subject the writer has folded. JetStream refuses the append ("wrong last
-sequence") when anyone appended to the subject since, so each event is checked (a free channel,
-funds, a call still open) against a state that includes every earlier event of the profile,
-whoever wrote it. A refused writer catches up, checks again and retries (bounded). Leases only
-keep writers from contending; they are not what keeps the books right.
+Exactness: **every append is conditional**. A writer that has folded n events appends the next
+to slot n + 1 with ``Nats-Expected-Last-Subject-Sequence: 0`` ("this slot is still empty"); the
+engine refuses it ("wrong last sequence") when anyone took that slot first, so each event is
+checked (a free channel, funds, a call still open) against a state that includes every earlier
+event of the profile, whoever wrote it. A refused writer catches up, checks again and retries
+(bounded). Leases only keep writers from contending; they are not what keeps the books right.
+
+Why a slot per event and not one subject per profile with the expected sequence of its last
+message: nats-server before 2.11 checks an expected subject sequence > 0 of a replicated stream
+only at the leader before proposing the entry, against what it has applied so far, so
+concurrent appends made on one view all pass (tests/cluster/test_journal.py pins it: 20 of 20
+land on 2.9.10; fixed in 2.11 by nats-server#6194). An expected sequence of 0 it checks when it
+applies the entry, in log order, on every replica: exactly one of concurrent appends lands.
 
 Ambiguity: a publish that times out (a leader election) may have landed. The writer re-publishes
-the same bytes with the same ``Nats-Msg-Id`` and the same expected sequence: within the stream's
-duplicate window the engine answers "duplicate" with the first landing's sequence; outside it,
-the expected sequence refuses the second copy. Either way an event lands at most once, and a
-writer that cannot tell before its deadline raises :class:`JournalAmbiguous` (replay tells).
+the same bytes with the same ``Nats-Msg-Id`` to the same slot: within the stream's duplicate
+window the engine answers "duplicate" with the first landing's sequence (the dedup check runs
+before the expected-sequence check); outside it the slot is taken and the writer finds its own
+Msg-Id there on catching up. Either way an event lands at most once, and a writer that cannot
+tell before its deadline raises :class:`JournalAmbiguous` (replay tells).
 
 Money is integer micro-units (edge/control/money.py). ``balance`` means what it means in the
 single-node ledger (edge/control/ledger.py): reservations are already taken out of it, so a
 reservation needs ``balance >= amount`` and settling returns the reservation (``release``) and
-charges the cost (``call``).
+charges the cost (``call``). docs/cluster-journal.md has the whole argument and the figures.
 """
 
 from __future__ import annotations
@@ -578,14 +586,14 @@ class _Journal(Generic[S, E]):
                     if exc.err_code != WRONG_LAST_SEQUENCE:
                         raise
                     self.conflicts += 1
-                    await self._catch_up_or_wait(deadline, attempt)
+                    await self._catch_up_or_wait(deadline, attempt, sent=sent)
                     continue
                 except _AMBIGUOUS as exc:
                     sent = True
                     self.ambiguous += 1
                     log.info("%s: append %s without an answer (%s): retrying", self.subject, msg_id,
                              exc.__class__.__name__)
-                    await self._catch_up_or_wait(deadline, attempt, pause=True)
+                    await self._catch_up_or_wait(deadline, attempt, pause=True, sent=sent)
                     continue
                 if ack.duplicate:      # our earlier attempt landed at ack.seq; fold up to it and past
                     await self._catch_up_until(msg_id, deadline)
@@ -622,9 +630,11 @@ class _Journal(Generic[S, E]):
                 attempt += 1
                 await asyncio.sleep(min(1.0, 0.05 * attempt) * (0.5 + random.random()))
 
-    async def _catch_up_or_wait(self, deadline: float, attempt: int, *, pause: bool = False) -> None:
+    async def _catch_up_or_wait(self, deadline: float, attempt: int, *, pause: bool = False,
+                                sent: bool = True) -> None:
+        """:param sent: an attempt went out without an answer (so giving up is ambiguous)."""
         if time.monotonic() > deadline:
-            raise JournalAmbiguous(f"{self.subject}: no decision within {self.deadline:g} s") if pause else \
+            raise JournalAmbiguous(f"{self.subject}: no decision within {self.deadline:g} s") if sent else \
                 JournalUnavailable(f"{self.subject}: no append within {self.deadline:g} s")
         if pause:   # an election: give it a moment (jittered, growing, capped)
             await asyncio.sleep(min(1.0, 0.05 * (attempt + 1)) * (0.5 + random.random()))
@@ -637,7 +647,7 @@ class _Journal(Generic[S, E]):
 
     async def _catch_up_until(self, msg_id: str, deadline: float) -> None:
         for attempt in range(MAX_ATTEMPTS):
-            await self._catch_up_or_wait(deadline, attempt, pause=attempt > 0)
+            await self._catch_up_or_wait(deadline, attempt, pause=attempt > 0, sent=True)
             if msg_id in self._landed:
                 return
         raise JournalAmbiguous(f"{self.subject}: the duplicate's first copy was not found")
@@ -691,8 +701,9 @@ class ProfileJournal(_Journal[ProfileState, ProfileEvent]):
         :raises ChannelsBusy: ``channels`` calls are open across all nodes.
         :raises InsufficientCredit: the balance does not cover ``amount``.
         """
-        await self._append(Reserve(call_id, node, amount, channels))
-        return self.state.calls[call_id]
+        seq = await self._append(Reserve(call_id, node, amount, channels))
+        # (settled already only if another node recovered it in between: report what landed)
+        return self.state.calls.get(call_id) or OpenCall(call_id, node, amount, 0, seq)
 
     async def extend(self, call_id: str, amount: int) -> OpenCall:
         """Reserve the call's next slice. :raises InsufficientCredit: the call must end at its funded time."""
@@ -704,7 +715,7 @@ class ProfileJournal(_Journal[ProfileState, ProfileEvent]):
             check_profile(self.state, Extend(call_id, 1, amount))   # raises the right refusal
             raise UnknownCall(f"no open call {call_id}")
         await self._append(Extend(call_id, call.slices + 1, amount))
-        return self.state.calls[call_id]
+        return self.state.calls.get(call_id) or call
 
     async def settle(self, call_id: str, cost: int, *, recovery: bool = False) -> Settle:
         """End the call: return its reservation, charge ``cost`` (within it), free its channel.
