@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import msgspec
 import pytest
 from journal_workers import reserve_worker
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import BadRequestError, NotFoundError
 from natscluster import NatsCluster
 
@@ -230,6 +231,53 @@ def test_a_stale_append_is_refused_and_retried_on_the_new_state(engine_cluster: 
         assert a.conflicts == 1
         events = await raw_events(engine, pid)
         assert [type(e).__name__ for _, e in events] == ["Credit", "Reserve", "Reserve"]
+
+    run(engine_cluster, scenario)
+
+
+@pytest.mark.parametrize("path", ["read-back", "duplicate-window", "past-the-window"])
+def test_a_publish_that_landed_without_an_answer_counts_once(engine_cluster: NatsCluster, path: str) -> None:
+    """The first publish lands but its answer is lost (as in an election). The writer reads its
+    slot back and finds its own Msg-Id there; or, when that read fails too, re-publishes the same
+    bytes to the same slot: the duplicate window answers with the first sequence, and past the
+    window (here: the retry's Msg-Id is not remembered) the slot is taken and the catch-up finds
+    the writer's Msg-Id in it. One event every way."""
+    async def scenario(engine: Engine) -> None:
+        pid = new_id()
+        j = await ProfileJournal.open(engine, pid)
+        await j.credit("t", 1_000_000)
+        real_publish, real_get = engine.js.publish, engine.js.get_msg
+        sent: list[dict[str, str]] = []
+        reads_failed: list[int] = []
+
+        async def lossy_publish(subject: str, payload: bytes = b"", **kw: Any) -> Any:
+            headers = dict(kw.pop("headers"))
+            if sent and path == "past-the-window":
+                headers["Nats-Msg-Id"] += "-forgotten"
+            sent.append(headers)
+            ack = await real_publish(subject, payload, headers=headers, **kw)
+            if len(sent) == 1:
+                raise NatsTimeoutError                         # landed, but the answer is lost
+            return ack
+
+        async def lossy_get(*args: Any, **kw: Any) -> Any:
+            if path != "read-back" and sent and not reads_failed:
+                reads_failed.append(1)
+                raise NatsTimeoutError                         # the read after it fails too
+            return await real_get(*args, **kw)
+
+        engine.js.publish, engine.js.get_msg = lossy_publish, lossy_get  # type: ignore[method-assign]
+        try:
+            call = await j.reserve("c1", "edge-a", 400_000, channels=2)
+        finally:
+            engine.js.publish, engine.js.get_msg = real_publish, real_get  # type: ignore[method-assign]
+        assert j.ambiguous == 1
+        assert len(sent) == (1 if path == "read-back" else 2)
+        assert j.conflicts == (1 if path == "past-the-window" else 0)
+        assert call.reserved == 400_000 and j.balance == 600_000
+        events = await raw_events(engine, pid)
+        assert [type(e).__name__ for _, e in events] == ["Credit", "Reserve"]
+        assert msgspec.json.encode((await ProfileJournal.open(engine, pid)).state) == msgspec.json.encode(j.state)
 
     run(engine_cluster, scenario)
 
