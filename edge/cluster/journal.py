@@ -433,8 +433,9 @@ def _check_id(what: str, value: str) -> str:
 
 
 class _Journal(Generic[S, E]):
-    """One subject, its fold and the conditional append. Not safe for two tasks at once:
-    one journal object per profile per writer (several writers are several objects)."""
+    """One journal's fold and its conditional appends. Tasks of one process share one object
+    per profile: its appends and reads take turns (each append builds on the slot before), so
+    one profile's appends are bounded by the engine's round trip (~1 ms on loopback)."""
 
     _event_type: Any
 
@@ -448,6 +449,7 @@ class _Journal(Generic[S, E]):
         self._encoder = msgspec.json.Encoder()
         self._landed: dict[str, int] = {}   # our pending Nats-Msg-Id -> sequence, seen while catching up
         self._pending: str | None = None
+        self._lock = asyncio.Lock()
         self.conflicts = 0                  # appends refused for a stale view (counters for bench/metrics)
         self.ambiguous = 0                  # publishes without an answer
         self.round_trips = 0                # requests to the engine
@@ -487,6 +489,10 @@ class _Journal(Generic[S, E]):
     async def catch_up(self) -> int:
         """Fold the events after ``slot``, one request each to the stream's leader (the few a
         conflicting writer added). :returns: how many."""
+        async with self._lock:
+            return await self._catch_up()
+
+    async def _catch_up(self) -> int:
         count = 0
         while count < CATCH_UP_LIMIT:
             if not await self._fold_next():
@@ -510,12 +516,16 @@ class _Journal(Generic[S, E]):
         """Fold everything after ``last_seq`` (all of the subject from a fresh state) through an
         ordered consumer (flow-controlled, no request per message); one that stalls (its member
         died) is made anew from where the fold is. :returns: how many."""
+        async with self._lock:
+            return await self._replay(timeout)
+
+    async def _replay(self, timeout: float) -> int:
         deadline = time.monotonic() + timeout
         count = 0
         for attempt in range(MAX_ATTEMPTS):
             try:
                 count += await self._replay_once(deadline)
-                return count + await self.catch_up()
+                return count + await self._catch_up()
             except _AMBIGUOUS as exc:
                 if time.monotonic() > deadline:
                     raise JournalUnavailable(f"{self.subject}: no replay within {timeout:g} s ({exc!r})") from exc
@@ -549,6 +559,10 @@ class _Journal(Generic[S, E]):
     # --- writing
 
     async def _append(self, event: E, check: Callable[[], None] | None = None) -> int:
+        async with self._lock:   # one append at a time per journal: each builds on the last
+            return await self._append_locked(event, check)
+
+    async def _append_locked(self, event: E, check: Callable[[], None] | None) -> int:
         """Append ``event`` on the state it was checked against; see the module docstring.
 
         :param check: extra checks against the current state, run before every attempt.
@@ -623,7 +637,7 @@ class _Journal(Generic[S, E]):
         """Catch up before a refusal; an engine that cannot be read is not a refusal."""
         while True:
             try:
-                return await self.catch_up()
+                return await self._catch_up()
             except _AMBIGUOUS as exc:
                 if time.monotonic() > deadline:
                     raise JournalUnavailable(f"{self.subject}: cannot read the journal ({exc!r})") from exc
@@ -639,7 +653,7 @@ class _Journal(Generic[S, E]):
         if pause:   # an election: give it a moment (jittered, growing, capped)
             await asyncio.sleep(min(1.0, 0.05 * (attempt + 1)) * (0.5 + random.random()))
         try:
-            await self.catch_up()
+            await self._catch_up()
         except _AMBIGUOUS:
             pass       # the read fails the same way: the next publish decides (dedup, expected sequence)
         except APIError as exc:

@@ -282,6 +282,25 @@ def test_a_publish_that_landed_without_an_answer_counts_once(engine_cluster: Nat
     run(engine_cluster, scenario)
 
 
+def test_tasks_sharing_one_journal_take_turns(engine_cluster: NatsCluster) -> None:
+    async def scenario(engine: Engine) -> None:
+        j = await ProfileJournal.open(engine, new_id())
+        await j.credit("t", 1_000_000)
+
+        async def attempt(n: int) -> str:
+            try:
+                await j.reserve(f"c{n}", "edge-a", 100_000, channels=3)
+                return "ok"
+            except ChannelsBusy:
+                return "busy"
+
+        outcomes = await asyncio.gather(*(attempt(n) for n in range(10)))
+        assert outcomes.count("ok") == 3 and j.conflicts == 0 and j.state.channels_in_use == 3
+        assert j.balance == 700_000
+
+    run(engine_cluster, scenario)
+
+
 def test_a_call_is_settled_once(engine_cluster: NatsCluster) -> None:
     async def scenario(engine: Engine) -> None:
         pid = new_id()
