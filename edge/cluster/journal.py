@@ -558,14 +558,13 @@ class _Journal(Generic[S, E]):
 
     # --- writing
 
-    async def _append(self, event: E, check: Callable[[], None] | None = None) -> int:
+    async def _append(self, event: E) -> int:
         async with self._lock:   # one append at a time per journal: each builds on the last
-            return await self._append_locked(event, check)
+            return await self._append_locked(event)
 
-    async def _append_locked(self, event: E, check: Callable[[], None] | None) -> int:
+    async def _append_locked(self, event: E) -> int:
         """Append ``event`` on the state it was checked against; see the module docstring.
 
-        :param check: extra checks against the current state, run before every attempt.
         :returns: the stream sequence it landed at.
         :raises JournalRefused: the state (after catching up) refuses it.
         :raises JournalAmbiguous: no definite answer before the deadline.
@@ -581,8 +580,6 @@ class _Journal(Generic[S, E]):
                 if msg_id in self._landed:
                     return self._landed[msg_id]      # an earlier attempt landed: we saw it catching up
                 try:
-                    if check is not None:
-                        check()
                     self._check(event)
                 except JournalRefused:
                     # refuse only on a view the engine just confirmed: a stale one may lack a credit
