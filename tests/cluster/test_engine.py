@@ -1,9 +1,12 @@
-"""The engine properties the cluster's accounting rests on, against three real nats-server members.
+"""The engine properties the cluster rests on, against three real nats-server members.
 
 sipedge never implements consensus, leases or replication itself (docs/cluster.md): these tests
-pin down what it takes from JetStream instead -- a replicated bucket with compare-and-swap by
-revision, key expiry by the engine's clock, a stream refusing an append made on a stale view of a
-subject, and all of it still writable with one member of three gone.
+pin down what it takes from JetStream instead -- a replicated bucket, key expiry by the engine's
+clock, and all of it still writable with one member of three gone. The revision checks below are
+*sequential*: on nats-server 2.9 an expected sequence > 0 is checked only before the leader
+proposes, so concurrent writers on one view can all land; only "the subject is empty" (KV
+``create``, expected sequence 0) holds under concurrency. tests/cluster/test_journal.py pins that,
+and the journal and the homes are built on it (docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ def config(cluster: NatsCluster, node: str = "edge-a") -> ClusterConfig:
     return ClusterConfig(node=node, engine=cluster.urls, lease_seconds=2.0)
 
 
-def test_bucket_is_replicated_and_compares_and_swaps(engine_cluster: NatsCluster) -> None:
+def test_bucket_is_replicated_and_refuses_a_stale_revision_in_sequence(engine_cluster: NatsCluster) -> None:
     async def scenario() -> None:
         engine = await Engine.connect(config(engine_cluster))
         try:
@@ -68,7 +71,7 @@ def test_an_entry_not_rewritten_ages_out_by_the_engine(engine_cluster: NatsClust
     asyncio.run(scenario())
 
 
-def test_a_stream_refuses_an_append_on_a_stale_view(engine_cluster: NatsCluster) -> None:
+def test_a_stream_refuses_an_append_on_a_stale_view_in_sequence(engine_cluster: NatsCluster) -> None:
     async def scenario() -> None:
         engine = await Engine.connect(config(engine_cluster))
         try:
