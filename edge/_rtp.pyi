@@ -161,6 +161,10 @@ class RelayEngine:
         (the IPv6 traffic class on IPv6 legs)
     :param address_b: address leg B's ports bind to (the carrier side); default ``address``.
         The legs may differ in family: the relay bridges IPv4 and IPv6.
+    :param pool: most RTP/RTCP pairs kept bound (sockets open) after their relay ends, for a
+        later relay on the same address; emptied of every queued datagram before that reuse,
+        which comes no sooner than ``quiet_period``. ``None``: every pair of the range, but no
+        more than ``RLIMIT_NOFILE // 8`` pairs (a quarter of the descriptors). 0: close every socket.
     """
 
     address: str
@@ -170,6 +174,9 @@ class RelayEngine:
     quiet_period: float
     timeout: float
     tos: int
+    pool_max: int
+    stale_dropped: int
+    """Datagrams that reached a pooled pair after its relay ended, discarded before its reuse."""
     def __init__(
         self,
         address: str,
@@ -181,7 +188,14 @@ class RelayEngine:
         clock_rate: float = 8000.0,
         tos: int = 0xB8,
         address_b: str | None = None,
+        pool: int | None = None,
     ) -> None: ...
+    @property
+    def pooled_pairs(self) -> int:
+        """Bound RTP/RTCP pairs kept open for reuse."""
+    @property
+    def free_pairs(self) -> int:
+        """Pairs no relay holds (unbound or pooled); with ``2 * active_relays``, every pair of the range."""
     def start(self) -> None:
         """Start the packet thread (no-op if running)."""
     def stop(self) -> None:
