@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Literal
 from edge._rtp import SrtpError
 from edge.media.relay import MediaService
 from edge.media.sdes import Mode, SdesCall, SdesRefused
-from edge.media.sdp import SdpError, parse_sdp_media
+from edge.media.sdp import SdpError, parse_sdp
 
 from .model import Call, EndReason, Side
 
@@ -70,9 +70,10 @@ class CallMedia:
         assert call.sdes is not None
         leg = sender.relay_leg
         try:
-            plan = call.sdes.plan(leg, parse_sdp_media(sdp), kind)
+            parsed = parse_sdp(sdp)  # once: the SRTP plan, the relay's remote and the rewrite read it
+            plan = call.sdes.plan(leg, parsed.media, kind)
             relay.set_srtp(leg, plan.rx, plan.tx)
-            return self.service.anchor(relay, leg, sdp, secure=plan.secure, crypto=plan.crypto)
+            return self.service.anchor(relay, leg, parsed, secure=plan.secure, crypto=plan.crypto)
         except SdpError as exc:
             raise MediaRefused(488, EndReason.BAD_SDP, f"SDP cannot be anchored: {exc}") from None
         except (SdesRefused, SrtpError) as exc:
@@ -89,9 +90,10 @@ class CallMedia:
         relay = self.open(call)
         assert call.sdes is not None
         try:
-            plan = call.sdes.echo(parse_sdp_media(sdp))
+            parsed = parse_sdp(sdp)
+            plan = call.sdes.echo(parsed.media)
             relay.set_srtp("a", plan.rx, plan.tx)
-            return self.service.echo(relay, "a", sdp, secure=plan.secure, crypto=plan.crypto)
+            return self.service.echo(relay, "a", parsed, secure=plan.secure, crypto=plan.crypto)
         except SdpError as exc:
             raise MediaRefused(488, EndReason.BAD_SDP, f"SDP cannot be anchored: {exc}") from None
         except (SdesRefused, SrtpError) as exc:
