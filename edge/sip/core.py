@@ -79,6 +79,7 @@ class SipService:
         self.failures = FailureTracker(threshold=cfg.sip.auth_block_threshold, block_seconds=cfg.sip.auth_block_seconds)
         self.metrics.blocked_sources.set_function(lambda: self.failures.blocked_count)  # read at scrape time
         self.limiter = RateLimiter(cfg.sip.rate_limit, cfg.sip.rate_burst)
+        self._trusted_hosts: dict[str, bool] = {}   # is_trusted's answers by host, for the current list
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in cfg.inbound.trusted]
         self.transports = Transports(self._on_message, self.metrics, max_tcp_connections=cfg.sip.tcp_max_connections,
                                      may_answer=self._source_admitted, tcp_header_timeout=cfg.sip.tcp_header_timeout,
@@ -189,13 +190,35 @@ class SipService:
             log.warning("source blocked after repeated authentication failures",
                         extra={"event": "source_blocked", "source": host, "method": method})
 
+    @property
+    def trusted(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """The networks of ``[inbound] trusted``; a new list (a reload) forgets every answer."""
+        return self._trusted
+
+    @trusted.setter
+    def trusted(self, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
+        self._trusted = networks
+        self._trusted_hosts.clear()
+
     def is_trusted(self, host: str) -> bool:
-        """Is ``host`` one of the carriers of ``[inbound] trusted`` (SPEC §4.3)?"""
+        """Is ``host`` one of the carriers of ``[inbound] trusted`` (SPEC §4.3)?
+
+        Asked several times per message (admission, the side of a peer, the Via of a
+        response): the answer is kept per host, in at most 4,096 entries (emptied when full, so
+        a flood of sources cannot grow it), instead of parsing the address each time."""
+        known = self._trusted_hosts.get(host)
+        if known is not None:
+            return known
         try:
             addr = ipaddress.ip_address(host)
         except ValueError:
-            return False
-        return any(addr in net for net in self.trusted)
+            verdict = False
+        else:
+            verdict = any(addr in net for net in self._trusted)
+        if len(self._trusted_hosts) >= 4096:
+            self._trusted_hosts.clear()
+        self._trusted_hosts[host] = verdict
+        return verdict
 
     def on_request(self, tx: ServerTransaction) -> None:
         req = tx.request
