@@ -1039,15 +1039,16 @@ cdef class SipMessage:
 
     @property
     def expires(self):
-        def make():
-            v = self.header("expires")
-            if v is None:
-                return None
-            v = v.strip()
-            if not v.isascii() or not v.isdigit() or len(v) > 10 or int(v) > 0xFFFFFFFF:
-                raise _bad("Bad Expires")
-            return int(v)
-        return self._lazy_get("expires", make)
+        return self._lazy_get("expires", lambda: self._expires_value())
+
+    cdef object _expires_value(self):
+        # the first Expires line (a single-valued header: what header("expires") gives)
+        if not (self._present & ((<uint64_t>1) << HDR_EXPIRES)):
+            return None
+        v = self._value(self._first[HDR_EXPIRES]).strip()
+        if not v.isascii() or not v.isdigit() or len(v) > 10 or int(v) > 0xFFFFFFFF:
+            raise _bad("Bad Expires")
+        return int(v)
 
     cpdef validate(self):
         """Force every view the edge uses, once (Kamailio ``sanity``); see ``_sipparse.pyi``.
@@ -1104,9 +1105,9 @@ cdef class SipMessage:
             self._lazy["uri"] = uri
         register = self._is_request and self._m_len == 8 and memcmp(self._buf + self._m_off, b"REGISTER", 8) == 0
         self._validate_contacts(register)
-        if self._present & ((<uint64_t>1) << HDR_EXPIRES):
+        if self._present & ((<uint64_t>1) << HDR_EXPIRES) and "expires" not in self._lazy:
             try:
-                self.expires
+                self._lazy["expires"] = self._expires_value()  # (not through the property's lookup)
             except SipBadHeader as err:
                 raise SipBadHeader(err.reason, self._slots[self._first[HDR_EXPIRES]].val_off, raw) from None
         if (self._is_request and self._m_len == 6 and memcmp(self._buf + self._m_off, b"INVITE", 6) == 0
