@@ -311,6 +311,7 @@ cdef class RelayEngine:
     cdef _release(self, rtp_relay *r, int *fds, bint quiet)
     cdef _close_pools(self)
     cdef object _snapshot(self, Relay relay)
+    cdef object _counts(self, Relay relay)
 
 
 cdef class Relay:

@@ -147,6 +147,10 @@ class Relay:
         """Echo mode: every packet received on ``leg`` goes back to its source."""
     def stats(self) -> RelayStats: ...
     def delete(self) -> RelayStats | None: ...
+    def delete_counts(self) -> tuple[tuple[int, int, int, int, float], tuple[int, int, int, int, float]] | None:
+        """Delete the relay as :meth:`delete` does; per leg (a, b), its RTP stream's ``(packets,
+        bytes, lost, dropped, jitter_ms)`` -- what a CDR keeps, without building the
+        :class:`RelayStats` -- or None if it was deleted already."""
 
 class RelayEngine:
     """RTP/RTCP relay with its own packet thread.

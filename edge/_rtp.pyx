@@ -959,12 +959,12 @@ cdef class RelayEngine:
             return None
         return self._delete(relay, True)
 
-    def _delete(self, Relay relay, bint quiet):
+    def _delete(self, Relay relay, bint quiet, bint full=True):
         cdef rtp_relay *r
         cdef int k
         cdef srtp_t sessions[4]
         cdef int fds[4]
-        stats = self._snapshot(relay)
+        stats = self._snapshot(relay) if full else self._counts(relay)
         pthread_mutex_lock(&self._eng.lock)
         r = self._eng.slots[relay._slot]
         for k in range(4):
@@ -987,6 +987,26 @@ cdef class RelayEngine:
         del self._relays[relay.id]
         self._free_slots.append(relay._slot)
         return stats
+
+    cdef object _counts(self, Relay relay):
+        """Per leg, the RTP stream's (packets, bytes, lost, dropped, jitter_ms), as _snapshot
+        counts them, without the objects of a RelayStats."""
+        cdef rtp_stream s
+        cdef int leg, j
+        cdef int64_t lost
+        cdef uint64_t dropped
+        cdef double rate = self._eng.clock_rate
+        out = []
+        for leg in range(2):
+            pthread_mutex_lock(&self._eng.lock)
+            memcpy(&s, &self._eng.slots[relay._slot].st[leg * 2], sizeof(rtp_stream))  # ST_A_RTP, ST_B_RTP
+            pthread_mutex_unlock(&self._eng.lock)
+            lost = stream_lost(&s)
+            dropped = 0
+            for j in range(DROP_COUNT):
+                dropped += s.dropped[j]
+            out.append((s.packets, s.bytes, lost if lost > 0 else 0, dropped, s.jitter * 1000.0 / rate))
+        return tuple(out)
 
     cdef object _snapshot(self, Relay relay):
         cdef rtp_relay snap
@@ -1199,6 +1219,11 @@ cdef class Relay:
         if self._deleted:
             return None
         return self.engine.delete(self.id)
+
+    def delete_counts(self):
+        if self._deleted:
+            return None
+        return self.engine._delete(self, True, False)
 
     def __repr__(self):
         return "<Relay %d %r a=%s:%d b=%s:%d%s>" % (

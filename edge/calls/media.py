@@ -104,15 +104,14 @@ class CallMedia:
         relay = call.relay
         if relay is None or relay.deleted:
             return {}
-        stats = relay.delete()
+        counts = relay.delete_counts()  # only what the CDR keeps: no RelayStats built per call
         out: dict[str, int] = {}
-        if stats is None:
+        if counts is None:
             return out
-        for name in ("a", "b"):
-            rtp = stats.leg(name).rtp
-            out[f"{name}_packets"] = int(rtp.packets)
-            out[f"{name}_bytes"] = int(rtp.bytes)
-            out[f"{name}_lost"] = int(rtp.lost)
-            out[f"{name}_dropped"] = int(rtp.dropped_total)
-            out[f"{name}_jitter_us"] = int(rtp.jitter_ms * 1000)
+        for name, (packets, nbytes, lost, dropped, jitter_ms) in zip("ab", counts, strict=True):
+            out[f"{name}_packets"] = packets
+            out[f"{name}_bytes"] = nbytes
+            out[f"{name}_lost"] = lost
+            out[f"{name}_dropped"] = dropped
+            out[f"{name}_jitter_us"] = int(jitter_ms * 1000)
         return out
