@@ -424,6 +424,10 @@ def count_instructions(calls: int, output: str, scenario: str = "call", transpor
     """Instructions of one call: callgrind totals of a run with ``calls`` and one with ``3*calls``."""
     import subprocess
 
+    from bench.bench_register import ensure_debs
+
+    ensure_debs({"valgrind": "valgrind"})  # Debian's valgrind, as the other benches install their peers
+
     totals = []
     for n in (calls, 3 * calls):
         with tempfile.TemporaryDirectory() as tmp:
