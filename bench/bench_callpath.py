@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.bench_callpath                  # 2,000 calls x 3 rounds
     .venv/bin/python -m bench.bench_callpath --profile        # and where the time goes (cProfile)
+    .venv/bin/python -m bench.bench_callpath --profile-groups --calls 1000 --rounds 1   # by layer
 
 A full :class:`edge.node.Node` is built (store, SIP service, transaction layer, dialogs,
 call controller, admission, billing, the real RTP relay engine for anchoring) and fed
@@ -307,6 +308,64 @@ class Rig:
         self.wire.to_carrier.clear()
 
 
+# Where a function's own time goes in --profile-groups: the first pattern its file (or, for a
+# C function, its name) contains. A function no pattern names (the standard library, C methods
+# such as bytes.startswith or LMDB's put) counts for the group of the function that called it.
+GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("bench peers (not the edge)", ("bench/bench_callpath.py",)),
+    ("metrics", ("prometheus_client/", "edge/sip/metrics.py", "edge/calls/metrics.py", "edge/media/metrics.py")),
+    ("parse + validate (the boundary)", ("edge/sip/transport.py", "edge._sipparse", "edge/sip/hdrs.py")),
+    ("transaction (+ response building)", ("edge/sip/transaction.py", "edge/sip/core.py", "edge/sip/workers.py")),
+    ("digest auth + registrar", ("edge/sip/auth.py", "edge/sip/registrar.py")),
+    ("dialog / B2BUA / admission / routing", ("edge/sip/invite.py", "edge/sip/dialog.py", "edge/sip/request.py",
+                                             "edge/calls/controller.py", "edge/calls/admission.py",
+                                             "edge/calls/routing.py", "edge/calls/carriers.py",
+                                             "edge/calls/indialog.py", "edge/calls/model.py", "edge/node.py")),
+    ("relay setup + SDP", ("edge/calls/media.py", "edge/media/", "edge._rtp")),
+    ("store (LMDB, credit, ledger, CDRs, billing)", ("edge/control/", "edge/calls/billing.py", "lmdb", "msgspec")),
+    ("asyncio (loop, timers)", ("asyncio/", "selectors.py", "heapq", "select.epoll")),
+    ("logging", ("logging/",)),
+)
+
+
+def profile_groups(stats: pstats.Stats) -> list[tuple[str, float]]:
+    """Own (exclusive) time of every profiled function summed by :data:`GROUPS`, largest first;
+    the groups add up to the whole profiled time."""
+    table: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+
+    def named(func: tuple[str, int, str]) -> str | None:
+        where = func[0] if func[0] != "~" else func[2]
+        return next((g for g, pats in GROUPS if any(p in where for p in pats)), None)
+
+    shares: dict[Any, dict[str, float]] = {}
+
+    def share(func: Any, depth: int = 0) -> dict[str, float]:
+        """How ``func``'s own time splits over the groups (by the callers' share of it)."""
+        if func in shares:
+            return shares[func]
+        group = named(func)
+        if group is not None or depth > 50:
+            out = {group or "other": 1.0}
+        else:
+            callers = table[func][4]
+            total = sum(c[2] for c in callers.values())
+            out = {}
+            for caller, c in callers.items():
+                if caller == func or total <= 0 or caller not in table:
+                    continue
+                for g, w in share(caller, depth + 1).items():
+                    out[g] = out.get(g, 0.0) + w * c[2] / total
+            out = out or {"other": 1.0}
+        shares[func] = out
+        return out
+
+    sums: dict[str, float] = {}
+    for func, row in table.items():
+        for g, w in share(func).items():
+            sums[g] = sums.get(g, 0.0) + row[2] * w
+    return sorted(sums.items(), key=lambda kv: -kv[1])
+
+
 async def measure(calls: int, rounds: int, profile: bool, scenario: str = "call",
                   transport: str = "udp") -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-callpath-") as tmp:
@@ -322,6 +381,9 @@ async def measure(calls: int, rounds: int, profile: bool, scenario: str = "call"
         gc.freeze()
         gc.set_threshold(20_000, 20, 50)
         per_call: list[float] = []
+        # cProfile's default clock (wall time): a CPU clock (time.thread_time) is a system call per
+        # event and inflates the functions called most; time taken by other processes is spread
+        # over the functions in proportion to their own, which leaves the shares as they are
         prof = cProfile.Profile() if profile else None
         for _ in range(rounds):
             rig.peer_cpu = 0.0
@@ -347,14 +409,24 @@ async def measure(calls: int, rounds: int, profile: bool, scenario: str = "call"
                            "cpu_us_per_call": round(min(per_call) * 1e6, 1), "calls_left_live": live}
     if prof is not None:
         buf = io.StringIO()
-        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
+        stats = pstats.Stats(prof, stream=buf)
+        stats.sort_stats("tottime").print_stats(30)
         out["profile"] = buf.getvalue()
+        groups = profile_groups(stats)
+        edge_total = sum(t for g, t in groups if not g.startswith("bench peers"))
+        out["profile_groups_us_per_call"] = {g: round(t / (calls * rounds) * 1e6, 1) for g, t in groups}
+        out["profile_groups_share_of_edge"] = {g: round(t / edge_total, 3) for g, t in groups
+                                               if not g.startswith("bench peers")}
     return out
 
 
 def count_instructions(calls: int, output: str, scenario: str = "call", transport: str = "udp") -> int:
     """Instructions of one call: callgrind totals of a run with ``calls`` and one with ``3*calls``."""
     import subprocess
+
+    from bench.bench_register import ensure_debs
+
+    ensure_debs({"valgrind": "valgrind"})  # Debian's valgrind, as the other benches install their peers
 
     totals = []
     for n in (calls, 3 * calls):
@@ -383,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="also print where the time goes (cProfile)")
+    ap.add_argument("--profile-groups", action="store_true",
+                    help="cProfile, the own time of every function summed by layer (GROUPS)")
     ap.add_argument("--scenario", choices=("call", "register"), default="call",
                     help="a full call, or a digest registration (REGISTER, 401, REGISTER, 200)")
     ap.add_argument("--transport", choices=("udp", "tcp-framing", "tcp"), default="udp",
@@ -394,8 +468,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.instructions:
         return count_instructions(args.calls, args.output, args.scenario, args.transport)
-    result = asyncio.run(measure(args.calls, args.rounds, args.profile, args.scenario, args.transport))
-    profile_text = result.pop("profile", None)
+    result = asyncio.run(measure(args.calls, args.rounds, args.profile or args.profile_groups, args.scenario,
+                                 args.transport))
+    profile_text = result.pop("profile", None) if not args.profile_groups else None
+    result.pop("profile", None)
     path = write_result(args.output, {"bench": "callpath", "machine": machine_info(),
                                       "method": {"calls": args.calls, "rounds": args.rounds,
                                                  "command": "python -m bench.bench_callpath " + " ".join(
@@ -405,6 +481,13 @@ def main(argv: list[str] | None = None) -> int:
           f"calls left live: {result['calls_left_live']}  -> {path}")
     if profile_text:
         print(profile_text)
+    if args.profile_groups:
+        print(f"own time by group, per {args.scenario} (cProfile: read the shares; its overhead and other "
+              "processes inflate the times)")
+        shares = result["profile_groups_share_of_edge"]
+        for group, us in result["profile_groups_us_per_call"].items():
+            share = f"{shares[group] * 100:5.1f} % of the edge" if group in shares else "   (not counted)"
+            print(f"  {us:8.1f} us  {share}  {group}")
     return 0
 
 

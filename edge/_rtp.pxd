@@ -188,6 +188,8 @@ cdef enum:
     RTP_MAX_EVENTS = 256 # epoll_wait batch
     RTP_EVQ = 4096       # event ring capacity (timeouts waiting for drain_events)
     RTP_READS_PER_WAKE = 4  # recvmmsg calls per ready socket before moving on (fairness)
+    DRAIN_BATCH = 32     # recvmmsg vector length when a pooled socket is emptied before reuse
+    DRAIN_ROUNDS = 256   # at most 8192 stale datagrams per socket; past that the pair is closed instead
     ST_A_RTP = 0         # stream index = leg * 2 + kind
     ST_A_RTCP = 1
     ST_B_RTP = 2
@@ -294,15 +296,22 @@ cdef class RelayEngine:
     cdef readonly double timeout       # default media timeout, seconds
     cdef readonly int tos              # IP TOS byte of relay sockets (0xB8 = DSCP EF), 0 = leave
     cdef uint32_t _next_gen     # next relay id
-    cdef object _free_ports     # deque[(rtp_port, reusable_at_monotonic)], FIFO
+    cdef object _free_ports     # deque[(rtp_port, reusable_at_monotonic)], FIFO: pairs with no socket
+    cdef list _pools            # deque[(rtp_port, rtp_fd, rtcp_fd, reusable_at)] FIFO per pool: bound pairs kept open
+    cdef int _pool_of[2]        # per leg: index in _pools (0 for both when the legs bind the same address)
+    cdef readonly int pool_max  # most pairs kept bound in the pools (both together); 0 = close every socket
+    cdef readonly unsigned long stale_dropped  # datagrams discarded from pooled sockets before their reuse
     cdef list _free_slots       # unused slot indices
     cdef dict _relays           # id -> Relay
     cdef rtp_addr _bind[2]      # per leg: bind address (port 0), family in sin6_family
 
     cdef int _open_pair(self, rtp_stream *rtp, rtp_stream *rtcp, int leg) except -1
+    cdef int _take_pooled(self, rtp_stream *rtp, rtp_stream *rtcp, int leg) except -1
     cdef object _alloc_pair(self)
-    cdef _release(self, rtp_relay *r, bint quiet)
+    cdef _release(self, rtp_relay *r, int *fds, bint quiet)
+    cdef _close_pools(self)
     cdef object _snapshot(self, Relay relay)
+    cdef object _counts(self, Relay relay)
 
 
 cdef class Relay:

@@ -149,6 +149,10 @@ class Relay:
         """Echo mode: every packet received on ``leg`` goes back to its source."""
     def stats(self) -> RelayStats: ...
     def delete(self) -> RelayStats | None: ...
+    def delete_counts(self) -> tuple[tuple[int, int, int, int, float], tuple[int, int, int, int, float]] | None:
+        """Delete the relay as :meth:`delete` does; per leg (a, b), its RTP stream's ``(packets,
+        bytes, lost, dropped, jitter_ms)`` -- what a CDR keeps, without building the
+        :class:`RelayStats` -- or None if it was deleted already."""
 
 class RelayEngine:
     """RTP/RTCP relay with its own packet thread.
@@ -163,6 +167,10 @@ class RelayEngine:
         (the IPv6 traffic class on IPv6 legs)
     :param address_b: address leg B's ports bind to (the carrier side); default ``address``.
         The legs may differ in family: the relay bridges IPv4 and IPv6.
+    :param pool: most RTP/RTCP pairs kept bound (sockets open) after their relay ends, for a
+        later relay on the same address; emptied of every queued datagram before that reuse,
+        which comes no sooner than ``quiet_period``. ``None``: every pair of the range, but no
+        more than ``RLIMIT_NOFILE // 8`` pairs (a quarter of the descriptors). 0: close every socket.
     """
 
     address: str
@@ -172,6 +180,9 @@ class RelayEngine:
     quiet_period: float
     timeout: float
     tos: int
+    pool_max: int
+    stale_dropped: int
+    """Datagrams that reached a pooled pair after its relay ended, discarded before its reuse."""
     def __init__(
         self,
         address: str,
@@ -183,7 +194,14 @@ class RelayEngine:
         clock_rate: float = 8000.0,
         tos: int = 0xB8,
         address_b: str | None = None,
+        pool: int | None = None,
     ) -> None: ...
+    @property
+    def pooled_pairs(self) -> int:
+        """Bound RTP/RTCP pairs kept open for reuse."""
+    @property
+    def free_pairs(self) -> int:
+        """Pairs no relay holds (unbound or pooled); with ``2 * active_relays``, every pair of the range."""
     def start(self) -> None:
         """Start the packet thread (no-op if running)."""
     def stop(self) -> None:

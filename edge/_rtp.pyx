@@ -7,7 +7,7 @@ docstrings in ``_rtp.pyi``; design (thread, latching rule, counters) in
 """
 cimport cython
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from libc.errno cimport errno, EAGAIN, EINTR, EADDRINUSE, EACCES
+from libc.errno cimport errno, EAGAIN, EINTR, EADDRINUSE, EACCES, ECONNREFUSED
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, UINT64_MAX
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcmp, memcpy, memset
@@ -16,6 +16,7 @@ from posix.unistd cimport close, read, write
 
 import collections
 import os
+import resource
 import time
 
 # Index = DROP_* value (_rtp.pxd).
@@ -408,6 +409,29 @@ cdef void engine_init_buffers(rtp_engine *eng) noexcept nogil:
         eng.smsg[i].msg_hdr.msg_iovlen = 1
 
 
+cdef int drain_socket(int fd, unsigned long *dropped) noexcept nogil:
+    """Discard every datagram queued on ``fd`` (a pooled socket about to serve a new call).
+
+    0: the queue is empty; 1: still not empty after DRAIN_ROUNDS batches (a flood: the caller
+    closes the pair instead); -1: an error other than "empty"."""
+    cdef mmsghdr vec[32]                    # DRAIN_BATCH
+    cdef int got, rounds
+    # Zero-length iovecs: each datagram is dequeued and dropped, nothing is copied.
+    memset(vec, 0, sizeof(vec))
+    for rounds in range(DRAIN_ROUNDS):
+        got = recvmmsg(fd, vec, DRAIN_BATCH, MSG_DONTWAIT, NULL)
+        if got < 0:
+            if errno == EAGAIN:                 # EWOULDBLOCK on Linux
+                return 0
+            if errno == EINTR or errno == ECONNREFUSED:     # a pending ICMP error is cleared by reading it
+                continue
+            return -1
+        dropped[0] += <unsigned long>got
+        if got < DRAIN_BATCH:
+            return 0                        # recvmmsg stops early only when the queue ran dry
+    return 1
+
+
 cdef void totals_add(rtp_totals *t, const rtp_relay *r) noexcept nogil:
     cdef int k, j
     cdef const rtp_stream *s
@@ -596,6 +620,7 @@ cdef int _leg_index(leg) except -1:
         raise ValueError("leg must be 'a' or 'b', not %r" % (leg,)) from None
 
 
+@cython.no_gc_clear
 cdef class RelayEngine:
 
     def __cinit__(self):
@@ -603,7 +628,7 @@ cdef class RelayEngine:
         self._started = False
 
     def __init__(self, str address, int port_min, int port_max, *, double quiet_period=2.0,
-                 double timeout=30.0, double clock_rate=8000.0, int tos=0xB8, address_b=None):
+                 double timeout=30.0, double clock_rate=8000.0, int tos=0xB8, address_b=None, pool=None):
         cdef uint32_t nslots
         cdef int first
         cdef epoll_event ev
@@ -625,6 +650,21 @@ cdef class RelayEngine:
         if len(pairs) < 2:
             raise ValueError("port range %d-%d holds fewer than 2 RTP/RTCP pairs" % (port_min, port_max))
         self._free_ports = collections.deque((p, 0.0) for p in pairs)
+        # Bound pairs are kept open when a relay ends and handed to a later relay after the quiet
+        # period, emptied first: no socket/bind/setsockopt/close per call (issue 10). Legs that
+        # bind the same address share one pool; each pooled pair holds two descriptors, so the
+        # default keeps at most a quarter of the process's descriptor limit in the pools.
+        if pool is None:
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            pool = len(pairs) if soft == resource.RLIM_INFINITY else min(len(pairs), soft // 8)
+        if pool < 0:
+            raise ValueError("bad pool size %r" % (pool,))
+        self.pool_max = pool
+        self.stale_dropped = 0
+        same = memcmp(&self._bind[0], &self._bind[1], sizeof(rtp_addr)) == 0
+        self._pools = [collections.deque()] if same else [collections.deque(), collections.deque()]
+        self._pool_of[0] = 0
+        self._pool_of[1] = 0 if same else 1
         nslots = <uint32_t>(len(pairs) // 2)
         self._free_slots = list(range(nslots - 1, -1, -1))
         self._relays = {}
@@ -669,6 +709,11 @@ cdef class RelayEngine:
                     _free_srtp(eng.slots[i].srtp_in)            # srtp_in[2] and srtp_out[2] are adjacent
                     free(eng.slots[i])
             free(eng.slots)
+        if self._pools is not None:         # RelayEngine is no_gc_clear: still there
+            for dq in self._pools:
+                for _, fd0, fd1, _ in dq:
+                    close(fd0)
+                    close(fd1)
         for fd in (eng.epfd, eng.wakefd, eng.evfd):
             if fd >= 0:
                 close(fd)
@@ -706,6 +751,7 @@ cdef class RelayEngine:
             self._started = False
         for relay in list(self._relays.values()):
             self._delete(relay, False)
+        self._close_pools()
         # Every port is free now: the engine is gone, no quiet period needed.
         self._free_ports = collections.deque(sorted((p, 0.0) for p, _ in self._free_ports))
 
@@ -725,6 +771,55 @@ cdef class RelayEngine:
         self.stop()
 
     # -- ports ---------------------------------------------------------------
+
+    @property
+    def pooled_pairs(self):
+        """Bound RTP/RTCP pairs kept open for reuse (both legs' pools)."""
+        return sum(len(dq) for dq in self._pools)
+
+    @property
+    def free_pairs(self):
+        """Pairs no relay holds: unbound, or pooled (quiet or not); with ``2 * active_relays``
+        it adds up to every pair of the range."""
+        return len(self._free_ports) + self.pooled_pairs
+
+    cdef _close_pools(self):
+        for dq in self._pools:
+            while dq:
+                port, fd0, fd1, _ = dq.popleft()
+                close(fd0)
+                close(fd1)
+                self._free_ports.append((port, 0.0))
+
+    cdef int _take_pooled(self, rtp_stream *rtp, rtp_stream *rtcp, int leg) except -1:
+        """The oldest pooled pair of ``leg``'s address whose quiet period is over, emptied of
+        whatever reached it since its last relay ended: 1 if one was taken, else 0."""
+        cdef int fd0, fd1
+        cdef unsigned long dropped = 0
+        dq = self._pools[self._pool_of[leg]]
+        now = time.monotonic()
+        while dq:
+            port, fd0, fd1, ready = dq[0]
+            if ready > now:
+                return 0                            # FIFO: the rest are younger
+            dq.popleft()
+            # A late packet of the last call must never reach the next one (test_rtp_pool.py).
+            if drain_socket(fd0, &dropped) == 0 and drain_socket(fd1, &dropped) == 0:
+                self.stale_dropped += dropped
+                rtp.fd = fd0
+                rtp.port = <uint16_t>port
+                rtp.is_rtcp = 0
+                rtcp.fd = fd1
+                rtcp.port = <uint16_t>(port + 1)
+                rtcp.is_rtcp = 1
+                return 1
+            # Flooded (or broken): close it; the port waits a quiet period unbound.
+            self.stale_dropped += dropped
+            dropped = 0
+            close(fd0)
+            close(fd1)
+            self._free_ports.append((port, now + self.quiet_period))
+        return 0
 
     cdef object _alloc_pair(self):
         cdef double now = time.monotonic()
@@ -747,6 +842,8 @@ cdef class RelayEngine:
         cdef int tos = self.tos
         cdef int family = self._bind[leg].sin6_family
         cdef socklen_t salen = sizeof(sockaddr_in6) if family == AF_INET6 else sizeof(sockaddr_in)
+        if self._take_pooled(rtp, rtcp, leg):
+            return 0
         tries = len(self._free_ports) + 1
         for k in range(tries):
             port = self._alloc_pair()
@@ -791,12 +888,23 @@ cdef class RelayEngine:
             self._free_ports.append((port, time.monotonic() + self.quiet_period))
         raise RuntimeError("no bindable RTP port pair in %d-%d" % (self.port_min, self.port_max))
 
-    cdef _release(self, rtp_relay *r, bint quiet):
-        cdef int k
+    cdef _release(self, rtp_relay *r, int *fds, bint quiet):
+        """Give back ``r``'s port pairs; ``fds`` are its four sockets (-1: none), out of the
+        epoll set: kept bound in the leg's pool while it has room, else closed."""
+        cdef int k, leg, j
         ready = time.monotonic() + self.quiet_period if quiet else 0.0
-        for k in (0, 2):
-            if r.st[k].port:
-                self._free_ports.append((r.st[k].port, ready))
+        for leg in range(2):
+            k = leg * 2
+            if not r.st[k].port:
+                continue
+            dq = self._pools[self._pool_of[leg]]
+            if fds[k] >= 0 and fds[k + 1] >= 0 and self.pooled_pairs < self.pool_max:
+                dq.append((r.st[k].port, fds[k], fds[k + 1], ready))
+                continue
+            for j in (k, k + 1):
+                if fds[j] >= 0:
+                    close(fds[j])
+            self._free_ports.append((r.st[k].port, ready))
 
     # -- relays --------------------------------------------------------------
 
@@ -810,6 +918,7 @@ cdef class RelayEngine:
             raise RuntimeError("engine closed")
         if not self._free_slots:
             raise RuntimeError("relay table full")
+        cdef int fds[4]
         memset(&tmp, 0, sizeof(tmp))
         for k in range(4):
             tmp.st[k].fd = -1
@@ -817,10 +926,10 @@ cdef class RelayEngine:
             self._open_pair(&tmp.st[ST_A_RTP], &tmp.st[ST_A_RTCP], 0)
             self._open_pair(&tmp.st[ST_B_RTP], &tmp.st[ST_B_RTCP], 1)
         except BaseException:
+            # leg A's pair is back in its pool (already emptied: no quiet period) or closed
             for k in range(4):
-                if tmp.st[k].fd >= 0:
-                    close(tmp.st[k].fd)
-            self._release(&tmp, False)
+                fds[k] = tmp.st[k].fd
+            self._release(&tmp, fds, False)
             raise
         slot = self._free_slots.pop()
         gen = self._next_gen
@@ -869,17 +978,19 @@ cdef class RelayEngine:
             return None
         return self._delete(relay, True)
 
-    def _delete(self, Relay relay, bint quiet):
+    def _delete(self, Relay relay, bint quiet, bint full=True):
         cdef rtp_relay *r
         cdef int k
         cdef srtp_t sessions[4]
-        stats = self._snapshot(relay)
+        cdef int fds[4]
+        stats = self._snapshot(relay) if full else self._counts(relay)
         pthread_mutex_lock(&self._eng.lock)
         r = self._eng.slots[relay._slot]
         for k in range(4):
+            # out of the loop's sight, but kept open: _release pools the pairs (or closes them)
+            fds[k] = r.st[k].fd
             if r.st[k].fd >= 0:
                 epoll_ctl(self._eng.epfd, EPOLL_CTL_DEL, r.st[k].fd, NULL)
-                close(r.st[k].fd)
                 r.st[k].fd = -1
         totals_add(&self._eng.gone, r)
         r.active = 0
@@ -890,11 +1001,31 @@ cdef class RelayEngine:
             r.srtp_out[k] = NULL
         pthread_mutex_unlock(&self._eng.lock)
         _free_srtp(sessions)
-        self._release(r, quiet)
+        self._release(r, fds, quiet)
         relay._deleted = True
         del self._relays[relay.id]
         self._free_slots.append(relay._slot)
         return stats
+
+    cdef object _counts(self, Relay relay):
+        """Per leg, the RTP stream's (packets, bytes, lost, dropped, jitter_ms), as _snapshot
+        counts them, without the objects of a RelayStats."""
+        cdef rtp_stream s
+        cdef int leg, j
+        cdef int64_t lost
+        cdef uint64_t dropped
+        cdef double rate = self._eng.clock_rate
+        out = []
+        for leg in range(2):
+            pthread_mutex_lock(&self._eng.lock)
+            memcpy(&s, &self._eng.slots[relay._slot].st[leg * 2], sizeof(rtp_stream))  # ST_A_RTP, ST_B_RTP
+            pthread_mutex_unlock(&self._eng.lock)
+            lost = stream_lost(&s)
+            dropped = 0
+            for j in range(DROP_COUNT):
+                dropped += s.dropped[j]
+            out.append((s.packets, s.bytes, lost if lost > 0 else 0, dropped, s.jitter * 1000.0 / rate))
+        return tuple(out)
 
     cdef object _snapshot(self, Relay relay):
         cdef rtp_relay snap
@@ -1107,6 +1238,11 @@ cdef class Relay:
         if self._deleted:
             return None
         return self.engine.delete(self.id)
+
+    def delete_counts(self):
+        if self._deleted:
+            return None
+        return self.engine._delete(self, True, False)
 
     def __repr__(self):
         return "<Relay %d %r a=%s:%d b=%s:%d%s>" % (

@@ -71,4 +71,5 @@ cdef class SipMessage:
     cdef object _validate_response(self)
     cdef object _validate_contacts(self, bint register)
     cdef object _address(self, int h, str what)
+    cdef object _expires_value(self)
     cdef object _element_error(self, object err, int k, int j, object param)

@@ -235,6 +235,12 @@ def parse_name_addr(s: str) -> NameAddr:
 def parse_via(s: str) -> Via:
     """Parse one Via value.  :raises SipBadHeader: malformed or not SIP/2.0."""
 
+def digest_params(value: str) -> dict[str, str] | None:
+    """The parameters of an ``Authorization``/``Proxy-Authorization`` value ``Digest name=value, ...``:
+    names lower-cased, quoted values unquoted and unescaped; None when the scheme is not Digest.
+    Positions where no ``name=value`` starts are skipped (what ``parser_py.digest_params``, a
+    regular expression, gives for every string)."""
+
 def build_response(
     req: SipMessage,
     status: int,

@@ -11,7 +11,8 @@ the same API; the public contract with docstrings is ``_sipparse.pyi``.
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
-from cpython.unicode cimport PyUnicode_DATA, PyUnicode_DecodeUTF8, PyUnicode_KIND, PyUnicode_READ
+from cpython.unicode cimport (PyUnicode_DATA, PyUnicode_DecodeUTF8, PyUnicode_KIND, PyUnicode_READ,
+                              Py_UNICODE_ISSPACE)
 from libc.stdint cimport uint8_t, uint32_t, int64_t, uint64_t
 from libc.string cimport memchr, memcmp
 
@@ -1038,15 +1039,16 @@ cdef class SipMessage:
 
     @property
     def expires(self):
-        def make():
-            v = self.header("expires")
-            if v is None:
-                return None
-            v = v.strip()
-            if not v.isascii() or not v.isdigit() or len(v) > 10 or int(v) > 0xFFFFFFFF:
-                raise _bad("Bad Expires")
-            return int(v)
-        return self._lazy_get("expires", make)
+        return self._lazy_get("expires", lambda: self._expires_value())
+
+    cdef object _expires_value(self):
+        # the first Expires line (a single-valued header: what header("expires") gives)
+        if not (self._present & ((<uint64_t>1) << HDR_EXPIRES)):
+            return None
+        v = self._value(self._first[HDR_EXPIRES]).strip()
+        if not v.isascii() or not v.isdigit() or len(v) > 10 or int(v) > 0xFFFFFFFF:
+            raise _bad("Bad Expires")
+        return int(v)
 
     cpdef validate(self):
         """Force every view the edge uses, once (Kamailio ``sanity``); see ``_sipparse.pyi``.
@@ -1103,9 +1105,9 @@ cdef class SipMessage:
             self._lazy["uri"] = uri
         register = self._is_request and self._m_len == 8 and memcmp(self._buf + self._m_off, b"REGISTER", 8) == 0
         self._validate_contacts(register)
-        if self._present & ((<uint64_t>1) << HDR_EXPIRES):
+        if self._present & ((<uint64_t>1) << HDR_EXPIRES) and "expires" not in self._lazy:
             try:
-                self.expires
+                self._lazy["expires"] = self._expires_value()  # (not through the property's lookup)
             except SipBadHeader as err:
                 raise SipBadHeader(err.reason, self._slots[self._first[HDR_EXPIRES]].val_off, raw) from None
         if (self._is_request and self._m_len == 6 and memcmp(self._buf + self._m_off, b"INVITE", 6) == 0
@@ -2113,3 +2115,102 @@ def _build_stateless_error(bytes data, err):
             out[-1] += b"\r\n"
     out.append(b"Content-Length: 0\r\n\r\n")
     return b"".join(out)
+
+
+# -- Digest credentials (RFC 3261 §22.4, RFC 7616 §3.4) -------------------------------------
+
+cdef inline bint _digest_name_char(Py_UCS4 c) noexcept:
+    return (c >= u'a' and c <= u'z') or (c >= u'A' and c <= u'Z') or (c >= u'0' and c <= u'9') \
+        or c == u'_' or c == u'-'
+
+
+def digest_params(str value):
+    """The parameters of ``Digest name=value, ...`` (names lower-cased, quoted values unquoted
+    and unescaped), or None when the scheme is not Digest.
+
+    One pass, and exactly what the oracle ``parser_py.digest_params`` (a regular expression
+    findall) gives for every string, malformed ones included: a position where no
+    ``name = value`` starts is skipped. A failed attempt skips the whole name it read (every
+    position inside it fails the same way), so a hostile header costs linear time.
+    """
+    cdef str rest
+    cdef Py_ssize_t n, i = 0, j, k, ns, ne, vs, ve
+    cdef Py_UCS4 c
+    cdef int kind
+    cdef void *data
+    cdef bint upper, escaped
+    cdef dict params = {}
+    scheme, _, rest = value.strip().partition(" ")
+    if scheme.lower() != "digest":
+        return None
+    n = len(rest)
+    kind = PyUnicode_KIND(rest)
+    data = PyUnicode_DATA(rest)
+    while i < n:
+        j = i
+        while j < n and Py_UNICODE_ISSPACE(PyUnicode_READ(kind, data, j)):
+            j += 1
+        ns = j
+        upper = False
+        while j < n:
+            c = PyUnicode_READ(kind, data, j)
+            if not _digest_name_char(c):
+                break
+            upper |= c >= u'A' and c <= u'Z'
+            j += 1
+        ne = j
+        if ne == ns:
+            i = ns + 1                      # no name here, nor in the white space before it
+            continue
+        while j < n and Py_UNICODE_ISSPACE(PyUnicode_READ(kind, data, j)):
+            j += 1
+        if j >= n or PyUnicode_READ(kind, data, j) != u'=':
+            i = ne
+            continue
+        j += 1
+        while j < n and Py_UNICODE_ISSPACE(PyUnicode_READ(kind, data, j)):
+            j += 1
+        vs = j
+        ve = -1
+        escaped = False
+        if j < n and PyUnicode_READ(kind, data, j) == u'"':   # a quoted string: \ escapes any but LF
+            k = j + 1
+            while k < n:
+                c = PyUnicode_READ(kind, data, k)
+                if c == u'"':
+                    ve = k + 1
+                    break
+                if c == u'\\':
+                    if k + 1 < n and PyUnicode_READ(kind, data, k + 1) != u'\n':
+                        escaped = True
+                        k += 2
+                        continue
+                    break
+                k += 1
+        if ve < 0:                          # else a token: up to white space or a comma
+            k = j
+            while k < n:
+                c = PyUnicode_READ(kind, data, k)
+                if Py_UNICODE_ISSPACE(c) or c == u',':
+                    break
+                escaped |= c == u'\\'
+                k += 1
+            if k == j:
+                i = ne
+                continue
+            ve = k
+        j = ve
+        while j < n and Py_UNICODE_ISSPACE(PyUnicode_READ(kind, data, j)):
+            j += 1
+        if j < n and PyUnicode_READ(kind, data, j) == u',':
+            j += 1
+        if PyUnicode_READ(kind, data, vs) == u'"':   # unquoted as the oracle does: first and last dropped
+            raw = rest[vs + 1:ve - 1]
+            if escaped:
+                raw = raw.replace('\\"', '"').replace("\\\\", "\\")
+        else:
+            raw = rest[vs:ve]
+        name = rest[ns:ne]
+        params[name.lower() if upper else name] = raw
+        i = j
+    return params

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Literal
 from edge._rtp import SrtpError
 from edge.media.relay import MediaService
 from edge.media.sdes import Mode, SdesCall, SdesRefused
-from edge.media.sdp import SdpError, parse_sdp_media
+from edge.media.sdp import SdpError, parse_sdp
 
 from .model import Call, EndReason, Side
 
@@ -70,9 +70,10 @@ class CallMedia:
         assert call.sdes is not None
         leg = sender.relay_leg
         try:
-            plan = call.sdes.plan(leg, parse_sdp_media(sdp), kind)
+            parsed = parse_sdp(sdp)  # once: the SRTP plan, the relay's remote and the rewrite read it
+            plan = call.sdes.plan(leg, parsed.media, kind)
             relay.set_srtp(leg, plan.rx, plan.tx)
-            return self.service.anchor(relay, leg, sdp, secure=plan.secure, crypto=plan.crypto)
+            return self.service.anchor(relay, leg, parsed, secure=plan.secure, crypto=plan.crypto)
         except SdpError as exc:
             raise MediaRefused(488, EndReason.BAD_SDP, f"SDP cannot be anchored: {exc}") from None
         except (SdesRefused, SrtpError) as exc:
@@ -89,9 +90,10 @@ class CallMedia:
         relay = self.open(call)
         assert call.sdes is not None
         try:
-            plan = call.sdes.echo(parse_sdp_media(sdp))
+            parsed = parse_sdp(sdp)
+            plan = call.sdes.echo(parsed.media)
             relay.set_srtp("a", plan.rx, plan.tx)
-            return self.service.echo(relay, "a", sdp, secure=plan.secure, crypto=plan.crypto)
+            return self.service.echo(relay, "a", parsed, secure=plan.secure, crypto=plan.crypto)
         except SdpError as exc:
             raise MediaRefused(488, EndReason.BAD_SDP, f"SDP cannot be anchored: {exc}") from None
         except (SdesRefused, SrtpError) as exc:
@@ -102,15 +104,14 @@ class CallMedia:
         relay = call.relay
         if relay is None or relay.deleted:
             return {}
-        stats = relay.delete()
+        counts = relay.delete_counts()  # only what the CDR keeps: no RelayStats built per call
         out: dict[str, int] = {}
-        if stats is None:
+        if counts is None:
             return out
-        for name in ("a", "b"):
-            rtp = stats.leg(name).rtp
-            out[f"{name}_packets"] = int(rtp.packets)
-            out[f"{name}_bytes"] = int(rtp.bytes)
-            out[f"{name}_lost"] = int(rtp.lost)
-            out[f"{name}_dropped"] = int(rtp.dropped_total)
-            out[f"{name}_jitter_us"] = int(rtp.jitter_ms * 1000)
+        for name, (packets, nbytes, lost, dropped, jitter_ms) in zip("ab", counts, strict=True):
+            out[f"{name}_packets"] = packets
+            out[f"{name}_bytes"] = nbytes
+            out[f"{name}_lost"] = lost
+            out[f"{name}_dropped"] = dropped
+            out[f"{name}_jitter_us"] = int(jitter_ms * 1000)
         return out

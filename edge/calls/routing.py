@@ -12,6 +12,7 @@ or the static contact of an ``ip`` profile (SPEC §4.3).
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -41,41 +42,54 @@ class Routing:
     def __init__(self, carriers: Sequence[CarrierConfig], bindings: Callable[[str], list[Registration]],
                  domain: str, rng: random.Random | None = None,
                  targets: Callable[[CarrierConfig], list[CarrierTarget]] | None = None) -> None:
-        self.carriers = sorted(carriers, key=lambda c: c.priority)
         # carrier health (calls/carriers.py): a down target is skipped, not tried; no DNS on this path
         self.targets = targets or static_targets
         self.bindings = bindings
         self.domain = domain
         self.rng = rng or random.Random()
+        self.replace_carriers(carriers)
 
     def replace_carriers(self, carriers: Sequence[CarrierConfig]) -> None:
         """A reload: the next call routes over ``carriers``; calls already routed keep their targets."""
         self.carriers = sorted(carriers, key=lambda c: c.priority)
+        # What is the same for every call, worked out once per configuration: the scheme and
+        # host of each carrier's Request-URIs (its URI parsed once, not per call).
+        self._ruri_parts = [(c, *_ruri_parts(c)) for c in self.carriers]
 
     def carrier_targets(self, callee: str) -> list[Target]:
         """Carriers in the order to try them for ``callee`` (E.164 with "+")."""
         out: list[Target] = []
-        reachable = [(c, t) for c in self.carriers if (t := self.targets(c))]
+        reachable = [(c, scheme, host, t) for c, scheme, host in self._ruri_parts if (t := self.targets(c))]
         for group in self._weighted_order(reachable, lambda ct: (ct[0].priority, ct[0].weight)):
-            for carrier, targets in group:
-                uri = parse_uri(carrier.uri)
-                ruri = f"{scheme_of(uri)}:{callee}@{request_host(uri)}"
+            for carrier, scheme, host, targets in group:
+                ruri = f"{scheme}:{callee}@{host}"
                 for tg in self._weighted_order(targets, lambda t: (t.priority, t.weight)):
                     out += [Target(carrier.uri, t.peer._replace(side=""), ruri) for t in tg]
         return out
 
     def _weighted_order(self, items: Sequence[T], key: Callable[[T], tuple[int, int]]) -> list[list[T]]:
         """``items`` by priority (lowest first), each priority in a weighted random order (RFC 2782:
-        weight 0 is picked last but for a very small chance)."""
+        weight 0 is picked last but for a very small chance).
+
+        The order within a priority is that of one weighted draw after the other without
+        replacement, made in one pass: each item draws ``u`` in (0, 1] and the items go by
+        ``u ** (1 / weight)``, largest first (Efraimidis and Spirakis 2006, the same
+        distribution), compared as ``log(u) / weight``. One random number per item instead of
+        a ``random.choices`` per pick, and none for a priority that holds one item: one carrier,
+        or one target (issue 10).
+        """
+        if len(items) == 1:
+            return [list(items)]
+        groups: dict[int, list[T]] = {}
+        for item in items:
+            groups.setdefault(key(item)[0], []).append(item)
+        rnd = self.rng.random
         out: list[list[T]] = []
-        for prio in sorted({key(i)[0] for i in items}):
-            group = [i for i in items if key(i)[0] == prio]
-            ordered: list[T] = []
-            while group:
-                pick = self.rng.choices(group, weights=[max(key(i)[1], 0) or 1e-9 for i in group])[0]
-                group.remove(pick)
-                ordered.append(pick)
-            out.append(ordered)
+        for prio in sorted(groups):
+            group = groups[prio]
+            if len(group) > 1:
+                group.sort(key=lambda i: math.log(1.0 - rnd()) / (max(key(i)[1], 0) or 1e-9), reverse=True)
+            out.append(group)
         return out
 
     def should_fail_over(self, call: Call, status: int) -> bool:
@@ -118,6 +132,11 @@ class Routing:
             return f"<sip:{call.caller}@{self.domain}>", f"<sip:{username}@{self.domain}>"
         name = f'"{display}" ' if display else ""
         return f"{name}<sip:{username}@{self.domain}>", f"<{target.ruri}>"
+
+
+def _ruri_parts(carrier: CarrierConfig) -> tuple[str, str]:
+    uri = parse_uri(carrier.uri)
+    return scheme_of(uri), request_host(uri)
 
 
 def static_targets(carrier: CarrierConfig) -> list[CarrierTarget]:

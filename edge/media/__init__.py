@@ -14,13 +14,14 @@ from edge._rtp import (
     StreamStats,
 )
 from edge.media.relay import MediaService
-from edge.media.sdp import SdpError, SdpMedia, parse_sdp_media, rewrite_sdp
+from edge.media.sdp import ParsedSdp, SdpError, SdpMedia, parse_sdp, parse_sdp_media, rewrite_sdp
 
 __all__ = [
     "DROP_REASONS",
     "LegAddr",
     "LegStats",
     "MediaService",
+    "ParsedSdp",
     "Relay",
     "RelayEngine",
     "RelayEvent",
@@ -28,6 +29,7 @@ __all__ = [
     "SdpError",
     "SdpMedia",
     "StreamStats",
+    "parse_sdp",
     "parse_sdp_media",
     "rewrite_sdp",
 ]

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from edge._rtp import Relay, RelayEngine, RelayEvent
-from edge.media.sdp import SdpError, parse_sdp_media, rewrite_sdp
+from edge.media.sdp import ParsedSdp, SdpError, parse_sdp, rewrite_sdp
 
 if TYPE_CHECKING:
     from edge._rtp import Leg
@@ -93,7 +93,7 @@ class MediaService:
     def create(self, tag: str, *, timeout: float | None = None) -> Relay:
         return self.engine.create(tag, timeout=timeout)
 
-    def anchor(self, relay: Relay, from_leg: Leg, sdp: bytes, *, secure: bool | None = None,
+    def anchor(self, relay: Relay, from_leg: Leg, sdp: bytes | ParsedSdp, *, secure: bool | None = None,
                crypto: tuple[bytes, ...] = ()) -> bytes:
         """Take the SDP received on ``from_leg``; return the SDP for the other leg.
 
@@ -103,27 +103,30 @@ class MediaService:
 
         :param relay: the call's relay
         :param from_leg: ``"a"`` (SDP from the PBX) or ``"b"`` (SDP from the carrier)
-        :param sdp: the SDP body as received
+        :param sdp: the SDP body as received, or what :func:`parse_sdp` read of it
         :param secure: / :param crypto: the profile and the edge's ``a=crypto`` lines of the
             returned SDP (edge/media/sdes.py); the sender's ``a=crypto`` lines never pass
         """
-        media = parse_sdp_media(sdp)
+        parsed = sdp if isinstance(sdp, ParsedSdp) else parse_sdp(sdp)
+        media = parsed.media
         try:
             relay.set_remote(from_leg, media.host, media.port, media.rtcp_port)
         except ValueError as exc:  # a host name in c=, or an IPv4 address offered on an IPv6 side
             raise SdpError(str(exc)) from None
         to_leg = "b" if from_leg.lower() == "a" else "a"
         out = relay.leg_b if to_leg == "b" else relay.leg_a
-        return rewrite_sdp(sdp, self.advertise[to_leg], out.rtp_port, out.rtcp_port, secure=secure, crypto=crypto)
+        return rewrite_sdp(parsed, self.advertise[to_leg], out.rtp_port, out.rtcp_port, secure=secure,
+                           crypto=crypto)
 
-    def echo(self, relay: Relay, leg: Leg, sdp: bytes, *, secure: bool | None = None,
+    def echo(self, relay: Relay, leg: Leg, sdp: bytes | ParsedSdp, *, secure: bool | None = None,
              crypto: tuple[bytes, ...] = ()) -> bytes:
         """Echo ``leg``'s audio back to it; the SDP answer names that leg's own port."""
-        media = parse_sdp_media(sdp)
+        parsed = sdp if isinstance(sdp, ParsedSdp) else parse_sdp(sdp)
+        media = parsed.media
         try:
             relay.set_remote(leg, media.host, media.port, media.rtcp_port)
         except ValueError as exc:
             raise SdpError(str(exc)) from None
         relay.set_echo(leg)
         own = relay.leg_a if leg == "a" else relay.leg_b
-        return rewrite_sdp(sdp, self.advertise[leg], own.rtp_port, own.rtcp_port, secure=secure, crypto=crypto)
+        return rewrite_sdp(parsed, self.advertise[leg], own.rtp_port, own.rtcp_port, secure=secure, crypto=crypto)

@@ -123,6 +123,16 @@ class SdpMedia(NamedTuple):
         return self.profile.encode() in SECURE_PROFILES
 
 
+class ParsedSdp(NamedTuple):
+    """An SDP body read once: its first audio stream and its lines, which
+    :func:`rewrite_sdp` takes instead of the body so that an offer or an answer is split and
+    read once on its way through the edge."""
+
+    media: SdpMedia
+    lines: list[bytes]
+    eol: bytes
+
+
 def _split(sdp: bytes) -> tuple[list[bytes], bytes]:
     eol = b"\r\n" if b"\r\n" in sdp else b"\n"
     lines = sdp.split(eol)
@@ -166,12 +176,24 @@ def _media_port(line: bytes) -> int:
     return port
 
 
+def parse_sdp(sdp: bytes) -> ParsedSdp:
+    """Read an SDP body once: its first audio stream (:func:`parse_sdp_media`) and its lines.
+
+    :raises SdpError: no ``m=audio`` line or no connection address for it
+    """
+    lines, eol = _split(sdp)
+    return ParsedSdp(_read_media(lines), lines, eol)
+
+
 def parse_sdp_media(sdp: bytes) -> SdpMedia:
     """Read the first audio stream of an SDP body.
 
     :raises SdpError: no ``m=audio`` line or no connection address for it
     """
-    lines, _ = _split(sdp)
+    return _read_media(_split(sdp)[0])
+
+
+def _read_media(lines: list[bytes]) -> SdpMedia:
     sess_conn: tuple[str, str] | None = None
     sess_dir = "sendrecv"
     in_audio = False
@@ -219,9 +241,11 @@ def parse_sdp_media(sdp: bytes) -> SdpMedia:
                     profile.decode("ascii", "replace"), tuple(crypto), crypto_lines)
 
 
-def rewrite_sdp(sdp: bytes, address: str, rtp_port: int, rtcp_port: int | None = None, *,
+def rewrite_sdp(sdp: bytes | ParsedSdp, address: str, rtp_port: int, rtcp_port: int | None = None, *,
                 secure: bool | None = None, crypto: tuple[bytes, ...] = ()) -> bytes:
     """Point the first audio stream at the edge: ``address:rtp_port`` (RTCP ``rtcp_port``).
+
+    ``sdp`` is the body, or what :func:`parse_sdp` read of it (not read again).
 
     - ``c=`` lines (session and media level) get ``IN IP4 address`` (``IN IP6`` for an
       IPv6 ``address``); a hold address ``0.0.0.0`` or ``::`` stays a hold address, of
@@ -243,8 +267,9 @@ def rewrite_sdp(sdp: bytes, address: str, rtp_port: int, rtcp_port: int | None =
 
     Line endings (CRLF or LF) are preserved.
     """
-    parse_sdp_media(sdp)                    # same validation as the reader: SdpError
-    lines, eol = _split(sdp)
+    # the same validation as the reader (SdpError); not again when the caller parsed it already
+    parsed = sdp if isinstance(sdp, ParsedSdp) else parse_sdp(sdp)
+    lines, eol = parsed.lines, parsed.eol
     addr = address.encode("ascii")
     ip6 = b":" in addr
     addrtype = b"IP6" if ip6 else b"IP4"

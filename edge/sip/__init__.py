@@ -31,6 +31,7 @@ try:
         Via,
         build_response,
         build_stateless_error,
+        digest_params,
         frame_length,
         parse,
         parse_name_addr,
@@ -47,7 +48,8 @@ except ImportError:
     if "edge._sipparse" not in _sys.modules:
         raise
     _COMPILED = frozenset(('MAX_HEADER_LINES', 'MAX_LINE_BYTES', 'MAX_MESSAGE_BYTES', 'REASONS', 'NameAddr',
-                           'SipMessage', 'SipUri', 'Via', 'build_response', 'build_stateless_error', 'frame_length',
+                           'SipMessage', 'SipUri', 'Via', 'build_response', 'build_stateless_error', 'digest_params',
+                           'frame_length',
                            'parse', 'parse_name_addr', 'parse_uri', 'parse_via', 'skip_keepalive'))
 
     def __getattr__(name: str):
@@ -67,6 +69,7 @@ __all__ = [
     "Via",
     "build_response",
     "build_stateless_error",
+    "digest_params",
     "frame_length",
     "parse",
     "parse_name_addr",

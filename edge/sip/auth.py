@@ -14,18 +14,16 @@ import hashlib
 import hmac
 import ipaddress
 import os
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from edge.control.models import Credential
 
+from . import digest_params
 from .request import token_hex
 
 ALGORITHMS = {"MD5": hashlib.md5, "SHA-256": hashlib.sha256}
-# a quoted string unrolled (Friedl): twice as fast as one alternation per character
-_PARAM = re.compile(r'\s*([A-Za-z0-9_-]+)\s*=\s*("[^"\\]*(?:\\.[^"\\]*)*"|[^\s,]+)\s*,?')
 
 
 class AuthResult(enum.Enum):
@@ -55,16 +53,9 @@ class DigestAnswer:
 
 def parse_authorization(value: str) -> DigestAnswer | None:
     """Parse ``Digest username="..", ...``; None if it is not a usable Digest answer."""
-    scheme, _, rest = value.strip().partition(" ")
-    if scheme.lower() != "digest":
+    params = digest_params(value)  # the compiled scanner (_sipparse.pyx); parser_py has its oracle
+    if params is None:
         return None
-    params: dict[str, str] = {}
-    for name, raw in _PARAM.findall(rest):
-        if raw.startswith('"'):
-            raw = raw[1:-1]
-            if "\\" in raw:
-                raw = raw.replace('\\"', '"').replace("\\\\", "\\")
-        params[name.lower()] = raw
     try:
         return DigestAnswer(
             username=params["username"], realm=params["realm"], nonce=params["nonce"], uri=params["uri"],

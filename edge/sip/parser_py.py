@@ -50,6 +50,7 @@ __all__ = [
     "parse_via",
     "build_response",
     "build_stateless_error",
+    "digest_params",
     "REASONS",
 ]
 
@@ -1532,3 +1533,23 @@ def _build_stateless_error(data: bytes, err: SipParseError):
             out[-1] += b"\r\n"
     out.append(b"Content-Length: 0\r\n\r\n")
     return b"".join(out)
+
+
+# a quoted string unrolled (Friedl): twice as fast as one alternation per character
+_DIGEST_PARAM = re.compile(r'\s*([A-Za-z0-9_-]+)\s*=\s*("[^"\\]*(?:\\.[^"\\]*)*"|[^\s,]+)\s*,?')
+
+
+def digest_params(value: str) -> dict[str, str] | None:
+    """The parameters of ``Digest name=value, ...`` (names lower-cased, quoted values unquoted
+    and unescaped), or None when the scheme is not Digest."""
+    scheme, _, rest = value.strip().partition(" ")
+    if scheme.lower() != "digest":
+        return None
+    params: dict[str, str] = {}
+    for name, raw in _DIGEST_PARAM.findall(rest):
+        if raw.startswith('"'):
+            raw = raw[1:-1]
+            if "\\" in raw:
+                raw = raw.replace('\\"', '"').replace("\\\\", "\\")
+        params[name.lower()] = raw
+    return params

@@ -176,8 +176,9 @@ class Registrar:
         self._ok(tx, profile_id, bindings, now)
 
     def _ok(self, tx: ServerTransaction, profile_id: str, bindings: list[Registration], now: float) -> None:
-        log.debug("registered", extra={"event": "registered", "profile": profile_id, "source": str(tx.peer),
-                                       "bindings": len(bindings)})
+        if log.isEnabledFor(logging.DEBUG):  # per-REGISTER: no dict (nor str(peer)) built when not logged
+            log.debug("registered", extra={"event": "registered", "profile": profile_id, "source": str(tx.peer),
+                                           "bindings": len(bindings)})
         headers = [("Contact", f"<{b.contact}>;expires={max(1, int(b.expires_at - now))}") for b in bindings]
         headers.append(("Date", _http_date(now)))
         tx.respond(200, headers=headers)

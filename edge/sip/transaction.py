@@ -40,6 +40,18 @@ class TimerHandle(Protocol):
     def cancel(self) -> None: ...
 
 
+class FifoTimer:
+    """A timer of one of the layer's fixed lengths, waiting in its FIFO (TransactionLayer.after)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn: Callable[[], None] | None = fn
+
+    def cancel(self) -> None:
+        self.fn = None
+
+
 class Clock(Protocol):
     """The part of an event loop the SIP layers use; unit tests pass a fake one."""
 
@@ -143,7 +155,7 @@ class ServerTransaction:
             self._terminate()
 
     def _after(self, delay: float, fn: Callable[[], None]) -> None:
-        self._timers.append(self.layer.loop.call_later(delay, fn))
+        self._timers.append(self.layer.after(delay, fn))
 
     def _terminate(self) -> None:
         if self.state is State.TERMINATED:
@@ -273,7 +285,7 @@ class ClientTransaction:
         self.layer.send_request(cancel, self.dest, on_response=lambda m: None, on_timeout=lambda: None)
 
     def _after(self, delay: float, fn: Callable[[], None]) -> None:
-        self._timers.append(self.layer.loop.call_later(delay, fn))
+        self._timers.append(self.layer.after(delay, fn))
 
     def _cancel_timers(self) -> None:
         for t in self._timers:
@@ -301,12 +313,17 @@ class TransactionLayer:
         self.loop: Clock = loop or asyncio.get_running_loop()
         self.server: dict[tuple, ServerTransaction] = {}
         self.client: dict[tuple, ClientTransaction] = {}
-        # Timers J and L are all 64*T1 long: one FIFO swept periodically instead of a
-        # TimerHandle (and a heap push) per transaction.
-        self._linger: deque[tuple[float, ServerTransaction]] = deque()
+        # The timers of fixed length -- B, F, H, J, L and M (64*T1), D (32 s), I and K (T4) --
+        # wait in one FIFO per length (a FIFO of one length is in deadline order), all swept by
+        # one loop timer, instead of a TimerHandle and a heap push each: five per call (issue 10).
+        # A sweep runs at most every T1/4, so such a timer fires up to T1/4 late (RFC 3261 §17
+        # timers are lower bounds). The retransmission timers (A, E, G) stay loop timers.
+        self._fifos: dict[float, deque[tuple[float, FifoTimer]]] = {
+            d: deque() for d in (64 * t1, 32.0, t4) if d > 0}
+        self._sweep_at: float | None = None  # when the armed sweep runs
+        self._sweep_timer: TimerHandle | None = None
         self._tx_server = metrics.transactions.labels("server")  # labels() costs µs: bind once
         self._tx_client = metrics.transactions.labels("client")
-        self._sweeping = False
 
     def on_message(self, msg: SipMessage, peer: Peer) -> None:
         if msg.is_request:
@@ -349,20 +366,44 @@ class TransactionLayer:
 
     def linger(self, tx: ServerTransaction) -> None:
         """Keep a finished server transaction for 64*T1 to answer retransmissions, then end it."""
-        self._linger.append((self.loop.time() + 64 * self.t1, tx))
-        if not self._sweeping:
-            self._sweeping = True
-            self.loop.call_later(self.t1, self._sweep)
+        self.after(64 * self.t1, tx._terminate)
+
+    def after(self, delay: float, fn: Callable[[], None]) -> TimerHandle:
+        """Call ``fn`` in ``delay`` seconds: in the FIFO of that length if it has one, else as
+        a loop timer."""
+        queue = self._fifos.get(delay)
+        if queue is None:
+            return self.loop.call_later(delay, fn)
+        timer = FifoTimer(fn)
+        due = self.loop.time() + delay
+        queue.append((due, timer))
+        # re-armed only for a deadline well before the armed sweep (a shorter FIFO's)
+        if self._sweep_at is None or due < self._sweep_at - self.t1 / 4:
+            self._arm_sweep(due)
+        return timer
+
+    def _arm_sweep(self, at: float) -> None:
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()  # replaced by an earlier one
+        self._sweep_at = at
+        self._sweep_timer = self.loop.call_later(max(0.0, at - self.loop.time()), self._sweep)
 
     def _sweep(self) -> None:
+        self._sweep_at = self._sweep_timer = None
         now = self.loop.time()
-        queue = self._linger
-        while queue and queue[0][0] <= now:
-            queue.popleft()[1]._terminate()
-        if queue:
-            self.loop.call_later(min(self.t1, queue[0][0] - now), self._sweep)
-        else:
-            self._sweeping = False
+        nxt: float | None = None
+        for queue in self._fifos.values():
+            while queue and queue[0][0] <= now:
+                timer = queue.popleft()[1]
+                fn = timer.fn
+                if fn is not None:
+                    timer.fn = None
+                    fn()
+            if queue and (nxt is None or queue[0][0] < nxt):
+                nxt = queue[0][0]
+        # (a timer's fn may have armed a sweep meanwhile, for its own new deadline)
+        if nxt is not None and (self._sweep_at is None or nxt < self._sweep_at):
+            self._arm_sweep(max(nxt, now + self.t1 / 4))
 
     def send_request(self, request: OutRequest, dest: Peer, *, on_response: ResponseCallback,
                      on_timeout: TimeoutCallback) -> ClientTransaction:

@@ -336,3 +336,72 @@ def test_media_timeout_hangs_up_with_a_reason() -> None:
     rig.ctl.on_media_event(1, call.id, "timeout")
     assert inbound.did[-1] == ("bye", 'SIP;cause=408;text="Media timeout"')
     assert rig.listener.events[-1] == ("ended", 200, EndReason.RTP_TIMEOUT)
+
+
+OFFER = ("v=0\r\no=pbx 1 1 IN IP4 192.0.2.10\r\ns=-\r\nc=IN IP4 192.0.2.10\r\nt=0 0\r\n"
+         "m=audio 6000 RTP/AVP 0\r\na=sendrecv\r\n")
+ANSWER = OFFER.replace("192.0.2.10", "203.0.113.5").replace("6000", "7000")
+
+
+def test_calls_that_fail_half_way_give_back_every_relay_port() -> None:
+    """The controller with the real relay engine, four port pairs (two calls): each way a call
+    can end before or after its relay exists, five times over, leaves no relay and no pair held."""
+    from test_rtp_engine import free_window
+
+    from edge._rtp import RelayEngine
+    from edge.calls.media import CallMedia
+    from edge.media import MediaService
+
+    lo, _ = free_window(8)
+    engine = RelayEngine("127.0.0.1", lo, lo + 7, quiet_period=0.0)
+
+    def rig() -> Rig:
+        r = Rig()
+        r.ctl.media = CallMedia(MediaService(engine), 30.0)
+        return r
+
+    def bad_answer(r: Rig) -> None:  # the carrier's answer SDP cannot be anchored: 488
+        r.invite(body=OFFER)
+        r.ctl.on_answer(FakeUac.placed[0], resp(200, "v=0\r\n"))  # type: ignore[arg-type]
+
+    def all_carriers_fail(r: Rig) -> None:
+        r.invite(body=OFFER)
+        r.ctl.on_failure(FakeUac.placed[0], 503, resp(503))  # type: ignore[arg-type]
+        r.ctl.on_failure(FakeUac.placed[1], 503, resp(503))  # type: ignore[arg-type]
+
+    def bad_offer(r: Rig) -> None:  # the relay is open when the offer turns out unusable
+        with pytest.raises(LookupError):
+            r.invite(body="v=0\r\n")
+
+    def cancelled_while_ringing(r: Rig) -> None:
+        call, inbound = r.invite(body=OFFER)
+        r.ctl.on_progress(FakeUac.placed[0], resp(180))  # type: ignore[arg-type]
+        r.ctl.on_cancel(inbound)  # type: ignore[arg-type]
+
+    def answered_then_bye(r: Rig) -> None:
+        call, inbound = r.invite(body=OFFER)
+        r.ctl.on_answer(FakeUac.placed[0], resp(200, ANSWER))  # type: ignore[arg-type]
+        r.ctl.on_bye(inbound)  # type: ignore[arg-type]
+
+    try:
+        for end in (bad_answer, all_carriers_fail, bad_offer, cancelled_while_ringing, answered_then_bye):
+            for _ in range(5):
+                r = rig()
+                end(r)
+                assert not r.ctl.calls and r.listener.events[-1][0] == "ended", end.__name__
+                assert engine.active_relays == 0 and engine.free_pairs == 4, end.__name__
+        # no pair left for a third call: 503, and the two calls' pairs come back when they end
+        held = [rig() for _ in range(2)]
+        legs = []
+        for r in held:
+            r.invite(body=OFFER)
+            legs.append(FakeUac.placed[-1])
+        third = rig()
+        with pytest.raises(LookupError):
+            third.invite(body=OFFER)
+        assert third.listener.events == [("ended", 503, EndReason.NO_MEDIA_PORTS)] and engine.free_pairs == 0
+        for r, leg in zip(held, legs, strict=True):
+            r.ctl.on_failure(leg, 486, resp(486))  # type: ignore[arg-type]
+        assert engine.active_relays == 0 and engine.free_pairs == 4
+    finally:
+        engine.stop()

@@ -145,3 +145,41 @@ def test_a_carrier_without_a_target_up_is_skipped() -> None:
     r = Routing([named, backup], lambda _: [], "sip.edge.test",
                 targets=lambda c: [] if c is named else static_targets(c))
     assert [t.peer.host for t in r.carrier_targets("+442071234567")] == ["10.0.0.9"]
+
+
+def test_the_weighted_order_is_that_of_one_draw_after_the_other() -> None:
+    """60/30/10 within one priority: the first place goes by weight (0.6/0.3/0.1), and the second
+    as a draw among those left (for B: 0.6*0.75 + 0.1*0.33 = 0.48). Weight 0 comes last."""
+    carriers = [CarrierConfig(uri="sip:10.0.0.1", priority=1, weight=60),
+                CarrierConfig(uri="sip:10.0.0.2", priority=1, weight=30),
+                CarrierConfig(uri="sip:10.0.0.3", priority=1, weight=10),
+                CarrierConfig(uri="sip:10.0.0.4", priority=1, weight=0)]
+    r = routing(carriers, seed=7)
+    firsts: Counter[str] = Counter()
+    seconds: Counter[str] = Counter()
+    n = 4000
+    for _ in range(n):
+        order = [t.peer.host for t in r.carrier_targets("+442071234567")]
+        assert sorted(order) == ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]
+        firsts[order[0]] += 1
+        seconds[order[1]] += 1
+        assert order[-1] == "10.0.0.4"
+    assert abs(firsts["10.0.0.1"] / n - 0.6) < 0.04 and abs(firsts["10.0.0.3"] / n - 0.1) < 0.03
+    assert abs(seconds["10.0.0.2"] / n - (0.6 * 0.75 + 0.1 * 30 / 90)) < 0.04
+
+
+class NoRandom(random.Random):
+    def random(self) -> float:
+        raise AssertionError("a priority of one carrier and one target needs no random number")
+
+
+def test_one_carrier_per_priority_draws_no_random_number() -> None:
+    carriers = [CarrierConfig(uri="sip:10.0.0.1", priority=1), CarrierConfig(uri="sip:10.0.0.2", priority=2)]
+    r = Routing(carriers, Bindings().bindings, "sip.edge.test", rng=NoRandom())
+    assert [t.peer.host for t in r.carrier_targets("+442071234567")] == ["10.0.0.1", "10.0.0.2"]
+    named = Routing([CarrierConfig(uri="sips:gw.example.net", priority=1)], Bindings().bindings, "sip.edge.test",
+                    rng=NoRandom(), targets=lambda c: [CarrierTarget(Peer("tls", "192.0.2.9", 5061), 0, 0)])
+    (t,) = named.carrier_targets("+1555")
+    assert t.ruri == "sips:+1555@gw.example.net" and t.peer == Peer("tls", "192.0.2.9", 5061)
+    named.replace_carriers([CarrierConfig(uri="sip:10.0.0.7:5070")])  # a reload: the new carrier's Request-URI
+    assert [t.ruri for t in named.carrier_targets("+1555")] == ["sip:+1555@10.0.0.7:5070"]

@@ -525,3 +525,19 @@ def test_random_garbage_never_breaks_the_loop(call):
     assert st.relayed == st.packets
     got = [d for d, _ in recv_all(b, st.packets - 1, timeout=2)]
     assert got[-1] == rtp(1) and len(got) == st.packets - 1
+
+
+def test_delete_counts_are_the_rtp_counters_delete_would_give(call):
+    r, a, b = call
+    for seq in (1, 2, 3, 5, 6, 9):                          # 2, later 2 more, lost on the way
+        a.sendto(rtp(seq), edge(r.leg_a))
+    b.sendto(rtp(40), edge(r.leg_b))
+    a.sendto(b"\x00" * 4, edge(r.leg_a))                     # dropped: too short
+    assert wait_for(lambda: r.stats().a.rtp.packets == 6 and r.stats().b.rtp.packets == 1
+                    and r.stats().a.rtp.dropped_total == 1)
+    st = r.stats()
+    counts = r.delete_counts()
+    assert r.deleted and r.delete_counts() is None and r.delete() is None
+    for leg, got in zip((st.a.rtp, st.b.rtp), counts, strict=True):
+        assert got == (leg.packets, leg.bytes, leg.lost, leg.dropped_total, leg.jitter_ms)
+    assert counts[0][:4] == (6, 6 * 172, 3, 1)

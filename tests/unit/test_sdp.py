@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.media.sdp import SdpError, parse_sdp_media, rewrite_sdp
+from edge.media.sdp import SdpError, parse_sdp, parse_sdp_media, rewrite_sdp
 
 DATA = Path(__file__).parent / "data" / "sdp"
 SAMPLES = sorted(p.name for p in DATA.glob("*.sdp"))
@@ -156,3 +156,56 @@ def test_unknown_attributes_pass_through(attrs, port, crlf):
     m = parse_sdp_media(out)
     assert (m.host, m.port) == ("192.0.2.1", 30000)
     assert rewrite_sdp(out, "10.1.1.1", port, None) == sdp
+
+
+@pytest.mark.parametrize("name", SAMPLES)
+def test_a_parsed_body_reads_and_rewrites_as_the_body_does(name):
+    """parse_sdp once, then rewrite from it: the same result as rewriting the body itself."""
+    body = load(name)
+    parsed = parse_sdp(body)
+    assert parsed.media == parse_sdp_media(body)
+    for args in (("198.51.100.7", 30000, 30001), ("2001:db8::10", 30000, 30005)):
+        assert rewrite_sdp(parsed, *args) == rewrite_sdp(body, *args)
+        assert rewrite_sdp(parsed, *args, secure=True, crypto=(b"a=crypto:1 X inline:k",)) == \
+            rewrite_sdp(body, *args, secure=True, crypto=(b"a=crypto:1 X inline:k",))
+
+
+def test_parse_sdp_refuses_what_parse_sdp_media_refuses():
+    for bad in (b"v=0\r\nc=IN IP4 1.2.3.4\r\n", b"v=0\r\nm=audio 4000 RTP/AVP 0\r\n",
+                b"v=0\r\nc=IN IP4 1.2.3.4\r\nm=audio x RTP/AVP 0\r\n"):
+        with pytest.raises(SdpError):
+            parse_sdp_media(bad)
+        with pytest.raises(SdpError):
+            parse_sdp(bad)
+
+
+def test_an_offer_and_an_answer_are_each_split_and_read_once(monkeypatch):
+    """CallMedia.relay_sdp reads each body once for the SRTP plan, the relay and the rewrite
+    (it was three times: issue 10)."""
+    from edge._rtp import RelayEngine
+    from edge.calls.media import CallMedia
+    from edge.calls.model import Call, Direction, Side
+    from edge.media import MediaService
+    from edge.media import sdp as sdp_module
+    from tests.unit.test_rtp_engine import HOST, free_window
+
+    splits: list[bytes] = []
+    real_split = sdp_module._split
+
+    def counting_split(body: bytes):
+        splits.append(body)
+        return real_split(body)
+
+    monkeypatch.setattr(sdp_module, "_split", counting_split)
+    engine = RelayEngine(HOST, *free_window(), quiet_period=0.0)
+    try:
+        media = CallMedia(MediaService(engine), 30.0)
+        call = Call("c1", Direction.OUTGOING, None, caller="1", callee="2")  # type: ignore[arg-type]
+        offer, answer = load("pjsua2-offer.sdp"), load("freeswitch-answer.sdp")
+        out = media.relay_sdp(call, Side.CUSTOMER, offer, "offer")
+        assert splits == [offer] and b"m=audio %d " % call.relay.leg_b.rtp_port in out
+        media.relay_sdp(call, Side.CARRIER, answer, "answer")
+        assert splits == [offer, answer]
+        assert call.relay.stats().b.rtp.remote == ("203.0.113.7", 23456)
+    finally:
+        engine.stop()

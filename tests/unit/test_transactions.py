@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 
+from sipfakes import FakeLoop
+
 from edge.sip import parse
 from edge.sip.metrics import SipMetrics
 from edge.sip.request import OutRequest
@@ -222,3 +224,50 @@ def test_a_connection_that_cannot_be_made_times_the_request_out_at_once() -> Non
         assert tx.state is State.TERMINATED and not tl.client
         assert len(wire.sent) == 1  # reliable: no retransmission
     asyncio.run(run())
+
+
+# ---------------------------------------------------- timers of a fixed length (issue 10)
+
+def fifo_layer() -> tuple[TransactionLayer, FakeLoop]:
+    loop = FakeLoop()
+    return TransactionLayer(Wire(), TU(), SipMetrics(None), loop, t1=0.5, t2=4.0, t4=5.0), loop
+
+
+def test_fixed_length_timers_share_one_loop_timer_and_fire_in_order_at_most_t1_4_late() -> None:
+    tl, loop = fifo_layer()
+    start = loop.time()
+    fired: list[tuple[str, float]] = []
+    timers = {}
+    for i in range(100):  # 100 Timer Bs (64*T1) and 100 Timer Ks (T4), 10 ms apart
+        timers[f"b{i}"] = tl.after(32.0, lambda i=i: fired.append((f"b{i}", loop.time())))
+        timers[f"k{i}"] = tl.after(5.0, lambda i=i: fired.append((f"k{i}", loop.time())))
+        loop.advance(0.01)
+    assert loop.pending == 1  # one sweep, not 200 loop timers
+    timers["b7"].cancel()
+    timers["k3"].cancel()
+    loop.advance(40.0)
+    names = [n for n, _ in fired]
+    assert names == [f"k{i}" for i in range(100) if i != 3] + [f"b{i}" for i in range(100) if i != 7]
+    for name, at in fired:
+        due = start + int(name[1:]) * 0.01 + (32.0 if name[0] == "b" else 5.0)
+        assert due <= at <= due + 0.5 / 4 + 1e-9, name
+    assert loop.pending == 0  # nothing left: the sweep stops when its FIFOs are empty
+
+
+def test_a_shorter_timer_added_under_an_armed_sweep_and_one_armed_by_a_timer_are_not_late() -> None:
+    tl, loop = fifo_layer()
+    start = loop.time()
+    fired: dict[str, float] = {}
+    tl.after(32.0, lambda: fired.setdefault("long", loop.time()))
+    tl.after(5.0, lambda: fired.setdefault("short", loop.time()))  # the sweep was armed for +32 s
+
+    def chain() -> None:  # a timer that arms a shorter one while the sweep runs
+        fired["chain"] = loop.time()
+        tl.after(5.0, lambda: fired.setdefault("chained", loop.time()))
+
+    tl.after(32.0, chain)
+    loop.advance(60.0)
+    assert start + 5.0 <= fired["short"] <= start + 5.0 + 0.125
+    assert start + 32.0 <= fired["long"] <= start + 32.0 + 0.125
+    assert fired["chain"] + 5.0 <= fired["chained"] <= fired["chain"] + 5.0 + 0.125
+    assert tl.after(1.5, lambda: None) is not None and loop.pending == 1  # other lengths: a loop timer
