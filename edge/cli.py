@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
-from .config import Config, ConfigError, default_config_path, load, validate
+from .config import Config, ConfigError, default_config_path, load, resolve_sides, validate
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -75,6 +75,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     setup_logging(args.log_format, args.log_level or cfg.node.log_level or "info")
+    if args.loop == "uvloop" and any(proto == "tls" for side in resolve_sides(cfg).values()
+                                     for proto, _, _ in side.listeners):
+        # uvloop 0.23's start_tls on an accepted connection loses handshakes when many arrive at
+        # once (bench_tls_register: 5-90 % of them time out; asyncio's: none): docs/security.md
+        raise Failure("--loop uvloop cannot serve tls: listeners (uvloop loses TLS handshakes under load); "
+                      "use --loop asyncio", EXIT_USAGE)
     from .control import idempotency, rates, registrations
     from .control.demo import ECHO_NUMBER, ensure_demo
     from .control.tables import shipped_exclusions

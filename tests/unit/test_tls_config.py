@@ -146,3 +146,20 @@ def test_failure_reasons(ca: TestCA, tmp_path: Path, case: str, reason: str) -> 
     host = "127.0.0.3" if case == "wrong_host" else "127.0.0.2"
     assert failure_reason(handshake_error(client, server, host)) == reason
     assert failure_reason(TimeoutError()) == "timeout" and failure_reason(ConnectionResetError()) == "closed"
+
+
+def test_uvloop_is_refused_for_tls_listeners(tmp_path: Path) -> None:
+    """uvloop 0.23 loses server-side handshakes under a burst (bench_tls_register): refused at start."""
+    import subprocess
+    import sys
+
+    ca = TestCA(tmp_path / "ca")
+    cert, key, _ = ca.issue("edge", ips=("127.0.0.1",))
+    config = tmp_path / "c.toml"
+    config.write_text(f'[sip]\nlisten = ["tls:127.0.0.1:5061"]\n[tls]\ncert = "{cert}"\nkey = "{key}"\n'
+                      f'[storage]\npath = "{tmp_path / "data"}"\n')
+    run = subprocess.run([sys.executable, "-m", "edge.cli", "serve", "--config", str(config), "--loop", "uvloop"],
+                         capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "--loop uvloop cannot serve tls: listeners" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "data").exists()   # refused before anything was written
