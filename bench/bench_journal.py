@@ -7,7 +7,7 @@ per call, and the CPU seconds per call of the three nats-server processes (/proc
 and of the writers. Scenarios alternate, ``--rounds`` times; the median and the spread are
 reported. Then the replay cost of a long journal: a profile with ``--events`` events replayed
 from the start, and from a snapshot with 1,000 events after it, and the members' memory
-before and after (one subject per event, docs/cluster-journal.md).
+before and after (one subject per event, docs/cluster.md "The journal").
 
     .venv/bin/python -m bench.bench_journal [--calls 300] [--rounds 3] [--events 100000]
 

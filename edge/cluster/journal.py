@@ -30,7 +30,7 @@ tell before its deadline raises :class:`JournalAmbiguous` (replay tells).
 Money is integer micro-units (edge/control/money.py). ``balance`` means what it means in the
 single-node ledger (edge/control/ledger.py): reservations are already taken out of it, so a
 reservation needs ``balance >= amount`` and settling returns the reservation (``release``) and
-charges the cost (``call``). docs/cluster-journal.md has the whole argument and the figures.
+charges the cost (``call``). docs/cluster.md "The journal" has the whole argument and the figures.
 """
 
 from __future__ import annotations

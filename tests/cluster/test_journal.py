@@ -121,7 +121,7 @@ def test_the_duplicate_window_answers_before_the_expected_sequence(engine_cluste
 
 def test_the_engine_checks_an_empty_subject_when_it_applies(engine_cluster: NatsCluster) -> None:
     """Why the journal writes each event to a slot subject of its own with "expected last
-    subject sequence 0" (docs/cluster-journal.md). nats-server checks an expected sequence of 0
+    subject sequence 0" (docs/cluster.md "The journal"). nats-server checks an expected sequence of 0
     when it applies the entry, on every replica: of 20 concurrent appends to one empty subject
     exactly one lands. An expected sequence > 0 it checks only at the leader *before*
     proposing (server/jetstream_cluster.go processClusteredInboundMsg, fixed in 2.11 by
