@@ -1,0 +1,616 @@
+"""Node leases, fencing and profile homes on the engine (SPEC §9, docs/cluster-membership.md).
+
+Two replicated buckets hold the cluster's membership:
+
+- ``sipedge_nodes`` (ttl = ``lease_seconds``): ``node.<name>`` -> :class:`NodeLease`. The engine ages
+  an entry out when its node stops rewriting it; that is the node's death as the cluster sees it.
+- ``sipedge_homes`` (no ttl): ``home.<profile_id>`` -> :class:`Home`, the (node, epoch) that is the
+  only writer of that profile's channels and money. A home is valid only while that node's lease
+  with that epoch lives; a stale one is taken over by compare-and-swap on its revision.
+
+Fencing: a renewal sent at monotonic ``t`` lets the node believe it holds its lease until
+``t + lease_seconds - margin``. The engine stores that renewal later than ``t`` and ages it out
+``lease_seconds`` after storing it, so the holder always stops believing first, and another node can
+take its homes only after the engine aged the lease out (or the holder released it): a node cut off
+from the engine admits nothing for a profile before anybody else may. The margin covers the rate
+drift of the two clocks.
+
+Every decision that hands a home over reads the engine (the buckets are not ``allow_direct``: reads
+go to the stream leader, never to a lagging follower); the watched local view only answers
+:meth:`Membership.home_of` / :meth:`Membership.is_home` on the call path with no round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import inspect
+import logging
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import msgspec
+from nats.errors import Error as NatsError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from .engine import Engine, EngineUnavailable
+
+log = logging.getLogger("sipedge.cluster")
+
+NAMESPACE = "sipedge"                     # buckets <namespace>_nodes and <namespace>_homes
+_KEY = re.compile(r"^[-_=a-zA-Z0-9]+$")   # one token of a NATS subject (no dots: one key, one profile)
+ACQUIRE_ATTEMPTS = 5                      # CAS races lost in a row before acquire() gives up (bounded)
+TAKEOVER_CONCURRENCY = 32                 # acquires in flight while taking over a dead node's homes
+
+Holder = tuple[str, str]                  # (node, epoch)
+OnAcquired = Callable[[str, "Holder | None"], "Awaitable[None] | None"]
+
+
+class NodeLease(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
+    node: str
+    epoch: str                            # random per run and per re-created lease
+    started_at: float                     # unix seconds of this run's start (for people)
+    sip: list[str] = []                   # addresses the caller gave (where other nodes forward calls)
+    api: str = ""
+
+
+class Home(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
+    node: str
+    epoch: str
+    since: float                          # unix seconds it became this holder's
+
+    @property
+    def holder(self) -> Holder:
+        return (self.node, self.epoch)
+
+
+class LeaseLost(Exception):
+    """This node does not hold its lease (cut off from the engine, or not started): it may not take homes."""
+
+
+class NodeNameInUse(Exception):
+    """Another running process renews the lease of this node name."""
+
+
+class LeaseConfigMismatch(Exception):
+    """The cluster's lease bucket ages entries out after another time than this node's lease_seconds."""
+
+
+def rendezvous(profile_id: str, nodes: Iterable[str]) -> str | None:
+    """The node among ``nodes`` that takes ``profile_id`` over (highest random weight, RFC-free HRW):
+    every survivor computes the same answer from the same set, and a node's death moves only its
+    own profiles."""
+    best, best_weight = None, b""
+    for node in nodes:
+        weight = hashlib.blake2b(f"{node}\0{profile_id}".encode(), digest_size=8).digest()
+        if best is None or weight > best_weight:
+            best, best_weight = node, weight
+    return best
+
+
+def fencing_margin(lease_seconds: float) -> float:
+    """How much earlier than the engine the holder gives its lease up: 10 % (clock-rate drift,
+    far below 1 % on any NTP-disciplined or even free-running quartz clock) and at least 0.2 s."""
+    return max(0.2, 0.1 * lease_seconds)
+
+
+class ClusterMetrics:
+    """edge_cluster_* (docs/cluster-membership.md). Gauges read the membership at scrape time."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        r = registry
+        self.members = Gauge("edge_cluster_members", "Nodes whose lease lives, as this node sees them.", registry=r)
+        self.lease_held = Gauge("edge_cluster_lease_held",
+                                "1 while this node holds its lease (admits calls of its homes), else 0.", registry=r)
+        self.homed = Gauge("edge_cluster_profiles_homed", "Profiles whose home is this node.", registry=r)
+        self.handovers = Counter("edge_cluster_handovers",
+                                 "Homes this node took over from a node whose lease had ended.", registry=r)
+        self.rtt = Gauge("edge_cluster_engine_rtt_seconds",
+                         "Round trip of the last successful lease renewal (a replicated write).", registry=r)
+        self.renew_failures = Counter("edge_cluster_lease_renewal_failures",
+                                      "Lease renewals that failed (timeout, engine unreachable, aged out).",
+                                      registry=r)
+        self.leases_lost = Counter("edge_cluster_leases_lost",
+                                   "Times this node's lease aged out and was created anew (a new epoch).",
+                                   registry=r)
+
+    def bind(self, membership: Membership) -> None:
+        self.members.set_function(lambda: len(membership.members()))
+        self.lease_held.set_function(lambda: 1.0 if membership.holds_lease() else 0.0)
+        self.homed.set_function(lambda: membership.homed_count())
+
+
+class _Member:
+    __slots__ = ("lease", "revision", "seen")
+
+    def __init__(self, lease: NodeLease, revision: int, seen: float) -> None:
+        self.lease = lease          # the last value read or watched
+        self.revision = revision    # its stream sequence
+        self.seen = seen            # monotonic instant a NEW revision was last seen (renewals advance it)
+
+
+class Membership:
+    """This node's lease, the cluster's members and the homes of profiles; see the module docstring.
+
+    :param engine: the node's connected :class:`~edge.cluster.engine.Engine`.
+    :param sip: addresses other nodes use to reach this node's SIP side (stored in the lease).
+    :param api: this node's control API address (stored in the lease).
+    :param namespace: the buckets' prefix (one engine can hold several clusters; tests use one each).
+    :param on_acquired: called as ``on_acquired(profile_id, previous)`` once this node became a
+        profile's home, before :meth:`is_home` says so; ``previous`` is the (node, epoch) whose lease
+        had ended (its open reservations are to be settled) or None for a profile never homed.
+    """
+
+    def __init__(self, engine: Engine, *, sip: Iterable[str] = (), api: str = "",
+                 on_acquired: OnAcquired | None = None, metrics: ClusterMetrics | None = None,
+                 node: str | None = None, lease_seconds: float | None = None, namespace: str = NAMESPACE) -> None:
+        self.engine = engine
+        self.node = node or engine.cfg.node
+        if not _KEY.fullmatch(self.node):
+            raise ValueError(f"cluster.node: {self.node!r} is not a valid node name")
+        self.lease_seconds = float(lease_seconds or engine.cfg.lease_seconds)
+        self.margin = fencing_margin(self.lease_seconds)
+        self.sip = list(sip)
+        self.api = api
+        self.on_acquired = on_acquired
+        self.nodes_bucket, self.homes_bucket = f"{namespace}_nodes", f"{namespace}_homes"
+        self.metrics = metrics
+        self.epoch = ""
+        self.started_at = time.time()
+        self._clock = time.monotonic
+        self._held_until = 0.0          # monotonic; see fencing in the module docstring
+        self._revision = 0              # of our lease entry
+        self._nodes: KeyValue | None = None
+        self._homes_kv: KeyValue | None = None
+        self._members: dict[str, _Member] = {}
+        self._homes: dict[str, Home] = {}
+        self._by_holder: dict[Holder, set[str]] = {}
+        self._recovering: dict[str, Holder | None] = {}   # ours in the engine, on_acquired not done yet
+        self._inflight: dict[str, asyncio.Task[Home]] = {}
+        self._gone: dict[str, int] = {}     # node -> last revision of a lease seen ending (no resurrection)
+        self._own_seen = 0.0                # monotonic: our own renewal last came back through the watch
+        self._conflict_logged = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._spawned: set[asyncio.Task[None]] = set()
+        self._watchers: list[Any] = []
+        self._synced = asyncio.Event()
+        self._stopping = False
+        self.renew_rtt = 0.0            # seconds, last successful renewal
+        self.handovers = 0
+        if metrics is not None:
+            metrics.bind(self)
+
+    # ------------------------------------------------------------------ the call path (no round trip)
+
+    def holds_lease(self) -> bool:
+        return self._clock() < self._held_until
+
+    def home_of(self, profile_id: str) -> Home | None:
+        """The profile's valid home as this node sees it, or None (never homed, or its holder's lease
+        ended: the next :meth:`acquire` decides)."""
+        home = self._homes.get(profile_id)
+        if home is None:
+            return None
+        if home.holder == (self.node, self.epoch):
+            return home if self.holds_lease() else None
+        member = self._members.get(home.node)
+        return home if member is not None and member.lease.epoch == home.epoch else None
+
+    def is_home(self, profile_id: str) -> bool:
+        """True when this node may admit the profile's calls now: it is the home with this epoch, its
+        recovery is done, and the lease is held."""
+        home = self._homes.get(profile_id)
+        return (home is not None and home.node == self.node and home.epoch == self.epoch
+                and profile_id not in self._recovering and self.holds_lease())
+
+    def members(self) -> dict[str, NodeLease]:
+        """Nodes whose lease lives as this node sees them (itself only while it holds its lease)."""
+        out = {name: m.lease for name, m in self._members.items() if name != self.node}
+        if self.holds_lease():
+            out[self.node] = self._lease_value()
+        return out
+
+    def homes(self) -> dict[str, Home]:
+        return dict(self._homes)
+
+    def homed_count(self) -> int:
+        if not self.holds_lease():
+            return 0
+        return sum(1 for p in self._by_holder.get((self.node, self.epoch), ()) if p not in self._recovering)
+
+    @property
+    def lease_expires_at(self) -> float:
+        """The monotonic instant :meth:`holds_lease` turns False unless a renewal succeeds first."""
+        return self._held_until
+
+    # ------------------------------------------------------------------ life
+
+    async def start(self, *, wait: float | None = None) -> None:
+        """Take this node's lease (waiting up to ``wait`` seconds, default two leases, for a previous
+        run's entry to age out), load the local view, start renewing and watching.
+
+        :raises NodeNameInUse: the entry is still renewed by another process after ``wait``.
+        :raises LeaseConfigMismatch: the cluster runs with another lease_seconds.
+        :raises EngineUnavailable: the engine did not take the lease within ``wait``.
+        """
+        self._nodes = await self.engine.bucket(self.nodes_bucket, ttl=self.lease_seconds)
+        self._homes_kv = await self.engine.bucket(self.homes_bucket)
+        ttl = (await self._nodes.status()).ttl or 0.0
+        if abs(ttl - self.lease_seconds) > 1e-3:
+            # the engine ages leases out after the bucket's ttl: a longer local lease would fence too late
+            raise LeaseConfigMismatch(f"cluster.lease_seconds: this node has {self.lease_seconds:g}, the cluster's "
+                                      f"lease bucket {self.nodes_bucket} ages out after {ttl:g} s; use the same value")
+        await self._take_lease(wait if wait is not None else 2 * self.lease_seconds + 2)
+        self._own_seen = self._clock()
+        self._tasks.append(asyncio.create_task(self._watch_loop(), name=f"cluster-watch-{self.node}"))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._synced.wait(), timeout=self.lease_seconds)
+        self._tasks.append(asyncio.create_task(self._renew_loop(), name=f"cluster-renew-{self.node}"))
+        self._tasks.append(asyncio.create_task(self._check_loop(), name=f"cluster-check-{self.node}"))
+
+    async def stop(self, *, release: bool = True) -> None:
+        """Stop renewing; with ``release`` fence first, then delete the lease so that the others take
+        this node's homes at once instead of after the lease time."""
+        self._stopping = True
+        tasks = [*self._tasks, *self._spawned, *self._inflight.values()]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        await self._stop_watchers()
+        held = self.holds_lease()
+        self._held_until = 0.0      # fenced before the entry goes: nobody takes a home we still admit for
+        if release and held and self._nodes is not None:
+            with contextlib.suppress(NatsError, asyncio.TimeoutError):
+                await self._nodes.delete(self._lease_key, last=self._revision)
+
+    def simulate_death(self) -> None:
+        """Tests: stop renewing and watching without telling anyone (as a node that froze or died)."""
+        self._stopping = True
+        for task in [*self._tasks, *self._spawned]:
+            task.cancel()
+
+    # ------------------------------------------------------------------ the lease
+
+    @property
+    def _lease_key(self) -> str:
+        return f"node.{self.node}"
+
+    def _lease_value(self) -> NodeLease:
+        return NodeLease(node=self.node, epoch=self.epoch, started_at=self.started_at, sip=self.sip, api=self.api)
+
+    def _held(self, sent: float, revision: int) -> None:
+        self._revision = revision
+        self._held_until = max(self._held_until, sent + self.lease_seconds - self.margin)
+        self.renew_rtt = self._clock() - sent
+        if self.metrics is not None:
+            self.metrics.rtt.set(self.renew_rtt)
+
+    async def _take_lease(self, wait: float) -> None:
+        """Create our entry with a new epoch once no other entry lives under our name (bounded by ``wait``)."""
+        assert self._nodes is not None
+        deadline = self._clock() + wait
+        self.epoch = secrets.token_hex(6)
+        last: Exception | None = None
+        while True:
+            sent = self._clock()
+            try:
+                revision = await self._nodes.create(self._lease_key, msgspec.json.encode(self._lease_value()))
+                self._held(sent, revision)
+                log.info("cluster: node %s holds its lease (epoch %s)", self.node, self.epoch)
+                return
+            except KeyWrongLastSequenceError as exc:
+                last = exc
+                found = await self._read_lease()
+                if found is not None and found[0].epoch == self.epoch:   # our timed-out create had landed
+                    self._held(sent, found[1])
+                    return
+            except (TimeoutError, NatsError) as exc:
+                last = exc
+            if self._clock() > deadline:
+                if isinstance(last, KeyWrongLastSequenceError):
+                    raise NodeNameInUse(f"cluster.node: {self.node!r} is renewed by another running process "
+                                        f"(its lease did not age out in {wait:g} s); node names must be unique")
+                raise EngineUnavailable(f"cluster: no lease taken in {wait:g} s ({last!r})")
+            await asyncio.sleep(min(0.25, self.lease_seconds / 6))
+
+    async def _read_lease(self, node: str | None = None) -> tuple[NodeLease, int] | None:
+        assert self._nodes is not None
+        try:
+            entry = await self._nodes.get(f"node.{node or self.node}")
+        except KeyNotFoundError:
+            return None
+        return msgspec.json.decode(entry.value or b"", type=NodeLease), entry.revision or 0
+
+    async def _renew_loop(self) -> None:
+        assert self._nodes is not None
+        period = self.lease_seconds / 3
+        while True:
+            sent = self._clock()
+            ok = False
+            try:
+                revision = await self._nodes.update(self._lease_key, msgspec.json.encode(self._lease_value()),
+                                                    last=self._revision)
+                self._held(sent, revision)
+                ok = True
+            except KeyWrongLastSequenceError:
+                ok = await self._reconcile(sent)
+            except (TimeoutError, NatsError) as exc:
+                log.warning("cluster: lease renewal of %s failed (%s); holds it for %.2f s more",
+                            self.node, exc.__class__.__name__, max(0.0, self._held_until - self._clock()))
+            if not ok and self.metrics is not None:
+                self.metrics.renew_failures.inc()
+            # after a failure retry soon: the rest of the lease is what a retry can still save
+            await asyncio.sleep(max(0.0, period - (self._clock() - sent)) if ok else min(0.2, period))
+
+    async def _reconcile(self, sent: float) -> bool:
+        """A renewal lost its compare-and-swap: re-read (a timed-out write may have landed); the entry
+        aged out -> a new epoch (our old homes become stale like any dead node's); another process
+        renews our name -> fence and wait for its entry to go."""
+        try:
+            found = await self._read_lease()
+            if found is not None and found[0].epoch == self.epoch:
+                self._revision = found[1]       # our own earlier write: renew again from it at once
+                return False
+            self._held_until = 0.0
+            if found is not None:
+                if not self._conflict_logged:
+                    log.error("cluster: node name %s is renewed by another process (epoch %s); not admitting",
+                              self.node, found[0].epoch)
+                    self._conflict_logged = True
+                return False
+            self._conflict_logged = False
+            old = self.epoch
+            self.epoch = secrets.token_hex(6)
+            revision = await self._nodes.create(self._lease_key, msgspec.json.encode(self._lease_value())) \
+                if self._nodes is not None else 0
+            self._held(sent, revision)
+            if self.metrics is not None:
+                self.metrics.leases_lost.inc()
+            log.warning("cluster: lease of %s had aged out (epoch %s); new epoch %s", self.node, old, self.epoch)
+            self._maybe_takeover()
+            return True
+        except (TimeoutError, KeyWrongLastSequenceError, NatsError):
+            return False
+
+    # ------------------------------------------------------------------ homes
+
+    async def acquire(self, profile_id: str) -> Home:
+        """Make this node the profile's home unless a live node holds it; return the home after the
+        attempt (ours, or the live holder's). Two nodes racing: the engine's CAS lets exactly one win.
+
+        :raises ValueError: ``profile_id`` is not a valid key.
+        :raises LeaseLost: this node does not hold its lease.
+        """
+        if not _KEY.fullmatch(profile_id):
+            raise ValueError(f"profile id {profile_id!r}: letters, digits, '-', '_', '=' only")
+        task = self._inflight.get(profile_id)
+        if task is None:   # one attempt per profile at a time: a timed-out write that landed is then ours
+            task = self._inflight[profile_id] = asyncio.create_task(self._acquire(profile_id))
+            task.add_done_callback(lambda _t: self._inflight.pop(profile_id, None))
+        return await asyncio.shield(task)
+
+    async def _acquire(self, profile_id: str) -> Home:
+        assert self._homes_kv is not None
+        key = f"home.{profile_id}"
+        wrote = False                       # a write was sent: finding ourselves later means it landed
+        previous: Holder | None = None      # the holder that write replaced
+        for _ in range(ACQUIRE_ATTEMPTS):
+            if not self.holds_lease():
+                raise LeaseLost(f"cluster: node {self.node} does not hold its lease")
+            me = (self.node, self.epoch)
+            try:
+                try:
+                    entry = await self._homes_kv.get(key)
+                except KeyNotFoundError:
+                    entry = None
+                current = msgspec.json.decode(entry.value or b"", type=Home) if entry is not None else None
+                if current is not None and current.holder == me:
+                    self._apply_home(profile_id, current)
+                    if wrote or profile_id in self._recovering:
+                        await self._recover(profile_id, self._recovering.get(profile_id, previous))
+                    return current
+                if current is not None and await self._lease_alive(current.node, current.epoch):
+                    self._apply_home(profile_id, current)
+                    return current
+                mine = Home(node=self.node, epoch=self.epoch, since=time.time())
+                previous = current.holder if current is not None else None
+                wrote = True
+                if entry is None:
+                    await self._homes_kv.create(key, msgspec.json.encode(mine))
+                else:
+                    await self._homes_kv.update(key, msgspec.json.encode(mine), last=entry.revision)
+                if previous is not None:
+                    self.handovers += 1
+                    if self.metrics is not None:
+                        self.metrics.handovers.inc()
+                self._recovering[profile_id] = previous
+                self._apply_home(profile_id, mine)
+                await self._recover(profile_id, previous)
+                return mine
+            except KeyWrongLastSequenceError:
+                continue            # somebody wrote first: read again
+            except (TimeoutError, NatsError):
+                await asyncio.sleep(0.1)   # the write may have landed: the next read tells
+        raise EngineUnavailable(f"cluster: no decision on the home of {profile_id} after {ACQUIRE_ATTEMPTS} attempts")
+
+    async def _recover(self, profile_id: str, previous: Holder | None) -> None:
+        """Run on_acquired; until it returns the home is ours in the engine but is_home() says no."""
+        self._recovering[profile_id] = previous
+        if self.on_acquired is not None:
+            result = self.on_acquired(profile_id, previous)
+            if inspect.isawaitable(result):
+                await result
+        self._recovering.pop(profile_id, None)
+
+    async def _lease_alive(self, node: str, epoch: str) -> bool:
+        """From the engine (the stream leader), never from the local view: a handover rests on it."""
+        found = await self._read_lease(node)
+        if found is None:
+            self._forget_member(node)
+            return False
+        self._apply_member(found[0], found[1])
+        return found[0].epoch == epoch
+
+    # ------------------------------------------------------------------ the local view
+
+    def _apply_member(self, lease: NodeLease, revision: int) -> None:
+        if lease.node == self.node:
+            if lease.epoch == self.epoch:
+                self._own_seen = self._clock()
+            return          # ourselves: holds_lease() is the truth, not what the bucket echoes
+        if revision <= self._gone.get(lease.node, 0):
+            return          # an older entry than one already seen ending (a late watch delivery)
+        member = self._members.get(lease.node)
+        if member is None or revision > member.revision:
+            old_epoch = member.lease.epoch if member is not None else None
+            self._members[lease.node] = _Member(lease, revision, self._clock())
+            if old_epoch is not None and old_epoch != lease.epoch:
+                self._maybe_takeover()      # the node restarted: its old epoch's homes are stale
+
+    def _forget_member(self, node: str) -> None:
+        member = self._members.pop(node, None)
+        if member is not None:
+            self._gone[node] = max(self._gone.get(node, 0), member.revision)
+            log.info("cluster: the lease of node %s (epoch %s) ended", node, member.lease.epoch)
+            self._maybe_takeover()
+
+    def _apply_home(self, profile_id: str, home: Home) -> None:
+        old = self._homes.get(profile_id)
+        if old is not None:
+            holders = self._by_holder.get(old.holder)
+            if holders is not None:
+                holders.discard(profile_id)
+                if not holders:
+                    del self._by_holder[old.holder]
+        self._homes[profile_id] = home
+        self._by_holder.setdefault(home.holder, set()).add(profile_id)
+
+    def _on_node_entry(self, entry: KeyValue.Entry) -> None:
+        node = entry.key.removeprefix("node.")
+        if entry.operation in (KV_DEL, KV_PURGE):
+            self._forget_member(node)       # released by a node that stopped (it fenced first)
+            return
+        try:
+            lease = msgspec.json.decode(entry.value or b"", type=NodeLease)
+        except msgspec.DecodeError:
+            log.warning("cluster: unreadable lease entry %s", entry.key)
+            return
+        self._apply_member(lease, entry.revision or 0)
+
+    def _on_home_entry(self, entry: KeyValue.Entry) -> None:
+        if entry.operation in (KV_DEL, KV_PURGE):
+            return
+        try:
+            home = msgspec.json.decode(entry.value or b"", type=Home)
+        except msgspec.DecodeError:
+            log.warning("cluster: unreadable home entry %s", entry.key)
+            return
+        self._apply_home(entry.key.removeprefix("home."), home)
+
+    async def _stop_watchers(self) -> None:
+        for watcher in self._watchers:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+        self._watchers.clear()
+
+    async def _watch_loop(self) -> None:
+        """Both buckets' changes into the local view; started again when it stalls (see _check_loop)."""
+        assert self._nodes is not None and self._homes_kv is not None
+        while True:
+            try:
+                nodes = await self._nodes.watchall()
+                homes = await self._homes_kv.watchall()
+            except (TimeoutError, NatsError):
+                await asyncio.sleep(min(1.0, self.lease_seconds / 3))
+                continue
+            self._watchers = [nodes, homes]
+            try:
+                async with asyncio.TaskGroup() as group:
+                    done = [asyncio.Event(), asyncio.Event()]
+                    group.create_task(self._drain(nodes, self._on_node_entry, done[0]))
+                    group.create_task(self._drain(homes, self._on_home_entry, done[1]))
+                    await done[0].wait()
+                    await done[1].wait()
+                    self._synced.set()
+            except* Exception:      # a broken watcher: start both again from the engine's state
+                log.warning("cluster: watch of %s broke; starting it again", self.node)
+            await self._stop_watchers()
+
+    @staticmethod
+    async def _drain(watcher: Any, apply: Callable[[KeyValue.Entry], None], synced: asyncio.Event) -> None:
+        async for entry in watcher:
+            if entry is None:   # the end of the initial state
+                synced.set()
+                continue
+            apply(entry)
+        synced.set()
+
+    async def _check_loop(self) -> None:
+        """Every lease/3: members not seen renewing for half a lease are read from the engine (a
+        watcher does not see an entry age out on nats-server 2.9); stale homes are taken over; a
+        watch that stopped delivering our own renewals is started again."""
+        assert self._nodes is not None
+        period = self.lease_seconds / 3
+        while True:
+            await asyncio.sleep(period)
+            now = self._clock()
+            for name, member in list(self._members.items()):
+                if now - member.seen > self.lease_seconds / 2:
+                    try:
+                        found = await self._read_lease(name)
+                    except (TimeoutError, NatsError):
+                        continue
+                    if found is None:
+                        self._forget_member(name)
+                    else:
+                        self._apply_member(*found)
+            if self.holds_lease() and self._synced.is_set() and now - self._own_seen > self.lease_seconds:
+                log.warning("cluster: the watch of %s stopped delivering; starting it again", self.node)
+                self._own_seen = now
+                await self._stop_watchers()     # its loop reads both buckets' state anew
+            await self._takeover()
+
+    def _maybe_takeover(self) -> None:
+        if self._synced.is_set() and not self._stopping:
+            task = asyncio.get_running_loop().create_task(self._takeover())
+            self._spawned.add(task)
+            task.add_done_callback(self._spawned.discard)
+
+    async def _takeover(self) -> None:
+        """Take the homes of ended leases that rendezvous hashing over the live members gives to us
+        (the others compute the same); leftovers go to whoever acquires them next."""
+        if not self.holds_lease() or not self._synced.is_set():
+            return
+        live = set(self.members())
+        mine: list[str] = []
+        for holder, profiles in list(self._by_holder.items()):
+            node, epoch = holder
+            alive = (node, epoch) == (self.node, self.epoch) or (
+                node in self._members and self._members[node].lease.epoch == epoch)
+            if alive:
+                continue
+            mine += [p for p in profiles if rendezvous(p, live) == self.node]
+        mine += [p for p in self._recovering if p not in mine]   # an on_acquired that failed: again
+        if not mine:
+            return
+        gate = asyncio.Semaphore(TAKEOVER_CONCURRENCY)
+
+        async def one(profile_id: str) -> None:
+            async with gate:
+                try:
+                    await self.acquire(profile_id)
+                except (LeaseLost, EngineUnavailable) as exc:
+                    log.info("cluster: takeover of %s postponed: %s", profile_id, exc)
+                except Exception:
+                    log.exception("cluster: takeover of %s failed", profile_id)
+
+        await asyncio.gather(*(one(p) for p in mine))

@@ -1,0 +1,266 @@
+"""Node leases, fencing and profile homes (edge/cluster/membership.py) against three real nats-server members.
+
+Each test has a namespace of its own (its own two buckets), so leftovers of one never reach another.
+Every wait is a bounded poll; instants are compared (fencing before takeover), durations never asserted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from natscluster import NatsCluster
+
+from edge.cluster.engine import Engine
+from edge.cluster.membership import (
+    Holder,
+    LeaseConfigMismatch,
+    LeaseLost,
+    Membership,
+    NodeNameInUse,
+    rendezvous,
+)
+from edge.config import ClusterConfig
+
+LEASE = 2.0
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Recorder:
+    """on_acquired of one membership: (profile, previous, monotonic instant, what ``probe`` said then)."""
+
+    def __init__(self, probe: Callable[[str], object] | None = None) -> None:
+        self.calls: list[tuple[str, Holder | None, float, object]] = []
+        self.probe = probe
+
+    def __call__(self, profile_id: str, previous: Holder | None) -> None:
+        self.calls.append((profile_id, previous, time.monotonic(), self.probe(profile_id) if self.probe else None))
+
+    def profiles(self) -> set[str]:
+        return {c[0] for c in self.calls}
+
+
+@asynccontextmanager
+async def member(cluster: NatsCluster, node: str, ns: str, *, urls: list[str] | None = None,
+                 lease: float = LEASE, recorder: Recorder | None = None, wait: float | None = None,
+                 ) -> AsyncIterator[Membership]:
+    engine = await Engine.connect(ClusterConfig(node=node, engine=urls or cluster.urls, lease_seconds=lease))
+    m = Membership(engine, sip=[f"udp:127.0.0.1:{5060 + len(node)}"], api="127.0.0.1:8080",
+                   on_acquired=recorder, namespace=ns)
+    try:
+        await m.start(wait=wait)
+        yield m
+    finally:
+        await m.stop()
+        await engine.close()
+
+
+async def until(what: str, cond: Callable[[], bool], timeout: float = 20.0) -> float:
+    """Poll ``cond`` (bounded); the monotonic instant it first held."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"not within {timeout:g} s: {what}"
+        await asyncio.sleep(0.05)
+    return time.monotonic()
+
+
+def test_racing_memberships_get_exactly_one_home_each(engine_cluster: NatsCluster) -> None:
+    profiles = [f"race{i}" for i in range(30)]
+
+    async def scenario() -> None:
+        recs = [Recorder(), Recorder(), Recorder()]
+        async with member(engine_cluster, "a", "t_race", recorder=recs[0]) as a, \
+                member(engine_cluster, "b", "t_race", recorder=recs[1]) as b, \
+                member(engine_cluster, "c", "t_race", recorder=recs[2]) as c:
+            ms = [a, b, c]
+            # every node asks for every profile at once: each answer names the one winner
+            results = await asyncio.gather(*(m.acquire(p) for p in profiles for m in ms))
+            for i, p in enumerate(profiles):
+                answers = {r.holder for r in results[3 * i:3 * i + 3]}
+                assert len(answers) == 1, (p, answers)
+            for p in profiles:
+                assert sum(m.is_home(p) for m in ms) == 1, p
+            won = [rec.profiles() for rec in recs]
+            assert set.union(*won) == set(profiles) and sum(map(len, won)) == len(profiles)
+            assert all(prev is None for rec in recs for _, prev, _, _ in rec.calls)  # never homed before
+            # the watched views converge on the same homes
+            await until("every view agrees", lambda: all(
+                len({m.home_of(p) and m.home_of(p).holder for m in ms}) == 1 and a.home_of(p) is not None  # type: ignore[union-attr]
+                for p in profiles))
+            assert set(a.members()) == {"a", "b", "c"}
+            assert a.homed_count() + b.homed_count() + c.homed_count() == len(profiles)
+
+    asyncio.run(scenario())
+
+
+def test_a_member_that_stops_renewing_loses_its_homes_to_the_others(engine_cluster: NatsCluster) -> None:
+    async def scenario() -> None:
+        dead_rec, rec_b, rec_c = Recorder(), Recorder(), Recorder()
+        async with member(engine_cluster, "a", "t_death", recorder=dead_rec) as a:
+            lost = [f"death{i}" for i in range(20)]
+            for p in lost:
+                await a.acquire(p)
+            victim = (a.node, a.epoch)
+            rec_b.probe = rec_c.probe = a.is_home
+            async with member(engine_cluster, "b", "t_death", recorder=rec_b) as b, \
+                    member(engine_cluster, "c", "t_death", recorder=rec_c) as c:
+                await until("b and c see a", lambda: "a" in b.members() and "a" in c.members())
+                for p in lost:
+                    assert (await b.acquire(p)).holder == victim     # alive: stays a's
+                a.simulate_death()
+                await until("the others took every home of a", lambda: all(b.is_home(p) or c.is_home(p)
+                                                                            for p in lost), timeout=LEASE + 15)
+                calls = rec_b.calls + rec_c.calls
+                assert sorted(p for p, *_ in calls) == sorted(lost)              # each taken exactly once
+                assert all(prev == victim for _, prev, _, _ in calls)
+                assert all(was_home is False for *_, was_home in calls)        # a had fenced itself by then
+                assert min(t for _, _, t, _ in calls) > a.lease_expires_at
+                for p, *_ in rec_b.calls:
+                    assert rendezvous(p, ["b", "c"]) == "b"
+                assert b.handovers + c.handovers == len(lost)
+                await until("a left the members", lambda: "a" not in b.members() and "a" not in c.members())
+
+    asyncio.run(scenario())
+
+
+def test_a_restarted_node_gets_a_new_epoch_and_its_old_homes_are_recovered(engine_cluster: NatsCluster) -> None:
+    """Same name, new run: it waits for the old lease to age out (a live one means a duplicate name), and
+    its old homes come back through the handover path with the old epoch as ``previous``."""
+    async def scenario() -> None:
+        async with member(engine_cluster, "a", "t_restart") as first:
+            for p in ("r1", "r2", "r3"):
+                await first.acquire(p)
+            old = (first.node, first.epoch)
+            with pytest.raises(NodeNameInUse):
+                async with member(engine_cluster, "a", "t_restart", wait=LEASE + 1):
+                    pass
+            first.simulate_death()
+            rec = Recorder()
+            async with member(engine_cluster, "a", "t_restart", recorder=rec) as second:
+                assert second.epoch != old[1]
+                assert not second.is_home("r1")
+                await until("the old homes recovered", lambda: all(second.is_home(p) for p in ("r1", "r2", "r3")))
+                assert sorted((p, prev) for p, prev, _, _ in rec.calls) == [(p, old) for p in ("r1", "r2", "r3")]
+
+    asyncio.run(scenario())
+
+
+def test_a_released_lease_hands_homes_over_at_once_and_checks_its_input(engine_cluster: NatsCluster) -> None:
+    async def scenario() -> None:
+        rec = Recorder()
+        async with member(engine_cluster, "b", "t_release", recorder=rec) as b:
+            async with member(engine_cluster, "a", "t_release") as a:
+                await a.acquire("rel1")
+                with pytest.raises(ValueError, match="profile id"):
+                    await a.acquire("bad.id")
+                old = (a.node, a.epoch)
+            # a.stop() fenced and deleted its lease: b takes the home without waiting for an age-out
+            assert (await b.acquire("rel1")).holder == (b.node, b.epoch)
+            assert rec.calls[0][:2] == ("rel1", old)
+        with pytest.raises(LeaseLost):
+            await b.acquire("rel2")
+        with pytest.raises(LeaseConfigMismatch, match="lease_seconds"):
+            async with member(engine_cluster, "c", "t_release", lease=3.0):
+                pass
+
+    asyncio.run(scenario())
+
+
+async def _member_leading_nothing(cluster: NatsCluster, ns: str, lease: float) -> int:
+    """Create the test's buckets and name a member that leads neither of their streams: the partition
+    test is about fencing, not about the majority electing a new stream leader (that is measured by
+    bench/bench_cluster.py). With three members and two streams there always is one."""
+    engine = await Engine.connect(ClusterConfig(node="setup", engine=cluster.urls, lease_seconds=lease))
+    try:
+        await engine.bucket(f"{ns}_nodes", ttl=lease)
+        await engine.bucket(f"{ns}_homes")
+        leaders = set()
+        for name in (f"KV_{ns}_nodes", f"KV_{ns}_homes"):
+            si = await engine.js.stream_info(name)
+            assert si.cluster is not None
+            leaders.add(si.cluster.leader)
+        return next(i for i in range(len(cluster.urls)) if f"n{i}" not in leaders)
+    finally:
+        await engine.close()
+
+
+def test_a_partitioned_node_fences_itself_before_another_takes_its_profiles(engine_cluster: NatsCluster) -> None:
+    lease = 3.0     # the survivors' renewals must outlast the majority side noticing n0 is gone
+
+    async def scenario() -> None:
+        rec_b, rec_c = Recorder(), Recorder()
+        k = await _member_leading_nothing(engine_cluster, "t_part", lease)
+        majority = [u for i, u in enumerate(engine_cluster.urls) if i != k]
+        async with member(engine_cluster, "iso", "t_part", urls=[engine_cluster.urls[k]], lease=lease) as iso:
+            lost = [f"part{i}" for i in range(10)]
+            for p in lost:
+                await iso.acquire(p)
+            victim = (iso.node, iso.epoch)
+            rec_b.probe = rec_c.probe = iso.is_home
+            async with member(engine_cluster, "b", "t_part", urls=majority, lease=lease, recorder=rec_b) as b, \
+                    member(engine_cluster, "c", "t_part", urls=majority, lease=lease, recorder=rec_c) as c:
+                await until("b and c see iso", lambda: "iso" in b.members() and "iso" in c.members())
+                engine_cluster.freeze(k)
+                try:
+                    fenced = await until("iso fences itself", lambda: not iso.holds_lease(), timeout=lease + 5)
+                    assert all(not iso.is_home(p) for p in lost)
+                    await until("b and c took iso's homes", lambda: all(b.is_home(p) or c.is_home(p) for p in lost),
+                                timeout=lease + 20)
+                finally:
+                    engine_cluster.thaw(k)
+                calls = rec_b.calls + rec_c.calls
+                assert sorted(p for p, *_ in calls) == sorted(lost)
+                assert all(prev == victim for _, prev, _, _ in calls)
+                assert all(was_home is False for *_, was_home in calls)
+                first_taken = min(t for _, _, t, _ in calls)
+                assert iso.lease_expires_at <= fenced < first_taken
+                # healing: it comes back with a new epoch and holds none of what it lost
+                await until("iso rejoined", lambda: iso.holds_lease() and iso.epoch != victim[1], timeout=30)
+                assert not any(iso.is_home(p) for p in lost)
+                for p in lost:
+                    assert (await iso.acquire(p)).node in ("b", "c")
+                await until("b sees iso again", lambda: b.members().get("iso") is not None
+                            and b.members()["iso"].epoch == iso.epoch, timeout=10)
+
+    asyncio.run(scenario())
+
+
+def test_cluster_status_json_against_the_live_engine(engine_cluster: NatsCluster, tmp_path: Path) -> None:
+    cfg = tmp_path / "edge.toml"
+    cfg.write_text('[cluster]\nnode = "cli-x"\nengine = [' + ", ".join(f'"{u}"' for u in engine_cluster.urls)
+                   + f"]\nlease_seconds = {LEASE}\n")
+
+    async def scenario() -> None:
+        async with member(engine_cluster, "cli-a", "sipedge") as a, member(engine_cluster, "cli-b", "sipedge") as b:
+            for p in ("cli1", "cli2", "cli3"):
+                await a.acquire(p)
+            await b.acquire("cli4")
+            out = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "edge.cli", "cluster", "status", "--config", str(cfg), "--json"],
+                capture_output=True, text=True, timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            assert out.returncode == 0, out.stderr
+            snap = json.loads(out.stdout)
+            members = {m["node"]: m for m in snap["members"]}
+            assert {"cli-a", "cli-b"} <= members.keys()
+            assert members["cli-a"]["epoch"] == a.epoch and members["cli-a"]["sip"] == a.sip
+            assert 0 <= members["cli-a"]["lease_left"] <= LEASE
+            homes = {h["profile"]: h for h in snap["homes"]}
+            assert {p: homes[p]["node"] for p in ("cli1", "cli2", "cli3", "cli4")} == {
+                "cli1": "cli-a", "cli2": "cli-a", "cli3": "cli-a", "cli4": "cli-b"}
+            assert all(homes[p]["valid"] for p in ("cli1", "cli4"))
+            assert members["cli-a"]["profiles"] >= 3
+            assert snap["engine"]["rtt_seconds"] > 0 and snap["engine"]["connected"]
+            text = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "edge.cli", "cluster", "status", "--config", str(cfg)],
+                capture_output=True, text=True, timeout=60, cwd=ROOT)
+            assert text.returncode == 0 and "cli-a" in text.stdout and a.epoch in text.stdout, text.stderr
+
+    asyncio.run(scenario())
