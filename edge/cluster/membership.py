@@ -116,6 +116,9 @@ class ClusterMetrics:
         self.renew_failures = Counter("edge_cluster_lease_renewal_failures",
                                       "Lease renewals that failed (timeout, engine unreachable, aged out).",
                                       registry=r)
+        self.engine_connected = Gauge("edge_cluster_engine_connected",
+                                      "1 while the client is connected to a member of the engine, else 0.",
+                                      registry=r)
         self.leases_lost = Counter("edge_cluster_leases_lost",
                                    "Times this node's lease aged out and was created anew (a new epoch).",
                                    registry=r)
@@ -124,6 +127,7 @@ class ClusterMetrics:
         self.members.set_function(lambda: len(membership.members()))
         self.lease_held.set_function(lambda: 1.0 if membership.holds_lease() else 0.0)
         self.homed.set_function(lambda: membership.homed_count())
+        self.engine_connected.set_function(lambda: 1.0 if membership.engine.connected else 0.0)
 
 
 class _Member:

@@ -17,10 +17,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from natscluster import NatsCluster
+from natscluster import NatsCluster, free_port
+from prometheus_client import CollectorRegistry
 
 from edge.cluster.engine import Engine
 from edge.cluster.membership import (
+    ClusterMetrics,
     Holder,
     LeaseConfigMismatch,
     LeaseLost,
@@ -51,10 +53,10 @@ class Recorder:
 @asynccontextmanager
 async def member(cluster: NatsCluster, node: str, ns: str, *, urls: list[str] | None = None,
                  lease: float = LEASE, recorder: Recorder | None = None, wait: float | None = None,
-                 ) -> AsyncIterator[Membership]:
+                 metrics: ClusterMetrics | None = None) -> AsyncIterator[Membership]:
     engine = await Engine.connect(ClusterConfig(node=node, engine=urls or cluster.urls, lease_seconds=lease))
     m = Membership(engine, sip=[f"udp:127.0.0.1:{5060 + len(node)}"], api="127.0.0.1:8080",
-                   on_acquired=recorder, namespace=ns)
+                   on_acquired=recorder, namespace=ns, metrics=metrics)
     try:
         await m.start(wait=wait)
         yield m
@@ -143,12 +145,20 @@ def test_a_restarted_node_gets_a_new_epoch_and_its_old_homes_are_recovered(engin
                 async with member(engine_cluster, "a", "t_restart", wait=LEASE + 1):
                     pass
             first.simulate_death()
-            rec = Recorder()
-            async with member(engine_cluster, "a", "t_restart", recorder=rec) as second:
+            rec, registry = Recorder(), CollectorRegistry()
+            async with member(engine_cluster, "a", "t_restart", recorder=rec,
+                              metrics=ClusterMetrics(registry)) as second:
                 assert second.epoch != old[1]
                 assert not second.is_home("r1")
                 await until("the old homes recovered", lambda: all(second.is_home(p) for p in ("r1", "r2", "r3")))
                 assert sorted((p, prev) for p, prev, _, _ in rec.calls) == [(p, old) for p in ("r1", "r2", "r3")]
+                value = registry.get_sample_value
+                assert value("edge_cluster_handovers_total") == 3
+                assert value("edge_cluster_profiles_homed") == 3
+                assert value("edge_cluster_lease_held") == 1 and value("edge_cluster_members") == 1
+                assert value("edge_cluster_engine_connected") == 1
+                assert 0 < value("edge_cluster_engine_rtt_seconds") < LEASE    # type: ignore[operator]
+            assert value("edge_cluster_lease_held") == 0 and value("edge_cluster_profiles_homed") == 0
 
     asyncio.run(scenario())
 
@@ -264,3 +274,14 @@ def test_cluster_status_json_against_the_live_engine(engine_cluster: NatsCluster
             assert text.returncode == 0 and "cli-a" in text.stdout and a.epoch in text.stdout, text.stderr
 
     asyncio.run(scenario())
+
+
+def test_cluster_status_without_an_engine_is_a_clear_error(tmp_path: Path) -> None:
+    lone = tmp_path / "lone.toml"
+    lone.write_text('[sip]\ndomain = "sip.edge.test"\n')
+    away = tmp_path / "away.toml"
+    away.write_text(f'[cluster]\nnode = "x"\nengine = ["nats://127.0.0.1:{free_port()}"]\n')
+    for cfg, code, text in ((lone, 2, "[cluster] engine is not set"), (away, 1, "no member answered")):
+        out = subprocess.run([sys.executable, "-m", "edge.cli", "cluster", "status", "--config", str(cfg),
+                              "--timeout", "1"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert out.returncode == code and text in out.stderr and "Traceback" not in out.stderr, out.stderr
