@@ -337,6 +337,7 @@ class Membership:
     async def _renew_loop(self) -> None:
         assert self._nodes is not None
         period = self.lease_seconds / 3
+        failures, held_before = 0, self.lease_seconds
         while True:
             sent = self._clock()
             ok = False
@@ -348,8 +349,12 @@ class Membership:
             except KeyWrongLastSequenceError:
                 ok = await self._reconcile(sent)
             except (TimeoutError, NatsError) as exc:
-                log.warning("cluster: lease renewal of %s failed (%s); holds it for %.2f s more",
-                            self.node, exc.__class__.__name__, max(0.0, self._held_until - self._clock()))
+                left = self._held_until - self._clock()
+                if failures == 0 or (left <= 0 < held_before):    # the first of a streak, and the lease's end
+                    log.warning("cluster: lease renewal of %s failed (%s); %s", self.node, exc.__class__.__name__,
+                                f"holds it for {left:.2f} s more" if left > 0 else "fenced: admits nothing")
+            failures = 0 if ok else failures + 1
+            held_before = self._held_until - self._clock()
             if not ok and self.metrics is not None:
                 self.metrics.renew_failures.inc()
             # after a failure retry soon: the rest of the lease is what a retry can still save
@@ -499,6 +504,8 @@ class Membership:
         self._by_holder.setdefault(home.holder, set()).add(profile_id)
 
     def _on_node_entry(self, entry: KeyValue.Entry) -> None:
+        if not entry.key.startswith("node."):
+            return          # not a lease (the bucket is ours, but an operator's probe key is no reason to fail)
         node = entry.key.removeprefix("node.")
         if entry.operation in (KV_DEL, KV_PURGE):
             self._forget_member(node)       # released by a node that stopped (it fenced first)
@@ -511,7 +518,7 @@ class Membership:
         self._apply_member(lease, entry.revision or 0)
 
     def _on_home_entry(self, entry: KeyValue.Entry) -> None:
-        if entry.operation in (KV_DEL, KV_PURGE):
+        if entry.operation in (KV_DEL, KV_PURGE) or not entry.key.startswith("home."):
             return
         try:
             home = msgspec.json.decode(entry.value or b"", type=Home)
@@ -590,8 +597,9 @@ class Membership:
             task.add_done_callback(self._spawned.discard)
 
     async def _takeover(self) -> None:
-        """Take the homes of ended leases that rendezvous hashing over the live members gives to us
-        (the others compute the same); leftovers go to whoever acquires them next."""
+        """Take the homes of ended leases that are ours to take: our own old epoch's, else those that
+        rendezvous hashing over the live members gives to us (the others compute the same); a dead
+        epoch of a node that is live again is left to that node. Leftovers go to whoever acquires next."""
         if not self.holds_lease() or not self._synced.is_set():
             return
         live = set(self.members())
@@ -601,6 +609,10 @@ class Membership:
             alive = (node, epoch) == (self.node, self.epoch) or (
                 node in self._members and self._members[node].lease.epoch == epoch)
             if alive:
+                continue
+            if node in live:    # that node is back with a new epoch (restart, lapsed lease): its store has
+                if node == self.node:   # the profile's state, so the home goes back to it, not elsewhere
+                    mine += profiles
                 continue
             mine += [p for p in profiles if rendezvous(p, live) == self.node]
         mine += [p for p in self._recovering if p not in mine]   # an on_acquired that failed: again
