@@ -35,8 +35,9 @@ from typing import Any
 
 import msgspec
 from nats.errors import Error as NatsError
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from nats.js.api import Header
+from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from .engine import Engine, EngineUnavailable
@@ -80,6 +81,29 @@ class NodeNameInUse(Exception):
 
 class LeaseConfigMismatch(Exception):
     """The cluster's lease bucket ages entries out after another time than this node's lease_seconds."""
+
+
+def lease_key(node: str, epoch: str) -> str:
+    """One key per (node, epoch): a lease that ended never comes back, so "ended" is a stable fact."""
+    return f"node.{node}.{epoch}"
+
+
+async def last_entries(kv: KeyValue, pattern: str = ">", *, timeout: float = 5.0) -> list[KeyValue.Entry]:
+    """The last entry of every key matching ``pattern`` that is not deleted (one ordered consumer)."""
+    watcher = await kv.watch(pattern)
+    out = []
+    try:
+        while True:
+            entry = await watcher.updates(timeout=timeout)
+            if entry is None:
+                break
+            if entry.operation not in (KV_DEL, KV_PURGE):
+                out.append(entry)
+            if entry.delta == 0:
+                break
+    finally:
+        await watcher.stop()
+    return out
 
 
 def rendezvous(profile_id: str, nodes: Iterable[str]) -> str | None:
@@ -178,8 +202,8 @@ class Membership:
         self._recovering: dict[str, Holder | None] = {}   # ours in the engine, on_acquired not done yet
         self._inflight: dict[str, asyncio.Task[Home]] = {}
         self._gone: dict[str, int] = {}     # node -> last revision of a lease seen ending (no resurrection)
+        self._ended: set[Holder] = set()    # leases confirmed ended through the log: ended for good
         self._own_seen = 0.0                # monotonic: our own renewal last came back through the watch
-        self._conflict_logged = False
         self._tasks: list[asyncio.Task[None]] = []
         self._spawned: set[asyncio.Task[None]] = set()
         self._watchers: list[Any] = []
@@ -286,7 +310,7 @@ class Membership:
 
     @property
     def _lease_key(self) -> str:
-        return f"node.{self.node}"
+        return lease_key(self.node, self.epoch)
 
     def _lease_value(self) -> NodeLease:
         return NodeLease(node=self.node, epoch=self.epoch, started_at=self.started_at, sip=self.sip, api=self.api)
@@ -299,11 +323,26 @@ class Membership:
             self.metrics.rtt.set(self.renew_rtt)
 
     async def _take_lease(self, wait: float) -> None:
-        """Create our entry with a new epoch once no other entry lives under our name (bounded by ``wait``)."""
+        """Create our lease with a new epoch once no other lease of our name lives (bounded by ``wait``).
+
+        Safety does not rest on this wait (a lease is per (node, epoch)); it makes a restarted node's
+        old epoch end before the new one starts, and a second process with the same name an error.
+        """
         assert self._nodes is not None
         deadline = self._clock() + wait
+        while True:
+            try:
+                others = await last_entries(self._nodes, f"node.{self.node}.*", timeout=self.lease_seconds)
+                if not others:
+                    break
+            except (TimeoutError, NatsError) as exc:
+                if self._clock() > deadline:
+                    raise EngineUnavailable(f"cluster: the engine did not answer in {wait:g} s ({exc!r})") from None
+            if self._clock() > deadline:
+                raise NodeNameInUse(f"cluster.node: {self.node!r} is renewed by another running process "
+                                    f"(its lease did not age out in {wait:g} s); node names must be unique")
+            await asyncio.sleep(min(0.25, self.lease_seconds / 6))
         self.epoch = secrets.token_hex(6)
-        last: Exception | None = None
         while True:
             sent = self._clock()
             try:
@@ -311,25 +350,20 @@ class Membership:
                 self._held(sent, revision)
                 log.info("cluster: node %s holds its lease (epoch %s)", self.node, self.epoch)
                 return
-            except KeyWrongLastSequenceError as exc:
-                last = exc
-                found = await self._read_lease()
-                if found is not None and found[0].epoch == self.epoch:   # our timed-out create had landed
+            except KeyWrongLastSequenceError:      # only our own timed-out create can have made this key
+                found = await self._read_lease(self.node, self.epoch)
+                if found is not None:
                     self._held(sent, found[1])
                     return
             except (TimeoutError, NatsError) as exc:
-                last = exc
-            if self._clock() > deadline:
-                if isinstance(last, KeyWrongLastSequenceError):
-                    raise NodeNameInUse(f"cluster.node: {self.node!r} is renewed by another running process "
-                                        f"(its lease did not age out in {wait:g} s); node names must be unique")
-                raise EngineUnavailable(f"cluster: no lease taken in {wait:g} s ({last!r})")
+                if self._clock() > deadline:
+                    raise EngineUnavailable(f"cluster: no lease taken in {wait:g} s ({exc!r})") from None
             await asyncio.sleep(min(0.25, self.lease_seconds / 6))
 
-    async def _read_lease(self, node: str | None = None) -> tuple[NodeLease, int] | None:
+    async def _read_lease(self, node: str, epoch: str) -> tuple[NodeLease, int] | None:
         assert self._nodes is not None
         try:
-            entry = await self._nodes.get(f"node.{node or self.node}")
+            entry = await self._nodes.get(lease_key(node, epoch))
         except KeyNotFoundError:
             return None
         return msgspec.json.decode(entry.value or b"", type=NodeLease), entry.revision or 0
@@ -361,30 +395,23 @@ class Membership:
             await asyncio.sleep(max(0.0, period - (self._clock() - sent)) if ok else min(0.2, period))
 
     async def _reconcile(self, sent: float) -> bool:
-        """A renewal lost its compare-and-swap: re-read (a timed-out write may have landed); the entry
-        aged out -> a new epoch (our old homes become stale like any dead node's); another process
-        renews our name -> fence and wait for its entry to go."""
+        """A renewal lost its compare-and-swap: re-read (a timed-out write of ours may have landed, as
+        only we write this epoch's key while it lives); gone -> it aged out or was confirmed ended by
+        another node: fence, take a new epoch (our old homes are stale like any dead node's)."""
+        assert self._nodes is not None
         try:
-            found = await self._read_lease()
-            if found is not None and found[0].epoch == self.epoch:
+            found = await self._read_lease(self.node, self.epoch)
+            if found is not None:
                 self._revision = found[1]       # our own earlier write: renew again from it at once
                 return False
             self._held_until = 0.0
-            if found is not None:
-                if not self._conflict_logged:
-                    log.error("cluster: node name %s is renewed by another process (epoch %s); not admitting",
-                              self.node, found[0].epoch)
-                    self._conflict_logged = True
-                return False
-            self._conflict_logged = False
             old = self.epoch
             self.epoch = secrets.token_hex(6)
-            revision = await self._nodes.create(self._lease_key, msgspec.json.encode(self._lease_value())) \
-                if self._nodes is not None else 0
+            revision = await self._nodes.create(self._lease_key, msgspec.json.encode(self._lease_value()))
             self._held(sent, revision)
             if self.metrics is not None:
                 self.metrics.leases_lost.inc()
-            log.warning("cluster: lease of %s had aged out (epoch %s); new epoch %s", self.node, old, self.epoch)
+            log.warning("cluster: lease of %s had ended (epoch %s); new epoch %s", self.node, old, self.epoch)
             self._maybe_takeover()
             return True
         except (TimeoutError, KeyWrongLastSequenceError, NatsError):
@@ -461,13 +488,38 @@ class Membership:
         self._recovering.pop(profile_id, None)
 
     async def _lease_alive(self, node: str, epoch: str) -> bool:
-        """From the engine (the stream leader), never from the local view: a handover rests on it."""
-        found = await self._read_lease(node)
-        if found is None:
-            self._forget_member(node)
+        """Whether the lease of (node, epoch) lives, decided by the engine, never by the local view: a
+        handover rests on it. A read can be stale (JetStream has no linearizable read: a deposed
+        leader may still answer), so "gone" is confirmed by a write that only the replicated log can
+        accept -- a delete marker on that lease's key on condition that its last sequence is still
+        the one the read saw. A renewal that landed meanwhile makes it fail: then the lease lives."""
+        if (node, epoch) in self._ended:
             return False
-        self._apply_member(found[0], found[1])
-        return found[0].epoch == epoch
+        assert self._nodes is not None
+        subject = f"$KV.{self.nodes_bucket}.{lease_key(node, epoch)}"
+        try:
+            msg = await self.engine.js.get_msg(f"KV_{self.nodes_bucket}", subject=subject)
+            seq = msg.seq or 0
+            if not (msg.headers and msg.headers.get(KV_OP) in (KV_DEL, KV_PURGE)):
+                self._apply_member(msgspec.json.decode(msg.data or b"", type=NodeLease), seq)
+                return True
+        except NotFoundError:
+            seq = 0         # aged out: the subject has no message left
+        return not await self._confirm_ended(node, epoch, seq)
+
+    async def _confirm_ended(self, node: str, epoch: str, seq: int) -> bool:
+        """Write the delete marker on (node, epoch)'s lease if its key's last sequence is still ``seq``
+        (0: no message). True: the lease had ended, for good. False: it was written since (it lives)."""
+        try:
+            await self.engine.js.publish(f"$KV.{self.nodes_bucket}.{lease_key(node, epoch)}", b"", headers={
+                KV_OP: KV_DEL, Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(seq)})
+        except APIError as exc:
+            if exc.err_code in (10071, 10164):      # wrong last sequence
+                return False
+            raise
+        self._ended.add((node, epoch))
+        self._forget_member(node, epoch)
+        return True
 
     # ------------------------------------------------------------------ the local view
 
@@ -476,8 +528,8 @@ class Membership:
             if lease.epoch == self.epoch:
                 self._own_seen = self._clock()
             return          # ourselves: holds_lease() is the truth, not what the bucket echoes
-        if revision <= self._gone.get(lease.node, 0):
-            return          # an older entry than one already seen ending (a late watch delivery)
+        if (lease.node, lease.epoch) in self._ended or revision <= self._gone.get(lease.node, 0):
+            return          # an epoch already seen ending, or older than one (a late watch delivery)
         member = self._members.get(lease.node)
         if member is None or revision > member.revision:
             old_epoch = member.lease.epoch if member is not None else None
@@ -485,9 +537,10 @@ class Membership:
             if old_epoch is not None and old_epoch != lease.epoch:
                 self._maybe_takeover()      # the node restarted: its old epoch's homes are stale
 
-    def _forget_member(self, node: str) -> None:
-        member = self._members.pop(node, None)
-        if member is not None:
+    def _forget_member(self, node: str, epoch: str) -> None:
+        member = self._members.get(node)
+        if member is not None and member.lease.epoch == epoch:
+            del self._members[node]
             self._gone[node] = max(self._gone.get(node, 0), member.revision)
             log.info("cluster: the lease of node %s (epoch %s) ended", node, member.lease.epoch)
             self._maybe_takeover()
@@ -504,11 +557,11 @@ class Membership:
         self._by_holder.setdefault(home.holder, set()).add(profile_id)
 
     def _on_node_entry(self, entry: KeyValue.Entry) -> None:
-        if not entry.key.startswith("node."):
+        parts = entry.key.split(".")
+        if len(parts) != 3 or parts[0] != "node":
             return          # not a lease (the bucket is ours, but an operator's probe key is no reason to fail)
-        node = entry.key.removeprefix("node.")
         if entry.operation in (KV_DEL, KV_PURGE):
-            self._forget_member(node)       # released by a node that stopped (it fenced first)
+            self._forget_member(parts[1], parts[2])  # released (its node fenced first) or confirmed ended
             return
         try:
             lease = msgspec.json.decode(entry.value or b"", type=NodeLease)
@@ -577,11 +630,11 @@ class Membership:
             for name, member in list(self._members.items()):
                 if now - member.seen > self.lease_seconds / 2:
                     try:
-                        found = await self._read_lease(name)
+                        found = await self._read_lease(name, member.lease.epoch)
                     except (TimeoutError, NatsError):
                         continue
-                    if found is None:
-                        self._forget_member(name)
+                    if found is None:   # a hint for the view; a handover confirms it (_lease_alive)
+                        self._forget_member(name, member.lease.epoch)
                     else:
                         self._apply_member(*found)
             if self.holds_lease() and self._synced.is_set() and now - self._own_seen > self.lease_seconds:

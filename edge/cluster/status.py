@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 import msgspec
 
-from .membership import NAMESPACE, Home, NodeLease
+from .membership import NAMESPACE, Home, NodeLease, last_entries
 
 
 class MemberView(msgspec.Struct):
@@ -62,26 +62,12 @@ class ClusterSnapshot(msgspec.Struct):
 async def _entries(js: Any, bucket: str, timeout: float) -> list[Any] | None:
     """The last entry of every key of ``bucket`` (None: the bucket does not exist yet)."""
     from nats.js.errors import BucketNotFoundError
-    from nats.js.kv import KV_DEL, KV_PURGE
 
     try:
         kv = await js.key_value(bucket)
     except BucketNotFoundError:
         return None
-    watcher = await kv.watchall()
-    out = []
-    try:
-        while True:
-            entry = await watcher.updates(timeout=timeout)
-            if entry is None:
-                break
-            if entry.operation not in (KV_DEL, KV_PURGE):
-                out.append(entry)
-            if entry.delta == 0:
-                break
-    finally:
-        await watcher.stop()
-    return out
+    return await last_entries(kv, timeout=timeout)
 
 
 async def collect(cluster: Any, *, namespace: str = NAMESPACE, timeout: float = 5.0) -> ClusterSnapshot:

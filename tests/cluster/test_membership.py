@@ -184,6 +184,23 @@ def test_a_released_lease_hands_homes_over_at_once_and_checks_its_input(engine_c
     asyncio.run(scenario())
 
 
+def test_a_stale_view_of_a_lease_cannot_end_it(engine_cluster: NatsCluster) -> None:
+    """JetStream reads are not linearizable (a deposed leader may still answer), so "a's lease is gone"
+    is confirmed by a conditional delete marker: one made on a stale view is refused and a keeps its lease."""
+    async def scenario() -> None:
+        async with member(engine_cluster, "a", "t_stale") as a, member(engine_cluster, "b", "t_stale") as b:
+            await a.acquire("stale1")
+            seen = a._revision
+            await until("a renewed", lambda: a._revision > seen)
+            for stale in (0, seen):     # "absent" (an aged-out view), and a revision since renewed
+                assert await b._confirm_ended("a", a.epoch, stale) is False
+            assert (await b.acquire("stale1")).holder == (a.node, a.epoch)
+            assert a.is_home("stale1")
+            await until("a renews on", lambda: a._revision > seen + 1 and a.holds_lease())
+
+    asyncio.run(scenario())
+
+
 async def _member_leading_nothing(cluster: NatsCluster, ns: str, lease: float) -> int:
     """Create the test's buckets and name a member that leads neither of their streams: the partition
     test is about fencing, not about the majority electing a new stream leader (that is measured by
