@@ -6,7 +6,8 @@
 Job (all on loopback, three real ``nats-server`` members from tests/cluster/natscluster.py):
 
 - **failover**: per trial a fresh namespace, three memberships (separate connections); node a takes
-  ``--profiles`` homes, then stops renewing without telling anyone (``simulate_death``). Measured from
+  ``--profiles`` homes, then, at a random instant, stops renewing without telling anyone
+  (``simulate_death``). Measured from
   that instant: when a fenced itself (its lease's end by its own clock), when b or c took the first and
   the last of its homes, each over the lease time.
 - **renewal**: ``--samples`` compare-and-swap updates of one key of a replicated bucket with a ttl, one
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import statistics
 import sys
 import tempfile
@@ -68,7 +70,8 @@ async def until(cond: Any, timeout: float) -> float | None:
     return time.monotonic()
 
 
-async def failover_trial(cluster: NatsCluster, n: int, lease: float, profiles: int) -> dict[str, float]:
+async def failover_trial(cluster: NatsCluster, n: int, lease: float, profiles: int,
+                         rng: random.Random) -> dict[str, float]:
     ns = f"bf{n}"
     taken: list[float] = []
     a = await joined(cluster, "a", ns, lease)
@@ -79,7 +82,7 @@ async def failover_trial(cluster: NatsCluster, n: int, lease: float, profiles: i
         for p in ids:
             await a.acquire(p)
         await until(lambda: "a" in b.members() and "a" in c.members(), 10)
-        await asyncio.sleep(lease / 2)      # a random point of the renewal period
+        await asyncio.sleep(rng.uniform(0, lease))   # death at a random point of the renewal and check periods
         died = time.monotonic()
         a.simulate_death()
         done = await until(lambda: all(b.is_home(p) or c.is_home(p) for p in ids), lease + 30)
@@ -161,7 +164,8 @@ async def minority_loss(cluster: NatsCluster, lease: float) -> dict[str, Any]:
 
 
 async def run(cluster: NatsCluster, args: argparse.Namespace) -> dict[str, Any]:
-    trials = [await failover_trial(cluster, n, args.lease, args.profiles) for n in range(args.trials)]
+    rng = random.Random(args.seed)
+    trials = [await failover_trial(cluster, n, args.lease, args.profiles, rng) for n in range(args.trials)]
     rtt = await renewals(cluster, args.lease, args.samples)
     acq = await acquires(cluster, args.lease, min(args.samples, 200))
     minority = [await minority_loss(cluster, args.lease) for _ in range(args.minority)]
@@ -187,6 +191,7 @@ def main() -> None:
     parser.add_argument("--profiles", type=int, default=50)
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--minority", type=int, default=3, help="minority-loss trials (0: none)")
+    parser.add_argument("--seed", type=int, default=13, help="of the instants of death")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp, NatsCluster(Path(tmp)) as cluster:
         cluster.wait_ready()

@@ -2,8 +2,9 @@
 
 Two replicated buckets hold the cluster's membership:
 
-- ``sipedge_nodes`` (ttl = ``lease_seconds``): ``node.<name>`` -> :class:`NodeLease`. The engine ages
-  an entry out when its node stops rewriting it; that is the node's death as the cluster sees it.
+- ``sipedge_nodes`` (ttl = ``lease_seconds``): ``node.<name>.<epoch>`` -> :class:`NodeLease`, one key
+  per run (and per lease that lapsed and was taken anew). The engine ages an entry out when its node
+  stops rewriting it; that is the node's death as the cluster sees it, and it is final.
 - ``sipedge_homes`` (no ttl): ``home.<profile_id>`` -> :class:`Home`, the (node, epoch) that is the
   only writer of that profile's channels and money. A home is valid only while that node's lease
   with that epoch lives; a stale one is taken over by compare-and-swap on its revision.
@@ -15,9 +16,11 @@ take its homes only after the engine aged the lease out (or the holder released 
 from the engine admits nothing for a profile before anybody else may. The margin covers the rate
 drift of the two clocks.
 
-Every decision that hands a home over reads the engine (the buckets are not ``allow_direct``: reads
-go to the stream leader, never to a lagging follower); the watched local view only answers
-:meth:`Membership.home_of` / :meth:`Membership.is_home` on the call path with no round trip.
+Every decision that hands a home over goes through the engine: the buckets are not ``allow_direct``
+(reads go to the stream leader, never to a lagging follower), and since even a leader's read may be
+stale, a lease's end is confirmed by a conditional write (:meth:`Membership._confirm_ended`) before
+its homes move. The watched local view only answers :meth:`Membership.home_of` /
+:meth:`Membership.is_home` on the call path with no round trip.
 """
 
 from __future__ import annotations

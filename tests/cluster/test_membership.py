@@ -184,6 +184,31 @@ def test_a_released_lease_hands_homes_over_at_once_and_checks_its_input(engine_c
     asyncio.run(scenario())
 
 
+def test_a_failed_recovery_keeps_the_profile_unadmitted_until_it_succeeds(engine_cluster: NatsCluster) -> None:
+    async def scenario() -> None:
+        calls: list[str] = []
+
+        async def settle(profile_id: str, previous: Holder | None) -> None:
+            calls.append(profile_id)
+            if len(calls) == 1:
+                raise RuntimeError("journal unreachable")
+
+        engine = await Engine.connect(ClusterConfig(node="a", engine=engine_cluster.urls, lease_seconds=LEASE))
+        m = Membership(engine, on_acquired=settle, namespace="t_recover")
+        try:
+            await m.start()
+            with pytest.raises(RuntimeError, match="journal unreachable"):
+                await m.acquire("rec1")
+            assert not m.is_home("rec1") and m.home_of("rec1") is not None   # ours in the engine, not admitted
+            await until("the check ran the recovery again", lambda: m.is_home("rec1"))
+            assert calls == ["rec1", "rec1"]
+        finally:
+            await m.stop()
+            await engine.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_stale_view_of_a_lease_cannot_end_it(engine_cluster: NatsCluster) -> None:
     """JetStream reads are not linearizable (a deposed leader may still answer), so "a's lease is gone"
     is confirmed by a conditional delete marker: one made on a stale view is refused and a keeps its lease."""
