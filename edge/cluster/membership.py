@@ -385,7 +385,9 @@ class Membership:
                 ok = True
             except KeyWrongLastSequenceError:
                 ok = await self._reconcile(sent)
-            except (TimeoutError, NatsError) as exc:
+            except Exception as exc:    # timeouts, no responders, a closed connection: the lease runs down
+                if not isinstance(exc, TimeoutError | NatsError):
+                    log.exception("cluster: lease renewal of %s", self.node)
                 left = self._held_until - self._clock()
                 if failures == 0 or (left <= 0 < held_before):    # the first of a streak, and the lease's end
                     log.warning("cluster: lease renewal of %s failed (%s); %s", self.node, exc.__class__.__name__,
@@ -610,6 +612,7 @@ class Membership:
                     self._synced.set()
             except* Exception:      # a broken watcher: start both again from the engine's state
                 log.warning("cluster: watch of %s broke; starting it again", self.node)
+                await asyncio.sleep(min(1.0, self.lease_seconds / 3))
             await self._stop_watchers()
 
     @staticmethod
@@ -625,26 +628,31 @@ class Membership:
         """Every lease/3: members not seen renewing for half a lease are read from the engine (a
         watcher does not see an entry age out on nats-server 2.9); stale homes are taken over; a
         watch that stopped delivering our own renewals is started again."""
-        assert self._nodes is not None
         period = self.lease_seconds / 3
         while True:
             await asyncio.sleep(period)
-            now = self._clock()
-            for name, member in list(self._members.items()):
-                if now - member.seen > self.lease_seconds / 2:
-                    try:
-                        found = await self._read_lease(name, member.lease.epoch)
-                    except (TimeoutError, NatsError):
-                        continue
-                    if found is None:   # a hint for the view; a handover confirms it (_lease_alive)
-                        self._forget_member(name, member.lease.epoch)
-                    else:
-                        self._apply_member(*found)
-            if self.holds_lease() and self._synced.is_set() and now - self._own_seen > self.lease_seconds:
-                log.warning("cluster: the watch of %s stopped delivering; starting it again", self.node)
-                self._own_seen = now
-                await self._stop_watchers()     # its loop reads both buckets' state anew
-            await self._takeover()
+            try:
+                await self._check_once()
+            except Exception:   # never let the check end: log it, the next period tries again
+                log.exception("cluster: the membership check of %s failed", self.node)
+
+    async def _check_once(self) -> None:
+        now = self._clock()
+        for name, member in list(self._members.items()):
+            if now - member.seen > self.lease_seconds / 2:
+                try:
+                    found = await self._read_lease(name, member.lease.epoch)
+                except (TimeoutError, NatsError):
+                    continue
+                if found is None:   # a hint for the view; a handover confirms it (_lease_alive)
+                    self._forget_member(name, member.lease.epoch)
+                else:
+                    self._apply_member(*found)
+        if self.holds_lease() and self._synced.is_set() and now - self._own_seen > self.lease_seconds:
+            log.warning("cluster: the watch of %s stopped delivering; starting it again", self.node)
+            self._own_seen = now
+            await self._stop_watchers()     # its loop reads both buckets' state anew
+        await self._takeover()
 
     def _maybe_takeover(self) -> None:
         if self._synced.is_set() and not self._stopping:
