@@ -207,6 +207,7 @@ class Membership:
         self._gone: dict[str, int] = {}     # node -> last revision of a lease seen ending (no resurrection)
         self._ended: set[Holder] = set()    # leases confirmed ended through the log: ended for good
         self._own_seen = 0.0                # monotonic: our own renewal last came back through the watch
+        self._name_taken_logged = False
         self._tasks: list[asyncio.Task[None]] = []
         self._spawned: set[asyncio.Task[None]] = set()
         self._watchers: list[Any] = []
@@ -402,7 +403,8 @@ class Membership:
     async def _reconcile(self, sent: float) -> bool:
         """A renewal lost its compare-and-swap: re-read (a timed-out write of ours may have landed, as
         only we write this epoch's key while it lives); gone -> it aged out or was confirmed ended by
-        another node: fence, take a new epoch (our old homes are stale like any dead node's)."""
+        another node: fence, take a new epoch (our old homes are stale like any dead node's) -- unless
+        another process took our name meanwhile (started while we were cut off): then stay fenced."""
         assert self._nodes is not None
         try:
             found = await self._read_lease(self.node, self.epoch)
@@ -410,6 +412,13 @@ class Membership:
                 self._revision = found[1]       # our own earlier write: renew again from it at once
                 return False
             self._held_until = 0.0
+            others = await last_entries(self._nodes, f"node.{self.node}.*", timeout=self.lease_seconds)
+            if others:      # our name was taken by another process while we were away: stay fenced
+                if not self._name_taken_logged:
+                    log.error("cluster: node name %s is in use by another process (%s); this one stays fenced",
+                              self.node, others[0].key)
+                    self._name_taken_logged = True
+                return False
             old = self.epoch
             self.epoch = secrets.token_hex(6)
             revision = await self._nodes.create(self._lease_key, msgspec.json.encode(self._lease_value()))

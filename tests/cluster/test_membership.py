@@ -209,6 +209,24 @@ def test_a_failed_recovery_keeps_the_profile_unadmitted_until_it_succeeds(engine
     asyncio.run(scenario())
 
 
+def test_a_node_back_from_a_partition_stays_fenced_when_its_name_was_taken(engine_cluster: NatsCluster) -> None:
+    """Cut off for longer than the lease, a replacement with its name started meanwhile: one name,
+    one live lease -- the old process does not take a new epoch beside the replacement."""
+    async def scenario() -> None:
+        async with member(engine_cluster, "dup", "t_dup") as old:
+            epoch = old.epoch
+            renew = next(t for t in old._tasks if t.get_name().startswith("cluster-renew"))
+            renew.cancel()      # cut off: no renewal reaches the engine
+            await until("old fenced", lambda: not old.holds_lease())
+            async with member(engine_cluster, "dup", "t_dup", wait=LEASE + 5) as new:
+                assert new.epoch != epoch
+                await old._reconcile(time.monotonic())      # what its next renewal would do
+                assert not old.holds_lease() and old.epoch == epoch
+                assert new.holds_lease()
+
+    asyncio.run(scenario())
+
+
 def test_a_stale_view_of_a_lease_cannot_end_it(engine_cluster: NatsCluster) -> None:
     """JetStream reads are not linearizable (a deposed leader may still answer), so "a's lease is gone"
     is confirmed by a conditional delete marker: one made on a stale view is refused and a keeps its lease."""
