@@ -41,6 +41,20 @@ class HomeView(msgspec.Struct):
     valid: bool                    # the holder's lease with this epoch lives
 
 
+class ReplicaView(msgspec.Struct):
+    server: str
+    current: bool                  # caught up with the leader
+    lag: int                       # operations behind the leader
+    active_seconds: float | None   # since the leader last heard from it
+    offline: bool
+
+
+class StreamView(msgspec.Struct):
+    name: str                      # KV_<namespace>_nodes / _homes
+    leader: str                    # the member that orders its writes (its loss pauses them: an election)
+    replicas: list[ReplicaView]    # the followers
+
+
 class EngineView(msgspec.Struct):
     servers: list[str]
     connected: bool
@@ -57,6 +71,7 @@ class ClusterSnapshot(msgspec.Struct):
     homes: list[HomeView]
     stale_homes: int
     engine: EngineView
+    streams: list[StreamView]
 
 
 async def _entries(js: Any, bucket: str, timeout: float) -> list[Any] | None:
@@ -71,6 +86,8 @@ async def _entries(js: Any, bucket: str, timeout: float) -> list[Any] | None:
 
 
 async def collect(cluster: Any, *, namespace: str = NAMESPACE, timeout: float = 5.0) -> ClusterSnapshot:
+    from nats.js.errors import NotFoundError
+
     from .engine import Engine
 
     engine = await Engine.connect(cluster, name=f"sipedge-cli-{cluster.node or 'status'}", connect_timeout=2,
@@ -100,6 +117,18 @@ async def collect(cluster: Any, *, namespace: str = NAMESPACE, timeout: float = 
                 holder.profiles += 1
             views.append(HomeView(profile=entry.key.removeprefix("home."), node=home.node, epoch=home.epoch,
                                   since=home.since, valid=holder is not None))
+        streams = []
+        for kind in ("nodes", "homes"):
+            name = f"KV_{namespace}_{kind}"
+            try:
+                si = await engine.js.stream_info(name)
+            except NotFoundError:
+                continue
+            c = si.cluster
+            streams.append(StreamView(name=name, leader=(c.leader if c else None) or "", replicas=[
+                ReplicaView(server=r.name or "", current=bool(r.current), lag=r.lag or 0, offline=bool(r.offline),
+                            active_seconds=r.active / 1e9 if r.active is not None else None)
+                for r in ((c.replicas or []) if c else [])]))
         url = engine.nc.connected_url
         return ClusterSnapshot(
             taken_at=now, namespace=namespace, lease_seconds=ttl,
@@ -107,7 +136,8 @@ async def collect(cluster: Any, *, namespace: str = NAMESPACE, timeout: float = 
             stale_homes=sum(1 for h in views if not h.valid),
             engine=EngineView(servers=list(cluster.engine), connected=engine.connected,
                               connected_url=f"{url.scheme}://{url.netloc}" if url else "", rtt_seconds=rtt,
-                              replicas=engine.replicas))
+                              replicas=engine.replicas),
+            streams=streams)
     finally:
         await engine.close()
 
@@ -136,6 +166,10 @@ def render(snap: ClusterSnapshot, out: TextIO, *, profiles: bool = False) -> Non
     console.print(members)
     if not snap.members:
         console.print("(no members)")
+    for st in snap.streams:
+        followers = ", ".join(f"{r.server} {'current' if r.current else 'BEHIND'} lag {r.lag}"
+                              + (" OFFLINE" if r.offline else "") for r in st.replicas)
+        console.print(f"stream  {st.name}: leader {st.leader or 'NONE'}; {followers or 'no followers'}")
     console.print(f"homes   {len(snap.homes)} profiles, {snap.stale_homes} stale (holder's lease ended; "
                   "taken over by a survivor or the next acquire)")
     if profiles and snap.homes:

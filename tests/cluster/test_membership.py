@@ -330,6 +330,10 @@ def test_cluster_status_json_against_the_live_engine(engine_cluster: NatsCluster
             assert all(homes[p]["valid"] for p in ("cli1", "cli4"))
             assert members["cli-a"]["profiles"] >= 3
             assert snap["engine"]["rtt_seconds"] > 0 and snap["engine"]["connected"]
+            streams = {st["name"]: st for st in snap["streams"]}
+            assert streams.keys() == {"KV_sipedge_nodes", "KV_sipedge_homes"}
+            for st in streams.values():   # three replicas: a leader and two followers, one of each member
+                assert {st["leader"], *(r["server"] for r in st["replicas"])} == {"n0", "n1", "n2"}
             text = await asyncio.to_thread(
                 subprocess.run, [sys.executable, "-m", "edge.cli", "cluster", "status", "--config", str(cfg)],
                 capture_output=True, text=True, timeout=60, cwd=ROOT)
