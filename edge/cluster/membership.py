@@ -210,7 +210,8 @@ class Membership:
         self._name_taken_logged = False
         self._tasks: list[asyncio.Task[None]] = []
         self._spawned: set[asyncio.Task[None]] = set()
-        self._watchers: list[Any] = []
+        self._watch_task: asyncio.Task[None] | None = None
+        self._watchers: list[Any] = []     # of the current watch (KeyWatcher objects)
         self._synced = asyncio.Event()
         self._stopping = False
         self.renew_rtt = 0.0            # seconds, last successful renewal
@@ -280,7 +281,7 @@ class Membership:
                                       f"lease bucket {self.nodes_bucket} ages out after {ttl:g} s; use the same value")
         await self._take_lease(wait if wait is not None else 2 * self.lease_seconds + 2)
         self._own_seen = self._clock()
-        self._tasks.append(asyncio.create_task(self._watch_loop(), name=f"cluster-watch-{self.node}"))
+        self._start_watch()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._synced.wait(), timeout=self.lease_seconds)
         self._tasks.append(asyncio.create_task(self._renew_loop(), name=f"cluster-renew-{self.node}"))
@@ -290,14 +291,13 @@ class Membership:
         """Stop renewing; with ``release`` fence first, then delete the lease so that the others take
         this node's homes at once instead of after the lease time."""
         self._stopping = True
-        tasks = [*self._tasks, *self._spawned, *self._inflight.values()]
+        tasks = [*self._tasks, *self._spawned, *self._inflight.values(), *filter(None, [self._watch_task])]
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
-        await self._stop_watchers()
         held = self.holds_lease()
         self._held_until = 0.0      # fenced before the entry goes: nobody takes a home we still admit for
         if release and held and self._nodes is not None:
@@ -307,7 +307,7 @@ class Membership:
     def simulate_death(self) -> None:
         """Tests: stop renewing and watching without telling anyone (as a node that froze or died)."""
         self._stopping = True
-        for task in [*self._tasks, *self._spawned]:
+        for task in [*self._tasks, *self._spawned, *filter(None, [self._watch_task])]:
             task.cancel()
 
     # ------------------------------------------------------------------ the lease
@@ -594,35 +594,36 @@ class Membership:
             return
         self._apply_home(entry.key.removeprefix("home."), home)
 
-    async def _stop_watchers(self) -> None:
-        for watcher in self._watchers:
-            with contextlib.suppress(Exception):
-                await watcher.stop()
-        self._watchers.clear()
+    def _start_watch(self) -> None:
+        """(Re)start the watch of both buckets. A restart cancels the old one rather than asking its
+        watchers to stop: a subscription that died silently may not even stop."""
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+        self._watch_task = asyncio.create_task(self._watch_loop(), name=f"cluster-watch-{self.node}")
 
     async def _watch_loop(self) -> None:
-        """Both buckets' changes into the local view; started again when it stalls (see _check_loop)."""
+        """Both buckets' changes into the local view (the first pass replays every key's last value)."""
         assert self._nodes is not None and self._homes_kv is not None
         while True:
+            watchers: list[Any] = []
+            self._watchers = watchers
             try:
-                nodes = await self._nodes.watchall()
-                homes = await self._homes_kv.watchall()
-            except (TimeoutError, NatsError):
-                await asyncio.sleep(min(1.0, self.lease_seconds / 3))
-                continue
-            self._watchers = [nodes, homes]
-            try:
+                watchers.append(await self._nodes.watchall())
+                watchers.append(await self._homes_kv.watchall())
                 async with asyncio.TaskGroup() as group:
                     done = [asyncio.Event(), asyncio.Event()]
-                    group.create_task(self._drain(nodes, self._on_node_entry, done[0]))
-                    group.create_task(self._drain(homes, self._on_home_entry, done[1]))
+                    group.create_task(self._drain(watchers[0], self._on_node_entry, done[0]))
+                    group.create_task(self._drain(watchers[1], self._on_home_entry, done[1]))
                     await done[0].wait()
                     await done[1].wait()
                     self._synced.set()
-            except* Exception:      # a broken watcher: start both again from the engine's state
+            except* Exception:      # a broken watcher or engine: start both again from the engine's state
                 log.warning("cluster: watch of %s broke; starting it again", self.node)
-                await asyncio.sleep(min(1.0, self.lease_seconds / 3))
-            await self._stop_watchers()
+            finally:
+                for watcher in watchers:
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()
+            await asyncio.sleep(min(1.0, self.lease_seconds / 3))
 
     @staticmethod
     async def _drain(watcher: Any, apply: Callable[[KeyValue.Entry], None], synced: asyncio.Event) -> None:
@@ -660,7 +661,7 @@ class Membership:
         if self.holds_lease() and self._synced.is_set() and now - self._own_seen > self.lease_seconds:
             log.warning("cluster: the watch of %s stopped delivering; starting it again", self.node)
             self._own_seen = now
-            await self._stop_watchers()     # its loop reads both buckets' state anew
+            self._start_watch()     # it replays both buckets' state
         await self._takeover()
 
     def _maybe_takeover(self) -> None:

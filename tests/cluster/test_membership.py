@@ -229,6 +229,18 @@ def test_a_node_back_from_a_partition_stays_fenced_when_its_name_was_taken(engin
     asyncio.run(scenario())
 
 
+def test_a_watch_that_stops_delivering_is_started_again(engine_cluster: NatsCluster) -> None:
+    async def scenario() -> None:
+        async with member(engine_cluster, "a", "t_watch") as a, member(engine_cluster, "b", "t_watch") as b:
+            for watcher in list(a._watchers):
+                await watcher._sub.unsubscribe()    # silently dead: nothing delivered, no error raised
+            await b.acquire("w1")                   # a's view can only learn this from a new watch
+            await until("a's view has b's home", lambda: a.home_of("w1") is not None, timeout=LEASE * 3 + 10)
+            assert a.home_of("w1").holder == (b.node, b.epoch)  # type: ignore[union-attr]
+
+    asyncio.run(scenario())
+
+
 def test_a_stale_view_of_a_lease_cannot_end_it(engine_cluster: NatsCluster) -> None:
     """JetStream reads are not linearizable (a deposed leader may still answer), so "a's lease is gone"
     is confirmed by a conditional delete marker: one made on a stale view is refused and a keeps its lease."""
