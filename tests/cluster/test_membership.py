@@ -317,6 +317,46 @@ def test_a_partitioned_node_fences_itself_before_another_takes_its_profiles(engi
     asyncio.run(scenario())
 
 
+def test_losing_the_engine_member_it_is_connected_to_costs_a_node_nothing(engine_cluster: NatsCluster) -> None:
+    """The client moves to another member; the lease (5 s: slack for a reconnect) never lapses and the
+    view keeps following the cluster."""
+    lease = 5.0
+
+    async def scenario() -> None:
+        k = await _member_leading_nothing(engine_cluster, "t_move", lease)
+        for _ in range(30):     # the client picks a member at random: until it is member k
+            engine = await Engine.connect(ClusterConfig(node="a", engine=engine_cluster.urls, lease_seconds=lease))
+            url = engine.nc.connected_url
+            if url is not None and url.port == engine_cluster.client_ports[k]:
+                break
+            await engine.close()
+        else:
+            pytest.fail(f"never connected to member {k}")
+        a = Membership(engine, namespace="t_move")
+        try:
+            await a.start()
+            await a.acquire("mv1")
+            epoch = a.epoch
+            async with member(engine_cluster, "b", "t_move", lease=lease) as b:
+                engine_cluster.kill(k)
+                try:
+                    await until("a reconnected elsewhere", lambda: a.engine.connected and a.engine.nc.connected_url
+                                is not None and a.engine.nc.connected_url.port != engine_cluster.client_ports[k])
+                    await b.acquire("mv2")
+                    await until("a's view follows", lambda: a.home_of("mv2") is not None, timeout=3 * lease + 10)
+                    renewed = a._revision
+                    await until("a renews through the new member", lambda: a._revision > renewed, timeout=lease)
+                    assert a.epoch == epoch and a.is_home("mv1")     # the lease never lapsed
+                finally:
+                    engine_cluster.start_member(k)
+                    await asyncio.to_thread(engine_cluster.wait_ready)
+        finally:
+            await a.stop()
+            await engine.close()
+
+    asyncio.run(scenario())
+
+
 def test_cluster_status_json_against_the_live_engine(engine_cluster: NatsCluster, tmp_path: Path) -> None:
     cfg = tmp_path / "edge.toml"
     cfg.write_text('[cluster]\nnode = "cli-x"\nengine = [' + ", ".join(f'"{u}"' for u in engine_cluster.urls)
