@@ -5,9 +5,13 @@ Two replicated buckets hold the cluster's membership:
 - ``sipedge_nodes`` (ttl = ``lease_seconds``): ``node.<name>.<epoch>`` -> :class:`NodeLease`, one key
   per run (and per lease that lapsed and was taken anew). The engine ages an entry out when its node
   stops rewriting it; that is the node's death as the cluster sees it, and it is final.
-- ``sipedge_homes`` (no ttl): ``home.<profile_id>`` -> :class:`Home`, the (node, epoch) that is the
-  only writer of that profile's channels and money. A home is valid only while that node's lease
-  with that epoch lives; a stale one is taken over by compare-and-swap on its revision.
+- ``sipedge_homes`` (no ttl): ``home.<profile_id>.<generation>`` -> :class:`Home`, the (node, epoch)
+  that is the only writer of that profile's channels and money; the highest generation is the
+  current one. A home is valid only while that node's lease with that epoch lives; a stale one is
+  taken over by *creating* the next generation. Every key is written once, by a create (expected
+  last sequence 0), the one condition nats-server 2.9 enforces under concurrency: an update on a
+  revision (expected sequence > 0) is checked before the leader proposes, so racing updates on one
+  revision can all land (tests/cluster/test_engine.py, docs/cluster.md).
 
 Fencing: a renewal sent at monotonic ``t`` lets the node believe it holds its lease until
 ``t + lease_seconds - margin``. The engine stores that renewal later than ``t`` and ages it out
@@ -50,6 +54,7 @@ log = logging.getLogger("sipedge.cluster")
 NAMESPACE = "sipedge"                     # buckets <namespace>_nodes and <namespace>_homes
 _KEY = re.compile(r"^[-_=a-zA-Z0-9]+$")   # one token of a NATS subject (no dots: one key, one profile)
 ACQUIRE_ATTEMPTS = 5                      # CAS races lost in a row before acquire() gives up (bounded)
+MAX_GENERATION_WALK = 64                  # newer home generations one acquire reads past its view (bounded)
 TAKEOVER_CONCURRENCY = 32                 # acquires in flight while taking over a dead node's homes
 
 Holder = tuple[str, str]                  # (node, epoch)
@@ -201,6 +206,7 @@ class Membership:
         self._homes_kv: KeyValue | None = None
         self._members: dict[str, _Member] = {}
         self._homes: dict[str, Home] = {}
+        self._home_gen: dict[str, int] = {}     # profile -> generation of the home in _homes
         self._by_holder: dict[Holder, set[str]] = {}
         self._recovering: dict[str, Holder | None] = {}   # ours in the engine, on_acquired not done yet
         self._inflight: dict[str, asyncio.Task[Home]] = {}
@@ -212,6 +218,7 @@ class Membership:
         self._spawned: set[asyncio.Task[None]] = set()
         self._watch_task: asyncio.Task[None] | None = None
         self._watchers: list[Any] = []     # of the current watch (KeyWatcher objects)
+        self._seen_reconnects = 0
         self._synced = asyncio.Event()
         self._stopping = False
         self.renew_rtt = 0.0            # seconds, last successful renewal
@@ -272,14 +279,25 @@ class Membership:
         :raises LeaseConfigMismatch: the cluster runs with another lease_seconds.
         :raises EngineUnavailable: the engine did not take the lease within ``wait``.
         """
-        self._nodes = await self.engine.bucket(self.nodes_bucket, ttl=self.lease_seconds)
-        self._homes_kv = await self.engine.bucket(self.homes_bucket)
-        ttl = (await self._nodes.status()).ttl or 0.0
+        wait = wait if wait is not None else 2 * self.lease_seconds + 2
+        deadline = self._clock() + wait
+        while True:     # a bucket's creation (3 replicas placed) can outlast one request's timeout
+            try:
+                self._nodes = await self.engine.bucket(self.nodes_bucket, ttl=self.lease_seconds)
+                self._homes_kv = await self.engine.bucket(self.homes_bucket)
+                ttl = (await self._nodes.status()).ttl or 0.0
+                break
+            except (TimeoutError, NatsError) as exc:
+                if self._clock() > deadline:
+                    raise EngineUnavailable(f"cluster: the membership buckets not ready in {wait:g} s "
+                                            f"({exc!r})") from None
+                await asyncio.sleep(0.5)
+        self._seen_reconnects = self._reconnects()
         if abs(ttl - self.lease_seconds) > 1e-3:
             # the engine ages leases out after the bucket's ttl: a longer local lease would fence too late
             raise LeaseConfigMismatch(f"cluster.lease_seconds: this node has {self.lease_seconds:g}, the cluster's "
                                       f"lease bucket {self.nodes_bucket} ages out after {ttl:g} s; use the same value")
-        await self._take_lease(wait if wait is not None else 2 * self.lease_seconds + 2)
+        await self._take_lease(max(0.0, deadline - self._clock()))
         self._own_seen = self._clock()
         self._start_watch()
         with contextlib.suppress(TimeoutError):
@@ -336,7 +354,7 @@ class Membership:
         deadline = self._clock() + wait
         while True:
             try:
-                others = await last_entries(self._nodes, f"node.{self.node}.*", timeout=self.lease_seconds)
+                others = await self._leases_of_our_name()
                 if not others:
                     break
             except (TimeoutError, NatsError) as exc:
@@ -363,6 +381,31 @@ class Membership:
                 if self._clock() > deadline:
                     raise EngineUnavailable(f"cluster: no lease taken in {wait:g} s ({exc!r})") from None
             await asyncio.sleep(min(0.25, self.lease_seconds / 6))
+
+    async def _leases_of_our_name(self) -> list[KeyValue.Entry]:
+        """Leases of this node's name (any epoch) seen within half a lease: a live one is renewed
+        every third of a lease, so it shows even if the watch's initial replay missed it (a renewal
+        can replace the message the consumer was about to start from)."""
+        assert self._nodes is not None
+        watcher = await self._nodes.watch(f"node.{self.node}.*")
+        found: dict[str, KeyValue.Entry] = {}
+        deadline = self._clock() + self.lease_seconds / 2
+        try:
+            while (left := deadline - self._clock()) > 0:
+                try:
+                    entry = await watcher.updates(timeout=left)
+                except TimeoutError:
+                    break
+                if entry is None:
+                    continue
+                if entry.operation in (KV_DEL, KV_PURGE):
+                    found.pop(entry.key, None)
+                elif entry.key != self._lease_key:
+                    found[entry.key] = entry
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+        return list(found.values())
 
     async def _read_lease(self, node: str, epoch: str) -> tuple[NodeLease, int] | None:
         assert self._nodes is not None
@@ -412,7 +455,7 @@ class Membership:
                 self._revision = found[1]       # our own earlier write: renew again from it at once
                 return False
             self._held_until = 0.0
-            others = await last_entries(self._nodes, f"node.{self.node}.*", timeout=self.lease_seconds)
+            others = await self._leases_of_our_name()
             if others:      # our name was taken by another process while we were away: stay fenced
                 if not self._name_taken_logged:
                     log.error("cluster: node name %s is in use by another process (%s); this one stays fenced",
@@ -448,9 +491,24 @@ class Membership:
             task.add_done_callback(lambda _t: self._inflight.pop(profile_id, None))
         return await asyncio.shield(task)
 
+    async def _newest(self, profile_id: str) -> tuple[int, Home | None]:
+        """The newest generation of the profile's home and its value: from the local view's (a key is
+        written once, so a value seen is exact), walking forward while a newer one exists (bounded)."""
+        assert self._homes_kv is not None
+        gen = self._home_gen.get(profile_id, 0)
+        current = self._homes.get(profile_id) if gen else None
+        for _ in range(MAX_GENERATION_WALK):
+            try:
+                entry = await self._homes_kv.get(f"home.{profile_id}.{gen + 1}")
+            except KeyNotFoundError:
+                return gen, current
+            gen, current = gen + 1, msgspec.json.decode(entry.value or b"", type=Home)
+            self._apply_home(profile_id, current, gen)
+        raise EngineUnavailable(f"cluster: the home of {profile_id} is more than {MAX_GENERATION_WALK} "
+                                "generations ahead of this node's view")
+
     async def _acquire(self, profile_id: str) -> Home:
         assert self._homes_kv is not None
-        key = f"home.{profile_id}"
         wrote = False                       # a write was sent: finding ourselves later means it landed
         previous: Holder | None = None      # the holder that write replaced
         for _ in range(ACQUIRE_ATTEMPTS):
@@ -458,32 +516,28 @@ class Membership:
                 raise LeaseLost(f"cluster: node {self.node} does not hold its lease")
             me = (self.node, self.epoch)
             try:
-                try:
-                    entry = await self._homes_kv.get(key)
-                except KeyNotFoundError:
-                    entry = None
-                current = msgspec.json.decode(entry.value or b"", type=Home) if entry is not None else None
+                gen, current = await self._newest(profile_id)
+                if current is None or current.holder != me:
+                    self._recovering.pop(profile_id, None)     # a write of ours that did not land
                 if current is not None and current.holder == me:
-                    self._apply_home(profile_id, current)
                     if wrote or profile_id in self._recovering:
                         await self._recover(profile_id, self._recovering.get(profile_id, previous))
                     return current
                 if current is not None and await self._lease_alive(current.node, current.epoch):
-                    self._apply_home(profile_id, current)
                     return current
                 mine = Home(node=self.node, epoch=self.epoch, since=time.time())
                 previous = current.holder if current is not None else None
                 wrote = True
-                if entry is None:
-                    await self._homes_kv.create(key, msgspec.json.encode(mine))
-                else:
-                    await self._homes_kv.update(key, msgspec.json.encode(mine), last=entry.revision)
+                # not admitted until on_acquired returns, even if the watch shows our write first
+                self._recovering[profile_id] = previous
+                # a create: of all racers for generation gen + 1 exactly one lands
+                await self._homes_kv.create(f"home.{profile_id}.{gen + 1}", msgspec.json.encode(mine))
                 if previous is not None:
                     self.handovers += 1
                     if self.metrics is not None:
                         self.metrics.handovers.inc()
                 self._recovering[profile_id] = previous
-                self._apply_home(profile_id, mine)
+                self._apply_home(profile_id, mine, gen + 1)
                 await self._recover(profile_id, previous)
                 return mine
             except KeyWrongLastSequenceError:
@@ -503,30 +557,46 @@ class Membership:
 
     async def _lease_alive(self, node: str, epoch: str) -> bool:
         """Whether the lease of (node, epoch) lives, decided by the engine, never by the local view: a
-        handover rests on it. A read can be stale (JetStream has no linearizable read: a deposed
-        leader may still answer), so "gone" is confirmed by a write that only the replicated log can
-        accept -- a delete marker on that lease's key on condition that its last sequence is still
-        the one the read saw. A renewal that landed meanwhile makes it fail: then the lease lives."""
+        handover rests on it.
+
+        A delete marker on the lease's key proves its end: only a node that fenced (releasing) or a
+        confirmed end (below) writes one, and nobody renews a key after it. An absent key does not
+        prove it: reads are not linearizable (a deposed leader may still answer, from a state in
+        which a live lease had aged out). So absence is confirmed by a write only the replicated log
+        can accept -- a delete marker created on condition that the key has no message (expected
+        last sequence 0, which 2.9 enforces under concurrency); if it is refused, something was
+        written meanwhile and a second read says which.
+        """
         if (node, epoch) in self._ended:
             return False
-        assert self._nodes is not None
+        for _ in range(2):
+            state = await self._lease_state(node, epoch)
+            if state is not None:
+                return state
+            if await self._confirm_ended(node, epoch):
+                return False
+        return True     # written since, twice: as good as alive; the next acquire looks again
+
+    async def _lease_state(self, node: str, epoch: str) -> bool | None:
+        """True: the lease's key holds a lease; False: a delete marker (ended); None: no message."""
         subject = f"$KV.{self.nodes_bucket}.{lease_key(node, epoch)}"
         try:
             msg = await self.engine.js.get_msg(f"KV_{self.nodes_bucket}", subject=subject)
-            seq = msg.seq or 0
-            if not (msg.headers and msg.headers.get(KV_OP) in (KV_DEL, KV_PURGE)):
-                self._apply_member(msgspec.json.decode(msg.data or b"", type=NodeLease), seq)
-                return True
         except NotFoundError:
-            seq = 0         # aged out: the subject has no message left
-        return not await self._confirm_ended(node, epoch, seq)
+            return None
+        if msg.headers and msg.headers.get(KV_OP) in (KV_DEL, KV_PURGE):
+            self._ended.add((node, epoch))
+            self._forget_member(node, epoch)
+            return False
+        self._apply_member(msgspec.json.decode(msg.data or b"", type=NodeLease), msg.seq or 0)
+        return True
 
-    async def _confirm_ended(self, node: str, epoch: str, seq: int) -> bool:
-        """Write the delete marker on (node, epoch)'s lease if its key's last sequence is still ``seq``
-        (0: no message). True: the lease had ended, for good. False: it was written since (it lives)."""
+    async def _confirm_ended(self, node: str, epoch: str) -> bool:
+        """Create a delete marker on (node, epoch)'s lease key if the key has no message. True: the
+        lease had ended (for good). False: the key got a message meanwhile (a lease or a marker)."""
         try:
             await self.engine.js.publish(f"$KV.{self.nodes_bucket}.{lease_key(node, epoch)}", b"", headers={
-                KV_OP: KV_DEL, Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(seq)})
+                KV_OP: KV_DEL, Header.EXPECTED_LAST_SUBJECT_SEQUENCE: "0"})
         except APIError as exc:
             if exc.err_code in (10071, 10164):      # wrong last sequence
                 return False
@@ -559,7 +629,9 @@ class Membership:
             log.info("cluster: the lease of node %s (epoch %s) ended", node, member.lease.epoch)
             self._maybe_takeover()
 
-    def _apply_home(self, profile_id: str, home: Home) -> None:
+    def _apply_home(self, profile_id: str, home: Home, gen: int) -> None:
+        if gen <= self._home_gen.get(profile_id, 0):
+            return          # an older generation (or the same one again: keys are written once)
         old = self._homes.get(profile_id)
         if old is not None:
             holders = self._by_holder.get(old.holder)
@@ -568,6 +640,7 @@ class Membership:
                 if not holders:
                     del self._by_holder[old.holder]
         self._homes[profile_id] = home
+        self._home_gen[profile_id] = gen
         self._by_holder.setdefault(home.holder, set()).add(profile_id)
 
     def _on_node_entry(self, entry: KeyValue.Entry) -> None:
@@ -585,14 +658,15 @@ class Membership:
         self._apply_member(lease, entry.revision or 0)
 
     def _on_home_entry(self, entry: KeyValue.Entry) -> None:
-        if entry.operation in (KV_DEL, KV_PURGE) or not entry.key.startswith("home."):
+        parts = entry.key.split(".")
+        if entry.operation in (KV_DEL, KV_PURGE) or len(parts) != 3 or parts[0] != "home" or not parts[2].isdigit():
             return
         try:
             home = msgspec.json.decode(entry.value or b"", type=Home)
         except msgspec.DecodeError:
             log.warning("cluster: unreadable home entry %s", entry.key)
             return
-        self._apply_home(entry.key.removeprefix("home."), home)
+        self._apply_home(parts[1], home, int(parts[2]))
 
     def _start_watch(self) -> None:
         """(Re)start the watch of both buckets. A restart cancels the old one rather than asking its
@@ -646,6 +720,10 @@ class Membership:
             except Exception:   # never let the check end: log it, the next period tries again
                 log.exception("cluster: the membership check of %s failed", self.node)
 
+    def _reconnects(self) -> int:
+        stats = getattr(self.engine.nc, "stats", None)
+        return int(stats.get("reconnects", 0)) if isinstance(stats, dict) else 0
+
     async def _check_once(self) -> None:
         now = self._clock()
         for name, member in list(self._members.items()):
@@ -658,7 +736,14 @@ class Membership:
                     self._forget_member(name, member.lease.epoch)
                 else:
                     self._apply_member(*found)
-        if self.holds_lease() and self._synced.is_set() and now - self._own_seen > self.lease_seconds:
+        reconnects = self._reconnects()
+        if reconnects != self._seen_reconnects:
+            # the client moved to another member: a push consumer may follow late or not at all
+            # (nats-py resets an ordered one after two missed heartbeats, 10 s), so start afresh
+            self._seen_reconnects = reconnects
+            self._own_seen = now
+            self._start_watch()
+        elif self.holds_lease() and self._synced.is_set() and now - self._own_seen > self.lease_seconds:
             log.warning("cluster: the watch of %s stopped delivering; starting it again", self.node)
             self._own_seen = now
             self._start_watch()     # it replays both buckets' state

@@ -38,6 +38,7 @@ class HomeView(msgspec.Struct):
     node: str
     epoch: str
     since: float
+    generation: int                # handovers so far + 1
     valid: bool                    # the holder's lease with this epoch lives
 
 
@@ -109,14 +110,21 @@ async def collect(cluster: Any, *, namespace: str = NAMESPACE, timeout: float = 
             members.append(MemberView(node=lease.node, epoch=lease.epoch, started_at=lease.started_at, sip=lease.sip,
                                       api=lease.api, renewed_at=renewed, lease_age=age, lease_left=left, profiles=0))
         alive = {(m.node, m.epoch): m for m in members}
-        views = []
+        newest: dict[str, tuple[int, Home]] = {}     # home.<profile>.<generation>: the highest counts
         for entry in homes or []:
-            home = msgspec.json.decode(entry.value or b"", type=Home)
+            parts = entry.key.split(".")
+            if len(parts) != 3 or not parts[2].isdigit():
+                continue
+            gen = int(parts[2])
+            if gen > newest.get(parts[1], (0, None))[0]:
+                newest[parts[1]] = (gen, msgspec.json.decode(entry.value or b"", type=Home))
+        views = []
+        for profile, (gen, home) in newest.items():
             holder = alive.get(home.holder)
             if holder is not None:
                 holder.profiles += 1
-            views.append(HomeView(profile=entry.key.removeprefix("home."), node=home.node, epoch=home.epoch,
-                                  since=home.since, valid=holder is not None))
+            views.append(HomeView(profile=profile, node=home.node, epoch=home.epoch, since=home.since,
+                                  generation=gen, valid=holder is not None))
         streams = []
         for kind in ("nodes", "homes"):
             name = f"KV_{namespace}_{kind}"

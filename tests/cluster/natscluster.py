@@ -60,7 +60,9 @@ class NatsCluster:
             f'server_name: "n{i}"\n'
             f'listen: "{self.hosts[i]}:{self.client_ports[i]}"\n'
             f'jetstream {{ store_dir: "{store}", max_memory_store: 64MB, max_file_store: 1GB }}\n'
-            f'cluster {{ name: "{CLUSTER_NAME}", listen: "{self.hosts[i]}:{self.route_ports[i]}", '
+            # no_advertise: a client uses the members it was given, never ones it heard of (a client
+            # given one member stays cut off when that member is frozen: the partition tests)
+            f'cluster {{ name: "{CLUSTER_NAME}", listen: "{self.hosts[i]}:{self.route_ports[i]}", no_advertise: true, '
             f'routes: [{routes}] }}\n')
         return conf
 
