@@ -1,4 +1,4 @@
-"""``sipedge``: serve, check, drain, reload, backup, purge-cdrs, version (and status).
+"""``sipedge``: serve, check, drain, reload, backup, purge-cdrs, version (and status, cluster status).
 
 Exit codes (SPEC §2.3, docs/deployment.md): 0 ok; 1 a runtime failure (a port in use, a
 data directory that cannot be written, a full disk, no running node to signal); 2 usage
@@ -330,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .provision import register as register_provisioning
 
     register_provisioning(sub)  # account, profile, number, rates, keys, cdrs (edge/provision.py)
+    from .cluster.status import register as register_cluster
+
+    register_cluster(sub)       # cluster status (edge/cluster/status.py)
     return parser
 
 

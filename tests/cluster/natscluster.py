@@ -12,6 +12,7 @@ machine that reboots keeps its disk).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -59,7 +60,9 @@ class NatsCluster:
             f'server_name: "n{i}"\n'
             f'listen: "{self.hosts[i]}:{self.client_ports[i]}"\n'
             f'jetstream {{ store_dir: "{store}", max_memory_store: 64MB, max_file_store: 1GB }}\n'
-            f'cluster {{ name: "{CLUSTER_NAME}", listen: "{self.hosts[i]}:{self.route_ports[i]}", '
+            # no_advertise: a client uses the members it was given, never ones it heard of (a client
+            # given one member stays cut off when that member is frozen: the partition tests)
+            f'cluster {{ name: "{CLUSTER_NAME}", listen: "{self.hosts[i]}:{self.route_ports[i]}", no_advertise: true, '
             f'routes: [{routes}] }}\n')
         return conf
 
@@ -87,6 +90,19 @@ class NatsCluster:
             pass
         proc.wait(timeout=10)
         self.procs[i] = None
+
+    def freeze(self, i: int) -> None:
+        """SIGSTOP member ``i``: its sockets stay open and nothing answers (a partition, as its clients
+        and peers see it; TCP does not fail over until keepalives or pings give up)."""
+        proc = self.procs[i]
+        assert proc is not None, f"member {i} is not running"
+        os.killpg(proc.pid, signal.SIGSTOP)
+
+    def thaw(self, i: int) -> None:
+        """SIGCONT member ``i`` (the partition heals)."""
+        proc = self.procs[i]
+        assert proc is not None, f"member {i} is not running"
+        os.killpg(proc.pid, signal.SIGCONT)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Until every running member answers and JetStream has a meta leader."""
@@ -120,6 +136,8 @@ class NatsCluster:
             proc = self.procs[i]
             if proc is None:
                 continue
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGCONT)   # a frozen member cannot act on SIGTERM
             proc.terminate()
             try:
                 proc.wait(timeout=10)
