@@ -1,4 +1,4 @@
-"""Node leases, fencing and profile homes on the engine (SPEC §9, docs/cluster-membership.md).
+"""Node leases, fencing and profile homes on the engine (SPEC §9, docs/cluster.md).
 
 Two replicated buckets hold the cluster's membership:
 
@@ -133,7 +133,7 @@ def fencing_margin(lease_seconds: float) -> float:
 
 
 class ClusterMetrics:
-    """edge_cluster_* (docs/cluster-membership.md). Gauges read the membership at scrape time."""
+    """edge_cluster_* (docs/cluster.md). Gauges read the membership at scrape time."""
 
     def __init__(self, registry: CollectorRegistry | None) -> None:
         r = registry

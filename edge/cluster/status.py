@@ -5,7 +5,7 @@ reads both membership buckets (the last entry of every key, one watch each) and 
 Lease age and time left come from the engine's timestamp of each node's last renewal against this
 machine's clock (so they carry the clock offset between the two; NTP keeps it to milliseconds).
 A home is *valid* while its holder's lease with that epoch lives; a stale one is taken over by a
-survivor (or by the next acquire) -- see docs/cluster-membership.md.
+survivor (or by the next acquire) -- see docs/cluster.md.
 """
 
 from __future__ import annotations
