@@ -489,6 +489,16 @@ cdef srtp_t _srtp_session(str suite, bytes key, bint inbound) except NULL:
     return session
 
 
+cdef inline void _hold_pair(rtp_stream *rtp, rtp_stream *rtcp, int fd0, int fd1, int port) noexcept nogil:
+    """A leg's RTP stream on ``port`` (``fd0``) and its RTCP on ``port + 1`` (``fd1``)."""
+    rtp.fd = fd0
+    rtp.port = <uint16_t>port
+    rtp.is_rtcp = 0
+    rtcp.fd = fd1
+    rtcp.port = <uint16_t>(port + 1)
+    rtcp.is_rtcp = 1
+
+
 cdef extern from *:
     """
     #ifndef SIPEDGE_SRTP_CRYPTO
@@ -806,12 +816,7 @@ cdef class RelayEngine:
             # A late packet of the last call must never reach the next one (test_rtp_pool.py).
             if drain_socket(fd0, &dropped) == 0 and drain_socket(fd1, &dropped) == 0:
                 self.stale_dropped += dropped
-                rtp.fd = fd0
-                rtp.port = <uint16_t>port
-                rtp.is_rtcp = 0
-                rtcp.fd = fd1
-                rtcp.port = <uint16_t>(port + 1)
-                rtcp.is_rtcp = 1
+                _hold_pair(rtp, rtcp, fd0, fd1, port)
                 return 1
             # Flooded (or broken): close it; the port waits a quiet period unbound.
             self.stale_dropped += dropped
@@ -871,12 +876,7 @@ cdef class RelayEngine:
                         # DSCP EF (46 << 2 = 0xB8) on relayed media, RFC 3246 / RFC 4594 (rtpengine.conf ships tos = 184).
                         setsockopt(fd0, IPPROTO_IP, IP_TOS, &tos, sizeof(int))
                         setsockopt(fd1, IPPROTO_IP, IP_TOS, &tos, sizeof(int))
-                    rtp.fd = fd0
-                    rtp.port = <uint16_t>port
-                    rtp.is_rtcp = 0
-                    rtcp.fd = fd1
-                    rtcp.port = <uint16_t>(port + 1)
-                    rtcp.is_rtcp = 1
+                    _hold_pair(rtp, rtcp, fd0, fd1, port)
                     return 0
             err = errno
             close(fd0)

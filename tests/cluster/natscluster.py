@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -24,6 +25,13 @@ from pathlib import Path
 import nats
 
 CLUSTER_NAME = "sipedge-test"
+PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl   # looked up here: a forked child must not dlopen
+
+
+def _die_with_us() -> None:
+    """In the child: SIGKILL when the test process dies, even by SIGKILL (no teardown then)."""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -71,7 +79,8 @@ class NatsCluster:
         conf = self._conf(i)
         log = (self.root / f"n{i}" / "nats.log").open("ab")
         self.procs[i] = subprocess.Popen([*self.wrap[i], "nats-server", "-c", str(conf)],
-                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=_die_with_us)
         log.close()
 
     def start(self) -> NatsCluster:
