@@ -39,8 +39,11 @@ def one_line(r: subprocess.CompletedProcess, code: int, *words: str) -> None:
 
 
 def test_version_flag() -> None:
-    r = sipedge("--version")
-    assert r.returncode == 0 and r.stdout.strip() == f"sipedge {__version__}"
+    from edge._rtp import srtp_library
+
+    for args in (["--version"], ["version"]):   # with the SRTP library the relay links
+        r = sipedge(*args)
+        assert r.returncode == 0 and r.stdout.strip() == f"sipedge {__version__} ({srtp_library()})", r.stdout
 
 
 def test_default_config_path_missing_is_2(tmp_path: Path) -> None:
