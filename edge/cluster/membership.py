@@ -38,7 +38,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from nats.errors import Error as NatsError
@@ -48,6 +48,8 @@ from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from .engine import Engine, EngineUnavailable
+
+T = TypeVar("T")
 
 log = logging.getLogger("sipedge.cluster")
 
@@ -650,23 +652,17 @@ class Membership:
         if entry.operation in (KV_DEL, KV_PURGE):
             self._forget_member(parts[1], parts[2])  # released (its node fenced first) or confirmed ended
             return
-        try:
-            lease = msgspec.json.decode(entry.value or b"", type=NodeLease)
-        except msgspec.DecodeError:
-            log.warning("cluster: unreadable lease entry %s", entry.key)
-            return
-        self._apply_member(lease, entry.revision or 0)
+        lease = _decoded(entry, NodeLease, "lease")
+        if lease is not None:
+            self._apply_member(lease, entry.revision or 0)
 
     def _on_home_entry(self, entry: KeyValue.Entry) -> None:
         parts = entry.key.split(".")
         if entry.operation in (KV_DEL, KV_PURGE) or len(parts) != 3 or parts[0] != "home" or not parts[2].isdigit():
             return
-        try:
-            home = msgspec.json.decode(entry.value or b"", type=Home)
-        except msgspec.DecodeError:
-            log.warning("cluster: unreadable home entry %s", entry.key)
-            return
-        self._apply_home(parts[1], home, int(parts[2]))
+        home = _decoded(entry, Home, "home")
+        if home is not None:
+            self._apply_home(parts[1], home, int(parts[2]))
 
     def _start_watch(self) -> None:
         """(Re)start the watch of both buckets. A restart cancels the old one rather than asking its
@@ -789,3 +785,12 @@ class Membership:
                     log.exception("cluster: takeover of %s failed", profile_id)
 
         await asyncio.gather(*(one(p) for p in mine))
+
+
+def _decoded(entry: KeyValue.Entry, kind: type[T], what: str) -> T | None:
+    """A watched entry's value, or None (logged) if it is not one: a stray key fails nothing."""
+    try:
+        return msgspec.json.decode(entry.value or b"", type=kind)
+    except msgspec.DecodeError:
+        log.warning("cluster: unreadable %s entry %s", what, entry.key)
+        return None
