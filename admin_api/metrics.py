@@ -9,7 +9,7 @@ process (API requests) are ordinary prometheus-client metrics.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -201,11 +201,13 @@ class NodeCollector(Collector):
 
     :param local: this (the API) process's registry: store gauges, API metrics, build info.
     :param workers: the workers' metrics socket addresses (edge/sip/workers.py metrics_address).
+    :param services: other processes of the node that serve metrics the same way (the cluster agent).
     """
 
-    def __init__(self, local: CollectorRegistry, workers: list[str]) -> None:
+    def __init__(self, local: CollectorRegistry, workers: list[str], services: Sequence[str] = ()) -> None:
         self.local = local
         self.workers = workers
+        self.services = list(services)
 
     def collect(self) -> Iterator[Metric]:
         from prometheus_client.parser import text_string_to_metric_families
@@ -231,6 +233,10 @@ class NodeCollector(Collector):
             up += 1
             for family in text_string_to_metric_families(text):
                 add(family)
+        for address in self.services:
+            text = fetch_worker_metrics(address)
+            for family in text_string_to_metric_families(text or ""):
+                add(family)
         for name, family in families.items():
             for (sample_name, labels), seen in values[name].items():
                 if name in _MIN:
@@ -248,8 +254,8 @@ class NodeCollector(Collector):
         yield workers_up
 
 
-def node_exposition(local: CollectorRegistry, workers: list[str]) -> CollectorRegistry:
+def node_exposition(local: CollectorRegistry, workers: list[str], services: Sequence[str] = ()) -> CollectorRegistry:
     """What ``/metrics`` serves for a node of several SIP workers (create_app ``exposition``)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(NodeCollector(local, workers))
+    registry.register(NodeCollector(local, workers, services))
     return registry

@@ -123,7 +123,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             validate(cfg)
         except ConfigError as exc:
             raise Failure(f"invalid config with --workers {args.workers}: {exc}", EXIT_USAGE) from None
-    if cfg.node.worker_count() > 1:
+    if cfg.node.worker_count() > 1 or cfg.cluster.enabled:   # a cluster node: the agent is a process too
         store.close()   # the supervisor's children open the store themselves
         return _supervise(cfg, args, data_dir, banner)
     try:

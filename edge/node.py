@@ -45,6 +45,7 @@ from .calls.media import CallMedia
 from .calls.metrics import CallMetrics
 from .calls.model import Call, EndReason
 from .calls.routing import Routing
+from .cluster.fence import Fence
 from .config import RELOADABLE, Config, ConfigError, load, resolve_sides, restart_only_changes
 from .control import registrations
 from .control.credit import CreditEngine
@@ -220,7 +221,8 @@ class Node:
             store, credit, routing, sip.auth, sip.failures,
             count_auth_failure=lambda reason, method: sip.metrics.auth_failures.labels(reason, method).inc(),
             refuse_source=sip.auth_failed, profile_rate_limit=cfg.sip.profile_rate_limit,
-            worker=role.index if role is not None else 0)
+            worker=role.index if role is not None else 0,
+            fence=Fence(store) if cfg.cluster.enabled else None)
         self.billing = Billing(store, credit, loop, hangup=self._hangup, flush_soon=sip.flush_soon,
                                max_call_seconds=cfg.credit.max_call_seconds)
         self.calls = CallController(

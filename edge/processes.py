@@ -124,6 +124,10 @@ class Supervisor:
                         for k in range(count)]
         self.api = Child("api", [*common, "api", "--count", str(count), "--api-fd", str(api_socket.fileno()),
                                  *argv], pass_fds=(api_socket.fileno(),))
+        # [cluster]: the agent holds the node's lease and mirrors it for the workers (edge/cluster/agent.py)
+        self.agent = Child("cluster", [*common, "cluster", "--count", str(count), *argv]) if cfg.cluster.enabled \
+            else None
+        self.services = [self.api, *filter(None, [self.agent])]   # kept running through a drain, stopped last
         self.draining = False
         self.reloads = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -181,7 +185,7 @@ class Supervisor:
             child.ready_fd = -1
 
     def _children(self) -> list[Child]:
-        return [*self.workers, self.api]
+        return [*self.workers, *self.services]
 
     def _signal(self, children: list[Child], sig: int) -> None:
         for child in children:
@@ -233,10 +237,12 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGTERM, self._on_stop)
         loop.add_signal_handler(signal.SIGINT, self._on_stop)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload)
-        for child in self.workers:
+        starting = [*self.workers, *filter(None, [self.agent])]
+        for child in starting:
             self._start(child)
         try:
-            await self._until_ready(self.workers)
+            # the agent with the workers (they refuse calls until it holds the lease), both before the API
+            await self._until_ready(starting)
             # the API last: once /healthz answers, every SIP worker serves
             self._start(self.api)
             await self._until_ready([self.api])
@@ -268,7 +274,8 @@ class Supervisor:
                 except TimeoutError:
                     pass
             codes = [child.proc.returncode for child in self.workers if child.proc is not None]
-            await self._stop_api()
+            for service in reversed(self.services):    # the agent gives the lease up, then the API goes
+                await self._stop_service(service)
         finally:
             self._signal(self._children(), signal.SIGKILL)
             pid_file = self.data_dir / PID_FILE
@@ -319,7 +326,7 @@ class Supervisor:
                     except ProcessLookupError:
                         pass
                 continue
-            if child.restart_at is None and not (self.draining and child is not self.api):
+            if child.restart_at is None and not (self.draining and child not in self.services):
                 if child.ready_fd >= 0:
                     self._close_ready(child)
                 up = now - child.started_at
@@ -334,8 +341,8 @@ class Supervisor:
             return False
         return all(c.proc is None or c.proc.poll() is not None for c in self.workers)
 
-    async def _stop_api(self) -> None:
-        proc = self.api.proc
+    async def _stop_service(self, child: Child) -> None:
+        proc = child.proc
         if proc is None or proc.poll() is not None:
             return
         proc.send_signal(signal.SIGTERM)
@@ -387,7 +394,7 @@ def _report_ready() -> None:
 
 def _child_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edge.processes")
-    parser.add_argument("role", choices=["worker", "api"])
+    parser.add_argument("role", choices=["worker", "api", "cluster"])
     parser.add_argument("index", nargs="?", type=int, default=0)
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--config")
@@ -402,15 +409,12 @@ def _child_main(argv: list[str] | None = None) -> int:
         die_with_parent(supervisor)
     from .logs import setup as setup_logging
 
-    setup_logging(args.log_format, args.log_level, process=f"w{args.index}" if args.role == "worker" else "api")
+    setup_logging(args.log_format, args.log_level, process=f"w{args.index}" if args.role == "worker" else args.role)
     from .node import StartupError
 
     try:
         cfg = load(args.config)
-        if args.role == "worker":
-            run = _worker(cfg, args)
-        else:
-            run = _api(cfg, args)
+        run = {"worker": _worker, "api": _api, "cluster": _cluster}[args.role](cfg, args)
         if args.loop == "uvloop":
             import uvloop
 
@@ -447,6 +451,7 @@ async def _api(cfg: Config, args: argparse.Namespace) -> None:
     from admin_api.app import create_app
     from admin_api.metrics import build_registry, node_exposition
 
+    from .cluster.agent import agent_address
     from .node import ApiServer, admin_token, open_store
     from .sip.workers import metrics_address, node_key
 
@@ -455,7 +460,8 @@ async def _api(cfg: Config, args: argparse.Namespace) -> None:
     try:
         key = node_key(data_dir)
         registry = build_registry(store, per_profile=cfg.api.metrics_per_profile)
-        exposition = node_exposition(registry, [metrics_address(key, k) for k in range(args.count)])
+        services = [agent_address(key)] if cfg.cluster.enabled else []
+        exposition = node_exposition(registry, [metrics_address(key, k) for k in range(args.count)], services)
         app, _ = create_app(store, admin_token(cfg, data_dir), registrar=cfg.sip.domain, settings=cfg.api,
                             registry=registry, exposition=exposition)
         server = ApiServer(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
@@ -471,6 +477,30 @@ async def _api(cfg: Config, args: argparse.Namespace) -> None:
         if server.started:
             _report_ready()
         await task
+    finally:
+        store.close()
+
+
+async def _cluster(cfg: Config, args: argparse.Namespace) -> None:
+    """The cluster agent: the node's lease in the engine, mirrored into LMDB for the workers."""
+    from .cluster.agent import ClusterAgent
+    from .cluster.engine import EngineUnavailable
+    from .cluster.membership import LeaseConfigMismatch, NodeNameInUse
+    from .node import StartupError, open_store
+    from .sip.workers import node_key
+
+    data_dir = Path(args.data)
+    store = open_store(cfg, data_dir)
+    try:
+        agent = ClusterAgent(cfg, store, key=node_key(data_dir), ready=_report_ready)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, agent.stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: None)   # [cluster] is read at start only
+        try:
+            await agent.run()
+        except (EngineUnavailable, NodeNameInUse, LeaseConfigMismatch) as exc:
+            raise StartupError(str(exc)) from None
     finally:
         store.close()
 

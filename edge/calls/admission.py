@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from edge.cluster.fence import Fence
 from edge.control import channels, numbers, profiles
 from edge.control.credit import CreditEngine, is_e164
 from edge.control.errors import NotFound, StoreError
@@ -76,8 +77,9 @@ class Admission:
     def __init__(self, store: Store, credit: CreditEngine, routing: Routing, auth: DigestAuth,
                  failures: FailureTracker, *, count_auth_failure: Callable[[str, str], None],
                  refuse_source: Callable[[str, str, str], None], profile_rate_limit: float,
-                 worker: int = 0) -> None:
+                 worker: int = 0, fence: Fence | None = None) -> None:
         self.store = store
+        self.fence = fence      # a cluster node's lease (edge/cluster/fence.py); None: a node alone
         self.worker = worker    # written into each live call: whose recovery settles it after a crash
         self.credit = credit
         self.routing = routing
@@ -230,6 +232,9 @@ class Admission:
         a store that cannot record the call: 503, and nothing was taken)."""
         prof = a.profile
         assert prof is not None
+        if self.fence is not None and not self.fence.admits():
+            # SPEC §9: cut off from the engine, the lease may already be another node's to take over
+            return Reject("cluster", 503, "this node is cut off from its cluster", (("Retry-After", "5"),))
         live = LiveCall(call_id=call_id, profile_id=prof.id, direction=a.direction.value, started_at=time.time(),
                         caller=a.caller, callee=a.callee, funding=a.funding.value, rate=a.rate,
                         worker=self.worker)

@@ -1,0 +1,107 @@
+"""The cluster agent: the process of a node that holds its lease in the engine (docs/cluster.md).
+
+One per node, beside the SIP workers and the control API (edge/processes.py). It connects to
+the engine, takes and renews the node's lease (edge/cluster/membership.py) and keeps the lease
+record of the node's LMDB (edge/cluster/fence.py) equal to what the membership believes, so
+that the workers, which never talk to the engine for this, admit calls only while the lease is
+held. Its metrics (edge_cluster_*) join the node's /metrics like a worker's do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from edge.config import Config
+from edge.control.errors import StoreError
+from edge.control.store import Store
+
+from . import fence
+from .engine import Engine
+from .membership import ClusterMetrics, Membership
+
+log = logging.getLogger("sipedge.cluster")
+
+MIRROR_PERIOD = 0.05        # seconds between two looks at the membership (a lost lease reaches LMDB this fast)
+
+
+def agent_address(key: str) -> str:
+    """Where the agent serves its metrics to the node's /metrics (edge/sip/workers.py metrics_address)."""
+    return f"\0sipedge-{key}-cluster"
+
+
+class ClusterAgent:
+    """:param ready: called once the lease is held and mirrored (the supervisor's ``ready``)."""
+
+    def __init__(self, cfg: Config, store: Store, *, key: str, ready: Callable[[], None]) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.key = key
+        self.ready = ready
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.metrics = ClusterMetrics(self.registry)
+        self._written: fence.LeaseRecord | None = None
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        cluster = self.cfg.cluster
+        engine = await Engine.connect(cluster)
+        membership = Membership(engine, sip=list(self.cfg.sip.listen), api=self.cfg.api.listen,
+                                metrics=self.metrics)
+        fence.clear(self.store)      # a record of an earlier run of this agent never admits for this one
+        try:
+            await membership.start()
+            self._mirror(membership)
+            server = await asyncio.start_unix_server(self._serve_metrics, path=agent_address(self.key))
+            self.ready()
+            try:
+                while not self._stop.is_set():
+                    self._mirror(membership)
+                    try:
+                        await asyncio.wait_for(self._stop.wait(), MIRROR_PERIOD)
+                    except TimeoutError:
+                        pass
+            finally:
+                server.close()
+        finally:
+            # fenced first, in the workers' record too, then the lease goes (the others take over at once)
+            self._write(fence.LeaseRecord(node=cluster.node, epoch=membership.epoch, boot=fence.boot_id(),
+                                          held_until=0.0, written_at=time.time(), agent=os.getpid()))
+            await membership.stop(release=True)
+            await engine.nc.close()
+
+    def _mirror(self, membership: Membership) -> None:
+        held = membership.lease_expires_at if membership.holds_lease() else 0.0
+        record = fence.LeaseRecord(node=membership.node, epoch=membership.epoch, boot=fence.boot_id(),
+                                   held_until=held, written_at=time.time(), agent=os.getpid(),
+                                   members=sorted(membership.members()), homed=membership.homed_count())
+        last = self._written
+        if last is not None and (last.held_until, last.epoch, last.members, last.homed) == (
+                record.held_until, record.epoch, record.members, record.homed):
+            return
+        self._write(record)
+
+    def _write(self, record: fence.LeaseRecord) -> None:
+        try:
+            fence.write(self.store, record)
+        except StoreError as exc:     # the workers' record keeps its older (earlier) instant: they fence early
+            log.error("cluster: the lease record cannot be written to the store (%s)", exc)
+            return
+        self._written = record
+
+    async def _serve_metrics(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(generate_latest(self.registry))
+            await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()

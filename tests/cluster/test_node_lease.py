@@ -1,0 +1,126 @@
+"""A real ``sipedge serve`` node in a cluster: its agent holds the lease in a 3-member engine, and the
+SIP workers admit calls only while it does (SPEC §9 "a node cut off from the engine admits no call").
+
+The calls are to the echo number (answered by the edge itself: no carrier needed), from a raw-socket
+PBX; the engine is frozen (SIGSTOP on every member) to cut the node off, and the agent process is
+killed to show that its record errs towards refusing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from edgeproc import EdgeProcess
+from natscluster import NatsCluster
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sip"))
+from test_calls_raw import Pbx, api_get, new_profile
+
+pytestmark = pytest.mark.timeout(180)
+
+ECHO = "+17606604690"
+LEASE = 2.0
+
+
+@pytest.fixture(scope="module")
+def node(engine_cluster: NatsCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeProcess]:
+    engine = ", ".join(f'"{url}"' for url in engine_cluster.urls)
+    extra = f'[cluster]\nnode = "edge-a"\nengine = [{engine}]\nlease_seconds = {LEASE}\n'
+    with EdgeProcess(tmp_path_factory.mktemp("node"), extra_config=extra, sip_extra="rate_limit = 0") as edge:
+        yield edge
+
+
+def echo_call(edge: EdgeProcess, prof: dict) -> tuple[int, str]:
+    """Status and Warning of the final answer to an echo call (an answered one is hung up at once)."""
+    pbx = Pbx(edge)
+    try:
+        d = pbx.invite(prof, ECHO)
+        final = pbx.recv_final()
+        if final.status == 200:
+            pbx.ack(d, final.to_tag)
+            assert pbx.bye(d, final.to_tag).status == 200
+        return final.status, final.header("Warning") or ""
+    finally:
+        pbx.close()
+
+
+def until_status(edge: EdgeProcess, prof: dict, status: int, timeout: float) -> tuple[int, str]:
+    """Place echo calls until one is answered with ``status`` (bounded by ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = echo_call(edge, prof)
+        if got[0] == status or time.monotonic() > deadline:
+            return got
+        time.sleep(0.1)
+
+
+def metric(edge: EdgeProcess, name: str) -> float | None:
+    for line in httpx.get(edge.base + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+def agent_pid(edge: EdgeProcess) -> int:
+    """The pid of the node's ``edge.processes cluster`` child (a child of the supervisor)."""
+    assert edge.proc is not None
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == edge.proc.pid and b"edge.processes" in cmdline and b"cluster" in cmdline:
+            return int(entry.name)
+    raise AssertionError("no cluster agent process under the node")
+
+
+def test_a_node_with_its_lease_admits_calls(node: EdgeProcess) -> None:
+    prof = new_profile(node, credit="0")
+    assert echo_call(node, prof)[0] == 200
+    assert metric(node, "edge_cluster_lease_held") == 1.0
+    assert metric(node, "edge_cluster_members") == 1.0
+    assert api_get(node, f"/v1/profiles/{prof['id']}")["channels_in_use"] == 0
+
+
+def test_cut_off_from_the_engine_it_admits_nothing_and_heals(node: EdgeProcess, engine_cluster: NatsCluster) -> None:
+    prof = new_profile(node, credit="0")
+    assert echo_call(node, prof)[0] == 200
+    for i in range(3):
+        engine_cluster.freeze(i)
+    try:
+        status, warning = until_status(node, prof, 503, timeout=3 * LEASE)
+        assert status == 503 and "cut off from its cluster" in warning
+        # still refused while cut off: the workers' record does not outlive the agent's belief
+        time.sleep(LEASE)
+        assert echo_call(node, prof)[0] == 503
+    finally:
+        for i in range(3):
+            engine_cluster.thaw(i)
+    assert until_status(node, prof, 200, timeout=30)[0] == 200
+    assert metric(node, "edge_cluster_lease_held") == 1.0
+    assert api_get(node, f"/v1/profiles/{prof['id']}")["channels_in_use"] == 0
+
+
+def test_a_dead_agent_fences_the_workers_and_is_started_again(node: EdgeProcess) -> None:
+    prof = new_profile(node, credit="0")
+    assert echo_call(node, prof)[0] == 200
+    old = agent_pid(node)
+    os.kill(old, signal.SIGKILL)
+    # the lease record it left ends by itself, within the lease
+    status, warning = until_status(node, prof, 503, timeout=2 * LEASE)
+    assert status == 503 and "cut off" in warning
+    # the supervisor starts it again; it takes a new lease once the old epoch aged out
+    assert until_status(node, prof, 200, timeout=30)[0] == 200
+    assert agent_pid(node) != old
+    assert "cluster (pid" in node.log.read_text()
