@@ -45,7 +45,9 @@ from .calls.media import CallMedia
 from .calls.metrics import CallMetrics
 from .calls.model import Call, EndReason
 from .calls.routing import Routing
+from .cluster import outbox
 from .cluster.fence import Fence
+from .cluster.link import RESERVE_TIMEOUT, ReserveClient, journal_address
 from .config import RELOADABLE, Config, ConfigError, load, resolve_sides, restart_only_changes
 from .control import registrations
 from .control.credit import CreditEngine
@@ -211,7 +213,8 @@ class Node:
         self.media = MediaService(self.engine, loop,
                                   advertise={"a": customer.media_advertise, "b": carrier.media_advertise})
 
-        credit = CreditEngine(store, slice_seconds=cfg.credit.slice_seconds, bundle_minutes=cfg.credit.bundle_minutes)
+        credit = CreditEngine(store, slice_seconds=cfg.credit.slice_seconds, bundle_minutes=cfg.credit.bundle_minutes,
+                              on_settle=outbox.add if cfg.cluster.enabled else None)
         self.health = CarrierHealth(cfg.carriers, cfg.health, self.sip.transactions, self.local, self.registry,
                                     cfg.sip.domain, dns=cfg.dns, families=carrier.families)
         self.routing = routing = Routing(cfg.carriers, lambda profile_id: registrations.live(store, profile_id),
@@ -222,7 +225,9 @@ class Node:
             count_auth_failure=lambda reason, method: sip.metrics.auth_failures.labels(reason, method).inc(),
             refuse_source=sip.auth_failed, profile_rate_limit=cfg.sip.profile_rate_limit,
             worker=role.index if role is not None else 0,
-            fence=Fence(store) if cfg.cluster.enabled else None)
+            fence=Fence(store) if cfg.cluster.enabled else None,
+            cluster=ReserveClient(journal_address(role.key), timeout=RESERVE_TIMEOUT)
+            if cfg.cluster.enabled and role is not None else None)
         self.billing = Billing(store, credit, loop, hangup=self._hangup, flush_soon=sip.flush_soon,
                                max_call_seconds=cfg.credit.max_call_seconds)
         self.calls = CallController(

@@ -17,12 +17,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from edge.cluster import link, outbox
 from edge.cluster.fence import Fence
+from edge.cluster.link import ReserveClient
 from edge.control import channels, numbers, profiles
 from edge.control.credit import CreditEngine, is_e164
 from edge.control.errors import NotFound, StoreError
 from edge.control.models import Credential, LiveCall, Profile, Rate
-from edge.control.store import Store
+from edge.control.store import Store, Txn
 from edge.sip.auth import AuthResult, DigestAuth, FailureTracker, parse_authorization, source_allowed
 from edge.sip.core import RateLimiter
 from edge.sip.transaction import ServerTransaction
@@ -77,9 +79,10 @@ class Admission:
     def __init__(self, store: Store, credit: CreditEngine, routing: Routing, auth: DigestAuth,
                  failures: FailureTracker, *, count_auth_failure: Callable[[str, str], None],
                  refuse_source: Callable[[str, str, str], None], profile_rate_limit: float,
-                 worker: int = 0, fence: Fence | None = None) -> None:
+                 worker: int = 0, fence: Fence | None = None, cluster: ReserveClient | None = None) -> None:
         self.store = store
         self.fence = fence      # a cluster node's lease (edge/cluster/fence.py); None: a node alone
+        self.cluster = cluster  # a cluster node's reservations in the journal, through its agent
         self.worker = worker    # written into each live call: whose recovery settles it after a crash
         self.credit = credit
         self.routing = routing
@@ -248,6 +251,31 @@ class Admission:
         if not taken:
             return _busy(prof)
         return live
+
+
+    async def reserve_in_cluster(self, a: Attempt, live: LiveCall) -> Reject | None:
+        """A cluster node: the channel just seized here is reserved in the cluster's journal too,
+        checked there against the calls of the profile on every node (docs/cluster.md)."""
+        assert self.cluster is not None and a.profile is not None
+        result = await self.cluster.reserve(a.profile.id, live.call_id, a.profile.channels)
+        if result == link.OK:
+            return None
+        if result == link.BUSY:
+            return _busy(a.profile)
+        return Reject("cluster", 503, "the cluster did not confirm a channel", (("Retry-After", "5"),))
+
+    def unseize(self, live: LiveCall, *, reserved: bool) -> None:
+        """Give back the channel of a call that does not start after all; ``reserved``: its
+        journal reservation may have landed, and the agent settles it (edge/cluster/outbox.py)."""
+        def op(txn: Txn) -> None:
+            channels.release(txn, live.profile_id, live.call_id)
+            if reserved:
+                outbox.add(txn, live)
+
+        try:
+            self.store.write(op, sync=False, grows=False)
+        except StoreError as exc:
+            log.error("call %s: its channel cannot be given back (%s)", live.call_id, exc)
 
 
 def _busy(prof: Profile) -> Reject:

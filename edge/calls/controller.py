@@ -9,6 +9,7 @@ call events ``answered``, ``ended`` and ``refused``. Nothing here talks to the s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -19,7 +20,7 @@ from edge.sip import SipMessage
 from edge.sip.dialog import Dialogs, Local, bye_from_record, peer_of
 from edge.sip.invite import InviteSession, UacInvite, UasInvite
 from edge.sip.request import new_tag, token_hex, warning
-from edge.sip.transaction import ServerTransaction, TransactionLayer
+from edge.sip.transaction import ServerTransaction, State, TransactionLayer
 from edge.sip.transport import Peer
 
 from . import indialog
@@ -73,6 +74,7 @@ class CallController:
         self.inbound_session = inbound_session
         self.outbound_session = outbound_session
         self.calls: dict[str, Call] = {}
+        self._reserving: set[asyncio.Task[None]] = set()   # cluster: calls waiting for the journal
 
     # ------------------------------------------------------------------- try
 
@@ -87,10 +89,27 @@ class CallController:
             seized = self.admission.seize(attempt, call_id)  # last: nothing that can fail comes after it
             if isinstance(seized, Reject):
                 refusal = seized
+            elif self.admission.cluster is not None:
+                task = asyncio.create_task(self._reserve_then_start(call_id, attempt, seized))
+                self._reserving.add(task)
+                task.add_done_callback(self._reserving.discard)
+                return
             else:
                 self._start(call_id, attempt, seized)
                 return
         self._refuse(call_id, attempt, refusal)
+
+    async def _reserve_then_start(self, call_id: str, a: Attempt, live: LiveCall) -> None:
+        """A cluster node: the call starts once the journal confirms its channel (or is refused)."""
+        refusal = await self.admission.reserve_in_cluster(a, live)
+        if a.tx.state is not State.PROCEEDING:     # CANCELled (487) while the journal was asked
+            self.admission.unseize(live, reserved=refusal is None or refusal.rule == "cluster")
+            return
+        if refusal is not None:
+            self.admission.unseize(live, reserved=refusal.rule == "cluster")   # busy: nothing landed
+            self._refuse(call_id, a, refusal)
+            return
+        self._start(call_id, a, live)
 
     def _refuse(self, call_id: str, a: Attempt, refusal: Reject) -> None:
         tx = a.tx

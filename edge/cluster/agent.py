@@ -1,10 +1,12 @@
 """The cluster agent: the process of a node that holds its lease in the engine (docs/cluster.md).
 
-One per node, beside the SIP workers and the control API (edge/processes.py). It connects to
-the engine, takes and renews the node's lease (edge/cluster/membership.py) and keeps the lease
-record of the node's LMDB (edge/cluster/fence.py) equal to what the membership believes, so
-that the workers, which never talk to the engine for this, admit calls only while the lease is
-held. Its metrics (edge_cluster_*) join the node's /metrics like a worker's do.
+One per node, beside the SIP workers and the control API (edge/processes.py), and the node's
+one writer in the engine. It connects to the engine, takes and renews the node's lease
+(edge/cluster/membership.py) and keeps the lease record of the node's LMDB
+(edge/cluster/fence.py) equal to what the membership believes, so that the workers admit calls
+only while the lease is held. It reserves the workers' channels in the profiles' journals
+(edge/cluster/channels.py, over edge/cluster/link.py) and appends the settlements they leave in
+the LMDB outbox. Its metrics (edge_cluster_*) join the node's /metrics like a worker's do.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from edge.config import Config
 from edge.control.errors import StoreError
 from edge.control.store import Store
 
-from . import fence
+from . import fence, link
+from .channels import ClusterChannels
 from .engine import Engine
 from .membership import ClusterMetrics, Membership
 
@@ -57,10 +60,15 @@ class ClusterAgent:
         membership = Membership(engine, sip=list(self.cfg.sip.listen), api=self.cfg.api.listen,
                                 metrics=self.metrics)
         fence.clear(self.store)      # a record of an earlier run of this agent never admits for this one
+        channels = ClusterChannels(engine, self.store, membership)
         try:
             await membership.start()
+            await channels.start()
             self._mirror(membership)
-            server = await asyncio.start_unix_server(self._serve_metrics, path=agent_address(self.key))
+            servers = [await asyncio.start_unix_server(self._serve_metrics, path=agent_address(self.key)),
+                       await link.serve_reservations(link.journal_address(self.key), channels.reserve)]
+            tasks = [asyncio.create_task(channels.run_outbox(self._stop), name="cluster-outbox"),
+                     asyncio.create_task(channels.run_sweeps(self._stop), name="cluster-sweeps")]
             self.ready()
             try:
                 while not self._stop.is_set():
@@ -70,7 +78,10 @@ class ClusterAgent:
                     except TimeoutError:
                         pass
             finally:
-                server.close()
+                for server in servers:
+                    server.close()
+                tasks[1].cancel()      # a sweep is recovery work: the next node to sweep does it
+                await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             # fenced first, in the workers' record too, then the lease goes (the others take over at once)
             self._write(fence.LeaseRecord(node=cluster.node, epoch=membership.epoch, boot=fence.boot_id(),

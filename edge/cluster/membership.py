@@ -557,6 +557,11 @@ class Membership:
                 await result
         self._recovering.pop(profile_id, None)
 
+    async def lease_ended(self, node: str, epoch: str) -> bool:
+        """Whether the lease of (node, epoch) has ended for good, confirmed through the engine's log
+        (what a handover rests on): what it held may be recovered now."""
+        return not await self._lease_alive(node, epoch)
+
     async def _lease_alive(self, node: str, epoch: str) -> bool:
         """Whether the lease of (node, epoch) lives, decided by the engine, never by the local view: a
         handover rests on it.

@@ -129,10 +129,13 @@ class Admission:
 class CreditEngine:
     """Admission, reservation and settlement of calls against one store."""
 
-    def __init__(self, store: Store, *, slice_seconds: int = 60, bundle_minutes: int = 5000) -> None:
+    def __init__(self, store: Store, *, slice_seconds: int = 60, bundle_minutes: int = 5000,
+                 on_settle: Callable[[Txn, LiveCall], None] | None = None) -> None:
+        """:param on_settle: also run in each settling transaction (a cluster node's journal outbox)."""
         self.store = store
         self.slice_seconds = slice_seconds
         self.bundle_seconds_per_bundle = bundle_minutes * 60
+        self.on_settle = on_settle
 
     # --------------------------------------------------------- admission
 
@@ -223,6 +226,8 @@ class CreditEngine:
         """End ``call``: bill it, return the unused reservation and bundle seconds, free its
         channel and write its CDR, all in ``txn``."""
         channels.release(txn, call.profile_id, call.call_id)
+        if self.on_settle is not None:
+            self.on_settle(txn, call)
         talk = 0.0
         if call.answered_at is not None:
             # never bill past what was funded: the edge cuts the call there

@@ -101,6 +101,7 @@ DB_NAMES = (
     "console_passwords",  # account id -> AdminPassword (scrypt of the console password)
     "console_sessions",   # SHA-256 of the session token -> ConsoleSession
     "console_signins",    # login (or "key@<source>") -> SignInFailures (lockout)
+    "journal_outbox",  # profile id \0 call id -> b"": settled here, not yet in the cluster's journal
     "cluster",         # "lease" -> LeaseRecord: the cluster agent's lease as the workers see it (edge/cluster/fence.py)
     "meta",            # counters and index shapes (see docs/storage.md)
 )

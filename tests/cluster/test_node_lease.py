@@ -23,6 +23,8 @@ from natscluster import NatsCluster
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sip"))
 from test_calls_raw import Pbx, api_get, new_profile
 
+from edge.cluster.link import RESERVE_TIMEOUT
+
 pytestmark = pytest.mark.timeout(180)
 
 ECHO = "+17606604690"
@@ -51,12 +53,13 @@ def echo_call(edge: EdgeProcess, prof: dict) -> tuple[int, str]:
         pbx.close()
 
 
-def until_status(edge: EdgeProcess, prof: dict, status: int, timeout: float) -> tuple[int, str]:
-    """Place echo calls until one is answered with ``status`` (bounded by ``timeout``)."""
+def until_status(edge: EdgeProcess, prof: dict, status: int, timeout: float, warning: str = "") -> tuple[int, str]:
+    """Place echo calls until one is answered with ``status`` (and a Warning holding ``warning``),
+    bounded by ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
         got = echo_call(edge, prof)
-        if got[0] == status or time.monotonic() > deadline:
+        if (got[0] == status and warning in got[1]) or time.monotonic() > deadline:
             return got
         time.sleep(0.1)
 
@@ -99,7 +102,10 @@ def test_cut_off_from_the_engine_it_admits_nothing_and_heals(node: EdgeProcess, 
     for i in range(3):
         engine_cluster.freeze(i)
     try:
-        status, warning = until_status(node, prof, 503, timeout=3 * LEASE)
+        # the first calls may wait for the journal and hear "the cluster did not confirm a channel"
+        # (503 as well); once the lease has run out the fence answers at once
+        status, warning = until_status(node, prof, 503, timeout=3 * LEASE + RESERVE_TIMEOUT,
+                                       warning="cut off from its cluster")
         assert status == 503 and "cut off from its cluster" in warning
         # still refused while cut off: the workers' record does not outlive the agent's belief
         time.sleep(LEASE)
@@ -118,7 +124,7 @@ def test_a_dead_agent_fences_the_workers_and_is_started_again(node: EdgeProcess)
     old = agent_pid(node)
     os.kill(old, signal.SIGKILL)
     # the lease record it left ends by itself, within the lease
-    status, warning = until_status(node, prof, 503, timeout=2 * LEASE)
+    status, warning = until_status(node, prof, 503, timeout=2 * LEASE + RESERVE_TIMEOUT, warning="cut off")
     assert status == 503 and "cut off" in warning
     # the supervisor starts it again; it takes a new lease once the old epoch aged out
     assert until_status(node, prof, 200, timeout=30)[0] == 200

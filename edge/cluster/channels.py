@@ -1,0 +1,242 @@
+"""A cluster node's channels in the engine's journal: the agent's side (docs/cluster.md "Channels across nodes").
+
+The workers seize a channel in the node's LMDB as a node alone does, then ask the agent
+(edge/cluster/link.py) to reserve it in the profile's journal (edge/cluster/journal.py), where
+the check "fewer open calls than ``channels``" sees the calls of every node: two nodes racing
+for the last channel, exactly one reservation lands. Settlements come back through the LMDB
+outbox (edge/cluster/outbox.py) and are appended here. The journal holds no money yet: a
+reservation is of 0 and a settlement costs 0 (money stays in each node's LMDB; docs/cluster.md
+"What is left").
+
+A reservation names its holder, ``<node>.<epoch>``, and before a holder's first reservation of a
+profile the agent records the pair in the ``sipedge_reserved`` bucket. That index is what the
+survivors sweep: once a holder's lease has ended (confirmed through the engine's log, as for a
+handover), the survivor that rendezvous hashing picks for each profile settles the holder's open
+reservations there (``settle_open``, recovery), and the index key goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from nats.errors import Error as NatsError
+from nats.js.errors import KeyWrongLastSequenceError, NoKeysError
+from nats.js.kv import KeyValue
+
+from edge.control.store import Store
+
+from . import link, outbox
+from .engine import Engine, EngineUnavailable
+from .journal import (
+    SNAPSHOT_BUCKET,
+    AlreadySettled,
+    ChannelsBusy,
+    JournalRefused,
+    JournalUnavailable,
+    ProfileJournal,
+    SnapshotTooLarge,
+    UnknownCall,
+    ensure_stream,
+)
+from .membership import NAMESPACE, Membership, rendezvous
+
+log = logging.getLogger("sipedge.cluster")
+
+SNAPSHOT_EVERY = 1_000          # events of a profile between two snapshots (bounds an agent's start-up replay)
+OUTBOX_PERIOD = 0.05            # seconds between two looks at the outbox
+FINAL_DRAIN = 3.0               # seconds the last drain at stop may take (the supervisor waits 10 s)
+_FAILED = (JournalUnavailable, EngineUnavailable, NatsError, TimeoutError, OSError)
+
+
+class ClusterChannels:
+    """One :class:`ProfileJournal` per profile, opened (replayed) on first use, shared by all tasks.
+
+    :param membership: this node's; no reservation is appended without its lease.
+    """
+
+    def __init__(self, engine: Engine, store: Store, membership: Membership, *,
+                 namespace: str = NAMESPACE) -> None:
+        self.engine = engine
+        self.store = store
+        self.membership = membership
+        self.index_bucket = f"{namespace}_reserved"
+        self._journals: dict[str, ProfileJournal] = {}
+        self._opening: dict[str, asyncio.Task[ProfileJournal]] = {}
+        self._indexed: set[str] = set()         # "<node>.<epoch>.<profile>" recorded in the index
+        self._index: KeyValue | None = None
+        self._snapshots: set[asyncio.Task[None]] = set()
+        self.reserved = self.refused = self.settled = self.recovered = 0
+
+    @property
+    def holder(self) -> str:
+        return f"{self.membership.node}.{self.membership.epoch}"
+
+    async def start(self, *, wait: float = 30.0) -> None:
+        """The journal stream and the snapshot bucket exist (made now if not; three replicas can take
+        longer to place than one request's timeout, so this retries, bounded by ``wait``)."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                await ensure_stream(self.engine)
+                await self.engine.bucket(SNAPSHOT_BUCKET)
+                self._index = await self.engine.bucket(self.index_bucket)
+                return
+            except (TimeoutError, NatsError) as exc:
+                if time.monotonic() > deadline:
+                    raise EngineUnavailable(f"cluster: the journal stream not ready in {wait:g} s ({exc!r})") from None
+                await asyncio.sleep(0.5)
+
+    async def journal(self, profile_id: str) -> ProfileJournal:
+        found = self._journals.get(profile_id)
+        if found is not None:
+            return found
+        task = self._opening.get(profile_id)
+        if task is None:   # one replay per profile, however many calls wait for it
+            task = self._opening[profile_id] = asyncio.create_task(
+                ProfileJournal.open(self.engine, profile_id, snapshot=True))
+        try:
+            journal = await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._opening.pop(profile_id, None)
+        self._journals[profile_id] = journal
+        return journal
+
+    async def reserve(self, request: link.ReserveRequest) -> str:
+        """The handler of the workers' link: :data:`link.OK`, :data:`link.BUSY` or :data:`link.UNAVAILABLE`."""
+        if not self.membership.holds_lease():
+            return link.UNAVAILABLE
+        try:
+            holder = self.holder
+            await self._record_holder(holder, request.profile_id)
+            journal = await self.journal(request.profile_id)
+            await journal.reserve(request.call_id, holder, 0, request.channels)
+        except ChannelsBusy:
+            self.refused += 1
+            return link.BUSY
+        except (JournalRefused, ValueError) as exc:     # a call id settled before, an invalid id
+            log.warning("cluster: reservation of %s refused: %s", request.call_id, exc)
+            return link.UNAVAILABLE
+        except _FAILED as exc:
+            log.warning("cluster: reservation of %s for %s failed (%s)", request.call_id, request.profile_id,
+                        exc.__class__.__name__)
+            return link.UNAVAILABLE
+        self.reserved += 1
+        self._maybe_snapshot(journal)
+        return link.OK
+
+    async def _record_holder(self, holder: str, profile_id: str) -> None:
+        """The index entry "``holder`` may have open reservations of ``profile_id``", once per epoch."""
+        key = f"{holder}.{profile_id}"
+        if key in self._indexed:
+            return
+        assert self._index is not None, "start() first"
+        try:
+            await self._index.create(key, b"")
+        except KeyWrongLastSequenceError:
+            pass                # written before (a timed-out create of ours that landed)
+        self._indexed.add(key)
+
+    async def sweep(self) -> int:
+        """Settle the open reservations of ended holders, for the profiles that are this node's to
+        recover (rendezvous over the live members: every survivor computes the same split).
+        :returns: the reservations settled."""
+        if not self.membership.holds_lease() or self._index is None:
+            return 0
+        try:
+            keys = await self._index.keys()
+        except NoKeysError:
+            return 0
+        members = self.membership.members()
+        live = {f"{lease.node}.{lease.epoch}" for lease in members.values()}
+        by_holder: dict[tuple[str, str], list[str]] = {}
+        for key in keys:
+            node, epoch, profile_id = (key.split(".") + ["", "", ""])[:3]
+            if profile_id and f"{node}.{epoch}" not in live:
+                by_holder.setdefault((node, epoch), []).append(profile_id)
+        settled = 0
+        for (node, epoch), profiles in by_holder.items():
+            mine = [p for p in profiles if rendezvous(p, members) == self.membership.node]
+            if not mine or not await self.membership.lease_ended(node, epoch):
+                continue
+            for profile_id in mine:
+                journal = await self.journal(profile_id)
+                done = await journal.settle_open(f"{node}.{epoch}")
+                settled += len(done)
+                await self._index.delete(f"{node}.{epoch}.{profile_id}")
+                if done:
+                    log.warning("cluster: settled %d open reservations of %s for %s (its lease ended)",
+                                len(done), f"{node}.{epoch}", profile_id)
+        self.recovered += settled
+        return settled
+
+    async def run_sweeps(self, stop: asyncio.Event) -> None:
+        """A sweep every lease; a failed one is tried again at the next."""
+        while not stop.is_set():
+            try:
+                await self.sweep()
+            except _FAILED as exc:
+                log.info("cluster: sweep of ended holders postponed (%s)", exc.__class__.__name__)
+            except Exception:
+                log.exception("cluster: sweep of ended holders")
+            try:
+                await asyncio.wait_for(stop.wait(), self.membership.lease_seconds)
+            except TimeoutError:
+                pass
+
+    async def settle(self, profile_id: str, call_id: str) -> bool:
+        """:returns: True once the journal has the call settled (now or before), False to retry later."""
+        try:
+            journal = await self.journal(profile_id)
+            await journal.settle(call_id, 0)
+        except (AlreadySettled, UnknownCall):
+            return True         # settled before (a retry, a recovery) or never reserved (refused, cancelled)
+        except ValueError:
+            return True         # not a journal id: nothing was ever reserved under it
+        except _FAILED:
+            return False
+        self.settled += 1
+        self._maybe_snapshot(journal)
+        return True
+
+    async def drain_outbox(self) -> int:
+        """Append the settlements waiting in LMDB; :returns: how many left the outbox."""
+        items = outbox.pending(self.store)
+        if not items:
+            return 0
+        results = await asyncio.gather(*(self.settle(p, c) for p, c in items))
+        finished = [item for item, ok in zip(items, results, strict=True) if ok]
+        outbox.done(self.store, finished)
+        return len(finished)
+
+    async def run_outbox(self, stop: asyncio.Event) -> None:
+        """Drain the outbox until ``stop``, then once more (what the drained workers left), bounded."""
+        while True:
+            stopping = stop.is_set()
+            try:
+                await asyncio.wait_for(self.drain_outbox(), FINAL_DRAIN) if stopping else await self.drain_outbox()
+            except TimeoutError:
+                log.warning("cluster: settlements left in the outbox at stop (the next start appends them)")
+            except Exception:       # a store error, a bug: the rows stay and are tried again
+                log.exception("cluster: draining the settlement outbox")
+            if stopping:
+                return
+            try:
+                await asyncio.wait_for(stop.wait(), OUTBOX_PERIOD)
+            except TimeoutError:
+                pass
+
+    def _maybe_snapshot(self, journal: ProfileJournal) -> None:
+        if journal.state.slot % SNAPSHOT_EVERY == 0:
+            task = asyncio.create_task(self._snapshot(journal))
+            self._snapshots.add(task)
+            task.add_done_callback(self._snapshots.discard)
+
+    @staticmethod
+    async def _snapshot(journal: ProfileJournal) -> None:
+        try:
+            await journal.save_snapshot()
+        except (SnapshotTooLarge, *_FAILED) as exc:
+            log.warning("cluster: snapshot of %s not saved (%s)", journal.subject, exc)

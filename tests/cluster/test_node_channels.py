@@ -1,0 +1,219 @@
+"""Two real cluster nodes on a 3-member engine share a profile's channels through its journal
+(docs/cluster.md "Channels across nodes"): INVITEs sent to both nodes at once never put more
+calls on the carrier than the profile's ``channels``, and every channel comes back, also when
+the worker that carried a call is killed.
+
+Provisioning does not travel through the engine yet (docs/cluster.md "What is left"): node B
+starts on a hot backup of node A's store (``sipedge backup``), so both know the same profile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from edgeproc import EdgeProcess
+from natscluster import NatsCluster
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sip"))
+from test_calls_raw import Pbx, api_get, new_profile, wait_for
+
+from edge.cluster.engine import Engine
+from edge.cluster.journal import ProfileJournal
+from edge.config import ClusterConfig
+from edge.sip import build_response, parse
+
+pytestmark = pytest.mark.timeout(240)
+
+CALLEE = "+442071234567"
+CHANNELS = 2
+PER_NODE = 3
+
+
+class RingingCarrier:
+    """A carrier that rings (180) every INVITE from any node and never answers it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.2", 0))
+        self.port = self.sock.getsockname()[1]
+        self.ringing: dict[str, tuple[object, tuple[str, int]]] = {}   # Call-ID -> (INVITE, node address)
+
+    def take(self, timeout: float) -> None:
+        """Ring every new INVITE arriving within ``timeout``; answer CANCELs (200 + 487)."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except TimeoutError:
+                return
+            msg = parse(data)
+            if not msg.is_request:
+                continue
+            if msg.method == "INVITE" and msg.call_id not in self.ringing:
+                self.ringing[msg.call_id] = (msg, addr)
+                self.sock.sendto(build_response(msg, 180, to_tag="ring"), addr)
+            elif msg.method == "CANCEL":
+                self.sock.sendto(build_response(msg, 200), addr)
+                invite = self.ringing.pop(msg.call_id, None)
+                if invite is not None:
+                    self.sock.sendto(build_response(invite[0], 487, to_tag="ring"), invite[1])
+
+    def refuse_all(self) -> None:
+        """End every ringing call with 486 from the carrier (the edge ACKs it and frees the channel)."""
+        for invite, addr in self.ringing.values():
+            self.sock.sendto(build_response(invite, 486, to_tag="ring"), addr)
+        self.ringing.clear()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def journal_channels(cluster: NatsCluster, profile_id: str) -> int:
+    async def read() -> int:
+        engine = await Engine.connect(ClusterConfig(node="probe", engine=cluster.urls, lease_seconds=3))
+        try:
+            journal = await ProfileJournal.open(engine, profile_id)
+            return journal.state.channels_in_use
+        finally:
+            await engine.nc.close()
+
+    return asyncio.run(read())
+
+
+@pytest.fixture(scope="module")
+def carrier() -> Iterator[RingingCarrier]:
+    c = RingingCarrier()
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def nodes(engine_cluster: NatsCluster, carrier: RingingCarrier,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EdgeProcess, EdgeProcess, dict]]:
+    engine = ", ".join(f'"{url}"' for url in engine_cluster.urls)
+
+    def config(name: str) -> str:
+        return (f'[cluster]\nnode = "{name}"\nengine = [{engine}]\nlease_seconds = 3\n'
+                f'[[carriers]]\nuri = "sip:127.0.0.2:{carrier.port}"\npriority = 1\nweight = 100\n')
+
+    # media ports below the range EdgeProcess picks by default (other test processes may hold those)
+    a = EdgeProcess(tmp_path_factory.mktemp("a"), extra_config=config("edge-a"), sip_extra="rate_limit = 0",
+                    workers=2, media_ports=(16000, 16499)).start(timeout=40)
+    b: EdgeProcess | None = None
+    try:
+        with a.client() as api:
+            api.put("/v1/rates", json={"rates": [{"prefix": "44", "rate": "0.0200"}]})
+        prof = new_profile(a, channels=CHANNELS)
+        b = EdgeProcess(tmp_path_factory.mktemp("b"), extra_config=config("edge-b"), sip_extra="rate_limit = 0",
+                        workers=2, media_ports=(16500, 16999))
+        subprocess.run([sys.executable, "-m", "edge.cli", "backup", str(b.data), "--config", str(a.config)],
+                       check=True, capture_output=True)
+        b.start(timeout=40)
+        yield a, b, prof
+    finally:
+        a.stop()
+        if b is not None:
+            b.stop()
+
+
+def test_two_nodes_never_put_more_calls_than_channels_on_the_carrier(
+        nodes: tuple[EdgeProcess, EdgeProcess, dict], carrier: RingingCarrier, engine_cluster: NatsCluster) -> None:
+    a, b, prof = nodes
+    pbxs = [Pbx(node) for node in (a, b) for _ in range(PER_NODE)]
+    try:
+        dialogs = [pbx.invite(prof, CALLEE) for pbx in pbxs]     # 2 x 3 authenticated INVITEs, back to back
+        assert all(d["first"].status == 407 for d in dialogs)
+        carrier.take(timeout=4.0)
+        finals = []
+        for pbx in pbxs:
+            try:
+                finals.append(pbx.recv_final(timeout=0.5).status)
+            except TimeoutError:
+                finals.append(None)        # ringing: the call holds a channel
+        assert len(carrier.ringing) == CHANNELS, finals
+        assert sorted(s for s in finals if s is not None) == [486] * (2 * PER_NODE - CHANNELS)
+        assert journal_channels(engine_cluster, prof["id"]) == CHANNELS
+        carrier.refuse_all()
+        for pbx, status in zip(pbxs, finals, strict=True):
+            if status is None:
+                assert pbx.recv_final(timeout=5).status == 486
+        assert wait_for(lambda: journal_channels(engine_cluster, prof["id"]) == 0, timeout=10)
+        for node in (a, b):
+            assert wait_for(lambda n=node: api_get(n, f"/v1/profiles/{prof['id']}")["channels_in_use"] == 0)
+    finally:
+        for pbx in pbxs:
+            pbx.close()
+
+
+def recovery_cdrs(node: EdgeProcess, prof: dict) -> int:
+    return sum(c["end_reason"] == "recovery" for c in api_get(node, f"/v1/profiles/{prof['id']}/cdrs")["items"])
+
+
+def worker_pids(node: EdgeProcess) -> list[int]:
+    assert node.proc is not None
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if ppid == node.proc.pid and b"worker" in cmdline:
+            out.append(int(entry.name))
+    return out
+
+
+def test_a_killed_worker_gives_its_channels_back_to_the_cluster(
+        nodes: tuple[EdgeProcess, EdgeProcess, dict], carrier: RingingCarrier, engine_cluster: NatsCluster) -> None:
+    a, b, prof = nodes
+    pbx = Pbx(b)
+    try:
+        pbx.invite(prof, CALLEE)
+        carrier.take(timeout=2.0)
+        assert len(carrier.ringing) == 1
+        assert journal_channels(engine_cluster, prof["id"]) == 1
+        for pid in worker_pids(b):      # one of them carries the call: both go, and both come back
+            os.kill(pid, signal.SIGKILL)
+        # restarted, each worker settles what it left (CDR recovery); the agent appends it to the journal
+        assert wait_for(lambda: journal_channels(engine_cluster, prof["id"]) == 0, timeout=20)
+        assert wait_for(lambda: api_get(b, f"/v1/profiles/{prof['id']}")["channels_in_use"] == 0, timeout=10)
+        assert recovery_cdrs(b, prof) == 1
+    finally:
+        carrier.ringing.clear()
+        pbx.close()
+
+
+def test_a_dead_nodes_channels_are_freed_by_the_survivor_and_its_return_settles_nothing_twice(
+        nodes: tuple[EdgeProcess, EdgeProcess, dict], carrier: RingingCarrier, engine_cluster: NatsCluster) -> None:
+    a, b, prof = nodes
+    pbx = Pbx(b)
+    try:
+        pbx.invite(prof, CALLEE)
+        carrier.take(timeout=2.0)
+        assert len(carrier.ringing) == 1
+        assert journal_channels(engine_cluster, prof["id"]) == 1
+        assert b.proc is not None
+        b.proc.kill()           # the supervisor: its children die with it (PR_SET_PDEATHSIG)
+        b.proc.wait()
+        # node A sees B's lease age out (3 s), confirms its end and settles B's reservation
+        assert wait_for(lambda: journal_channels(engine_cluster, prof["id"]) == 0, timeout=20)
+        assert "open reservations of edge-b." in a.log.read_text()
+        b.start(timeout=40)     # back: its workers settle the call in LMDB; the journal refuses a second Settle
+        assert wait_for(lambda: api_get(b, f"/v1/profiles/{prof['id']}")["channels_in_use"] == 0, timeout=10)
+        assert recovery_cdrs(b, prof) == 2
+        assert journal_channels(engine_cluster, prof["id"]) == 0
+    finally:
+        carrier.ringing.clear()
+        pbx.close()
