@@ -60,6 +60,8 @@ from .sip.transport import Peer
 log = logging.getLogger("sipedge")
 
 SHUTDOWN_REASON = 'SIP;cause=503;text="Edge shutting down"'
+LEASE_LOST_REASON = 'SIP;cause=503;text="Cluster lease lost"'
+FENCE_CHECK_SECONDS = 0.1   # a cluster worker ends its calls this soon after its node's lease ran out
 RELOADABLE_SIP = sorted(key.removeprefix("sip.") for key in RELOADABLE if key.startswith("sip."))
 PID_FILE = "sipedge.pid"        # "<pid>\n<config path>\n": how `sipedge drain` / `reload` find the node
 RELOAD_FILE = "reload.json"     # the outcome of the last reload, for `sipedge reload`
@@ -413,16 +415,33 @@ class Node:
         gc.set_threshold(20_000, 20, 50)
         self._recover()
         metrics = await asyncio.start_unix_server(self._serve_metrics, path=metrics_address(role.key, role.index))
+        fenced = asyncio.create_task(self._end_calls_when_fenced()) if self.admission.fence is not None else None
         role.ready()
         try:
             await self._drained.wait()
         finally:
+            if fenced is not None:
+                fenced.cancel()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_IGN)
             metrics.close()
             self.health.stop()
             await self.sip.stop()
             self.media.close()
+
+    async def _end_calls_when_fenced(self) -> None:
+        """A cluster node that lost its lease ends its calls before the engine ages the lease out:
+        the survivors then free those calls' channels (docs/cluster.md), and no channel is used twice."""
+        fence = self.admission.fence
+        assert fence is not None
+        while True:
+            await asyncio.sleep(FENCE_CHECK_SECONDS)
+            if self.calls.calls and not fence.admits():
+                left = list(self.calls.calls.values())
+                for call in left:
+                    self.calls.hangup(call, EndReason.CLUSTER_LEASE, status=503, reason_header=LEASE_LOST_REASON)
+                log.warning("cluster: the node's lease ran out: ended %d calls", len(left),
+                            extra={"event": "calls_ended_lease_lost", "ended_calls": len(left)})
 
     async def _serve_metrics(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         from prometheus_client import generate_latest

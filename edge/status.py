@@ -233,6 +233,11 @@ def collect(client: Client, only: list[str] | None = None, details: bool = True)
         "cpu_seconds": _sum(samples, "process_cpu_seconds_total"),
         "start_time": _sum(samples, "process_start_time_seconds"),
     }
+    if "edge_cluster_lease_held" in samples:     # a cluster node: its agent's view (docs/cluster.md)
+        totals |= {"cluster_lease_held": _sum(samples, "edge_cluster_lease_held"),
+                   "cluster_members": _sum(samples, "edge_cluster_members"),
+                   "cluster_rtt": _sum(samples, "edge_cluster_engine_rtt_seconds"),
+                   "cluster_leases_lost": _sum(samples, "edge_cluster_leases_lost_total")}
     return Snapshot(api=client.api, taken_at=time.time(), healthy=healthy, profiles=profiles, accounts=accounts,
                     totals=totals, api_error=api_error)
 
@@ -277,6 +282,10 @@ def render(snap: Snapshot, *, max_calls: int = 50) -> str:
         f"{int(t['parse_errors'])} parse errors",
         f"process   RSS {t['rss_bytes'] / 2**20:.0f} MiB, CPU {t['cpu_seconds']:.1f} s",
     ]
+    if "cluster_lease_held" in t:
+        lines.append(f"cluster   {'lease held' if t['cluster_lease_held'] else 'LEASE NOT HELD: admits no call'}, "
+                     f"{int(t['cluster_members'])} members, engine round trip {t['cluster_rtt'] * 1000:.1f} ms, "
+                     f"{int(t['cluster_leases_lost'])} leases lost since start")
     if snap.api_error:
         lines.append(f"note      {snap.api_error}")
     lines.append("")

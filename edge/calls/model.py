@@ -70,6 +70,7 @@ class EndReason(enum.Enum):
     SHUTDOWN = "shutdown"
     RECOVERY = "recovery"
     OPERATOR = "operator"           # ended through the control API
+    CLUSTER_LEASE = "cluster_lease"  # the node lost its cluster lease: the others may reuse the channel
     STORE_ERROR = "store_error"     # the store could not record the call: ended, never run unfunded
     # refusals after the channel was seized, and admission refusals recorded as CDRs
     CREDIT = "credit"

@@ -46,6 +46,7 @@ class RingingCarrier:
         self.sock.bind(("127.0.0.2", 0))
         self.port = self.sock.getsockname()[1]
         self.ringing: dict[str, tuple[object, tuple[str, int]]] = {}   # Call-ID -> (INVITE, node address)
+        self.events: list[tuple[str, str, int]] = []                   # ("invite" | "cancel", Call-ID, node port)
 
     def take(self, timeout: float) -> None:
         """Ring every new INVITE arriving within ``timeout``; answer CANCELs (200 + 487)."""
@@ -61,8 +62,10 @@ class RingingCarrier:
                 continue
             if msg.method == "INVITE" and msg.call_id not in self.ringing:
                 self.ringing[msg.call_id] = (msg, addr)
+                self.events.append(("invite", msg.call_id, addr[1]))
                 self.sock.sendto(build_response(msg, 180, to_tag="ring"), addr)
             elif msg.method == "CANCEL":
+                self.events.append(("cancel", msg.call_id, addr[1]))
                 self.sock.sendto(build_response(msg, 200), addr)
                 invite = self.ringing.pop(msg.call_id, None)
                 if invite is not None:
@@ -100,30 +103,52 @@ def carrier() -> Iterator[RingingCarrier]:
 @pytest.fixture(scope="module")
 def nodes(engine_cluster: NatsCluster, carrier: RingingCarrier,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EdgeProcess, EdgeProcess, dict]]:
-    engine = ", ".join(f'"{url}"' for url in engine_cluster.urls)
+    yield from node_pair(engine_cluster.urls, engine_cluster.urls, carrier, tmp_path_factory, channels=CHANNELS)
 
-    def config(name: str) -> str:
-        return (f'[cluster]\nnode = "{name}"\nengine = [{engine}]\nlease_seconds = 3\n'
+
+def cluster_nodes(engines: list[list[str]], carrier: RingingCarrier, tmp_path_factory: pytest.TempPathFactory, *,
+                  channels: int, lease: float = 3.0, ports: int = 16000,
+                  workers: int = 2) -> Iterator[tuple[list[EdgeProcess], dict]]:
+    """Nodes edge-a, edge-b, ... reaching the engine at ``engines[i]``, and a profile of ``channels``
+    all of them know (each node after the first starts on a hot backup of the first's store)."""
+
+    def config(name: str, urls: list[str]) -> str:
+        engine = ", ".join(f'"{url}"' for url in urls)
+        return (f'[cluster]\nnode = "{name}"\nengine = [{engine}]\nlease_seconds = {lease}\n'
                 f'[[carriers]]\nuri = "sip:127.0.0.2:{carrier.port}"\npriority = 1\nweight = 100\n')
 
-    # media ports below the range EdgeProcess picks by default (other test processes may hold those)
-    a = EdgeProcess(tmp_path_factory.mktemp("a"), extra_config=config("edge-a"), sip_extra="rate_limit = 0",
-                    workers=2, media_ports=(16000, 16499)).start(timeout=40)
-    b: EdgeProcess | None = None
+    nodes: list[EdgeProcess] = []
     try:
-        with a.client() as api:
-            api.put("/v1/rates", json={"rates": [{"prefix": "44", "rate": "0.0200"}]})
-        prof = new_profile(a, channels=CHANNELS)
-        b = EdgeProcess(tmp_path_factory.mktemp("b"), extra_config=config("edge-b"), sip_extra="rate_limit = 0",
-                        workers=2, media_ports=(16500, 16999))
-        subprocess.run([sys.executable, "-m", "edge.cli", "backup", str(b.data), "--config", str(a.config)],
-                       check=True, capture_output=True)
-        b.start(timeout=40)
+        for i, urls in enumerate(engines):
+            name = "abcdefgh"[i]
+            # media ports below the range EdgeProcess picks by default (other test processes may hold those)
+            node = EdgeProcess(tmp_path_factory.mktemp(name), extra_config=config(f"edge-{name}", urls),
+                               sip_extra="rate_limit = 0", workers=workers,
+                               media_ports=(ports + 500 * i, ports + 500 * i + 499))
+            if nodes:
+                subprocess.run([sys.executable, "-m", "edge.cli", "backup", str(node.data), "--config",
+                                str(nodes[0].config)], check=True, capture_output=True)
+            nodes.append(node.start(timeout=40))
+            if i == 0:
+                with node.client() as api:
+                    api.put("/v1/rates", json={"rates": [{"prefix": "44", "rate": "0.0200"}]})
+                prof = new_profile(node, channels=channels)
+        yield nodes, prof
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def node_pair(engine_a: list[str], engine_b: list[str], carrier: RingingCarrier,
+              tmp_path_factory: pytest.TempPathFactory, *, channels: int, lease: float = 3.0,
+              ports: int = 16000) -> Iterator[tuple[EdgeProcess, EdgeProcess, dict]]:
+    nodes = cluster_nodes([engine_a, engine_b], carrier, tmp_path_factory, channels=channels, lease=lease,
+                          ports=ports)
+    (a, b), prof = next(nodes)
+    try:
         yield a, b, prof
     finally:
-        a.stop()
-        if b is not None:
-            b.stop()
+        nodes.close()
 
 
 def test_two_nodes_never_put_more_calls_than_channels_on_the_carrier(

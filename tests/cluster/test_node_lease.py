@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -94,6 +95,10 @@ def test_a_node_with_its_lease_admits_calls(node: EdgeProcess) -> None:
     assert metric(node, "edge_cluster_lease_held") == 1.0
     assert metric(node, "edge_cluster_members") == 1.0
     assert api_get(node, f"/v1/profiles/{prof['id']}")["channels_in_use"] == 0
+    status = subprocess.run([sys.executable, "-m", "edge.cli", "status", "--config", str(node.config)],
+                            capture_output=True, text=True, timeout=30)
+    assert status.returncode == 0, status.stderr
+    assert "cluster   lease held, 1 members" in status.stdout
 
 
 def test_cut_off_from_the_engine_it_admits_nothing_and_heals(node: EdgeProcess, engine_cluster: NatsCluster) -> None:

@@ -1,0 +1,127 @@
+"""A partition between one node and the engine (docs/cluster.md "A node that dies", the partition
+paragraph): node B's links to the engine go through a relay the test cuts, its links to the PBX and
+the carrier stay up. The profile has one channel and B carries its call when the cut comes.
+
+What must hold: B ends its call before node A may reuse the channel (the carrier sees B's CANCEL
+before A's INVITE: never two calls on one channel), B refuses new calls while cut off, A admits the
+profile's call once B's lease has ended, and after the heal B is exact again (busy while A's call
+holds the channel, admitted once it ended).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+from edgeproc import EdgeProcess
+from engineproxy import EngineProxy
+from natscluster import NatsCluster
+from test_calls_raw import Pbx, api_get, wait_for
+from test_node_channels import CALLEE, RingingCarrier, journal_channels, node_pair
+
+pytestmark = pytest.mark.timeout(240)
+
+LEASE = 3.0
+
+
+@pytest.fixture(scope="module")
+def carrier() -> Iterator[RingingCarrier]:
+    c = RingingCarrier()
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def proxy(engine_cluster: NatsCluster) -> Iterator[EngineProxy]:
+    p = EngineProxy(engine_cluster.urls)
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="module")
+def nodes(engine_cluster: NatsCluster, proxy: EngineProxy, carrier: RingingCarrier,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EdgeProcess, EdgeProcess, dict]]:
+    yield from node_pair(engine_cluster.urls, proxy.urls, carrier, tmp_path_factory, channels=1, lease=LEASE,
+                         ports=17000)
+
+
+def final_status(pbx: Pbx, timeout: float) -> int | None:
+    try:
+        return pbx.recv_final(timeout=timeout).status
+    except TimeoutError:
+        return None
+
+
+def admitted_through(node: EdgeProcess, prof: dict, carrier: RingingCarrier, timeout: float) -> Pbx | None:
+    """INVITEs through ``node`` until one reaches the carrier (bounded); that call's PBX, left ringing."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pbx = Pbx(node)
+        before = len(carrier.ringing)
+        pbx.invite(prof, CALLEE)
+        carrier.take(timeout=0.5)
+        if len(carrier.ringing) > before:
+            return pbx
+        final_status(pbx, 1.0)
+        pbx.close()
+        time.sleep(0.2)
+    return None
+
+
+def test_a_partitioned_node_ends_its_call_before_another_reuses_the_channel(
+        nodes: tuple[EdgeProcess, EdgeProcess, dict], proxy: EngineProxy, carrier: RingingCarrier,
+        engine_cluster: NatsCluster) -> None:
+    a, b, prof = nodes
+    through_b = admitted_through(b, prof, carrier, timeout=10)
+    assert through_b is not None
+    b_call = next(iter(carrier.ringing))
+    assert journal_channels(engine_cluster, prof["id"]) == 1
+    pbxs = [through_b]
+    try:
+        with proxy.partitioned():
+            # B's lease runs out: it ends its call (CANCEL to the carrier, 503 to the PBX)
+            carrier.take(timeout=2 * LEASE)
+            assert ("cancel", b_call) in [(kind, cid) for kind, cid, _ in carrier.events]
+            assert final_status(through_b, 2.0) == 503
+            refused = Pbx(b)
+            pbxs.append(refused)
+            refused.invite(prof, CALLEE)
+            assert refused.recv_final(timeout=3).status == 503
+            # A admits the profile's one channel once B's lease ended and B's reservation was settled
+            through_a = admitted_through(a, prof, carrier, timeout=6 * LEASE)
+            assert through_a is not None
+            pbxs.append(through_a)
+            order = [(kind, cid) for kind, cid, _ in carrier.events]
+            a_call = next(cid for cid in carrier.ringing if cid != b_call)
+            assert order.index(("cancel", b_call)) < order.index(("invite", a_call))
+            assert len(carrier.ringing) == 1
+        # healed: B takes a new lease and is exact again -- busy while A's call holds the channel
+        assert wait_for(lambda: "new epoch" in b.log.read_text().split("lease ran out")[-1], timeout=30)
+        deadline = time.monotonic() + 20
+        while True:     # 503 until B's agent holds its new lease, then the journal's verdict
+            busy = Pbx(b)
+            pbxs.append(busy)
+            busy.invite(prof, CALLEE)
+            status = busy.recv_final(timeout=8).status
+            if status != 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert status == 486
+        carrier.refuse_all()            # A's call ends
+        assert final_status(through_a, 5.0) == 486
+        assert wait_for(lambda: journal_channels(engine_cluster, prof["id"]) == 0, timeout=10)
+        again = admitted_through(b, prof, carrier, timeout=10)
+        assert again is not None
+        pbxs.append(again)
+        carrier.refuse_all()
+        assert final_status(again, 5.0) == 486
+        assert wait_for(lambda: journal_channels(engine_cluster, prof["id"]) == 0, timeout=10)
+        for node in (a, b):
+            assert wait_for(lambda n=node: api_get(n, f"/v1/profiles/{prof['id']}")["channels_in_use"] == 0)
+        cdrs = api_get(b, f"/v1/profiles/{prof['id']}/cdrs")["items"]
+        assert "cluster_lease" in [c["end_reason"] for c in cdrs]
+    finally:
+        carrier.ringing.clear()
+        for pbx in pbxs:
+            pbx.close()
