@@ -1,0 +1,119 @@
+"""The parts of a cluster node that need no engine: the lease record the workers read
+(edge/cluster/fence.py), the link to the agent (edge/cluster/link.py) and the settlement outbox
+(edge/cluster/outbox.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edge.cluster import fence, link, outbox
+from edge.control.models import LiveCall
+from edge.control.store import Store
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(tmp_path, map_size=16 << 20, durable=False)
+    yield s
+    s.close()
+
+
+def record(held_until: float, *, boot: str | None = None) -> fence.LeaseRecord:
+    return fence.LeaseRecord(node="edge-a", epoch="e1", boot=fence.boot_id() if boot is None else boot,
+                             held_until=held_until, written_at=0.0, agent=os.getpid())
+
+
+# ------------------------------------------------------------------ the fence
+
+def test_the_fence_admits_until_the_agents_instant_and_not_after(store: Store) -> None:
+    now = [100.0]
+    f = fence.Fence(store, clock=lambda: now[0])
+    assert not f.admits()                       # no record: no agent has held a lease
+    fence.write(store, record(103.0))
+    now[0] = 100.0 + fence.REREAD_SECONDS      # the no-record answer is cached no longer than this
+    assert f.admits()
+    now[0] = 102.99
+    assert f.admits()
+    now[0] = 103.0
+    assert not f.admits()
+
+
+def test_a_cached_record_only_ever_errs_early(store: Store) -> None:
+    now = [100.0]
+    f = fence.Fence(store, clock=lambda: now[0])
+    fence.write(store, record(101.0))
+    assert f.admits()
+    fence.write(store, record(100.05))          # fenced sooner (the agent lost the lease): read within the period
+    now[0] = 100.0 + fence.REREAD_SECONDS
+    assert not f.admits()
+    fence.write(store, record(0.0))
+    assert not f.admits()
+
+
+def test_a_record_of_another_boot_or_a_fenced_one_never_admits(store: Store) -> None:
+    assert fence.held_for(record(1e12, boot="0" * 36), now=1.0) == 0.0
+    assert fence.held_for(record(0.0), now=1.0) == 0.0
+    assert fence.held_for(None, now=1.0) == 0.0
+    assert fence.held_for(record(5.0), now=1.0) == 4.0
+    fence.write(store, record(1e12, boot="0" * 36))
+    assert not fence.Fence(store).admits()
+    fence.clear(store)
+    assert fence.read(store) is None
+
+
+# ------------------------------------------------------------------ the outbox
+
+def test_the_outbox_keeps_a_settlement_until_it_is_done(store: Store) -> None:
+    call = LiveCall(call_id="c1", profile_id="prf_1", direction="outgoing", started_at=0.0, caller="", callee="",
+                    funding="credit")
+    store.write(lambda txn: outbox.add(txn, call))
+    outbox.add_released(store, "prf_2", "c2")
+    assert outbox.pending(store) == [("prf_1", "c1"), ("prf_2", "c2")]
+    assert outbox.pending(store, limit=1) == [("prf_1", "c1")]
+    outbox.done(store, [("prf_1", "c1")])
+    assert outbox.pending(store) == [("prf_2", "c2")]
+
+
+# ------------------------------------------------------------------ the link
+
+def test_the_link_answers_reservations_and_survives_garbage() -> None:
+    async def run() -> None:
+        address = f"\0sipedge-test-{os.getpid()}-journal"
+        seen: list[link.ReserveRequest] = []
+
+        async def handle(request: link.ReserveRequest) -> str:
+            seen.append(request)
+            if request.call_id == "slow":
+                await asyncio.sleep(1.0)
+            return link.BUSY if request.channels == 1 else link.OK
+
+        server = await link.serve_reservations(address, handle)
+        try:
+            # a process that writes nonsense (a bad length, an undecodable body) costs its own connection only
+            for junk in (struct.pack(">I", 1 << 30), struct.pack(">I", 3) + b"\xc1\xc1\xc1"):
+                _, writer = await asyncio.open_unix_connection(address)
+                writer.write(junk)
+                await writer.drain()
+                writer.close()
+            client = link.ReserveClient(address, timeout=0.3)
+            assert await client.reserve("prf_1", "c1", 2) == link.OK
+            assert await client.reserve("prf_1", "c2", 1) == link.BUSY
+            assert await client.reserve("prf_1", "slow", 2) == link.UNAVAILABLE   # no answer within the timeout
+            answers = await asyncio.gather(*(client.reserve("prf_1", f"c{i}", 2) for i in range(3, 23)))
+            assert answers == [link.OK] * 20
+            assert [r.call_id for r in seen][:2] == ["c1", "c2"]
+            client.close()
+        finally:
+            server.close()
+            await server.wait_closed()
+        # the agent gone: refused at once, never waiting for the timeout
+        client = link.ReserveClient(address, timeout=5.0)
+        assert await asyncio.wait_for(client.reserve("prf_1", "c99", 2), 2.0) == link.UNAVAILABLE
+
+    asyncio.run(run())
