@@ -33,7 +33,7 @@ from pathlib import Path
 
 import msgspec
 import uvicorn
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge
 
 from . import sdnotify
 from .calls.admission import Admission
@@ -49,7 +49,7 @@ from .cluster import outbox
 from .cluster.fence import Fence
 from .cluster.link import RESERVE_TIMEOUT, ReserveClient, journal_address
 from .config import RELOADABLE, Config, ConfigError, load, resolve_sides, restart_only_changes
-from .control import registrations
+from .control import channels, registrations
 from .control.credit import CreditEngine
 from .control.models import LiveCall
 from .control.store import Store
@@ -239,9 +239,17 @@ class Node:
             # operator actions first: it names the carrier in the live record before billing settles it
             listeners=[OperatorActions(store, loop, calls=lambda cid: self.calls.calls.get(cid), hangup=self._hangup),
                        self.billing], is_trusted=sip.is_trusted, setup_timeout=cfg.sip.setup_timeout)
+        Gauge("edge_channels_drift", "Live calls this process's store holds for it minus the calls it carries "
+              "(0 unless a channel leaked; a scrape during a call's start or end can see +-1).",
+              registry=self.registry).set_function(self._channel_drift)
         # the upward edges: new INVITEs and media timeouts reach the controller
         sip.serve_calls(self.calls.on_invite)
         self.media.on_event = self.calls.on_media_event
+
+    def _channel_drift(self) -> float:
+        role = self.role
+        stored = sum(1 for live in channels.live_calls(self.store) if role is None or role.owns(live))
+        return stored - len(self.calls.calls) - self.calls.reserving
 
     def _hangup(self, call: Call, reason: EndReason, *, status: int = 480, reason_header: str | None = None) -> None:
         self.calls.hangup(call, reason, status=status, reason_header=reason_header)

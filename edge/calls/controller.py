@@ -76,6 +76,11 @@ class CallController:
         self.calls: dict[str, Call] = {}
         self._reserving: set[asyncio.Task[None]] = set()   # cluster: calls waiting for the journal
 
+    @property
+    def reserving(self) -> int:
+        """Calls whose channel is seized here and waits for the cluster's journal."""
+        return len(self._reserving)
+
     # ------------------------------------------------------------------- try
 
     def on_invite(self, tx: ServerTransaction) -> None:

@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from edge.config import Config
 from edge.control.errors import StoreError
@@ -61,6 +61,9 @@ class ClusterAgent:
                                 metrics=self.metrics)
         fence.clear(self.store)      # a record of an earlier run of this agent never admits for this one
         channels = ClusterChannels(engine, self.store, membership)
+        Gauge("edge_cluster_channels_drift", "Calls the cluster's journal holds open for this node minus the calls "
+              "its store accounts for (0 unless a reservation leaked; +-1 for a moment while a call starts or "
+              "ends).", registry=self.registry).set_function(channels.drift)
         try:
             await membership.start()
             await channels.start()

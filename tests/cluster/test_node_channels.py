@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from edgeproc import EdgeProcess
 from natscluster import NatsCluster
@@ -168,6 +169,8 @@ def test_two_nodes_never_put_more_calls_than_channels_on_the_carrier(
         assert len(carrier.ringing) == CHANNELS, finals
         assert sorted(s for s in finals if s is not None) == [486] * (2 * PER_NODE - CHANNELS)
         assert journal_channels(engine_cluster, prof["id"]) == CHANNELS
+        for node in (a, b):     # both ringing calls are counted alike by store, workers and journal
+            assert wait_for(lambda n=node: drift(n) == (0.0, 0.0)), drift(node)
         carrier.refuse_all()
         for pbx, status in zip(pbxs, finals, strict=True):
             if status is None:
@@ -175,9 +178,20 @@ def test_two_nodes_never_put_more_calls_than_channels_on_the_carrier(
         assert wait_for(lambda: journal_channels(engine_cluster, prof["id"]) == 0, timeout=10)
         for node in (a, b):
             assert wait_for(lambda n=node: api_get(n, f"/v1/profiles/{prof['id']}")["channels_in_use"] == 0)
+            assert wait_for(lambda n=node: drift(n) == (0.0, 0.0)), drift(node)
     finally:
         for pbx in pbxs:
             pbx.close()
+
+
+def drift(node: EdgeProcess) -> tuple[float | None, float | None]:
+    """(edge_channels_drift, edge_cluster_channels_drift) of the node's /metrics."""
+    values: dict[str, float] = {}
+    for line in httpx.get(node.base + "/metrics", timeout=10).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("edge_channels_drift", "edge_cluster_channels_drift"):
+            values[name] = float(value)
+    return values.get("edge_channels_drift"), values.get("edge_cluster_channels_drift")
 
 
 def recovery_cdrs(node: EdgeProcess, prof: dict) -> int:
