@@ -104,6 +104,7 @@ class FakeAdmission:
         self.seize_refusal: Reject | None = None
         self.target: Target | None = None
         self.funding = Funding.CREDIT
+        self.cluster = None         # a node alone: the channel seized is the call's (no journal to ask)
 
     def check(self, tx: FakeTx, direction: Direction) -> Attempt:
         return Attempt(tx, direction, profile=PROFILE, caller="990500000001", callee="+442071234567",  # type: ignore[arg-type]
