@@ -6,6 +6,7 @@ who is told when a call ends. The sessions' SIP is tested in test_invite.py.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from edge.config import CarrierConfig
 from edge.control.models import LiveCall, Profile, Rate
 from edge.sip import parse
 from edge.sip.dialog import Local
+from edge.sip.transaction import State
 from edge.sip.transport import Peer
 
 PROFILE = Profile(id="prf_1", account_id="acc_1", name="HQ", channels=2, auth="digest", sip_username="990500000001")
@@ -36,6 +38,10 @@ class FakeTx:
 
     def respond(self, status: int, reason: str | None = None, **kw: Any) -> None:
         self.responses.append((status, kw.get("headers")))
+        if status >= 200:
+            self.state = State.COMPLETED
+
+    state = State.PROCEEDING        # an INVITE server transaction after its 100 Trying
 
 
 class FakeDialog:
@@ -406,3 +412,65 @@ def test_calls_that_fail_half_way_give_back_every_relay_port() -> None:
         assert engine.active_relays == 0 and engine.free_pairs == 4
     finally:
         engine.stop()
+
+
+# ------------------------------------------------------------------ a cluster node (docs/cluster.md)
+
+class ClusterAdmission(FakeAdmission):
+    """Admission of a cluster node: the journal's verdict comes when ``answer`` is set."""
+
+    def __init__(self, verdict: Reject | None) -> None:
+        super().__init__()
+        self.cluster = object()     # type: ignore[assignment]
+        self.verdict = verdict
+        self.answer = asyncio.Event()
+        self.unseized: list[tuple[str, bool]] = []
+
+    async def reserve_in_cluster(self, a: Attempt, live: LiveCall) -> Reject | None:
+        await self.answer.wait()
+        return self.verdict
+
+    def unseize(self, live: LiveCall, *, reserved: bool) -> None:
+        self.unseized.append((live.call_id, reserved))
+
+
+def cluster_invite(verdict: Reject | None, *, cancel_first: bool = False) -> tuple[Rig, ClusterAdmission, FakeTx]:
+    async def run() -> tuple[Rig, ClusterAdmission, FakeTx]:
+        rig = Rig()
+        admission = rig.ctl.admission = rig.admission = ClusterAdmission(verdict)  # type: ignore[assignment]
+        tx = FakeTx(invite_text())
+        rig.ctl.on_invite(tx)  # type: ignore[arg-type]
+        assert not rig.ctl.calls and rig.ctl.reserving == 1      # no call before the journal said yes
+        if cancel_first:
+            tx.respond(487)     # what the core does with a CANCEL of an INVITE nobody owns yet
+        admission.answer.set()
+        while rig.ctl.reserving:
+            await asyncio.sleep(0)
+        return rig, admission, tx
+
+    return asyncio.run(run())
+
+
+def test_a_cluster_node_starts_the_call_once_the_journal_reserved_its_channel() -> None:
+    rig, admission, tx = cluster_invite(None)
+    assert len(rig.ctl.calls) == 1 and len(FakeUac.placed) == 1
+    assert admission.unseized == [] and tx.responses == []
+
+
+def test_a_channel_the_journal_refuses_is_given_back_and_answered() -> None:
+    busy = Reject("channels", 486, "all 2 channels of the profile are in use")
+    rig, admission, tx = cluster_invite(busy)
+    assert not rig.ctl.calls and not FakeUac.placed
+    assert tx.responses[0][0] == 486 and admission.unseized[0][1] is False     # nothing landed to settle
+    down = Reject("cluster", 503, "the cluster did not confirm a channel", (("Retry-After", "5"),))
+    rig, admission, tx = cluster_invite(down)
+    assert tx.responses[0][0] == 503 and ("Retry-After", "5") in tx.responses[0][1]
+    assert admission.unseized[0][1] is True        # it may have landed: the outbox settles it
+
+
+def test_a_cancel_while_the_journal_is_asked_starts_no_call_and_settles_the_reservation() -> None:
+    rig, admission, tx = cluster_invite(None, cancel_first=True)
+    assert not rig.ctl.calls and not FakeUac.placed
+    assert [status for status, _ in tx.responses] == [487]
+    assert admission.unseized[0][1] is True
+
