@@ -64,6 +64,12 @@ class EngineView(msgspec.Struct):
     replicas: int
 
 
+class ChannelsView(msgspec.Struct):
+    profile: str
+    open: int                      # reservations open in the profile's journal, across the cluster
+    holders: dict[str, int]        # "<node>.<epoch>" -> its open reservations
+
+
 class ClusterSnapshot(msgspec.Struct):
     taken_at: float
     namespace: str
@@ -73,6 +79,27 @@ class ClusterSnapshot(msgspec.Struct):
     stale_homes: int
     engine: EngineView
     streams: list[StreamView]
+    channels: list[ChannelsView] = []   # with --profiles: every profile a node ever reserved for
+
+
+async def _channels(engine: Any, namespace: str) -> list[ChannelsView]:
+    """Open reservations per profile, folded from the journals of the profiles in the holders' index."""
+    from nats.js.errors import BucketNotFoundError, NoKeysError
+
+    from .journal import ProfileJournal
+
+    try:
+        keys = await (await engine.js.key_value(f"{namespace}_reserved")).keys()
+    except (BucketNotFoundError, NoKeysError):
+        return []
+    views = []
+    for profile in sorted({key.split(".")[2] for key in keys if key.count(".") == 2}):
+        journal = await ProfileJournal.open(engine, profile, snapshot=True)
+        holders: dict[str, int] = {}
+        for call in journal.state.calls.values():
+            holders[call.node] = holders.get(call.node, 0) + 1
+        views.append(ChannelsView(profile=profile, open=journal.state.channels_in_use, holders=holders))
+    return views
 
 
 async def _entries(js: Any, bucket: str, timeout: float) -> list[Any] | None:
@@ -86,7 +113,8 @@ async def _entries(js: Any, bucket: str, timeout: float) -> list[Any] | None:
     return await last_entries(kv, timeout=timeout)
 
 
-async def collect(cluster: Any, *, namespace: str = NAMESPACE, timeout: float = 5.0) -> ClusterSnapshot:
+async def collect(cluster: Any, *, namespace: str = NAMESPACE, timeout: float = 5.0,
+                  channels: bool = False) -> ClusterSnapshot:
     from nats.js.errors import NotFoundError
 
     from .engine import Engine
@@ -145,7 +173,7 @@ async def collect(cluster: Any, *, namespace: str = NAMESPACE, timeout: float = 
             engine=EngineView(servers=list(cluster.engine), connected=engine.connected,
                               connected_url=f"{url.scheme}://{url.netloc}" if url else "", rtt_seconds=rtt,
                               replicas=engine.replicas),
-            streams=streams)
+            streams=streams, channels=await _channels(engine, namespace) if channels else [])
     finally:
         await engine.close()
 
@@ -188,6 +216,16 @@ def render(snap: ClusterSnapshot, out: TextIO, *, profiles: bool = False) -> Non
             table.add_row(h.profile, h.node, h.epoch, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h.since)),
                           "yes" if h.valid else "STALE")
         console.print(table)
+    if profiles:
+        console.print(f"channels {sum(c.open for c in snap.channels)} open across {len(snap.channels)} profiles "
+                      "(reservations in the journals)")
+        table = Table(box=None, header_style="bold", pad_edge=False)
+        for col in ("PROFILE", "OPEN", "BY HOLDER (NODE.EPOCH)"):
+            table.add_column(col, no_wrap=True, justify="right" if col == "OPEN" else "left")
+        for c in snap.channels:
+            table.add_row(c.profile, str(c.open), ", ".join(f"{h} {n}" for h, n in sorted(c.holders.items())))
+        if snap.channels:
+            console.print(table)
 
 
 def register(sub: Any) -> argparse.ArgumentParser:
@@ -198,7 +236,8 @@ def register(sub: Any) -> argparse.ArgumentParser:
     status.add_argument("--config", help="TOML config file with [cluster] (default: $SIPEDGE_CONFIG, else "
                                          "/etc/sipedge/sipedge.toml)")
     status.add_argument("--json", action="store_true", help="print the snapshot as JSON")
-    status.add_argument("--profiles", action="store_true", help="list the home of every profile")
+    status.add_argument("--profiles", action="store_true",
+                        help="list the home of every profile and its channels open in the journal")
     status.add_argument("--namespace", default=NAMESPACE, help=argparse.SUPPRESS)   # tests: one engine, many
     status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the engine")
     status.set_defaults(fn=run)
@@ -226,7 +265,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         return 2
     logging.getLogger("sipedge.cluster").setLevel(logging.ERROR)   # a one-shot client: no reconnect chatter
     try:
-        snap = asyncio.run(collect(cfg.cluster, namespace=args.namespace, timeout=args.timeout))
+        snap = asyncio.run(collect(cfg.cluster, namespace=args.namespace, timeout=args.timeout,
+                                   channels=args.profiles))
     except EngineUnavailable as exc:
         print(f"sipedge: {exc}", file=sys.stderr)
         return 1

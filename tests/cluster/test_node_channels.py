@@ -10,6 +10,7 @@ starts on a hot backup of node A's store (``sipedge backup``), so both know the 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -171,6 +172,11 @@ def test_two_nodes_never_put_more_calls_than_channels_on_the_carrier(
         assert journal_channels(engine_cluster, prof["id"]) == CHANNELS
         for node in (a, b):     # both ringing calls are counted alike by store, workers and journal
             assert wait_for(lambda n=node: drift(n) == (0.0, 0.0)), drift(node)
+        status = subprocess.run([sys.executable, "-m", "edge.cli", "cluster", "status", "--profiles", "--json",
+                                 "--config", str(a.config)], capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stderr
+        (seen,) = [c for c in json.loads(status.stdout)["channels"] if c["profile"] == prof["id"]]
+        assert seen["open"] == CHANNELS and sum(seen["holders"].values()) == CHANNELS
         carrier.refuse_all()
         for pbx, status in zip(pbxs, finals, strict=True):
             if status is None:
