@@ -54,6 +54,26 @@ def wait_for_text(proc: subprocess.Popen[bytes], log: Path, text: str, timeout: 
         time.sleep(0.05)
 
 
+def node_children(node: EdgeProcess) -> dict[str, int]:
+    """The processes of a supervised node by role: ``{"worker 0": pid, ..., "api": pid, "cluster": pid}``."""
+    assert node.proc is not None
+    out: dict[str, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) != node.proc.pid or b"edge.processes" not in argv:
+            continue
+        at = argv.index(b"edge.processes")
+        role = argv[at + 1].decode()
+        out[f"worker {argv[at + 2].decode()}" if role == "worker" else role] = int(entry.name)
+    return out
+
+
 class EdgeProcess:
     """A ``sipedge serve`` child process; ``stop()`` (or the context manager) ends it."""
 

@@ -8,6 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from clusternodes import RingingCarrier
 from natscluster import NatsCluster, nats_server
 
 
@@ -19,3 +20,11 @@ def engine_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsClu
     with NatsCluster(tmp_path_factory.mktemp("nats")) as cluster:
         cluster.wait_ready()
         yield cluster
+
+
+@pytest.fixture(scope="module")
+def carrier() -> Iterator[RingingCarrier]:
+    """A carrier on 127.0.0.2 that rings every call of every node (per test module)."""
+    c = RingingCarrier()
+    yield c
+    c.close()

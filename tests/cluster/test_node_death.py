@@ -12,10 +12,10 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from clusternodes import CALLEE, RingingCarrier, cluster_nodes, journal_channels, recovery_cdrs, ring
 from edgeproc import EdgeProcess
 from natscluster import NatsCluster
 from test_calls_raw import Pbx, api_get, wait_for
-from test_node_channels import CALLEE, RingingCarrier, cluster_nodes, journal_channels, recovery_cdrs
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -24,33 +24,11 @@ LEASE = 3.0
 
 
 @pytest.fixture(scope="module")
-def carrier() -> Iterator[RingingCarrier]:
-    c = RingingCarrier()
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
 def nodes(engine_cluster: NatsCluster, carrier: RingingCarrier,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[EdgeProcess], dict]]:
     # one worker each: three nodes of two workers on two cores would test the machine, not the cluster
     yield from cluster_nodes([engine_cluster.urls] * 3, carrier, tmp_path_factory, channels=CALLS, lease=LEASE,
                              ports=18000, workers=1)
-
-
-def ring(node: EdgeProcess, prof: dict, carrier: RingingCarrier, count: int) -> list[Pbx]:
-    """``count`` calls through ``node``, each ringing at the carrier (every INVITE must get through)."""
-    pbxs = []
-    before = len(carrier.ringing)
-    for _ in range(count):
-        pbx = Pbx(node)
-        pbxs.append(pbx)
-        pbx.invite(prof, CALLEE)
-    deadline = time.monotonic() + 15
-    while len(carrier.ringing) < before + count and time.monotonic() < deadline:
-        carrier.take(timeout=0.5)
-    assert len(carrier.ringing) == before + count
-    return pbxs
 
 
 def test_a_dead_nodes_fifty_calls_are_freed_and_not_settled_twice(

@@ -14,22 +14,15 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from clusternodes import CALLEE, RingingCarrier, journal_channels, node_pair
 from edgeproc import EdgeProcess
 from engineproxy import EngineProxy
 from natscluster import NatsCluster
 from test_calls_raw import Pbx, api_get, wait_for
-from test_node_channels import CALLEE, RingingCarrier, journal_channels, node_pair
 
 pytestmark = pytest.mark.timeout(240)
 
 LEASE = 3.0
-
-
-@pytest.fixture(scope="module")
-def carrier() -> Iterator[RingingCarrier]:
-    c = RingingCarrier()
-    yield c
-    c.close()
 
 
 @pytest.fixture(scope="module")

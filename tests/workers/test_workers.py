@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from edgeproc import EdgeProcess, free_port
+from edgeproc import EdgeProcess, free_port, node_children
 from rawsip import RawSip, media_port, rtp_packet, sdp
 from tlscerts import TestCA
 
@@ -84,28 +84,10 @@ def metric(edge: EdgeProcess, name: str, **labels: str) -> float:
     return total
 
 
-def children(pid: int) -> dict[str, int]:
-    """The supervisor's children by role: ``{"worker 0": pid, "worker 1": pid, "api": pid}``."""
-    out: dict[str, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) != pid or b"edge.processes" not in argv:
-            continue
-        role = argv[argv.index(b"edge.processes") + 1].decode()
-        out["api" if role == "api" else f"worker {argv[argv.index(b'edge.processes') + 2].decode()}"] = int(entry.name)
-    return out
-
-
 def wait_children(edge: EdgeProcess, timeout: float = 30.0) -> dict[str, int]:
     assert edge.proc is not None
-    found = wait_for(lambda: (lambda c: c if len(c) == WORKERS + 1 else None)(children(edge.proc.pid)), timeout)
-    assert found, children(edge.proc.pid)
+    found = wait_for(lambda: (lambda c: c if len(c) == WORKERS + 1 else None)(node_children(edge)), timeout)
+    assert found, node_children(edge)
     return found
 
 
@@ -515,7 +497,7 @@ def test_calls_go_on_while_the_api_process_is_down(own_edge: EdgeProcess, carrie
     finally:
         os.kill(api_pid, signal.SIGCONT)
     os.kill(api_pid, signal.SIGKILL)   # and killed: the supervisor starts it again
-    assert wait_for(lambda: (lambda c: c.get("api") not in (None, api_pid))(children(edge.proc.pid)), 20)
+    assert wait_for(lambda: (lambda c: c.get("api") not in (None, api_pid))(node_children(edge)), 20)
     assert wait_for(lambda: _healthy(edge), 20)
     cdrs = api_get(edge, f"/v1/profiles/{prof['id']}/cdrs")["items"]
     assert [c["end_reason"] for c in cdrs] == ["caller_bye"] * WORKERS
@@ -549,7 +531,7 @@ def test_reload_and_drain_go_through_the_supervisor(own_edge: EdgeProcess) -> No
     edge.config.write_text(edge.config.read_text().replace("rate_limit = 0", "rate_limit = 0\nrate_burst = 900"))
     r = subprocess.run([*cli, "reload", "--config", str(edge.config)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and f"(pid {edge.proc.pid}) reloaded" in r.stdout, r.stdout + r.stderr
-    assert children(edge.proc.pid) == kids                      # a reload restarts nothing
+    assert node_children(edge) == kids                      # a reload restarts nothing
     r = subprocess.run([*cli, "drain", "--config", str(edge.config), "--wait", "30"], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0 and "has exited" in r.stdout, r.stdout + r.stderr
@@ -577,7 +559,7 @@ def test_a_hung_worker_is_killed_and_its_calls_settled(hang_edge: EdgeProcess, c
         assert call.worker == 1
         before = wait_children(edge)
         os.kill(before["worker 1"], signal.SIGSTOP)
-        assert wait_for(lambda: children(edge.proc.pid).get("worker 1") not in (None, before["worker 1"]), 40)
+        assert wait_for(lambda: node_children(edge).get("worker 1") not in (None, before["worker 1"]), 40)
         cdr = wait_for(lambda: api_get(edge, f"/v1/profiles/{call.prof['id']}/cdrs")["items"], 30)
         assert cdr and cdr[0]["end_reason"] == "recovery", cdr
         assert api_get(edge, f"/v1/profiles/{call.prof['id']}")["channels_in_use"] == 0

@@ -1,0 +1,161 @@
+"""What the cluster node tests share: a carrier that rings every call, a cluster of real nodes
+that know the same profile, and what the journal and a node's metrics say about its channels.
+
+Provisioning does not travel through the engine yet (docs/cluster.md "What is left"): every node
+after the first starts on a hot backup of the first's store (``sipedge backup``), so all of them
+know the same profile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from edgeproc import EdgeProcess
+from natscluster import NatsCluster
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sip"))
+from test_calls_raw import Pbx, api_get, new_profile
+
+from edge.cluster.engine import Engine
+from edge.cluster.journal import ProfileJournal
+from edge.config import ClusterConfig
+from edge.sip import build_response, parse
+
+CALLEE = "+442071234567"
+
+
+class RingingCarrier:
+    """A carrier that rings (180) every INVITE from any node and never answers it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.2", 0))
+        self.port = self.sock.getsockname()[1]
+        self.ringing: dict[str, tuple[object, tuple[str, int]]] = {}   # Call-ID -> (INVITE, node address)
+        self.events: list[tuple[str, str, int]] = []                   # ("invite" | "cancel", Call-ID, node port)
+
+    def take(self, timeout: float) -> None:
+        """Ring every new INVITE arriving within ``timeout``; answer CANCELs (200 + 487)."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except TimeoutError:
+                return
+            msg = parse(data)
+            if not msg.is_request:
+                continue
+            if msg.method == "INVITE" and msg.call_id not in self.ringing:
+                self.ringing[msg.call_id] = (msg, addr)
+                self.events.append(("invite", msg.call_id, addr[1]))
+                self.sock.sendto(build_response(msg, 180, to_tag="ring"), addr)
+            elif msg.method == "CANCEL":
+                self.events.append(("cancel", msg.call_id, addr[1]))
+                self.sock.sendto(build_response(msg, 200), addr)
+                invite = self.ringing.pop(msg.call_id, None)
+                if invite is not None:
+                    self.sock.sendto(build_response(invite[0], 487, to_tag="ring"), invite[1])
+
+    def refuse_all(self) -> None:
+        """End every ringing call with 486 from the carrier (the edge ACKs it and frees the channel)."""
+        for invite, addr in self.ringing.values():
+            self.sock.sendto(build_response(invite, 486, to_tag="ring"), addr)
+        self.ringing.clear()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def journal_channels(cluster: NatsCluster, profile_id: str) -> int:
+    async def read() -> int:
+        engine = await Engine.connect(ClusterConfig(node="probe", engine=cluster.urls, lease_seconds=3))
+        try:
+            journal = await ProfileJournal.open(engine, profile_id)
+            return journal.state.channels_in_use
+        finally:
+            await engine.nc.close()
+
+    return asyncio.run(read())
+
+
+def cluster_nodes(engines: list[list[str]], carrier: RingingCarrier, tmp_path_factory: pytest.TempPathFactory, *,
+                  channels: int, lease: float = 3.0, ports: int = 16000,
+                  workers: int = 2) -> Iterator[tuple[list[EdgeProcess], dict]]:
+    """Nodes edge-a, edge-b, ... reaching the engine at ``engines[i]``, and a profile of ``channels``
+    all of them know (each node after the first starts on a hot backup of the first's store)."""
+
+    def config(name: str, urls: list[str]) -> str:
+        engine = ", ".join(f'"{url}"' for url in urls)
+        return (f'[cluster]\nnode = "{name}"\nengine = [{engine}]\nlease_seconds = {lease}\n'
+                f'[[carriers]]\nuri = "sip:127.0.0.2:{carrier.port}"\npriority = 1\nweight = 100\n')
+
+    nodes: list[EdgeProcess] = []
+    try:
+        for i, urls in enumerate(engines):
+            name = "abcdefgh"[i]
+            # media ports below the range EdgeProcess picks by default (other test processes may hold those)
+            node = EdgeProcess(tmp_path_factory.mktemp(name), extra_config=config(f"edge-{name}", urls),
+                               sip_extra="rate_limit = 0", workers=workers,
+                               media_ports=(ports + 500 * i, ports + 500 * i + 499))
+            if nodes:
+                subprocess.run([sys.executable, "-m", "edge.cli", "backup", str(node.data), "--config",
+                                str(nodes[0].config)], check=True, capture_output=True)
+            nodes.append(node.start(timeout=40))
+            if i == 0:
+                with node.client() as api:
+                    api.put("/v1/rates", json={"rates": [{"prefix": "44", "rate": "0.0200"}]})
+                prof = new_profile(node, channels=channels)
+        yield nodes, prof
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def node_pair(engine_a: list[str], engine_b: list[str], carrier: RingingCarrier,
+              tmp_path_factory: pytest.TempPathFactory, *, channels: int, lease: float = 3.0,
+              ports: int = 16000) -> Iterator[tuple[EdgeProcess, EdgeProcess, dict]]:
+    nodes = cluster_nodes([engine_a, engine_b], carrier, tmp_path_factory, channels=channels, lease=lease,
+                          ports=ports)
+    (a, b), prof = next(nodes)
+    try:
+        yield a, b, prof
+    finally:
+        nodes.close()
+
+
+def drift(node: EdgeProcess) -> tuple[float | None, float | None]:
+    """(edge_channels_drift, edge_cluster_channels_drift) of the node's /metrics."""
+    values: dict[str, float] = {}
+    for line in httpx.get(node.base + "/metrics", timeout=10).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("edge_channels_drift", "edge_cluster_channels_drift"):
+            values[name] = float(value)
+    return values.get("edge_channels_drift"), values.get("edge_cluster_channels_drift")
+
+
+def recovery_cdrs(node: EdgeProcess, prof: dict) -> int:
+    return sum(c["end_reason"] == "recovery" for c in api_get(node, f"/v1/profiles/{prof['id']}/cdrs")["items"])
+
+
+def ring(node: EdgeProcess, prof: dict, carrier: RingingCarrier, count: int) -> list[Pbx]:
+    """``count`` calls through ``node``, each ringing at the carrier (every INVITE must get through)."""
+    pbxs = []
+    before = len(carrier.ringing)
+    for _ in range(count):
+        pbx = Pbx(node)
+        pbxs.append(pbx)
+        pbx.invite(prof, CALLEE)
+    deadline = time.monotonic() + 15
+    while len(carrier.ringing) < before + count and time.monotonic() < deadline:
+        carrier.take(timeout=0.5)
+    assert len(carrier.ringing) == before + count
+    return pbxs
