@@ -442,14 +442,20 @@ class Node:
         the survivors then free those calls' channels (docs/cluster.md), and no channel is used twice."""
         fence = self.admission.fence
         assert fence is not None
+        admitted_under: str | None = fence.epoch if fence.admits() else None
         while True:
             await asyncio.sleep(FENCE_CHECK_SECONDS)
-            if self.calls.calls and not fence.admits():
+            held = fence.admits()
+            # a new epoch means the old one ended (the lease lapsed, or a restarted agent could not go
+            # on with it): the calls admitted under it are the survivors' to free, so they end too
+            changed = held and admitted_under is not None and fence.epoch != admitted_under
+            if self.calls.calls and (not held or changed):
                 left = list(self.calls.calls.values())
                 for call in left:
                     self.calls.hangup(call, EndReason.CLUSTER_LEASE, status=503, reason_header=LEASE_LOST_REASON)
                 log.warning("cluster: the node's lease ran out: ended %d calls", len(left),
                             extra={"event": "calls_ended_lease_lost", "ended_calls": len(left)})
+            admitted_under = fence.epoch if held else None   # calls seen while held are this epoch's
 
     async def _serve_metrics(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         from prometheus_client import generate_latest

@@ -59,13 +59,17 @@ class ClusterAgent:
         engine = await Engine.connect(cluster)
         membership = Membership(engine, sip=list(self.cfg.sip.listen), api=self.cfg.api.listen,
                                 metrics=self.metrics)
-        fence.clear(self.store)      # a record of an earlier run of this agent never admits for this one
+        resume = self._resumable(fence.read(self.store))
+        if resume is None:
+            fence.clear(self.store)      # a record of an earlier run never admits for this one
         channels = ClusterChannels(engine, self.store, membership)
         Gauge("edge_cluster_channels_drift", "Calls the cluster's journal holds open for this node minus the calls "
               "its store accounts for (0 unless a reservation leaked; +-1 for a moment while a call starts or "
               "ends).", registry=self.registry).set_function(channels.drift)
         try:
-            await membership.start()
+            await membership.start(resume=resume)
+            if resume is not None and membership.epoch != resume[0]:
+                log.warning("cluster: the lease of the previous agent had ended: the node's calls end")
             await channels.start()
             self._mirror(membership)
             servers = [await asyncio.start_unix_server(self._serve_metrics, path=agent_address(self.key)),
@@ -91,6 +95,20 @@ class ClusterAgent:
                                           held_until=0.0, written_at=time.time(), agent=os.getpid()))
             await membership.stop(release=True)
             await engine.nc.close()
+
+    def _resumable(self, record: fence.LeaseRecord | None) -> tuple[str, float] | None:
+        """The lease of this node's previous agent, if it may go on: same node and boot, still
+        believed held, and that agent gone (the supervisor starts a new agent only after the old
+        one exited; a live pid, even a reused one, means no)."""
+        if record is None or record.node != self.cfg.cluster.node or fence.held_for(record) <= 0:
+            return None
+        try:
+            os.kill(record.agent, 0)
+            return None
+        except ProcessLookupError:
+            return record.epoch, record.held_until
+        except PermissionError:     # another user's process has that pid now: ours is gone
+            return record.epoch, record.held_until
 
     def _mirror(self, membership: Membership) -> None:
         held = membership.lease_expires_at if membership.holds_lease() else 0.0

@@ -79,6 +79,7 @@ class Fence:
         self.clock = clock
         self._until = 0.0           # monotonic instant of the cached record's belief
         self._read_at = -1e9
+        self.epoch = ""             # of the cached record: calls admitted under one epoch end when it changes
 
     def admits(self) -> bool:
         now = self.clock()
@@ -86,4 +87,5 @@ class Fence:
             self._read_at = now
             record = read(self.store)
             self._until = now + held_for(record, now)
+            self.epoch = record.epoch if record is not None and self._until > now else ""
         return now < self._until

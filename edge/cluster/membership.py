@@ -273,10 +273,13 @@ class Membership:
 
     # ------------------------------------------------------------------ life
 
-    async def start(self, *, wait: float | None = None) -> None:
+    async def start(self, *, wait: float | None = None, resume: tuple[str, float] | None = None) -> None:
         """Take this node's lease (waiting up to ``wait`` seconds, default two leases, for a previous
         run's entry to age out), load the local view, start renewing and watching.
 
+        :param resume: ``(epoch, held_until)`` of this node's previous agent, which is gone (it
+            died and its supervisor started this one): go on with that lease if the engine still
+            holds it, so that what the node admitted under it keeps its fence (see :meth:`_resume`).
         :raises NodeNameInUse: the entry is still renewed by another process after ``wait``.
         :raises LeaseConfigMismatch: the cluster runs with another lease_seconds.
         :raises EngineUnavailable: the engine did not take the lease within ``wait``.
@@ -299,7 +302,8 @@ class Membership:
             # the engine ages leases out after the bucket's ttl: a longer local lease would fence too late
             raise LeaseConfigMismatch(f"cluster.lease_seconds: this node has {self.lease_seconds:g}, the cluster's "
                                       f"lease bucket {self.nodes_bucket} ages out after {ttl:g} s; use the same value")
-        await self._take_lease(max(0.0, deadline - self._clock()))
+        if resume is None or not await self._resume(*resume):
+            await self._take_lease(max(0.0, deadline - self._clock()))
         self._own_seen = self._clock()
         self._start_watch()
         with contextlib.suppress(TimeoutError):
@@ -383,6 +387,33 @@ class Membership:
                 if self._clock() > deadline:
                     raise EngineUnavailable(f"cluster: no lease taken in {wait:g} s ({exc!r})") from None
             await asyncio.sleep(min(0.25, self.lease_seconds / 6))
+
+    async def _resume(self, epoch: str, held_until: float) -> bool:
+        """Renew the lease ``epoch`` of this node's previous process, believed held until
+        ``held_until`` (monotonic, that process's own belief: the fence it admitted under). Only
+        this node ever writes that key and its previous writer is gone, so the conditional update
+        on the revision read is uncontended; a stale read or an aged-out key refuses it, and the
+        node takes a new lease as at any start. :returns: whether the lease goes on."""
+        assert self._nodes is not None
+        if not _KEY.fullmatch(epoch) or held_until <= self._clock():
+            return False
+        try:
+            found = await self._read_lease(self.node, epoch)
+            if found is None or found[0].node != self.node:
+                return False
+            self.epoch, self._held_until = epoch, held_until
+            self.started_at = found[0].started_at
+            sent = self._clock()
+            revision = await self._nodes.update(self._lease_key, msgspec.json.encode(self._lease_value()),
+                                                last=found[1])
+        except (KeyWrongLastSequenceError, TimeoutError, NatsError) as exc:
+            log.info("cluster: lease %s of %s not resumed (%s): taking a new one", epoch, self.node,
+                     exc.__class__.__name__)
+            self.epoch, self._held_until = "", 0.0
+            return False
+        self._held(sent, revision)
+        log.info("cluster: node %s goes on with its lease (epoch %s) after its agent restarted", self.node, epoch)
+        return True
 
     async def _leases_of_our_name(self) -> list[KeyValue.Entry]:
         """Leases of this node's name (any epoch) seen within half a lease: a live one is renewed
