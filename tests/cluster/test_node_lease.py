@@ -3,7 +3,7 @@ SIP workers admit calls only while it does (SPEC §9 "a node cut off from the en
 
 The calls are to the echo number (answered by the edge itself: no carrier needed), from a raw-socket
 PBX; the engine is frozen (SIGSTOP on every member) to cut the node off, and the agent process is
-killed to show that its record errs towards refusing.
+killed during a call to show that its successor goes on with the lease and the call survives.
 """
 
 from __future__ import annotations
