@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
+import socket
 import struct
 from collections.abc import Awaitable, Callable
 
@@ -132,6 +134,21 @@ class ReserveClient:
             self._writer.close()
 
 
+def _same_user(writer: asyncio.StreamWriter) -> bool:
+    """An abstract unix socket has no file permissions: any local user could connect and seize a
+    profile's channels, so only processes of the node's own user are heard (SO_PEERCRED)."""
+    sock = writer.get_extra_info("socket")
+    try:
+        _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                              struct.calcsize("3i")))
+    except (OSError, AttributeError):
+        return False
+    if uid != os.getuid():
+        log.warning("cluster: a process of uid %d connected to the agent's link: refused", uid)
+        return False
+    return True
+
+
 async def serve_reservations(address: str, handle: Callable[[ReserveRequest], Awaitable[str]]) -> asyncio.Server:
     """The agent's side: each request is handled in its own task, answered when ``handle`` returns."""
     decoder = msgspec.msgpack.Decoder(ReserveRequest)
@@ -149,6 +166,9 @@ async def serve_reservations(address: str, handle: Callable[[ReserveRequest], Aw
     tasks: set[asyncio.Task[None]] = set()     # held here: the loop keeps only weak references
 
     async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not _same_user(writer):
+            writer.close()
+            return
         try:
             while True:
                 request = decoder.decode(await _read_frame(reader))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -117,3 +118,45 @@ def test_the_link_answers_reservations_and_survives_garbage() -> None:
         assert await asyncio.wait_for(client.reserve("prf_1", "c99", 2), 2.0) == link.UNAVAILABLE
 
     asyncio.run(run())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another user")
+def test_the_link_hears_only_the_nodes_own_user() -> None:
+    async def run() -> None:
+        address = f"\0sipedge-test-{os.getpid()}-journal-uid"
+        asked: list[str] = []
+
+        async def handle(request: link.ReserveRequest) -> str:
+            asked.append(request.call_id)
+            return link.OK
+
+        server = await link.serve_reservations(address, handle)
+        try:
+            # another local user (nobody) connects and asks for a channel: the agent closes on it
+            child = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", OTHER_USER_CLIENT, address[1:], stdout=asyncio.subprocess.PIPE)
+            out, _ = await asyncio.wait_for(child.communicate(), 20)
+            assert out.decode().strip() == "closed"
+            assert asked == []
+            assert await link.ReserveClient(address, timeout=2).reserve("prf_1", "c1", 2) == link.OK
+            assert asked == ["c1"]
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(run())
+
+
+OTHER_USER_CLIENT = """
+import os, socket, struct, sys
+os.setgid(65534); os.setuid(65534)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect("\\0" + sys.argv[1])   # the abstract address (no NUL in argv)
+body = bytes([0x94, 1, 0xa5]) + b"prf_1" + bytes([0xa2]) + b"c9" + bytes([2])
+try:
+    s.sendall(struct.pack(">I", len(body)) + body)
+    s.settimeout(5)
+    print("answered" if s.recv(64) else "closed")
+except OSError:
+    print("closed")
+"""
