@@ -45,12 +45,13 @@ from .calls.media import CallMedia
 from .calls.metrics import CallMetrics
 from .calls.model import Call, EndReason
 from .calls.routing import Routing
-from .cluster import outbox
+from .cluster import foreign, outbox
 from .cluster.fence import Fence
 from .cluster.link import RESERVE_TIMEOUT, ReserveClient, journal_address
 from .config import RELOADABLE, Config, ConfigError, load, resolve_sides, restart_only_changes
 from .control import channels, registrations
 from .control.credit import CreditEngine
+from .control.errors import StoreError
 from .control.models import LiveCall
 from .control.store import Store
 from .sip.dialog import Dialogs, Local
@@ -424,12 +425,15 @@ class Node:
         self._recover()
         metrics = await asyncio.start_unix_server(self._serve_metrics, path=metrics_address(role.key, role.index))
         fenced = asyncio.create_task(self._end_calls_when_fenced()) if self.admission.fence is not None else None
+        byes = asyncio.create_task(self._bye_foreign_calls()) if self.admission.fence is not None and \
+            role.index == 0 else None
         role.ready()
         try:
             await self._drained.wait()
         finally:
-            if fenced is not None:
-                fenced.cancel()
+            for task in (fenced, byes):
+                if task is not None:
+                    task.cancel()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_IGN)
             metrics.close()
@@ -456,6 +460,21 @@ class Node:
                 log.warning("cluster: the node's lease ran out: ended %d calls", len(left),
                             extra={"event": "calls_ended_lease_lost", "ended_calls": len(left)})
             admitted_under = fence.epoch if held else None   # calls seen while held are this epoch's
+
+    async def _bye_foreign_calls(self) -> None:
+        """Worker 0 of a cluster node: BYE the legs of the dead nodes' calls the agent recovered here."""
+        while True:
+            await asyncio.sleep(foreign.POLL_SECONDS)
+            try:
+                calls = foreign.take(self.store)
+            except StoreError as exc:
+                log.warning("cluster: the calls of a dead node cannot be read (%s); retrying", exc)
+                continue
+            for live in calls:
+                self.calls.bye_recovered(live, 'SIP;cause=503;text="Edge node lost"')
+            if calls:
+                log.warning("cluster: sent BYE to the legs of %d calls of a dead node", len(calls),
+                            extra={"event": "foreign_calls_ended", "calls": len(calls)})
 
     async def _serve_metrics(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         from prometheus_client import generate_latest

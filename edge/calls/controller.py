@@ -336,14 +336,13 @@ class CallController:
         for listener in self.listeners:
             listener.call_ended(call, status, reason, media)
 
-    def bye_recovered(self, live: LiveCall) -> None:
-        """BYE the legs of a call a previous run left (recovery), each from its stored record."""
+    def bye_recovered(self, live: LiveCall, reason: str = 'SIP;cause=500;text="Edge restarted"') -> None:
+        """BYE the legs of a call a previous run (or a dead cluster node) left, each from its stored record."""
         for record in live.legs:
             peer = peer_of(record.get("peer", ""))
             if peer is None:
                 continue
-            built = bye_from_record(record, self.local(peer._replace(side=record.get("side", ""))),
-                                    'SIP;cause=500;text="Edge restarted"')
+            built = bye_from_record(record, self.local(peer._replace(side=record.get("side", ""))), reason)
             if built is not None:
                 bye, peer = built
                 self.tl.send_request(bye, peer, on_response=lambda m: None, on_timeout=lambda: None)

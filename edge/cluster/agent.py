@@ -75,7 +75,8 @@ class ClusterAgent:
             servers = [await asyncio.start_unix_server(self._serve_metrics, path=agent_address(self.key)),
                        await link.serve_reservations(link.journal_address(self.key), channels.reserve)]
             tasks = [asyncio.create_task(channels.run_outbox(self._stop), name="cluster-outbox"),
-                     asyncio.create_task(channels.run_sweeps(self._stop), name="cluster-sweeps")]
+                     asyncio.create_task(channels.run_sweeps(self._stop), name="cluster-sweeps"),
+                     asyncio.create_task(channels.run_publisher(self._stop), name="cluster-publisher")]
             self.ready()
             try:
                 while not self._stop.is_set():
@@ -87,7 +88,8 @@ class ClusterAgent:
             finally:
                 for server in servers:
                     server.close()
-                tasks[1].cancel()      # a sweep is recovery work: the next node to sweep does it
+                for task in tasks[1:]:   # sweeping and publishing: recovery work, the next agent does it
+                    task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             # fenced first, in the workers' record too, then the lease goes (the others take over at once)

@@ -18,17 +18,20 @@ reservations there (``settle_open``, recovery), and the index key goes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
+import msgspec
 from nats.errors import Error as NatsError
-from nats.js.errors import KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
 from nats.js.kv import KeyValue
 
 from edge.control import channels
+from edge.control.models import LiveCall
 from edge.control.store import Store
 
-from . import link, outbox
+from . import foreign, link, outbox
 from .engine import Engine, EngineUnavailable
 from .journal import (
     SNAPSHOT_BUCKET,
@@ -47,6 +50,7 @@ log = logging.getLogger("sipedge.cluster")
 
 SNAPSHOT_EVERY = 1_000          # events of a profile between two snapshots (bounds an agent's start-up replay)
 OUTBOX_PERIOD = 0.05            # seconds between two looks at the outbox
+PUBLISH_PERIOD = 0.5            # seconds between two publications of the node's answered calls
 FINAL_DRAIN = 3.0               # seconds the last drain at stop may take (the supervisor waits 10 s)
 _FAILED = (JournalUnavailable, EngineUnavailable, NatsError, TimeoutError, OSError)
 
@@ -63,10 +67,15 @@ class ClusterChannels:
         self.store = store
         self.membership = membership
         self.index_bucket = f"{namespace}_reserved"
+        self.calls_bucket = f"{namespace}_calls"
         self._journals: dict[str, ProfileJournal] = {}
         self._opening: dict[str, asyncio.Task[ProfileJournal]] = {}
         self._indexed: set[str] = set()         # "<node>.<epoch>.<profile>" recorded in the index
         self._index: KeyValue | None = None
+        self._calls: KeyValue | None = None
+        self._published: set[str] = set()      # "<node>.<epoch>.<call id>" of answered calls in the calls bucket
+        self._encode = msgspec.msgpack.Encoder().encode
+        self._decoder = msgspec.msgpack.Decoder(LiveCall)
         self._snapshots: set[asyncio.Task[None]] = set()
         self.reserved = self.refused = self.settled = self.recovered = 0
 
@@ -83,6 +92,7 @@ class ClusterChannels:
                 await ensure_stream(self.engine)
                 await self.engine.bucket(SNAPSHOT_BUCKET)
                 self._index = await self.engine.bucket(self.index_bucket)
+                self._calls = await self.engine.bucket(self.calls_bucket)
                 return
             except (TimeoutError, NatsError) as exc:
                 if time.monotonic() > deadline:
@@ -166,12 +176,62 @@ class ClusterChannels:
                 journal = await self.journal(profile_id)
                 done = await journal.settle_open(f"{node}.{epoch}")
                 settled += len(done)
+                await self._bye_legs_of(f"{node}.{epoch}", [d.call_id for d in done])
                 await self._index.delete(f"{node}.{epoch}.{profile_id}")
                 if done:
                     log.warning("cluster: settled %d open reservations of %s for %s (its lease ended)",
                                 len(done), f"{node}.{epoch}", profile_id)
         self.recovered += settled
         return settled
+
+    async def publish_answered(self) -> int:
+        """Put the dialog records of this node's answered calls in the engine (the calls bucket), so
+        that a survivor can BYE their legs if this node dies; forget those that ended.
+        :returns: how many were published now."""
+        if self._calls is None or not self.membership.holds_lease():
+            return 0
+        holder = self.holder
+        live = {f"{holder}.{call.call_id}": call for call in channels.live_calls(self.store)
+                if call.answered_at is not None and call.legs}
+        new = [key for key in live if key not in self._published]
+        for key in new:
+            await self._calls.put(key, self._encode(live[key]))
+            self._published.add(key)
+        for key in [k for k in self._published if k not in live]:
+            self._published.discard(key)
+            with contextlib.suppress(KeyNotFoundError, *_FAILED):
+                await self._calls.delete(key)
+        return len(new)
+
+    async def _bye_legs_of(self, holder: str, call_ids: list[str]) -> None:
+        """The calls of a dead holder just settled here: their published legs go to this node's workers
+        (edge/cluster/foreign.py), which send each leg a BYE; the records leave the engine."""
+        assert self._calls is not None
+        for call_id in call_ids:
+            key = f"{holder}.{call_id}"
+            try:
+                entry = await self._calls.get(key)
+            except KeyNotFoundError:
+                continue            # not answered (nothing to BYE) or answered too late to be published
+            if entry.value:
+                foreign.add(self.store, self._decoder.decode(entry.value))
+            with contextlib.suppress(KeyNotFoundError):
+                await self._calls.delete(key)
+
+    async def run_publisher(self, stop: asyncio.Event) -> None:
+        """Publish answered calls every PUBLISH_PERIOD (a call answered less than that before its node's
+        death gets no BYE from a survivor: its parties hang up, or the carrier's session timer does)."""
+        while not stop.is_set():
+            try:
+                await self.publish_answered()
+            except _FAILED as exc:
+                log.info("cluster: publishing answered calls postponed (%s)", exc.__class__.__name__)
+            except Exception:
+                log.exception("cluster: publishing answered calls")
+            try:
+                await asyncio.wait_for(stop.wait(), PUBLISH_PERIOD)
+            except TimeoutError:
+                pass
 
     async def run_sweeps(self, stop: asyncio.Event) -> None:
         """A sweep every lease; a failed one is tried again at the next."""

@@ -22,6 +22,7 @@ from edgeproc import EdgeProcess
 from natscluster import NatsCluster
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sip"))
+from rawsip import sdp
 from test_calls_raw import Pbx, api_get, new_profile
 
 from edge.cluster.engine import Engine
@@ -33,14 +34,18 @@ CALLEE = "+442071234567"
 
 
 class RingingCarrier:
-    """A carrier that rings (180) every INVITE from any node and never answers it."""
+    """A carrier that rings (180) every INVITE from any node, answers one when told (:meth:`answer`)
+    and answers BYE and CANCEL; ``events`` is what it heard, in order."""
 
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.2", 0))
         self.port = self.sock.getsockname()[1]
+        self.rtp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.rtp.bind(("127.0.0.2", 0))
+        self.rtp_port = self.rtp.getsockname()[1]
         self.ringing: dict[str, tuple[object, tuple[str, int]]] = {}   # Call-ID -> (INVITE, node address)
-        self.events: list[tuple[str, str, int]] = []                   # ("invite" | "cancel", Call-ID, node port)
+        self.events: list[tuple[str, str, int]] = []      # ("invite" | "cancel" | "bye", Call-ID, node port)
 
     def take(self, timeout: float) -> None:
         """Ring every new INVITE arriving within ``timeout``; answer CANCELs (200 + 487)."""
@@ -58,12 +63,23 @@ class RingingCarrier:
                 self.ringing[msg.call_id] = (msg, addr)
                 self.events.append(("invite", msg.call_id, addr[1]))
                 self.sock.sendto(build_response(msg, 180, to_tag="ring"), addr)
+            elif msg.method == "BYE":
+                self.events.append(("bye", msg.call_id, addr[1]))
+                self.sock.sendto(build_response(msg, 200), addr)
             elif msg.method == "CANCEL":
                 self.events.append(("cancel", msg.call_id, addr[1]))
                 self.sock.sendto(build_response(msg, 200), addr)
                 invite = self.ringing.pop(msg.call_id, None)
                 if invite is not None:
                     self.sock.sendto(build_response(invite[0], 487, to_tag="ring"), invite[1])
+
+    def answer(self, call_id: str) -> None:
+        """Answer a ringing call (200 with SDP); it stays up until a BYE."""
+        invite, addr = self.ringing.pop(call_id)
+        body = sdp(self.rtp_port, host="127.0.0.2")
+        self.sock.sendto(build_response(invite, 200, to_tag="ring", body=body,  # type: ignore[arg-type]
+                                        headers=[("Contact", f"<sip:gw@127.0.0.2:{self.port}>"),
+                                                 ("Content-Type", "application/sdp")]), addr)
 
     def refuse_all(self) -> None:
         """End every ringing call with 486 from the carrier (the edge ACKs it and frees the channel)."""
@@ -73,6 +89,7 @@ class RingingCarrier:
 
     def close(self) -> None:
         self.sock.close()
+        self.rtp.close()
 
 
 def journal_channels(cluster: NatsCluster, profile_id: str) -> int:

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -102,6 +103,36 @@ def test_a_dead_nodes_channels_are_freed_by_the_survivor_and_its_return_settles_
         assert wait_for(lambda: api_get(b, f"/v1/profiles/{prof['id']}")["channels_in_use"] == 0, timeout=10)
         assert recovery_cdrs(b, prof) == 2
         assert journal_channels(engine_cluster, prof["id"]) == 0
+    finally:
+        carrier.ringing.clear()
+        pbx.close()
+
+
+def test_a_survivor_sends_bye_to_the_legs_of_a_dead_nodes_answered_call(
+        nodes: tuple[EdgeProcess, EdgeProcess, dict], carrier: RingingCarrier, engine_cluster: NatsCluster) -> None:
+    a, b, prof = nodes
+    (pbx,) = ring(b, prof, carrier, 1)
+    try:
+        (call_id,) = carrier.ringing
+        carrier.answer(call_id)
+        ok = pbx.recv_final(timeout=5)
+        assert ok.status == 200
+        pbx.send(pbx.request("ACK", f"sip:{CALLEE}@sip.edge.test", from_user=prof["sip_username"], to_user="x",
+                             call_id=ok.call_id, cseq=2, from_tag=ok.from_tag, to_tag=ok.to_tag))
+        time.sleep(1.5)         # B's agent publishes its answered calls every 0.5 s
+        assert b.proc is not None
+        b.proc.kill()
+        b.proc.wait()
+        # a survivor settles B's reservation and one of its workers BYEs both legs from its own address
+        deadline = time.monotonic() + 20
+        while ("bye", call_id, a.sip_port) not in carrier.events and time.monotonic() < deadline:
+            carrier.take(timeout=0.5)
+        assert ("bye", call_id, a.sip_port) in carrier.events
+        bye = pbx.recv(timeout=5)
+        assert bye.is_request and bye.method == "BYE" and bye.call_id == ok.call_id
+        assert "Edge node lost" in (bye.header("Reason") or "")
+        assert journal_channels(engine_cluster, prof["id"]) == 0
+        b.start(timeout=40)
     finally:
         carrier.ringing.clear()
         pbx.close()
