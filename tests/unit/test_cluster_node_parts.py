@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.cluster import fence, link, outbox
+from edge.cluster import fence, foreign, link, outbox
 from edge.control.models import LiveCall
 from edge.control.store import Store
 
@@ -79,6 +79,15 @@ def test_the_outbox_keeps_a_settlement_until_it_is_done(store: Store) -> None:
     assert outbox.pending(store, limit=1) == [("prf_1", "c1")]
     outbox.done(store, [("prf_1", "c1")])
     assert outbox.pending(store) == [("prf_2", "c2")]
+
+
+def test_a_dead_nodes_calls_are_taken_once(store: Store) -> None:
+    for i in range(3):
+        foreign.add(store, LiveCall(call_id=f"c{i}", profile_id="prf_1", direction="outgoing", started_at=0.0,
+                                    legs=[{"call_id": f"x{i}"}]))
+    assert [c.call_id for c in foreign.take(store, limit=2)] == ["c0", "c1"]
+    assert [c.legs for c in foreign.take(store)] == [[{"call_id": "x2"}]]
+    assert foreign.take(store) == []
 
 
 # ------------------------------------------------------------------ the link
