@@ -15,9 +15,11 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from edge.config import Config
 from edge.control.errors import StoreError
@@ -63,6 +65,7 @@ class ClusterAgent:
         if resume is None:
             fence.clear(self.store)      # a record of an earlier run never admits for this one
         channels = ClusterChannels(engine, self.store, membership)
+        self.registry.register(_ChannelCounters(channels))
         Gauge("edge_cluster_channels_drift", "Calls the cluster's journal holds open for this node minus the calls "
               "its store accounts for (0 unless a reservation leaked; +-1 for a moment while a call starts or "
               "ends).", registry=self.registry).set_function(channels.drift)
@@ -139,3 +142,22 @@ class ClusterAgent:
             pass
         finally:
             writer.close()
+
+
+class _ChannelCounters(Collector):
+    """What the agent did with the node's channels, read at scrape time."""
+
+    def __init__(self, channels: ClusterChannels) -> None:
+        self.channels = channels
+
+    def collect(self) -> Iterator[Metric]:
+        c = self.channels
+        reservations = CounterMetricFamily("edge_cluster_reservations", "Channel reservations the workers asked "
+                                           "for, by the journal's answer.", labels=["result"])
+        for result, n in (("ok", c.reserved), ("busy", c.refused), ("unavailable", c.unavailable)):
+            reservations.add_metric([result], n)
+        yield reservations
+        yield CounterMetricFamily("edge_cluster_settlements", "Settlements appended to the journal from the "
+                                  "outbox.", value=c.settled)
+        yield CounterMetricFamily("edge_cluster_recovered", "Open reservations of ended holders (dead nodes) "
+                                  "this node settled.", value=c.recovered)

@@ -77,7 +77,8 @@ class ClusterChannels:
         self._encode = msgspec.msgpack.Encoder().encode
         self._decoder = msgspec.msgpack.Decoder(LiveCall)
         self._snapshots: set[asyncio.Task[None]] = set()
-        self.reserved = self.refused = self.settled = self.recovered = 0
+        # counted for edge_cluster_reservations_total / _settlements_total / _recovered_total (agent.py)
+        self.reserved = self.refused = self.unavailable = self.settled = self.recovered = 0
 
     @property
     def holder(self) -> str:
@@ -118,6 +119,7 @@ class ClusterChannels:
     async def reserve(self, request: link.ReserveRequest) -> str:
         """The handler of the workers' link: :data:`link.OK`, :data:`link.BUSY` or :data:`link.UNAVAILABLE`."""
         if not self.membership.holds_lease():
+            self.unavailable += 1
             return link.UNAVAILABLE
         try:
             holder = self.holder
@@ -129,10 +131,12 @@ class ClusterChannels:
             return link.BUSY
         except (JournalRefused, ValueError) as exc:     # a call id settled before, an invalid id
             log.warning("cluster: reservation of %s refused: %s", request.call_id, exc)
+            self.unavailable += 1
             return link.UNAVAILABLE
         except _FAILED as exc:
             log.warning("cluster: reservation of %s for %s failed (%s)", request.call_id, request.profile_id,
                         exc.__class__.__name__)
+            self.unavailable += 1
             return link.UNAVAILABLE
         self.reserved += 1
         self._maybe_snapshot(journal)

@@ -149,6 +149,16 @@ def node_pair(engine_a: list[str], engine_b: list[str], carrier: RingingCarrier,
         nodes.close()
 
 
+def metric_sum(node: EdgeProcess, name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` whose labels include ``labels`` (the node's /metrics)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(sample.value for family in text_string_to_metric_families(httpx.get(node.base + "/metrics",
+                                                                                   timeout=10).text)
+               for sample in family.samples
+               if sample.name == name and labels.items() <= sample.labels.items())
+
+
 def drift(node: EdgeProcess) -> tuple[float | None, float | None]:
     """(edge_channels_drift, edge_cluster_channels_drift) of the node's /metrics."""
     values: dict[str, float] = {}

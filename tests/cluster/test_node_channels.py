@@ -15,7 +15,16 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from clusternodes import CALLEE, RingingCarrier, drift, journal_channels, node_pair, recovery_cdrs, ring
+from clusternodes import (
+    CALLEE,
+    RingingCarrier,
+    drift,
+    journal_channels,
+    metric_sum,
+    node_pair,
+    recovery_cdrs,
+    ring,
+)
 from edgeproc import EdgeProcess, node_children
 from natscluster import NatsCluster
 from test_calls_raw import Pbx, api_get, wait_for
@@ -49,6 +58,11 @@ def test_two_nodes_never_put_more_calls_than_channels_on_the_carrier(
         assert len(carrier.ringing) == CHANNELS, finals
         assert sorted(s for s in finals if s is not None) == [486] * (2 * PER_NODE - CHANNELS)
         assert journal_channels(engine_cluster, prof["id"]) == CHANNELS
+        # each node refuses with its own count first (a third INVITE while it holds or waits for two)
+        # or with the journal's: either way 486, and the journal confirmed exactly `channels`
+        assert sum(metric_sum(n, "edge_cluster_reservations_total", result="ok") for n in (a, b)) == CHANNELS
+        assert sum(metric_sum(n, "edge_calls_rejected_total", rule="channels", status="486")
+                   for n in (a, b)) == 2 * PER_NODE - CHANNELS
         for node in (a, b):     # both ringing calls are counted alike by store, workers and journal
             assert wait_for(lambda n=node: drift(n) == (0.0, 0.0)), drift(node)
         status = subprocess.run([sys.executable, "-m", "edge.cli", "cluster", "status", "--profiles", "--json",
