@@ -112,7 +112,7 @@ def test_a_dead_nodes_channels_are_freed_by_the_survivor_and_its_return_settles_
         b.proc.wait()
         # node A sees B's lease age out (3 s), confirms its end and settles B's reservation
         assert wait_for(lambda: journal_channels(engine_cluster, prof["id"]) == 0, timeout=20)
-        assert "open reservations of edge-b." in a.log.read_text()
+        assert wait_for(lambda: "open reservations of edge-b." in a.log.read_text(), timeout=5)
         b.start(timeout=40)     # back: its workers settle the call in LMDB; the journal refuses a second Settle
         assert wait_for(lambda: api_get(b, f"/v1/profiles/{prof['id']}")["channels_in_use"] == 0, timeout=10)
         assert recovery_cdrs(b, prof) == 2
