@@ -254,7 +254,7 @@ class TlsStream(SocketStream):
     BIO. OpenSSL does the TLS (the contexts above: 1.2 and 1.3, no renegotiation); this class
     only moves bytes, in one Python call per direction where asyncio's ``SSLProtocol`` runs
     a layer of pure Python per record and ends every read in an ``SSLWantReadError``: a read
-    is retried only while the BIO or the ``SSLObject`` still holds octets (``pending``).
+    is retried only while the incoming BIO still holds octets (``pending``).
 
     The handshake runs first, bounded by ``HANDSHAKE_SECONDS``; ``on_handshake`` is called
     once with ``None`` when it completed (the protocol's ``connection_made`` follows at once)
@@ -334,7 +334,9 @@ class TlsStream(SocketStream):
                 self.close()
                 return
             self.protocol.data_received(data)
-            if self._closing or not (self._incoming.pending or self.ssl.pending()):
+            # A read of STREAM_READ takes a whole record (16 KiB at most), so the SSLObject keeps
+            # nothing decrypted back (``pending()`` is 0): only more records in the BIO mean more.
+            if self._closing or not self._incoming.pending:
                 break
         if self._outgoing.pending:  # a TLS 1.3 key update answered, and the like
             self._flush()

@@ -453,8 +453,14 @@ class TcpConnection(asyncio.Protocol):
                 whole = False
             if whole:
                 self.layer.received(data, self.peer, self)  # type: ignore[arg-type]
-                if not self.closed:
-                    self._enter(ReadPhase.IDLE)  # a complete message: the idle timeout restarts
+                if self.closed:
+                    return
+                if self.phase is ReadPhase.IDLE and self._timer is not None and self._loop is not None:
+                    # A complete message: the idle timeout restarts. From idle to idle the deadline
+                    # only moves later, so the timer (never later than the deadline) stays as it is.
+                    self._deadline = self._loop.time() + self.layer.idle_seconds
+                else:
+                    self._enter(ReadPhase.IDLE)
                 return
         self.buf += data
         if len(self.buf) > TCP_READ_LIMIT:
@@ -532,6 +538,7 @@ class Transports:
         self.on_tcp_change: Callable[[TcpConnection, bool], None] | None = None
         self.metrics = metrics
         self.may_answer = may_answer
+        self.idle_seconds = TCP_IDLE_SECONDS
         self.read_timeouts = {ReadPhase.IDLE: TCP_IDLE_SECONDS, ReadPhase.HEAD: tcp_header_timeout,
                               ReadPhase.BODY: tcp_body_timeout}
         self.errors = ThrottledLog(log)     # tracebacks of unexpected exceptions, rate-limited
