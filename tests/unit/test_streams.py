@@ -95,11 +95,10 @@ def test_what_the_kernel_does_not_take_is_sent_once_the_peer_reads(run) -> None:
     async def main() -> None:
         edge, peer = pair()
         edge.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         proto = Recorder()
         stream = SocketStream(asyncio.get_running_loop(), edge, proto, SipMetrics(CollectorRegistry()))
         stream.start()
-        payload = bytes(range(256)) * 2048  # 512 KiB: far more than the two buffers hold
+        payload = bytes(range(256)) * 3072  # 768 KiB: more than the send and receive buffers hold
         for k in range(0, len(payload), 8192):
             stream.write(payload[k:k + 8192])
         assert stream._out, "the kernel took it all: the test does not test the queue"
