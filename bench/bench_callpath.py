@@ -49,7 +49,7 @@ from edge.control.models import Rate
 from edge.control.store import Store
 from edge.node import Node
 from edge.sip import SipMessage, build_response, frame_length, parse
-from edge.sip.transport import Peer, TcpConnection
+from edge.sip.transport import Peer, SocketStream, TcpConnection, stream_socket
 
 PBX = Peer("udp", "127.0.0.1", 5070)
 CARRIER = Peer("udp", "127.0.0.2", 5080)
@@ -134,7 +134,7 @@ class StreamStandIn:
 
 class SocketPbx:
     """The PBX of the register scenario on a real loopback TCP connection: the edge's end is
-    asyncio's socket transport under a :class:`TcpConnection`, as in production, so the
+    a :class:`SocketStream` under a :class:`TcpConnection`, as in production, so the
     event loop's wake-up, ``recv`` and ``send`` of every message are paid too. The PBX end
     is a plain non-blocking socket read by a loop callback; its CPU is timed apart."""
 
@@ -152,7 +152,8 @@ class SocketPbx:
             self.sock = socket.create_connection(listener.getsockname())
             accepted, _ = listener.accept()
         self.sock.setblocking(False)
-        await loop.connect_accepted_socket(lambda: TcpConnection(self.rig.node.sip.transports), accepted)
+        transports = self.rig.node.sip.transports
+        SocketStream(loop, stream_socket(accepted), TcpConnection(transports), transports.metrics).start()
         loop.add_reader(self.sock.fileno(), self._readable)
 
     def close(self) -> None:

@@ -1,10 +1,12 @@
 """SIP over TLS (RFC 3261 §26.2, RFC 5630): contexts, handshakes and their failures, reload.
 
 A TLS connection is a TCP connection (``transport.TcpConnection``: Content-Length framing,
-read deadlines, RFC 5626 CRLF keep-alive) whose transport is an asyncio SSL transport.
-Listeners accept plain TCP and upgrade it with ``loop.start_tls`` so that a failed handshake
-is seen here -- counted in ``edge_tls_handshake_failures_total{side,reason}`` and logged with
-its reason, without a traceback -- instead of vanishing inside asyncio's SSL protocol.
+read deadlines, RFC 5626 CRLF keep-alive) on a :class:`TlsStream`: the socket read and
+written as for plain TCP (``transport.SocketStream``), with an ``ssl.SSLObject`` over two
+``ssl.MemoryBIO``s in between -- OpenSSL does the TLS, Python only moves the bytes. The
+handshake is driven here, so a failed one is counted in
+``edge_tls_handshake_failures_total{side,reason}`` and logged with its reason, without a
+traceback.
 
 Contexts (docs/security.md):
 
@@ -28,20 +30,23 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import socket
 import ssl
 import time
-from typing import TYPE_CHECKING, cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from edge.config import ConfigError
 
-from .transport import BOTH, TcpConnection
+from .transport import BOTH, STREAM_READ, SocketStream, StreamListener, TcpConnection, connected_socket
 
 if TYPE_CHECKING:
     from edge.config import TlsConfig
 
+    from .metrics import SipMetrics
     from .transport import Transports
 
 log = logging.getLogger("sipedge.tls")
@@ -236,84 +241,167 @@ def _verify_detail(exc: BaseException) -> str:
 # ------------------------------------------------------------ connections
 
 class TlsConnection(TcpConnection):
-    """A TCP connection with TLS under it: ``Peer.proto`` is ``"tls"``.
-
-    On a listener the handshake finishes inside ``start_tls`` and the SSL protocol may hand
-    over the first application data before :meth:`connection_made` is called (asyncio reads
-    on right after waking the handshake's waiter): that data is kept until then.
-    """
+    """A TCP connection with TLS under it (a :class:`TlsStream`): ``Peer.proto`` is ``"tls"``."""
 
     proto = "tls"
 
-    def __init__(self, layer: Transports, outbound_key: tuple[str, int] | None = None, side: str = BOTH) -> None:
-        super().__init__(layer, outbound_key, side)
-        self._early = bytearray()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        if self._early and not self.closed:
-            early, self._early = bytes(self._early), bytearray()
-            self.data_received(early)
+class TlsStream(SocketStream):
+    """TLS on a :class:`SocketStream`: an ``ssl.SSLObject`` between two ``ssl.MemoryBIO``s.
 
-    def data_received(self, data: bytes) -> None:
-        if self.transport is None:
-            self._early += data
-            return
-        super().data_received(data)
+    The socket is read and written as for plain TCP; what is read goes into the incoming BIO
+    and comes out of the ``SSLObject`` decrypted, what is written goes out through the outgoing
+    BIO. OpenSSL does the TLS (the contexts above: 1.2 and 1.3, no renegotiation); this class
+    only moves bytes, in one Python call per direction where asyncio's ``SSLProtocol`` runs
+    a layer of pure Python per record and ends every read in an ``SSLWantReadError``: a read
+    is retried only while the incoming BIO still holds octets (``pending``).
 
-
-class TlsAccept:
-    """The protocol of a freshly accepted TCP connection on a ``tls:`` listener: upgrade it.
-
-    The socket is paused until ``start_tls`` owns it, so not an octet is read in clear.
+    The handshake runs first, bounded by ``HANDSHAKE_SECONDS``; ``on_handshake`` is called
+    once with ``None`` when it completed (the protocol's ``connection_made`` follows at once)
+    or with the exception that ended it (the socket is closed then, after the alert OpenSSL
+    wrote for the peer, if any). :meth:`close` sends a close_notify before the socket closes.
     """
 
-    def __init__(self, layer: Transports, side: str) -> None:
-        self.layer = layer
-        self.side = side
-        self._task: asyncio.Task[None] | None = None
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, protocol: asyncio.Protocol,
+                 metrics: SipMetrics, ctx: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None,
+                 on_handshake: Callable[[BaseException | None], None]) -> None:
+        super().__init__(loop, sock, protocol, metrics)
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self.ssl = ctx.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
+                                server_hostname=server_hostname)
+        self._on_handshake: Callable[[BaseException | None], None] | None = on_handshake
+        self._handshake_timer: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport subclasses
-        transport.pause_reading()
-        if self.layer.tcp_count + len(self.layer.handshaking) >= self.layer.max_tcp:
-            self.layer.metrics.transport_errors.labels("tcp_limit").inc()
-            transport.abort()
-            return
-        self._task = asyncio.get_running_loop().create_task(self._upgrade(transport))
-        self.layer.handshaking.add(self._task)
-        self._task.add_done_callback(self.layer.handshaking.discard)
+    def start(self) -> None:
+        """Start the handshake (a client's first flight goes out now); reading starts with it."""
+        self._handshake_timer = self._loop.call_later(HANDSHAKE_SECONDS, self._handshake_timeout)
+        self._loop.add_reader(self._fd, self._readable)
+        self._reading = True
+        self._handshake_step()
 
-    async def _upgrade(self, transport: asyncio.Transport) -> None:
-        loop = asyncio.get_running_loop()
-        assert self.layer.tls is not None
-        peer = transport.get_extra_info("peername")
-        conn = TlsConnection(self.layer, side=self.side)
+    def _handshake_step(self) -> None:
         try:
-            tls_transport = await loop.start_tls(transport, conn, self.layer.tls.for_listener(self.side),
-                                                 server_side=True, ssl_handshake_timeout=HANDSHAKE_SECONDS)
-        except (OSError, EOFError, TimeoutError) as exc:
-            handshake_failed(self.layer, self.side, "in", peer, exc)
-            transport.abort()
+            self.ssl.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush()
             return
-        if tls_transport is None:  # the connection went away as the handshake ended
+        except (ssl.SSLError, OSError) as exc:  # ssl.CertificateError is an SSLError
+            self._flush()  # the alert that tells the peer why
+            self._handshake_done(exc)
             return
-        conn.connection_made(tls_transport)
+        self._flush()
+        self._handshake_done(None)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        pass  # before start_tls took the socket: the handshake task sees the loss itself
+    def _handshake_timeout(self) -> None:
+        self._handshake_timer = None
+        self._handshake_done(TimeoutError("the TLS handshake did not complete in time"))
 
-    def pause_writing(self) -> None:
-        pass
+    def _handshake_done(self, exc: BaseException | None) -> None:
+        callback, self._on_handshake = self._on_handshake, None
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        if exc is not None:
+            super().abort(None)
+        if callback is not None:
+            callback(exc)
+        if exc is None and not self._closing:
+            self.protocol.connection_made(self)  # type: ignore[arg-type]
+            if self._incoming.pending and not self._closing:  # the peer's first message came with its last flight
+                self._decrypt()
 
-    def resume_writing(self) -> None:
-        pass
+    def _received(self, data: memoryview) -> None:
+        self._incoming.write(data)
+        if self._on_handshake is not None:
+            self._handshake_step()  # and, once it completes, what came after the handshake
+        elif not self._closing:
+            self._decrypt()
 
-    def data_received(self, data: bytes) -> None:  # never: reading is paused until start_tls
-        pass
+    def _decrypt(self) -> None:
+        """Deliver what the incoming BIO holds, one ``data_received`` per TLS record."""
+        read = self.ssl.read
+        while True:
+            try:
+                data = read(STREAM_READ)
+            except ssl.SSLWantReadError:  # the rest of a record is still on its way
+                break
+            except ssl.SSLError as exc:  # a bad record MAC and friends: the stream is lost
+                self._flush()
+                self.abort(exc)
+                return
+            if not data:  # the peer's close_notify (read() gives b"" for it)
+                self.close()
+                return
+            self.protocol.data_received(data)
+            # A read of STREAM_READ takes a whole record (16 KiB at most), so the SSLObject keeps
+            # nothing decrypted back (``pending()`` is 0): only more records in the BIO mean more.
+            if self._closing or not self._incoming.pending:
+                break
+        if self._outgoing.pending:  # a TLS 1.3 key update answered, and the like
+            self._flush()
 
-    def eof_received(self) -> bool | None:
-        return None
+    def _eof(self) -> None:
+        if self._on_handshake is not None:
+            self._handshake_done(ConnectionResetError("the peer closed the connection during the handshake"))
+            return
+        super()._eof()
+
+    def _flush(self) -> None:
+        if self._outgoing.pending:
+            super().write(self._outgoing.read())
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closing or self._on_handshake is not None or not data:
+            return
+        try:
+            self.ssl.write(data)
+        except ssl.SSLError as exc:
+            self.abort(exc)
+            return
+        super().write(self._outgoing.read())
+
+    def close(self) -> None:
+        if not self._closing and self._on_handshake is None:
+            try:
+                self.ssl.unwrap()  # writes our close_notify; the peer's is not awaited
+            except ssl.SSLError:
+                pass
+            self._flush()
+        super().close()
+
+    def abort(self, exc: Exception | None) -> None:
+        if self._on_handshake is not None:  # the handshake ends with it: its waiter learns why
+            self._handshake_done(exc or ConnectionAbortedError("aborted during the TLS handshake"))
+            return
+        super().abort(exc)
+
+
+class TlsListener(StreamListener):
+    """A ``tls:`` listener: each accepted connection does its handshake before it is a
+    :class:`TlsConnection`, with the side's context of the moment (a reload applies to the
+    next handshake). A failed handshake is counted and logged with its reason, without a
+    traceback; not an octet of the connection is read in clear."""
+
+    def accepted(self, sock: socket.socket) -> None:
+        layer = self.layer
+        assert self._loop is not None and layer.tls is not None
+        if layer.tcp_count + len(layer.handshaking) >= layer.max_tcp:
+            layer.metrics.transport_errors.labels("tcp_limit").inc()
+            sock.close()
+            return
+        peer = sock.getpeername()
+        side = self.side
+
+        def on_handshake(exc: BaseException | None) -> None:
+            layer.handshaking.discard(stream)
+            if exc is not None:
+                handshake_failed(layer, side, "in", peer, exc)
+
+        stream = TlsStream(self._loop, sock, TlsConnection(layer, side=side), layer.metrics,
+                           layer.tls.for_listener(side), server_side=True, on_handshake=on_handshake)
+        layer.handshaking.add(stream)
+        stream.start()
 
 
 _log_quiet_until: dict[tuple[str, str], list[float]] = {}  # (side, reason) -> [quiet until, suppressed]
@@ -352,13 +440,31 @@ async def connect(layer: Transports, host: str, port: int, side: str,
     assert layer.tls is not None
     ctx = layer.tls.toward(side)
     try:
-        _, conn = await asyncio.wait_for(loop.create_connection(
-            lambda: TlsConnection(layer, (host, port), side), host, port, local_addr=local_addr, ssl=ctx,
-            server_hostname=host, ssl_handshake_timeout=HANDSHAKE_SECONDS),
-            timeout=CONNECT_SECONDS + HANDSHAKE_SECONDS)
-    except (ssl.SSLError, ssl.CertificateError) as exc:
+        sock = await asyncio.wait_for(connected_socket(host, port, local_addr), timeout=CONNECT_SECONDS)
+    except (TimeoutError, OSError):
+        return None
+    done: asyncio.Future[BaseException | None] = loop.create_future()
+
+    def on_handshake(exc: BaseException | None) -> None:
+        if not done.done():  # not when this coroutine was cancelled (the stream is aborted then)
+            done.set_result(exc)
+
+    conn = TlsConnection(layer, (host, port), side)
+    try:
+        stream = TlsStream(loop, sock, conn, layer.metrics, ctx, server_side=False, server_hostname=host,
+                           on_handshake=on_handshake)
+    except OSError:  # reset as it connected
+        sock.close()
+        return None
+    stream.start()
+    try:
+        exc = await done  # bounded: the stream ends its handshake after HANDSHAKE_SECONDS
+    except asyncio.CancelledError:
+        stream.abort(None)
+        raise
+    if isinstance(exc, ssl.SSLError):
         handshake_failed(layer, side, "out", (host, port), exc)
         return None
-    except (TimeoutError, OSError):
+    if exc is not None:  # closed by the carrier, timed out: a transport error, as a refused connect
         return None
     return conn if not conn.closed else None

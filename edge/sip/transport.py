@@ -36,6 +36,10 @@ TCP_READ_LIMIT = 256 * 1024       # bytes buffered per connection before it is c
 TCP_IDLE_SECONDS = 3600.0         # an idle connection (no message, no keep-alive) is closed
 TCP_HEADER_SECONDS = 10.0         # defaults of [sip] tcp_header_timeout / tcp_body_timeout
 TCP_BODY_SECONDS = 10.0
+STREAM_READ = 65536                # bytes asked of the kernel per recv on a stream
+STREAM_BURST = 4                   # recvs per readiness event, while each one fills the buffer
+STREAM_WRITE_LIMIT = 1 << 20       # bytes queued for a peer that does not read before it is cut
+ACCEPT_BURST = 64                  # connections accepted per readiness event of a listener
 
 
 class Peer(NamedTuple):
@@ -115,6 +119,239 @@ class SipUdp:
             except (ValueError, RuntimeError):
                 pass
             self.sock.close()
+
+
+_read_buffer = bytearray(STREAM_READ)  # every stream of the thread recvs into it, one at a time
+_read_view = memoryview(_read_buffer)
+
+
+class SocketStream:
+    """The transport under a :class:`TcpConnection`: its non-blocking socket, read and written
+    directly from the loop's readiness callbacks, as :class:`SipUdp` reads its datagrams.
+
+    asyncio's socket transport costs a layer of Python per read and per write for flow control
+    and buffering that SIP does not use; here a read is one ``recv_into`` of a buffer shared by
+    every stream, and a write goes to ``socket.send`` at once. Only what the kernel does not
+    take is kept, sent when the socket is writable again; a peer that stops reading is cut
+    after ``STREAM_WRITE_LIMIT`` bytes (``edge_sip_transport_errors_total{kind="tcp_write_full"}``).
+    The protocol sees what an asyncio transport shows it: ``connection_made``, ``data_received``
+    (each read as one ``bytes``), ``connection_lost`` (soon after :meth:`close`, once what was
+    written before has been sent).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, protocol: asyncio.Protocol,
+                 metrics: SipMetrics) -> None:
+        self._loop = loop
+        self.sock = sock
+        self.protocol = protocol
+        self.metrics = metrics
+        self._fd = sock.fileno()
+        self._extra = {"peername": sock.getpeername(), "sockname": sock.getsockname(), "socket": sock}
+        self._out = bytearray()          # what the kernel did not take yet
+        self._reading = False
+        self._closing = False            # close() was called: nothing more is read, the rest is sent
+        self._lost = False               # the socket is closed and connection_lost is scheduled
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self._extra.get(name, default)
+
+    def start(self) -> None:
+        """Hand the connection to its protocol and read from now on."""
+        self.protocol.connection_made(self)  # type: ignore[arg-type]
+        if not self._closing:
+            self._loop.add_reader(self._fd, self._readable)
+            self._reading = True
+
+    def _readable(self) -> None:
+        for _ in range(STREAM_BURST):
+            try:
+                n = self.sock.recv_into(_read_buffer)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # reset by the peer, and friends
+                self.abort(exc)
+                return
+            if n == 0:
+                self._eof()
+                return
+            self._received(_read_view[:n])
+            if n < STREAM_READ or self._closing:  # the kernel had no more: no read that would fail
+                return
+
+    def _received(self, data: memoryview) -> None:
+        self.protocol.data_received(bytes(data))
+
+    def _eof(self) -> None:
+        """The peer closed its end: what is still queued for it is sent, then the socket closes."""
+        self.close()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._lost or not data:
+            return
+        if self._out:  # earlier bytes are still waiting: these go after them
+            self._queue(data)
+            return
+        try:
+            n = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError as exc:
+            self.abort(exc)
+            return
+        if n < len(data):
+            self._queue(memoryview(data)[n:])
+            if not self._lost:
+                self._loop.add_writer(self._fd, self._writable)
+
+    def _queue(self, data: bytes | bytearray | memoryview) -> None:
+        if len(self._out) + len(data) > STREAM_WRITE_LIMIT:
+            self.metrics.transport_errors.labels("tcp_write_full").inc()
+            self.abort(None)
+            return
+        self._out += data
+
+    def _writable(self) -> None:
+        try:
+            n = self.sock.send(self._out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.abort(exc)
+            return
+        del self._out[:n]
+        if not self._out:
+            self._loop.remove_writer(self._fd)
+            if self._closing:
+                self._finish(None)
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        """Read no more; close once what was written has been sent."""
+        if self._closing:
+            return
+        self._closing = True
+        self._stop_reading()
+        if not self._out:
+            self._finish(None)
+
+    def abort(self, exc: Exception | None) -> None:
+        """Close now, dropping what was not sent."""
+        self._closing = True
+        self._stop_reading()
+        self._finish(exc)
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+
+    def _finish(self, exc: Exception | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        if self._out:
+            self._out.clear()
+            self._loop.remove_writer(self._fd)
+        self.sock.close()
+        self._loop.call_soon(self.protocol.connection_lost, exc)
+
+
+def stream_socket(sock: socket.socket) -> socket.socket:
+    """An accepted or connected TCP socket as the streams use it: non-blocking, no Nagle delay
+    (a SIP message is written whole and its answer is awaited)."""
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+class StreamListener:
+    """A TCP (or, with ``tls.TlsListener``, TLS) listening socket: each readiness event accepts
+    up to ``ACCEPT_BURST`` connections, each one a :class:`TcpConnection` on a :class:`SocketStream`."""
+
+    def __init__(self, layer: Transports, sock: socket.socket, side: str) -> None:
+        self.layer = layer
+        self.sock = sock
+        self.side = side
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        loop.add_reader(self.sock.fileno(), self._acceptable)
+
+    def _acceptable(self) -> None:
+        for _ in range(ACCEPT_BURST):
+            try:
+                sock, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # out of descriptors (EMFILE), a connection reset before accept, ...
+                self.layer.metrics.transport_errors.labels("tcp_accept").inc()
+                return
+            try:
+                self.accepted(stream_socket(sock))
+            except OSError:  # gone between accept and getpeername
+                sock.close()
+
+    def accepted(self, sock: socket.socket) -> None:
+        assert self._loop is not None
+        SocketStream(self._loop, sock, TcpConnection(self.layer, side=self.side), self.layer.metrics).start()
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self.sock.fileno())
+            self._loop = None
+        self.sock.close()
+
+
+def listening_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """A bound, listening, non-blocking TCP socket (what ``loop.create_server`` would make)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise OSError(exc.errno, f"error while attempting to bind on address {(host, port)!r}: "
+                                     f"{exc.strerror}") from None
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def connected_socket(host: str, port: int, local_addr: tuple[str, int] | None) -> socket.socket:
+    """A TCP connection to ``host``:``port`` (its addresses tried in turn), ready for a stream.
+
+    :raises OSError: no address could be reached.
+    """
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    error: OSError = OSError(f"no address for {host}")
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            if local_addr is not None:
+                sock.bind(local_addr)
+            await loop.sock_connect(sock, address)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return stream_socket(sock)
+    raise error
 
 
 class ReadPhase(enum.Enum):
@@ -216,8 +453,14 @@ class TcpConnection(asyncio.Protocol):
                 whole = False
             if whole:
                 self.layer.received(data, self.peer, self)  # type: ignore[arg-type]
-                if not self.closed:
-                    self._enter(ReadPhase.IDLE)  # a complete message: the idle timeout restarts
+                if self.closed:
+                    return
+                if self.phase is ReadPhase.IDLE and self._timer is not None and self._loop is not None:
+                    # A complete message: the idle timeout restarts. From idle to idle the deadline
+                    # only moves later, so the timer (never later than the deadline) stays as it is.
+                    self._deadline = self._loop.time() + self.layer.idle_seconds
+                else:
+                    self._enter(ReadPhase.IDLE)
                 return
         self.buf += data
         if len(self.buf) > TCP_READ_LIMIT:
@@ -295,6 +538,7 @@ class Transports:
         self.on_tcp_change: Callable[[TcpConnection, bool], None] | None = None
         self.metrics = metrics
         self.may_answer = may_answer
+        self.idle_seconds = TCP_IDLE_SECONDS
         self.read_timeouts = {ReadPhase.IDLE: TCP_IDLE_SECONDS, ReadPhase.HEAD: tcp_header_timeout,
                               ReadPhase.BODY: tcp_body_timeout}
         self.errors = ThrottledLog(log)     # tracebacks of unexpected exceptions, rate-limited
@@ -302,14 +546,14 @@ class Transports:
         self.udp: dict[str, SipUdp] = {}                    # by local host
         self.udp_default: SipUdp | None = None
         self.udp_toward: dict[tuple[str, int], SipUdp] = {}  # (side, family) -> the socket sending there
-        self.tcp_servers: list[asyncio.AbstractServer] = []
+        self.tcp_servers: list[StreamListener] = []
         self.tcp_by_peer: dict[tuple[str, int], TcpConnection] = {}
         self.tcp_count = 0
         self.local: dict[str, tuple[str, int]] = {}         # proto -> advertised (host, port)
         self.local_of: dict[tuple[str, str, int], tuple[str, int]] = {}  # (side, proto, family) -> (host, port)
         self._pending: dict[tuple[str, int], asyncio.Task[TcpConnection | None]] = {}
         self.tls: TlsContexts | None = None                  # [tls] contexts; set before a tls: listen
-        self.handshaking: set[asyncio.Task[None]] = set()    # accepted TLS connections not yet upgraded
+        self.handshaking: set[SocketStream] = set()          # accepted TLS connections in their handshake
 
     async def listen(self, proto: str, host: str, port: int, side: str = BOTH) -> None:
         """Bind one listener of ``side`` (``BOTH``: a listener the two sides share)."""
@@ -337,19 +581,17 @@ class Transports:
             self.udp_default = self.udp_default or listener
             for s in sides:
                 self.udp_toward.setdefault((s, family), listener)
-        elif proto == "tls":
-            from .tls import TlsAccept
-
-            if self.tls is None or side not in self.tls.server:
-                raise OSError(0, "a tls: listener needs [tls] cert and key")
-            server = await loop.create_server(lambda: TlsAccept(self, side), host, port,  # type: ignore[arg-type,return-value]
-                                              reuse_address=True, reuse_port=self.reuse_port or None,
-                                              backlog=1024)
-            self.tcp_servers.append(server)
         else:
-            server = await loop.create_server(lambda: TcpConnection(self, side=side), host, port,
-                                              reuse_address=True, reuse_port=self.reuse_port or None,
-                                              backlog=1024)
+            server: StreamListener
+            if proto == "tls":
+                from .tls import TlsListener
+
+                if self.tls is None or side not in self.tls.server:
+                    raise OSError(0, "a tls: listener needs [tls] cert and key")
+                server = TlsListener(self, listening_socket(host, port, self.reuse_port), side)
+            else:
+                server = StreamListener(self, listening_socket(host, port, self.reuse_port), side)
+            server.start(loop)
             self.tcp_servers.append(server)
         self.local.setdefault(proto, (host, port))
         for s in sides:
@@ -475,10 +717,15 @@ class Transports:
 
             return await connect(self, host, port, side, (local[0], 0) if local and side else None)
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: TcpConnection(self, (host, port), side), host, port,
-                                       local_addr=(local[0], 0) if local and side else None), timeout=5.0)
+            sock = await asyncio.wait_for(
+                connected_socket(host, port, (local[0], 0) if local and side else None), timeout=5.0)
         except (TimeoutError, OSError):
+            return None
+        conn = TcpConnection(self, (host, port), side)
+        try:
+            SocketStream(loop, sock, conn, self.metrics).start()
+        except OSError:  # reset as it connected
+            sock.close()
             return None
         return conn if not conn.closed else None
 
@@ -493,8 +740,8 @@ class Transports:
         return max(mine, key=lambda item: (item[0][1] == proto, item[0][2] == family))[1]
 
     def close(self) -> None:
-        for task in list(self.handshaking):
-            task.cancel()
+        for stream in list(self.handshaking):
+            stream.abort(None)
         for udp in self.udp.values():
             udp.close()
         for server in self.tcp_servers:
