@@ -18,8 +18,11 @@ anchored: the node opens its relay ports and rewrites the SDP) of ONE profile, S
 - ``cluster2``: two cluster nodes (B started on a hot backup of A's store, so both know the profile),
   two SIPp PBX instances, each offering half of the rate to its node: two writers of one journal.
 
-The same offered rates ladder for each (``--hold`` s per step, ``--repeats``, configurations
-alternating); a step passes with no failed call, SIPp exit 0 and retransmissions < 1 % (run_sipp).
+Flood protection is off on the nodes (``rate_limit = 0``, ``profile_rate_limit = 0``: one source and
+one profile send every call) and the profile's ``channels`` are above what the rate keeps open, so the
+ladder measures the call path, not a limit. The same offered rates ladder for each (``--hold`` s per
+step, ``--repeats``, configurations alternating); a step passes with no failed call, SIPp exit 0 and
+retransmissions < 1 % (run_sipp).
 Per step: CPU per call of each process kind from /proc (the nodes' workers, their cluster agents,
 their API processes and supervisors, the three nats-server members together, the SIPp instances),
 engine round trips per call (messages the nodes' connections published to the engine, from the
@@ -230,6 +233,18 @@ def pct(values: list[float], q: float) -> float | None:
 
 # -- part 1: calls/s of one profile ---------------------------------------------------------------
 
+class BenchNode(Sipedge):
+    """bench_register's node with the per-profile flood protection off too: every call of this bench
+    is of one profile, and its default (``[sip] profile_rate_limit``, 100 attempts/s a node) would be
+    the ceiling measured, as ``rate_limit = 0`` already takes the per-source one away."""
+
+    def write_config(self) -> None:
+        super().write_config()
+        text = self.config.read_text()
+        assert "\nrate_limit = 0\n" in text, "bench_register's [sip] section changed"
+        self.config.write_text(text.replace("\nrate_limit = 0\n", "\nrate_limit = 0\nprofile_rate_limit = 0\n", 1))
+
+
 def node_config(carrier_uri: str, cluster: str = "") -> str:
     return f'[[carriers]]\nuri = "{carrier_uri}"\npriority = 1\nweight = 100\n' + cluster
 
@@ -249,7 +264,7 @@ def start_nodes(config: str, workdir: Path, engine: MonitoredNats, carrier: Carr
                 lease: float, cpu: str | None) -> tuple[list[Sipedge], Path]:
     """The configuration's nodes, started, and the SIPp injection CSV of the one profile."""
     a_cluster = cluster_section("edge-a", engine, lease) if config != "alone" else ""
-    a = Sipedge(workdir / config, cpu, media_ports=(MEDIA_A[0], MEDIA_A[1] + 1),
+    a = BenchNode(workdir / config, cpu, media_ports=(MEDIA_A[0], MEDIA_A[1] + 1),
                 extra_config=node_config(carrier.uri, a_cluster), name="edge-a")
     nodes = [a]
     try:
@@ -257,7 +272,7 @@ def start_nodes(config: str, workdir: Path, engine: MonitoredNats, carrier: Carr
         csv_path = workdir / config / "calls.csv"
         write_calls_csv(csv_path, provision_sipedge(a, 1, channels))
         if config == "cluster2":
-            b = Sipedge(workdir / config, cpu, media_ports=(MEDIA_B[0], MEDIA_B[1] + 1),
+            b = BenchNode(workdir / config, cpu, media_ports=(MEDIA_B[0], MEDIA_B[1] + 1),
                         extra_config=node_config(carrier.uri, cluster_section("edge-b", engine, lease)),
                         name="edge-b")
             backup_into(b, a)
@@ -585,13 +600,13 @@ def bench_failover(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         try:
             engine.start()
             engine.wait_ready()
-            a = Sipedge(root, cpu, media_ports=(MEDIA_A[0], MEDIA_A[1] + 1), name="edge-a",
+            a = BenchNode(root, cpu, media_ports=(MEDIA_A[0], MEDIA_A[1] + 1), name="edge-a",
                         extra_config=node_config(carrier.uri, cluster_section("edge-a", engine, lease)))
             a.start(timeout=60)
             with a.client() as api:
                 api.put("/v1/rates", json={"rates": [{"prefix": "44", "rate": "0.0200"}]}).raise_for_status()
             prof = a.provision_profiles(1, channels=1, credit="100.00")[0]
-            b = Sipedge(root, cpu, media_ports=(MEDIA_B[0], MEDIA_B[1] + 1), name="edge-b",
+            b = BenchNode(root, cpu, media_ports=(MEDIA_B[0], MEDIA_B[1] + 1), name="edge-b",
                         extra_config=node_config(carrier.uri, cluster_section("edge-b", engine, lease)))
             backup_into(b, a)
             for n in range(args.trials):
