@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         workers = sorted({k[0] for k in before if k[1] == "worker"}) or sorted(
             {k[0] for k in before if k[1] == "node"})
         if args.py_spy:
+            if not (Path(sys.executable).parent / "py-spy").exists():
+                raise SystemExit("--py-spy needs py-spy: pip install -e '.[bench]' (make bench installs it)")
             recorder = subprocess.Popen(
                 ["taskset", "-c", CPU_GEN, str(Path(sys.executable).parent / "py-spy"), "record", "--native",
                  "--format", "raw", "--rate", "200", "--duration", str(int(args.hold)),
