@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--perf", type=Path, default=None,
                     help="record the worker with `perf record -g` (user and kernel) into this file")
     ap.add_argument("--syscalls", action="store_true", help="count the worker's system calls during the step")
+    ap.add_argument("--media-ports", default=f"{RTP_RANGE[0]}-{RTP_RANGE[1] + 1}",
+                    help="the edge's relay port range, LOW-HIGH (default: bench_calls' range)")
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--keep", action="store_true", help="keep the work dir (the edge's log, SIPp's files)")
     args = ap.parse_args(argv)
@@ -93,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="profile-serve-"))
     uac = strip_rtp(SIPP_DIR / "uac-call-auth.xml", workdir)
     carrier = Carrier(workdir, CPU_GEN, rtp=False)
-    dev = Sipedge(workdir, CPU_DUT, media_ports=(RTP_RANGE[0], RTP_RANGE[1] + 1),
+    low, high = (int(x) for x in args.media_ports.split("-"))
+    dev = Sipedge(workdir, CPU_DUT, media_ports=(low, high),
                   extra_config=f'[[carriers]]\nuri = "{carrier.uri}"\npriority = 1\nweight = 100\n')
     recorder: subprocess.Popen[Any] | None = None
     try:
