@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import cProfile
 import gc
 import hashlib
@@ -39,6 +40,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -276,6 +278,14 @@ class Rig:
 
     def call(self) -> None:
         """One call, message by message, as the SIPp PBX and carrier of bench_calls do it."""
+        for _ in self.call_steps():
+            pass
+
+    def call_steps(self) -> Iterator[None]:
+        """:meth:`call` as steps: it yields wherever the real call waits for a peer (the PBX's
+        answer to the 407 and to the 200, the carrier's answers, the call's media time), so that
+        ``--concurrent`` can interleave many calls the way SIPp's load does. Each step takes what
+        its messages made the edge send before it yields: the wire holds no other call's messages."""
         t = time.perf_counter()
         call_id = secrets.token_hex(10)
         first = pbx_request("INVITE", self.user, call_id, 1, body=SDP_PBX)
@@ -283,6 +293,7 @@ class Rig:
         self.feed(first, PBX)
         challenge = self.wire.take(self.wire.to_pbx, 407)
         self.wire.to_pbx.clear()
+        yield
         t = time.perf_counter()
         ack = pbx_request("ACK", self.user, call_id, 1, to_tag=challenge.to_tag or "", branch=parse(first).branch or "")
         uri = f"sip:{CALLEE}@127.0.0.1:5060"
@@ -292,21 +303,44 @@ class Rig:
         self.feed(ack, PBX)
         self.feed(second, PBX)
         invite = self.wire.take(self.wire.to_carrier, "INVITE")
+        self.wire.to_pbx.clear()  # 100 Trying
+        yield
         for status, body in ((100, b""), (180, b""), (200, SDP_GW)):
             self.feed(self.answer(invite, status, body), CARRIER)
         self.wire.take(self.wire.to_carrier, "ACK")
         ok = self.wire.take(self.wire.to_pbx, 200)
         self.wire.to_pbx.clear()
+        yield
         t = time.perf_counter()
         ack2 = pbx_request("ACK", self.user, call_id, 2, to_tag=ok.to_tag or "")
-        bye = pbx_request("BYE", self.user, call_id, 3, to_tag=ok.to_tag or "")
         self.peer_cpu += time.perf_counter() - t
         self.feed(ack2, PBX)
+        yield  # the call's media time
+        t = time.perf_counter()
+        bye = pbx_request("BYE", self.user, call_id, 3, to_tag=ok.to_tag or "")
+        self.peer_cpu += time.perf_counter() - t
         self.feed(bye, PBX)
         self.wire.take(self.wire.to_pbx, 200)
-        self.feed(self.answer(self.wire.take(self.wire.to_carrier, "BYE"), 200), CARRIER)
+        bye_out = self.wire.take(self.wire.to_carrier, "BYE")
+        yield
+        self.feed(self.answer(bye_out, 200), CARRIER)
         self.wire.to_pbx.clear()
         self.wire.to_carrier.clear()
+
+
+def interleaved(rig: Rig, calls: int, concurrent: int) -> Iterator[None]:
+    """``calls`` calls with ``concurrent`` of them in progress at once, one step of each in turn
+    (a new call starts when one ends); yields after every step."""
+    started = 0
+    active: collections.deque[Iterator[None]] = collections.deque()
+    while started < calls or active:
+        while len(active) < concurrent and started < calls:
+            active.append(rig.call_steps())
+            started += 1
+        steps = active.popleft()
+        if next(steps, StopIteration) is not StopIteration:
+            active.append(steps)
+        yield
 
 
 # Where a function's own time goes in --profile-groups: the first pattern its file (or, for a
@@ -368,7 +402,7 @@ def profile_groups(stats: pstats.Stats) -> list[tuple[str, float]]:
 
 
 async def measure(calls: int, rounds: int, profile: bool, scenario: str = "call",
-                  transport: str = "udp") -> dict[str, Any]:
+                  transport: str = "udp", concurrent: int = 1) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-callpath-") as tmp:
         rig = Rig(Path(tmp), transport)
         one = rig.register if scenario == "register" else rig.call
@@ -393,7 +427,11 @@ async def measure(calls: int, rounds: int, profile: bool, scenario: str = "call"
                 prof.enable()
             if rig.pbx is not None:
                 await rig.pbx.run(calls)  # the loop runs between messages, as in production
-            for i in range(calls if rig.pbx is None else 0):
+            if concurrent > 1:
+                for i, _ in enumerate(interleaved(rig, calls, concurrent)):
+                    if i % 100 == 99:  # ~20 calls' worth of steps, as below
+                        await asyncio.sleep(0)
+            for i in range(calls if rig.pbx is None and concurrent <= 1 else 0):
                 one()
                 if i % 20 == 19:
                     await asyncio.sleep(0)  # due timers and the flusher run, as between datagrams
@@ -463,18 +501,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transport", choices=("udp", "tcp-framing", "tcp"), default="udp",
                     help="register scenario: how the PBX's messages arrive: datagrams handed to the boundary; "
                          "a TcpConnection fed directly (its framing only); or a real loopback TCP connection")
+    ap.add_argument("--concurrent", type=int, default=1, metavar="K",
+                    help="call scenario: K calls in progress at once, their steps interleaved as under SIPp's "
+                         "load (at most the profile's 300 channels); 1: one call after the other")
     ap.add_argument("--instructions", action="store_true",
                     help="count instructions per call with callgrind (two runs: --calls and 3x --calls)")
     ap.add_argument("--output", default="callpath.json")
     args = ap.parse_args(argv)
     if args.instructions:
         return count_instructions(args.calls, args.output, args.scenario, args.transport)
+    if args.concurrent > 1 and (args.scenario != "call" or args.instructions or not 1 < args.concurrent <= 300):
+        ap.error("--concurrent: the call scenario only, 2..300 (the profile's channels), without --instructions")
     result = asyncio.run(measure(args.calls, args.rounds, args.profile or args.profile_groups, args.scenario,
-                                 args.transport))
+                                 args.transport, args.concurrent))
     profile_text = result.pop("profile", None) if not args.profile_groups else None
     result.pop("profile", None)
     path = write_result(args.output, {"bench": "callpath", "machine": machine_info(),
                                       "method": {"calls": args.calls, "rounds": args.rounds,
+                                                 "concurrent": args.concurrent,
                                                  "command": "python -m bench.bench_callpath " + " ".join(
                                                      argv if argv is not None else sys.argv[1:])},
                                       **result})

@@ -47,6 +47,8 @@ class CallMedia:
         self.service = service
         self.rtp_timeout = rtp_timeout
         self.srtp: dict[str, Mode] = {"customer": "off", "carrier": "off", **(srtp or {})}
+        # per relay leg, once: iterating an Enum costs more than the rest of a relay's setup in Python
+        self._leg_modes: dict[str, Mode] = {side.relay_leg: self.srtp[side.value] for side in Side}
 
     def open(self, call: Call) -> Relay:
         """The call's relay, created on first use."""
@@ -56,7 +58,7 @@ class CallMedia:
             except RuntimeError as exc:  # the port range is exhausted
                 log.error("call %s: %s", call.id, exc)
                 raise MediaRefused(503, EndReason.NO_MEDIA_PORTS, "no media ports free on the edge") from None
-            call.sdes = SdesCall({side.relay_leg: self.srtp[side.value] for side in Side})
+            call.sdes = SdesCall(dict(self._leg_modes))
         return call.relay
 
     def relay_sdp(self, call: Call, sender: Side, sdp: bytes,

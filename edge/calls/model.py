@@ -38,6 +38,9 @@ class Side(enum.Enum):
         return Side.CARRIER if self is Side.CUSTOMER else Side.CUSTOMER
 
 
+SIDES = tuple(Side)                 # iterating the Enum itself is slow (EnumType.__iter__)
+
+
 class CallState(enum.Enum):
     ROUTING = "routing"             # admitted; an outbound attempt is on its way, nothing relayed back yet
     EARLY = "early"                 # a provisional answer was relayed to the caller (no more failover)
@@ -137,7 +140,9 @@ class Call:
     def srtp(self) -> dict[str, str]:
         """Per side, the SRTP suite of its leg, ``"rtp"`` for plain RTP (CDR, live calls; never a key)."""
         suites = self.sdes.suites if self.sdes is not None else {}
-        return {side.value: suites.get(side.relay_leg) or "rtp" for side in Side
+        if not suites:  # plain RTP on both legs, or no media yet
+            return {}
+        return {side.value: suites.get(side.relay_leg) or "rtp" for side in SIDES
                 if side.relay_leg in suites}
 
     @property

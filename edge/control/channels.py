@@ -37,7 +37,7 @@ def take(txn: Txn, profile_id: str, call: LiveCall) -> bool:
     txn.put_u64("channels", k, in_use + 1)
     txn.put("calls", call_key(prof.id, call.call_id), call)
     # webhook events commit with the seizure (a transactional outbox: edge/control/webhooks.py)
-    webhooks.emit(txn, prof.account_id, "call.started", call.call_id, {
+    webhooks.emit(txn, prof.account_id, "call.started", call.call_id, lambda: {
         "call_id": call.call_id, "profile_id": prof.id, "account_id": prof.account_id,
         "direction": call.direction, "caller": call.caller, "callee": call.callee,
         "started_at": rfc3339(call.started_at)}, now=call.started_at)

@@ -254,7 +254,8 @@ class CreditEngine:
                   carrier=call.carrier, transport=call.transport, srtp=call.srtp)
         cdrs.add(txn, cdr)
         if prof is not None:   # the event commits with the CDR (a transactional outbox)
-            webhooks.emit(txn, prof.account_id, "call.ended", call.call_id, {"cdr": cdrs.fields(cdr)}, now=ended_at)
+            webhooks.emit(txn, prof.account_id, "call.ended", call.call_id, lambda: {"cdr": cdrs.fields(cdr)},
+                          now=ended_at)
         return cdr
 
     def recover(self, now: float | None = None, owned: Callable[[LiveCall], bool] | None = None) -> list[LiveCall]:

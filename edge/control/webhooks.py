@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -104,12 +105,14 @@ def delete_of_account(txn: Txn, account_id: str) -> None:
 
 # ------------------------------------------------------------------- outbox
 
-def emit(txn: Txn, account_id: str, event_type: str, order_key: str, data: dict[str, Any],
-         now: float | None = None) -> OutboxEvent | None:
+def emit(txn: Txn, account_id: str, event_type: str, order_key: str,
+         data: dict[str, Any] | Callable[[], dict[str, Any]], now: float | None = None) -> OutboxEvent | None:
     """Write ``event_type`` to the outbox in ``txn`` if an endpoint of the account subscribed to it.
 
     Called inside the transaction of the event's cause (a seizure, a settlement, a ledger
-    movement): both commit or neither. :returns: the event, or None when nobody listens.
+    movement): both commit or neither. ``data`` may be a function that builds it: the call
+    path passes one, so that with nobody listening (the usual case) it formats no CDR.
+    :returns: the event, or None when nobody listens.
     """
     decode = txn.store.decoder(Webhook).decode
     targets = [hook.id for hook in (decode(v) for _, v in txn.scan("webhooks", account_id.encode() + SEP))
@@ -119,6 +122,8 @@ def emit(txn: Txn, account_id: str, event_type: str, order_key: str, data: dict[
     now = time.time() if now is None else now
     seq = txn.next_counter(b"outbox_seq")
     event_id = f"evt_{seq:012d}{secrets.token_hex(4)}"
+    if callable(data):
+        data = data()
     body = _json.encode({"id": event_id, "type": event_type, "created_at": rfc3339(now), "data": data})
     event = OutboxEvent(seq=seq, id=event_id, type=event_type, account_id=account_id, order_key=order_key,
                         webhooks=targets, created_at=now, body=body)
