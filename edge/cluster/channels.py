@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import msgspec
 from nats.errors import Error as NatsError
@@ -225,31 +226,11 @@ class ClusterChannels:
     async def run_publisher(self, stop: asyncio.Event) -> None:
         """Publish answered calls every PUBLISH_PERIOD (a call answered less than that before its node's
         death gets no BYE from a survivor: its parties hang up, or the carrier's session timer does)."""
-        while not stop.is_set():
-            try:
-                await self.publish_answered()
-            except _FAILED as exc:
-                log.info("cluster: publishing answered calls postponed (%s)", exc.__class__.__name__)
-            except Exception:
-                log.exception("cluster: publishing answered calls")
-            try:
-                await asyncio.wait_for(stop.wait(), PUBLISH_PERIOD)
-            except TimeoutError:
-                pass
+        await _every(PUBLISH_PERIOD, self.publish_answered, "publishing answered calls", stop)
 
     async def run_sweeps(self, stop: asyncio.Event) -> None:
         """A sweep every lease; a failed one is tried again at the next."""
-        while not stop.is_set():
-            try:
-                await self.sweep()
-            except _FAILED as exc:
-                log.info("cluster: sweep of ended holders postponed (%s)", exc.__class__.__name__)
-            except Exception:
-                log.exception("cluster: sweep of ended holders")
-            try:
-                await asyncio.wait_for(stop.wait(), self.membership.lease_seconds)
-            except TimeoutError:
-                pass
+        await _every(self.membership.lease_seconds, self.sweep, "sweep of ended holders", stop)
 
     async def settle(self, profile_id: str, call_id: str) -> bool:
         """:returns: True once the journal has the call settled (now or before), False to retry later."""
@@ -314,3 +295,18 @@ class ClusterChannels:
             await journal.save_snapshot()
         except (SnapshotTooLarge, *_FAILED) as exc:
             log.warning("cluster: snapshot of %s not saved (%s)", journal.subject, exc)
+
+
+async def _every(period: float, work: Callable[[], Awaitable[object]], what: str, stop: asyncio.Event) -> None:
+    """Run ``work`` every ``period`` seconds until ``stop``; an engine failure postpones it to the next."""
+    while not stop.is_set():
+        try:
+            await work()
+        except _FAILED as exc:
+            log.info("cluster: %s postponed (%s)", what, exc.__class__.__name__)
+        except Exception:
+            log.exception("cluster: %s", what)
+        try:
+            await asyncio.wait_for(stop.wait(), period)
+        except TimeoutError:
+            pass
