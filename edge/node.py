@@ -45,13 +45,11 @@ from .calls.media import CallMedia
 from .calls.metrics import CallMetrics
 from .calls.model import Call, EndReason
 from .calls.routing import Routing
-from .cluster import foreign, outbox
-from .cluster.fence import Fence
-from .cluster.link import RESERVE_TIMEOUT, ReserveClient, journal_address
+from .cluster import outbox
+from .cluster.worker import ClusterWorker
 from .config import RELOADABLE, Config, ConfigError, load, resolve_sides, restart_only_changes
 from .control import channels, registrations
 from .control.credit import CreditEngine
-from .control.errors import StoreError
 from .control.models import LiveCall
 from .control.store import Store
 from .sip.dialog import Dialogs, Local
@@ -61,8 +59,6 @@ from .sip.transport import Peer
 log = logging.getLogger("sipedge")
 
 SHUTDOWN_REASON = 'SIP;cause=503;text="Edge shutting down"'
-LEASE_LOST_REASON = 'SIP;cause=503;text="Cluster lease lost"'
-FENCE_CHECK_SECONDS = 0.1   # a cluster worker ends its calls this soon after its node's lease ran out
 RELOADABLE_SIP = sorted(key.removeprefix("sip.") for key in RELOADABLE if key.startswith("sip."))
 PID_FILE = "sipedge.pid"        # "<pid>\n<config path>\n": how `sipedge drain` / `reload` find the node
 RELOAD_FILE = "reload.json"     # the outcome of the last reload, for `sipedge reload`
@@ -223,14 +219,15 @@ class Node:
         self.routing = routing = Routing(cfg.carriers, lambda profile_id: registrations.live(store, profile_id),
                                          cfg.sip.domain, targets=self.health.targets)
         sip = self.sip
+        # a cluster node always runs workers under a supervisor (edge/cli.py): there is a role
+        self.cluster = cluster = ClusterWorker(store, role.key) if cfg.cluster.enabled and role is not None else None
         self.admission = admission = Admission(
             store, credit, routing, sip.auth, sip.failures,
             count_auth_failure=lambda reason, method: sip.metrics.auth_failures.labels(reason, method).inc(),
             refuse_source=sip.auth_failed, profile_rate_limit=cfg.sip.profile_rate_limit,
             worker=role.index if role is not None else 0,
-            fence=Fence(store) if cfg.cluster.enabled else None,
-            cluster=ReserveClient(journal_address(role.key), timeout=RESERVE_TIMEOUT)
-            if cfg.cluster.enabled and role is not None else None)
+            fence=cluster.fence if cluster is not None else None,
+            cluster=cluster.reservations if cluster is not None else None)
         self.billing = Billing(store, credit, loop, hangup=self._hangup, flush_soon=sip.flush_soon,
                                max_call_seconds=cfg.credit.max_call_seconds)
         self.calls = CallController(
@@ -424,57 +421,19 @@ class Node:
         gc.set_threshold(20_000, 20, 50)
         self._recover()
         metrics = await asyncio.start_unix_server(self._serve_metrics, path=metrics_address(role.key, role.index))
-        fenced = asyncio.create_task(self._end_calls_when_fenced()) if self.admission.fence is not None else None
-        byes = asyncio.create_task(self._bye_foreign_calls()) if self.admission.fence is not None and \
-            role.index == 0 else None
+        cluster_tasks = self.cluster.start(self.calls, bye_foreign=role.index == 0) if self.cluster else []
         role.ready()
         try:
             await self._drained.wait()
         finally:
-            for task in (fenced, byes):
-                if task is not None:
-                    task.cancel()
+            for task in cluster_tasks:
+                task.cancel()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_IGN)
             metrics.close()
             self.health.stop()
             await self.sip.stop()
             self.media.close()
-
-    async def _end_calls_when_fenced(self) -> None:
-        """A cluster node that lost its lease ends its calls before the engine ages the lease out:
-        the survivors then free those calls' channels (docs/cluster.md), and no channel is used twice."""
-        fence = self.admission.fence
-        assert fence is not None
-        admitted_under: str | None = fence.epoch if fence.admits() else None
-        while True:
-            await asyncio.sleep(FENCE_CHECK_SECONDS)
-            held = fence.admits()
-            # a new epoch means the old one ended (the lease lapsed, or a restarted agent could not go
-            # on with it): the calls admitted under it are the survivors' to free, so they end too
-            changed = held and admitted_under is not None and fence.epoch != admitted_under
-            if self.calls.calls and (not held or changed):
-                left = list(self.calls.calls.values())
-                for call in left:
-                    self.calls.hangup(call, EndReason.CLUSTER_LEASE, status=503, reason_header=LEASE_LOST_REASON)
-                log.warning("cluster: the node's lease ran out: ended %d calls", len(left),
-                            extra={"event": "calls_ended_lease_lost", "ended_calls": len(left)})
-            admitted_under = fence.epoch if held else None   # calls seen while held are this epoch's
-
-    async def _bye_foreign_calls(self) -> None:
-        """Worker 0 of a cluster node: BYE the legs of the dead nodes' calls the agent recovered here."""
-        while True:
-            await asyncio.sleep(foreign.POLL_SECONDS)
-            try:
-                calls = foreign.take(self.store)
-            except StoreError as exc:
-                log.warning("cluster: the calls of a dead node cannot be read (%s); retrying", exc)
-                continue
-            for live in calls:
-                self.calls.bye_recovered(live, 'SIP;cause=503;text="Edge node lost"')
-            if calls:
-                log.warning("cluster: sent BYE to the legs of %d calls of a dead node", len(calls),
-                            extra={"event": "foreign_calls_ended", "calls": len(calls)})
 
     async def _serve_metrics(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         from prometheus_client import generate_latest
