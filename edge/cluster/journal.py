@@ -484,6 +484,13 @@ class _Journal(Generic[S, E]):
         opening = [Entry(0, "opening", self.state.opening, "snapshot")] if self.state.opening else []
         return opening + self._entries
 
+    def entries_after(self, seq: int) -> list[Entry]:
+        """The movements folded after stream sequence ``seq``, oldest first (none of an opening)."""
+        i = len(self._entries)
+        while i > 0 and self._entries[i - 1].seq > seq:
+            i -= 1
+        return self._entries[i:]
+
     # --- reading
 
     async def catch_up(self) -> int:

@@ -1,10 +1,13 @@
-"""The link between a node's SIP workers and its cluster agent (docs/cluster.md "Channels across nodes").
+"""The link between a node's processes and its cluster agent (docs/cluster.md "Channels across nodes",
+"Money across nodes").
 
-A worker asks the agent to reserve a channel of a profile in the engine's journal before a call
-starts; the agent (the node's one writer in the engine) answers when the reservation is
-replicated, or refuses. One abstract unix stream socket per node, ``\\0sipedge-<key>-journal``;
-each message is a 4-byte big-endian length and a msgpack body. The settlements go the other way
-round, through LMDB (edge/cluster/outbox.py): they must outlive the worker that wrote them.
+A SIP worker asks the agent to reserve a channel of a profile, with the money of the call's first
+slice, in the engine's journal before a call starts, and to fund each later slice; the control
+API asks it to top up an account or to allocate credit to a profile. The agent (the node's one
+writer in the engine) answers when the event is replicated, or refuses. One abstract unix stream
+socket per node, ``\\0sipedge-<key>-journal``; each message is a 4-byte big-endian length and a
+msgpack body. The settlements go the other way round, through LMDB (edge/cluster/outbox.py): they
+must outlive the worker that wrote them.
 """
 
 from __future__ import annotations
@@ -29,20 +32,57 @@ _LENGTH = struct.Struct(">I")
 # what the agent answers
 OK = "ok"
 BUSY = "busy"                   # every channel of the profile carries a call, across the cluster
-UNAVAILABLE = "unavailable"     # no answer from the engine (or not holding the lease): the call is refused
-RESULTS = (OK, BUSY, UNAVAILABLE)
+BROKE = "broke"                 # the balance (in the reply, as the journal has it) does not cover the amount
+UNAVAILABLE = "unavailable"     # no answer from the engine (or not holding the lease): refused
+RESULTS = (OK, BUSY, BROKE, UNAVAILABLE)
 
 
-class ReserveRequest(msgspec.Struct, array_like=True):
+class Reserve(msgspec.Struct, tag="reserve", array_like=True):
+    """A channel of the profile for the call, and ``amount`` micro-units of its first slice."""
+
     id: int
     profile_id: str
     call_id: str
     channels: int
+    amount: int = 0
 
 
-class ReserveReply(msgspec.Struct, array_like=True):
+class Fund(msgspec.Struct, tag="fund", array_like=True):
+    """The next slice of an open call: ``amount`` more micro-units."""
+
+    id: int
+    profile_id: str
+    call_id: str
+    amount: int
+
+
+class TopUp(msgspec.Struct, tag="topup", array_like=True):
+    """Credit to an account's master balance; ``entry_id`` moves it once, whichever node is asked again."""
+
+    id: int
+    account_id: str
+    entry_id: str
+    amount: int
+
+
+class Allocate(msgspec.Struct, tag="allocate", array_like=True):
+    """Master balance to a profile; ``transfer_id`` moves it once, whichever node is asked again."""
+
+    id: int
+    account_id: str
+    profile_id: str
+    transfer_id: str
+    amount: int
+
+
+Request = Reserve | Fund | TopUp | Allocate
+
+
+class Reply(msgspec.Struct, array_like=True):
     id: int
     result: str
+    balance: int = 0            # the profile's (or, for a top-up, the account's) balance in the journal
+    account_balance: int = 0    # an allocation's account balance in the journal
 
 
 def journal_address(key: str) -> str:
@@ -60,35 +100,41 @@ def _frame(body: bytes) -> bytes:
     return _LENGTH.pack(len(body)) + body
 
 
-class ReserveClient:
-    """A worker's side: :meth:`reserve` returns one of :data:`RESULTS`, never raises.
+class JournalClient:
+    """A worker's side: every request is answered with a :class:`Reply` whose ``result`` is one of
+    :data:`RESULTS`; it never raises.
 
-    :param timeout: seconds a reservation may take before the call is refused as unavailable
-        (the agent may still land it: the caller then settles it through the outbox).
+    :param timeout: seconds a request may take before it counts as unavailable (the agent may still
+        land it: a reservation is then settled through the outbox, a slice is reserved but unused).
     """
 
     def __init__(self, address: str, *, timeout: float) -> None:
         self.address = address
         self.timeout = timeout
         self._ids = itertools.count(1)
-        self._waiting: dict[int, asyncio.Future[str]] = {}
+        self._waiting: dict[int, asyncio.Future[Reply]] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._connecting: asyncio.Task[asyncio.StreamWriter | None] | None = None
         self._reading: asyncio.Task[None] | None = None
-        self._decoder = msgspec.msgpack.Decoder(ReserveReply)
+        self._decoder = msgspec.msgpack.Decoder(Reply)
         self._encoder = msgspec.msgpack.Encoder()
 
-    async def reserve(self, profile_id: str, call_id: str, channels: int) -> str:
+    async def reserve(self, profile_id: str, call_id: str, channels: int, amount: int = 0) -> Reply:
+        return await self._ask(Reserve(next(self._ids), profile_id, call_id, channels, amount))
+
+    async def fund(self, profile_id: str, call_id: str, amount: int) -> Reply:
+        return await self._ask(Fund(next(self._ids), profile_id, call_id, amount))
+
+    async def _ask(self, request: Reserve | Fund) -> Reply:
         writer = await self._connected()
         if writer is None:
-            return UNAVAILABLE
-        request = ReserveRequest(next(self._ids), profile_id, call_id, channels)
+            return Reply(request.id, UNAVAILABLE)
         waiter = self._waiting[request.id] = asyncio.get_running_loop().create_future()
         try:
             writer.write(_frame(self._encoder.encode(request)))
             return await asyncio.wait_for(waiter, self.timeout)
         except (TimeoutError, OSError):
-            return UNAVAILABLE
+            return Reply(request.id, UNAVAILABLE)
         finally:
             self._waiting.pop(request.id, None)
 
@@ -118,16 +164,16 @@ class ReserveClient:
                 reply = self._decoder.decode(await _read_frame(reader))
                 waiter = self._waiting.get(reply.id)
                 if waiter is not None and not waiter.done():
-                    waiter.set_result(reply.result if reply.result in RESULTS else UNAVAILABLE)
+                    waiter.set_result(reply if reply.result in RESULTS else Reply(reply.id, UNAVAILABLE))
         except (asyncio.IncompleteReadError, OSError, ValueError, msgspec.DecodeError):
             pass
         finally:
             if self._writer is writer:
                 self._writer = None
             writer.close()
-            for waiter in self._waiting.values():   # the agent went away: these get no answer
+            for request_id, waiter in self._waiting.items():   # the agent went away: these get no answer
                 if not waiter.done():
-                    waiter.set_result(UNAVAILABLE)
+                    waiter.set_result(Reply(request_id, UNAVAILABLE))
 
     def close(self) -> None:
         if self._writer is not None:
@@ -149,19 +195,47 @@ def _same_user(writer: asyncio.StreamWriter) -> bool:
     return True
 
 
-async def serve_reservations(address: str, handle: Callable[[ReserveRequest], Awaitable[str]]) -> asyncio.Server:
+def ask_blocking(address: str, request: TopUp | Allocate, timeout: float) -> Reply:
+    """The control API's side (its handlers run in threads): one request on a connection of its own.
+    No answer within ``timeout`` is :data:`UNAVAILABLE` -- the event may still land, and asking again
+    with the same entry or transfer id moves the money once."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(address)
+            sock.sendall(_frame(msgspec.msgpack.encode(request)))
+            (n,) = _LENGTH.unpack(_recv_exactly(sock, _LENGTH.size))
+            if n > MAX_FRAME:
+                raise ValueError(f"frame of {n} bytes")
+            reply = msgspec.msgpack.decode(_recv_exactly(sock, n), type=Reply)
+    except (OSError, ValueError, msgspec.DecodeError):
+        return Reply(request.id, UNAVAILABLE)
+    return reply if reply.result in RESULTS else Reply(request.id, UNAVAILABLE)
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionResetError("the agent closed the link")
+        data += chunk
+    return data
+
+
+async def serve_requests(address: str, handle: Callable[[Request], Awaitable[Reply]]) -> asyncio.Server:
     """The agent's side: each request is handled in its own task, answered when ``handle`` returns."""
-    decoder = msgspec.msgpack.Decoder(ReserveRequest)
+    decoder = msgspec.msgpack.Decoder(Request)
     encoder = msgspec.msgpack.Encoder()
 
-    async def answer(request: ReserveRequest, writer: asyncio.StreamWriter) -> None:
+    async def answer(request: Request, writer: asyncio.StreamWriter) -> None:
         try:
-            result = await handle(request)
-        except Exception:       # a bug must not leave the worker waiting: it refuses the call
-            log.exception("cluster: reservation of %s for %s", request.call_id, request.profile_id)
-            result = UNAVAILABLE
+            reply = await handle(request)
+        except Exception:       # a bug must not leave the asker waiting: it is refused
+            log.exception("cluster: request %r", request)
+            reply = Reply(request.id, UNAVAILABLE)
         with contextlib.suppress(OSError):
-            writer.write(_frame(encoder.encode(ReserveReply(request.id, result))))
+            writer.write(_frame(encoder.encode(reply)))
 
     tasks: set[asyncio.Task[None]] = set()     # held here: the loop keeps only weak references
 

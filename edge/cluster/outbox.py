@@ -5,34 +5,32 @@ the same write transaction, leaves a row here; the cluster agent settles the cal
 and deletes the row. So a settlement is never lost between the two stores, whichever process
 dies when: a worker killed after its write has left the row, an agent killed before its append
 finds the row again when it starts, and a journal settle that is applied twice is refused by the
-journal itself (settle-once), never counted twice.
+journal itself (settle-once), never counted twice. A row holds the call's cost, u64 big-endian
+(empty: 0, a call that never started).
 """
 
 from __future__ import annotations
 
 from edge.control.models import LiveCall
-from edge.control.store import SEP, Store, Txn, key
+from edge.control.store import SEP, Store, Txn, key, u64
 
 TABLE = "journal_outbox"
 
-
-def add(txn: Txn, call: LiveCall) -> None:
-    """In the transaction that settles ``call`` in LMDB."""
-    txn.put_raw(TABLE, key(call.profile_id, call.call_id), b"")
+Pending = tuple[str, str, int]      # profile id, call id, cost in micro-units
 
 
-def add_released(store: Store, profile_id: str, call_id: str) -> None:
-    """A reservation that may have landed for a call that never started (refused or cancelled)."""
-    store.write(lambda txn: txn.put_raw(TABLE, key(profile_id, call_id), b""), sync=False, grows=False)
+def add(txn: Txn, call: LiveCall, cost: int = 0) -> None:
+    """In the transaction that settles ``call`` in LMDB, with what it costs."""
+    txn.put_raw(TABLE, key(call.profile_id, call.call_id), u64(cost) if cost else b"")
 
 
-def pending(store: Store, limit: int = 256) -> list[tuple[str, str]]:
-    """(profile id, call id) of settlements not yet in the journal, oldest key first."""
-    def scan(txn: Txn) -> list[tuple[str, str]]:
+def pending(store: Store, limit: int = 256) -> list[Pending]:
+    """Settlements not yet in the journal, oldest key first."""
+    def scan(txn: Txn) -> list[Pending]:
         out = []
-        for k, _ in txn.scan(TABLE):
+        for k, v in txn.scan(TABLE):
             profile_id, _, call_id = k.partition(SEP)
-            out.append((profile_id.decode(), call_id.decode()))
+            out.append((profile_id.decode(), call_id.decode(), int.from_bytes(v, "big") if v else 0))
             if len(out) >= limit:
                 break
         return out
@@ -40,9 +38,9 @@ def pending(store: Store, limit: int = 256) -> list[tuple[str, str]]:
     return store.read(scan)
 
 
-def done(store: Store, items: list[tuple[str, str]]) -> None:
+def done(store: Store, items: list[Pending]) -> None:
     def delete(txn: Txn) -> None:
-        for profile_id, call_id in items:
+        for profile_id, call_id, _cost in items:
             txn.delete(TABLE, key(profile_id, call_id))
 
     if items:

@@ -18,7 +18,7 @@ from edge.control.store import Store
 
 from . import foreign
 from .fence import Fence
-from .link import RESERVE_TIMEOUT, ReserveClient, journal_address
+from .link import RESERVE_TIMEOUT, JournalClient, journal_address
 
 if TYPE_CHECKING:
     from edge.calls.controller import CallController
@@ -36,7 +36,7 @@ class ClusterWorker:
     def __init__(self, store: Store, key: str) -> None:
         self.store = store
         self.fence = Fence(store)
-        self.reservations = ReserveClient(journal_address(key), timeout=RESERVE_TIMEOUT)
+        self.reservations = JournalClient(journal_address(key), timeout=RESERVE_TIMEOUT)
 
     def start(self, calls: CallController, *, bye_foreign: bool) -> list[asyncio.Task[None]]:
         """The worker's cluster loops, to be cancelled when it stops; ``bye_foreign``: worker 0's."""

@@ -70,15 +70,16 @@ def test_a_record_of_another_boot_or_a_fenced_one_never_admits(store: Store) -> 
 
 # ------------------------------------------------------------------ the outbox
 
-def test_the_outbox_keeps_a_settlement_until_it_is_done(store: Store) -> None:
+def test_the_outbox_keeps_a_settlement_and_its_cost_until_it_is_done(store: Store) -> None:
     call = LiveCall(call_id="c1", profile_id="prf_1", direction="outgoing", started_at=0.0, caller="", callee="",
                     funding="credit")
-    store.write(lambda txn: outbox.add(txn, call))
-    outbox.add_released(store, "prf_2", "c2")
-    assert outbox.pending(store) == [("prf_1", "c1"), ("prf_2", "c2")]
-    assert outbox.pending(store, limit=1) == [("prf_1", "c1")]
-    outbox.done(store, [("prf_1", "c1")])
-    assert outbox.pending(store) == [("prf_2", "c2")]
+    other = LiveCall(call_id="c2", profile_id="prf_2", direction="outgoing", started_at=0.0)
+    store.write(lambda txn: outbox.add(txn, call, 123_456))
+    store.write(lambda txn: outbox.add(txn, other))
+    assert outbox.pending(store) == [("prf_1", "c1", 123_456), ("prf_2", "c2", 0)]
+    assert outbox.pending(store, limit=1) == [("prf_1", "c1", 123_456)]
+    outbox.done(store, [("prf_1", "c1", 123_456)])
+    assert outbox.pending(store) == [("prf_2", "c2", 0)]
 
 
 def test_a_dead_nodes_calls_are_taken_once(store: Store) -> None:
@@ -92,18 +93,24 @@ def test_a_dead_nodes_calls_are_taken_once(store: Store) -> None:
 
 # ------------------------------------------------------------------ the link
 
-def test_the_link_answers_reservations_and_survives_garbage() -> None:
+def test_the_link_answers_every_kind_of_request_and_survives_garbage() -> None:
     async def run() -> None:
         address = f"\0sipedge-test-{os.getpid()}-journal"
-        seen: list[link.ReserveRequest] = []
+        seen: list[link.Request] = []
 
-        async def handle(request: link.ReserveRequest) -> str:
+        async def handle(request: link.Request) -> link.Reply:
             seen.append(request)
-            if request.call_id == "slow":
+            if isinstance(request, link.Reserve) and request.call_id == "slow":
                 await asyncio.sleep(1.0)
-            return link.BUSY if request.channels == 1 else link.OK
+            if isinstance(request, link.Reserve) and request.channels == 1:
+                return link.Reply(request.id, link.BUSY)
+            if isinstance(request, link.Fund) and request.amount > 1000:
+                return link.Reply(request.id, link.BROKE, balance=1000)
+            if isinstance(request, link.Allocate):
+                return link.Reply(request.id, link.OK, balance=request.amount, account_balance=7)
+            return link.Reply(request.id, "nonsense" if isinstance(request, link.TopUp) else link.OK)
 
-        server = await link.serve_reservations(address, handle)
+        server = await link.serve_requests(address, handle)
         try:
             # a process that writes nonsense (a bad length, an undecodable body) costs its own connection only
             for junk in (struct.pack(">I", 1 << 30), struct.pack(">I", 3) + b"\xc1\xc1\xc1"):
@@ -111,20 +118,31 @@ def test_the_link_answers_reservations_and_survives_garbage() -> None:
                 writer.write(junk)
                 await writer.drain()
                 writer.close()
-            client = link.ReserveClient(address, timeout=0.3)
-            assert await client.reserve("prf_1", "c1", 2) == link.OK
-            assert await client.reserve("prf_1", "c2", 1) == link.BUSY
-            assert await client.reserve("prf_1", "slow", 2) == link.UNAVAILABLE   # no answer within the timeout
+            client = link.JournalClient(address, timeout=0.3)
+            assert (await client.reserve("prf_1", "c1", 2, 500)).result == link.OK
+            assert (await client.reserve("prf_1", "c2", 1)).result == link.BUSY
+            assert (await client.reserve("prf_1", "slow", 2)).result == link.UNAVAILABLE   # no answer in time
             answers = await asyncio.gather(*(client.reserve("prf_1", f"c{i}", 2) for i in range(3, 23)))
-            assert answers == [link.OK] * 20
-            assert [r.call_id for r in seen][:2] == ["c1", "c2"]
+            assert [a.result for a in answers] == [link.OK] * 20
+            broke = await client.fund("prf_1", "c1", 5000)
+            assert (broke.result, broke.balance) == (link.BROKE, 1000)
+            assert (await client.fund("prf_1", "c1", 10)).result == link.OK
+            assert isinstance(seen[0], link.Reserve) and (seen[0].call_id, seen[0].amount) == ("c1", 500)
             client.close()
+            # the control API's blocking requests (it runs in threads), each on a connection of its own
+            allocated = await asyncio.to_thread(link.ask_blocking, address, link.Allocate(1, "acc_1", "prf_1", "t1",
+                                                                                          250), 2.0)
+            assert (allocated.result, allocated.balance, allocated.account_balance) == (link.OK, 250, 7)
+            odd = await asyncio.to_thread(link.ask_blocking, address, link.TopUp(2, "acc_1", "e1", 5), 2.0)
+            assert odd.result == link.UNAVAILABLE      # an answer the asker does not know is no answer
         finally:
             server.close()
             await server.wait_closed()
         # the agent gone: refused at once, never waiting for the timeout
-        client = link.ReserveClient(address, timeout=5.0)
-        assert await asyncio.wait_for(client.reserve("prf_1", "c99", 2), 2.0) == link.UNAVAILABLE
+        client = link.JournalClient(address, timeout=5.0)
+        assert (await asyncio.wait_for(client.reserve("prf_1", "c99", 2), 2.0)).result == link.UNAVAILABLE
+        gone = await asyncio.to_thread(link.ask_blocking, address, link.TopUp(3, "acc_1", "e2", 5), 2.0)
+        assert gone.result == link.UNAVAILABLE
 
     asyncio.run(run())
 
@@ -135,11 +153,12 @@ def test_the_link_hears_only_the_nodes_own_user() -> None:
         address = f"\0sipedge-test-{os.getpid()}-journal-uid"
         asked: list[str] = []
 
-        async def handle(request: link.ReserveRequest) -> str:
+        async def handle(request: link.Request) -> link.Reply:
+            assert isinstance(request, link.Reserve)
             asked.append(request.call_id)
-            return link.OK
+            return link.Reply(request.id, link.OK)
 
-        server = await link.serve_reservations(address, handle)
+        server = await link.serve_requests(address, handle)
         try:
             # another local user (nobody) connects and asks for a channel: the agent closes on it
             child = await asyncio.create_subprocess_exec(
@@ -147,7 +166,7 @@ def test_the_link_hears_only_the_nodes_own_user() -> None:
             out, _ = await asyncio.wait_for(child.communicate(), 20)
             assert out.decode().strip() == "closed"
             assert asked == []
-            assert await link.ReserveClient(address, timeout=2).reserve("prf_1", "c1", 2) == link.OK
+            assert (await link.JournalClient(address, timeout=2).reserve("prf_1", "c1", 2)).result == link.OK
             assert asked == ["c1"]
         finally:
             server.close()
@@ -161,7 +180,8 @@ import os, socket, struct, sys
 os.setgid(65534); os.setuid(65534)
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.connect("\\0" + sys.argv[1])   # the abstract address (no NUL in argv)
-body = bytes([0x94, 1, 0xa5]) + b"prf_1" + bytes([0xa2]) + b"c9" + bytes([2])
+# a well-formed reservation (["reserve", 1, "prf_1", "c9", 2]): refused for who sent it, not for what
+body = bytes([0x95, 0xa7]) + b"reserve" + bytes([1, 0xa5]) + b"prf_1" + bytes([0xa2]) + b"c9" + bytes([2])
 try:
     s.sendall(struct.pack(">I", len(body)) + body)
     s.settimeout(5)
