@@ -213,7 +213,7 @@ class Node:
                                   advertise={"a": customer.media_advertise, "b": carrier.media_advertise})
 
         credit = CreditEngine(store, slice_seconds=cfg.credit.slice_seconds, bundle_minutes=cfg.credit.bundle_minutes,
-                              on_settle=outbox.add if cfg.cluster.enabled else None)
+                              on_settle=outbox.add if cfg.cluster.enabled else None, journaled=cfg.cluster.enabled)
         self.health = CarrierHealth(cfg.carriers, cfg.health, self.sip.transactions, self.local, self.registry,
                                     cfg.sip.domain, dns=cfg.dns, families=carrier.families)
         self.routing = routing = Routing(cfg.carriers, lambda profile_id: registrations.live(store, profile_id),
@@ -229,7 +229,8 @@ class Node:
             fence=cluster.fence if cluster is not None else None,
             cluster=cluster.reservations if cluster is not None else None)
         self.billing = Billing(store, credit, loop, hangup=self._hangup, flush_soon=sip.flush_soon,
-                               max_call_seconds=cfg.credit.max_call_seconds)
+                               max_call_seconds=cfg.credit.max_call_seconds,
+                               journal=cluster.reservations if cluster is not None else None)
         self.calls = CallController(
             tl=sip.transactions, dialogs=dialogs, local=self.local, admission=admission, routing=routing,
             media=CallMedia(self.media, cfg.media.rtp_timeout, {"customer": customer.srtp, "carrier": carrier.srtp}),

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 from edge.cluster import link, outbox
 from edge.cluster.fence import Fence
-from edge.cluster.link import ReserveClient
+from edge.cluster.link import JournalClient
 from edge.control import channels, numbers, profiles
-from edge.control.credit import CreditEngine, is_e164
+from edge.control.credit import CreditEngine, is_e164, minimum_charge
 from edge.control.errors import NotFound, StoreError
 from edge.control.models import Credential, LiveCall, Profile, Rate
 from edge.control.store import Store, Txn
@@ -79,7 +79,7 @@ class Admission:
     def __init__(self, store: Store, credit: CreditEngine, routing: Routing, auth: DigestAuth,
                  failures: FailureTracker, *, count_auth_failure: Callable[[str, str], None],
                  refuse_source: Callable[[str, str, str], None], profile_rate_limit: float,
-                 worker: int = 0, fence: Fence | None = None, cluster: ReserveClient | None = None) -> None:
+                 worker: int = 0, fence: Fence | None = None, cluster: JournalClient | None = None) -> None:
         self.store = store
         self.fence = fence      # a cluster node's lease (edge/cluster/fence.py); None: a node alone
         self.cluster = cluster  # a cluster node's reservations in the journal, through its agent
@@ -255,13 +255,25 @@ class Admission:
 
     async def reserve_in_cluster(self, a: Attempt, live: LiveCall) -> Reject | None:
         """A cluster node: the channel just seized here is reserved in the cluster's journal too,
-        checked there against the calls of the profile on every node (docs/cluster.md)."""
+        checked there against the calls of the profile on every node, with the money of the call's
+        first slice (docs/cluster.md "Money across nodes"). A balance that covers less than the
+        slice reserves what it covers; one below the minimum charge is a 402, as on a node alone."""
         assert self.cluster is not None and a.profile is not None
-        result = await self.cluster.reserve(a.profile.id, live.call_id, a.profile.channels)
-        if result == link.OK:
-            return None
-        if result == link.BUSY:
-            return _busy(a.profile)
+        amount = 0
+        if a.funding is not Funding.FREE and a.rate is not None:
+            _seconds, amount = self.credit.next_slice(live, a.rate)
+        for _ in range(RESERVE_ATTEMPTS):
+            reply = await self.cluster.reserve(a.profile.id, live.call_id, a.profile.channels, amount)
+            if reply.result == link.OK:
+                live.reserved = amount
+                return None
+            if reply.result == link.BUSY:
+                return _busy(a.profile)
+            if reply.result != link.BROKE or a.rate is None:
+                break
+            seconds, amount = self.credit.next_slice(live, a.rate, reply.balance)
+            if seconds <= 0 or amount < minimum_charge(a.rate):
+                return Reject("credit", 402, "insufficient credit for the minimum charge", record=True)
         return Reject("cluster", 503, "the cluster did not confirm a channel", (("Retry-After", "5"),))
 
     def unseize(self, live: LiveCall, *, reserved: bool) -> None:
@@ -276,6 +288,9 @@ class Admission:
             self.store.write(op, sync=False, grows=False)
         except StoreError as exc:
             log.error("call %s: its channel cannot be given back (%s)", live.call_id, exc)
+
+
+RESERVE_ATTEMPTS = 3   # a balance spent by another node meanwhile: ask again for what is left, bounded
 
 
 def _busy(prof: Profile) -> Reject:

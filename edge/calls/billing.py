@@ -11,19 +11,26 @@ Settlement commits at once without waiting for the disk (a process crash loses
 nothing); ``flush_soon`` asks the node's flusher for the fsync, so calls ending
 together share one (group commit). A settlement the store refuses (I/O error) keeps
 the call's channel and is retried every second, and by recovery at the next start.
+
+On a cluster node (``journal``) the money is the cluster journal's: the first slice was
+reserved there with the channel (admission.py), each later one is asked of the agent
+before the funded time runs out, and settlement leaves the cost in the outbox.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
 from typing import Protocol
 
+from edge.cluster import link
 from edge.control import cdrs, channels, ledger, profiles
 from edge.control.credit import CreditEngine
 from edge.control.errors import StoreError
-from edge.control.models import Cdr, LiveCall, Profile
+from edge.control.models import Cdr, LiveCall, Profile, Rate
 from edge.control.store import Store, Txn
 from edge.sip.transaction import Clock, TimerHandle
 
@@ -33,6 +40,8 @@ log = logging.getLogger("sipedge.calls")
 
 STORE_ERRORS = (StoreError,)
 RETRY_SETTLE_SECONDS = 1.0
+FUND_ATTEMPTS = 4           # a cluster slice: asked again for what the balance covers, or after an engine blip
+FUND_RETRY_SECONDS = 1.0    # ... the pause after no answer, while the funded time lasts
 CUT_OFF_REASON = 'SIP;cause=402;text="Credit exhausted"'
 STORE_REASON = 'SIP;cause=503;text="Call cannot be recorded"'
 
@@ -59,7 +68,8 @@ class Billing:
 
     def __init__(self, store: Store, credit: CreditEngine, clock: Clock, *, hangup: Hangup,
                  flush_soon: Callable[[], None], max_call_seconds: float,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time, journal: link.JournalClient | None = None) -> None:
+        """:param journal: a cluster node's link to its agent: slices are reserved in the journal."""
         self.store = store
         self.credit = credit
         self.clock = clock
@@ -71,6 +81,8 @@ class Billing:
         self._timers: dict[str, TimerHandle] = {}
         self._exhausted: set[str] = set()                 # calls that cannot be funded further
         self._unsettled: list[tuple[LiveCall, Call, float, int, EndReason, dict[str, int]]] = []
+        self.journal = journal
+        self._funding: dict[str, asyncio.Task[None]] = {}  # cluster: slices being asked of the journal
 
     @staticmethod
     def paid(call: Call) -> bool:
@@ -124,6 +136,9 @@ class Billing:
         live = call.live
         rate = call.rate
         assert live is not None and rate is not None
+        if self.journal is not None:
+            self._funding[call.id] = asyncio.ensure_future(self._extend_in_journal(call, live, rate, self.journal))
+            return
         before = live.funded_until
         try:
             after = self.store.write(lambda txn: self.credit.extend(txn, live, rate, self.wall()), sync=False,
@@ -135,6 +150,38 @@ class Billing:
         if before is None or after <= before:
             self._exhausted.add(call.id)       # nothing more: cut at the end of the funded time
         self._arm(call)
+
+    async def _extend_in_journal(self, call: Call, live: LiveCall, rate: Rate, journal: link.JournalClient) -> None:
+        """The next slice of a cluster node's call, reserved in the journal by the agent: as much of it
+        as the balance covers there; none (or no answer before the funded time ends) cuts the call."""
+        try:
+            assert live.answered_at is not None and live.funded_until is not None
+            have = live.funded_until - live.answered_at
+            seconds, amount = self.credit.next_slice(live, rate)
+            for _ in range(FUND_ATTEMPTS):
+                if seconds <= have:
+                    break
+                reply = await journal.fund(live.profile_id, live.call_id, amount) if amount > 0 else None
+                if reply is None or reply.result == link.OK:     # (a slice that costs nothing is not asked for)
+                    self.store.write(functools.partial(self.credit.funded, call=live, seconds=seconds,
+                                                       amount=amount), sync=False, grows=False)
+                    return
+                if reply.result == link.BROKE:
+                    seconds, amount = self.credit.next_slice(live, rate, reply.balance)
+                    continue
+                if live.funded_until is None or live.funded_until - self.wall() < 2 * FUND_RETRY_SECONDS:
+                    break
+                await asyncio.sleep(FUND_RETRY_SECONDS)
+            self._exhausted.add(call.id)       # nothing more: cut at the end of the funded time
+        except STORE_ERRORS as exc:
+            log.error("call %s: the store cannot record its next slice (%s): ending it", call.id, exc)
+            self._funding.pop(call.id, None)
+            self.hangup(call, EndReason.STORE_ERROR, reason_header=STORE_REASON)
+            return
+        finally:
+            if self._funding.get(call.id) is asyncio.current_task():
+                del self._funding[call.id]
+                self._arm(call)
 
     def _cut_off(self, call: Call) -> None:
         self.hangup(call, EndReason.CREDIT_EXHAUSTED, reason_header=CUT_OFF_REASON)
@@ -149,6 +196,9 @@ class Billing:
         timer = self._timers.pop(call.id, None)
         if timer is not None:
             timer.cancel()
+        funding = self._funding.pop(call.id, None)
+        if funding is not None:     # a slice the agent may still land: the journal's settle returns it
+            funding.cancel()
         self._exhausted.discard(call.id)
         live = call.live
         if live is None:

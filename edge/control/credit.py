@@ -130,12 +130,19 @@ class CreditEngine:
     """Admission, reservation and settlement of calls against one store."""
 
     def __init__(self, store: Store, *, slice_seconds: int = 60, bundle_minutes: int = 5000,
-                 on_settle: Callable[[Txn, LiveCall], None] | None = None) -> None:
-        """:param on_settle: also run in each settling transaction (a cluster node's journal outbox)."""
+                 on_settle: Callable[[Txn, LiveCall, int], None] | None = None, journaled: bool = False) -> None:
+        """:param on_settle: also run in each settling transaction, with the call's cost (a cluster
+            node's journal outbox).
+        :param journaled: the money of calls lives in the cluster's journal (docs/cluster.md "Money
+            across nodes"): this engine prices slices and calls and records what the journal
+            reserved in the call, and moves no balance -- the cluster agent writes the journal's
+            movements into the ledger. No bundle minutes (they are not in the journal yet).
+        """
         self.store = store
         self.slice_seconds = slice_seconds
         self.bundle_seconds_per_bundle = bundle_minutes * 60
         self.on_settle = on_settle
+        self.journaled = journaled
 
     # --------------------------------------------------------- admission
 
@@ -151,6 +158,8 @@ class CreditEngine:
         rate = rates.rate_for(self.store, callee)
         if rate is None:
             return Admission(ok=False, reason="no_rate")
+        if self.journaled:      # the journal decides, when the first slice is reserved (admission.py)
+            return Admission(ok=True, rate=rate)
         now = time.time() if now is None else now
         bundle = False
         if prof.us_bundles > 0 and is_us_number(callee) and not rates.is_bundle_excluded(self.store, callee):
@@ -181,9 +190,11 @@ class CreditEngine:
         """
         assert call.answered_at is not None
         call.rate = rate
-        prof = profiles.get(txn, call.profile_id)
         funded = (call.funded_until or call.answered_at) - call.answered_at
         target = funded + self.slice_seconds
+        if self.journaled:      # at answer: what the journal reserved with the channel (the first slice)
+            return self.funded(txn, call, self._affordable(call.reserved, call, rate, funded, target), 0)
+        prof = profiles.get(txn, call.profile_id)
         if call.funding == "bundle" and call.reserved == 0:  # still on bundle minutes
             # bundle seconds are counted like billed seconds (minimum and increment included)
             need = billed_seconds(target, rate) - call.bundle_seconds_reserved
@@ -194,7 +205,7 @@ class CreditEngine:
         for _ in range(2):  # a second pass uses what an auto-recharge just added
             if funded >= target:
                 break
-            best = self._affordable(prof, call, rate, funded, target)
+            best = self._affordable(prof.balance + call.reserved, call, rate, funded, target)
             if best <= funded:
                 break
             extra = self.cost(call, rate, best) - call.reserved
@@ -208,9 +219,28 @@ class CreditEngine:
         channels.update(txn, call)
         return call.funded_until
 
-    def _affordable(self, prof: Profile, call: LiveCall, rate: Rate, have: float, want: float) -> float:
-        """The most talk seconds in (have, want] whose price the balance plus reservation covers."""
-        budget = prof.balance + call.reserved
+    def next_slice(self, call: LiveCall, rate: Rate, balance: int | None = None) -> tuple[float, int]:
+        """A journaled call's next slice: (the talk seconds funded with it, the micro-units to reserve
+        for it), as much of it as ``balance`` covers beside what the call holds (None: all of it).
+        Before the answer, the first slice."""
+        funded = 0.0
+        if call.answered_at is not None and call.funded_until is not None:
+            funded = call.funded_until - call.answered_at
+        target = funded + self.slice_seconds
+        best = target if balance is None else self._affordable(balance + call.reserved, call, rate, funded, target)
+        return best, max(0, self.cost(call, rate, best) - call.reserved)
+
+    def funded(self, txn: Txn, call: LiveCall, seconds: float, amount: int) -> float:
+        """A journaled call got ``amount`` more reserved, funding ``seconds`` of talk: record it in
+        ``call``. :returns: its ``funded_until``."""
+        assert call.answered_at is not None
+        call.reserved += amount
+        call.funded_until = call.answered_at + seconds
+        channels.update(txn, call)
+        return call.funded_until
+
+    def _affordable(self, budget: int, call: LiveCall, rate: Rate, have: float, want: float) -> float:
+        """The most talk seconds in (have, want] whose price ``budget`` covers, else ``have``."""
         if self.cost(call, rate, want) <= budget:
             return want
         step = max(1, rate.increment_seconds)
@@ -226,8 +256,6 @@ class CreditEngine:
         """End ``call``: bill it, return the unused reservation and bundle seconds, free its
         channel and write its CDR, all in ``txn``."""
         channels.release(txn, call.profile_id, call.call_id)
-        if self.on_settle is not None:
-            self.on_settle(txn, call)
         talk = 0.0
         if call.answered_at is not None:
             # never bill past what was funded: the edge cuts the call there
@@ -239,8 +267,10 @@ class CreditEngine:
         if call.bundle_seconds_reserved > bundle_used and call.answered_at is not None:
             bundles.add_seconds(txn, call.profile_id, month_of(call.answered_at),
                                 bundle_used - call.bundle_seconds_reserved)
+        if self.on_settle is not None:
+            self.on_settle(txn, call, cost)
         prof = profiles.find(txn, call.profile_id)
-        if prof is not None:
+        if prof is not None and not self.journaled:
             if call.reserved:
                 ledger.move(txn, prof, call.reserved, "release", call.call_id)
             if cost:  # cost(talk) <= cost(funded) = reserved: the release covers it
