@@ -5,8 +5,10 @@ one writer in the engine. It connects to the engine, takes and renews the node's
 (edge/cluster/membership.py) and keeps the lease record of the node's LMDB
 (edge/cluster/fence.py) equal to what the membership believes, so that the workers admit calls
 only while the lease is held. It reserves the workers' channels in the profiles' journals
-(edge/cluster/channels.py, over edge/cluster/link.py) and appends the settlements they leave in
-the LMDB outbox. Its metrics (edge_cluster_*) join the node's /metrics like a worker's do.
+(edge/cluster/channels.py, over edge/cluster/link.py) with their calls' first slices, funds the
+later slices and the control API's top-ups and allocations (edge/cluster/money.py), appends the
+settlements they leave in the LMDB outbox, and writes the journal's movements into the node's
+ledger. Its metrics (edge_cluster_*) join the node's /metrics like a worker's do.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from . import fence, link
 from .channels import ClusterChannels
 from .engine import Engine
 from .membership import ClusterMetrics, Membership
+from .money import ClusterMoney
 
 log = logging.getLogger("sipedge.cluster")
 
@@ -65,7 +68,8 @@ class ClusterAgent:
         if resume is None:
             fence.clear(self.store)      # a record of an earlier run never admits for this one
         channels = ClusterChannels(engine, self.store, membership)
-        self.registry.register(_ChannelCounters(channels))
+        money = ClusterMoney(channels)
+        self.registry.register(_ChannelCounters(channels, money))
         Gauge("edge_cluster_channels_drift", "Calls the cluster's journal holds open for this node minus the calls "
               "its store accounts for (0 unless a reservation leaked; +-1 for a moment while a call starts or "
               "ends).", registry=self.registry).set_function(channels.drift)
@@ -73,11 +77,29 @@ class ClusterAgent:
             await membership.start(resume=resume)
             if resume is not None and membership.epoch != resume[0]:
                 log.warning("cluster: the lease of the previous agent had ended: the node's calls end")
-            await channels.start()
+            # the lease goes to the workers' record now and while the journals are replayed (a restarted
+            # agent must renew the record before the old one's belief ends, or the node's calls end)
+            mirror = asyncio.create_task(self._keep_mirroring(membership), name="cluster-mirror")
+            try:
+                await channels.start()
+                await money.start()
+            finally:
+                mirror.cancel()
             self._mirror(membership)
+
+            async def handle(request: link.Request) -> link.Reply:
+                if isinstance(request, link.Reserve):
+                    return await channels.reserve(request)
+                if isinstance(request, link.Fund):
+                    return await money.fund(request)
+                if isinstance(request, link.TopUp):
+                    return await money.top_up(request)
+                return await money.allocate(request)
+
             servers = [await asyncio.start_unix_server(self._serve_metrics, path=agent_address(self.key)),
-                       await link.serve_reservations(link.journal_address(self.key), channels.reserve)]
+                       await link.serve_requests(link.journal_address(self.key), handle)]
             tasks = [asyncio.create_task(channels.run_outbox(self._stop), name="cluster-outbox"),
+                     asyncio.create_task(money.run(self._stop), name="cluster-ledger"),
                      asyncio.create_task(channels.run_sweeps(self._stop), name="cluster-sweeps"),
                      asyncio.create_task(channels.run_publisher(self._stop), name="cluster-publisher")]
             self.ready()
@@ -91,7 +113,7 @@ class ClusterAgent:
             finally:
                 for server in servers:
                     server.close()
-                for task in tasks[1:]:   # sweeping and publishing: recovery work, the next agent does it
+                for task in tasks[2:]:   # sweeping and publishing: recovery work, the next agent does it
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
         finally:
@@ -100,6 +122,11 @@ class ClusterAgent:
                                           held_until=0.0, written_at=time.time(), agent=os.getpid()))
             await membership.stop(release=True)
             await engine.nc.close()
+
+    async def _keep_mirroring(self, membership: Membership) -> None:
+        while True:
+            self._mirror(membership)
+            await asyncio.sleep(MIRROR_PERIOD)
 
     def _resumable(self, record: fence.LeaseRecord | None) -> tuple[str, float] | None:
         """The lease of this node's previous agent, if it may go on: same node and boot, still
@@ -147,16 +174,24 @@ class ClusterAgent:
 class _ChannelCounters(Collector):
     """What the agent did with the node's channels, read at scrape time."""
 
-    def __init__(self, channels: ClusterChannels) -> None:
+    def __init__(self, channels: ClusterChannels, money: ClusterMoney) -> None:
         self.channels = channels
+        self.money = money
 
     def collect(self) -> Iterator[Metric]:
-        c = self.channels
-        reservations = CounterMetricFamily("edge_cluster_reservations", "Channel reservations the workers asked "
-                                           "for, by the journal's answer.", labels=["result"])
-        for result, n in (("ok", c.reserved), ("busy", c.refused), ("unavailable", c.unavailable)):
+        c, m = self.channels, self.money
+        reservations = CounterMetricFamily("edge_cluster_reservations", "Channel reservations (with the first "
+                                           "slice's money) the workers asked for, by the journal's answer.",
+                                           labels=["result"])
+        for result, n in (("ok", c.reserved), ("busy", c.refused), ("broke", c.broke),
+                          ("unavailable", c.unavailable)):
             reservations.add_metric([result], n)
         yield reservations
+        slices = CounterMetricFamily("edge_cluster_slices", "Later slices of calls the workers asked the journal "
+                                     "to fund, by its answer.", labels=["result"])
+        for result, n in (("ok", m.funded), ("broke", m.broke), ("unavailable", m.unavailable)):
+            slices.add_metric([result], n)
+        yield slices
         yield CounterMetricFamily("edge_cluster_settlements", "Settlements appended to the journal from the "
                                   "outbox.", value=c.settled)
         yield CounterMetricFamily("edge_cluster_recovered", "Open reservations of ended holders (dead nodes) "

@@ -3,10 +3,10 @@
 The workers seize a channel in the node's LMDB as a node alone does, then ask the agent
 (edge/cluster/link.py) to reserve it in the profile's journal (edge/cluster/journal.py), where
 the check "fewer open calls than ``channels``" sees the calls of every node: two nodes racing
-for the last channel, exactly one reservation lands. Settlements come back through the LMDB
-outbox (edge/cluster/outbox.py) and are appended here. The journal holds no money yet: a
-reservation is of 0 and a settlement costs 0 (money stays in each node's LMDB; docs/cluster.md
-"What is left").
+for the last channel, exactly one reservation lands. A reservation carries the money of the
+call's first slice (checked against the balance every node spends from), and settlements come
+back through the LMDB outbox (edge/cluster/outbox.py) with their cost and are appended here;
+edge/cluster/money.py writes the journal's movements into the node's ledger.
 
 A reservation names its holder, ``<node>.<epoch>``, and before a holder's first reservation of a
 profile the agent records the pair in the ``sipedge_reserved`` bucket. That index is what the
@@ -22,6 +22,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import msgspec
 from nats.errors import Error as NatsError
@@ -38,6 +39,7 @@ from .journal import (
     SNAPSHOT_BUCKET,
     AlreadySettled,
     ChannelsBusy,
+    InsufficientCredit,
     JournalRefused,
     JournalUnavailable,
     ProfileJournal,
@@ -53,7 +55,7 @@ SNAPSHOT_EVERY = 1_000          # events of a profile between two snapshots (bou
 OUTBOX_PERIOD = 0.05            # seconds between two looks at the outbox
 PUBLISH_PERIOD = 0.5            # seconds between two publications of the node's answered calls
 FINAL_DRAIN = 3.0               # seconds the last drain at stop may take (the supervisor waits 10 s)
-_FAILED = (JournalUnavailable, EngineUnavailable, NatsError, TimeoutError, OSError)
+FAILED = (JournalUnavailable, EngineUnavailable, NatsError, TimeoutError, OSError)
 
 
 class ClusterChannels:
@@ -78,8 +80,9 @@ class ClusterChannels:
         self._encode = msgspec.msgpack.Encoder().encode
         self._decoder = msgspec.msgpack.Decoder(LiveCall)
         self._snapshots: set[asyncio.Task[None]] = set()
+        self.on_change: Callable[[str], Any] = lambda profile_id: None   # a profile's journal moved (money.py)
         # counted for edge_cluster_reservations_total / _settlements_total / _recovered_total (agent.py)
-        self.reserved = self.refused = self.unavailable = self.settled = self.recovered = 0
+        self.reserved = self.refused = self.broke = self.unavailable = self.settled = self.recovered = 0
 
     @property
     def holder(self) -> str:
@@ -101,6 +104,11 @@ class ClusterChannels:
                     raise EngineUnavailable(f"cluster: the journal stream not ready in {wait:g} s ({exc!r})") from None
                 await asyncio.sleep(0.5)
 
+    @property
+    def journals(self) -> dict[str, ProfileJournal]:
+        """The profiles' journals opened (and folded) here."""
+        return self._journals
+
     async def journal(self, profile_id: str) -> ProfileJournal:
         found = self._journals.get(profile_id)
         if found is not None:
@@ -117,31 +125,42 @@ class ClusterChannels:
         self._journals[profile_id] = journal
         return journal
 
-    async def reserve(self, request: link.ReserveRequest) -> str:
-        """The handler of the workers' link: :data:`link.OK`, :data:`link.BUSY` or :data:`link.UNAVAILABLE`."""
+    async def reserve(self, request: link.Reserve) -> link.Reply:
+        """The workers' reservations: ``ok``, ``busy``, ``broke`` (with the balance) or ``unavailable``."""
+        def reply(result: str, balance: int = 0) -> link.Reply:
+            return link.Reply(request.id, result, balance)
+
         if not self.membership.holds_lease():
             self.unavailable += 1
-            return link.UNAVAILABLE
+            return reply(link.UNAVAILABLE)
         try:
             holder = self.holder
             await self._record_holder(holder, request.profile_id)
             journal = await self.journal(request.profile_id)
-            await journal.reserve(request.call_id, holder, 0, request.channels)
+            await journal.reserve(request.call_id, holder, request.amount, request.channels)
         except ChannelsBusy:
             self.refused += 1
-            return link.BUSY
+            return reply(link.BUSY)
+        except InsufficientCredit:
+            self.broke += 1
+            return reply(link.BROKE, journal.balance)
         except (JournalRefused, ValueError) as exc:     # a call id settled before, an invalid id
             log.warning("cluster: reservation of %s refused: %s", request.call_id, exc)
             self.unavailable += 1
-            return link.UNAVAILABLE
-        except _FAILED as exc:
+            return reply(link.UNAVAILABLE)
+        except FAILED as exc:
             log.warning("cluster: reservation of %s for %s failed (%s)", request.call_id, request.profile_id,
                         exc.__class__.__name__)
             self.unavailable += 1
-            return link.UNAVAILABLE
+            return reply(link.UNAVAILABLE)
         self.reserved += 1
+        self.moved(journal)
+        return reply(link.OK, journal.balance)
+
+    def moved(self, journal: ProfileJournal) -> None:
+        """An event of ``journal`` was appended here: a snapshot is due now and then, and the ledger follows."""
         self._maybe_snapshot(journal)
-        return link.OK
+        self.on_change(journal.state.profile_id)
 
     async def _record_holder(self, holder: str, profile_id: str) -> None:
         """The index entry "``holder`` may have open reservations of ``profile_id``", once per epoch."""
@@ -181,6 +200,7 @@ class ClusterChannels:
                 journal = await self.journal(profile_id)
                 done = await journal.settle_open(f"{node}.{epoch}")
                 settled += len(done)
+                self.on_change(profile_id)
                 await self._bye_legs_of(f"{node}.{epoch}", [d.call_id for d in done])
                 await self._index.delete(f"{node}.{epoch}.{profile_id}")
                 if done:
@@ -204,7 +224,7 @@ class ClusterChannels:
             self._published.add(key)
         for key in [k for k in self._published if k not in live]:
             self._published.discard(key)
-            with contextlib.suppress(KeyNotFoundError, *_FAILED):
+            with contextlib.suppress(KeyNotFoundError, *FAILED):
                 await self._calls.delete(key)
         return len(new)
 
@@ -232,19 +252,22 @@ class ClusterChannels:
         """A sweep every lease; a failed one is tried again at the next."""
         await _every(self.membership.lease_seconds, self.sweep, "sweep of ended holders", stop)
 
-    async def settle(self, profile_id: str, call_id: str) -> bool:
+    async def settle(self, profile_id: str, call_id: str, cost: int) -> bool:
         """:returns: True once the journal has the call settled (now or before), False to retry later."""
         try:
             journal = await self.journal(profile_id)
-            await journal.settle(call_id, 0)
+            held = _reserved(journal, call_id)
+            if cost > held and call_id in journal.state.calls:
+                log.error("cluster: call %s costs %d but holds %d in the journal: billed %d", call_id, cost, held, held)
+            await journal.settle(call_id, min(cost, held))
         except (AlreadySettled, UnknownCall):
             return True         # settled before (a retry, a recovery) or never reserved (refused, cancelled)
         except ValueError:
             return True         # not a journal id: nothing was ever reserved under it
-        except _FAILED:
+        except FAILED:
             return False
         self.settled += 1
-        self._maybe_snapshot(journal)
+        self.moved(journal)
         return True
 
     def drift(self) -> int:
@@ -261,7 +284,7 @@ class ClusterChannels:
         items = outbox.pending(self.store)
         if not items:
             return 0
-        results = await asyncio.gather(*(self.settle(p, c) for p, c in items))
+        results = await asyncio.gather(*(self.settle(p, c, cost) for p, c, cost in items))
         finished = [item for item, ok in zip(items, results, strict=True) if ok]
         outbox.done(self.store, finished)
         return len(finished)
@@ -293,8 +316,15 @@ class ClusterChannels:
     async def _snapshot(journal: ProfileJournal) -> None:
         try:
             await journal.save_snapshot()
-        except (SnapshotTooLarge, *_FAILED) as exc:
+        except (SnapshotTooLarge, *FAILED) as exc:
             log.warning("cluster: snapshot of %s not saved (%s)", journal.subject, exc)
+
+
+def _reserved(journal: ProfileJournal, call_id: str) -> int:
+    """What the journal holds for an open call (a cost is never above it: the edge bills only funded
+    time; the bound keeps a wrong cost from being refused for ever and the channel with it)."""
+    call = journal.state.calls.get(call_id)
+    return call.reserved if call is not None else 0
 
 
 async def _every(period: float, work: Callable[[], Awaitable[object]], what: str, stop: asyncio.Event) -> None:
@@ -302,7 +332,7 @@ async def _every(period: float, work: Callable[[], Awaitable[object]], what: str
     while not stop.is_set():
         try:
             await work()
-        except _FAILED as exc:
+        except FAILED as exc:
             log.info("cluster: %s postponed (%s)", what, exc.__class__.__name__)
         except Exception:
             log.exception("cluster: %s", what)

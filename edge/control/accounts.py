@@ -24,6 +24,12 @@ def get(txn: Txn, account_id: str) -> Account:
 
 
 @reads
+def find(txn: Txn, account_id: str) -> Account | None:
+    """The account, or None if it does not exist (any more)."""
+    return txn.get("accounts", account_id.encode(), Account)
+
+
+@reads
 def page(txn: Txn, *, after: str = "", limit: int | None = None) -> list[Account]:
     """Accounts in id order, those after ``after`` (a page cursor), at most ``limit``."""
     return txn.page_after_key("accounts", Account, after, limit)

@@ -1,0 +1,230 @@
+"""A cluster node's money in the engine's journal: the agent's side (docs/cluster.md "Money across nodes").
+
+Every balance of a cluster is the fold of its journal (edge/cluster/journal.py), which every node
+spends from with conditional appends: a call's first slice is reserved with its channel
+(channels.py), each later slice here (:meth:`ClusterMoney.fund`), and the control API's top-ups
+and allocations are appended here too (:meth:`top_up`, :meth:`allocate`), each with an id that
+moves its money once whichever node is asked again. No process of a cluster node moves a balance
+in LMDB itself: the agent writes the journal's movements into the node's ledger
+(:meth:`materialise`), so on every node a balance equals its ledger, and both follow the journal
+within a refresh period.
+
+A node joining with balances of its own (a node alone turned into a cluster node, or a copy of
+another node) enrols them once: a journal still empty gets a credit of the LMDB balance under the
+entry id ``enrol``, which lands once for the whole cluster (the copies' second tries are refused as
+applied). A node whose ledger differs from the journal when it first writes it (it joined later)
+is brought to the journal's balance by one ``cluster_sync`` entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from edge.control import accounts, ledger, profiles
+from edge.control.errors import InsufficientFunds, StoreError
+from edge.control.models import Account, Profile
+from edge.control.store import Store, Txn, u64
+
+from . import link
+from .channels import FAILED, ClusterChannels
+from .journal import AccountJournal, AlreadyApplied, InsufficientCredit, JournalRefused, ProfileJournal
+
+log = logging.getLogger("sipedge.cluster")
+
+MARKS = "cluster_money"
+WRITE_PERIOD = 0.1          # seconds between two writes of moved journals into the ledger
+REFRESH_PERIOD = 1.0        # seconds between two reads of what other nodes appended
+ENROL_ENTRY = "enrol"
+SYNC_KIND = "cluster_sync"
+# journal movement kinds -> the ledger's (edge/control/ledger.py)
+LEDGER_KINDS = {"transfer_in": "allocate_in", "transfer_out": "allocate_out"}
+
+
+class ClusterMoney:
+    """The journals of the node's accounts (its profiles' are :class:`ClusterChannels`'s) and their ledger."""
+
+    def __init__(self, channels: ClusterChannels) -> None:
+        self.channels = channels
+        self.store: Store = channels.store
+        self._accounts: dict[str, AccountJournal] = {}
+        self._moved_profiles: set[str] = set()
+        self._moved_accounts: set[str] = set()
+        channels.on_change = self._profile_moved
+        self.funded = self.broke = self.unavailable = 0    # slices (edge_cluster_slices_total)
+
+    def _profile_moved(self, profile_id: str) -> None:
+        self._moved_profiles.add(profile_id)
+
+    async def account(self, account_id: str) -> AccountJournal:
+        found = self._accounts.get(account_id)
+        if found is None:
+            found = await AccountJournal.open(self.channels.engine, account_id)
+            self._accounts.setdefault(account_id, found)
+        return self._accounts[account_id]
+
+    # ----------------------------------------------------------- start
+
+    async def start(self) -> None:
+        """Open the journal of every profile and account of the node's store, enrol the balances of
+        those still empty, finish transfers a crash cut in two, and write them all into the ledger."""
+        owners = self.store.read(lambda txn: (list(txn.values("profiles", Profile)),
+                                              list(txn.values("accounts", Account))))
+        for prof in owners[0]:
+            journal = await self.channels.journal(prof.id)
+            await self._enrol(journal, prof.balance)
+            self._moved_profiles.add(prof.id)
+        for acct in owners[1]:
+            account = await self.account(acct.id)
+            await self._enrol(account, acct.balance)
+            await account.complete_transfers(self.channels.journals)
+            self._moved_accounts.add(acct.id)
+        self.materialise()
+
+    @staticmethod
+    async def _enrol(journal: ProfileJournal | AccountJournal, balance: int) -> None:
+        if journal.state.slot or balance <= 0:
+            return
+        try:
+            await journal.credit(ENROL_ENTRY, balance, ENROL_ENTRY)
+            log.info("cluster: enrolled %s with the node's balance (%d micro-units)", journal.subject, balance)
+        except AlreadyApplied:
+            pass                # another node (a copy of this one) enrolled it first
+
+    # ------------------------------------------------------ on request
+
+    async def fund(self, request: link.Fund) -> link.Reply:
+        """A worker's next slice of an open call."""
+        if not self.channels.membership.holds_lease():
+            self.unavailable += 1
+            return link.Reply(request.id, link.UNAVAILABLE)
+        try:
+            journal = await self.channels.journal(request.profile_id)
+            await journal.extend(request.call_id, request.amount)
+        except InsufficientCredit:
+            self.broke += 1
+            return link.Reply(request.id, link.BROKE, journal.balance)
+        except (JournalRefused, ValueError, *FAILED) as exc:   # settled meanwhile (recovered), no engine
+            log.warning("cluster: slice of %s not funded (%s)", request.call_id, exc.__class__.__name__)
+            self.unavailable += 1
+            return link.Reply(request.id, link.UNAVAILABLE)
+        self.funded += 1
+        self.channels.moved(journal)
+        return link.Reply(request.id, link.OK, journal.balance)
+
+    async def top_up(self, request: link.TopUp) -> link.Reply:
+        """The control API's credit to a master balance: once per entry id, cluster-wide."""
+        try:
+            account = await self.account(request.account_id)
+            try:
+                await account.credit(request.entry_id, request.amount, "topup")
+            except AlreadyApplied:
+                pass            # asked again (a retry, another node): moved once
+        except (JournalRefused, ValueError, *FAILED) as exc:
+            log.warning("cluster: top-up of %s not appended (%s)", request.account_id, exc.__class__.__name__)
+            return link.Reply(request.id, link.UNAVAILABLE)
+        self._moved_accounts.add(request.account_id)
+        self.materialise()
+        return link.Reply(request.id, link.OK, account.balance)
+
+    async def allocate(self, request: link.Allocate) -> link.Reply:
+        """The control API's move of master balance to a profile: ``transfer_out`` then ``transfer_in``,
+        once per transfer id (a second ask completes a first one cut in two, moves nothing again)."""
+        try:
+            account = await self.account(request.account_id)
+            journal = await self.channels.journal(request.profile_id)
+            try:
+                await account.transfer_out(request.transfer_id, request.profile_id, request.amount)
+            except AlreadyApplied:
+                pass
+            except InsufficientCredit:
+                return link.Reply(request.id, link.BROKE, journal.balance, account.balance)
+            await journal.transfer_in(request.transfer_id, request.account_id, request.amount)
+        except (JournalRefused, ValueError, *FAILED) as exc:
+            log.warning("cluster: allocation to %s not appended (%s)", request.profile_id, exc.__class__.__name__)
+            return link.Reply(request.id, link.UNAVAILABLE)
+        self._moved_accounts.add(request.account_id)
+        self.channels.moved(journal)
+        self.materialise()
+        return link.Reply(request.id, link.OK, journal.balance, account.balance)
+
+    # ------------------------------------------------------- the ledger
+
+    def materialise(self) -> int:
+        """Write the movements of the journals that moved into the node's ledger, in one transaction.
+        :returns: the owners written."""
+        moved_p, self._moved_profiles = self._moved_profiles, set()
+        moved_a, self._moved_accounts = self._moved_accounts, set()
+        journals: list[tuple[str, ProfileJournal | AccountJournal]] = [
+            *((f"p:{p}", self.channels.journals[p]) for p in moved_p if p in self.channels.journals),
+            *((f"a:{a}", self._accounts[a]) for a in moved_a if a in self._accounts)]
+        if not journals:
+            return 0
+
+        def op(txn: Txn) -> None:
+            for mark, journal in journals:
+                _write_ledger(txn, mark, journal)
+
+        try:
+            self.store.write(op, sync=False, grows=False)
+        except StoreError as exc:     # written at the next period
+            log.error("cluster: the journal's movements cannot be written to the ledger (%s)", exc)
+            self._moved_profiles |= moved_p
+            self._moved_accounts |= moved_a
+            return 0
+        return len(journals)
+
+    async def refresh(self) -> None:
+        """Fold what other nodes appended to the journals open here (one request each when nothing did)."""
+        for profile_id, journal in list(self.channels.journals.items()):
+            if await journal.catch_up():
+                self._moved_profiles.add(profile_id)
+        for account_id, account in list(self._accounts.items()):
+            if await account.catch_up():
+                self._moved_accounts.add(account_id)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Write moved journals into the ledger every WRITE_PERIOD and read the others' every REFRESH_PERIOD."""
+        refreshed = time.monotonic()
+        while not stop.is_set():
+            if time.monotonic() - refreshed >= REFRESH_PERIOD:
+                refreshed = time.monotonic()
+                try:
+                    await self.refresh()
+                except FAILED as exc:
+                    log.info("cluster: reading the journals postponed (%s)", exc.__class__.__name__)
+            self.materialise()
+            try:
+                await asyncio.wait_for(stop.wait(), WRITE_PERIOD)
+            except TimeoutError:
+                pass
+        self.materialise()
+
+
+def _write_ledger(txn: Txn, mark: str, journal: ProfileJournal | AccountJournal) -> None:
+    """The journal's movements since the owner's mark as ledger entries; then the owner's balance
+    equals the journal's (a first write, or a gap, is closed by one ``cluster_sync`` entry)."""
+    owner: Profile | Account | None
+    if isinstance(journal, ProfileJournal):
+        owner = profiles.find(txn, journal.state.profile_id)
+    else:
+        owner = accounts.find(txn, journal.state.account_id)
+    if owner is None:
+        return                  # deleted here: its journal stays the cluster's record
+    raw = txn.get_raw(MARKS, mark.encode())
+    if raw is not None:
+        for entry in journal.entries_after(int.from_bytes(raw, "big")):
+            if not entry.amount:
+                continue
+            try:
+                ledger.move(txn, owner, entry.amount, LEDGER_KINDS.get(entry.kind, entry.kind), entry.ref)
+            except InsufficientFunds:
+                log.error("cluster: the ledger of %s differs from its journal: brought to the journal's balance",
+                          mark)
+                break
+    gap = journal.balance - owner.balance
+    if gap:
+        ledger.move(txn, owner, gap, SYNC_KIND, journal.subject)
+    txn.put_raw(MARKS, mark.encode(), u64(journal.state.last_seq))
+

@@ -1,0 +1,126 @@
+"""A cluster node's money without an engine (docs/cluster.md "Money across nodes"): the credit engine
+in journaled mode prices slices and moves no balance, and the agent's ledger writer turns a journal's
+movements into ledger entries so that balance = ledger on every node."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import msgspec
+import pytest
+
+from edge.cluster import journal as j
+from edge.cluster import outbox
+from edge.cluster.money import MARKS, SYNC_KIND, _write_ledger
+from edge.control import accounts, ledger, profiles, rates
+from edge.control.credit import CreditEngine
+from edge.control.models import LiveCall, Rate
+from edge.control.store import Store, Txn
+
+UK = Rate(prefix="44", rate=20_000, connect_fee=0, min_seconds=60, increment_seconds=6)    # 0.02/min
+
+
+@pytest.fixture
+def store(tmp_path) -> Iterator[Store]:
+    s = Store(tmp_path, map_size=64 << 20, durable=False)
+    rates.replace(s, [UK])
+    yield s
+    s.close()
+
+
+def a_profile(store: Store, balance: int = 0) -> str:
+    acct = accounts.create(store, "A", "a")
+    ledger.top_up(store, acct.id, 10_000_000)
+    prof, _ = profiles.create(store, acct.id, "P", 4, realm="sip.edge.test")
+    if balance:
+        ledger.allocate(store, prof.id, balance)
+    return prof.id
+
+
+def live_call(profile_id: str) -> LiveCall:
+    return LiveCall(call_id="c1", profile_id=profile_id, direction="outgoing", started_at=0.0, caller="u",
+                    callee="+442071234567", funding="credit", rate=UK)
+
+
+def test_journaled_admission_leaves_the_verdict_to_the_journal(store: Store) -> None:
+    engine = CreditEngine(store, journaled=True)
+    prof = profiles.get(store, a_profile(store))        # 0 here: another node's credit may be in the journal
+    assert engine.admit(prof, "+442071234567").ok
+    assert engine.admit(prof, "+81312345678").reason == "no_rate"
+
+
+def test_a_journaled_call_is_priced_from_what_the_journal_reserved_and_moves_no_balance(store: Store) -> None:
+    settled: list[tuple[str, int]] = []
+    engine = CreditEngine(store, slice_seconds=60, journaled=True,
+                          on_settle=lambda txn, call, cost: settled.append((call.call_id, cost)))
+    profile_id = a_profile(store, balance=500_000)
+    call = live_call(profile_id)
+    assert engine.next_slice(call, UK) == (60, 20_000)               # the first slice: 60 s for 0.02
+    assert engine.next_slice(call, UK, balance=12_000) == (0, 0)     # less than the 60 s minimum
+    store.write(lambda txn: txn.put("calls", b"x", call))
+    call.reserved = 20_000                                           # what the journal reserved at INVITE
+    call.answered_at = 100.0
+    assert store.write(lambda txn: engine.extend(txn, call, UK, 100.0)) == 160.0
+    # the next slice, as much as a balance of 0.01 covers beside the 0.02 held: 30 s more for 0.01
+    seconds, amount = engine.next_slice(call, UK, balance=10_000)
+    assert (seconds, amount) == (90, 10_000)
+    assert store.write(lambda txn: engine.funded(txn, call, seconds, amount)) == 190.0
+    assert call.reserved == 30_000
+    cdr = store.write(lambda txn: engine.settle(txn, call, UK, 175.0, status=200, end_reason="caller_bye"))
+    assert cdr.cost == 26_000 and settled == [("c1", 26_000)]
+    assert profiles.get(store, profile_id).balance == 500_000        # the agent writes the journal's movements
+    assert [e.kind for e in ledger.entries(store, f"profile:{profile_id}")] == ["allocate_in"]
+
+
+def fold(journal: j.ProfileJournal, *events: j.ProfileEvent) -> None:
+    for event in events:
+        slot = journal.state.slot + 1
+        journal._fold(journal.state.last_seq + 10, journal.slot_subject(slot), msgspec.json.encode(event), None)
+
+
+def ledger_kinds(store: Store, profile_id: str) -> list[tuple[str, int]]:
+    return [(e.kind, e.amount) for e in ledger.entries(store, f"profile:{profile_id}")]
+
+
+def test_the_ledger_follows_the_journal_and_balance_equals_ledger(store: Store) -> None:
+    profile_id = a_profile(store, balance=300_000)
+    journal = j.ProfileJournal(None, profile_id)   # type: ignore[arg-type]   (folded here, no engine)
+    fold(journal, j.Credit("enrol", 300_000, "enrol"), j.Reserve("c1", "edge-a.1", 20_000, 4))
+
+    def write(txn: Txn) -> None:
+        _write_ledger(txn, f"p:{profile_id}", journal)
+
+    store.write(write)      # the first write: the node's balance was the enrolment's, plus the reservation
+    assert profiles.get(store, profile_id).balance == 280_000
+    assert ledger_kinds(store, profile_id)[-1] == (SYNC_KIND, -20_000)
+    fold(journal, j.Extend("c1", 1, 20_000), j.Settle("c1", 26_000, False), j.TransferIn("t1", "acc", 50_000))
+    store.write(write)
+    assert ledger_kinds(store, profile_id)[-4:] == [
+        ("reserve", -20_000), ("release", 40_000), ("call", -26_000), ("allocate_in", 50_000)]
+    assert profiles.get(store, profile_id).balance == journal.balance == 324_000
+    store.write(write)      # nothing new: nothing written twice
+    assert len(ledger_kinds(store, profile_id)) == 6
+    balance, total = ledger.audit(store)[f"profile:{profile_id}"]
+    assert balance == total == 324_000
+    assert store.read(lambda txn: int.from_bytes(txn.get_raw(MARKS, f"p:{profile_id}".encode()) or b"", "big")) \
+        == journal.state.last_seq
+
+
+def test_a_ledger_that_differs_from_the_journal_is_brought_to_it(store: Store) -> None:
+    profile_id = a_profile(store, balance=100_000)
+    journal = j.ProfileJournal(None, profile_id)   # type: ignore[arg-type]
+    fold(journal, j.Credit("enrol", 100_000, "enrol"))
+    store.write(lambda txn: _write_ledger(txn, f"p:{profile_id}", journal))
+    # something spent here behind the journal's back (an older build): the journal's movements no longer fit
+    store.write(lambda txn: ledger.move(txn, profiles.get(txn, profile_id), -90_000, "call", "x"))
+    fold(journal, j.Reserve("c2", "edge-a.1", 60_000, 4))
+    store.write(lambda txn: _write_ledger(txn, f"p:{profile_id}", journal))
+    assert profiles.get(store, profile_id).balance == journal.balance == 40_000
+    balance, total = ledger.audit(store)[f"profile:{profile_id}"]
+    assert balance == total
+
+
+def test_the_outbox_carries_the_cost_to_the_journal(store: Store) -> None:
+    call = live_call(a_profile(store))
+    store.write(lambda txn: outbox.add(txn, call, 26_000))
+    assert outbox.pending(store) == [(call.profile_id, "c1", 26_000)]
