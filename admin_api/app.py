@@ -151,6 +151,7 @@ def create_app(
     registry: CollectorRegistry | None = None,
     settings: ApiConfig | None = None,
     exposition: CollectorRegistry | None = None,
+    journal: str | None = None,
 ) -> tuple[ASGIApp, CollectorRegistry]:
     """Build the ASGI app.
 
@@ -162,6 +163,8 @@ def create_app(
     :param settings: the ``[api]`` section (rate limits, metrics, webhooks); defaults if None.
     :param exposition: what ``/metrics`` serves (default: ``registry``); a node of several SIP
         workers serves ``registry`` and the workers' metrics added up (metrics.node_exposition).
+    :param journal: a cluster node's link to its agent (edge/cluster/link.py): top-ups and
+        allocations are appended to the cluster's journal through it.
     :returns: (ASGI app wrapped with the gate and request metrics, the registry).
     """
     if not token:
@@ -204,8 +207,8 @@ def create_app(
     app = Litestar(
         route_handlers=[healthz, metrics, openapi_json, *ROUTES, console.router()],
         state=State({"store": store, "registrar": registrar, "realm": realm or registrar, "registry": registry,
-                     "exposition": exposition, "audit": audit_log, "deliverer": deliverer, "openapi": None,
-                     "metrics_elsewhere": bool(cfg.metrics_listen)}),
+                     "journal": journal, "exposition": exposition, "audit": audit_log, "deliverer": deliverer,
+                     "openapi": None, "metrics_elsewhere": bool(cfg.metrics_listen)}),
         guards=[_guard],
         exception_handlers={
             ValidationException: problems.on_validation_error,

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+import uuid
+from collections.abc import Callable
 from typing import Annotated, Any, Literal, TypedDict
 
 import msgspec
@@ -20,6 +22,7 @@ from litestar.datastructures import State
 from litestar.openapi import ResponseSpec
 from litestar.params import Parameter, QueryParameter
 
+from edge.cluster import link
 from edge.control import (
     accounts,
     audit,
@@ -36,7 +39,7 @@ from edge.control import (
     webhooks,
 )
 from edge.control import cdrs as cdr_store
-from edge.control.errors import Invalid, NotFound
+from edge.control.errors import ClusterUnavailable, ClusterUnsupported, InsufficientFunds, Invalid, NotFound
 from edge.control.models import AutoRecharge
 from edge.control.money import format_money, parse_money
 from edge.control.store import Store, Txn
@@ -108,6 +111,9 @@ AfterId = Parameter(default="", max_length=64, description="last id of the previ
 Id = Parameter(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:+-]+$")
 
 
+JOURNAL_TIMEOUT = 10.0     # seconds a cluster node's movement may take in the engine (an election: 2-5 s)
+
+
 def _store(state: State) -> Store:
     return state.store
 
@@ -132,11 +138,18 @@ def _amount(text: str) -> int:
 
 
 def _money_move(request: Request[Any, Any, Any], state: State, body: CreditRequest, fn: Any,
-                render: Any) -> Response[bytes]:
-    """Run a money-moving operation, once per ``Idempotency-Key`` when the header is present."""
+                render: Any, *, in_journal: Callable[[str], None] | None = None) -> Response[bytes]:
+    """Run a money-moving operation, once per ``Idempotency-Key`` when the header is present.
+
+    :param in_journal: a cluster node's movement (given its move id), appended to the cluster's
+        journal through the agent before ``fn`` -- then a read of what it moved -- runs; the move id
+        comes from the key, so the same key on any node moves the money once.
+    """
     store = _store(state)
     key = request.headers.get("idempotency-key")
     if key is None:
+        if in_journal is not None:
+            in_journal(uuid.uuid4().hex)
         status, payload = render(store.write(fn))
         return Response(payload, status_code=status, media_type="application/json")
     if not 1 <= len(key) <= 255:
@@ -144,9 +157,24 @@ def _money_move(request: Request[Any, Any, Any], state: State, body: CreditReque
     fingerprint = hashlib.sha256(
         f"{request.method} {request.url.path} ".encode() + _json.encode(body)
     ).hexdigest()
+    if in_journal is not None:
+        # a key reused for another request is refused before anything moves; a replay here moves nothing
+        prior = store.read(lambda txn: idempotency.prior(txn, key, fingerprint))
+        if prior is None:
+            in_journal(hashlib.sha256(f"{request.url.path} {key}".encode()).hexdigest()[:40])
     status, payload, replayed = idempotency.run_once(store, key, fingerprint, fn, render)
     headers = {"Idempotent-Replayed": "true"} if replayed else {}
     return Response(payload, status_code=status, media_type="application/json", headers=headers)
+
+
+def _journal_move(state: State, request: link.TopUp | link.Allocate) -> None:
+    """Append a cluster node's top-up or allocation through its agent (edge/cluster/money.py)."""
+    reply = link.ask_blocking(state.journal, request, JOURNAL_TIMEOUT)
+    if reply.result == link.BROKE:
+        raise InsufficientFunds("the master balance is lower than the allocation", field="amount")
+    if reply.result != link.OK:
+        raise ClusterUnavailable("the cluster's engine did not confirm the movement; ask again with the same "
+                                 "Idempotency-Key")
 
 
 # ------------------------------------------------------------------ accounts
@@ -202,6 +230,12 @@ def put_admin_password(account_id: str, data: AdminPassword, state: State) -> No
 def credit_account(account_id: str, data: CreditRequest, request: Request[Any, Any, Any],
                    state: State) -> AccountOut:
     amount = _amount(data.amount)
+    if state.journal is not None:      # a cluster node: the master balance is the journal's
+        accounts.get(_store(state), account_id)
+        return _money_move(request, state, data, lambda txn: AccountOut.of(accounts.get(txn, account_id)),
+                           lambda out: (200, _json.encode(out)),
+                           in_journal=lambda move_id: _journal_move(
+                               state, link.TopUp(0, account_id, move_id, amount)))  # type: ignore[return-value]
 
     def op(txn: Txn) -> AccountOut:
         return AccountOut.of(ledger.top_up(txn, account_id, amount, ref=request.headers.get("idempotency-key", "")))
@@ -292,6 +326,9 @@ def patch_profile(profile_id: str, data: ProfilePatch, state: State) -> ProfileO
         description="Its credit returns to the account; refused with `profile_has_live_calls` during calls.",
         **THREAD)
 def delete_profile(profile_id: str, state: State) -> None:
+    if state.journal is not None and profiles.get(_store(state), profile_id).balance:
+        raise ClusterUnsupported("a cluster node cannot yet return a profile's credit to its account: "
+                                 "delete it once its balance is 0")
     profiles.delete(_store(state), profile_id)
 
 
@@ -322,6 +359,17 @@ def credit_profile(profile_id: str, data: CreditRequest, request: Request[Any, A
         return ProfileCreditOut(profile_id=prof.id, account_id=acct.id, balance=format_money(prof.balance),
                                 account_balance=format_money(acct.balance))
 
+    def read(txn: Txn) -> ProfileCreditOut:
+        prof = profiles.get(txn, profile_id)
+        acct = accounts.get(txn, prof.account_id)
+        return ProfileCreditOut(profile_id=prof.id, account_id=acct.id, balance=format_money(prof.balance),
+                                account_balance=format_money(acct.balance))
+
+    if state.journal is not None:      # a cluster node: both balances are the journal's
+        account_id = profiles.get(_store(state), profile_id).account_id
+        return _money_move(request, state, data, read, lambda out: (200, _json.encode(out)),
+                           in_journal=lambda move_id: _journal_move(
+                               state, link.Allocate(0, account_id, profile_id, move_id, amount)))  # type: ignore[return-value]
     return _money_move(request, state, data, op, lambda out: (200, _json.encode(out)))  # type: ignore[return-value]
 
 
@@ -333,6 +381,8 @@ def put_auto_recharge(profile_id: str, data: AutoRechargeRequest, state: State) 
                             min_balance=parse_money(data.min_balance))
     if settings.enabled and settings.amount <= 0:
         raise Invalid("amount must be greater than zero when auto-recharge is enabled", field="amount")
+    if state.journal is not None and (settings.enabled or settings.min_balance):
+        raise ClusterUnsupported("auto-recharge is not yet available on a cluster node")
     ledger.set_auto_recharge(_store(state), profile_id, settings)
     return _profile_out(state, profile_id)
 
@@ -341,6 +391,8 @@ def put_auto_recharge(profile_id: str, data: AutoRechargeRequest, state: State) 
      summary="US minute bundles", description="Never more than the profile's channels (`bundles_exceed_channels`).",
      **THREAD)
 def put_bundles(profile_id: str, data: BundlesRequest, state: State) -> ProfileOut:
+    if state.journal is not None and data.us_bundles:
+        raise ClusterUnsupported("US minute bundles are not yet available on a cluster node")
     profiles.set_bundles(_store(state), profile_id, data.us_bundles)
     return _profile_out(state, profile_id)
 

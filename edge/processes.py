@@ -452,6 +452,7 @@ async def _api(cfg: Config, args: argparse.Namespace) -> None:
     from admin_api.metrics import build_registry, node_exposition
 
     from .cluster.agent import agent_address
+    from .cluster.link import journal_address
     from .node import ApiServer, admin_token, open_store
     from .sip.workers import metrics_address, node_key
 
@@ -463,7 +464,8 @@ async def _api(cfg: Config, args: argparse.Namespace) -> None:
         services = [agent_address(key)] if cfg.cluster.enabled else []
         exposition = node_exposition(registry, [metrics_address(key, k) for k in range(args.count)], services)
         app, _ = create_app(store, admin_token(cfg, data_dir), registrar=cfg.sip.domain, settings=cfg.api,
-                            registry=registry, exposition=exposition)
+                            registry=registry, exposition=exposition,
+                            journal=journal_address(key) if cfg.cluster.enabled else None)
         server = ApiServer(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                                           loop="asyncio"))
         loop = asyncio.get_running_loop()

@@ -157,6 +157,21 @@ class SignInLocked(RateLimited):
     title = "Sign-in locked after repeated failures"
 
 
+class ClusterUnsupported(Conflict):
+    """What a cluster node does not do yet (docs/cluster.md "What is left"): refused, nothing changed."""
+
+    code = "cluster_unsupported"
+
+
+class ClusterUnavailable(DomainError):
+    """A cluster node's agent did not confirm the movement in the engine (docs/cluster.md): it may
+    still land, and the same request again (the same ``Idempotency-Key``) moves the money once."""
+
+    status = 503
+    code = "cluster_unavailable"
+    title = "The cluster did not confirm the movement"
+
+
 class StoreError(DomainError):
     """The store could not take a write; nothing of it was written (the transaction aborted)."""
 

@@ -9,7 +9,7 @@ from typing import TypeVar
 
 from .errors import IdempotencyKeyReused
 from .models import IdempotentResult
-from .store import Txn, writes
+from .store import Txn, reads, writes
 
 T = TypeVar("T")
 
@@ -42,6 +42,15 @@ def run_once(
     txn.put("idempotency", idem_key.encode(),
             IdempotentResult(fingerprint=fingerprint, status=status, body=body, created_at=time.time()))
     return status, body, False
+
+
+@reads
+def prior(txn: Txn, idem_key: str, fingerprint: str) -> IdempotentResult | None:
+    """The stored answer of ``idem_key``, if any. :raises IdempotencyKeyReused: it was another request's."""
+    found = txn.get("idempotency", idem_key.encode(), IdempotentResult)
+    if found is not None and found.fingerprint != fingerprint:
+        raise IdempotencyKeyReused("Idempotency-Key was already used for a different request")
+    return found
 
 
 @writes(grows=False)

@@ -92,21 +92,25 @@ class RingingCarrier:
         self.rtp.close()
 
 
-def journal_channels(cluster: NatsCluster, profile_id: str) -> int:
-    async def read() -> int:
+def journal_of(cluster: NatsCluster, profile_id: str) -> ProfileJournal:
+    """The profile's journal, replayed from the engine by a process of its own (the test's)."""
+    async def read() -> ProfileJournal:
         engine = await Engine.connect(ClusterConfig(node="probe", engine=cluster.urls, lease_seconds=3))
         try:
-            journal = await ProfileJournal.open(engine, profile_id)
-            return journal.state.channels_in_use
+            return await ProfileJournal.open(engine, profile_id)
         finally:
             await engine.nc.close()
 
     return asyncio.run(read())
 
 
+def journal_channels(cluster: NatsCluster, profile_id: str) -> int:
+    return journal_of(cluster, profile_id).state.channels_in_use
+
+
 def cluster_nodes(engines: list[list[str]], carrier: RingingCarrier, tmp_path_factory: pytest.TempPathFactory, *,
-                  channels: int, lease: float = 3.0, ports: int = 16000,
-                  workers: int = 2) -> Iterator[tuple[list[EdgeProcess], dict]]:
+                  channels: int, lease: float = 3.0, ports: int = 16000, workers: int = 2,
+                  credit: str = "5.00") -> Iterator[tuple[list[EdgeProcess], dict]]:
     """Nodes edge-a, edge-b, ... reaching the engine at ``engines[i]``, and a profile of ``channels``
     all of them know (each node after the first starts on a hot backup of the first's store)."""
 
@@ -130,7 +134,7 @@ def cluster_nodes(engines: list[list[str]], carrier: RingingCarrier, tmp_path_fa
             if i == 0:
                 with node.client() as api:
                     api.put("/v1/rates", json={"rates": [{"prefix": "44", "rate": "0.0200"}]})
-                prof = new_profile(node, channels=channels)
+                prof = new_profile(node, channels=channels, credit=credit)
         yield nodes, prof
     finally:
         for node in nodes:
@@ -139,9 +143,9 @@ def cluster_nodes(engines: list[list[str]], carrier: RingingCarrier, tmp_path_fa
 
 def node_pair(engine_a: list[str], engine_b: list[str], carrier: RingingCarrier,
               tmp_path_factory: pytest.TempPathFactory, *, channels: int, lease: float = 3.0,
-              ports: int = 16000) -> Iterator[tuple[EdgeProcess, EdgeProcess, dict]]:
+              ports: int = 16000, credit: str = "5.00") -> Iterator[tuple[EdgeProcess, EdgeProcess, dict]]:
     nodes = cluster_nodes([engine_a, engine_b], carrier, tmp_path_factory, channels=channels, lease=lease,
-                          ports=ports)
+                          ports=ports, credit=credit)
     (a, b), prof = next(nodes)
     try:
         yield a, b, prof
