@@ -177,6 +177,23 @@ def recovery_cdrs(node: EdgeProcess, prof: dict) -> int:
     return sum(c["end_reason"] == "recovery" for c in api_get(node, f"/v1/profiles/{prof['id']}/cdrs")["items"])
 
 
+def invite_at_once(nodes: tuple[EdgeProcess, ...], prof: dict, carrier: RingingCarrier,
+                   per_node: int) -> tuple[list[Pbx], list[dict], list[int | None]]:
+    """``per_node`` authenticated INVITEs through each node, back to back; the carrier rings what
+    reaches it. :returns: the PBXs, their dialogs and each one's final status (None: ringing)."""
+    pbxs = [Pbx(node) for node in nodes for _ in range(per_node)]
+    dialogs = [pbx.invite(prof, CALLEE) for pbx in pbxs]
+    assert all(d["first"].status == 407 for d in dialogs)
+    carrier.take(timeout=4.0)
+    finals: list[int | None] = []
+    for pbx in pbxs:
+        try:
+            finals.append(pbx.recv_final(timeout=0.5).status)
+        except TimeoutError:
+            finals.append(None)
+    return pbxs, dialogs, finals
+
+
 def ring(node: EdgeProcess, prof: dict, carrier: RingingCarrier, count: int) -> list[Pbx]:
     """``count`` calls through ``node``, each ringing at the carrier (every INVITE must get through)."""
     pbxs = []

@@ -19,6 +19,7 @@ from clusternodes import (
     CALLEE,
     RingingCarrier,
     drift,
+    invite_at_once,
     journal_channels,
     metric_sum,
     node_pair,
@@ -27,7 +28,7 @@ from clusternodes import (
 )
 from edgeproc import EdgeProcess, node_children
 from natscluster import NatsCluster
-from test_calls_raw import Pbx, api_get, wait_for
+from test_calls_raw import api_get, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -44,17 +45,8 @@ def nodes(engine_cluster: NatsCluster, carrier: RingingCarrier,
 def test_two_nodes_never_put_more_calls_than_channels_on_the_carrier(
         nodes: tuple[EdgeProcess, EdgeProcess, dict], carrier: RingingCarrier, engine_cluster: NatsCluster) -> None:
     a, b, prof = nodes
-    pbxs = [Pbx(node) for node in (a, b) for _ in range(PER_NODE)]
+    pbxs, _dialogs, finals = invite_at_once((a, b), prof, carrier, PER_NODE)    # None: ringing, holds a channel
     try:
-        dialogs = [pbx.invite(prof, CALLEE) for pbx in pbxs]     # 2 x 3 authenticated INVITEs, back to back
-        assert all(d["first"].status == 407 for d in dialogs)
-        carrier.take(timeout=4.0)
-        finals = []
-        for pbx in pbxs:
-            try:
-                finals.append(pbx.recv_final(timeout=0.5).status)
-            except TimeoutError:
-                finals.append(None)        # ringing: the call holds a channel
         assert len(carrier.ringing) == CHANNELS, finals
         assert sorted(s for s in finals if s is not None) == [486] * (2 * PER_NODE - CHANNELS)
         assert journal_channels(engine_cluster, prof["id"]) == CHANNELS
@@ -71,8 +63,8 @@ def test_two_nodes_never_put_more_calls_than_channels_on_the_carrier(
         (seen,) = [c for c in json.loads(status.stdout)["channels"] if c["profile"] == prof["id"]]
         assert seen["open"] == CHANNELS and sum(seen["holders"].values()) == CHANNELS
         carrier.refuse_all()
-        for pbx, status in zip(pbxs, finals, strict=True):
-            if status is None:
+        for pbx, final in zip(pbxs, finals, strict=True):
+            if final is None:
                 assert pbx.recv_final(timeout=5).status == 486
         assert wait_for(lambda: journal_channels(engine_cluster, prof["id"]) == 0, timeout=10)
         for node in (a, b):

@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from decimal import Decimal
 
 import pytest
-from clusternodes import CALLEE, RingingCarrier, journal_of, metric_sum, node_pair
+from clusternodes import RingingCarrier, invite_at_once, journal_of, metric_sum, node_pair
 from edgeproc import EdgeProcess
 from natscluster import NatsCluster
-from test_calls_raw import Pbx, api_get, wait_for
+from test_calls_raw import api_get, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -61,16 +61,8 @@ def test_calls_through_both_nodes_never_spend_more_than_the_balance(
     a, b, prof = nodes
     start = journal_of(engine_cluster, prof["id"])
     assert start.balance == money(CREDIT) == sum(e.amount for e in start.entries())
-    pbxs = [Pbx(node) for node in (a, b) for _ in range(PER_NODE)]
+    pbxs, dialogs, finals = invite_at_once((a, b), prof, carrier, PER_NODE)   # None: ringing, its slice reserved
     try:
-        dialogs = [pbx.invite(prof, CALLEE) for pbx in pbxs]     # 2 x 3 authenticated INVITEs, back to back
-        carrier.take(timeout=4.0)
-        finals = []
-        for pbx in pbxs:
-            try:
-                finals.append(pbx.recv_final(timeout=0.5).status)
-            except TimeoutError:
-                finals.append(None)        # ringing: its first slice is reserved
         # 0.05 funds two first slices (0.02 each) and 30 s of a third, whichever nodes asked first;
         # then the balance is 0, below the minimum charge, for the other three
         assert len(carrier.ringing) == 3, finals
