@@ -60,11 +60,6 @@ class ClusterLab(Lab):
         if up:   # a link set down loses its routes with the address kept: the /24 comes back with it
             ip("-n", self.ns[name], "route", "replace", f"{NET}.0/24", "dev", "eth0")
 
-    def cut(self, name: str, peers: list[str], cut: bool) -> None:
-        """Packets from ``name`` to ``peers`` dropped (blackhole routes), or let through again."""
-        for peer in peers:
-            ip("-n", self.ns[name], "route", "del" if not cut else "add", "blackhole", f"{self.addr[peer]}/32")
-
 
 def engine(lab: ClusterLab, root: Path) -> NatsCluster:
     names = [f"e{i}" for i in range(len(ENGINES))]
