@@ -40,7 +40,7 @@ from edge.control import (
 )
 from edge.control import cdrs as cdr_store
 from edge.control.errors import ClusterUnavailable, ClusterUnsupported, InsufficientFunds, Invalid, NotFound
-from edge.control.models import AutoRecharge
+from edge.control.models import Account, AutoRecharge, Profile
 from edge.control.money import format_money, parse_money
 from edge.control.store import Store, Txn
 from edge.control.tables import parse_rates_csv, rate_from_fields
@@ -354,16 +354,16 @@ def credit_profile(profile_id: str, data: CreditRequest, request: Request[Any, A
                    state: State) -> ProfileCreditOut:
     amount = _amount(data.amount)
 
-    def op(txn: Txn) -> ProfileCreditOut:
-        prof, acct = ledger.allocate(txn, profile_id, amount, ref=request.headers.get("idempotency-key", ""))
+    def out(prof: Profile, acct: Account) -> ProfileCreditOut:
         return ProfileCreditOut(profile_id=prof.id, account_id=acct.id, balance=format_money(prof.balance),
                                 account_balance=format_money(acct.balance))
 
+    def op(txn: Txn) -> ProfileCreditOut:
+        return out(*ledger.allocate(txn, profile_id, amount, ref=request.headers.get("idempotency-key", "")))
+
     def read(txn: Txn) -> ProfileCreditOut:
         prof = profiles.get(txn, profile_id)
-        acct = accounts.get(txn, prof.account_id)
-        return ProfileCreditOut(profile_id=prof.id, account_id=acct.id, balance=format_money(prof.balance),
-                                account_balance=format_money(acct.balance))
+        return out(prof, accounts.get(txn, prof.account_id))
 
     if state.journal is not None:      # a cluster node: both balances are the journal's
         account_id = profiles.get(_store(state), profile_id).account_id

@@ -28,7 +28,7 @@ from typing import Protocol
 
 from edge.cluster import link
 from edge.control import cdrs, channels, ledger, profiles
-from edge.control.credit import CreditEngine
+from edge.control.credit import CreditEngine, funded_seconds
 from edge.control.errors import StoreError
 from edge.control.models import Cdr, LiveCall, Profile, Rate
 from edge.control.store import Store, Txn
@@ -155,8 +155,7 @@ class Billing:
         """The next slice of a cluster node's call, reserved in the journal by the agent: as much of it
         as the balance covers there; none (or no answer before the funded time ends) cuts the call."""
         try:
-            assert live.answered_at is not None and live.funded_until is not None
-            have = live.funded_until - live.answered_at
+            have = funded_seconds(live)
             seconds, amount = self.credit.next_slice(live, rate)
             for _ in range(FUND_ATTEMPTS):
                 if seconds <= have:

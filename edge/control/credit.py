@@ -115,6 +115,13 @@ def month_of(ts: float) -> str:
     return time.strftime("%Y-%m", time.gmtime(ts))
 
 
+def funded_seconds(call: LiveCall) -> float:
+    """The talk time ``call``'s reservations cover so far (0 before its answer)."""
+    if call.answered_at is None or call.funded_until is None:
+        return 0.0
+    return call.funded_until - call.answered_at
+
+
 @dataclass(slots=True)
 class Admission:
     """Why a call may (or may not) start: its rate and how it will be funded."""
@@ -190,7 +197,7 @@ class CreditEngine:
         """
         assert call.answered_at is not None
         call.rate = rate
-        funded = (call.funded_until or call.answered_at) - call.answered_at
+        funded = funded_seconds(call)
         target = funded + self.slice_seconds
         if self.journaled:      # at answer: what the journal reserved with the channel (the first slice)
             return self.funded(txn, call, self._affordable(call.reserved, call, rate, funded, target), 0)
@@ -223,9 +230,7 @@ class CreditEngine:
         """A journaled call's next slice: (the talk seconds funded with it, the micro-units to reserve
         for it), as much of it as ``balance`` covers beside what the call holds (None: all of it).
         Before the answer, the first slice."""
-        funded = 0.0
-        if call.answered_at is not None and call.funded_until is not None:
-            funded = call.funded_until - call.answered_at
+        funded = funded_seconds(call)
         target = funded + self.slice_seconds
         best = target if balance is None else self._affordable(balance + call.reserved, call, rate, funded, target)
         return best, max(0, self.cost(call, rate, best) - call.reserved)
