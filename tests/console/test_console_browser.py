@@ -263,8 +263,9 @@ def test_the_seed_walk_in_a_browser(edge: EdgeProcess, accounts: dict[str, Any],
         assert ECHO in text(driver, "live-calls")
         shoot(driver, shots, "profile-live-call")
         call.hangup(timeout=10)
-        wait(driver, 15).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#live-calls tr.no-calls"))
-        assert "0 / 10" in text(driver, "channels-in-use")
+        # the list and the count come from one refresh: wait for one that shows the call gone from both
+        wait(driver, 15).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#live-calls tr.no-calls")
+                               and "0 / 10" in text(d, "channels-in-use"))
         assert marker.is_displayed()    # the same page all along: the live part was refreshed in place
 
         # a second call, ended from the page (the API's hang-up: BYE to both legs, settled as usual)
@@ -274,8 +275,9 @@ def test_the_seed_walk_in_a_browser(edge: EdgeProcess, accounts: dict[str, Any],
         click(driver, driver.find_element(By.CSS_SELECTOR, "#live-calls button.hangup").get_attribute("id"))
         assert "Hang-up sent" in driver.page_source
         assert second.wait_state("DISCONNECTED", 10) == "DISCONNECTED"
-        wait(driver, 15).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#live-calls tr.no-calls"))
-        assert "0 / 10" in text(driver, "channels-in-use")
+        # the list and the count come from one refresh: wait for one that shows the call gone from both
+        wait(driver, 15).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#live-calls tr.no-calls")
+                               and "0 / 10" in text(d, "channels-in-use"))
 
     # its CDR, with a time filter and the API's CSV export; the ledger and its CSV
     driver.get(f"{edge.base}/console/profiles/{profile_id}/cdrs")
