@@ -30,6 +30,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from edge import __version__
+from edge.cluster.provisioning import Replicator
 from edge.config import ApiConfig
 from edge.control.errors import DomainError
 from edge.control.store import Store
@@ -164,12 +165,15 @@ def create_app(
     :param exposition: what ``/metrics`` serves (default: ``registry``); a node of several SIP
         workers serves ``registry`` and the workers' metrics added up (metrics.node_exposition).
     :param journal: a cluster node's link to its agent (edge/cluster/link.py): top-ups and
-        allocations are appended to the cluster's journal through it.
+        allocations are appended to the cluster's journal through it, and every provisioning
+        write goes through the engine (edge/cluster/provisioning.py).
     :returns: (ASGI app wrapped with the gate and request metrics, the registry).
     """
     if not token:
         raise ValueError("the control API needs a non-empty admin token")
     cfg = settings or ApiConfig()
+    if journal is not None:      # a cluster node: what it provisions is the cluster's
+        store.replicator = Replicator(store, journal)
     registry = registry or build_registry(store, per_profile=cfg.metrics_per_profile)
     exposition = exposition or registry
     api_metrics = ApiMetrics(registry)

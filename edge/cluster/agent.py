@@ -8,7 +8,8 @@ only while the lease is held. It reserves the workers' channels in the profiles'
 (edge/cluster/channels.py, over edge/cluster/link.py) with their calls' first slices, funds the
 later slices and the control API's top-ups and allocations (edge/cluster/money.py), appends the
 settlements they leave in the LMDB outbox, and writes the journal's movements into the node's
-ledger. Its metrics (edge_cluster_*) join the node's /metrics like a worker's do.
+ledger. It appends the control API's provisioning changes and applies every node's to the store
+(edge/cluster/provisioning.py). Its metrics (edge_cluster_*) join the node's /metrics like a worker's do.
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from edge.config import Config
 from edge.control.errors import StoreError
 from edge.control.store import Store
 
-from . import fence, link
+from . import fence, link, provisioning
 from .channels import ClusterChannels
 from .engine import Engine
 from .membership import ClusterMetrics, Membership
@@ -69,7 +70,8 @@ class ClusterAgent:
             fence.clear(self.store)      # a record of an earlier run never admits for this one
         channels = ClusterChannels(engine, self.store, membership)
         money = ClusterMoney(channels)
-        self.registry.register(_ChannelCounters(channels, money))
+        applier = provisioning.Applier(engine, self.store, on_new=money.follow)
+        self.registry.register(_ChannelCounters(channels, money, applier))
         Gauge("edge_cluster_channels_drift", "Calls the cluster's journal holds open for this node minus the calls "
               "its store accounts for (0 unless a reservation leaked; +-1 for a moment while a call starts or "
               "ends).", registry=self.registry).set_function(channels.drift)
@@ -80,9 +82,18 @@ class ClusterAgent:
             # the lease goes to the workers' record now and while the journals are replayed (a restarted
             # agent must renew the record before the old one's belief ends, or the node's calls end)
             mirror = asyncio.create_task(self._keep_mirroring(membership), name="cluster-mirror")
+            follow: asyncio.Task[None] | None = None
             try:
                 await channels.start()
+                # the cluster's provisioning first: its profiles and accounts are the ones whose money follows
+                await provisioning.ensure_stream(engine)
+                follow = asyncio.create_task(applier.run(self._stop), name="cluster-provisioning")
+                await applier.catch_up()
                 await money.start()
+            except BaseException:
+                if follow is not None:
+                    follow.cancel()
+                raise
             finally:
                 mirror.cancel()
             self._mirror(membership)
@@ -94,6 +105,8 @@ class ClusterAgent:
                     return await money.fund(request)
                 if isinstance(request, link.TopUp):
                     return await money.top_up(request)
+                if isinstance(request, link.Provision):
+                    return await applier.provision(request)
                 return await money.allocate(request)
 
             servers = [await asyncio.start_unix_server(self._serve_metrics, path=agent_address(self.key)),
@@ -101,7 +114,8 @@ class ClusterAgent:
             tasks = [asyncio.create_task(channels.run_outbox(self._stop), name="cluster-outbox"),
                      asyncio.create_task(money.run(self._stop), name="cluster-ledger"),
                      asyncio.create_task(channels.run_sweeps(self._stop), name="cluster-sweeps"),
-                     asyncio.create_task(channels.run_publisher(self._stop), name="cluster-publisher")]
+                     asyncio.create_task(channels.run_publisher(self._stop), name="cluster-publisher"),
+                     follow]
             self.ready()
             try:
                 while not self._stop.is_set():
@@ -174,9 +188,10 @@ class ClusterAgent:
 class _ChannelCounters(Collector):
     """What the agent did with the node's channels, read at scrape time."""
 
-    def __init__(self, channels: ClusterChannels, money: ClusterMoney) -> None:
+    def __init__(self, channels: ClusterChannels, money: ClusterMoney, applier: provisioning.Applier) -> None:
         self.channels = channels
         self.money = money
+        self.applier = applier
 
     def collect(self) -> Iterator[Metric]:
         c, m = self.channels, self.money
@@ -194,5 +209,14 @@ class _ChannelCounters(Collector):
         yield slices
         yield CounterMetricFamily("edge_cluster_settlements", "Settlements appended to the journal from the "
                                   "outbox.", value=c.settled)
+        changes = CounterMetricFamily("edge_cluster_provisioning_changes", "Provisioning changes of this node's "
+                                      "control API appended to the engine (ok), or that lost their slot to "
+                                      "another node's and ran again (lost).", labels=["result"])
+        changes.add_metric(["ok"], self.applier.published)
+        changes.add_metric(["lost"], self.applier.lost)
+        yield changes
+        yield GaugeMetricFamily("edge_cluster_provisioning_slot", "The last change of the cluster's provisioning "
+                                "applied to this node's store (equal on every node once they caught up).",
+                                value=self.applier.slot)
         yield CounterMetricFamily("edge_cluster_recovered", "Open reservations of ended holders (dead nodes) "
                                   "this node settled.", value=c.recovered)

@@ -25,7 +25,7 @@ import msgspec
 
 log = logging.getLogger("sipedge.cluster")
 
-MAX_FRAME = 4096
+MAX_FRAME = 1 << 20             # bytes: a provisioning change (edge/cluster/provisioning.py) is at most 900 KB
 RESERVE_TIMEOUT = 5.0           # seconds a call waits for its channel in the journal, then 503 (an election: 2-5 s)
 _LENGTH = struct.Struct(">I")
 
@@ -75,7 +75,16 @@ class Allocate(msgspec.Struct, tag="allocate", array_like=True):
     amount: int
 
 
-Request = Reserve | Fund | TopUp | Allocate
+class Provision(msgspec.Struct, tag="provision", array_like=True):
+    """A change of the cluster's provisioning (edge/cluster/provisioning.py) for ``slot``, if still empty:
+    answered ``ok`` once applied on this node, ``busy`` if another change took the slot."""
+
+    id: int
+    slot: int
+    change: bytes
+
+
+Request = Reserve | Fund | TopUp | Allocate | Provision
 
 
 class Reply(msgspec.Struct, array_like=True):
@@ -83,6 +92,7 @@ class Reply(msgspec.Struct, array_like=True):
     result: str
     balance: int = 0            # the profile's (or, for a top-up, the account's) balance in the journal
     account_balance: int = 0    # an allocation's account balance in the journal
+    slot: int = 0               # a provisioning change's slot
 
 
 def journal_address(key: str) -> str:
@@ -195,7 +205,7 @@ def _same_user(writer: asyncio.StreamWriter) -> bool:
     return True
 
 
-def ask_blocking(address: str, request: TopUp | Allocate, timeout: float) -> Reply:
+def ask_blocking(address: str, request: TopUp | Allocate | Provision, timeout: float) -> Reply:
     """The control API's side (its handlers run in threads): one request on a connection of its own.
     No answer within ``timeout`` is :data:`UNAVAILABLE` -- the event may still land, and asking again
     with the same entry or transfer id moves the money once."""

@@ -82,6 +82,19 @@ class ClusterMoney:
             self._moved_accounts.add(acct.id)
         self.materialise()
 
+    async def follow(self, account_ids: list[str], profile_ids: list[str]) -> None:
+        """Accounts and profiles the cluster's provisioning just brought to this node: their journals'
+        balances come into its ledger from now on (the first write closes the gap: ``cluster_sync``)."""
+        try:
+            for account_id in account_ids:
+                await self.account(account_id)
+                self._moved_accounts.add(account_id)
+            for profile_id in profile_ids:
+                await self.channels.journal(profile_id)
+                self._moved_profiles.add(profile_id)
+        except FAILED as exc:       # opened on first use then (a call, the API's credit)
+            log.warning("cluster: journals of new profiles not opened yet (%s)", exc.__class__.__name__)
+
     @staticmethod
     async def _enrol(journal: ProfileJournal | AccountJournal, balance: int) -> None:
         if journal.state.slot or balance <= 0:

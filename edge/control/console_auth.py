@@ -98,7 +98,7 @@ def set_admin_password(store: Store, account_id: str, password: str) -> None:
         acct_now = accounts.get(txn, account_id)
         txn.put("console_passwords", account_id.encode(), rec)
         txn.delete("console_signins", acct_now.admin.encode())
-        _end_where(txn, lambda s: s.account_id == account_id)
+        end_sessions_of(txn, account_id)
 
     store.write(op)
 
@@ -195,6 +195,11 @@ def open_key_session(store: Store, key_id: str, *, account_id: str | None = None
 
 def _expired(s: ConsoleSession, now: float) -> bool:
     return now - s.last_seen > SESSION_IDLE or now - s.created_at > SESSION_MAX
+
+
+def end_sessions_of(txn: Txn, account_id: str) -> None:
+    """End every console session of ``account_id`` in this store (its password changed)."""
+    _end_where(txn, lambda s: s.account_id == account_id)
 
 
 def _end_where(txn: Txn, pred: Callable[[ConsoleSession], bool]) -> None:

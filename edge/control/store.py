@@ -62,7 +62,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast
 
 import lmdb
 import msgspec
@@ -131,6 +131,12 @@ def key(*parts: str | bytes) -> bytes:
 def new_id(prefix: str) -> str:
     """A random record id such as ``acc_1f0c9a...`` (16 hex digits)."""
     return f"{prefix}_{secrets.token_hex(8)}"
+
+
+class Replicator(Protocol):
+    """Takes a store's writes (:attr:`Store.replicator`): a cluster node's control API."""
+
+    def write(self, fn: Callable[[Txn], T], *, sync: bool, grows: bool) -> T: ...
 
 
 class Txn:
@@ -221,9 +227,8 @@ class Txn:
     def delete_where(self, db: str, prefix: bytes, pred: Callable[[bytes], bool] | None = None) -> int:
         """Delete the records under ``prefix`` whose raw value satisfies ``pred`` (all if None)."""
         dead = [k for k, v in self.scan(db, prefix) if pred is None or pred(v)]
-        handle = self.store._db[db]
         for k in dead:
-            self.raw.delete(k, db=handle)
+            self.delete(db, k)
         return len(dead)
 
     def page_after_key(self, db: str, cls: type[T], after: str = "", limit: int | None = None) -> list[T]:
@@ -340,6 +345,8 @@ class Store:
         self.lock_waits = SimpleNamespace(writes=0, seconds=0.0, max=0.0)
         self._used_at = -FILL_TTL           # monotonic time of the last measure; < now - TTL: stale
         self._latch = threading.Lock()
+        #: a cluster node's control API: takes every write (edge/cluster/provisioning.py)
+        self.replicator: Replicator | None = None
         self._full = False                  # in a "store full" episode (logged once)
         self._broken = False                # in a "store unavailable" episode (logged once)
 
@@ -365,7 +372,17 @@ class Store:
             return fn(Txn(self, raw, False))
 
     def write(self, fn: Callable[[Txn], T], *, sync: bool = True, grows: bool = True) -> T:
-        """Run ``fn`` in one write transaction: committed if it returns, aborted if it raises.
+        """Run ``fn`` in one write transaction: committed if it returns, aborted if it raises
+        (see :meth:`write_here`). On a cluster node's control API, :attr:`replicator` takes the
+        write: what ``fn`` changes in the cluster's provisioning goes through the engine
+        (edge/cluster/provisioning.py)."""
+        if self.replicator is not None:
+            return self.replicator.write(fn, sync=sync, grows=grows)
+        return self.write_here(fn, sync=sync, grows=grows)
+
+    def write_here(self, fn: Callable[[Txn], T], *, sync: bool = True, grows: bool = True,
+                   txn: type[Txn] | None = None) -> T:
+        """Run ``fn`` in one write transaction of this node's LMDB: committed if it returns, aborted if it raises.
 
         :param sync: flush to disk before returning (money, API answers). Call-path soft
             state passes False: ~10 µs instead of an fsync (~0.4 ms here).
@@ -377,6 +394,7 @@ class Store:
         :raises StoreUnavailable: LMDB failed (I/O error, ...); nothing was written — or,
             if only the fsync after the commit failed, the change is committed but may not
             be on disk.
+        :param txn: the transaction class ``fn`` gets (a recording one, for the replicator).
         """
         if grows and self.used_bytes() > self.limit:
             raise self._refuse(self._used)
@@ -389,7 +407,7 @@ class Store:
             if waited > self.lock_waits.max:
                 self.lock_waits.max = waited
             with begun as raw:
-                result = fn(Txn(self, raw, True))
+                result = fn((txn or Txn)(self, raw, True))
                 if grows and (sync or self._used > self.limit - self.reserve):
                     used = self._measure(raw)
                     if used > self.limit:
