@@ -109,14 +109,15 @@ class ClusterChannels:
         """The profiles' journals opened (and folded) here."""
         return self._journals
 
-    async def journal(self, profile_id: str) -> ProfileJournal:
+    async def journal(self, profile_id: str, *, new: bool = False) -> ProfileJournal:
+        """:param new: a profile just created: its journal holds a few events at most (ProfileJournal.open)."""
         found = self._journals.get(profile_id)
         if found is not None:
             return found
         task = self._opening.get(profile_id)
         if task is None:   # one replay per profile, however many calls wait for it
             task = self._opening[profile_id] = asyncio.create_task(
-                ProfileJournal.open(self.engine, profile_id, snapshot=True))
+                ProfileJournal.open(self.engine, profile_id, snapshot=not new, new=new))
         try:
             journal = await asyncio.shield(task)
         finally:

@@ -690,10 +690,15 @@ class ProfileJournal(_Journal[ProfileState, ProfileEvent]):
                          deadline=deadline)
 
     @classmethod
-    async def open(cls, engine: Engine, profile_id: str, *, snapshot: bool = False,
+    async def open(cls, engine: Engine, profile_id: str, *, snapshot: bool = False, new: bool = False,
                    deadline: float = APPEND_DEADLINE) -> ProfileJournal:
-        """The profile's journal, replayed (from its snapshot first if ``snapshot``)."""
+        """The profile's journal, replayed (from its snapshot first if ``snapshot``); one of a profile
+        just created (``new``: a few events at most) is read slot by slot instead, without the
+        consumer a replay makes."""
         journal = cls(engine, profile_id, deadline=deadline)
+        if new:
+            await journal.catch_up()
+            return journal
         if snapshot:
             await journal.load_snapshot()
         await journal.replay()
@@ -814,9 +819,11 @@ class AccountJournal(_Journal[AccountState, AccountEvent]):
                          deadline=deadline)
 
     @classmethod
-    async def open(cls, engine: Engine, account_id: str, *, deadline: float = APPEND_DEADLINE) -> AccountJournal:
+    async def open(cls, engine: Engine, account_id: str, *, new: bool = False,
+                   deadline: float = APPEND_DEADLINE) -> AccountJournal:
+        """As :meth:`ProfileJournal.open`."""
         journal = cls(engine, account_id, deadline=deadline)
-        await journal.replay()
+        await (journal.catch_up() if new else journal.replay())
         return journal
 
     def _apply(self, event: AccountEvent, seq: int) -> list[Entry]:

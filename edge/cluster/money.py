@@ -57,10 +57,10 @@ class ClusterMoney:
     def _profile_moved(self, profile_id: str) -> None:
         self._moved_profiles.add(profile_id)
 
-    async def account(self, account_id: str) -> AccountJournal:
+    async def account(self, account_id: str, *, new: bool = False) -> AccountJournal:
         found = self._accounts.get(account_id)
         if found is None:
-            found = await AccountJournal.open(self.channels.engine, account_id)
+            found = await AccountJournal.open(self.channels.engine, account_id, new=new)
             self._accounts.setdefault(account_id, found)
         return self._accounts[account_id]
 
@@ -87,10 +87,10 @@ class ClusterMoney:
         balances come into its ledger from now on (the first write closes the gap: ``cluster_sync``)."""
         try:
             for account_id in account_ids:
-                await self.account(account_id)
+                await self.account(account_id, new=True)
                 self._moved_accounts.add(account_id)
             for profile_id in profile_ids:
-                await self.channels.journal(profile_id)
+                await self.channels.journal(profile_id, new=True)
                 self._moved_profiles.add(profile_id)
         except FAILED as exc:       # opened on first use then (a call, the API's credit)
             log.warning("cluster: journals of new profiles not opened yet (%s)", exc.__class__.__name__)

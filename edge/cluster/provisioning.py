@@ -54,7 +54,8 @@ DUPLICATE_WINDOW = 120.0
 WRONG_LAST_SEQUENCE = 10071
 MARK = b"cluster_config"         # meta: the last slot applied to this store
 MAX_CHANGE = 900_000             # bytes of one change (the engine's max_payload is 1 MB)
-ATTEMPTS = 8                     # an API write run again after losing its slot
+WRITE_DEADLINE = 10.0            # seconds an API write may keep losing its slot to other nodes' (then 503)
+ATTEMPTS = 500                   # and at most this many runs
 APPLY_TIMEOUT = 10.0             # seconds the API waits for its node to apply a change (an election: 2-5 s)
 PUBLISH_ATTEMPTS = 5             # one slot's publish, again with the same Msg-Id after no answer
 
@@ -169,7 +170,10 @@ class Replicator:
                 raise _Ship(result, txn.rows, txn.local, txn.get_u64("meta", MARK))
             return result
 
+        deadline = time.monotonic() + WRITE_DEADLINE
         for _ in range(ATTEMPTS):
+            if time.monotonic() > deadline:
+                break
             try:
                 return self.store.write_here(recorded, sync=sync, grows=grows, txn=RecordingTxn)
             except _Ship as ship:
@@ -235,6 +239,7 @@ class Applier:
         self.slot = applied(store)
         self._moved = asyncio.Condition()
         self._decoder = msgspec.msgpack.Decoder(Change)
+        self._following: set[asyncio.Task[None]] = set()   # held here: the loop keeps only weak references
         self.published = self.lost = self.applied = 0
 
     async def provision(self, request: link.Provision) -> link.Reply:
@@ -255,6 +260,8 @@ class Applier:
                 if await self._landed(change.id, request.slot):
                     break                    # our earlier try took it
                 self.lost += 1
+                # answered once the winner's change is applied here: the API runs its write again at once
+                await self.wait(request.slot, APPLY_TIMEOUT)
                 return link.Reply(request.id, link.BUSY)
             except (NatsTimeoutError, TimeoutError, NoStreamResponseError) as exc:
                 log.info("cluster: change %s to slot %d without an answer (%s), attempt %d", change.id,
@@ -352,7 +359,10 @@ class Applier:
             self.slot = slot
             self._moved.notify_all()
         if (new[0] or new[1]) and self.on_new is not None:
-            await self.on_new(*new)
+            # opening their journals takes round trips: the next change is not kept waiting for them
+            task = asyncio.create_task(self.on_new(*new), name="cluster-provisioning-follow")
+            self._following.add(task)
+            task.add_done_callback(self._following.discard)
 
 
 def _apply_change(txn: Txn, change: Change, new: tuple[list[str], list[str]]) -> None:
