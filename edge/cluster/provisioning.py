@@ -29,7 +29,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 import msgspec
@@ -232,7 +232,7 @@ class Applier:
     """
 
     def __init__(self, engine: Engine, store: Store,
-                 on_new: Callable[[list[str], list[str]], Awaitable[None]] | None = None) -> None:
+                 on_new: Callable[[list[str], list[str]], Coroutine[Any, Any, None]] | None = None) -> None:
         self.engine = engine
         self.store = store
         self.on_new = on_new

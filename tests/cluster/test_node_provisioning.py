@@ -61,7 +61,7 @@ def test_what_one_node_provisions_the_other_has_for_its_next_call(
     on_a = wait_for(lambda: seen_on(a, f"/v1/profiles/{prof['id']}"), timeout=5)
     assert (on_a["name"], on_a["channels"], on_a["sip_username"], on_a["numbers"]) == (
         "PBX", 2, prof["sip_username"], ["+442070000101"])
-    assert wait_for(lambda: balance(a, f"/v1/profiles/{prof['id']}") == 1, timeout=5), api_get(a, f"/v1/profiles/{prof['id']}")
+    assert wait_for(lambda: balance(a, f"/v1/profiles/{prof['id']}") == 1, timeout=5)
     assert wait_for(lambda: balance(a, f"/v1/accounts/{acct['id']}") == 9, timeout=5)
     assert seen_on(a, f"/v1/profiles/{prof['id']}/credentials") == seen_on(b, f"/v1/profiles/{prof['id']}/credentials")
 
@@ -89,46 +89,43 @@ def test_what_one_node_provisions_the_other_has_for_its_next_call(
         assert wait_for(lambda node=node: balance(node, f"/v1/profiles/{prof['id']}") == 1, timeout=5)
 
 
+def at_once(*requests: tuple[EdgeProcess, str, dict]) -> list[int]:
+    """POST each (node, path, body) at the same instant, each from its own thread: their statuses."""
+    go = threading.Barrier(len(requests))
+    statuses: list[int] = [0] * len(requests)
+
+    def post(i: int) -> None:
+        node, path, body = requests[i]
+        go.wait()
+        statuses[i] = call(node, "POST", path, json=body).status_code
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return statuses
+
+
 def test_two_nodes_buying_the_same_number_at_once_sell_it_once(nodes: list[EdgeProcess]) -> None:
     a, b = nodes
     acct = call(a, "POST", "/v1/accounts", json={"name": "Race", "admin": "prov.race"}).json()
-    wait_for(lambda: seen_on(b, f"/v1/accounts/{acct['id']}"), timeout=5)
     other = call(b, "POST", "/v1/accounts", json={"name": "Race 2", "admin": "prov.race2"}).json()
-    wait_for(lambda: seen_on(a, f"/v1/accounts/{other['id']}"), timeout=5)
+    wait_for(lambda: seen_on(b, f"/v1/accounts/{acct['id']}") and seen_on(a, f"/v1/accounts/{other['id']}"),
+             timeout=5)
     for i in range(6):
         number = f"+44207000020{i}"
-        answers: dict[str, int] = {}
-        go = threading.Barrier(2)
-
-        def buy(node: EdgeProcess, account: dict, name: str, number: str = number) -> None:
-            go.wait()
-            answers[name] = call(node, "POST", f"/v1/accounts/{account['id']}/numbers",
-                                 json={"number": number}).status_code
-
-        threads = [threading.Thread(target=buy, args=(a, acct, "a")), threading.Thread(target=buy, args=(b, other, "b"))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-        assert sorted(answers.values()) == [201, 409], (number, answers)
-        winner = acct if answers["a"] == 201 else other
+        statuses = at_once((a, f"/v1/accounts/{acct['id']}/numbers", {"number": number}),
+                           (b, f"/v1/accounts/{other['id']}/numbers", {"number": number}))
+        assert sorted(statuses) == [201, 409], (number, statuses)
+        winner = acct if statuses[0] == 201 else other
         for node in (a, b):       # both nodes sold it to the same account
-            owned = wait_for(lambda node=node: seen_on(node, f"/v1/accounts/{winner['id']}/numbers"), timeout=5)
+            owned = wait_for(lambda node=node, winner=winner: seen_on(node, f"/v1/accounts/{winner['id']}/numbers"),
+                             timeout=5)
             assert number in [n["number"] for n in owned]
     # the same admin login on both nodes at once: one account
-    logins: list[int] = []
-    go2 = threading.Barrier(2)
-
-    def create(node: EdgeProcess) -> None:
-        go2.wait()
-        logins.append(call(node, "POST", "/v1/accounts", json={"name": "Twin", "admin": "prov.twin"}).status_code)
-
-    twins = [threading.Thread(target=create, args=(n,)) for n in (a, b)]
-    for t in twins:
-        t.start()
-    for t in twins:
-        t.join(30)
-    assert sorted(logins) == [201, 409]
+    twin = {"name": "Twin", "admin": "prov.twin"}
+    assert sorted(at_once((a, "/v1/accounts", twin), (b, "/v1/accounts", twin))) == [201, 409]
 
 
 def test_a_rate_table_loaded_on_one_node_rates_the_next_call_on_the_other(nodes: list[EdgeProcess]) -> None:
@@ -139,7 +136,8 @@ def test_a_rate_table_loaded_on_one_node_rates_the_next_call_on_the_other(nodes:
     for node in (a, b):          # the whole new table (three chunks) or the old one, never a mix
         rate = wait_for(lambda node=node: seen_on(node, "/v1/rates/lookup?number=%2B4904999123"), timeout=5)
         assert Decimal(rate["rate"]) == Decimal("0.01")
-        assert Decimal(seen_on(node, f"/v1/rates/lookup?number={CALLEE.replace('+', '%2B')}")["rate"]) == Decimal("0.03")
+        uk = seen_on(node, f"/v1/rates/lookup?number={CALLEE.replace('+', '%2B')}")
+        assert Decimal(uk["rate"]) == Decimal("0.03")
 
 
 def test_a_node_that_joins_empty_gets_the_whole_provisioning(
