@@ -1,9 +1,9 @@
 """schemathesis against a live ``sipedge serve`` (issue 14): every operation of /openapi.json fuzzed
 (examples, coverage, fuzzing and stateful phases: the document's OpenAPI links from each create to
 the reads, changes and deletes of what it created, and those schemathesis infers from the ids that
-answers carry), with a fixed seed and at most 8 examples per operation so the run stays bounded
-(the run is capped at 90 s). No 5xx, every status and content type documented, every body conforms to its schema,
-Allow headers right, auth enforced.
+answers carry), with a fixed seed and at most 4 examples per operation so the run stays bounded
+(the run is capped at 60 s: the suite has a 20-minute budget). No 5xx, every status and content
+type documented, every body conforms to its schema, Allow headers right, auth enforced.
 
 Not run: ``positive_data_acceptance`` and ``negative_data_rejection``. The first expects any
 schema-valid body to be accepted, but the API refuses schema-valid input for business rules (an ip
@@ -49,9 +49,9 @@ def test_schemathesis_finds_nothing(tmp_path: Path) -> None:
         assert check_links(doc) >= 20
         run = subprocess.run(
             [str(st), "run", edge.base + "/openapi.json", "-H", f"Authorization: Bearer {TOKEN}",
-             "--max-examples", "6", "--seed", "1", "--workers", "1", "--no-shrink", "--max-failures", "20",
+             "--max-examples", "4", "--seed", "1", "--workers", "1", "--no-shrink", "--max-failures", "20",
              "--checks", "all", "--exclude-checks", "positive_data_acceptance,negative_data_rejection",
-             "--request-timeout", "10", "--max-time", "90"],
+             "--request-timeout", "10", "--max-time", "60"],
             capture_output=True, text=True, timeout=300, cwd=tmp_path)
     (tmp_path / "schemathesis.txt").write_text(run.stdout + run.stderr)
     assert run.returncode == 0, run.stdout[-20000:] + run.stderr[-3000:]

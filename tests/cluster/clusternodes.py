@@ -9,8 +9,8 @@ know the same profile.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -23,7 +23,7 @@ from natscluster import NatsCluster
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sip"))
 from rawsip import sdp
-from test_calls_raw import Pbx, api_get, new_profile
+from test_calls_raw import Pbx, api_get, new_profile, wait_for
 
 from edge.cluster.engine import Engine
 from edge.cluster.journal import ProfileJournal
@@ -111,30 +111,31 @@ def journal_channels(cluster: NatsCluster, profile_id: str) -> int:
 def cluster_nodes(engines: list[list[str]], carrier: RingingCarrier, tmp_path_factory: pytest.TempPathFactory, *,
                   channels: int, lease: float = 3.0, ports: int = 16000, workers: int = 2,
                   credit: str = "5.00") -> Iterator[tuple[list[EdgeProcess], dict]]:
-    """Nodes edge-a, edge-b, ... reaching the engine at ``engines[i]``, and a profile of ``channels``
-    all of them know (each node after the first starts on a hot backup of the first's store)."""
+    """Nodes edge-a, edge-b, ... reaching the engine at ``engines[i]``, started at once on empty
+    stores, and a profile of ``channels`` created on the first: every node has it through the
+    cluster's provisioning (docs/cluster.md "Provisioning on any node") before this yields."""
 
     def config(name: str, urls: list[str]) -> str:
         engine = ", ".join(f'"{url}"' for url in urls)
         return (f'[cluster]\nnode = "{name}"\nengine = [{engine}]\nlease_seconds = {lease}\n'
                 f'[[carriers]]\nuri = "sip:127.0.0.2:{carrier.port}"\npriority = 1\nweight = 100\n')
 
-    nodes: list[EdgeProcess] = []
+    # media ports below the range EdgeProcess picks by default (other test processes may hold those)
+    nodes = [EdgeProcess(tmp_path_factory.mktemp(name), extra_config=config(f"edge-{name}", urls),
+                         sip_extra="rate_limit = 0", workers=workers,
+                         media_ports=(ports + 500 * i, ports + 500 * i + 499))
+             for i, (name, urls) in enumerate(zip("abcdefgh", engines, strict=False))]
     try:
-        for i, urls in enumerate(engines):
-            name = "abcdefgh"[i]
-            # media ports below the range EdgeProcess picks by default (other test processes may hold those)
-            node = EdgeProcess(tmp_path_factory.mktemp(name), extra_config=config(f"edge-{name}", urls),
-                               sip_extra="rate_limit = 0", workers=workers,
-                               media_ports=(ports + 500 * i, ports + 500 * i + 499))
-            if nodes:
-                subprocess.run([sys.executable, "-m", "edge.cli", "backup", str(node.data), "--config",
-                                str(nodes[0].config)], check=True, capture_output=True)
-            nodes.append(node.start(timeout=40))
-            if i == 0:
-                with node.client() as api:
-                    api.put("/v1/rates", json={"rates": [{"prefix": "44", "rate": "0.0200"}]})
-                prof = new_profile(node, channels=channels, credit=credit)
+        with concurrent.futures.ThreadPoolExecutor(len(nodes)) as pool:
+            for started in [pool.submit(node.start, timeout=40) for node in nodes]:
+                started.result()
+        with nodes[0].client() as api:
+            api.put("/v1/rates", json={"rates": [{"prefix": "44", "rate": "0.0200"}]})
+        prof = new_profile(nodes[0], channels=channels, credit=credit)
+        balance = api_get(nodes[0], f"/v1/profiles/{prof['id']}")["balance"]
+        for node in nodes[1:]:
+            assert wait_for(lambda node=node: api_get(node, f"/v1/profiles/{prof['id']}").get("balance") == balance,
+                            timeout=10), f"{node.data}: the profile did not arrive"
         yield nodes, prof
     finally:
         for node in nodes:
