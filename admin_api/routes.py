@@ -375,15 +375,15 @@ def credit_profile(profile_id: str, data: CreditRequest, request: Request[Any, A
 
 @put("/v1/profiles/{profile_id:str}/auto-recharge", operation_id="setAutoRecharge", tags=["credit"],
      summary="Auto-recharge settings",
-     description="Recharges at once if the balance is already below the minimum.", **THREAD)
+     description="Recharges at once if the balance is already below the minimum (on a cluster node: "
+                 "within a second, by the node's agent).", **THREAD)
 def put_auto_recharge(profile_id: str, data: AutoRechargeRequest, state: State) -> ProfileOut:
     settings = AutoRecharge(enabled=data.enabled, amount=parse_money(data.amount),
                             min_balance=parse_money(data.min_balance))
     if settings.enabled and settings.amount <= 0:
         raise Invalid("amount must be greater than zero when auto-recharge is enabled", field="amount")
-    if state.journal is not None and (settings.enabled or settings.min_balance):
-        raise ClusterUnsupported("auto-recharge is not yet available on a cluster node")
-    ledger.set_auto_recharge(_store(state), profile_id, settings)
+    # a cluster node's agent recharges from the journal within a second (docs/cluster.md "Money across nodes")
+    ledger.set_auto_recharge(_store(state), profile_id, settings, recharge=state.journal is None)
     return _profile_out(state, profile_id)
 
 

@@ -241,7 +241,8 @@ class Billing:
 
         def op(txn: Txn) -> None:
             cdrs.add(txn, cdr)
-            ledger.auto_recharge(txn, profiles.get(txn, profile.id))
+            if not self.credit.journaled:    # a cluster node's agent recharges (edge/cluster/money.py)
+                ledger.auto_recharge(txn, profiles.get(txn, profile.id))
 
         try:
             self.store.write(op, sync=False)

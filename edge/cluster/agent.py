@@ -207,6 +207,8 @@ class _ChannelCounters(Collector):
         for result, n in (("ok", m.funded), ("broke", m.broke), ("unavailable", m.unavailable)):
             slices.add_metric([result], n)
         yield slices
+        yield CounterMetricFamily("edge_cluster_auto_recharges", "Auto-recharges this node moved through the journal "
+                                  "(for the profiles rendezvous hashing gives it).", value=m.recharged)
         yield CounterMetricFamily("edge_cluster_settlements", "Settlements appended to the journal from the "
                                   "outbox.", value=c.settled)
         changes = CounterMetricFamily("edge_cluster_provisioning_changes", "Provisioning changes of this node's "

@@ -24,12 +24,14 @@ import time
 
 from edge.control import accounts, ledger, profiles
 from edge.control.errors import InsufficientFunds, StoreError
-from edge.control.models import Account, Profile
+from edge.control.models import Account, AutoRecharge, Profile
+from edge.control.money import format_money
 from edge.control.store import Store, Txn, u64
 
 from . import link
 from .channels import FAILED, ClusterChannels
 from .journal import AccountJournal, AlreadyApplied, InsufficientCredit, JournalRefused, ProfileJournal
+from .membership import rendezvous
 
 log = logging.getLogger("sipedge.cluster")
 
@@ -40,6 +42,8 @@ ENROL_ENTRY = "enrol"
 SYNC_KIND = "cluster_sync"
 # journal movement kinds -> the ledger's (edge/control/ledger.py)
 LEDGER_KINDS = {"transfer_in": "allocate_in", "transfer_out": "allocate_out"}
+RECHARGE_KINDS = {"transfer_in": "auto_recharge_in", "transfer_out": "auto_recharge_out"}
+RECHARGE_PREFIX = "ar-"     # transfer id of the n-th auto-recharge of a profile: ar-<profile id>-<n>
 
 
 class ClusterMoney:
@@ -53,6 +57,11 @@ class ClusterMoney:
         self._moved_accounts: set[str] = set()
         channels.on_change = self._profile_moved
         self.funded = self.broke = self.unavailable = 0    # slices (edge_cluster_slices_total)
+        self.recharged = 0
+        self._recharge_due: set[str] = set()
+        # per profile, the journal position and settings last judged: judged again after a movement
+        # that is not its own recharge, or new settings (one recharge per trigger, as on a node alone)
+        self._judged: dict[str, tuple[int, AutoRecharge]] = {}
 
     def _profile_moved(self, profile_id: str) -> None:
         self._moved_profiles.add(profile_id)
@@ -162,6 +171,85 @@ class ClusterMoney:
         self.materialise()
         return link.Reply(request.id, link.OK, journal.balance, account.balance)
 
+    # ----------------------------------------------------- auto-recharge
+
+    async def recharge(self, profile_ids: set[str]) -> int:
+        """Auto-recharge (SPEC §4.4) of the profiles among ``profile_ids`` whose balance in the journal is
+        below their minimum, by the one live node that rendezvous hashing picks for each: the n-th
+        recharge of a profile is the transfer ``ar-<profile>-<n>``, so two nodes that both think it is
+        theirs (members changing) move it once. Webhooks as on a node alone, from this node.
+        :returns: the recharges done."""
+        membership = self.channels.membership
+        if not profile_ids or not membership.holds_lease():
+            return 0
+        members = membership.members()
+        done = 0
+        for profile_id in sorted(profile_ids):
+            journal = self.channels.journals.get(profile_id)
+            if journal is None or rendezvous(profile_id, members) != membership.node:
+                continue
+            prof = profiles.find(self.store, profile_id)
+            if prof is None or prof.auto_recharge.min_balance <= 0:
+                continue
+            if self._judged.get(profile_id) == (journal.state.last_seq, prof.auto_recharge):
+                continue
+            try:
+                done += await self._recharge_one(prof, journal)
+            except (JournalRefused, ValueError, *FAILED) as exc:    # judged again at the next period
+                log.warning("cluster: auto-recharge of %s postponed (%s)", profile_id, exc.__class__.__name__)
+                continue
+            self._judged[profile_id] = (journal.state.last_seq, prof.auto_recharge)
+        self.recharged += done
+        return done
+
+    async def _recharge_one(self, prof: Profile, journal: ProfileJournal) -> int:
+        ar = prof.auto_recharge
+        balance = journal.balance
+        low = balance < ar.min_balance
+        events: list[tuple[str, dict[str, object]]] = []
+        if low and not prof.credit_low:
+            events.append(("credit.low", {"balance": format_money(balance), "min_balance": format_money(ar.min_balance),
+                                          "auto_recharge": ar.enabled and ar.amount > 0}))
+        recharged = False
+        if low and ar.enabled and ar.amount > 0:
+            done = sum(1 for key in journal.state.keys if key.startswith("i:" + RECHARGE_PREFIX))
+            transfer_id = f"{RECHARGE_PREFIX}{prof.id}-{done + 1}"
+            account = await self.account(prof.account_id)
+            try:
+                await account.transfer_out(transfer_id, prof.id, ar.amount)
+                recharged = True
+            except AlreadyApplied:
+                recharged = True            # its other half was cut off (a node died): completed here
+            except InsufficientCredit:
+                if not prof.credit_low:
+                    events.append(("auto_recharge.failed", {
+                        "amount": format_money(ar.amount), "balance": format_money(balance),
+                        "account_balance": format_money(account.balance), "reason": "insufficient_funds"}))
+            if recharged:
+                await journal.transfer_in(transfer_id, prof.account_id, ar.amount)
+                events.append(("auto_recharge.succeeded", {
+                    "amount": format_money(ar.amount), "balance": format_money(journal.balance),
+                    "account_balance": format_money(account.balance)}))
+                self._moved_accounts.add(prof.account_id)
+                self.channels.moved(journal)
+        still_low = journal.balance < ar.min_balance
+
+        def op(txn: Txn) -> None:
+            here = profiles.find(txn, prof.id)
+            if here is None:
+                return
+            if here.credit_low != still_low:
+                here.credit_low = still_low
+                profiles.save(txn, here)
+            if recharged:
+                txn.next_counter(b"auto_recharges:" + prof.id.encode())
+            for event_type, data in events:
+                ledger.credit_event(txn, here, event_type, data)
+
+        if events or recharged or prof.credit_low != still_low:
+            self.store.write(op, sync=False, grows=False)
+        return int(recharged)
+
     # ------------------------------------------------------- the ledger
 
     def materialise(self) -> int:
@@ -178,6 +266,8 @@ class ClusterMoney:
         def op(txn: Txn) -> None:
             for mark, journal in journals:
                 _write_ledger(txn, mark, journal)
+
+        self._recharge_due |= moved_p
 
         try:
             self.store.write(op, sync=False, grows=False)
@@ -207,7 +297,10 @@ class ClusterMoney:
                     await self.refresh()
                 except FAILED as exc:
                     log.info("cluster: reading the journals postponed (%s)", exc.__class__.__name__)
+                self._recharge_due |= set(self.channels.journals)   # new settings need no movement
             self.materialise()
+            due, self._recharge_due = self._recharge_due, set()
+            await self.recharge(due)
             try:
                 await asyncio.wait_for(stop.wait(), WRITE_PERIOD)
             except TimeoutError:
@@ -230,8 +323,9 @@ def _write_ledger(txn: Txn, mark: str, journal: ProfileJournal | AccountJournal)
         for entry in journal.entries_after(int.from_bytes(raw, "big")):
             if not entry.amount:
                 continue
+            kinds = RECHARGE_KINDS if entry.ref.startswith(RECHARGE_PREFIX) else LEDGER_KINDS
             try:
-                ledger.move(txn, owner, entry.amount, LEDGER_KINDS.get(entry.kind, entry.kind), entry.ref)
+                ledger.move(txn, owner, entry.amount, kinds.get(entry.kind, entry.kind), entry.ref)
             except InsufficientFunds:
                 log.error("cluster: the ledger of %s differs from its journal: brought to the journal's balance",
                           mark)

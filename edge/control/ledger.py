@@ -137,7 +137,7 @@ def auto_recharge(txn: Txn, prof: Profile) -> bool:
     if entering:
         prof.credit_low = True
         profiles.save(txn, prof)
-        _event(txn, prof, "credit.low", {"balance": format_money(prof.balance),
+        credit_event(txn, prof, "credit.low", {"balance": format_money(prof.balance),
                                          "min_balance": format_money(ar.min_balance),
                                          "auto_recharge": ar.enabled and ar.amount > 0})
     if not ar.enabled or ar.amount <= 0:
@@ -145,7 +145,7 @@ def auto_recharge(txn: Txn, prof: Profile) -> bool:
     acct = accounts.get(txn, prof.account_id)
     if acct.balance < ar.amount:
         if entering:
-            _event(txn, prof, "auto_recharge.failed", {
+            credit_event(txn, prof, "auto_recharge.failed", {
                 "amount": format_money(ar.amount), "balance": format_money(prof.balance),
                 "account_balance": format_money(acct.balance), "reason": "insufficient_funds"})
         return False
@@ -155,24 +155,27 @@ def auto_recharge(txn: Txn, prof: Profile) -> bool:
     if prof.balance >= ar.min_balance:
         prof.credit_low = False
         profiles.save(txn, prof)
-    _event(txn, prof, "auto_recharge.succeeded", {
+    credit_event(txn, prof, "auto_recharge.succeeded", {
         "amount": format_money(ar.amount), "balance": format_money(prof.balance),
         "account_balance": format_money(acct.balance)})
     return True
 
 
-def _event(txn: Txn, prof: Profile, event_type: str, data: dict[str, object]) -> None:
+def credit_event(txn: Txn, prof: Profile, event_type: str, data: dict[str, object]) -> None:
+    """A credit webhook of ``prof`` (``credit.low``, ``auto_recharge.*``), written in ``txn``."""
     webhooks.emit(txn, prof.account_id, event_type, prof.id,
                   {"profile_id": prof.id, "account_id": prof.account_id, **data})
 
 
 @writes()
-def set_auto_recharge(txn: Txn, profile_id: str, settings: AutoRecharge) -> Profile:
-    """Save the settings; if the balance is already below the minimum, recharge now."""
+def set_auto_recharge(txn: Txn, profile_id: str, settings: AutoRecharge, *, recharge: bool = True) -> Profile:
+    """Save the settings; if the balance is already below the minimum, recharge now (``recharge``:
+    a cluster node's agent does it instead, from the journal: edge/cluster/money.py)."""
     prof = profiles.get(txn, profile_id)
     prof.auto_recharge = settings
     profiles.save(txn, prof)
-    auto_recharge(txn, prof)
+    if recharge:
+        auto_recharge(txn, prof)
     return prof
 
 

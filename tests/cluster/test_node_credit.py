@@ -14,7 +14,7 @@ import pytest
 from clusternodes import RingingCarrier, invite_at_once, journal_of, metric_sum, node_pair
 from edgeproc import EdgeProcess
 from natscluster import NatsCluster
-from test_calls_raw import api_get, wait_for
+from test_calls_raw import api_get, new_profile, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -137,3 +137,42 @@ def test_credit_on_any_node_moves_once_and_every_node_sees_it(
     with a.client() as api:
         refused = api.put(f"/v1/profiles/{prof['id']}/bundles", json={"us_bundles": 1})
         assert refused.status_code == 409 and refused.json()["code"] == "cluster_unsupported"
+
+
+def recharges(node: EdgeProcess, prof: dict) -> int:
+    items = api_get(node, f"/v1/profiles/{prof['id']}/ledger?limit=1000")["items"]
+    return sum(e["kind"] == "auto_recharge_in" for e in items)
+
+
+def test_auto_recharge_on_a_cluster_moves_once_per_trigger(
+        nodes: tuple[EdgeProcess, EdgeProcess, dict], carrier: RingingCarrier, engine_cluster: NatsCluster) -> None:
+    a, b, _ = nodes
+    prof = new_profile(b, channels=2, credit="0.02")
+    owner, account = f"/v1/profiles/{prof['id']}", f"/v1/accounts/{prof['account_id']}"
+    assert wait_for(lambda: api_get(a, owner).get("balance") is not None, timeout=5)
+    master = money(api_get(b, account)["balance"])
+
+    def everywhere(balance: int, master_after: int, count: int) -> bool:
+        return all(balances_agree(n, prof, balance) and money(api_get(n, account)["balance"]) == master_after
+                   and ledger_total(n, account) == master_after and recharges(n, prof) == count for n in (a, b))
+
+    # enabled on A below the minimum: the node rendezvous hashing picks recharges, once
+    with a.client() as api:
+        set_ = api.put(f"{owner}/auto-recharge", json={"enabled": True, "amount": "0.10", "min_balance": "0.11"})
+        assert set_.status_code == 200, set_.text
+    assert wait_for(lambda: everywhere(120_000, master - 100_000, 1), timeout=10), seen(a, prof, 120_000)
+    time.sleep(2 * 1.0)          # two refresh periods with no movement: no second recharge
+    assert everywhere(120_000, master - 100_000, 1)
+    # a call's first slice (0.02) takes the balance below the minimum: one more recharge, then its release
+    pbxs, _, finals = invite_at_once((a,), prof, carrier, 1)
+    try:
+        assert finals == [None]
+        assert wait_for(lambda: everywhere(200_000, master - 200_000, 2), timeout=10), seen(a, prof, 200_000)
+    finally:
+        carrier.refuse_all()
+        for pbx in pbxs:
+            pbx.close()
+    assert wait_for(lambda: everywhere(220_000, master - 200_000, 2), timeout=10), seen(a, prof, 220_000)
+    journal = journal_of(engine_cluster, prof["id"])
+    assert sorted(k for k in journal.state.keys if k.startswith("i:ar-")) == [
+        f"i:ar-{prof['id']}-1", f"i:ar-{prof['id']}-2"]
