@@ -159,14 +159,15 @@ class NsPbx(Pbx):
         self.rtp_port = self.rtp.getsockname()[1]
 
 
-def node(lab: ClusterLab, i: int, tmp: Path, engines: list[str], carrier: NsCarrier, *, lease: float,
+def node(lab: ClusterLab, i: int, tmp: Path, engines: list[str], carrier_port: int, *, lease: float,
          first: EdgeProcess | None) -> EdgeProcess:
-    """Node ``edge-<a|b|c>`` on its host, listening on its address (SIP, media and API); every node
-    after the first starts on a hot backup of the first's store (clusternodes.cluster_nodes)."""
+    """Node ``edge-<a|b|c>`` on its host, listening on its address (SIP, media and API), its carrier
+    ``CARRIER:carrier_port``; every node after the first starts on a hot backup of the first's
+    store (clusternodes.cluster_nodes)."""
     name = "abc"[i]
     urls = ", ".join(f'"{u}"' for u in engines)
     extra = (f'[cluster]\nnode = "edge-{name}"\nengine = [{urls}]\nlease_seconds = {lease}\n'
-             f'[[carriers]]\nuri = "sip:{CARRIER}:{carrier.port}"\npriority = 1\nweight = 100\n')
+             f'[[carriers]]\nuri = "sip:{CARRIER}:{carrier_port}"\npriority = 1\nweight = 100\n')
     tmp.mkdir(parents=True, exist_ok=True)
     edge = EdgeProcess(tmp, extra_config=extra, sip_extra="rate_limit = 0", workers=2, trusted=[f"{CARRIER}/32"],
                        media_ports=(16000 + 500 * i, 16499 + 500 * i))

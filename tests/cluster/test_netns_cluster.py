@@ -11,7 +11,7 @@ nodes, the PBX and the carrier each on a host (network namespace) of its own, on
   reachable): it ends its call at the fencing instant and answers 503, another node takes the
   profile's one channel only after that (the carrier's count never exceeds it), and once healed
   the node admits again.
-(Not here: audio through two nodes.)"""
+Real audio through two nodes: tests/cluster/test_netns_audio.py."""
 
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         nodes: list[EdgeProcess] = []
         profiles: dict[str, dict] = {}
         for i in range(len(NODES)):
-            n = node(lab, i, tmp / f"edge-{'abc'[i]}", cluster.urls, carrier, lease=LEASE,
+            n = node(lab, i, tmp / f"edge-{'abc'[i]}", cluster.urls, carrier.port, lease=LEASE,
                      first=nodes[0] if nodes else None)
             stack.callback(n.stop, drain_wait=1.0)   # a drain waits for INVITE transactions whose ACK never comes
             nodes.append(n)
