@@ -196,6 +196,10 @@ def bye_of(pbx: NsPbx, timeout: float) -> str | None:
 def test_a_node_killed_with_fifty_calls_and_its_link_down_is_settled_once(rig: Rig) -> None:
     victim, survivors = 2, [0, 1]
     prof, carrier = rig.big, rig.carrier
+
+    def recovery_cdrs_everywhere() -> int:
+        return sum(recovery_cdrs(n, prof) for n in rig.nodes)
+
     carrier.ringing.clear()
     pbxs: list[NsPbx] = []
     try:
@@ -247,9 +251,6 @@ def test_a_node_killed_with_fifty_calls_and_its_link_down_is_settled_once(rig: R
         # recovery), its agent's Settles are refused by the journal, its ledger follows the journal
         rig.lab.links(f"n{victim}", up=True)
         start_node(rig.lab, victim, rig.nodes[victim])
-        def recovery_cdrs_everywhere() -> int:
-            return sum(recovery_cdrs(n, prof) for n in rig.nodes)
-
         assert wait_for(lambda: recovery_cdrs_everywhere() == CALLS, timeout=15)
         assert wait_for(lambda: rig.in_use(victim, prof) == 0, timeout=10)
         # its outbox drained (the cluster drift counts its rows) and nothing it counts is open
