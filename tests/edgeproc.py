@@ -114,14 +114,16 @@ class EdgeProcess:
         self.base = f"http://127.0.0.1:{self.api_port}"
         self.log = self.tmp / "edge.log"
 
-    def start(self, *args: str, timeout: float = 20.0) -> EdgeProcess:
+    def start(self, *args: str, timeout: float = 20.0, new_session: bool = False) -> EdgeProcess:
+        """:param new_session: the supervisor leads a session (and process group) of its own, so a
+        test may SIGKILL the node's group without signalling pytest's (tests/cluster/netnslab.py)."""
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("SIPEDGE_ADMIN_TOKEN", None)
         self._log_file = open(self.log, "ab")
         logged = self._log_file.tell()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edge.cli", "serve", "--config", str(self.config), *args],
-            stdout=self._log_file, stderr=subprocess.STDOUT, env=env,
+            stdout=self._log_file, stderr=subprocess.STDOUT, env=env, start_new_session=new_session,
         )
         try:
             wait_ready(self.proc, self.base + "/healthz", self.log, timeout, "sipedge")
