@@ -132,14 +132,22 @@ def cluster_nodes(engines: list[list[str]], carrier: RingingCarrier, tmp_path_fa
         with nodes[0].client() as api:
             api.put("/v1/rates", json={"rates": [{"prefix": "44", "rate": "0.0200"}]})
         prof = new_profile(nodes[0], channels=channels, credit=credit)
-        balance = api_get(nodes[0], f"/v1/profiles/{prof['id']}")["balance"]
-        for node in nodes[1:]:
-            assert wait_for(lambda node=node: api_get(node, f"/v1/profiles/{prof['id']}").get("balance") == balance,
-                            timeout=10), f"{node.data}: the profile did not arrive"
+        everywhere(nodes, [prof])
         yield nodes, prof
     finally:
         for node in nodes:
             node.stop()
+
+
+def everywhere(nodes: list[EdgeProcess], profiles: list[dict], timeout: float = 10.0) -> None:
+    """Until every node has each of ``profiles`` with the balance the first node shows (the cluster's
+    provisioning and the journal bring them)."""
+    for prof in profiles:
+        path = f"/v1/profiles/{prof['id']}"
+        balance = api_get(nodes[0], path)["balance"]
+        for node in nodes[1:]:
+            assert wait_for(lambda node=node, path=path, balance=balance: api_get(node, path).get("balance") == balance,
+                            timeout=timeout), f"{node.data}: {path} did not arrive"
 
 
 def node_pair(engine_a: list[str], engine_b: list[str], carrier: RingingCarrier,

@@ -17,14 +17,15 @@ rest of its traffic (PBX, carrier, API) flows: a partition between a node and th
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import ExitStack
 from decimal import Decimal
 from pathlib import Path
 from typing import TypeVar
@@ -159,11 +160,10 @@ class NsPbx(Pbx):
         self.rtp_port = self.rtp.getsockname()[1]
 
 
-def node(lab: ClusterLab, i: int, tmp: Path, engines: list[str], carrier_port: int, *, lease: float,
-         first: EdgeProcess | None) -> EdgeProcess:
+def node(lab: ClusterLab, i: int, tmp: Path, engines: list[str], carrier_port: int, *, lease: float) -> EdgeProcess:
     """Node ``edge-<a|b|c>`` on its host, listening on its address (SIP, media and API), its carrier
-    ``CARRIER:carrier_port``; every node after the first starts on a hot backup of the first's
-    store (clusternodes.cluster_nodes)."""
+    ``CARRIER:carrier_port``, started on an empty store (it gets the cluster's provisioning from the
+    engine: docs/cluster.md "Provisioning on any node")."""
     name = "abc"[i]
     urls = ", ".join(f'"{u}"' for u in engines)
     extra = (f'[cluster]\nnode = "edge-{name}"\nengine = [{urls}]\nlease_seconds = {lease}\n'
@@ -173,12 +173,28 @@ def node(lab: ClusterLab, i: int, tmp: Path, engines: list[str], carrier_port: i
                        media_ports=(16000 + 500 * i, 16499 + 500 * i))
     edge.config.write_text(edge.config.read_text().replace("127.0.0.1", NODES[i]))
     edge.base = f"http://{NODES[i]}:{edge.api_port}"
-    with lab.inside(lab.ns[f"n{i}"]):
-        if first is not None:
-            subprocess.run([sys.executable, "-m", "edge.cli", "backup", str(edge.data), "--config",
-                            str(first.config)], check=True, capture_output=True, timeout=60)
     start_node(lab, i, edge)
     return edge
+
+
+def nodes_at_once(lab: ClusterLab, stack: ExitStack, count: int, tmp: Path, engines: list[str], carrier_port: int,
+                  *, lease: float) -> list[EdgeProcess]:
+    """``count`` nodes started at once, each on its host (a thread each: a namespace is per thread),
+    each stopped when ``stack`` closes."""
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        futures = [pool.submit(node, lab, i, tmp / f"edge-{'abc'[i]}", engines, carrier_port, lease=lease)
+                   for i in range(count)]
+        concurrent.futures.wait(futures)
+    nodes = []
+    for future in futures:
+        if future.exception() is None:
+            n = future.result()
+            stack.callback(n.stop, drain_wait=1.0)   # a drain waits for INVITE transactions whose ACK never comes
+            nodes.append(n)
+    for future in futures:
+        if (exc := future.exception()) is not None:
+            raise exc
+    return nodes
 
 
 def start_node(lab: ClusterLab, i: int, edge: EdgeProcess) -> None:

@@ -23,13 +23,13 @@ import pytest
 
 pytest.importorskip("pjsua2")
 
-from clusternodes import CALLEE, journal_of
+from clusternodes import CALLEE, everywhere, journal_of
 from e2e.pjua import PjUA
 from e2e.test_calls_e2e import assert_hears
 from edgeproc import EdgeProcess
 from natscluster import NatsCluster, nats_server
 from net.netns import NetnsUnavailable, check_available
-from netnslab import CARRIER, NODES, PBX, ClusterLab, balance_and_ledger, engine, node
+from netnslab import CARRIER, NODES, PBX, ClusterLab, balance_and_ledger, engine, nodes_at_once
 from test_calls_raw import api_get, new_profile, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
@@ -72,17 +72,11 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         pbx = PjUA("pbx", bind=PBX, log_dir=tmp / "uas")
         stack.callback(pbx.close)
         cluster.wait_ready()
-        nodes: list[EdgeProcess] = []
-        prof: dict = {}
-        for i in range(2):
-            n = node(lab, i, tmp / f"edge-{'ab'[i]}", cluster.urls, CARRIER_PORT, lease=LEASE,
-                     first=nodes[0] if nodes else None)
-            stack.callback(n.stop, drain_wait=1.0)
-            nodes.append(n)
-            if i == 0:
-                with n.client() as api:
-                    api.put("/v1/rates", json={"rates": [{"prefix": "44", "rate": "0.0200"}]})
-                prof = new_profile(n, channels=2)
+        nodes = nodes_at_once(lab, stack, 2, tmp, cluster.urls, CARRIER_PORT, lease=LEASE)
+        with nodes[0].client() as api:
+            api.put("/v1/rates", json={"rates": [{"prefix": "44", "rate": "0.0200"}]})
+        prof = new_profile(nodes[0], channels=2)
+        everywhere(nodes, [prof])
         yield Rig(cluster, nodes, prof, pbx, carrier)
 
 

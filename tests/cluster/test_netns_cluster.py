@@ -23,7 +23,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from clusternodes import CALLEE, drift, journal_of, metric_sum, recovery_cdrs
+from clusternodes import CALLEE, drift, everywhere, journal_of, metric_sum, recovery_cdrs
 from edgeproc import EdgeProcess
 from natscluster import NatsCluster, nats_server
 from net.netns import NetnsUnavailable, check_available
@@ -39,7 +39,7 @@ from netnslab import (
     balance_and_ledger,
     engine,
     kill_node,
-    node,
+    nodes_at_once,
     published_calls,
     start_node,
 )
@@ -98,18 +98,12 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         # the test's thread lives on the PBX host: API calls, PBXs and engine probes cross the bridge
         stack.enter_context(lab.inside(pbx_ns))
         cluster.wait_ready()
-        nodes: list[EdgeProcess] = []
-        profiles: dict[str, dict] = {}
-        for i in range(len(NODES)):
-            n = node(lab, i, tmp / f"edge-{'abc'[i]}", cluster.urls, carrier.port, lease=LEASE,
-                     first=nodes[0] if nodes else None)
-            stack.callback(n.stop, drain_wait=1.0)   # a drain waits for INVITE transactions whose ACK never comes
-            nodes.append(n)
-            if i == 0:     # every profile before the other nodes start on a backup of this store
-                with n.client() as api:
-                    api.put("/v1/rates", json={"rates": [{"prefix": "44", "rate": "0.0200"}]})
-                profiles = {"race": new_profile(n, channels=CHANNELS), "big": new_profile(n, channels=CALLS),
-                            "solo": new_profile(n, channels=1)}
+        nodes = nodes_at_once(lab, stack, len(NODES), tmp, cluster.urls, carrier.port, lease=LEASE)
+        with nodes[0].client() as api:     # provisioned on one node, every node has it
+            api.put("/v1/rates", json={"rates": [{"prefix": "44", "rate": "0.0200"}]})
+        profiles = {"race": new_profile(nodes[0], channels=CHANNELS), "big": new_profile(nodes[0], channels=CALLS),
+                    "solo": new_profile(nodes[0], channels=1)}
+        everywhere(nodes, list(profiles.values()))
         yield Rig(lab, cluster, carrier, nodes, profiles)
 
 
