@@ -213,7 +213,8 @@ class Node:
                                   advertise={"a": customer.media_advertise, "b": carrier.media_advertise})
 
         credit = CreditEngine(store, slice_seconds=cfg.credit.slice_seconds, bundle_minutes=cfg.credit.bundle_minutes,
-                              on_settle=outbox.add if cfg.cluster.enabled else None, journaled=cfg.cluster.enabled)
+                              on_settle=outbox.add if cfg.cluster.enabled else None, journaled=cfg.cluster.enabled,
+                              hold_cdr=outbox.hold_cdr if cfg.cluster.enabled else None)
         self.health = CarrierHealth(cfg.carriers, cfg.health, self.sip.transactions, self.local, self.registry,
                                     cfg.sip.domain, dns=cfg.dns, families=carrier.families)
         self.routing = routing = Routing(cfg.carriers, lambda profile_id: registrations.live(store, profile_id),

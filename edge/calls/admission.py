@@ -263,7 +263,9 @@ class Admission:
         if a.funding is not Funding.FREE and a.rate is not None:
             _seconds, amount = self.credit.next_slice(live, a.rate)
         for _ in range(RESERVE_ATTEMPTS):
-            reply = await self.cluster.reserve(a.profile.id, live.call_id, a.profile.channels, amount)
+            reply = await self.cluster.reserve(a.profile.id, live.call_id, a.profile.channels, amount,
+                                               direction=live.direction, caller=live.caller, callee=live.callee,
+                                               started_at=live.started_at)
             if reply.result == link.OK:
                 live.reserved = amount
                 return None

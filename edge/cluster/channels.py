@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -29,9 +30,12 @@ from nats.errors import Error as NatsError
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
 from nats.js.kv import KeyValue
 
-from edge.control import channels
-from edge.control.models import LiveCall
-from edge.control.store import Store
+from edge.control import cdrs, channels
+from edge.control import profiles as profile_records
+from edge.control.credit import billed_seconds
+from edge.control.models import Cdr, LiveCall
+from edge.control.store import Store, Txn
+from edge.control.store import key as composite_key
 
 from . import foreign, link, outbox
 from .engine import Engine, EngineUnavailable
@@ -42,6 +46,7 @@ from .journal import (
     InsufficientCredit,
     JournalRefused,
     JournalUnavailable,
+    OpenCall,
     ProfileJournal,
     SnapshotTooLarge,
     UnknownCall,
@@ -56,6 +61,7 @@ OUTBOX_PERIOD = 0.05            # seconds between two looks at the outbox
 PUBLISH_PERIOD = 0.5            # seconds between two publications of the node's answered calls
 FINAL_DRAIN = 3.0               # seconds the last drain at stop may take (the supervisor waits 10 s)
 FAILED = (JournalUnavailable, EngineUnavailable, NatsError, TimeoutError, OSError)
+MINE, THEIRS = "mine", "theirs"   # whose settlement of a call the journal holds (settle)
 
 
 class ClusterChannels:
@@ -76,7 +82,8 @@ class ClusterChannels:
         self._indexed: set[str] = set()         # "<node>.<epoch>.<profile>" recorded in the index
         self._index: KeyValue | None = None
         self._calls: KeyValue | None = None
-        self._published: set[str] = set()      # "<node>.<epoch>.<call id>" of answered calls in the calls bucket
+        # "<node>.<epoch>.<call id>" of answered calls in the calls bucket -> the funded_until published
+        self._published: dict[str, float | None] = {}
         self._encode = msgspec.msgpack.Encoder().encode
         self._decoder = msgspec.msgpack.Decoder(LiveCall)
         self._snapshots: set[asyncio.Task[None]] = set()
@@ -138,7 +145,9 @@ class ClusterChannels:
             holder = self.holder
             await self._record_holder(holder, request.profile_id)
             journal = await self.journal(request.profile_id)
-            await journal.reserve(request.call_id, holder, request.amount, request.channels)
+            await journal.reserve(request.call_id, holder, request.amount, request.channels,
+                                  direction=request.direction, caller=request.caller, callee=request.callee,
+                                  started_at=request.started_at)
         except ChannelsBusy:
             self.refused += 1
             return reply(link.BUSY)
@@ -198,17 +207,49 @@ class ClusterChannels:
             if not mine or not await self.membership.lease_ended(node, epoch):
                 continue
             for profile_id in mine:
-                journal = await self.journal(profile_id)
-                done = await journal.settle_open(f"{node}.{epoch}")
-                settled += len(done)
-                self.on_change(profile_id)
-                await self._bye_legs_of(f"{node}.{epoch}", [d.call_id for d in done])
+                settled += await self._recover(f"{node}.{epoch}", profile_id)
                 await self._index.delete(f"{node}.{epoch}.{profile_id}")
-                if done:
-                    log.warning("cluster: settled %d open reservations of %s for %s (its lease ended)",
-                                len(done), f"{node}.{epoch}", profile_id)
         self.recovered += settled
         return settled
+
+    async def _recover(self, holder: str, profile_id: str) -> int:
+        """Settle the open calls of ended ``holder`` in ``profile_id``'s journal: an answered call (its
+        record published) at its whole reservation, as its node's own recovery bills, one never seen
+        answered at 0; write their recovery CDRs here, and BYE the legs of the answered ones."""
+        journal = await self.journal(profile_id)
+        await journal.catch_up()
+        open_calls = {c.call_id: c for c in journal.state.calls.values() if c.node == holder}
+        records = await self._records_of(holder, list(open_calls))
+        done = await journal.settle_open(holder, lambda c: c.reserved if c.call_id in records else 0, by=self.holder)
+        self.on_change(profile_id)
+        if not done:
+            return 0
+        now = time.time()
+        cdrs_here = [survivor_cdr(open_calls[d.call_id], records.get(d.call_id), d.cost, now) for d in done]
+        self.store.write(lambda txn: _write_recovered(txn, profile_id, cdrs_here), sync=True, grows=False)
+        for d in done:
+            if (record := records.get(d.call_id)) is not None:
+                foreign.add(self.store, record)
+        assert self._calls is not None
+        for call_id in records:
+            with contextlib.suppress(KeyNotFoundError, *FAILED):
+                await self._calls.delete(f"{holder}.{call_id}")
+        log.warning("cluster: settled %d open reservations of %s for %s (its lease ended)", len(done), holder,
+                    profile_id)
+        return len(done)
+
+    async def _records_of(self, holder: str, call_ids: list[str]) -> dict[str, LiveCall]:
+        """The published records (answered calls) of ``holder``'s calls among ``call_ids``."""
+        assert self._calls is not None
+        found: dict[str, LiveCall] = {}
+        for call_id in call_ids:
+            try:
+                entry = await self._calls.get(f"{holder}.{call_id}")
+            except KeyNotFoundError:
+                continue            # not answered, or answered too late to be published
+            if entry.value:
+                found[call_id] = self._decoder.decode(entry.value)
+        return found
 
     async def publish_answered(self) -> int:
         """Put the dialog records of this node's answered calls in the engine (the calls bucket), so
@@ -219,30 +260,16 @@ class ClusterChannels:
         holder = self.holder
         live = {f"{holder}.{call.call_id}": call for call in channels.live_calls(self.store)
                 if call.answered_at is not None and call.legs}
-        new = [key for key in live if key not in self._published]
+        # new answered calls, and those funded further since (a survivor bills and writes the CDR from it)
+        new = [key for key, call in live.items() if self._published.get(key, -1.0) != call.funded_until]
         for key in new:
             await self._calls.put(key, self._encode(live[key]))
-            self._published.add(key)
+            self._published[key] = live[key].funded_until
         for key in [k for k in self._published if k not in live]:
-            self._published.discard(key)
+            del self._published[key]
             with contextlib.suppress(KeyNotFoundError, *FAILED):
                 await self._calls.delete(key)
         return len(new)
-
-    async def _bye_legs_of(self, holder: str, call_ids: list[str]) -> None:
-        """The calls of a dead holder just settled here: their published legs go to this node's workers
-        (edge/cluster/foreign.py), which send each leg a BYE; the records leave the engine."""
-        assert self._calls is not None
-        for call_id in call_ids:
-            key = f"{holder}.{call_id}"
-            try:
-                entry = await self._calls.get(key)
-            except KeyNotFoundError:
-                continue            # not answered (nothing to BYE) or answered too late to be published
-            if entry.value:
-                foreign.add(self.store, self._decoder.decode(entry.value))
-            with contextlib.suppress(KeyNotFoundError):
-                await self._calls.delete(key)
 
     async def run_publisher(self, stop: asyncio.Event) -> None:
         """Publish answered calls every PUBLISH_PERIOD (a call answered less than that before its node's
@@ -253,23 +280,27 @@ class ClusterChannels:
         """A sweep every lease; a failed one is tried again at the next."""
         await _every(self.membership.lease_seconds, self.sweep, "sweep of ended holders", stop)
 
-    async def settle(self, profile_id: str, call_id: str, cost: int) -> bool:
-        """:returns: True once the journal has the call settled (now or before), False to retry later."""
+    async def settle(self, profile_id: str, call_id: str, cost: int) -> str | None:
+        """:returns: None to retry later; once the journal has the call settled (now or before),
+        :data:`MINE`, or :data:`THEIRS` if another node's recovery settled it (its CDR is there)."""
         try:
             journal = await self.journal(profile_id)
             held = _reserved(journal, call_id)
             if cost > held and call_id in journal.state.calls:
                 log.error("cluster: call %s costs %d but holds %d in the journal: billed %d", call_id, cost, held, held)
-            await journal.settle(call_id, min(cost, held))
-        except (AlreadySettled, UnknownCall):
-            return True         # settled before (a retry, a recovery) or never reserved (refused, cancelled)
+            await journal.settle(call_id, min(cost, held), by=self.holder)
+        except AlreadySettled as exc:   # settled before: a retry of ours, or another node's recovery
+            by = exc.settle.by.partition(".")[0]      # the node of the holder that settled it
+            return THEIRS if exc.settle.recovery and by and by != self.membership.node else MINE
+        except UnknownCall:
+            return MINE         # never reserved (refused, cancelled), or settled too long ago to tell
         except ValueError:
-            return True         # not a journal id: nothing was ever reserved under it
+            return MINE         # not a journal id: nothing was ever reserved under it
         except FAILED:
-            return False
+            return None
         self.settled += 1
         self.moved(journal)
-        return True
+        return MINE
 
     def drift(self) -> int:
         """Calls the journal holds open for this node's holder minus those the node's store accounts for
@@ -286,8 +317,9 @@ class ClusterChannels:
         if not items:
             return 0
         results = await asyncio.gather(*(self.settle(p, c, cost) for p, c, cost in items))
-        finished = [item for item, ok in zip(items, results, strict=True) if ok]
-        outbox.done(self.store, finished)
+        finished = [item for item, whose in zip(items, results, strict=True) if whose is not None]
+        theirs = frozenset((p, c) for (p, c, _), whose in zip(items, results, strict=True) if whose == THEIRS)
+        outbox.done(self.store, finished, theirs)
         return len(finished)
 
     async def run_outbox(self, stop: asyncio.Event) -> None:
@@ -341,3 +373,36 @@ async def _every(period: float, work: Callable[[], Awaitable[object]], what: str
             await asyncio.wait_for(stop.wait(), period)
         except TimeoutError:
             pass
+
+
+def survivor_cdr(call: OpenCall, record: LiveCall | None, cost: int, now: float) -> Cdr:
+    """The recovery CDR a survivor writes for a dead holder's call: from its published record if it
+    was answered (billed to its funded time, as its node's own recovery bills), else from what its
+    reservation says."""
+    if record is not None and record.answered_at is not None:
+        end = min(now, record.funded_until) if record.funded_until is not None else record.answered_at
+        talk = max(0.0, end - record.answered_at)
+        rate = record.rate
+        return Cdr(seq=0, call_id=call.call_id, profile_id=record.profile_id, direction=record.direction,
+                   caller=record.caller, callee=record.callee, started_at=record.started_at,
+                   answered_at=record.answered_at, ended_at=end,
+                   duration=billed_seconds(talk, rate) if rate is not None else math.ceil(talk), status=200,
+                   end_reason="recovery", cost=cost, rate_prefix=rate.prefix if rate is not None else None,
+                   carrier=record.carrier, transport=record.transport, srtp=record.srtp)
+    direction = call.direction if call.direction in ("outgoing", "incoming") else "outgoing"
+    return Cdr(seq=0, call_id=call.call_id, profile_id="", direction=direction,  # type: ignore[arg-type]
+               caller=call.caller, callee=call.callee, started_at=call.started_at or now, answered_at=None,
+               ended_at=now, duration=0, status=500, end_reason="recovery", cost=cost)
+
+
+def _write_recovered(txn: Txn, profile_id: str, recovered: list[Cdr]) -> None:
+    """The survivor's CDRs, except those of calls this store knows itself (its own earlier run's:
+    its recovery writes them, outbox.done)."""
+    prof = profile_records.find(txn, profile_id)
+    for cdr in recovered:
+        k = composite_key(profile_id, cdr.call_id)
+        if txn.get_raw("calls", k) is not None or txn.get_raw(outbox.CDRS, k) is not None:
+            continue
+        cdr.profile_id = profile_id
+        cdr.account_id = prof.account_id if prof is not None else ""
+        cdrs.record(txn, cdr)

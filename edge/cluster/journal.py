@@ -98,6 +98,11 @@ class Reserve(msgspec.Struct, tag="reserve", frozen=True):
     node: str          # the node carrying the call: settle_open() of a dead node finds it
     amount: int        # micro-units, >= 0
     channels: int      # the profile's channel limit the writer saw (checked and recorded)
+    # what a survivor's recovery CDR says of a call its dead node never reported (docs/cluster.md)
+    direction: str = ""
+    caller: str = ""
+    callee: str = ""
+    started_at: float = 0.0
 
 
 class Extend(msgspec.Struct, tag="extend", frozen=True):
@@ -114,6 +119,7 @@ class Settle(msgspec.Struct, tag="settle", frozen=True):
     call_id: str
     cost: int
     recovery: bool = False   # settled by another node for a dead one (CDR end_reason "recovery")
+    by: str = ""             # the holder (<node>.<epoch>) whose settlement this is: it writes the CDR
 
 
 class TransferIn(msgspec.Struct, tag="transfer_in", frozen=True):
@@ -175,6 +181,7 @@ class Settled(msgspec.Struct, array_like=True):
     slot: int          # the slot of its Settle
     cost: int
     recovery: bool
+    by: str = ""
 
 
 class OpenCall(msgspec.Struct):
@@ -183,6 +190,10 @@ class OpenCall(msgspec.Struct):
     reserved: int      # micro-units reserved so far (Reserve + every Extend)
     slices: int        # extensions so far
     seq: int           # sequence of its Reserve
+    direction: str = ""
+    caller: str = ""
+    callee: str = ""
+    started_at: float = 0.0
 
 
 class ProfileState(msgspec.Struct):
@@ -311,7 +322,7 @@ def check_profile(state: ProfileState, event: ProfileEvent) -> None:
             if isinstance(event, Reserve):
                 raise AlreadyApplied(f"call {event.call_id} was reserved and settled already")
             raise AlreadySettled(f"call {event.call_id} is settled already",
-                                 Settle(event.call_id, done.cost, done.recovery))
+                                 Settle(event.call_id, done.cost, done.recovery, done.by))
     _need(key not in state.keys, AlreadyApplied, f"{key} is in profile {state.profile_id}'s journal already")
     if isinstance(event, Credit):
         _need(event.amount != 0, InvalidEvent, "credit amount must not be 0")
@@ -355,7 +366,8 @@ def apply_profile(state: ProfileState, event: ProfileEvent, seq: int) -> list[En
         entries.append(Entry(seq, event.reason, event.amount, event.entry_id))
     elif isinstance(event, Reserve):
         state.balance -= event.amount
-        state.calls[event.call_id] = OpenCall(event.call_id, event.node, event.amount, 0, seq)
+        state.calls[event.call_id] = OpenCall(event.call_id, event.node, event.amount, 0, seq, event.direction,
+                                              event.caller, event.callee, event.started_at)
         if event.amount:
             entries.append(Entry(seq, "reserve", -event.amount, event.call_id))
     elif isinstance(event, Extend):
@@ -366,7 +378,7 @@ def apply_profile(state: ProfileState, event: ProfileEvent, seq: int) -> list[En
         entries.append(Entry(seq, "reserve", -event.amount, event.call_id))
     elif isinstance(event, Settle):
         call = state.calls.pop(event.call_id)
-        state.settled[event.call_id] = Settled(state.slot + 1, event.cost, event.recovery)
+        state.settled[event.call_id] = Settled(state.slot + 1, event.cost, event.recovery, event.by)
         state.balance += call.reserved - event.cost
         if call.reserved:
             entries.append(Entry(seq, "release", call.reserved, event.call_id))
@@ -718,13 +730,14 @@ class ProfileJournal(_Journal[ProfileState, ProfileEvent]):
         """Add (or, negative, take) ``amount`` micro-units outside a call. :returns: the sequence."""
         return await self._append(Credit(entry_id, amount, reason))
 
-    async def reserve(self, call_id: str, node: str, amount: int, channels: int) -> OpenCall:
+    async def reserve(self, call_id: str, node: str, amount: int, channels: int, *, direction: str = "",
+                      caller: str = "", callee: str = "", started_at: float = 0.0) -> OpenCall:
         """Seize a channel for ``call_id`` and reserve ``amount`` (may be 0: before answer).
 
         :raises ChannelsBusy: ``channels`` calls are open across all nodes.
         :raises InsufficientCredit: the balance does not cover ``amount``.
         """
-        seq = await self._append(Reserve(call_id, node, amount, channels))
+        seq = await self._append(Reserve(call_id, node, amount, channels, direction, caller, callee, started_at))
         # (settled already only if another node recovered it in between: report what landed)
         return self.state.calls.get(call_id) or OpenCall(call_id, node, amount, 0, seq)
 
@@ -740,17 +753,19 @@ class ProfileJournal(_Journal[ProfileState, ProfileEvent]):
         await self._append(Extend(call_id, call.slices + 1, amount))
         return self.state.calls.get(call_id) or call
 
-    async def settle(self, call_id: str, cost: int, *, recovery: bool = False) -> Settle:
+    async def settle(self, call_id: str, cost: int, *, recovery: bool = False, by: str = "") -> Settle:
         """End the call: return its reservation, charge ``cost`` (within it), free its channel.
 
+        :param by: the settling holder (its CDR is the call's: edge/cluster/channels.py).
         :raises AlreadySettled: it was settled before (nothing changes: never twice).
         :raises UnknownCall: no such open call.
         """
-        event = Settle(call_id, cost, recovery)
+        event = Settle(call_id, cost, recovery, by)
         await self._append(event)
         return event
 
-    async def settle_open(self, node: str, cost: Callable[[OpenCall], int] | None = None) -> list[Settle]:
+    async def settle_open(self, node: str, cost: Callable[[OpenCall], int] | None = None, *,
+                          by: str = "") -> list[Settle]:
         """Settle every open call of ``node`` (a new home does this for a dead one), with
         ``recovery``; ``cost`` bills each (default: all of its reservation -- the call may have
         run to the end of its funded time, as CreditEngine.recover bills). A call settled
@@ -760,7 +775,7 @@ class ProfileJournal(_Journal[ProfileState, ProfileEvent]):
         for call in [c for c in self.state.calls.values() if c.node == node]:
             try:
                 done.append(await self.settle(call.call_id, call.reserved if cost is None else cost(call),
-                                              recovery=True))
+                                              recovery=True, by=by))
             except (AlreadySettled, UnknownCall):
                 continue
         return done

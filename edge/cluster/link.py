@@ -45,6 +45,10 @@ class Reserve(msgspec.Struct, tag="reserve", array_like=True):
     call_id: str
     channels: int
     amount: int = 0
+    direction: str = ""         # what a survivor's recovery CDR says if this node dies (journal.Reserve)
+    caller: str = ""
+    callee: str = ""
+    started_at: float = 0.0
 
 
 class Fund(msgspec.Struct, tag="fund", array_like=True):
@@ -129,8 +133,10 @@ class JournalClient:
         self._decoder = msgspec.msgpack.Decoder(Reply)
         self._encoder = msgspec.msgpack.Encoder()
 
-    async def reserve(self, profile_id: str, call_id: str, channels: int, amount: int = 0) -> Reply:
-        return await self._ask(Reserve(next(self._ids), profile_id, call_id, channels, amount))
+    async def reserve(self, profile_id: str, call_id: str, channels: int, amount: int = 0, *, direction: str = "",
+                      caller: str = "", callee: str = "", started_at: float = 0.0) -> Reply:
+        return await self._ask(Reserve(next(self._ids), profile_id, call_id, channels, amount, direction, caller,
+                                       callee, started_at))
 
     async def fund(self, profile_id: str, call_id: str, amount: int) -> Reply:
         return await self._ask(Fund(next(self._ids), profile_id, call_id, amount))

@@ -7,14 +7,23 @@ dies when: a worker killed after its write has left the row, an agent killed bef
 finds the row again when it starts, and a journal settle that is applied twice is refused by the
 journal itself (settle-once), never counted twice. A row holds the call's cost, u64 big-endian
 (empty: 0, a call that never started).
+
+The call's CDR waits in ``held_cdrs`` beside the row: while this node could not reach the engine
+(it died, or was cut off and fenced), a survivor may have settled the call in the journal and
+written its CDR on its own node. The journal's one settlement says whose the CDR is: the held CDR
+is written when this node's settlement landed (or the call never reached the journal), dropped
+when another holder's did (:func:`done`). So a call has one CDR in the cluster, and its cost is
+what the journal billed.
 """
 
 from __future__ import annotations
 
-from edge.control.models import LiveCall
+from edge.control import cdrs
+from edge.control.models import Cdr, LiveCall
 from edge.control.store import SEP, Store, Txn, key, u64
 
 TABLE = "journal_outbox"
+CDRS = "held_cdrs"
 
 Pending = tuple[str, str, int]      # profile id, call id, cost in micro-units
 
@@ -38,10 +47,23 @@ def pending(store: Store, limit: int = 256) -> list[Pending]:
     return store.read(scan)
 
 
-def done(store: Store, items: list[Pending]) -> None:
+def hold_cdr(txn: Txn, cdr: Cdr) -> None:
+    """The CDR of a call settled here, until the journal says whose it is."""
+    txn.put(CDRS, key(cdr.profile_id, cdr.call_id), cdr)
+
+
+def done(store: Store, items: list[Pending], theirs: frozenset[tuple[str, str]] = frozenset()) -> None:
+    """The rows of ``items`` are in the journal: they go, and their held CDRs are written -- except
+    those of ``theirs`` (profile id, call id), whose settlement another holder's was."""
     def delete(txn: Txn) -> None:
         for profile_id, call_id, _cost in items:
-            txn.delete(TABLE, key(profile_id, call_id))
+            k = key(profile_id, call_id)
+            txn.delete(TABLE, k)
+            held = txn.get(CDRS, k, Cdr)
+            if held is not None:
+                txn.delete(CDRS, k)
+                if (profile_id, call_id) not in theirs:
+                    cdrs.record(txn, held)
 
     if items:
         store.write(delete, sync=False, grows=False)

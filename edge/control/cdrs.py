@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from . import webhooks
 from .models import Cdr
 from .money import format_money
 from .store import SEP, Txn, reads, u64, writes
@@ -51,6 +52,14 @@ def add(txn: Txn, cdr: Cdr) -> Cdr:
     """Number ``cdr`` (a global, increasing ``seq``) and store it; :returns: it."""
     cdr.seq = txn.next_counter(b"cdr_seq")
     txn.put("cdrs", cdr.profile_id.encode() + SEP + u64(cdr.seq), cdr)
+    return cdr
+
+
+def record(txn: Txn, cdr: Cdr) -> Cdr:
+    """:func:`add`, and its ``call.ended`` webhook in the same transaction (a transactional outbox)."""
+    add(txn, cdr)
+    if cdr.account_id:
+        webhooks.emit(txn, cdr.account_id, "call.ended", cdr.call_id, lambda: {"cdr": fields(cdr)}, now=cdr.ended_at)
     return cdr
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import phonenumbers
 
-from . import bundles, cdrs, channels, ledger, profiles, rates, webhooks
+from . import bundles, cdrs, channels, ledger, profiles, rates
 from .models import Cdr, LiveCall, Profile, Rate
 from .store import Store, Txn
 
@@ -137,9 +137,12 @@ class CreditEngine:
     """Admission, reservation and settlement of calls against one store."""
 
     def __init__(self, store: Store, *, slice_seconds: int = 60, bundle_minutes: int = 5000,
-                 on_settle: Callable[[Txn, LiveCall, int], None] | None = None, journaled: bool = False) -> None:
+                 on_settle: Callable[[Txn, LiveCall, int], None] | None = None, journaled: bool = False,
+                 hold_cdr: Callable[[Txn, Cdr], None] | None = None) -> None:
         """:param on_settle: also run in each settling transaction, with the call's cost (a cluster
             node's journal outbox).
+        :param hold_cdr: takes each settled call's CDR instead of the CDR table (a cluster node: the
+            journal's one settlement of the call says which node writes it).
         :param journaled: the money of calls lives in the cluster's journal (docs/cluster.md "Money
             across nodes"): this engine prices slices and calls and records what the journal
             reserved in the call, and moves no balance -- the cluster agent writes the journal's
@@ -150,6 +153,7 @@ class CreditEngine:
         self.bundle_seconds_per_bundle = bundle_minutes * 60
         self.on_settle = on_settle
         self.journaled = journaled
+        self.hold_cdr = hold_cdr
 
     # --------------------------------------------------------- admission
 
@@ -287,10 +291,10 @@ class CreditEngine:
                   bundle_seconds=bundle_used, rate_prefix=rate.prefix if rate is not None else None,
                   media=media or {}, account_id=prof.account_id if prof is not None else "",
                   carrier=call.carrier, transport=call.transport, srtp=call.srtp)
-        cdrs.add(txn, cdr)
-        if prof is not None:   # the event commits with the CDR (a transactional outbox)
-            webhooks.emit(txn, prof.account_id, "call.ended", call.call_id, lambda: {"cdr": cdrs.fields(cdr)},
-                          now=ended_at)
+        if self.hold_cdr is not None:
+            self.hold_cdr(txn, cdr)     # whose CDR it is, the cluster's journal decides (edge/cluster/outbox.py)
+        else:
+            cdrs.record(txn, cdr)
         return cdr
 
     def recover(self, now: float | None = None, owned: Callable[[LiveCall], bool] | None = None) -> list[LiveCall]:

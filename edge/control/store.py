@@ -102,6 +102,7 @@ DB_NAMES = (
     "console_sessions",   # SHA-256 of the session token -> ConsoleSession
     "console_signins",    # login (or "key@<source>") -> SignInFailures (lockout)
     "journal_outbox",  # profile id \0 call id -> b"": settled here, not yet in the cluster's journal
+    "held_cdrs",       # profile id \0 call id -> Cdr: a cluster node's CDR until the journal says whose it is
     "foreign_calls",   # call id -> LiveCall: a dead node's answered call whose legs this node BYEs
     "cluster_money",   # "p:<profile id>" | "a:<account id>" -> u64 BE: the journal's last sequence in the ledger
     "cluster",         # "lease" -> LeaseRecord: the cluster agent's lease as the workers see it (edge/cluster/fence.py)

@@ -110,6 +110,7 @@ def test_two_calls_of_one_profile_through_two_nodes_each_hear_their_own_audio(ri
     owner = f"/v1/profiles/{rig.prof['id']}"
     for n in rig.nodes:
         assert wait_for(lambda n=n: api_get(n, owner)["channels_in_use"] == 0)
-        answered = [c for c in api_get(n, f"{owner}/cdrs")["items"] if c["answered_at"]]
-        assert len(answered) == 1, answered                 # each node billed the call it carried
+        # each node billed the call it carried (its CDR once the journal took its settlement)
+        assert wait_for(lambda n=n: len([c for c in api_get(n, f"{owner}/cdrs")["items"] if c["answered_at"]]) == 1,
+                        timeout=10), api_get(n, f"{owner}/cdrs")["items"]
         assert wait_for(lambda n=n: balance_and_ledger(n, owner) == (journal.balance, journal.balance), timeout=10)

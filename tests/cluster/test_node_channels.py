@@ -100,14 +100,18 @@ def test_a_dead_nodes_channels_are_freed_by_the_survivor_and_its_return_settles_
     try:
         assert journal_channels(engine_cluster, prof["id"]) == 1
         assert b.proc is not None
+        recovered_on_a = recovery_cdrs(a, prof)
         b.proc.kill()           # the supervisor: its children die with it (PR_SET_PDEATHSIG)
         b.proc.wait()
         # node A sees B's lease age out (3 s), confirms its end and settles B's reservation
         assert wait_for(lambda: journal_channels(engine_cluster, prof["id"]) == 0, timeout=20)
         assert wait_for(lambda: "open reservations of edge-b." in a.log.read_text(), timeout=5)
+        assert wait_for(lambda: recovery_cdrs(a, prof) == recovered_on_a + 1, timeout=5)   # A's CDR of it
         b.start(timeout=40)     # back: its workers settle the call in LMDB; the journal refuses a second Settle
         assert wait_for(lambda: api_get(b, f"/v1/profiles/{prof['id']}")["channels_in_use"] == 0, timeout=10)
-        assert recovery_cdrs(b, prof) == 2
+        assert wait_for(lambda: drift(b) == (0.0, 0.0), timeout=10), drift(b)
+        assert recovery_cdrs(b, prof) == 1      # the killed worker's call before; this one's CDR is A's
+        assert recovery_cdrs(a, prof) == recovered_on_a + 1
         assert journal_channels(engine_cluster, prof["id"]) == 0
     finally:
         carrier.ringing.clear()

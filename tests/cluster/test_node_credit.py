@@ -92,9 +92,13 @@ def test_calls_through_both_nodes_never_spend_more_than_the_balance(
         assert journal.balance == left == sum(e.amount for e in journal.entries())
         for node in (a, b):
             assert wait_for(lambda n=node: balances_agree(n, prof, left), timeout=10), seen(node, prof, left)
-        costs = [money(c["cost"]) for node in (a, b) for c in api_get(node, f"/v1/profiles/{prof['id']}/cdrs")["items"]
-                 if c["answered_at"]]
-        assert len(costs) == 3 and all(c > 0 for c in costs) and sum(costs) == spent
+
+        def costs() -> list[int]:     # each node's CDRs, written once the journal took its settlements
+            return [money(c["cost"]) for node in (a, b)
+                    for c in api_get(node, f"/v1/profiles/{prof['id']}/cdrs")["items"] if c["answered_at"]]
+
+        assert wait_for(lambda: len(costs()) == 3, timeout=10), costs()
+        assert all(c > 0 for c in costs()) and sum(costs()) == spent
         assert sum(metric_sum(n, "edge_cluster_reservations_total", result="ok") for n in (a, b)) == 3
         assert sum(metric_sum(n, "edge_calls_rejected_total", rule="credit", status="402") for n in (a, b)) == 3
     finally:

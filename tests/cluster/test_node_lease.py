@@ -127,7 +127,10 @@ def test_a_restarted_agent_goes_on_with_the_lease_and_the_calls_go_on(node: Edge
         assert agent_pid(node) != old
         assert until_status(node, prof, 200, timeout=20)[0] == 200
         assert pbx.bye(d, ok.to_tag).status == 200          # the call was never ended by the edge
-        ends = [c["end_reason"] for c in api_get(node, f"/v1/profiles/{prof['id']}/cdrs")["items"]]
-        assert "cluster_lease" not in ends and "caller_bye" in ends
+        def ends() -> list[str]:
+            return [c["end_reason"] for c in api_get(node, f"/v1/profiles/{prof['id']}/cdrs")["items"]]
+
+        assert wait_for(lambda: "caller_bye" in ends(), timeout=10), ends()
+        assert "cluster_lease" not in ends()
     finally:
         pbx.close()

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from clusternodes import CALLEE, RingingCarrier, journal_channels, node_pair
+from clusternodes import CALLEE, RingingCarrier, journal_channels, journal_of, node_pair
 from edgeproc import EdgeProcess
 from engineproxy import EngineProxy
 from natscluster import NatsCluster
@@ -112,8 +112,17 @@ def test_a_partitioned_node_ends_its_call_before_another_reuses_the_channel(
         assert wait_for(lambda: journal_channels(engine_cluster, prof["id"]) == 0, timeout=10)
         for node in (a, b):
             assert wait_for(lambda n=node: api_get(n, f"/v1/profiles/{prof['id']}")["channels_in_use"] == 0)
-        cdrs = api_get(b, f"/v1/profiles/{prof['id']}/cdrs")["items"]
-        assert "cluster_lease" in [c["end_reason"] for c in cdrs]
+        # B's fenced call was settled in the journal by A (recovery, at 0: it never answered): its one
+        # CDR is A's; B's own (cluster_lease) is dropped once the journal refuses B's Settle as A's
+        fenced = [cid for cid, s in journal_of(engine_cluster, prof["id"]).state.settled.items() if s.recovery]
+        assert len(fenced) == 1
+
+        def cdrs_of_fenced() -> list[tuple[str, str]]:
+            return [(node.data.name, c["end_reason"]) for node in (a, b)
+                    for c in api_get(node, f"/v1/profiles/{prof['id']}/cdrs")["items"] if c["call_id"] in fenced]
+
+        assert wait_for(lambda: [r for _, r in cdrs_of_fenced()] == ["recovery"], timeout=10), cdrs_of_fenced()
+        assert cdrs_of_fenced()[0][0] == a.data.name
     finally:
         carrier.ringing.clear()
         for pbx in pbxs:

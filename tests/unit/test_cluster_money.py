@@ -11,8 +11,9 @@ import pytest
 
 from edge.cluster import journal as j
 from edge.cluster import outbox
+from edge.cluster.channels import survivor_cdr
 from edge.cluster.money import MARKS, SYNC_KIND, _write_ledger
-from edge.control import accounts, ledger, profiles, rates
+from edge.control import accounts, cdrs, ledger, profiles, rates
 from edge.control.credit import CreditEngine
 from edge.control.models import LiveCall, Rate
 from edge.control.store import Store, Txn
@@ -124,3 +125,30 @@ def test_the_outbox_carries_the_cost_to_the_journal(store: Store) -> None:
     call = live_call(a_profile(store))
     store.write(lambda txn: outbox.add(txn, call, 26_000))
     assert outbox.pending(store) == [(call.profile_id, "c1", 26_000)]
+
+
+def test_a_cluster_nodes_cdr_waits_for_the_journal_to_say_whose_it_is(store: Store) -> None:
+    engine = CreditEngine(store, journaled=True, on_settle=outbox.add, hold_cdr=outbox.hold_cdr)
+    profile_id = a_profile(store, balance=500_000)
+    mine, theirs = live_call(profile_id), live_call(profile_id)
+    theirs.call_id = "c2"
+    for call in (mine, theirs):
+        store.write(lambda txn, call=call: engine.settle(txn, call, UK, 0.0, status=500, end_reason="recovery"))
+    assert cdrs.page(store, profile_id) == []                         # held until the journal answers
+    assert [(p, c) for p, c, _ in outbox.pending(store)] == [(profile_id, "c1"), (profile_id, "c2")]
+    # c1's settlement landed (this node's); c2 was settled first by a survivor, which wrote its CDR
+    outbox.done(store, outbox.pending(store), frozenset({(profile_id, "c2")}))
+    assert [c.call_id for c in cdrs.page(store, profile_id)] == ["c1"]
+    assert outbox.pending(store) == [] and store.read(lambda txn: txn.entries(outbox.CDRS)) == 0
+
+
+def test_a_survivors_cdr_is_its_dead_nodes_call_billed_to_its_funded_time() -> None:
+    opened = j.OpenCall("c1", "edge-b.e1", 40_000, 1, 7, "outgoing", "1001", "+442071234567", 90.0)
+    record = live_call("prf_1")
+    record.started_at, record.answered_at, record.funded_until = 90.0, 100.0, 220.0
+    cdr = survivor_cdr(opened, record, 40_000, now=150.0)       # died at 150: billed as its node would
+    assert (cdr.ended_at, cdr.duration, cdr.cost, cdr.status, cdr.end_reason) == (150.0, 60, 40_000, 200, "recovery")
+    assert cdr.rate_prefix == "44" and cdr.callee == "+442071234567"
+    ringing = survivor_cdr(opened, None, 0, now=150.0)            # never published: not answered
+    assert (ringing.answered_at, ringing.duration, ringing.cost, ringing.status) == (None, 0, 0, 500)
+    assert (ringing.caller, ringing.callee, ringing.started_at) == ("1001", "+442071234567", 90.0)
