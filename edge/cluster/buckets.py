@@ -60,14 +60,23 @@ def home_key(profile_id: str, generation: int) -> str:
 
 
 async def last_entries(kv: KeyValue, pattern: str = ">", *, timeout: float = 5.0) -> list[KeyValue.Entry]:
-    """The last entry of every key matching ``pattern`` that is not deleted (one ordered consumer)."""
+    """The last entry of every key matching ``pattern`` that is not deleted (one ordered consumer).
+
+    nats-py's watch may signal the end of the initial values (None) before it has handed over the
+    first of them (it reads the consumer's pending count while the messages are still on their way:
+    seen under load, `sipedge cluster status` listing no homes), so with ``pattern`` ">" a None before
+    any entry ends the read only once the bucket is seen empty."""
     watcher = await kv.watch(pattern)
     out = []
+    seen = 0
     try:
         while True:
             entry = await watcher.updates(timeout=timeout)
             if entry is None:
-                break
+                if seen or pattern != ">" or (await kv.status()).values == 0:
+                    break
+                continue
+            seen += 1
             if entry.operation not in (KV_DEL, KV_PURGE):
                 out.append(entry)
             if entry.delta == 0:
