@@ -15,6 +15,7 @@ ledger. It appends the control API's provisioning changes and applies every node
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -36,6 +37,7 @@ from .money import ClusterMoney
 
 log = logging.getLogger("sipedge.cluster")
 
+FOLLOWER_WAIT = 10.0        # seconds the agent waits at start for its journal follower's consumer
 MIRROR_PERIOD = 0.05        # seconds between two looks at the membership (a lost lease reaches LMDB this fast)
 
 
@@ -82,17 +84,23 @@ class ClusterAgent:
             # the lease goes to the workers' record now and while the journals are replayed (a restarted
             # agent must renew the record before the old one's belief ends, or the node's calls end)
             mirror = asyncio.create_task(self._keep_mirroring(membership), name="cluster-mirror")
-            follow: asyncio.Task[None] | None = None
+            applying: asyncio.Task[None] | None = None
+            follower: asyncio.Task[None] | None = None
             try:
                 await channels.start()
+                # the journals' follower before any journal is replayed: what lands meanwhile is folded after
+                follower = asyncio.create_task(money.run_follower(self._stop), name="cluster-follower")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(money.following.wait(), FOLLOWER_WAIT)
                 # the cluster's provisioning first: its profiles and accounts are the ones whose money follows
                 await provisioning.ensure_stream(engine)
-                follow = asyncio.create_task(applier.run(self._stop), name="cluster-provisioning")
+                applying = asyncio.create_task(applier.run(self._stop), name="cluster-provisioning")
                 await applier.catch_up()
                 await money.start()
             except BaseException:
-                if follow is not None:
-                    follow.cancel()
+                for task in (follower, applying):
+                    if task is not None:
+                        task.cancel()
                 raise
             finally:
                 mirror.cancel()
@@ -113,9 +121,10 @@ class ClusterAgent:
                        await link.serve_requests(link.journal_address(self.key), handle)]
             tasks = [asyncio.create_task(channels.run_outbox(self._stop), name="cluster-outbox"),
                      asyncio.create_task(money.run(self._stop), name="cluster-ledger"),
+                     follower,
                      asyncio.create_task(channels.run_sweeps(self._stop), name="cluster-sweeps"),
                      asyncio.create_task(channels.run_publisher(self._stop), name="cluster-publisher"),
-                     follow]
+                     applying]
             self.ready()
             try:
                 while not self._stop.is_set():

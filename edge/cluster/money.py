@@ -19,8 +19,12 @@ is brought to the journal's balance by one ``cluster_sync`` entry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import DeliverPolicy
 
 from edge.control import accounts, ledger, profiles
 from edge.control.errors import InsufficientFunds, StoreError
@@ -30,14 +34,23 @@ from edge.control.store import Store, Txn, u64
 
 from . import link
 from .channels import FAILED, ClusterChannels
-from .journal import AccountJournal, AlreadyApplied, InsufficientCredit, JournalRefused, ProfileJournal
+from .journal import (
+    STREAM,
+    SUBJECTS,
+    AccountJournal,
+    AlreadyApplied,
+    InsufficientCredit,
+    JournalRefused,
+    ProfileJournal,
+)
 from .membership import rendezvous
 
 log = logging.getLogger("sipedge.cluster")
 
 MARKS = "cluster_money"
 WRITE_PERIOD = 0.1          # seconds between two writes of moved journals into the ledger
-REFRESH_PERIOD = 1.0        # seconds between two reads of what other nodes appended
+JUDGE_PERIOD = 1.0          # seconds between two looks at every profile's auto-recharge (new settings)
+REFRESH_PERIOD = 30.0       # seconds between two reads of every open journal's next slot: the follower's safety net
 ENROL_ENTRY = "enrol"
 SYNC_KIND = "cluster_sync"
 # journal movement kinds -> the ledger's (edge/control/ledger.py)
@@ -62,6 +75,9 @@ class ClusterMoney:
         # per profile, the journal position and settings last judged: judged again after a movement
         # that is not its own recharge, or new settings (one recharge per trigger, as on a node alone)
         self._judged: dict[str, tuple[int, AutoRecharge]] = {}
+        self._catching_up: set[str] = set()
+        self.following = asyncio.Event()                 # the follower's consumer is in place
+        self._tasks: set[asyncio.Task[None]] = set()     # held here: the loop keeps only weak references
 
     def _profile_moved(self, profile_id: str) -> None:
         self._moved_profiles.add(profile_id)
@@ -287,9 +303,79 @@ class ClusterMoney:
             if await account.catch_up():
                 self._moved_accounts.add(account_id)
 
+    def folded(self, subject: str, seq: int, data: bytes, msg_id: str | None) -> bool:
+        """An event of the journal stream as another node (or this one) appended it, delivered by the
+        follower: folded into the journal open here if it is its next slot. :returns: False if the
+        journal is open here and the event is past its next slot (some were missed: catch up)."""
+        parts = subject.split(".")
+        if len(parts) != 5:
+            return True
+        kind, owner, slot = parts[2], parts[3], parts[4]
+        journal: ProfileJournal | AccountJournal | None = (
+            self.channels.journals.get(owner) if kind == "p" else self._accounts.get(owner) if kind == "a" else None)
+        if journal is None or not slot.isdigit() or int(slot) <= journal.state.slot:
+            return True             # not followed here, or folded already (this node's own append)
+        if int(slot) != journal.state.slot + 1:
+            return False
+        journal._fold(seq, subject, data, msg_id)
+        (self._moved_profiles if kind == "p" else self._moved_accounts).add(owner)
+        return True
+
+    async def run_follower(self, stop: asyncio.Event) -> None:
+        """Fold what every node appends to the journals open here as it lands (one ordered consumer on
+        the whole stream, from now: what was appended before, the journals' replay or a catch-up read),
+        instead of asking each journal for its next slot: the cost follows the calls, not the number of
+        profiles. A journal that missed an event catches up; :meth:`refresh` is the slow safety net."""
+        while not stop.is_set():
+            try:
+                sub = await self.channels.engine.js.subscribe(
+                    SUBJECTS[0], stream=STREAM, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW)
+            except FAILED as exc:
+                log.info("cluster: following the journals postponed (%s)", exc.__class__.__name__)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+                continue
+            self.following.set()
+            try:
+                while not stop.is_set():
+                    try:
+                        msg = await sub.next_msg(timeout=1.0)
+                    except (NatsTimeoutError, TimeoutError):
+                        continue
+                    meta = msg.metadata
+                    if not self.folded(msg.subject, meta.sequence.stream, msg.data,
+                                       (msg.headers or {}).get("Nats-Msg-Id")):
+                        self._behind(msg.subject)
+            except Exception as exc:     # a broken subscription: made anew (the journals catch up)
+                log.warning("cluster: following the journals again (%s)", exc.__class__.__name__)
+            finally:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+    def _behind(self, subject: str) -> None:
+        kind, owner = subject.split(".")[2:4]
+        journal = self.channels.journals.get(owner) if kind == "p" else self._accounts.get(owner)
+        if journal is None or owner in self._catching_up:
+            return
+        self._catching_up.add(owner)
+
+        async def catch_up() -> None:
+            try:
+                if await journal.catch_up():
+                    (self._moved_profiles if kind == "p" else self._moved_accounts).add(owner)
+            except FAILED as exc:
+                log.info("cluster: catching up %s postponed (%s)", subject, exc.__class__.__name__)
+            finally:
+                self._catching_up.discard(owner)
+
+        task = asyncio.create_task(catch_up(), name=f"cluster-catch-up-{owner}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def run(self, stop: asyncio.Event) -> None:
-        """Write moved journals into the ledger every WRITE_PERIOD and read the others' every REFRESH_PERIOD."""
-        refreshed = time.monotonic()
+        """Write moved journals into the ledger every WRITE_PERIOD, judge auto-recharges, and read every
+        open journal's next slot every REFRESH_PERIOD (the follower's safety net)."""
+        refreshed = judged = time.monotonic()
         while not stop.is_set():
             if time.monotonic() - refreshed >= REFRESH_PERIOD:
                 refreshed = time.monotonic()
@@ -297,6 +383,8 @@ class ClusterMoney:
                     await self.refresh()
                 except FAILED as exc:
                     log.info("cluster: reading the journals postponed (%s)", exc.__class__.__name__)
+            if time.monotonic() - judged >= JUDGE_PERIOD:
+                judged = time.monotonic()
                 self._recharge_due |= set(self.channels.journals)   # new settings need no movement
             self.materialise()
             due, self._recharge_due = self._recharge_due, set()
