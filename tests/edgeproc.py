@@ -14,12 +14,15 @@ import httpx
 TOKEN = "test-admin-token-0123456789"
 
 
-def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
-    """A port free for both UDP and TCP on ``host`` (SIP listens on both)."""
+def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM, *, avoid: tuple[int, ...] = ()) -> int:
+    """A port free for both UDP and TCP on ``host`` (SIP listens on both), none of ``avoid`` (the kernel
+    may hand the port just closed out again: the full run once gave SIP the API's port)."""
     for _ in range(50):
         with socket.socket(socket.AF_INET, kind) as s:
             s.bind((host, 0))
             port = s.getsockname()[1]
+        if port in avoid:
+            continue
         other = socket.SOCK_DGRAM if kind == socket.SOCK_STREAM else socket.SOCK_STREAM
         try:
             with socket.socket(socket.AF_INET, other) as s2:
@@ -87,7 +90,7 @@ class EdgeProcess:
         tests written before the worker processes (a real config defaults to one per core)."""
         self.tmp = Path(tmp)
         self.api_port = free_port()
-        self.sip_port = sip_port or free_port()
+        self.sip_port = sip_port or free_port(avoid=(self.api_port,))
         self.data = self.tmp / "data"
         lo, hi = media_ports
         if not lo:

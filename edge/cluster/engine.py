@@ -10,13 +10,17 @@ minority of members.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType, StreamConfig
+from nats.js.api import ConsumerConfig, KeyValueConfig, StorageType, StreamConfig
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
@@ -96,6 +100,35 @@ class Engine:
         except NotFoundError:
             await self.js.add_stream(StreamConfig(
                 name=name, subjects=subjects, num_replicas=self.replicas, storage=StorageType.FILE, **config))
+
+    async def follow(self, stream: str, subject: str, handle: Callable[[Msg], Awaitable[None]], stop: asyncio.Event,
+                     *, start: Callable[[], Awaitable[ConsumerConfig]], what: str,
+                     subscribed: asyncio.Event | None = None) -> None:
+        """Hand every message of ``subject`` to ``handle``, in stream order, until ``stop``: an ordered
+        consumer from where ``start`` says (asked again each time the consumer is made anew, after
+        the engine was unreachable or ``handle`` raised); ``subscribed`` is set once it is in place."""
+        while not stop.is_set():
+            try:
+                sub = await self.js.subscribe(subject, stream=stream, ordered_consumer=True, config=await start())
+            except Exception as exc:     # no engine yet: the agent's other tasks say so too
+                log.info("cluster: following %s postponed (%s)", what, exc.__class__.__name__)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+                continue
+            if subscribed is not None:
+                subscribed.set()
+            try:
+                while not stop.is_set():
+                    try:
+                        msg = await sub.next_msg(timeout=1.0)
+                    except (NatsTimeoutError, TimeoutError):
+                        continue
+                    await handle(msg)
+            except Exception as exc:
+                log.warning("cluster: following %s again (%s)", what, exc.__class__.__name__)
+            finally:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
 
     async def round_trip(self) -> float:
         """Seconds one PING/PONG with the connected member takes."""

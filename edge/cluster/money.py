@@ -19,12 +19,11 @@ is brought to the journal's balance by one ``cluster_sync`` entry.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
-from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import DeliverPolicy
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from edge.control import accounts, ledger, profiles
 from edge.control.errors import InsufficientFunds, StoreError
@@ -326,31 +325,16 @@ class ClusterMoney:
         the whole stream, from now: what was appended before, the journals' replay or a catch-up read),
         instead of asking each journal for its next slot: the cost follows the calls, not the number of
         profiles. A journal that missed an event catches up; :meth:`refresh` is the slow safety net."""
-        while not stop.is_set():
-            try:
-                sub = await self.channels.engine.js.subscribe(
-                    SUBJECTS[0], stream=STREAM, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW)
-            except FAILED as exc:
-                log.info("cluster: following the journals postponed (%s)", exc.__class__.__name__)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 1.0)
-                continue
-            self.following.set()
-            try:
-                while not stop.is_set():
-                    try:
-                        msg = await sub.next_msg(timeout=1.0)
-                    except (NatsTimeoutError, TimeoutError):
-                        continue
-                    meta = msg.metadata
-                    if not self.folded(msg.subject, meta.sequence.stream, msg.data,
-                                       (msg.headers or {}).get("Nats-Msg-Id")):
-                        self._behind(msg.subject)
-            except Exception as exc:     # a broken subscription: made anew (the journals catch up)
-                log.warning("cluster: following the journals again (%s)", exc.__class__.__name__)
-            finally:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+        async def start() -> ConsumerConfig:
+            return ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
+
+        async def handle(msg: Msg) -> None:
+            if not self.folded(msg.subject, msg.metadata.sequence.stream, msg.data,
+                               (msg.headers or {}).get("Nats-Msg-Id")):
+                self._behind(msg.subject)
+
+        await self.channels.engine.follow(STREAM, SUBJECTS[0], handle, stop, start=start, what="the journals",
+                                          subscribed=self.following)
 
     def _behind(self, subject: str) -> None:
         kind, owner = subject.split(".")[2:4]

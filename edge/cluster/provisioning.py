@@ -33,6 +33,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 import msgspec
+from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import BadRequestError, NoStreamResponseError
@@ -297,31 +298,15 @@ class Applier:
         return self.slot >= slot
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Follow the stream from the first slot not applied here (an ordered consumer: the engine
-        redelivers from where it left after a reconnect), until ``stop``."""
-        while not stop.is_set():
-            try:
-                sub = await self.engine.js.subscribe(
-                    SUBJECT_PREFIX + ">", stream=STREAM, ordered_consumer=True,
-                    config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                                          opt_start_seq=await self._next_sequence()))
-            except Exception as exc:     # no engine yet: the agent's other tasks say so too
-                log.info("cluster: following the provisioning postponed (%s)", exc.__class__.__name__)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 1.0)
-                continue
-            try:
-                while not stop.is_set():
-                    try:
-                        msg = await sub.next_msg(timeout=1.0)
-                    except (NatsTimeoutError, TimeoutError):
-                        continue
-                    await self._apply(msg.subject, msg.data)
-            except Exception as exc:
-                log.warning("cluster: following the provisioning again (%s)", exc.__class__.__name__)
-            finally:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+        """Follow the stream from the first slot not applied here, until ``stop``."""
+        async def start() -> ConsumerConfig:
+            return ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                                  opt_start_seq=await self._next_sequence())
+
+        async def handle(msg: Msg) -> None:
+            await self._apply(msg.subject, msg.data)
+
+        await self.engine.follow(STREAM, SUBJECT_PREFIX + ">", handle, stop, start=start, what="the provisioning")
 
     async def _next_sequence(self) -> int:
         """The stream sequence of the first slot not applied here (slots land in stream order)."""

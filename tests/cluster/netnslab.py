@@ -24,17 +24,19 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack
 from decimal import Decimal
 from pathlib import Path
 from typing import TypeVar
 
+import pytest
 from clusternodes import RingingCarrier
 from edgeproc import EdgeProcess, node_children
 from nats.js.errors import NoKeysError
-from natscluster import NatsCluster
-from net.netns import Lab, ip
+from natscluster import NatsCluster, nats_server
+from net.netns import Lab, NetnsUnavailable, check_available, ip
 from rawsip import RawSip, sdp
 from test_calls_raw import Pbx, api_get
 
@@ -107,6 +109,29 @@ def engine(lab: ClusterLab, root: Path) -> NatsCluster:
     for name, addr in zip(names, ENGINES, strict=True):
         lab.attach(name, addr)
     return NatsCluster(root, hosts=ENGINES, wrap=[["ip", "netns", "exec", lab.ns[n]] for n in names])
+
+
+def hosts(tmp_path_factory: pytest.TempPathFactory, name: str, stack: ExitStack, nodes: int
+          ) -> tuple[ClusterLab, NatsCluster, Path, str, str]:
+    """The lab of a test module (skipped without namespaces or nats-server): the engine's hosts and
+    ``nodes`` node hosts, a PBX and a carrier host on the bridge, the engine started (stopped with
+    ``stack``). :returns: the lab, the engine, the module's directory, the PBX's and the carrier's
+    namespaces."""
+    try:
+        check_available()
+    except NetnsUnavailable as exc:
+        pytest.skip(str(exc))
+    if nats_server() is None:
+        pytest.skip("Debian nats-server is needed (make system-deps)")
+    tmp: Path = tmp_path_factory.mktemp(name)
+    lab = stack.enter_context(ClusterLab(uuid.uuid4().hex[:4]))
+    cluster = engine(lab, tmp / "nats")
+    for i in range(nodes):
+        lab.attach(f"n{i}", NODES[i])
+    pbx_ns, carrier_ns = lab.attach("pbx", PBX), lab.attach("carrier", CARRIER)
+    stack.callback(cluster.stop)
+    cluster.start()
+    return lab, cluster, tmp, pbx_ns, carrier_ns
 
 
 class NsCarrier(RingingCarrier):

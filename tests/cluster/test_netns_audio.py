@@ -14,10 +14,8 @@ journal's.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
-from pathlib import Path
 
 import pytest
 
@@ -27,9 +25,8 @@ from clusternodes import CALLEE, everywhere, journal_of
 from e2e.pjua import PjUA
 from e2e.test_calls_e2e import assert_hears
 from edgeproc import EdgeProcess
-from natscluster import NatsCluster, nats_server
-from net.netns import NetnsUnavailable, check_available
-from netnslab import CARRIER, NODES, PBX, ClusterLab, balance_and_ledger, engine, nodes_at_once
+from natscluster import NatsCluster
+from netnslab import CARRIER, NODES, PBX, balance_and_ledger, hosts, nodes_at_once
 from test_calls_raw import api_get, new_profile, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
@@ -49,22 +46,8 @@ class Rig:
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    try:
-        check_available()
-    except NetnsUnavailable as exc:
-        pytest.skip(str(exc))
-    if nats_server() is None:
-        pytest.skip("Debian nats-server is needed (make system-deps)")
-    tmp: Path = tmp_path_factory.mktemp("netns-audio")
     with ExitStack() as stack:
-        lab = stack.enter_context(ClusterLab(uuid.uuid4().hex[:4]))
-        cluster = engine(lab, tmp / "nats")
-        for i in range(2):
-            lab.attach(f"n{i}", NODES[i])
-        pbx_ns = lab.attach("pbx", PBX)
-        carrier_ns = lab.attach("carrier", CARRIER)
-        stack.callback(cluster.stop)
-        cluster.start()
+        lab, cluster, tmp, pbx_ns, carrier_ns = hosts(tmp_path_factory, "netns-audio", stack, 2)
         with lab.inside(carrier_ns):
             carrier = PjUA("carrier", bind=CARRIER, port=CARRIER_PORT, log_dir=tmp / "uas")
         stack.callback(carrier.close)

@@ -17,27 +17,22 @@ from __future__ import annotations
 
 import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
-from pathlib import Path
 
 import pytest
 from clusternodes import CALLEE, drift, everywhere, journal_of, metric_sum, recovery_cdrs
 from edgeproc import EdgeProcess
-from natscluster import NatsCluster, nats_server
-from net.netns import NetnsUnavailable, check_available
+from natscluster import NatsCluster
 from netnslab import (
-    CARRIER,
     ENGINES,
     NODES,
-    PBX,
     ClusterLab,
     NsCarrier,
     NsPbx,
     account_balance,
     balance_and_ledger,
-    engine,
+    hosts,
     kill_node,
     nodes_at_once,
     published_calls,
@@ -77,22 +72,8 @@ class Rig:
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    try:
-        check_available()
-    except NetnsUnavailable as exc:
-        pytest.skip(str(exc))
-    if nats_server() is None:
-        pytest.skip("Debian nats-server is needed (make system-deps)")
-    tmp: Path = tmp_path_factory.mktemp("netns-cluster")
     with ExitStack() as stack:
-        lab = stack.enter_context(ClusterLab(uuid.uuid4().hex[:4]))
-        cluster = engine(lab, tmp / "nats")
-        for i, addr in enumerate(NODES):
-            lab.attach(f"n{i}", addr)
-        pbx_ns = lab.attach("pbx", PBX)
-        lab.attach("carrier", CARRIER)
-        stack.callback(cluster.stop)
-        cluster.start()
+        lab, cluster, tmp, pbx_ns, _ = hosts(tmp_path_factory, "netns-cluster", stack, len(NODES))
         carrier = NsCarrier(lab)
         stack.callback(carrier.close)
         # the test's thread lives on the PBX host: API calls, PBXs and engine probes cross the bridge
