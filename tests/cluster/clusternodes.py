@@ -13,7 +13,7 @@ import concurrent.futures
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -216,3 +216,29 @@ def ring(node: EdgeProcess, prof: dict, carrier: RingingCarrier, count: int) -> 
         carrier.take(timeout=0.5)
     assert len(carrier.ringing) == before + count
     return pbxs
+
+
+def admitted(new_pbx: Callable[[], Pbx], prof: dict, carrier: RingingCarrier, timeout: float,
+             made: list[Pbx] | None = None) -> Pbx | None:
+    """INVITEs from a new PBX each (``new_pbx``) until one reaches the carrier (bounded); that call's
+    PBX, left ringing. An INVITE with no final answer yet is on its way to the carrier: it is waited
+    for, so a later attempt's PBX is never taken for the one that got through."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pbx = new_pbx()
+        if made is not None:
+            made.append(pbx)
+        before = len(carrier.ringing)
+        pbx.invite(prof, CALLEE)
+        carrier.take(timeout=0.5)
+        if len(carrier.ringing) == before:
+            try:
+                pbx.recv_final(timeout=1.0)       # refused (486 busy, 503 fenced): try again
+            except TimeoutError:
+                carrier.take(timeout=2.0)         # no answer: admitted, still on its way
+        if len(carrier.ringing) > before:
+            return pbx
+        if made is None:
+            pbx.close()
+        time.sleep(0.2)
+    return None

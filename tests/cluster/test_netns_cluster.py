@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 
 import pytest
-from clusternodes import CALLEE, drift, everywhere, journal_of, metric_sum, recovery_cdrs
+from clusternodes import CALLEE, admitted, drift, everywhere, journal_of, metric_sum, recovery_cdrs
 from edgeproc import EdgeProcess
 from natscluster import NatsCluster
 from netnslab import (
@@ -255,19 +255,9 @@ def test_a_node_killed_with_fifty_calls_and_its_link_down_is_settled_once(rig: R
 
 
 def admitted_through(rig: Rig, i: int, prof: dict, timeout: float, pbxs: list[NsPbx]) -> NsPbx | None:
-    """INVITEs through node ``i`` until one reaches the carrier (bounded); that call's PBX, left ringing."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pbx = rig.pbx(i)
-        pbxs.append(pbx)
-        before = len(rig.carrier.ringing)
-        pbx.invite(prof, CALLEE)
-        rig.carrier.take(timeout=0.5)
-        if len(rig.carrier.ringing) > before:
-            return pbx
-        final_status(pbx, 1.0)
-        time.sleep(0.2)
-    return None
+    """An INVITE through node ``i`` that reaches the carrier (clusternodes.admitted); its PBX, ringing."""
+    pbx = admitted(lambda: rig.pbx(i), prof, rig.carrier, timeout, pbxs)  # type: ignore[arg-type]  (NsPbx list)
+    return pbx if isinstance(pbx, NsPbx) else None
 
 
 def test_a_node_cut_from_the_engine_fences_its_call_and_serves_again_once_healed(rig: Rig) -> None:

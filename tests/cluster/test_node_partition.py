@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from clusternodes import CALLEE, RingingCarrier, journal_channels, journal_of, node_pair
+from clusternodes import CALLEE, RingingCarrier, admitted, journal_channels, journal_of, node_pair
 from edgeproc import EdgeProcess
 from engineproxy import EngineProxy
 from natscluster import NatsCluster
@@ -47,19 +47,7 @@ def final_status(pbx: Pbx, timeout: float) -> int | None:
 
 
 def admitted_through(node: EdgeProcess, prof: dict, carrier: RingingCarrier, timeout: float) -> Pbx | None:
-    """INVITEs through ``node`` until one reaches the carrier (bounded); that call's PBX, left ringing."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pbx = Pbx(node)
-        before = len(carrier.ringing)
-        pbx.invite(prof, CALLEE)
-        carrier.take(timeout=0.5)
-        if len(carrier.ringing) > before:
-            return pbx
-        final_status(pbx, 1.0)
-        pbx.close()
-        time.sleep(0.2)
-    return None
+    return admitted(lambda: Pbx(node), prof, carrier, timeout)
 
 
 def test_a_partitioned_node_ends_its_call_before_another_reuses_the_channel(
