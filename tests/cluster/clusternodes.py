@@ -242,3 +242,17 @@ def admitted(new_pbx: Callable[[], Pbx], prof: dict, carrier: RingingCarrier, ti
             pbx.close()
         time.sleep(0.2)
     return None
+
+
+def verdict_after_healing(new_pbx: Callable[[], Pbx], prof: dict, made: list[Pbx], timeout: float = 20.0) -> int:
+    """A healed node answers 503 until its agent holds its new lease, then the journal's verdict:
+    INVITEs from a new PBX each until the answer is not 503 (bounded). :returns: that answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pbx = new_pbx()
+        made.append(pbx)
+        pbx.invite(prof, CALLEE)
+        status = pbx.recv_final(timeout=8).status
+        if status != 503 or time.monotonic() > deadline:
+            return status
+        time.sleep(0.5)
