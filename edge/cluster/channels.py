@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -32,7 +31,7 @@ from nats.js.kv import KeyValue
 
 from edge.control import cdrs, channels
 from edge.control import profiles as profile_records
-from edge.control.credit import billed_seconds
+from edge.control.credit import billed_seconds, call_cdr
 from edge.control.models import Cdr, LiveCall
 from edge.control.store import Store, Txn
 from edge.control.store import key as composite_key
@@ -382,17 +381,12 @@ def survivor_cdr(call: OpenCall, record: LiveCall | None, cost: int, now: float)
     if record is not None and record.answered_at is not None:
         end = min(now, record.funded_until) if record.funded_until is not None else record.answered_at
         talk = max(0.0, end - record.answered_at)
-        rate = record.rate
-        return Cdr(seq=0, call_id=call.call_id, profile_id=record.profile_id, direction=record.direction,
-                   caller=record.caller, callee=record.callee, started_at=record.started_at,
-                   answered_at=record.answered_at, ended_at=end,
-                   duration=billed_seconds(talk, rate) if rate is not None else math.ceil(talk), status=200,
-                   end_reason="recovery", cost=cost, rate_prefix=rate.prefix if rate is not None else None,
-                   carrier=record.carrier, transport=record.transport, srtp=record.srtp)
+        return call_cdr(record, record.rate, end, duration=billed_seconds(talk, record.rate), status=200,
+                        end_reason="recovery", cost=cost)
     direction = call.direction if call.direction in ("outgoing", "incoming") else "outgoing"
-    return Cdr(seq=0, call_id=call.call_id, profile_id="", direction=direction,  # type: ignore[arg-type]
-               caller=call.caller, callee=call.callee, started_at=call.started_at or now, answered_at=None,
-               ended_at=now, duration=0, status=500, end_reason="recovery", cost=cost)
+    ringing = LiveCall(call_id=call.call_id, profile_id="", direction=direction,  # type: ignore[arg-type]
+                       started_at=call.started_at or now, caller=call.caller, callee=call.callee)
+    return call_cdr(ringing, None, now, duration=0, status=500, end_reason="recovery", cost=cost)
 
 
 def _write_recovered(txn: Txn, profile_id: str, recovered: list[Cdr]) -> None:

@@ -304,20 +304,26 @@ class ClusterMoney:
 
     def folded(self, subject: str, seq: int, data: bytes, msg_id: str | None) -> bool:
         """An event of the journal stream as another node (or this one) appended it, delivered by the
-        follower: folded into the journal open here if it is its next slot. :returns: False if the
-        journal is open here and the event is past its next slot (some were missed: catch up)."""
+        follower: folded into the journal open here if it is its next slot; one past it (some were
+        missed) makes the journal catch up. :returns: False in that case."""
         parts = subject.split(".")
-        if len(parts) != 5:
+        if len(parts) != 5 or not parts[4].isdigit():
             return True
-        kind, owner, slot = parts[2], parts[3], parts[4]
-        journal: ProfileJournal | AccountJournal | None = (
-            self.channels.journals.get(owner) if kind == "p" else self._accounts.get(owner) if kind == "a" else None)
-        if journal is None or not slot.isdigit() or int(slot) <= journal.state.slot:
+        kind, owner, slot = parts[2], parts[3], int(parts[4])
+        journal: ProfileJournal | AccountJournal | None
+        if kind == "p":
+            journal, moved = self.channels.journals.get(owner), self._moved_profiles
+        elif kind == "a":
+            journal, moved = self._accounts.get(owner), self._moved_accounts
+        else:
+            return True
+        if journal is None or slot <= journal.state.slot:
             return True             # not followed here, or folded already (this node's own append)
-        if int(slot) != journal.state.slot + 1:
+        if slot != journal.state.slot + 1:
+            self._catch_up(journal, owner, moved)
             return False
         journal._fold(seq, subject, data, msg_id)
-        (self._moved_profiles if kind == "p" else self._moved_accounts).add(owner)
+        moved.add(owner)
         return True
 
     async def run_follower(self, stop: asyncio.Event) -> None:
@@ -329,26 +335,22 @@ class ClusterMoney:
             return ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
 
         async def handle(msg: Msg) -> None:
-            if not self.folded(msg.subject, msg.metadata.sequence.stream, msg.data,
-                               (msg.headers or {}).get("Nats-Msg-Id")):
-                self._behind(msg.subject)
+            self.folded(msg.subject, msg.metadata.sequence.stream, msg.data, (msg.headers or {}).get("Nats-Msg-Id"))
 
         await self.channels.engine.follow(STREAM, SUBJECTS[0], handle, stop, start=start, what="the journals",
                                           subscribed=self.following)
 
-    def _behind(self, subject: str) -> None:
-        kind, owner = subject.split(".")[2:4]
-        journal = self.channels.journals.get(owner) if kind == "p" else self._accounts.get(owner)
-        if journal is None or owner in self._catching_up:
+    def _catch_up(self, journal: ProfileJournal | AccountJournal, owner: str, moved: set[str]) -> None:
+        if owner in self._catching_up:
             return
         self._catching_up.add(owner)
 
         async def catch_up() -> None:
             try:
                 if await journal.catch_up():
-                    (self._moved_profiles if kind == "p" else self._moved_accounts).add(owner)
+                    moved.add(owner)
             except FAILED as exc:
-                log.info("cluster: catching up %s postponed (%s)", subject, exc.__class__.__name__)
+                log.info("cluster: catching up %s postponed (%s)", journal.subject, exc.__class__.__name__)
             finally:
                 self._catching_up.discard(owner)
 

@@ -45,14 +45,13 @@ from edge.control.store import Store, Txn, u64
 
 from . import link
 from .engine import Engine
+from .journal import DUPLICATE_WINDOW, WRONG_LAST_SEQUENCE
 
 log = logging.getLogger("sipedge.cluster")
 T = TypeVar("T")
 
 STREAM = "SIPEDGE_CONFIG"
 SUBJECT_PREFIX = "sipedge.config."
-DUPLICATE_WINDOW = 120.0
-WRONG_LAST_SEQUENCE = 10071
 MARK = b"cluster_config"         # meta: the last slot applied to this store
 MAX_CHANGE = 900_000             # bytes of one change (the engine's max_payload is 1 MB)
 WRITE_DEADLINE = 10.0            # seconds an API write may keep losing its slot to other nodes' (then 503)
@@ -79,8 +78,6 @@ class Row(msgspec.Struct, array_like=True, frozen=True):
 
 class Change(msgspec.Struct, array_like=True, frozen=True):
     id: str                      # the Nats-Msg-Id: a publish retried after no answer lands once
-    node: str                    # who wrote it (logs, `sipedge cluster status`)
-    at: float
     rows: list[Row]
 
 
@@ -157,11 +154,10 @@ class Replicator:
     :param address: the node's link to its agent (edge/cluster/link.py).
     """
 
-    def __init__(self, store: Store, address: str, node: str = "") -> None:
+    def __init__(self, store: Store, address: str) -> None:
         self.store = store
         self.address = address
-        self.node = node
-        self.changes = self.conflicts = 0
+        self.conflicts = 0
 
     def write(self, fn: Callable[[Txn], T], *, sync: bool, grows: bool) -> T:
         def recorded(txn: Txn) -> T:
@@ -186,7 +182,6 @@ class Replicator:
                 self._wait_applied(landed)
                 if ship.local:               # the node's own side of the write: sessions, sign-ins
                     self.store.write_here(functools.partial(apply_rows, rows=ship.local), sync=sync, grows=False)
-                self.changes += 1
                 return ship.result
         raise ClusterUnavailable("the cluster's provisioning changed under this request too often; ask again")
 
@@ -195,7 +190,7 @@ class Replicator:
         if any(row.db in ("ledger", "cdrs", "calls", "channels") for row in ship.local):
             log.error("cluster: a provisioning write also moved call or money state here: refused")
             raise ClusterUnsupported("this change moves money or calls outside the cluster's journal")
-        change = Change(uuid.uuid4().hex, self.node, time.time(), ship.rows)
+        change = Change(uuid.uuid4().hex, ship.rows)
         payload = msgspec.msgpack.encode(change)
         if len(payload) > MAX_CHANGE:
             raise Invalid(f"the change is {len(payload)} bytes, above the cluster's {MAX_CHANGE} per write")
@@ -241,7 +236,7 @@ class Applier:
         self._moved = asyncio.Condition()
         self._decoder = msgspec.msgpack.Decoder(Change)
         self._following: set[asyncio.Task[None]] = set()   # held here: the loop keeps only weak references
-        self.published = self.lost = self.applied = 0
+        self.published = self.lost = 0
 
     async def provision(self, request: link.Provision) -> link.Reply:
         """Append one change to slot ``request.slot`` (still empty); answered once applied here."""
@@ -339,7 +334,6 @@ class Applier:
             self.store.write_here(op, sync=True, grows=False)
         except StoreError as exc:
             raise RuntimeError(f"provisioning slot {slot} not applied: {exc}") from exc
-        self.applied += 1
         async with self._moved:
             self.slot = slot
             self._moved.notify_all()

@@ -35,13 +35,27 @@ from .store import Store, Txn
 ECHO_NUMBER = "+17606604690"
 
 
-def billed_seconds(talk: float, rate: Rate) -> int:
-    """Talk time rounded up to the minimum, then to the increment (0 for an unanswered call)."""
+def billed_seconds(talk: float, rate: Rate | None) -> int:
+    """Talk time rounded up to the minimum, then to the increment (0 for an unanswered call); to
+    the second without a rate (a free call)."""
+    if rate is None:
+        return math.ceil(talk)
     if talk <= 0:
         return 0
     seconds = max(math.ceil(talk - 1e-9), rate.min_seconds)
     step = max(1, rate.increment_seconds)
     return -(-seconds // step) * step
+
+
+def call_cdr(call: LiveCall, rate: Rate | None, ended_at: float, *, duration: int, status: int, end_reason: str,
+             cost: int, bundle_seconds: int = 0, media: dict[str, int] | None = None, account_id: str = "") -> Cdr:
+    """The CDR of ``call`` as it ended: its settlement here, or a survivor's recovery of a dead node's call."""
+    return Cdr(seq=0, call_id=call.call_id, profile_id=call.profile_id, direction=call.direction,
+               caller=call.caller, callee=call.callee, started_at=call.started_at, answered_at=call.answered_at,
+               ended_at=ended_at, duration=duration, status=status, end_reason=end_reason, cost=cost,
+               bundle_seconds=bundle_seconds, rate_prefix=rate.prefix if rate is not None else None,
+               media=media or {}, account_id=account_id, carrier=call.carrier, transport=call.transport,
+               srtp=call.srtp)
 
 
 def price(seconds: int, rate: Rate, *, connect_fee: bool = True) -> int:
@@ -270,7 +284,7 @@ class CreditEngine:
             # never bill past what was funded: the edge cuts the call there
             end = min(ended_at, call.funded_until) if call.funded_until is not None else ended_at
             talk = max(0.0, end - call.answered_at)
-        billed = billed_seconds(talk, rate) if rate is not None else math.ceil(talk)
+        billed = billed_seconds(talk, rate)
         cost = self.cost(call, rate, talk) if rate is not None and call.funding != "free" else 0
         bundle_used = min(billed, call.bundle_seconds_reserved)
         if call.bundle_seconds_reserved > bundle_used and call.answered_at is not None:
@@ -285,12 +299,8 @@ class CreditEngine:
             if cost:  # cost(talk) <= cost(funded) = reserved: the release covers it
                 ledger.move(txn, prof, -min(cost, prof.balance), "call", call.call_id)
             ledger.auto_recharge(txn, prof)
-        cdr = Cdr(seq=0, call_id=call.call_id, profile_id=call.profile_id, direction=call.direction,
-                  caller=call.caller, callee=call.callee, started_at=call.started_at, answered_at=call.answered_at,
-                  ended_at=ended_at, duration=billed, status=status, end_reason=end_reason, cost=cost,
-                  bundle_seconds=bundle_used, rate_prefix=rate.prefix if rate is not None else None,
-                  media=media or {}, account_id=prof.account_id if prof is not None else "",
-                  carrier=call.carrier, transport=call.transport, srtp=call.srtp)
+        cdr = call_cdr(call, rate, ended_at, duration=billed, status=status, end_reason=end_reason, cost=cost,
+                       bundle_seconds=bundle_used, media=media, account_id=prof.account_id if prof is not None else "")
         if self.hold_cdr is not None:
             self.hold_cdr(txn, cdr)     # whose CDR it is, the cluster's journal decides (edge/cluster/outbox.py)
         else:
