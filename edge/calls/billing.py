@@ -239,8 +239,13 @@ class Billing:
                   callee=callee, started_at=now, answered_at=None, ended_at=now, duration=0,
                   status=refusal.status, end_reason=refusal.rule, account_id=profile.account_id)
 
+        hold = self.credit.hold_cdr
+
         def op(txn: Txn) -> None:
-            cdrs.add(txn, cdr)
+            if hold is not None:             # a cluster node: the CDR goes through the journal
+                hold(txn, cdr, refused=True)
+            else:
+                cdrs.add(txn, cdr)
             if not self.credit.journaled:    # a cluster node's agent recharges (edge/cluster/money.py)
                 ledger.auto_recharge(txn, profiles.get(txn, profile.id))
 

@@ -29,12 +29,11 @@ from nats.errors import Error as NatsError
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
 from nats.js.kv import KeyValue
 
-from edge.control import cdrs, channels
+from edge.control import channels
 from edge.control import profiles as profile_records
 from edge.control.credit import billed_seconds, call_cdr
 from edge.control.models import Cdr, LiveCall
-from edge.control.store import Store, Txn
-from edge.control.store import key as composite_key
+from edge.control.store import Store
 
 from . import foreign, link, outbox
 from .engine import Engine, EngineUnavailable
@@ -60,7 +59,6 @@ OUTBOX_PERIOD = 0.05            # seconds between two looks at the outbox
 PUBLISH_PERIOD = 0.5            # seconds between two publications of the node's answered calls
 FINAL_DRAIN = 3.0               # seconds the last drain at stop may take (the supervisor waits 10 s)
 FAILED = (JournalUnavailable, EngineUnavailable, NatsError, TimeoutError, OSError)
-MINE, THEIRS = "mine", "theirs"   # whose settlement of a call the journal holds (settle)
 
 
 class ClusterChannels:
@@ -214,18 +212,25 @@ class ClusterChannels:
     async def _recover(self, holder: str, profile_id: str) -> int:
         """Settle the open calls of ended ``holder`` in ``profile_id``'s journal: an answered call (its
         record published) at its whole reservation, as its node's own recovery bills, one never seen
-        answered at 0; write their recovery CDRs here, and BYE the legs of the answered ones."""
+        answered at 0; each settlement carries its recovery CDR (every node writes it); BYE the legs of
+        the answered ones from here."""
         journal = await self.journal(profile_id)
         await journal.catch_up()
         open_calls = {c.call_id: c for c in journal.state.calls.values() if c.node == holder}
         records = await self._records_of(holder, list(open_calls))
-        done = await journal.settle_open(holder, lambda c: c.reserved if c.call_id in records else 0, by=self.holder)
+        prof = profile_records.find(self.store, profile_id)
+        now = time.time()
+
+        def cdr(call: OpenCall, cost: int) -> Cdr:
+            made = survivor_cdr(call, records.get(call.call_id), cost, now)
+            made.profile_id, made.account_id = profile_id, prof.account_id if prof is not None else ""
+            return made
+
+        done = await journal.settle_open(holder, lambda c: c.reserved if c.call_id in records else 0,
+                                         by=self.holder, cdr=cdr)
         self.on_change(profile_id)
         if not done:
             return 0
-        now = time.time()
-        cdrs_here = [survivor_cdr(open_calls[d.call_id], records.get(d.call_id), d.cost, now) for d in done]
-        self.store.write(lambda txn: _write_recovered(txn, profile_id, cdrs_here), sync=True, grows=False)
         for d in done:
             if (record := records.get(d.call_id)) is not None:
                 foreign.add(self.store, record)
@@ -279,27 +284,37 @@ class ClusterChannels:
         """A sweep every lease; a failed one is tried again at the next."""
         await _every(self.membership.lease_seconds, self.sweep, "sweep of ended holders", stop)
 
-    async def settle(self, profile_id: str, call_id: str, cost: int) -> str | None:
-        """:returns: None to retry later; once the journal has the call settled (now or before),
-        :data:`MINE`, or :data:`THEIRS` if another node's recovery settled it (its CDR is there)."""
+    async def settle(self, item: outbox.Pending) -> bool:
+        """Put an outbox row in the journal: the call's settlement with its CDR, or a refused
+        attempt's CDR. :returns: False to retry later; True once the journal holds the call settled
+        (now, or before: a retry of ours, or a survivor's recovery, whose CDR is the call's)."""
         try:
-            journal = await self.journal(profile_id)
-            held = _reserved(journal, call_id)
-            if cost > held and call_id in journal.state.calls:
-                log.error("cluster: call %s costs %d but holds %d in the journal: billed %d", call_id, cost, held, held)
-            await journal.settle(call_id, min(cost, held), by=self.holder)
-        except AlreadySettled as exc:   # settled before: a retry of ours, or another node's recovery
-            by = exc.settle.by.partition(".")[0]      # the node of the holder that settled it
-            return THEIRS if exc.settle.recovery and by and by != self.membership.node else MINE
-        except UnknownCall:
-            return MINE         # never reserved (refused, cancelled), or settled too long ago to tell
-        except ValueError:
-            return MINE         # not a journal id: nothing was ever reserved under it
+            journal = await self.journal(item.profile_id)
+            if item.refused:
+                if item.cdr is not None:
+                    await journal.refused(item.call_id, item.cdr, by=self.holder)
+                    self.moved(journal)
+                return True
+            held = _reserved(journal, item.call_id)
+            cost = min(item.cost, held)
+            if item.cost > held and item.call_id in journal.state.calls:
+                log.error("cluster: call %s costs %d but holds %d in the journal: billed %d", item.call_id,
+                          item.cost, held, held)
+            if item.cdr is not None:
+                item.cdr.cost = cost
+            await journal.settle(item.call_id, cost, by=self.holder, cdr=item.cdr)
+        except AlreadySettled:          # its one settlement (and CDR) is in the journal already
+            return True
+        except (UnknownCall, ValueError):   # never reserved (refused, cancelled), or not a journal id
+            if item.cdr is not None:
+                log.warning("cluster: call %s has a CDR but no reservation in the journal: not recorded",
+                            item.call_id)
+            return True
         except FAILED:
-            return None
+            return False
         self.settled += 1
         self.moved(journal)
-        return MINE
+        return True
 
     def drift(self) -> int:
         """Calls the journal holds open for this node's holder minus those the node's store accounts for
@@ -315,10 +330,9 @@ class ClusterChannels:
         items = outbox.pending(self.store)
         if not items:
             return 0
-        results = await asyncio.gather(*(self.settle(p, c, cost) for p, c, cost in items))
-        finished = [item for item, whose in zip(items, results, strict=True) if whose is not None]
-        theirs = frozenset((p, c) for (p, c, _), whose in zip(items, results, strict=True) if whose == THEIRS)
-        outbox.done(self.store, finished, theirs)
+        results = await asyncio.gather(*(self.settle(item) for item in items))
+        finished = [item for item, landed in zip(items, results, strict=True) if landed]
+        outbox.done(self.store, finished)
         return len(finished)
 
     async def run_outbox(self, stop: asyncio.Event) -> None:
@@ -387,16 +401,3 @@ def survivor_cdr(call: OpenCall, record: LiveCall | None, cost: int, now: float)
     ringing = LiveCall(call_id=call.call_id, profile_id="", direction=direction,  # type: ignore[arg-type]
                        started_at=call.started_at or now, caller=call.caller, callee=call.callee)
     return call_cdr(ringing, None, now, duration=0, status=500, end_reason="recovery", cost=cost)
-
-
-def _write_recovered(txn: Txn, profile_id: str, recovered: list[Cdr]) -> None:
-    """The survivor's CDRs, except those of calls this store knows itself (its own earlier run's:
-    its recovery writes them, outbox.done)."""
-    prof = profile_records.find(txn, profile_id)
-    for cdr in recovered:
-        k = composite_key(profile_id, cdr.call_id)
-        if txn.get_raw("calls", k) is not None or txn.get_raw(outbox.CDRS, k) is not None:
-            continue
-        cdr.profile_id = profile_id
-        cdr.account_id = prof.account_id if prof is not None else ""
-        cdrs.record(txn, cdr)

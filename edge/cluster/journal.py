@@ -58,6 +58,8 @@ from nats.js.errors import (
     ServiceUnavailableError,
 )
 
+from edge.control.models import Cdr
+
 from .engine import Engine
 
 log = logging.getLogger("sipedge.cluster.journal")
@@ -119,7 +121,17 @@ class Settle(msgspec.Struct, tag="settle", frozen=True):
     call_id: str
     cost: int
     recovery: bool = False   # settled by another node for a dead one (CDR end_reason "recovery")
-    by: str = ""             # the holder (<node>.<epoch>) whose settlement this is: it writes the CDR
+    by: str = ""             # the holder (<node>.<epoch>) whose settlement this is: its node sends call.ended
+    cdr: Cdr | None = None   # the call's one CDR: every node writes it from here (docs/cluster.md "CDRs")
+
+
+class Refused(msgspec.Struct, tag="refused", frozen=True):
+    """The CDR of an attempt refused before it held a channel or money (402, 404): it moves nothing
+    and is here so that every node has every CDR of the profile."""
+
+    call_id: str
+    cdr: Cdr
+    by: str = ""
 
 
 class TransferIn(msgspec.Struct, tag="transfer_in", frozen=True):
@@ -146,7 +158,7 @@ class TransferOut(msgspec.Struct, tag="transfer_out", frozen=True):
     amount: int
 
 
-ProfileEvent = Credit | Reserve | Extend | Settle | TransferIn
+ProfileEvent = Credit | Reserve | Extend | Settle | Refused | TransferIn
 AccountEvent = AccountCredit | TransferOut
 Event = ProfileEvent | AccountEvent
 
@@ -163,6 +175,8 @@ def event_key(event: Event) -> str:
         return f"s:{event.call_id}"
     if isinstance(event, TransferIn):
         return f"i:{event.transfer_id}"
+    if isinstance(event, Refused):
+        return f"n:{event.call_id}"
     return f"o:{event.transfer_id}"
 
 
@@ -301,7 +315,7 @@ def validate(event: Event) -> None:
         _need(event.amount > 0 and event.slice >= 1, InvalidEvent, "extend needs amount > 0, slice >= 1")
     elif isinstance(event, Settle):
         _need(event.cost >= 0, InvalidEvent, "settle needs cost >= 0")
-    else:
+    elif not isinstance(event, Refused):
         _need(event.amount > 0, InvalidEvent, "transfer amount must be > 0")
 
 
@@ -348,7 +362,7 @@ def check_profile(state: ProfileState, event: ProfileEvent) -> None:
             # the edge never bills past the funded time, so the reservation covers the cost
             _need(0 <= event.cost <= call.reserved, InvalidEvent,
                   f"cost of call {event.call_id} must be within its reservation ({call.reserved})")
-    else:
+    elif not isinstance(event, Refused):      # a refused attempt's CDR: nothing to check
         _need(event.amount > 0, InvalidEvent, "transfer amount must be > 0")
 
 
@@ -384,7 +398,7 @@ def apply_profile(state: ProfileState, event: ProfileEvent, seq: int) -> list[En
             entries.append(Entry(seq, "release", call.reserved, event.call_id))
         if event.cost:
             entries.append(Entry(seq, "call", -event.cost, event.call_id))
-    else:
+    elif isinstance(event, TransferIn):
         state.balance += event.amount
         entries.append(Entry(seq, "transfer_in", event.amount, event.transfer_id))
     state.slot += 1
@@ -700,6 +714,8 @@ class ProfileJournal(_Journal[ProfileState, ProfileEvent]):
     def __init__(self, engine: Engine, profile_id: str, *, deadline: float = APPEND_DEADLINE) -> None:
         super().__init__(engine, PROFILE_PREFIX + _check_id("profile id", profile_id), ProfileState(profile_id),
                          deadline=deadline)
+        # (stream sequence, event) of every CDR folded and not yet taken (:meth:`take_cdrs`)
+        self._cdrs: list[tuple[int, Settle | Refused]] = []
 
     @classmethod
     async def open(cls, engine: Engine, profile_id: str, *, snapshot: bool = False, new: bool = False,
@@ -717,10 +733,21 @@ class ProfileJournal(_Journal[ProfileState, ProfileEvent]):
         return journal
 
     def _apply(self, event: ProfileEvent, seq: int) -> list[Entry]:
-        return apply_profile(self.state, event, seq)
+        entries = apply_profile(self.state, event, seq)
+        if isinstance(event, Settle | Refused) and event.cdr is not None:
+            self._cdrs.append((seq, event))
+        return entries
 
     def _check(self, event: ProfileEvent) -> None:
         check_profile(self.state, event)
+
+    def cdrs(self) -> list[tuple[int, Settle | Refused]]:
+        """The CDRs folded since the last :meth:`take_cdrs`, each with its event's stream sequence."""
+        return list(self._cdrs)
+
+    def take_cdrs(self, upto: int) -> None:
+        """The CDRs up to stream sequence ``upto`` are written: forget them (bounded memory)."""
+        self._cdrs = [item for item in self._cdrs if item[0] > upto]
 
     @property
     def balance(self) -> int:
@@ -753,29 +780,37 @@ class ProfileJournal(_Journal[ProfileState, ProfileEvent]):
         await self._append(Extend(call_id, call.slices + 1, amount))
         return self.state.calls.get(call_id) or call
 
-    async def settle(self, call_id: str, cost: int, *, recovery: bool = False, by: str = "") -> Settle:
+    async def settle(self, call_id: str, cost: int, *, recovery: bool = False, by: str = "",
+                     cdr: Cdr | None = None) -> Settle:
         """End the call: return its reservation, charge ``cost`` (within it), free its channel.
 
-        :param by: the settling holder (its CDR is the call's: edge/cluster/channels.py).
+        :param by: the settling holder (its node sends the CDR's ``call.ended``: edge/cluster/money.py).
+        :param cdr: the call's CDR, which every node writes when it folds this settlement.
         :raises AlreadySettled: it was settled before (nothing changes: never twice).
         :raises UnknownCall: no such open call.
         """
-        event = Settle(call_id, cost, recovery, by)
+        event = Settle(call_id, cost, recovery, by, cdr)
         await self._append(event)
         return event
 
+    async def refused(self, call_id: str, cdr: Cdr, *, by: str = "") -> None:
+        """The CDR of an attempt refused before it held anything (once per call id and append)."""
+        await self._append(Refused(call_id, cdr, by))
+
     async def settle_open(self, node: str, cost: Callable[[OpenCall], int] | None = None, *,
-                          by: str = "") -> list[Settle]:
+                          by: str = "", cdr: Callable[[OpenCall, int], Cdr] | None = None) -> list[Settle]:
         """Settle every open call of ``node`` (a new home does this for a dead one), with
         ``recovery``; ``cost`` bills each (default: all of its reservation -- the call may have
-        run to the end of its funded time, as CreditEngine.recover bills). A call settled
-        meanwhile by someone else is skipped. :returns: the settlements this call appended."""
+        run to the end of its funded time, as CreditEngine.recover bills) and ``cdr`` writes its CDR
+        from the call and that cost. A call settled meanwhile by someone else is skipped.
+        :returns: the settlements this call appended."""
         await self.catch_up()
         done: list[Settle] = []
         for call in [c for c in self.state.calls.values() if c.node == node]:
+            billed = call.reserved if cost is None else cost(call)
             try:
-                done.append(await self.settle(call.call_id, call.reserved if cost is None else cost(call),
-                                              recovery=True, by=by))
+                done.append(await self.settle(call.call_id, billed, recovery=True, by=by,
+                                              cdr=None if cdr is None else cdr(call, billed)))
             except (AlreadySettled, UnknownCall):
                 continue
         return done

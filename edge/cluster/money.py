@@ -25,7 +25,7 @@ import time
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from edge.control import accounts, ledger, profiles
+from edge.control import accounts, cdrs, ledger, profiles
 from edge.control.errors import InsufficientFunds, StoreError
 from edge.control.models import Account, AutoRecharge, Profile
 from edge.control.money import format_money
@@ -41,6 +41,7 @@ from .journal import (
     InsufficientCredit,
     JournalRefused,
     ProfileJournal,
+    Settle,
 )
 from .membership import rendezvous
 
@@ -278,8 +279,12 @@ class ClusterMoney:
         if not journals:
             return 0
 
+        node = self.channels.membership.node
+
         def op(txn: Txn) -> None:
             for mark, journal in journals:
+                if isinstance(journal, ProfileJournal):
+                    _write_cdrs(txn, mark, journal, node)     # first: the ledger's write moves the mark
                 _write_ledger(txn, mark, journal)
 
         self._recharge_due |= moved_p
@@ -291,6 +296,9 @@ class ClusterMoney:
             self._moved_profiles |= moved_p
             self._moved_accounts |= moved_a
             return 0
+        for _mark, journal in journals:
+            if isinstance(journal, ProfileJournal):
+                journal.take_cdrs(journal.state.last_seq)
         return len(journals)
 
     async def refresh(self) -> None:
@@ -380,6 +388,21 @@ class ClusterMoney:
             except TimeoutError:
                 pass
         self.materialise()
+
+
+def _write_cdrs(txn: Txn, mark: str, journal: ProfileJournal, node: str) -> None:
+    """The CDRs the journal's settlements (and refused attempts) carry since the owner's mark (before
+    :func:`_write_ledger` moves it), numbered by their stream sequence, so a CDR has the same ``seq``
+    on every node; the node that settled a call sends its ``call.ended`` (once in the cluster)."""
+    if profiles.find(txn, journal.state.profile_id) is None:
+        return                  # deleted here
+    raw = txn.get_raw(MARKS, mark.encode())
+    after = int.from_bytes(raw, "big") if raw is not None else 0
+    for seq, event in journal.cdrs():
+        if seq <= after or event.cdr is None:
+            continue            # written before (a key of its own: written again, it would be the same)
+        mine = isinstance(event, Settle) and event.by.partition(".")[0] == node
+        (cdrs.record if mine else cdrs.add)(txn, event.cdr, seq=seq)
 
 
 def _write_ledger(txn: Txn, mark: str, journal: ProfileJournal | AccountJournal) -> None:

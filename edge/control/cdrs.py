@@ -48,16 +48,17 @@ def csv_row(cdr: Cdr) -> list[Any]:
             + [cdr.transport.get(side, "") for side in LEG_SIDES])
 
 
-def add(txn: Txn, cdr: Cdr) -> Cdr:
-    """Number ``cdr`` (a global, increasing ``seq``) and store it; :returns: it."""
-    cdr.seq = txn.next_counter(b"cdr_seq")
+def add(txn: Txn, cdr: Cdr, *, seq: int | None = None) -> Cdr:
+    """Number ``cdr`` (a global, increasing ``seq``: the node's counter, or on a cluster node the
+    journal's stream sequence of its settlement) and store it; :returns: it."""
+    cdr.seq = txn.next_counter(b"cdr_seq") if seq is None else seq
     txn.put("cdrs", cdr.profile_id.encode() + SEP + u64(cdr.seq), cdr)
     return cdr
 
 
-def record(txn: Txn, cdr: Cdr) -> Cdr:
+def record(txn: Txn, cdr: Cdr, *, seq: int | None = None) -> Cdr:
     """:func:`add`, and its ``call.ended`` webhook in the same transaction (a transactional outbox)."""
-    add(txn, cdr)
+    add(txn, cdr, seq=seq)
     if cdr.account_id:
         webhooks.emit(txn, cdr.account_id, "call.ended", cdr.call_id, lambda: {"cdr": fields(cdr)}, now=cdr.ended_at)
     return cdr

@@ -25,6 +25,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import phonenumbers
 
@@ -136,6 +137,12 @@ def funded_seconds(call: LiveCall) -> float:
     return call.funded_until - call.answered_at
 
 
+class CdrHolder(Protocol):
+    """Where a cluster node's CDRs wait for the journal (edge/cluster/outbox.py ``hold_cdr``)."""
+
+    def __call__(self, txn: Txn, cdr: Cdr, *, refused: bool = False) -> None: ...
+
+
 @dataclass(slots=True)
 class Admission:
     """Why a call may (or may not) start: its rate and how it will be funded."""
@@ -152,11 +159,11 @@ class CreditEngine:
 
     def __init__(self, store: Store, *, slice_seconds: int = 60, bundle_minutes: int = 5000,
                  on_settle: Callable[[Txn, LiveCall, int], None] | None = None, journaled: bool = False,
-                 hold_cdr: Callable[[Txn, Cdr], None] | None = None) -> None:
+                 hold_cdr: CdrHolder | None = None) -> None:
         """:param on_settle: also run in each settling transaction, with the call's cost (a cluster
             node's journal outbox).
-        :param hold_cdr: takes each settled call's CDR instead of the CDR table (a cluster node: the
-            journal's one settlement of the call says which node writes it).
+        :param hold_cdr: takes each settled call's (and refused attempt's) CDR instead of the CDR
+            table (a cluster node: the CDR travels in the journal, and every node writes it from there).
         :param journaled: the money of calls lives in the cluster's journal (docs/cluster.md "Money
             across nodes"): this engine prices slices and calls and records what the journal
             reserved in the call, and moves no balance -- the cluster agent writes the journal's
@@ -302,7 +309,7 @@ class CreditEngine:
         cdr = call_cdr(call, rate, ended_at, duration=billed, status=status, end_reason=end_reason, cost=cost,
                        bundle_seconds=bundle_used, media=media, account_id=prof.account_id if prof is not None else "")
         if self.hold_cdr is not None:
-            self.hold_cdr(txn, cdr)     # whose CDR it is, the cluster's journal decides (edge/cluster/outbox.py)
+            self.hold_cdr(txn, cdr)     # to the journal with the settlement (edge/cluster/outbox.py)
         else:
             cdrs.record(txn, cdr)
         return cdr

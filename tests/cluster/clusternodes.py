@@ -186,6 +186,22 @@ def recovery_cdrs(node: EdgeProcess, prof: dict) -> int:
     return sum(c["end_reason"] == "recovery" for c in api_get(node, f"/v1/profiles/{prof['id']}/cdrs")["items"])
 
 
+def cdr_rows(node: EdgeProcess, prof: dict) -> list[tuple[int, str, str, str]]:
+    """The profile's CDRs as ``node`` answers: (seq, call id, end reason, cost), in seq order."""
+    return [(c["seq"], c["call_id"], c["end_reason"], c["cost"])
+            for c in api_get(node, f"/v1/profiles/{prof['id']}/cdrs?limit=1000")["items"]]
+
+
+def same_cdrs(nodes: tuple[EdgeProcess, ...] | list[EdgeProcess], prof: dict) -> list[tuple[int, str, str, str]] | None:
+    """The profile's CDRs if every node of ``nodes`` answers the same ones, ``seq`` included (the
+    journal's stream sequence of each: docs/cluster.md "CDRs on every node"), and no call has two;
+    else None."""
+    first, *rest = [cdr_rows(node, prof) for node in nodes]
+    if any(rows != first for rows in rest) or len({call_id for _, call_id, _, _ in first}) != len(first):
+        return None
+    return first
+
+
 def invite_at_once(nodes: tuple[EdgeProcess, ...], prof: dict, carrier: RingingCarrier,
                    per_node: int) -> tuple[list[Pbx], list[dict], list[int | None]]:
     """``per_node`` authenticated INVITEs through each node, back to back; the carrier rings what

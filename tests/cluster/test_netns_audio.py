@@ -21,7 +21,7 @@ import pytest
 
 pytest.importorskip("pjsua2")
 
-from clusternodes import CALLEE, everywhere, journal_of
+from clusternodes import CALLEE, everywhere, journal_of, same_cdrs
 from e2e.pjua import PjUA
 from e2e.test_calls_e2e import assert_hears
 from edgeproc import EdgeProcess
@@ -93,7 +93,8 @@ def test_two_calls_of_one_profile_through_two_nodes_each_hear_their_own_audio(ri
     owner = f"/v1/profiles/{rig.prof['id']}"
     for n in rig.nodes:
         assert wait_for(lambda n=n: api_get(n, owner)["channels_in_use"] == 0)
-        # each node billed the call it carried (its CDR once the journal took its settlement)
-        assert wait_for(lambda n=n: len([c for c in api_get(n, f"{owner}/cdrs")["items"] if c["answered_at"]]) == 1,
+        # each node billed the call it carried, and both CDRs are on both nodes (from the journal's settlements)
+        assert wait_for(lambda n=n: len([c for c in api_get(n, f"{owner}/cdrs")["items"] if c["answered_at"]]) == 2,
                         timeout=10), api_get(n, f"{owner}/cdrs")["items"]
         assert wait_for(lambda n=n: balance_and_ledger(n, owner) == (journal.balance, journal.balance), timeout=10)
+    assert same_cdrs(rig.nodes, rig.prof) is not None          # the same CDRs, seq included, on both nodes

@@ -18,6 +18,7 @@ import pytest
 from clusternodes import (
     CALLEE,
     RingingCarrier,
+    cdr_rows,
     drift,
     invite_at_once,
     journal_channels,
@@ -25,6 +26,7 @@ from clusternodes import (
     node_pair,
     recovery_cdrs,
     ring,
+    same_cdrs,
 )
 from edgeproc import EdgeProcess, node_children
 from natscluster import NatsCluster
@@ -87,7 +89,9 @@ def test_a_killed_worker_gives_its_channels_back_to_the_cluster(
         # restarted, each worker settles what it left (CDR recovery); the agent appends it to the journal
         assert wait_for(lambda: journal_channels(engine_cluster, prof["id"]) == 0, timeout=20)
         assert wait_for(lambda: api_get(b, f"/v1/profiles/{prof['id']}")["channels_in_use"] == 0, timeout=10)
-        assert recovery_cdrs(b, prof) == 1
+        # its one CDR came back through the journal: the same on both nodes, seq included
+        assert wait_for(lambda: recovery_cdrs(b, prof) == 1 and same_cdrs((a, b), prof), timeout=5), \
+            (cdr_rows(a, prof), cdr_rows(b, prof))
     finally:
         carrier.ringing.clear()
         pbx.close()
@@ -110,8 +114,9 @@ def test_a_dead_nodes_channels_are_freed_by_the_survivor_and_its_return_settles_
         b.start(timeout=40)     # back: its workers settle the call in LMDB; the journal refuses a second Settle
         assert wait_for(lambda: api_get(b, f"/v1/profiles/{prof['id']}")["channels_in_use"] == 0, timeout=10)
         assert wait_for(lambda: drift(b) == (0.0, 0.0), timeout=10), drift(b)
-        assert recovery_cdrs(b, prof) == 1      # the killed worker's call before; this one's CDR is A's
-        assert recovery_cdrs(a, prof) == recovered_on_a + 1
+        # one CDR of the call, A's, on both nodes: B's own (its workers' recovery) went with its refused Settle
+        assert wait_for(lambda: same_cdrs((a, b), prof) is not None, timeout=10), (cdr_rows(a, prof), cdr_rows(b, prof))
+        assert recovery_cdrs(b, prof) == recovery_cdrs(a, prof) == recovered_on_a + 1
         assert journal_channels(engine_cluster, prof["id"]) == 0
     finally:
         carrier.ringing.clear()

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from decimal import Decimal
 
 import pytest
-from clusternodes import RingingCarrier, invite_at_once, journal_of, metric_sum, node_pair
+from clusternodes import RingingCarrier, cdr_rows, invite_at_once, journal_of, metric_sum, node_pair, same_cdrs
 from edgeproc import EdgeProcess
 from natscluster import NatsCluster
 from test_calls_raw import api_get, new_profile, wait_for
@@ -93,12 +93,14 @@ def test_calls_through_both_nodes_never_spend_more_than_the_balance(
         for node in (a, b):
             assert wait_for(lambda n=node: balances_agree(n, prof, left), timeout=10), seen(node, prof, left)
 
-        def costs() -> list[int]:     # each node's CDRs, written once the journal took its settlements
-            return [money(c["cost"]) for node in (a, b)
-                    for c in api_get(node, f"/v1/profiles/{prof['id']}/cdrs")["items"] if c["answered_at"]]
+        def costs() -> list[int]:     # the CDRs, from the journal's settlements: the same on both nodes
+            rows = same_cdrs((a, b), prof) or []
+            return [money(cost) for _, _, reason, cost in rows if reason != "credit"]
 
-        assert wait_for(lambda: len(costs()) == 3, timeout=10), costs()
+        assert wait_for(lambda: len(costs()) == 3, timeout=10), (cdr_rows(a, prof), cdr_rows(b, prof))
         assert all(c > 0 for c in costs()) and sum(costs()) == spent
+        # the three refused for credit (402) have their CDRs on both nodes too, at 0
+        assert [cost for _, _, reason, cost in same_cdrs((a, b), prof) or [] if reason == "credit"] == ["0.00"] * 3
         assert sum(metric_sum(n, "edge_cluster_reservations_total", result="ok") for n in (a, b)) == 3
         assert sum(metric_sum(n, "edge_calls_rejected_total", rule="credit", status="402") for n in (a, b)) == 3
     finally:

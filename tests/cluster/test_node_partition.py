@@ -17,9 +17,11 @@ from clusternodes import (
     CALLEE,
     RingingCarrier,
     admitted,
+    cdr_rows,
     journal_channels,
     journal_of,
     node_pair,
+    same_cdrs,
     verdict_after_healing,
 )
 from edgeproc import EdgeProcess
@@ -99,16 +101,15 @@ def test_a_partitioned_node_ends_its_call_before_another_reuses_the_channel(
         for node in (a, b):
             assert wait_for(lambda n=node: api_get(n, f"/v1/profiles/{prof['id']}")["channels_in_use"] == 0)
         # B's fenced call was settled in the journal by A (recovery, at 0: it never answered): its one
-        # CDR is A's; B's own (cluster_lease) is dropped once the journal refuses B's Settle as A's
+        # CDR is A's, on both nodes; B's own (cluster_lease) is dropped once the journal refuses B's Settle
         fenced = [cid for cid, s in journal_of(engine_cluster, prof["id"]).state.settled.items() if s.recovery]
         assert len(fenced) == 1
 
-        def cdrs_of_fenced() -> list[tuple[str, str]]:
-            return [(node.data.name, c["end_reason"]) for node in (a, b)
-                    for c in api_get(node, f"/v1/profiles/{prof['id']}/cdrs")["items"] if c["call_id"] in fenced]
+        def cdrs_of_fenced() -> list[tuple[int, str, str, str]]:
+            return [row for row in same_cdrs((a, b), prof) or [] if row[1] in fenced]
 
-        assert wait_for(lambda: [r for _, r in cdrs_of_fenced()] == ["recovery"], timeout=10), cdrs_of_fenced()
-        assert cdrs_of_fenced()[0][0] == a.data.name
+        assert wait_for(lambda: [r for _, _, r, _ in cdrs_of_fenced()] == ["recovery"], timeout=10), \
+            (cdr_rows(a, prof), cdr_rows(b, prof))
     finally:
         carrier.ringing.clear()
         for pbx in pbxs:

@@ -12,10 +12,10 @@ import pytest
 from edge.cluster import journal as j
 from edge.cluster import outbox
 from edge.cluster.channels import survivor_cdr
-from edge.cluster.money import MARKS, SYNC_KIND, _write_ledger
-from edge.control import accounts, cdrs, ledger, profiles, rates
+from edge.cluster.money import MARKS, SYNC_KIND, _write_cdrs, _write_ledger
+from edge.control import accounts, cdrs, ledger, profiles, rates, webhooks
 from edge.control.credit import CreditEngine
-from edge.control.models import LiveCall, Rate
+from edge.control.models import Cdr, LiveCall, Rate
 from edge.control.store import Store, Txn
 
 UK = Rate(prefix="44", rate=20_000, connect_fee=0, min_seconds=60, increment_seconds=6)    # 0.02/min
@@ -124,22 +124,56 @@ def test_a_ledger_that_differs_from_the_journal_is_brought_to_it(store: Store) -
 def test_the_outbox_carries_the_cost_to_the_journal(store: Store) -> None:
     call = live_call(a_profile(store))
     store.write(lambda txn: outbox.add(txn, call, 26_000))
-    assert outbox.pending(store) == [(call.profile_id, "c1", 26_000)]
+    assert outbox.pending(store) == [(call.profile_id, "c1", 26_000, None, False)]
 
 
-def test_a_cluster_nodes_cdr_waits_for_the_journal_to_say_whose_it_is(store: Store) -> None:
+def test_a_cluster_nodes_cdrs_wait_in_the_outbox_for_the_journal(store: Store) -> None:
     engine = CreditEngine(store, journaled=True, on_settle=outbox.add, hold_cdr=outbox.hold_cdr)
     profile_id = a_profile(store, balance=500_000)
-    mine, theirs = live_call(profile_id), live_call(profile_id)
-    theirs.call_id = "c2"
-    for call in (mine, theirs):
-        store.write(lambda txn, call=call: engine.settle(txn, call, UK, 0.0, status=500, end_reason="recovery"))
-    assert cdrs.page(store, profile_id) == []                         # held until the journal answers
-    assert [(p, c) for p, c, _ in outbox.pending(store)] == [(profile_id, "c1"), (profile_id, "c2")]
-    # c1's settlement landed (this node's); c2 was settled first by a survivor, which wrote its CDR
-    outbox.done(store, outbox.pending(store), frozenset({(profile_id, "c2")}))
-    assert [c.call_id for c in cdrs.page(store, profile_id)] == ["c1"]
+    settled = live_call(profile_id)
+    store.write(lambda txn: engine.settle(txn, settled, UK, 0.0, status=500, end_reason="recovery"))
+    refused = Cdr(seq=0, call_id="c2", profile_id=profile_id, direction="outgoing", caller="1001",
+                  callee="+442071234567", started_at=1.0, answered_at=None, ended_at=1.0, duration=0, status=402,
+                  end_reason="credit")
+    store.write(lambda txn: outbox.hold_cdr(txn, refused, refused=True))
+    assert cdrs.page(store, profile_id) == []                         # none written here: the journal's
+    items = outbox.pending(store)
+    assert [(i.call_id, i.refused, i.cdr.end_reason if i.cdr else None) for i in items] == [
+        ("c1", False, "recovery"), ("c2", True, "credit")]
+    outbox.done(store, items)
     assert outbox.pending(store) == [] and store.read(lambda txn: txn.entries(outbox.CDRS)) == 0
+    assert cdrs.page(store, profile_id) == []
+
+
+def test_every_node_writes_the_journals_cdrs_numbered_by_the_stream(store: Store) -> None:
+    profile_id = a_profile(store)
+    account_id = profiles.get(store, profile_id).account_id
+    webhooks.create(store, account_id, "https://hooks.example.com/x", ["call.ended"])
+    journal = j.ProfileJournal(None, profile_id)     # type: ignore[arg-type]  # folded by hand: no engine
+    cdr = survivor_cdr(j.OpenCall("c1", "edge-b.e1", 0, 0, 1), None, 0, now=10.0)
+    cdr.profile_id, cdr.account_id = profile_id, account_id
+    enc = msgspec.json.encode
+    journal._fold(7, f"{journal.subject}.1", enc(j.Reserve("c1", "edge-b.e1", 0, 4)), None)
+    journal._fold(9, f"{journal.subject}.2", enc(j.Settle("c1", 0, True, "edge-a.e2", cdr)), None)
+    journal._fold(12, f"{journal.subject}.3", enc(j.Refused("c3", cdr, "edge-b.e1")), None)
+    store.write(lambda txn: _write_cdrs(txn, f"p:{profile_id}", journal, "edge-a"))
+    page = cdrs.page(store, profile_id)
+    assert [(c.seq, c.call_id) for c in page] == [(9, "c1"), (12, "c1")]
+    # the settling node (edge-a) sends call.ended of the settlement; a refused attempt's sends none
+    assert [e.type for e in webhooks.pending(store)] == ["call.ended"]
+    elsewhere = Store(store.path.parent / "other", map_size=64 << 20, durable=False)
+    try:                             # another node only stores the CDR
+        elsewhere.write(lambda txn: txn.put("profiles", profile_id.encode(), profiles.get(store, profile_id)))
+        elsewhere.write(lambda txn: _write_cdrs(txn, f"p:{profile_id}", journal, "edge-c"))
+        assert [c.seq for c in cdrs.page(elsewhere, profile_id)] == [9, 12] and webhooks.pending(elsewhere) == []
+    finally:
+        elsewhere.close()
+    store.write(lambda txn: _write_ledger(txn, f"p:{profile_id}", journal))   # the mark moves to seq 12
+    journal.take_cdrs(journal.state.last_seq)
+    assert journal.cdrs() == []
+    journal._fold(15, f"{journal.subject}.4", enc(j.Refused("c4", cdr)), None)
+    store.write(lambda txn: _write_cdrs(txn, f"p:{profile_id}", journal, "edge-a"))
+    assert [c.seq for c in cdrs.page(store, profile_id)] == [9, 12, 15]     # only what is past the mark
 
 
 def test_a_survivors_cdr_is_its_dead_nodes_call_billed_to_its_funded_time() -> None:

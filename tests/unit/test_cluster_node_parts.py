@@ -76,10 +76,11 @@ def test_the_outbox_keeps_a_settlement_and_its_cost_until_it_is_done(store: Stor
     other = LiveCall(call_id="c2", profile_id="prf_2", direction="outgoing", started_at=0.0)
     store.write(lambda txn: outbox.add(txn, call, 123_456))
     store.write(lambda txn: outbox.add(txn, other))
-    assert outbox.pending(store) == [("prf_1", "c1", 123_456), ("prf_2", "c2", 0)]
-    assert outbox.pending(store, limit=1) == [("prf_1", "c1", 123_456)]
-    outbox.done(store, [("prf_1", "c1", 123_456)])
-    assert outbox.pending(store) == [("prf_2", "c2", 0)]
+    first, second = outbox.Pending("prf_1", "c1", 123_456, None), outbox.Pending("prf_2", "c2", 0, None)
+    assert outbox.pending(store) == [first, second]
+    assert outbox.pending(store, limit=1) == [first]
+    outbox.done(store, [first])
+    assert outbox.pending(store) == [second]
 
 
 def test_a_dead_nodes_calls_are_taken_once(store: Store) -> None:
