@@ -153,6 +153,7 @@ def create_app(
     settings: ApiConfig | None = None,
     exposition: CollectorRegistry | None = None,
     journal: str | None = None,
+    node: str = "",
 ) -> tuple[ASGIApp, CollectorRegistry]:
     """Build the ASGI app.
 
@@ -167,6 +168,7 @@ def create_app(
     :param journal: a cluster node's link to its agent (edge/cluster/link.py): top-ups and
         allocations are appended to the cluster's journal through it, and every provisioning
         write goes through the engine (edge/cluster/provisioning.py).
+    :param node: a cluster node's name: its live calls say it, beside the other nodes' (edge/cluster/remote.py).
     :returns: (ASGI app wrapped with the gate and request metrics, the registry).
     """
     if not token:
@@ -211,8 +213,8 @@ def create_app(
     app = Litestar(
         route_handlers=[healthz, metrics, openapi_json, *ROUTES, console.router()],
         state=State({"store": store, "registrar": registrar, "realm": realm or registrar, "registry": registry,
-                     "journal": journal, "exposition": exposition, "audit": audit_log, "deliverer": deliverer,
-                     "openapi": None, "metrics_elsewhere": bool(cfg.metrics_listen)}),
+                     "journal": journal, "node": node, "exposition": exposition, "audit": audit_log,
+                     "deliverer": deliverer, "openapi": None, "metrics_elsewhere": bool(cfg.metrics_listen)}),
         guards=[_guard],
         exception_handlers={
             ValidationException: problems.on_validation_error,

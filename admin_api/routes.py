@@ -22,7 +22,7 @@ from litestar.datastructures import State
 from litestar.openapi import ResponseSpec
 from litestar.params import Parameter, QueryParameter
 
-from edge.cluster import link
+from edge.cluster import link, remote
 from edge.control import (
     accounts,
     audit,
@@ -397,18 +397,30 @@ def put_bundles(profile_id: str, data: BundlesRequest, state: State) -> ProfileO
     return _profile_out(state, profile_id)
 
 
+def _live_calls(txn: Txn, state: State, profile_id: str | None = None) -> list[LiveCallOut]:
+    """The live calls of a profile (of every profile if None) in (profile, call) order; on a cluster
+    node those of every node, each with the node that carries it (docs/cluster.md "Live calls on every node")."""
+    here = [LiveCallOut.of(c, state.node) for c in channels.live_calls(txn, profile_id)]
+    if not state.node:
+        return here
+    elsewhere = [LiveCallOut.of(r.call, r.node) for r in remote.calls(txn, profile_id)]
+    return sorted(here + elsewhere, key=lambda c: (c.profile_id, c.call_id))
+
+
 @get("/v1/profiles/{profile_id:str}/calls", operation_id="listLiveCalls", tags=["calls"],
-     summary="Live calls of a profile", description="Calls holding a channel now.", **READ)
+     summary="Live calls of a profile", description="Calls holding a channel now (on a cluster node: on every "
+                                                    "node, each with its `node`).", **READ)
 def profile_calls(profile_id: str, state: State) -> list[LiveCallOut]:
     def op(txn: Txn) -> list[LiveCallOut]:
         profiles.get(txn, profile_id)
-        return [LiveCallOut.of(c) for c in channels.live_calls(txn, profile_id)]
+        return _live_calls(txn, state, profile_id)
 
     return _store(state).read(op)
 
 
 @get("/v1/calls", operation_id="listAllLiveCalls", tags=["calls"], summary="Every live call of the node",
-     description="Live calls in (profile, call) order, in pages; an account key sees its own.", **READ)
+     description="Live calls in (profile, call) order, in pages; an account key sees its own. On a cluster "
+                 "node: those of every node, each with its `node`.", **READ)
 def list_calls(request: Request[Any, Any, Any], state: State, after: str = AfterId,
                limit: int = Limit) -> LiveCallPage:
     who = _who(request)
@@ -416,14 +428,14 @@ def list_calls(request: Request[Any, Any, Any], state: State, after: str = After
     def op(txn: Txn) -> LiveCallPage:
         own = None if who.is_admin else {p.id for p in profiles.of_account(txn, who.account_id)}
         items = []
-        for call in channels.live_calls(txn):
+        for call in _live_calls(txn, state):
             cursor = f"{call.profile_id}/{call.call_id}"
             if cursor <= after or (own is not None and call.profile_id not in own):
                 continue
             items.append(call)
             if len(items) >= limit:
                 break
-        return LiveCallPage(items=[LiveCallOut.of(c) for c in items],
+        return LiveCallPage(items=items,
                             next_after=f"{items[-1].profile_id}/{items[-1].call_id}" if len(items) == limit else None)
 
     return _store(state).read(op)
@@ -461,7 +473,11 @@ def list_registrations(request: Request[Any, Any, Any], state: State, after: str
 def hangup_call(call_id: str, request: Request[Any, Any, Any], state: State,
                 data: HangupCreate | None = None) -> HangupOut:
     who = _who(request)
-    req = operator.request_hangup(_store(state), call_id, cause=(data or HangupCreate()).cause, key_id=who.key_id,
+    store = _store(state)
+    if state.node and (elsewhere := store.read(lambda txn: remote.find(txn, call_id))) is not None:
+        raise ClusterUnsupported(f"call {call_id} is carried by node {elsewhere.node}: hang it up through that "
+                                 "node's API")
+    req = operator.request_hangup(store, call_id, cause=(data or HangupCreate()).cause, key_id=who.key_id,
                                   account_id=None if who.is_admin else who.account_id)
     return HangupOut.of(req)
 

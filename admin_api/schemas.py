@@ -325,12 +325,13 @@ class LiveCallOut(Out):
     reserved: str
     transport: dict[str, str]       # per leg by side, once answered: {"customer": "tls", "carrier": "udp"}
     srtp: dict[str, str] = {}   # per side ("customer", "carrier"): SRTP suite of its leg, "rtp" = plain; set at answer
+    node: str = ""              # a cluster's: the node that carries it ("" on a node alone)
 
     @classmethod
-    def of(cls, c: LiveCall) -> LiveCallOut:
+    def of(cls, c: LiveCall, node: str = "") -> LiveCallOut:
         return cls(call_id=c.call_id, profile_id=c.profile_id, direction=c.direction, caller=c.caller,
                    callee=c.callee, started_at=to_datetime(c.started_at), answered_at=maybe_datetime(c.answered_at),
-                   reserved=format_money(c.reserved), transport=dict(c.transport), srtp=dict(c.srtp))
+                   reserved=format_money(c.reserved), transport=dict(c.transport), srtp=dict(c.srtp), node=node)
 
 
 class MediaStats(Out):

@@ -465,7 +465,8 @@ async def _api(cfg: Config, args: argparse.Namespace) -> None:
         exposition = node_exposition(registry, [metrics_address(key, k) for k in range(args.count)], services)
         app, _ = create_app(store, admin_token(cfg, data_dir), registrar=cfg.sip.domain, settings=cfg.api,
                             registry=registry, exposition=exposition,
-                            journal=journal_address(key) if cfg.cluster.enabled else None)
+                            journal=journal_address(key) if cfg.cluster.enabled else None,
+                            node=cfg.cluster.node if cfg.cluster.enabled else "")
         server = ApiServer(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                                           loop="asyncio"))
         loop = asyncio.get_running_loop()

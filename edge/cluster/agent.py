@@ -34,6 +34,7 @@ from .channels import ClusterChannels
 from .engine import Engine
 from .membership import ClusterMetrics, Membership
 from .money import ClusterMoney
+from .remote import RemoteCalls
 
 log = logging.getLogger("sipedge.cluster")
 
@@ -72,6 +73,7 @@ class ClusterAgent:
             fence.clear(self.store)      # a record of an earlier run never admits for this one
         channels = ClusterChannels(engine, self.store, membership)
         money = ClusterMoney(channels)
+        money.remote = remote = RemoteCalls(engine, channels.calls_bucket, cluster.node, money.moved_profile)
         applier = provisioning.Applier(engine, self.store, on_new=money.follow)
         self.registry.register(_ChannelCounters(channels, money, applier))
         Gauge("edge_cluster_channels_drift", "Calls the cluster's journal holds open for this node minus the calls "
@@ -124,6 +126,7 @@ class ClusterAgent:
                      follower,
                      asyncio.create_task(channels.run_sweeps(self._stop), name="cluster-sweeps"),
                      asyncio.create_task(channels.run_publisher(self._stop), name="cluster-publisher"),
+                     asyncio.create_task(remote.run(self._stop), name="cluster-calls"),
                      applying]
             self.ready()
             try:

@@ -44,6 +44,7 @@ from .journal import (
     Settle,
 )
 from .membership import rendezvous
+from .remote import RemoteCalls
 
 log = logging.getLogger("sipedge.cluster")
 
@@ -68,7 +69,7 @@ class ClusterMoney:
         self._accounts: dict[str, AccountJournal] = {}
         self._moved_profiles: set[str] = set()
         self._moved_accounts: set[str] = set()
-        channels.on_change = self._profile_moved
+        channels.on_change = self.moved_profile
         self.funded = self.broke = self.unavailable = 0    # slices (edge_cluster_slices_total)
         self.recharged = 0
         self._recharge_due: set[str] = set()
@@ -77,9 +78,11 @@ class ClusterMoney:
         self._judged: dict[str, tuple[int, AutoRecharge]] = {}
         self._catching_up: set[str] = set()
         self.following = asyncio.Event()                 # the follower's consumer is in place
+        self.remote: RemoteCalls | None = None           # the other nodes' calls, written with the ledger
         self._tasks: set[asyncio.Task[None]] = set()     # held here: the loop keeps only weak references
 
-    def _profile_moved(self, profile_id: str) -> None:
+    def moved_profile(self, profile_id: str) -> None:
+        """A profile whose journal (or another node's call record of it) moved: written at the next period."""
         self._moved_profiles.add(profile_id)
 
     async def account(self, account_id: str, *, new: bool = False) -> AccountJournal:
@@ -285,6 +288,8 @@ class ClusterMoney:
             for mark, journal in journals:
                 if isinstance(journal, ProfileJournal):
                     _write_cdrs(txn, mark, journal, node)     # first: the ledger's write moves the mark
+                    if self.remote is not None:
+                        self.remote.write(txn, journal)
                 _write_ledger(txn, mark, journal)
 
         self._recharge_due |= moved_p

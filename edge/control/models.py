@@ -129,6 +129,13 @@ class LiveCall(Record):
     # Records of older builds may also carry rate_prefix and owner_pid: ignored when decoded.
 
 
+class RemoteCall(Record):
+    """A live call another cluster node carries, as this node knows it (edge/cluster/remote.py)."""
+
+    node: str                       # the carrying node's name
+    call: LiveCall                  # its published record once answered, else what its journal reservation says
+
+
 class Cdr(Record):
     seq: int
     call_id: str

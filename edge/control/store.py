@@ -104,6 +104,7 @@ DB_NAMES = (
     "journal_outbox",  # profile id \0 call id -> b"": settled here, not yet in the cluster's journal
     "held_cdrs",       # profile id \0 call id -> Cdr: a cluster node's CDR until the journal says whose it is
     "foreign_calls",   # call id -> LiveCall: a dead node's answered call whose legs this node BYEs
+    "cluster_calls",   # profile id \0 call id -> RemoteCall: the live calls of the other cluster nodes
     "cluster_money",   # "p:<profile id>" | "a:<account id>" -> u64 BE: the journal's last sequence in the ledger
     "cluster",         # "lease" -> LeaseRecord: the cluster agent's lease as the workers see it (edge/cluster/fence.py)
     "meta",            # counters and index shapes (see docs/storage.md)

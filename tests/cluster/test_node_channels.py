@@ -30,7 +30,7 @@ from clusternodes import (
 )
 from edgeproc import EdgeProcess, node_children
 from natscluster import NatsCluster
-from test_calls_raw import api_get, wait_for
+from test_calls_raw import Pbx, api_get, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -151,3 +151,49 @@ def test_a_survivor_sends_bye_to_the_legs_of_a_dead_nodes_answered_call(
     finally:
         carrier.ringing.clear()
         pbx.close()
+
+
+def test_every_node_lists_the_profiles_live_calls_of_every_node(
+        nodes: tuple[EdgeProcess, EdgeProcess, dict], carrier: RingingCarrier) -> None:
+    a, b, prof = nodes
+    path = f"/v1/profiles/{prof['id']}/calls"
+
+    def listed(node: EdgeProcess) -> list[tuple[str, str, bool]]:
+        return [(c["call_id"], c["node"], c["answered_at"] is not None) for c in api_get(node, path)]
+
+    def same_everywhere() -> list[tuple[str, str, bool]] | None:
+        seen = listed(a)
+        return seen if seen == listed(b) else None
+
+    ringing, answered = Pbx(a), Pbx(b)
+    try:
+        ringing.invite(prof, CALLEE)
+        d = answered.invite(prof, CALLEE)
+        deadline = time.monotonic() + 10
+        while len(carrier.ringing) < 2 and time.monotonic() < deadline:
+            carrier.take(timeout=0.3)
+        # both ringing: each node lists both, its own from its store and the other's from the journal
+        assert wait_for(lambda: (s := same_everywhere()) and sorted(n for _, n, _ in s) == ["edge-a", "edge-b"],
+                        timeout=5), (listed(a), listed(b))
+        (b_leg,) = [cid for cid, (_, addr) in carrier.ringing.items() if addr[1] == b.sip_port]
+        carrier.answer(b_leg)
+        ok = answered.recv_final(timeout=5)
+        assert ok.status == 200
+        answered.ack(d, ok.to_tag)
+        # answered through B: A shows it answered once B's agent published the record (every 0.5 s)
+        assert wait_for(lambda: (s := same_everywhere()) and sorted((n, up) for _, n, up in s)
+                        == [("edge-a", False), ("edge-b", True)], timeout=5), (listed(a), listed(b))
+        (b_call,) = [cid for cid, n, _ in listed(a) if n == "edge-b"]
+        with a.client() as api:     # a call is hung up by the node that carries it
+            refused = api.post(f"/v1/calls/{b_call}/hangup", json={})
+            assert refused.status_code == 409 and refused.json()["code"] == "cluster_unsupported", refused.text
+            assert "edge-b" in refused.json()["detail"]
+        with b.client() as api:
+            assert api.post(f"/v1/calls/{b_call}/hangup", json={}).status_code == 202
+        carrier.take(timeout=1.0)       # the edge's BYE to the carrier
+        carrier.refuse_all()            # A's ringing call ends
+        assert wait_for(lambda: listed(a) == listed(b) == [], timeout=10), (listed(a), listed(b))
+    finally:
+        carrier.ringing.clear()
+        ringing.close()
+        answered.close()

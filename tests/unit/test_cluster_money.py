@@ -10,9 +10,10 @@ import msgspec
 import pytest
 
 from edge.cluster import journal as j
-from edge.cluster import outbox
+from edge.cluster import outbox, remote
 from edge.cluster.channels import survivor_cdr
 from edge.cluster.money import MARKS, SYNC_KIND, _write_cdrs, _write_ledger
+from edge.cluster.remote import RemoteCalls
 from edge.control import accounts, cdrs, ledger, profiles, rates, webhooks
 from edge.control.credit import CreditEngine
 from edge.control.models import Cdr, LiveCall, Rate
@@ -186,3 +187,33 @@ def test_a_survivors_cdr_is_its_dead_nodes_call_billed_to_its_funded_time() -> N
     ringing = survivor_cdr(opened, None, 0, now=150.0)            # never published: not answered
     assert (ringing.answered_at, ringing.duration, ringing.cost, ringing.status) == (None, 0, 0, 500)
     assert (ringing.caller, ringing.callee, ringing.started_at) == ("1001", "+442071234567", 90.0)
+
+
+def test_the_other_nodes_calls_are_the_journals_open_ones_with_their_published_records(store: Store) -> None:
+    profile_id = a_profile(store)
+    moved: list[str] = []
+    seen = RemoteCalls(None, "sipedge_calls", "edge-a", moved.append)   # type: ignore[arg-type]  # no engine
+    journal = j.ProfileJournal(None, profile_id)     # type: ignore[arg-type]
+    enc = msgspec.json.encode
+    journal.state.balance = 1_000                              # (as if credited)
+    journal._fold(3, f"{journal.subject}.1", enc(j.Reserve("c1", "edge-b.e1", 500, 4, "outgoing", "1001",
+                                                           "+442071234567", 90.0)), None)
+    journal._fold(4, f"{journal.subject}.2", enc(j.Reserve("c2", "edge-b.e1", 0, 4)), None)
+    journal._fold(5, f"{journal.subject}.3", enc(j.Reserve("c3", "edge-a.e7", 0, 4)), None)   # this node's own
+    answered = live_call(profile_id)
+    answered.answered_at = 95.0
+    seen.folded("$KV.sipedge_calls.edge-b.e1.c1", msgspec.msgpack.encode(answered), None)
+    seen.folded("$KV.sipedge_calls.edge-a.e7.c3", msgspec.msgpack.encode(answered), None)     # own: ignored
+    seen.folded("$KV.sipedge_calls.edge-b.e1.c9", b"\xc1garbage", None)                       # unreadable: ignored
+    assert moved == [profile_id] and list(seen.records) == ["edge-b.e1.c1"]
+    store.write(lambda txn: seen.write(txn, journal))
+    rows = store.read(lambda txn: remote.calls(txn, profile_id))
+    assert [(r.node, r.call.call_id, r.call.answered_at, r.call.reserved) for r in rows] == [
+        ("edge-b", "c1", 95.0, 500), ("edge-b", "c2", None, 0)]
+    assert store.read(lambda txn: remote.find(txn, "c2")).node == "edge-b"
+    # c1 ends: its Settle leaves the journal's open calls, its record's delete marker the bucket
+    journal._fold(6, f"{journal.subject}.4", enc(j.Settle("c1", 0)), None)
+    seen.folded("$KV.sipedge_calls.edge-b.e1.c1", b"", "DEL")
+    store.write(lambda txn: seen.write(txn, journal))
+    assert [r.call.call_id for r in store.read(lambda txn: remote.calls(txn))] == ["c2"]
+    assert seen.records == {}
