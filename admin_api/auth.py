@@ -273,6 +273,8 @@ def guard(conn: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -
             raise NotFound(f"profile {profile_id} not found")
     elif call_id is not None:
         live = channels.find_call(conn.app.state.store, call_id)
+        if live is None and (elsewhere := channels.find_remote(conn.app.state.store, call_id)) is not None:
+            live = elsewhere.call       # a cluster node: another node carries it
         prof = profiles.find(conn.app.state.store, live.profile_id) if live is not None else None
         owner = prof.account_id if prof is not None else None
         if not p.is_admin and owner != p.account_id:

@@ -22,7 +22,7 @@ from litestar.datastructures import State
 from litestar.openapi import ResponseSpec
 from litestar.params import Parameter, QueryParameter
 
-from edge.cluster import link, remote
+from edge.cluster import link
 from edge.control import (
     accounts,
     audit,
@@ -39,8 +39,15 @@ from edge.control import (
     webhooks,
 )
 from edge.control import cdrs as cdr_store
-from edge.control.errors import ClusterUnavailable, ClusterUnsupported, InsufficientFunds, Invalid, NotFound
-from edge.control.models import Account, AutoRecharge, Profile
+from edge.control.errors import (
+    CallNotFound,
+    ClusterUnavailable,
+    ClusterUnsupported,
+    InsufficientFunds,
+    Invalid,
+    NotFound,
+)
+from edge.control.models import Account, AutoRecharge, HangupRequest, Profile
 from edge.control.money import format_money, parse_money
 from edge.control.store import Store, Txn
 from edge.control.tables import parse_rates_csv, rate_from_fields
@@ -326,7 +333,8 @@ def patch_profile(profile_id: str, data: ProfilePatch, state: State) -> ProfileO
         description="Its credit returns to the account; refused with `profile_has_live_calls` during calls.",
         **THREAD)
 def delete_profile(profile_id: str, state: State) -> None:
-    if state.journal is not None and profiles.get(_store(state), profile_id).balance:
+    if state.journal is not None and (prof := profiles.get(_store(state), profile_id)).balance:
+        profiles.refuse_with_live_calls(_store(state), prof)     # "end the calls" comes first
         raise ClusterUnsupported("a cluster node cannot yet return a profile's credit to its account: "
                                  "delete it once its balance is 0")
     profiles.delete(_store(state), profile_id)
@@ -403,7 +411,7 @@ def _live_calls(txn: Txn, state: State, profile_id: str | None = None) -> list[L
     here = [LiveCallOut.of(c, state.node) for c in channels.live_calls(txn, profile_id)]
     if not state.node:
         return here
-    elsewhere = [LiveCallOut.of(r.call, r.node) for r in remote.calls(txn, profile_id)]
+    elsewhere = [LiveCallOut.of(r.call, r.node) for r in channels.remote_calls(txn, profile_id)]
     return sorted(here + elsewhere, key=lambda c: (c.profile_id, c.call_id))
 
 
@@ -474,10 +482,17 @@ def hangup_call(call_id: str, request: Request[Any, Any, Any], state: State,
                 data: HangupCreate | None = None) -> HangupOut:
     who = _who(request)
     store = _store(state)
-    if state.node and (elsewhere := store.read(lambda txn: remote.find(txn, call_id))) is not None:
-        raise ClusterUnsupported(f"call {call_id} is carried by node {elsewhere.node}: hang it up through that "
-                                 "node's API")
-    req = operator.request_hangup(store, call_id, cause=(data or HangupCreate()).cause, key_id=who.key_id,
+    cause = (data or HangupCreate()).cause
+    if state.journal is not None and (elsewhere := channels.find_remote(store, call_id)) is not None:
+        # another node carries it: its agent records the request there (edge/cluster/hangups.py)
+        reply = link.ask_blocking(state.journal, link.Hangup(0, elsewhere.node, call_id, cause, who.key_id),
+                                  JOURNAL_TIMEOUT)
+        if reply.result == link.OK:
+            return HangupOut.of(msgspec.msgpack.decode(reply.body, type=HangupRequest))
+        if reply.result == link.GONE:
+            raise CallNotFound(f"no live call {call_id}")
+        raise ClusterUnavailable(f"node {elsewhere.node}, which carries the call, did not answer: ask again")
+    req = operator.request_hangup(store, call_id, cause=cause, key_id=who.key_id,
                                   account_id=None if who.is_admin else who.account_id)
     return HangupOut.of(req)
 

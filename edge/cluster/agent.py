@@ -32,6 +32,7 @@ from edge.control.store import Store
 from . import fence, link, provisioning
 from .channels import ClusterChannels
 from .engine import Engine
+from .hangups import Hangups
 from .membership import ClusterMetrics, Membership
 from .money import ClusterMoney
 from .remote import RemoteCalls
@@ -74,6 +75,7 @@ class ClusterAgent:
         channels = ClusterChannels(engine, self.store, membership)
         money = ClusterMoney(channels)
         money.remote = remote = RemoteCalls(engine, channels.calls_bucket, cluster.node, money.moved_profile)
+        hangups = Hangups(engine, self.store, cluster.node)
         applier = provisioning.Applier(engine, self.store, on_new=money.follow)
         self.registry.register(_ChannelCounters(channels, money, applier))
         Gauge("edge_cluster_channels_drift", "Calls the cluster's journal holds open for this node minus the calls "
@@ -117,7 +119,11 @@ class ClusterAgent:
                     return await money.top_up(request)
                 if isinstance(request, link.Provision):
                     return await applier.provision(request)
+                if isinstance(request, link.Hangup):
+                    return await hangups.relay(request)
                 return await money.allocate(request)
+
+            await hangups.start()
 
             servers = [await asyncio.start_unix_server(self._serve_metrics, path=agent_address(self.key)),
                        await link.serve_requests(link.journal_address(self.key), handle)]
@@ -137,6 +143,7 @@ class ClusterAgent:
                     except TimeoutError:
                         pass
             finally:
+                await hangups.stop()
                 for server in servers:
                     server.close()
                 for task in tasks[2:]:   # sweeping and publishing: recovery work, the next agent does it

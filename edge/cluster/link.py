@@ -34,7 +34,8 @@ OK = "ok"
 BUSY = "busy"                   # every channel of the profile carries a call, across the cluster
 BROKE = "broke"                 # the balance (in the reply, as the journal has it) does not cover the amount
 UNAVAILABLE = "unavailable"     # no answer from the engine (or not holding the lease): refused
-RESULTS = (OK, BUSY, BROKE, UNAVAILABLE)
+GONE = "gone"                   # a hang-up's call is not (any more) on the node asked
+RESULTS = (OK, BUSY, BROKE, UNAVAILABLE, GONE)
 
 
 class Reserve(msgspec.Struct, tag="reserve", array_like=True):
@@ -88,7 +89,18 @@ class Provision(msgspec.Struct, tag="provision", array_like=True):
     change: bytes
 
 
-Request = Reserve | Fund | TopUp | Allocate | Provision
+class Hangup(msgspec.Struct, tag="hangup", array_like=True):
+    """The control API's hang-up of a call another node carries: relayed to that node's agent through the
+    engine (edge/cluster/hangups.py); answered ``ok`` with the request that node recorded (``body``)."""
+
+    id: int
+    node: str
+    call_id: str
+    cause: int
+    key_id: str = ""
+
+
+Request = Reserve | Fund | TopUp | Allocate | Provision | Hangup
 
 
 class Reply(msgspec.Struct, array_like=True):
@@ -97,6 +109,7 @@ class Reply(msgspec.Struct, array_like=True):
     balance: int = 0            # the profile's (or, for a top-up, the account's) balance in the journal
     account_balance: int = 0    # an allocation's account balance in the journal
     slot: int = 0               # a provisioning change's slot
+    body: bytes = b""           # a hang-up's request as the carrying node recorded it (msgpack HangupRequest)
 
 
 def journal_address(key: str) -> str:
@@ -211,7 +224,7 @@ def _same_user(writer: asyncio.StreamWriter) -> bool:
     return True
 
 
-def ask_blocking(address: str, request: TopUp | Allocate | Provision, timeout: float) -> Reply:
+def ask_blocking(address: str, request: TopUp | Allocate | Provision | Hangup, timeout: float) -> Reply:
     """The control API's side (its handlers run in threads): one request on a connection of its own.
     No answer within ``timeout`` is :data:`UNAVAILABLE` -- the event may still land, and asking again
     with the same entry or transfer id moves the money once."""

@@ -24,6 +24,7 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from edge.control.channels import REMOTE as TABLE
 from edge.control.models import LiveCall, RemoteCall
 from edge.control.store import SEP, Txn, key
 
@@ -32,7 +33,6 @@ from .journal import ProfileJournal
 
 log = logging.getLogger("sipedge.cluster")
 
-TABLE = "cluster_calls"
 DELETED = ("DEL", "PURGE")      # KV-Operation header of a key's delete marker
 
 
@@ -102,16 +102,3 @@ class RemoteCalls:
             record.reserved = call.reserved         # the money is the journal's
             txn.put(TABLE, key(profile_id, call.call_id), RemoteCall(node=node, call=record))
 
-
-def calls(txn: Txn, profile_id: str | None = None) -> list[RemoteCall]:
-    """The other nodes' live calls of a profile (of every profile if None), in (profile, call) order."""
-    return list(txn.values(TABLE, RemoteCall, profile_id.encode() + SEP if profile_id else b""))
-
-
-def find(txn: Txn, call_id: str) -> RemoteCall | None:
-    """The other node's live call with this id, of any profile."""
-    suffix = SEP + call_id.encode()
-    for k, raw in txn.scan(TABLE):
-        if k.endswith(suffix):
-            return txn.store.decoder(RemoteCall).decode(raw)
-    return None

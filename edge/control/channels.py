@@ -13,7 +13,7 @@ work (``grows=True``: refused when the store is full); updating and releasing fi
 from __future__ import annotations
 
 from . import profiles, webhooks
-from .models import LiveCall, Profile
+from .models import LiveCall, Profile, RemoteCall
 from .store import SEP, Txn, key, reads, writes
 from .times import rfc3339
 
@@ -93,6 +93,31 @@ def live_calls(txn: Txn, profile_id: str | None = None) -> list[LiveCall]:
 @reads
 def in_use(txn: Txn, profile_id: str) -> int:
     return txn.get_u64("channels", profile_id.encode())
+
+
+REMOTE = "cluster_calls"   # the other cluster nodes' live calls, written by the agent (edge/cluster/remote.py)
+
+
+@reads
+def elsewhere(txn: Txn, profile_id: str) -> int:
+    """Live calls of the profile that other cluster nodes carry, as far as this node knows (0 alone)."""
+    return sum(1 for _ in txn.scan(REMOTE, profile_id.encode() + SEP))
+
+
+@reads
+def remote_calls(txn: Txn, profile_id: str | None = None) -> list[RemoteCall]:
+    """The other cluster nodes' live calls of a profile (of every profile if None), in (profile, call) order."""
+    return list(txn.values(REMOTE, RemoteCall, profile_id.encode() + SEP if profile_id else b""))
+
+
+@reads
+def find_remote(txn: Txn, call_id: str) -> RemoteCall | None:
+    """Another cluster node's live call with this id, of any profile."""
+    suffix = SEP + call_id.encode()
+    for k, raw in txn.scan(REMOTE):
+        if k.endswith(suffix):
+            return txn.store.decoder(RemoteCall).decode(raw)
+    return None
 
 
 @reads

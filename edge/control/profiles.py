@@ -189,19 +189,28 @@ def set_bundles(txn: Txn, profile_id: str, us_bundles: int) -> Profile:
     return prof
 
 
+@reads
+def refuse_with_live_calls(txn: Txn, prof: Profile) -> None:
+    """:raises ProfileHasLiveCalls: the profile has live calls (on a cluster node: here or on any node
+    it knows of)."""
+    from . import channels
+
+    if channels.in_use(txn, prof.id) or channels.elsewhere(txn, prof.id):
+        raise ProfileHasLiveCalls("profile has live calls; end them first")
+
+
 @writes(grows=False)
 def delete(txn: Txn, profile_id: str) -> None:
     """Delete a profile with no live calls: its credit returns to the account, numbers and
     business accounts are detached, its credential and registrations go.
 
-    :raises Conflict: the profile has live calls.
+    :raises Conflict: the profile has live calls (on a cluster node: here or on any node it knows of).
     """
     # These modules build on this one (they read profiles): imported here, not at the top.
-    from . import channels, ledger, numbers, registrations
+    from . import ledger, numbers, registrations
 
     prof = get(txn, profile_id)
-    if channels.in_use(txn, prof.id):
-        raise ProfileHasLiveCalls("profile has live calls; end them first")
+    refuse_with_live_calls(txn, prof)
     ledger.close_profile(txn, prof)
     numbers.detach_all(txn, prof)
     registrations.remove_all(txn, prof.id)

@@ -184,15 +184,27 @@ def test_every_node_lists_the_profiles_live_calls_of_every_node(
         assert wait_for(lambda: (s := same_everywhere()) and sorted((n, up) for _, n, up in s)
                         == [("edge-a", False), ("edge-b", True)], timeout=5), (listed(a), listed(b))
         (b_call,) = [cid for cid, n, _ in listed(a) if n == "edge-b"]
-        with a.client() as api:     # a call is hung up by the node that carries it
-            refused = api.post(f"/v1/calls/{b_call}/hangup", json={})
-            assert refused.status_code == 409 and refused.json()["code"] == "cluster_unsupported", refused.text
-            assert "edge-b" in refused.json()["detail"]
-        with b.client() as api:
-            assert api.post(f"/v1/calls/{b_call}/hangup", json={}).status_code == 202
-        carrier.take(timeout=1.0)       # the edge's BYE to the carrier
-        carrier.refuse_all()            # A's ringing call ends
+        carrier.refuse_all()            # A's ringing call ends: B's is the profile's only call
+        assert wait_for(lambda: listed(a) == listed(b) == [(b_call, "edge-b", True)], timeout=10), listed(a)
+        with a.client() as api:
+            # a profile with a call on another node is not deleted (nothing changes)
+            kept = api.delete(f"/v1/profiles/{prof['id']}")
+            assert kept.status_code == 409 and kept.json()["code"] == "profile_has_live_calls", kept.text
+            # hung up through A: A's agent relays it to B's, which records it; B's worker ends the call
+            asked = api.post(f"/v1/calls/{b_call}/hangup", json={"cause": 487})
+            assert asked.status_code == 202, asked.text
+            assert (asked.json()["call_id"], asked.json()["state"]) == (b_call, "pending")
+            gone = api.post("/v1/calls/no-such-call/hangup", json={})
+            assert gone.status_code == 404, gone.text
+        deadline = time.monotonic() + 10
+        while not any(kind == "bye" and port == b.sip_port for kind, _, port in carrier.events) \
+                and time.monotonic() < deadline:
+            carrier.take(timeout=0.3)   # the edge's BYE to the carrier, from B
+        assert any(kind == "bye" and port == b.sip_port for kind, _, port in carrier.events)
         assert wait_for(lambda: listed(a) == listed(b) == [], timeout=10), (listed(a), listed(b))
+        with b.client() as api:         # the request is B's, done
+            assert wait_for(lambda: api.get(f"/v1/profiles/{prof['id']}/cdrs").json()["items"][-1]["call_id"]
+                            == b_call, timeout=5)
     finally:
         carrier.ringing.clear()
         ringing.close()

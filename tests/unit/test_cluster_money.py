@@ -10,11 +10,11 @@ import msgspec
 import pytest
 
 from edge.cluster import journal as j
-from edge.cluster import outbox, remote
+from edge.cluster import outbox
 from edge.cluster.channels import survivor_cdr
 from edge.cluster.money import MARKS, SYNC_KIND, _write_cdrs, _write_ledger
 from edge.cluster.remote import RemoteCalls
-from edge.control import accounts, cdrs, ledger, profiles, rates, webhooks
+from edge.control import accounts, cdrs, channels, ledger, profiles, rates, webhooks
 from edge.control.credit import CreditEngine
 from edge.control.models import Cdr, LiveCall, Rate
 from edge.control.store import Store, Txn
@@ -207,13 +207,13 @@ def test_the_other_nodes_calls_are_the_journals_open_ones_with_their_published_r
     seen.folded("$KV.sipedge_calls.edge-b.e1.c9", b"\xc1garbage", None)                       # unreadable: ignored
     assert moved == [profile_id] and list(seen.records) == ["edge-b.e1.c1"]
     store.write(lambda txn: seen.write(txn, journal))
-    rows = store.read(lambda txn: remote.calls(txn, profile_id))
+    rows = channels.remote_calls(store, profile_id)
     assert [(r.node, r.call.call_id, r.call.answered_at, r.call.reserved) for r in rows] == [
         ("edge-b", "c1", 95.0, 500), ("edge-b", "c2", None, 0)]
-    assert store.read(lambda txn: remote.find(txn, "c2")).node == "edge-b"
+    assert channels.find_remote(store, "c2").node == "edge-b"
     # c1 ends: its Settle leaves the journal's open calls, its record's delete marker the bucket
     journal._fold(6, f"{journal.subject}.4", enc(j.Settle("c1", 0)), None)
     seen.folded("$KV.sipedge_calls.edge-b.e1.c1", b"", "DEL")
     store.write(lambda txn: seen.write(txn, journal))
-    assert [r.call.call_id for r in store.read(lambda txn: remote.calls(txn))] == ["c2"]
+    assert [r.call.call_id for r in channels.remote_calls(store)] == ["c2"]
     assert seen.records == {}
