@@ -1,24 +1,26 @@
-"""Provisioning on any node of a cluster, through the engine (docs/cluster.md "Provisioning on any node").
+"""Provisioning on any node of a cluster, through the engine (docs/cluster.md "Provisioning on any
+node").
 
 What the control API provisions -- accounts, profiles and their credentials, numbers, business
-accounts, the rate table and the bundle exclusions, API keys, webhooks, console passwords, and the
-Idempotency-Key results -- is the cluster's, not a node's. A cluster node's API runs each write
-transaction as a node alone does, but records it (:class:`RecordingTxn`) and aborts it: the rows it
-changed in those tables are one :class:`Change`, which the node's agent appends to the next slot of
-the engine's ``SIPEDGE_CONFIG`` stream, ``sipedge.config.<n>``, on condition that the slot is still
-empty (the journal's check, edge/cluster/journal.py). Every node's agent applies the changes in slot
-order to its LMDB (:class:`Applier`), each in one write transaction with the slot it reached, and the
-API answers once its own node has applied its change: what it answers is what every node will have.
+accounts, the rate table and the bundle exclusions, API keys, webhooks, console passwords, sessions
+and sign-in failures, and the Idempotency-Key results -- is the cluster's, not a node's. A cluster
+node's API runs each write transaction as a node alone does, but records it (:class:`RecordingTxn`)
+and aborts it: the rows it changed in those tables are one :class:`Change`, which the node's agent
+appends to the next slot of the engine's ``SIPEDGE_CONFIG`` stream, ``sipedge.config.<n>``, on
+condition that the slot is still empty (the journal's check, edge/cluster/journal.py). Every node's
+agent applies the changes in slot order to its LMDB (:class:`Applier`), each in one write
+transaction with the slot it reached, and the API answers once its own node has applied its change:
+what it answers is what every node will have.
 
 Exact without a lock: a change was computed on a node that had applied slots 1..n-1, so it is the
-n-th only if nobody took slot n first; else the API waits for its node to apply the slot it lost
-and runs the write again on the newer state (a second create of the same number now fails there,
-as on a node alone). Two nodes never both land the n-th change.
+n-th only if nobody took slot n first; else the API waits for its node to apply the slot it lost and
+runs the write again on the newer state (a second create of the same number now fails there, as on a
+node alone). Two nodes never both land the n-th change.
 
-Node-local by design (never in a change): live calls, registrations, channel counts, CDRs, the
-ledger (the money journal's, edge/cluster/money.py), webhook deliveries, console sessions and
-sign-in counters, the audit log. The balances inside account and profile records stay the node's
-(the money journal writes them): an applied record keeps the local balance.
+Not in a change, by design: live calls, registrations, channel counts, webhook deliveries, the audit
+log (node-local), CDRs and the ledger (the money journal's, edge/cluster/money.py). The balances
+inside account and profile records stay the node's (the money journal writes them): an applied
+record keeps the local balance.
 """
 
 from __future__ import annotations
@@ -62,7 +64,10 @@ PUBLISH_ATTEMPTS = 5             # one slot's publish, again with the same Msg-I
 # the cluster's tables; "meta" only for the keys below
 REPLICATED = frozenset({
     "accounts", "admins", "profiles", "credentials", "numbers", "business", "rates", "rates_b",
-    "exclusions", "idempotency", "api_keys", "webhooks", "console_passwords"})
+    "exclusions", "idempotency", "api_keys", "webhooks", "console_passwords",
+    # console sessions and failed sign-ins: a session opened on one node signs in on every node (a
+    # console behind a load balancer), and the lockout counts the failures of every node
+    "console_sessions", "console_signins"})
 REPLICATED_META = (b"rate_table", b"rate_loading", b"rate_lengths", b"exclusion_lengths",
                    b"sip_username_seq")
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 from collections.abc import Callable
@@ -28,9 +29,11 @@ from collections.abc import Callable
 import msgspec
 
 from . import accounts
-from .errors import SignInLocked, Unauthorized, WeakPassword
+from .errors import ClusterUnavailable, SignInLocked, StoreError, Unauthorized, WeakPassword
 from .models import Record
 from .store import Store, Txn, reads, writes
+
+log = logging.getLogger("sipedge.console")
 
 PASSWORD_MIN = 12
 PASSWORD_MAX = 256
@@ -223,7 +226,10 @@ def session_of(store: Store, token: str, now: float | None = None) -> ConsoleSes
                 session.last_seen = now
                 txn.put("console_sessions", digest, session)
 
-        store.write(touch, sync=False, grows=False)
+        try:
+            store.write(touch, sync=False, grows=False)
+        except (StoreError, ClusterUnavailable) as exc:    # the last use is written at a later request
+            log.info("console: a session's last use not written (%s)", exc)
     return session
 
 

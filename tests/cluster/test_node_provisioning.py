@@ -163,3 +163,44 @@ def test_a_node_that_joins_empty_gets_the_whole_provisioning(
         assert Decimal(api_get(late, "/v1/rates/lookup?number=%2B4900001")["rate"]) == Decimal("0.01")
     finally:
         late.stop()
+
+
+def console_sign_in(node: EdgeProcess, login: str, password: str) -> httpx.Response:
+    """The console's sign-in form (its double-submit token: the same value as cookie and field)."""
+    with httpx.Client(base_url=node.base, timeout=10.0) as web:
+        return web.post("/console/sign-in", data={"login": login, "password": password, "sign_in_token": "t0ken"},
+                        cookies={"sipedge_console_signin": "t0ken"})
+
+
+def test_a_console_session_of_one_node_signs_in_on_the_other_and_failures_add_up(nodes: list[EdgeProcess]) -> None:
+    a, b = nodes
+    password = "correct horse battery staple 42"
+    logins = {}
+    for name in ("console", "guessed"):
+        acct = call(a, "POST", "/v1/accounts", json={"name": f"Console {name}", "admin": f"{name}.admin"}).json()
+        set_password = call(a, "PUT", f"/v1/accounts/{acct['id']}/admin-password", json={"password": password})
+        assert set_password.status_code == 204, set_password.text
+        logins[name] = acct
+    page = f"/console/accounts/{logins['console']['id']}"
+
+    # signed in through A (a session is a provisioning change): the session cookie works on B
+    signed = console_sign_in(a, "console.admin", password)
+    assert signed.status_code == 303, signed.text
+    token = signed.cookies["sipedge_console"]
+    for node in (a, b):
+        with httpx.Client(base_url=node.base, timeout=10.0) as web:
+            assert web.get(page, cookies={"sipedge_console": token}).status_code == 200
+            assert web.get(page).status_code == 303          # without it: the sign-in page
+    with httpx.Client(base_url=b.base, timeout=10.0) as web:   # signed out on B: gone on A too
+        form = web.get(page, cookies={"sipedge_console": token}).text
+        assert 'name="csrf" value="' in form
+        csrf = form.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+        out = web.post("/console/sign-out", data={"csrf": csrf}, cookies={"sipedge_console": token})
+        assert out.status_code == 303, out.text
+    assert wait_for(lambda: httpx.get(a.base + page, cookies={"sipedge_console": token}).status_code == 303)
+
+    # wrong passwords on both nodes count together: the fifth locks the login on every node
+    statuses = [console_sign_in(node, "guessed.admin", f"wrong {i}").status_code
+                for i, node in enumerate((a, b, a, b, a))]
+    assert statuses == [401, 401, 401, 401, 429], statuses
+    assert console_sign_in(b, "guessed.admin", password).status_code == 429     # the right one too, for now

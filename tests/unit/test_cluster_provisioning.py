@@ -107,17 +107,17 @@ def test_an_applied_record_keeps_the_balance_of_the_node(two) -> None:
     assert profiles.get(a, prof.id).balance == 0
 
 
-def test_node_local_rows_stay_on_the_node_and_a_new_password_ends_sessions_everywhere(two) -> None:
+def test_console_sessions_are_the_clusters_and_a_new_password_ends_them_everywhere(two) -> None:
     a, b, stream = two
     acct = accounts.create(a, "Acme", "acme.admin")
     token_a, _ = console_auth.open_key_session(a, "key_1", account_id=acct.id)
     token_b, _ = console_auth.open_key_session(b, "key_2", account_id=acct.id)
-    assert len(stream.changes) == 1             # sessions are each node's: no change went out for them
-    assert console_auth.session_of(a, token_b) is None and console_auth.session_of(b, token_a) is None
+    assert len(stream.changes) == 3             # each session is a change: it signs in on every node
+    assert console_auth.session_of(a, token_b) is not None and console_auth.session_of(b, token_a) is not None
     console_auth.set_admin_password(a, acct.id, "a long enough password")
-    assert len(stream.changes) == 2
-    assert console_auth.session_of(a, token_a) is None
-    assert console_auth.session_of(b, token_b) is None
+    assert len(stream.changes) == 4
+    for store in (a, b):
+        assert console_auth.session_of(store, token_a) is None and console_auth.session_of(store, token_b) is None
 
 
 def test_a_deleted_profile_takes_its_registrations_on_every_node(two) -> None:
@@ -158,7 +158,7 @@ def test_the_recording_sorts_the_clusters_rows_from_the_nodes(tmp_path) -> None:
         txn.delete("numbers", b"+2")                              # absent: not recorded
         txn.next_counter(b"sip_username_seq")
         txn.next_counter(b"cdr_seq")
-        txn.put_raw("console_sessions", b"s", b"z")
+        txn.put_raw("registrations", b"s", b"z")
         txn.clear("rates_b")
         seen.append(txn)
 
@@ -168,6 +168,6 @@ def test_the_recording_sorts_the_clusters_rows_from_the_nodes(tmp_path) -> None:
         assert [(r.op, r.db, r.key) for r in rec.rows] == [
             ("put", "numbers", b"+1"), ("put", "meta", b"sip_username_seq"), ("clear", "rates_b", b"")]
         assert [(r.op, r.db, r.key) for r in rec.local] == [("put", "meta", b"cdr_seq"),
-                                                          ("put", "console_sessions", b"s")]
+                                                          ("put", "registrations", b"s")]
     finally:
         store.close()
