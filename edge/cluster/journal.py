@@ -471,6 +471,7 @@ class _Journal(Generic[S, E]):
         self.state: S = state
         self.deadline = deadline
         self._entries: list[Entry] = []
+        self._forgotten = 0                 # the sum of the entries :meth:`forget_entries` dropped
         self._decoder = msgspec.json.Decoder(self._event_type)
         self._encoder = msgspec.json.Encoder()
         self._landed: dict[str, int] = {}   # our pending Nats-Msg-Id -> sequence, seen while catching up
@@ -505,10 +506,22 @@ class _Journal(Generic[S, E]):
             self._landed[msg_id] = seq
 
     def entries(self) -> list[Entry]:
-        """Every movement folded, oldest first (an ``opening`` entry first after a snapshot):
-        their sum is the balance."""
-        opening = [Entry(0, "opening", self.state.opening, "snapshot")] if self.state.opening else []
+        """Every movement folded and not forgotten, oldest first (an ``opening`` entry first after a
+        snapshot or :meth:`forget_entries`): their sum is the balance."""
+        carried = self.state.opening + self._forgotten
+        opening = [Entry(0, "opening", carried, "snapshot")] if carried or self._forgotten else []
         return opening + self._entries
+
+    def forget_entries(self, upto: int) -> None:
+        """The movements up to stream sequence ``upto`` are written (the node's ledger has them):
+        drop them, keeping their sum in the opening (memory bounded by what is not written yet,
+        not by the journal's length)."""
+        i = 0
+        while i < len(self._entries) and self._entries[i].seq <= upto:
+            i += 1
+        if i:
+            self._forgotten += sum(e.amount for e in self._entries[:i])
+            del self._entries[:i]
 
     def entries_after(self, seq: int) -> list[Entry]:
         """The movements folded after stream sequence ``seq``, oldest first (none of an opening)."""

@@ -301,7 +301,8 @@ class ClusterMoney:
             self._moved_profiles |= moved_p
             self._moved_accounts |= moved_a
             return 0
-        for _mark, journal in journals:
+        for _mark, journal in journals:     # in the ledger now: not kept in memory
+            journal.forget_entries(journal.state.last_seq)
             if isinstance(journal, ProfileJournal):
                 journal.take_cdrs(journal.state.last_seq)
         return len(journals)

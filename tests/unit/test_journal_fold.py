@@ -4,6 +4,7 @@ tests/cluster/test_journal.py."""
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from edge.cluster.journal import (
@@ -17,7 +18,9 @@ from edge.cluster.journal import (
     Extend,
     InsufficientCredit,
     InvalidEvent,
+    ProfileJournal,
     ProfileState,
+    Refused,
     Reserve,
     Settle,
     Settled,
@@ -29,6 +32,7 @@ from edge.cluster.journal import (
     prune,
     validate,
 )
+from edge.control.models import Cdr
 
 
 def fold(*events: object) -> tuple[ProfileState, int]:
@@ -102,3 +106,21 @@ def test_a_settled_call_is_remembered_for_a_horizon_of_slots_then_still_refused(
     assert "old" not in state.settled
     with pytest.raises(UnknownCall):            # forgotten, but a late settle still moves nothing
         apply_profile(state, Settle("old", 0), 10**6)
+
+
+def test_a_refused_attempt_moves_nothing_and_the_written_entries_are_forgotten() -> None:
+    journal = ProfileJournal(None, "p1")    # type: ignore[arg-type]   (folded here, no engine)
+    cdr = Cdr(seq=0, call_id="c9", profile_id="p1", direction="outgoing", caller="", callee="+1", started_at=1.0,
+              answered_at=None, ended_at=1.0, duration=0, status=402, end_reason="credit")
+    events = [Credit("t1", 1_000), Reserve("c1", "n", 300, 2), Refused("c9", cdr), Settle("c1", 120)]
+    for slot, ev in enumerate(events, start=1):
+        journal._fold(10 + slot, f"{journal.subject}.{slot}", msgspec.json.encode(ev), None)
+    assert journal.balance == 880 and journal.state.slot == 4 and journal.state.channels_in_use == 0
+    assert [seq for seq, _ in journal.cdrs()] == [13]          # the refused attempt's CDR, nothing else moved
+    assert sum(e.amount for e in journal.entries()) == journal.balance
+    journal.forget_entries(12)              # the ledger has the credit and the reservation
+    assert [e.kind for e in journal.entries()] == ["opening", "release", "call"]
+    assert sum(e.amount for e in journal.entries()) == journal.balance == 880
+    assert [e.kind for e in journal.entries_after(12)] == ["release", "call"]
+    journal.forget_entries(14)
+    assert [(e.kind, e.amount) for e in journal.entries()] == [("opening", 880)] and journal.entries_after(14) == []
