@@ -46,6 +46,7 @@ from .journal import (
     JournalUnavailable,
     OpenCall,
     ProfileJournal,
+    Settle,
     SnapshotTooLarge,
     UnknownCall,
     ensure_stream,
@@ -330,10 +331,39 @@ class ClusterChannels:
         items = outbox.pending(self.store)
         if not items:
             return 0
-        results = await asyncio.gather(*(self.settle(item) for item in items))
-        finished = [item for item, landed in zip(items, results, strict=True) if landed]
+        # the calls of one profile in one append (Settlements); refused attempts and lone calls one by one
+        groups: dict[str, list[outbox.Pending]] = {}
+        for item in items:
+            if not item.refused:
+                groups.setdefault(item.profile_id, []).append(item)
+        batches = [group for group in groups.values() if len(group) > 1]
+        single = [item for item in items if item.refused or len(groups[item.profile_id]) == 1]
+        results = await asyncio.gather(*(self.settle_batch(group) for group in batches),
+                                       *(self.settle(item) for item in single))
+        finished = [item for group, landed in zip(batches, results, strict=False) if landed for item in group]
+        finished += [item for item, landed in zip(single, results[len(batches):], strict=True) if landed]
         outbox.done(self.store, finished)
         return len(finished)
+
+    async def settle_batch(self, items: list[outbox.Pending]) -> bool:
+        """Several calls of one profile settled in one append, each as :meth:`settle` would.
+        :returns: False to retry them all later (those that landed are then refused as settled)."""
+        try:
+            journal = await self.journal(items[0].profile_id)
+            settles = []
+            for item in items:
+                cost = min(item.cost, _reserved(journal, item.call_id))
+                if item.cdr is not None:
+                    item.cdr.cost = cost
+                settles.append(Settle(item.call_id, cost, False, self.holder, item.cdr))
+            done = await journal.settle_many(settles)
+        except ValueError:          # not journal ids: nothing was reserved under them
+            return True
+        except FAILED:
+            return False
+        self.settled += len(done)
+        self.moved(journal)
+        return True
 
     async def run_outbox(self, stop: asyncio.Event) -> None:
         """Drain the outbox until ``stop``, then once more (what the drained workers left), bounded."""

@@ -75,6 +75,8 @@ APPEND_DEADLINE = 30.0           # covers a leader election (a few seconds) with
 MAX_ATTEMPTS = 500               # conflicts and timeouts together, per append
 CATCH_UP_LIMIT = 100_000         # messages read one by one before a catch-up gives up (use replay)
 CALL_HORIZON = 5_000             # slots a settled call id is remembered (see ProfileState.settled)
+MAX_SETTLEMENTS = 256            # settles in one Settlements event
+CDR_SPAN = 1024                  # a CDR's seq: its event's stream sequence * CDR_SPAN + its place in the event
 
 # Any transient failure of one publish: the append may or may not have landed.
 _AMBIGUOUS = (NatsTimeoutError, asyncio.TimeoutError, NoStreamResponseError, NoRespondersError,
@@ -134,6 +136,13 @@ class Refused(msgspec.Struct, tag="refused", frozen=True):
     by: str = ""
 
 
+class Settlements(msgspec.Struct, tag="settlements", frozen=True):
+    """Several calls' settlements in one slot, each as a :class:`Settle` would be (one append for
+    all the calls a node ended meanwhile: its outbox, a survivor's recovery)."""
+
+    settles: list[Settle]
+
+
 class TransferIn(msgspec.Struct, tag="transfer_in", frozen=True):
     """Credit arriving from the account's master balance (the second half of a transfer)."""
 
@@ -158,7 +167,7 @@ class TransferOut(msgspec.Struct, tag="transfer_out", frozen=True):
     amount: int
 
 
-ProfileEvent = Credit | Reserve | Extend | Settle | Refused | TransferIn
+ProfileEvent = Credit | Reserve | Extend | Settle | Settlements | Refused | TransferIn
 AccountEvent = AccountCredit | TransferOut
 Event = ProfileEvent | AccountEvent
 
@@ -177,6 +186,8 @@ def event_key(event: Event) -> str:
         return f"i:{event.transfer_id}"
     if isinstance(event, Refused):
         return f"n:{event.call_id}"
+    if isinstance(event, Settlements):
+        return f"b:{event.settles[0].call_id if event.settles else ''}:{len(event.settles)}"
     return f"o:{event.transfer_id}"
 
 
@@ -315,6 +326,13 @@ def validate(event: Event) -> None:
         _need(event.amount > 0 and event.slice >= 1, InvalidEvent, "extend needs amount > 0, slice >= 1")
     elif isinstance(event, Settle):
         _need(event.cost >= 0, InvalidEvent, "settle needs cost >= 0")
+    elif isinstance(event, Settlements):
+        _need(0 < len(event.settles) <= MAX_SETTLEMENTS, InvalidEvent,
+              f"settlements hold 1..{MAX_SETTLEMENTS} settles")
+        _need(len({x.call_id for x in event.settles}) == len(event.settles), InvalidEvent,
+              "settlements settle each call once")
+        for settle in event.settles:
+            validate(settle)
     elif not isinstance(event, Refused):
         _need(event.amount > 0, InvalidEvent, "transfer amount must be > 0")
 
@@ -329,6 +347,12 @@ def check_profile(state: ProfileState, event: ProfileEvent) -> None:
 
     :raises JournalRefused: the event is not valid here.
     """
+    if isinstance(event, Settlements):      # each as if alone: settles of distinct calls do not interact
+        _need(len({x.call_id for x in event.settles}) == len(event.settles), InvalidEvent,
+              "settlements settle each call once")
+        for settle in event.settles:
+            check_profile(state, settle)
+        return
     key = event_key(event)
     if isinstance(event, Reserve | Settle):
         done = state.settled.get(event.call_id)
@@ -391,13 +415,10 @@ def apply_profile(state: ProfileState, event: ProfileEvent, seq: int) -> list[En
         call.slices += 1
         entries.append(Entry(seq, "reserve", -event.amount, event.call_id))
     elif isinstance(event, Settle):
-        call = state.calls.pop(event.call_id)
-        state.settled[event.call_id] = Settled(state.slot + 1, event.cost, event.recovery, event.by)
-        state.balance += call.reserved - event.cost
-        if call.reserved:
-            entries.append(Entry(seq, "release", call.reserved, event.call_id))
-        if event.cost:
-            entries.append(Entry(seq, "call", -event.cost, event.call_id))
+        _settle(state, event, seq, entries)
+    elif isinstance(event, Settlements):
+        for settle in event.settles:
+            _settle(state, settle, seq, entries)
     elif isinstance(event, TransferIn):
         state.balance += event.amount
         entries.append(Entry(seq, "transfer_in", event.amount, event.transfer_id))
@@ -406,6 +427,17 @@ def apply_profile(state: ProfileState, event: ProfileEvent, seq: int) -> list[En
         state.keys[event_key(event)] = state.slot
     state.last_seq = seq
     return entries
+
+
+def _settle(state: ProfileState, event: Settle, seq: int, entries: list[Entry]) -> None:
+    """One call's settlement, in the slot being applied (``state.slot + 1``)."""
+    call = state.calls.pop(event.call_id)
+    state.settled[event.call_id] = Settled(state.slot + 1, event.cost, event.recovery, event.by)
+    state.balance += call.reserved - event.cost
+    if call.reserved:
+        entries.append(Entry(seq, "release", call.reserved, event.call_id))
+    if event.cost:
+        entries.append(Entry(seq, "call", -event.cost, event.call_id))
 
 
 def prune(state: ProfileState) -> None:
@@ -727,7 +759,8 @@ class ProfileJournal(_Journal[ProfileState, ProfileEvent]):
     def __init__(self, engine: Engine, profile_id: str, *, deadline: float = APPEND_DEADLINE) -> None:
         super().__init__(engine, PROFILE_PREFIX + _check_id("profile id", profile_id), ProfileState(profile_id),
                          deadline=deadline)
-        # (stream sequence, event) of every CDR folded and not yet taken (:meth:`take_cdrs`)
+        # (CDR seq: stream sequence * CDR_SPAN + place in the event, its event) of every CDR folded
+        # and not yet taken (:meth:`take_cdrs`)
         self._cdrs: list[tuple[int, Settle | Refused]] = []
 
     @classmethod
@@ -748,19 +781,21 @@ class ProfileJournal(_Journal[ProfileState, ProfileEvent]):
     def _apply(self, event: ProfileEvent, seq: int) -> list[Entry]:
         entries = apply_profile(self.state, event, seq)
         if isinstance(event, Settle | Refused) and event.cdr is not None:
-            self._cdrs.append((seq, event))
+            self._cdrs.append((seq * CDR_SPAN, event))
+        elif isinstance(event, Settlements):
+            self._cdrs.extend((seq * CDR_SPAN + i, x) for i, x in enumerate(event.settles) if x.cdr is not None)
         return entries
 
     def _check(self, event: ProfileEvent) -> None:
         check_profile(self.state, event)
 
     def cdrs(self) -> list[tuple[int, Settle | Refused]]:
-        """The CDRs folded since the last :meth:`take_cdrs`, each with its event's stream sequence."""
+        """The CDRs folded since the last :meth:`take_cdrs`, each with its seq (:data:`CDR_SPAN`)."""
         return list(self._cdrs)
 
     def take_cdrs(self, upto: int) -> None:
-        """The CDRs up to stream sequence ``upto`` are written: forget them (bounded memory)."""
-        self._cdrs = [item for item in self._cdrs if item[0] > upto]
+        """The CDRs of events up to stream sequence ``upto`` are written: forget them (bounded memory)."""
+        self._cdrs = [item for item in self._cdrs if item[0] // CDR_SPAN > upto]
 
     @property
     def balance(self) -> int:
@@ -818,14 +853,33 @@ class ProfileJournal(_Journal[ProfileState, ProfileEvent]):
         from the call and that cost. A call settled meanwhile by someone else is skipped.
         :returns: the settlements this call appended."""
         await self.catch_up()
-        done: list[Settle] = []
+        settles = []
         for call in [c for c in self.state.calls.values() if c.node == node]:
             billed = call.reserved if cost is None else cost(call)
+            settles.append(Settle(call.call_id, billed, True, by, None if cdr is None else cdr(call, billed)))
+        return await self.settle_many(settles)
+
+    async def settle_many(self, settles: list[Settle]) -> list[Settle]:
+        """Settle several calls, :data:`MAX_SETTLEMENTS` per append; a call settled meanwhile by
+        someone else is skipped. :returns: the settlements this call appended."""
+        if any(x.call_id not in self.state.calls for x in settles):
+            await self.catch_up()       # a reservation not folded here yet, or settled by another node
+        done: list[Settle] = []
+        for i in range(0, len(settles), MAX_SETTLEMENTS):
+            chunk = [x for x in settles[i:i + MAX_SETTLEMENTS] if x.call_id in self.state.calls]
             try:
-                done.append(await self.settle(call.call_id, billed, recovery=True, by=by,
-                                              cdr=None if cdr is None else cdr(call, billed)))
-            except (AlreadySettled, UnknownCall):
-                continue
+                if len(chunk) > 1:
+                    await self._append(Settlements(chunk))
+                    done += chunk
+                    continue
+            except JournalRefused:
+                pass            # one of them was settled meanwhile: each on its own, below
+            for x in chunk:
+                try:
+                    await self._append(x)
+                    done.append(x)
+                except (AlreadySettled, UnknownCall):
+                    continue
         return done
 
     async def transfer_in(self, transfer_id: str, account_id: str, amount: int) -> bool:

@@ -34,6 +34,7 @@ from edge.control.store import Store, Txn, u64
 from . import link
 from .channels import FAILED, ClusterChannels
 from .journal import (
+    CDR_SPAN,
     STREAM,
     SUBJECTS,
     AccountJournal,
@@ -398,17 +399,18 @@ class ClusterMoney:
 
 def _write_cdrs(txn: Txn, mark: str, journal: ProfileJournal, node: str) -> None:
     """The CDRs the journal's settlements (and refused attempts) carry since the owner's mark (before
-    :func:`_write_ledger` moves it), numbered by their stream sequence, so a CDR has the same ``seq``
-    on every node; the node that settled a call sends its ``call.ended`` (once in the cluster)."""
+    :func:`_write_ledger` moves it), numbered by their event's stream sequence (* CDR_SPAN + the place
+    in a Settlements event), so a CDR has the same ``seq`` on every node; the node that settled a call
+    sends its ``call.ended`` (once in the cluster)."""
     if profiles.find(txn, journal.state.profile_id) is None:
         return                  # deleted here
     raw = txn.get_raw(MARKS, mark.encode())
     after = int.from_bytes(raw, "big") if raw is not None else 0
-    for seq, event in journal.cdrs():
-        if seq <= after or event.cdr is None:
+    for number, event in journal.cdrs():
+        if number // CDR_SPAN <= after or event.cdr is None:
             continue            # written before (a key of its own: written again, it would be the same)
         mine = isinstance(event, Settle) and event.by.partition(".")[0] == node
-        (cdrs.record if mine else cdrs.add)(txn, event.cdr, seq=seq)
+        (cdrs.record if mine else cdrs.add)(txn, event.cdr, seq=number)
 
 
 def _write_ledger(txn: Txn, mark: str, journal: ProfileJournal | AccountJournal) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from edge.cluster.journal import (
     CALL_HORIZON,
+    CDR_SPAN,
     AccountCredit,
     AccountState,
     AlreadyApplied,
@@ -24,11 +25,13 @@ from edge.cluster.journal import (
     Reserve,
     Settle,
     Settled,
+    Settlements,
     TransferIn,
     TransferOut,
     UnknownCall,
     apply_account,
     apply_profile,
+    check_profile,
     prune,
     validate,
 )
@@ -116,7 +119,7 @@ def test_a_refused_attempt_moves_nothing_and_the_written_entries_are_forgotten()
     for slot, ev in enumerate(events, start=1):
         journal._fold(10 + slot, f"{journal.subject}.{slot}", msgspec.json.encode(ev), None)
     assert journal.balance == 880 and journal.state.slot == 4 and journal.state.channels_in_use == 0
-    assert [seq for seq, _ in journal.cdrs()] == [13]          # the refused attempt's CDR, nothing else moved
+    assert [n // CDR_SPAN for n, _ in journal.cdrs()] == [13]    # the refused attempt's CDR, nothing else moved
     assert sum(e.amount for e in journal.entries()) == journal.balance
     journal.forget_entries(12)              # the ledger has the credit and the reservation
     assert [e.kind for e in journal.entries()] == ["opening", "release", "call"]
@@ -124,3 +127,33 @@ def test_a_refused_attempt_moves_nothing_and_the_written_entries_are_forgotten()
     assert [e.kind for e in journal.entries_after(12)] == ["release", "call"]
     journal.forget_entries(14)
     assert [(e.kind, e.amount) for e in journal.entries()] == [("opening", 880)] and journal.entries_after(14) == []
+
+
+def test_settlements_settle_several_calls_in_one_slot_each_as_alone() -> None:
+    state, _ = fold(Credit("t", 1_000), Reserve("c1", "n", 100, 9), Reserve("c2", "n", 200, 9),
+                    Reserve("c3", "n", 0, 9))
+    batch = Settlements([Settle("c1", 60), Settle("c2", 0, by="n.e")])
+    entries = apply_profile(state, batch, 5)
+    assert (state.slot, state.balance, sorted(state.calls)) == (5, 940, ["c3"])
+    assert [(e.kind, e.amount) for e in entries] == [("release", 100), ("call", -60), ("release", 200)]
+    assert state.settled["c1"].slot == state.settled["c2"].slot == 5
+    with pytest.raises(AlreadySettled):         # one of them settled before: the whole event is refused
+        check_profile(state, Settlements([Settle("c3", 0), Settle("c2", 0)]))
+    with pytest.raises(InvalidEvent):
+        validate(Settlements([Settle("c3", 0), Settle("c3", 0)]))
+    with pytest.raises(InvalidEvent):
+        validate(Settlements([]))
+    assert (state.slot, sorted(state.calls)) == (5, ["c3"])
+
+
+def test_a_settlements_events_cdrs_are_numbered_apart() -> None:
+    journal = ProfileJournal(None, "p1")    # type: ignore[arg-type]   (folded here, no engine)
+    cdr = Cdr(seq=0, call_id="c1", profile_id="p1", direction="outgoing", caller="", callee="+1", started_at=1.0,
+              answered_at=None, ended_at=1.0, duration=0, status=500, end_reason="recovery")
+    events = [Reserve("c1", "n", 0, 2), Reserve("c2", "n", 0, 2), Settlements([Settle("c1", 0, cdr=cdr),
+                                                                             Settle("c2", 0, cdr=cdr)])]
+    for slot, ev in enumerate(events, start=1):
+        journal._fold(20 + slot, f"{journal.subject}.{slot}", msgspec.json.encode(ev), None)
+    assert [n for n, _ in journal.cdrs()] == [23 * CDR_SPAN, 23 * CDR_SPAN + 1]
+    journal.take_cdrs(23)
+    assert journal.cdrs() == []
