@@ -871,26 +871,36 @@ cdef class SipMessage:
             return None
         return _decode(self._buf + sl.val_off + off, vlen)
 
-    @property
-    def from_tag(self):
+    # (the cdef getters: validate() and build_response read them without a property lookup)
+    cdef object _from_tag(self):
         if not (self._done & DONE_FROM_TAG):
             self._c_from_tag = self._tag_of(HDR_FROM, b"tag", 3, 0)
             self._done |= DONE_FROM_TAG
         return self._c_from_tag
 
-    @property
-    def to_tag(self):
+    cdef object _to_tag(self):
         if not (self._done & DONE_TO_TAG):
             self._c_to_tag = self._tag_of(HDR_TO, b"tag", 3, 0)
             self._done |= DONE_TO_TAG
         return self._c_to_tag
 
-    @property
-    def branch(self):
+    cdef object _branch(self):
         if not (self._done & DONE_BRANCH):
             self._c_branch = self._tag_of(HDR_VIA, b"branch", 6, 1)
             self._done |= DONE_BRANCH
         return self._c_branch
+
+    @property
+    def from_tag(self):
+        return self._from_tag()
+
+    @property
+    def to_tag(self):
+        return self._to_tag()
+
+    @property
+    def branch(self):
+        return self._branch()
 
     @property
     def max_forwards(self):
@@ -1059,6 +1069,8 @@ cdef class SipMessage:
         cdef HdrSlot* sl
         cdef list vias, contacts, items
         cdef bint register
+        cdef NameAddr fr, to
+        cdef SipUri uri
         if self._valid:
             return None
         raw = self._raw
@@ -1077,19 +1089,21 @@ cdef class SipMessage:
                     vias.append(_parse_via(items[j]))
                 except SipBadHeader as err:
                     raise self._element_error(err, k, j, _PARAM_OF.get(err.reason)) from None
-        if (<Via>vias[0]).branch != self.branch:  # the fast scanner and the grammar must agree
+        if (<Via>vias[0]).params.get("branch") != self._branch():  # the fast scanner and the grammar must agree
             raise self._element_error(SipBadHeader("Bad Via branch"), self._first[HDR_VIA], 0, b"branch")
         if self._lazy is None:
             self._lazy = {}
         self._lazy["vias"] = vias
         self._lazy["top_via"] = vias[0]
         fr = self._address(HDR_FROM, "From")
-        if self._is_request and not fr.tag:  # RFC 3261 §8.1.1.3: the UAC MUST add a tag
+        tag = fr.params.get("tag")
+        if self._is_request and not tag:  # RFC 3261 §8.1.1.3: the UAC MUST add a tag
             raise self._element_error(SipBadHeader("Missing From tag"), self._first[HDR_FROM], 0, None)
-        if fr.tag != self.from_tag:
+        if tag != self._from_tag():
             raise self._element_error(SipBadHeader("Bad From tag"), self._first[HDR_FROM], 0, b"tag")
         to = self._address(HDR_TO, "To")
-        if ("tag" in to.params and not to.tag) or to.tag != self.to_tag:
+        tag = to.params.get("tag")
+        if ("tag" in to.params and not tag) or tag != self._to_tag():
             raise self._element_error(SipBadHeader("Bad To tag"), self._first[HDR_TO], 0, b"tag")
         sl = &self._slots[self._first[HDR_CALL_ID]]
         if sl.folded or memchr(self._buf + sl.val_off, 32, sl.val_len) != NULL or \
@@ -1097,7 +1111,7 @@ cdef class SipMessage:
             raise SipBadHeader("Bad Call-ID", sl.val_off, raw)
         if self._is_request:
             try:
-                uri = _parse_uri(self.ruri, "Request-URI")
+                uri = _parse_uri(_decode(self._buf + self._ruri_off, self._ruri_len), "Request-URI")
             except SipBadHeader as err:
                 raise SipBadStartLine(err.reason, self._ruri_off, raw) from None
             if uri.scheme not in ("sip", "sips", "tel"):  # RFC 3261 §8.2.2.1
@@ -1136,6 +1150,7 @@ cdef class SipMessage:
     cdef object _validate_contacts(self, bint register):
         cdef int k, j
         cdef list contacts = [], items
+        cdef NameAddr c
         if self._present & ((<uint64_t>1) << HDR_CONTACT):
             for k in range(self._first[HDR_CONTACT], self._nslots):
                 if self._slots[k].htype != HDR_CONTACT:
@@ -1182,7 +1197,9 @@ cdef class SipMessage:
 
     def transaction_key(self):
         """RFC 3261 §17.2.3 / §17.1.3 matching key; see ``_sipparse.pyi``."""
-        via = self.top_via
+        cdef Via via = self._lazy.get("top_via") if self._lazy is not None else None  # validate()'s
+        if via is None:
+            via = self.top_via
         port = via.port
         if port is None:
             port = 5061 if via.transport in ("TLS", "WSS") else 5060
@@ -1190,7 +1207,7 @@ cdef class SipMessage:
         method = self.method
         if method == "ACK":
             method = "INVITE"
-        branch = via.branch
+        branch = via.params.get("branch")
         if branch is not None and branch.startswith("z9hG4bK"):
             return (branch, sent_by, method)
         return (None, sent_by, method, self.call_id, self.cseq, self.from_tag, self.ruri)
@@ -2090,7 +2107,7 @@ def build_response(SipMessage req, int status, reason=None, *, to_tag=None, head
         first = 0
     out.append(_hdr_line(req, req._first[HDR_FROM]))
     to_line = _hdr_line(req, req._first[HDR_TO])
-    if to_tag is not None and req.to_tag is None:
+    if to_tag is not None and req._to_tag() is None:
         to_line = to_line[:-2] + b";tag=" + to_tag.encode() + b"\r\n"
     out.append(to_line)
     out.append(_hdr_line(req, req._first[HDR_CALL_ID]))
