@@ -786,6 +786,9 @@ def frame_length(buf, Py_ssize_t start=0):
     return pos - start + total
 
 
+cdef object _UNSET = object()  # not in SipMessage._lazy yet
+
+
 @cython.freelist(64)
 cdef class SipMessage:
     """A parsed SIP message; see ``_sipparse.pyi``.  Create with :func:`parse`."""
@@ -958,15 +961,45 @@ cdef class SipMessage:
     def header_items(self):
         return [(self._name(k), self._value(k)) for k in range(self._nslots)]
 
-    # -- lazy structured views
-    cdef object _lazy_get(self, str key, fn):
+    # -- lazy structured views: decoded on first use, then read from _lazy (validate() fills it);
+    # no closure is made for a view already there (the edge reads top_via, to, uri ... per message)
+    cdef object _view(self, str key):
+        cdef object v
         if self._lazy is None:
             self._lazy = {}
-        try:
-            return self._lazy[key]
-        except KeyError:
-            v = self._lazy[key] = fn()
-            return v
+        else:
+            v = self._lazy.get(key, _UNSET)
+            if v is not _UNSET:
+                return v
+        v = self._lazy[key] = self._make_view(key)
+        return v
+
+    cdef object _make_view(self, str key):
+        cdef list out
+        if key == "top_via":
+            text = self._top_via_text()
+            if text is None:
+                raise _bad("Empty Via")
+            return parse_via(text)
+        if key == "vias":
+            out = [parse_via(v) for v in self.headers("via")]
+            if not out:
+                raise _bad("Empty Via")
+            return out
+        if key == "from":
+            return _parse_name_addr(self.header("from"), "From")
+        if key == "to":
+            return _parse_name_addr(self.header("to"), "To")
+        if key == "contacts":
+            out = [_parse_name_addr(v, "Contact") for v in self.headers("contact")]
+            if len(out) > 1:
+                for c in out:
+                    if c.star:
+                        raise _bad("Bad Contact: * must be alone")
+            return out
+        if key == "uri":
+            return _parse_uri(self.ruri, "Request-URI")
+        return self._expires_value()  # "expires"
 
     cdef object _top_via_text(self):
         """``self.header("via")`` without the generic lookup: first non-empty element of
@@ -1008,48 +1041,33 @@ cdef class SipMessage:
 
     @property
     def top_via(self):
-        def make():
-            text = self._top_via_text()
-            if text is None:
-                raise _bad("Empty Via")
-            return parse_via(text)
-        return self._lazy_get("top_via", make)
+        return self._view("top_via")
 
     @property
     def vias(self):
-        def make():
-            out = [parse_via(v) for v in self.headers("via")]
-            if not out:
-                raise _bad("Empty Via")
-            return out
-        return self._lazy_get("vias", make)
+        return self._view("vias")
 
     @property
     def from_(self):
-        return self._lazy_get("from", lambda: _parse_name_addr(self.header("from"), "From"))
+        return self._view("from")
 
     @property
     def to(self):
-        return self._lazy_get("to", lambda: _parse_name_addr(self.header("to"), "To"))
+        return self._view("to")
 
     @property
     def contacts(self):
-        def make():
-            out = [_parse_name_addr(v, "Contact") for v in self.headers("contact")]
-            if len(out) > 1 and any(c.star for c in out):
-                raise _bad("Bad Contact: * must be alone")
-            return out
-        return self._lazy_get("contacts", make)
+        return self._view("contacts")
 
     @property
     def uri(self):
         if not self._is_request:
             return None
-        return self._lazy_get("uri", lambda: _parse_uri(self.ruri, "Request-URI"))
+        return self._view("uri")
 
     @property
     def expires(self):
-        return self._lazy_get("expires", lambda: self._expires_value())
+        return self._view("expires")
 
     cdef object _expires_value(self):
         # the first Expires line (a single-valued header: what header("expires") gives)
