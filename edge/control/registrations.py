@@ -22,6 +22,24 @@ def binding(txn: Txn, profile_id: str, contact: str) -> Registration | None:
     return txn.get("registrations", binding_key(profile_id, contact), Registration)
 
 
+# The registrar's write, per contact of a REGISTER: one key for the read and the write, in the
+# write transaction it holds (no decorator, no second key).
+
+def binding_at(txn: Txn, k: bytes) -> Registration | None:
+    """The binding at ``binding_key`` ``k`` (expired or not)."""
+    return txn.get("registrations", k, Registration)
+
+
+def save_at(txn: Txn, k: bytes, reg: Registration) -> None:
+    """:func:`save` of ``reg`` whose ``binding_key`` is ``k``, in the write transaction ``txn``."""
+    txn.put("registrations", k, reg)
+
+
+def remove_at(txn: Txn, k: bytes) -> bool:
+    """:func:`remove` at ``binding_key`` ``k``, in the write transaction ``txn``."""
+    return txn.delete("registrations", k)
+
+
 @writes(sync=False)
 def save(txn: Txn, reg: Registration) -> None:
     txn.put("registrations", binding_key(reg.profile_id, reg.contact), reg)
