@@ -1808,9 +1808,16 @@ def parse_name_addr(str s):
 @cython.wraparound(False)
 cdef NameAddr _parse_name_addr(str s, str what):
     """``parse_name_addr`` whose errors name the header ``what`` (``"From"``, ``"Contact"`` ...)."""
-    cdef str text = s.strip(_LWS_S)
-    cdef Py_ssize_t n = len(text), i = 0, k, lt, gt
+    cdef Py_ssize_t n = len(s), i = 0, k, lt, gt
     cdef Py_UCS4 c
+    cdef str text
+    while i < n and _u_lws(_at(s, i)):  # s.strip(_LWS_S), without a copy when there is nothing to strip
+        i += 1
+    while n > i and _u_lws(_at(s, n - 1)):
+        n -= 1
+    text = s if i == 0 and n == len(s) else s[i:n]
+    n = len(text)
+    i = 0
     if n == 1 and _at(text, 0) == 42:  # "*"
         return _mk_name_addr(text, None, None, {}, True)
     if n == 0:
@@ -1842,9 +1849,9 @@ cdef NameAddr _parse_name_addr(str s, str what):
         gt = text.find(">", lt)
         if gt < 0:
             raise _bad(f"Unterminated < in {what}")
-        uri_text = text[lt + 1: gt]
-        if not uri_text or uri_text != uri_text.strip(_LWS_S):
+        if gt == lt + 1 or _u_lws(_at(text, lt + 1)) or _u_lws(_at(text, gt - 1)):
             raise _bad(f"Bad {what}")  # RFC 4475 §3.1.2.9 badaspec: no LWS inside <>
+        uri_text = text[lt + 1: gt]
         i = gt + 1
     else:
         semi = text.find(";")
