@@ -10,11 +10,11 @@ the same API; the public contract with docstrings is ``_sipparse.pyi``.
 """
 
 cimport cython
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport (PyUnicode_DATA, PyUnicode_DecodeUTF8, PyUnicode_KIND, PyUnicode_READ,
                               Py_UNICODE_ISSPACE)
 from libc.stdint cimport uint8_t, uint32_t, int64_t, uint64_t
-from libc.string cimport memchr, memcmp
+from libc.string cimport memchr, memcmp, memcpy
 
 import hashlib
 import re
@@ -786,6 +786,9 @@ def frame_length(buf, Py_ssize_t start=0):
     return pos - start + total
 
 
+cdef object _UNSET = object()  # not in SipMessage._lazy yet
+
+
 @cython.freelist(64)
 cdef class SipMessage:
     """A parsed SIP message; see ``_sipparse.pyi``.  Create with :func:`parse`."""
@@ -871,26 +874,36 @@ cdef class SipMessage:
             return None
         return _decode(self._buf + sl.val_off + off, vlen)
 
-    @property
-    def from_tag(self):
+    # (the cdef getters: validate() and build_response read them without a property lookup)
+    cdef object _from_tag(self):
         if not (self._done & DONE_FROM_TAG):
             self._c_from_tag = self._tag_of(HDR_FROM, b"tag", 3, 0)
             self._done |= DONE_FROM_TAG
         return self._c_from_tag
 
-    @property
-    def to_tag(self):
+    cdef object _to_tag(self):
         if not (self._done & DONE_TO_TAG):
             self._c_to_tag = self._tag_of(HDR_TO, b"tag", 3, 0)
             self._done |= DONE_TO_TAG
         return self._c_to_tag
 
-    @property
-    def branch(self):
+    cdef object _branch(self):
         if not (self._done & DONE_BRANCH):
             self._c_branch = self._tag_of(HDR_VIA, b"branch", 6, 1)
             self._done |= DONE_BRANCH
         return self._c_branch
+
+    @property
+    def from_tag(self):
+        return self._from_tag()
+
+    @property
+    def to_tag(self):
+        return self._to_tag()
+
+    @property
+    def branch(self):
+        return self._branch()
 
     @property
     def max_forwards(self):
@@ -948,15 +961,45 @@ cdef class SipMessage:
     def header_items(self):
         return [(self._name(k), self._value(k)) for k in range(self._nslots)]
 
-    # -- lazy structured views
-    cdef object _lazy_get(self, str key, fn):
+    # -- lazy structured views: decoded on first use, then read from _lazy (validate() fills it);
+    # no closure is made for a view already there (the edge reads top_via, to, uri ... per message)
+    cdef object _view(self, str key):
+        cdef object v
         if self._lazy is None:
             self._lazy = {}
-        try:
-            return self._lazy[key]
-        except KeyError:
-            v = self._lazy[key] = fn()
-            return v
+        else:
+            v = self._lazy.get(key, _UNSET)
+            if v is not _UNSET:
+                return v
+        v = self._lazy[key] = self._make_view(key)
+        return v
+
+    cdef object _make_view(self, str key):
+        cdef list out
+        if key == "top_via":
+            text = self._top_via_text()
+            if text is None:
+                raise _bad("Empty Via")
+            return parse_via(text)
+        if key == "vias":
+            out = [parse_via(v) for v in self.headers("via")]
+            if not out:
+                raise _bad("Empty Via")
+            return out
+        if key == "from":
+            return _parse_name_addr(self.header("from"), "From")
+        if key == "to":
+            return _parse_name_addr(self.header("to"), "To")
+        if key == "contacts":
+            out = [_parse_name_addr(v, "Contact") for v in self.headers("contact")]
+            if len(out) > 1:
+                for c in out:
+                    if c.star:
+                        raise _bad("Bad Contact: * must be alone")
+            return out
+        if key == "uri":
+            return _parse_uri(self.ruri, "Request-URI")
+        return self._expires_value()  # "expires"
 
     cdef object _top_via_text(self):
         """``self.header("via")`` without the generic lookup: first non-empty element of
@@ -998,48 +1041,33 @@ cdef class SipMessage:
 
     @property
     def top_via(self):
-        def make():
-            text = self._top_via_text()
-            if text is None:
-                raise _bad("Empty Via")
-            return parse_via(text)
-        return self._lazy_get("top_via", make)
+        return self._view("top_via")
 
     @property
     def vias(self):
-        def make():
-            out = [parse_via(v) for v in self.headers("via")]
-            if not out:
-                raise _bad("Empty Via")
-            return out
-        return self._lazy_get("vias", make)
+        return self._view("vias")
 
     @property
     def from_(self):
-        return self._lazy_get("from", lambda: _parse_name_addr(self.header("from"), "From"))
+        return self._view("from")
 
     @property
     def to(self):
-        return self._lazy_get("to", lambda: _parse_name_addr(self.header("to"), "To"))
+        return self._view("to")
 
     @property
     def contacts(self):
-        def make():
-            out = [_parse_name_addr(v, "Contact") for v in self.headers("contact")]
-            if len(out) > 1 and any(c.star for c in out):
-                raise _bad("Bad Contact: * must be alone")
-            return out
-        return self._lazy_get("contacts", make)
+        return self._view("contacts")
 
     @property
     def uri(self):
         if not self._is_request:
             return None
-        return self._lazy_get("uri", lambda: _parse_uri(self.ruri, "Request-URI"))
+        return self._view("uri")
 
     @property
     def expires(self):
-        return self._lazy_get("expires", lambda: self._expires_value())
+        return self._view("expires")
 
     cdef object _expires_value(self):
         # the first Expires line (a single-valued header: what header("expires") gives)
@@ -1059,6 +1087,8 @@ cdef class SipMessage:
         cdef HdrSlot* sl
         cdef list vias, contacts, items
         cdef bint register
+        cdef NameAddr fr, to
+        cdef SipUri uri
         if self._valid:
             return None
         raw = self._raw
@@ -1077,19 +1107,21 @@ cdef class SipMessage:
                     vias.append(_parse_via(items[j]))
                 except SipBadHeader as err:
                     raise self._element_error(err, k, j, _PARAM_OF.get(err.reason)) from None
-        if (<Via>vias[0]).branch != self.branch:  # the fast scanner and the grammar must agree
+        if (<Via>vias[0]).params.get("branch") != self._branch():  # the fast scanner and the grammar must agree
             raise self._element_error(SipBadHeader("Bad Via branch"), self._first[HDR_VIA], 0, b"branch")
         if self._lazy is None:
             self._lazy = {}
         self._lazy["vias"] = vias
         self._lazy["top_via"] = vias[0]
         fr = self._address(HDR_FROM, "From")
-        if self._is_request and not fr.tag:  # RFC 3261 §8.1.1.3: the UAC MUST add a tag
+        tag = fr.params.get("tag")
+        if self._is_request and not tag:  # RFC 3261 §8.1.1.3: the UAC MUST add a tag
             raise self._element_error(SipBadHeader("Missing From tag"), self._first[HDR_FROM], 0, None)
-        if fr.tag != self.from_tag:
+        if tag != self._from_tag():
             raise self._element_error(SipBadHeader("Bad From tag"), self._first[HDR_FROM], 0, b"tag")
         to = self._address(HDR_TO, "To")
-        if ("tag" in to.params and not to.tag) or to.tag != self.to_tag:
+        tag = to.params.get("tag")
+        if ("tag" in to.params and not tag) or tag != self._to_tag():
             raise self._element_error(SipBadHeader("Bad To tag"), self._first[HDR_TO], 0, b"tag")
         sl = &self._slots[self._first[HDR_CALL_ID]]
         if sl.folded or memchr(self._buf + sl.val_off, 32, sl.val_len) != NULL or \
@@ -1097,7 +1129,7 @@ cdef class SipMessage:
             raise SipBadHeader("Bad Call-ID", sl.val_off, raw)
         if self._is_request:
             try:
-                uri = _parse_uri(self.ruri, "Request-URI")
+                uri = _parse_uri(_decode(self._buf + self._ruri_off, self._ruri_len), "Request-URI")
             except SipBadHeader as err:
                 raise SipBadStartLine(err.reason, self._ruri_off, raw) from None
             if uri.scheme not in ("sip", "sips", "tel"):  # RFC 3261 §8.2.2.1
@@ -1136,6 +1168,7 @@ cdef class SipMessage:
     cdef object _validate_contacts(self, bint register):
         cdef int k, j
         cdef list contacts = [], items
+        cdef NameAddr c
         if self._present & ((<uint64_t>1) << HDR_CONTACT):
             for k in range(self._first[HDR_CONTACT], self._nslots):
                 if self._slots[k].htype != HDR_CONTACT:
@@ -1182,7 +1215,9 @@ cdef class SipMessage:
 
     def transaction_key(self):
         """RFC 3261 §17.2.3 / §17.1.3 matching key; see ``_sipparse.pyi``."""
-        via = self.top_via
+        cdef Via via = self._lazy.get("top_via") if self._lazy is not None else None  # validate()'s
+        if via is None:
+            via = self.top_via
         port = via.port
         if port is None:
             port = 5061 if via.transport in ("TLS", "WSS") else 5060
@@ -1190,7 +1225,7 @@ cdef class SipMessage:
         method = self.method
         if method == "ACK":
             method = "INVITE"
-        branch = via.branch
+        branch = via.params.get("branch")
         if branch is not None and branch.startswith("z9hG4bK"):
             return (branch, sent_by, method)
         return (None, sent_by, method, self.call_id, self.cseq, self.from_tag, self.ruri)
@@ -1773,9 +1808,16 @@ def parse_name_addr(str s):
 @cython.wraparound(False)
 cdef NameAddr _parse_name_addr(str s, str what):
     """``parse_name_addr`` whose errors name the header ``what`` (``"From"``, ``"Contact"`` ...)."""
-    cdef str text = s.strip(_LWS_S)
-    cdef Py_ssize_t n = len(text), i = 0, k, lt, gt
+    cdef Py_ssize_t n = len(s), i = 0, k, lt, gt
     cdef Py_UCS4 c
+    cdef str text
+    while i < n and _u_lws(_at(s, i)):  # s.strip(_LWS_S), without a copy when there is nothing to strip
+        i += 1
+    while n > i and _u_lws(_at(s, n - 1)):
+        n -= 1
+    text = s if i == 0 and n == len(s) else s[i:n]
+    n = len(text)
+    i = 0
     if n == 1 and _at(text, 0) == 42:  # "*"
         return _mk_name_addr(text, None, None, {}, True)
     if n == 0:
@@ -1807,9 +1849,9 @@ cdef NameAddr _parse_name_addr(str s, str what):
         gt = text.find(">", lt)
         if gt < 0:
             raise _bad(f"Unterminated < in {what}")
-        uri_text = text[lt + 1: gt]
-        if not uri_text or uri_text != uri_text.strip(_LWS_S):
+        if gt == lt + 1 or _u_lws(_at(text, lt + 1)) or _u_lws(_at(text, gt - 1)):
             raise _bad(f"Bad {what}")  # RFC 4475 §3.1.2.9 badaspec: no LWS inside <>
+        uri_text = text[lt + 1: gt]
         i = gt + 1
     else:
         semi = text.find(";")
@@ -1944,25 +1986,95 @@ _VIA_PARAM_RE = {
 
 def _set_via_param(str via, str name, str value):
     """Replace or append ``;name=value`` on a Via value (top one)."""
+    cdef Py_ssize_t a, b
+    if via.isascii() and "\\" not in value:  # (a backslash would be a template escape to subn)
+        a = _via_param_span(via, name, &b)
+        if a < 0:
+            return f"{via};{name}={value}"
+        return f"{via[:a]};{name}={value}{via[b:]}"
     if f";{name}" not in via.replace(" ", "").replace("\t", "").lower():
         return f"{via};{name}={value}"
     new, k = _VIA_PARAM_RE[name].subn(f";{name}={value}", via, count=1)
     return new if k else f"{via};{name}={value}"
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef Py_ssize_t _via_param_span(str via, str name, Py_ssize_t* end):
+    """Where ``_VIA_PARAM_RE[name]`` first matches the ASCII ``via``: its start (``end[0]`` its
+    end), or -1. The pattern by hand: ``;``, SP/HT, the name in any case, optionally SP/HT ``=``
+    SP/HT and a value of anything but ``;``, ``,``, SP and HT; then (looking ahead) SP/HT and
+    ``;`` or the end (``$``: the end, or a final LF). Backtracking cannot find another match: a
+    shorter value is followed by a value character, which the look-ahead refuses."""
+    cdef const char* s = <const char*>PyUnicode_DATA(via)
+    cdef const char* nm = <const char*>PyUnicode_DATA(name)
+    cdef Py_ssize_t n = len(via), nlen = len(name), p, i, j, k
+    for p in range(n):
+        if s[p] != 59:
+            continue
+        i = p + 1
+        while i < n and (s[i] == 32 or s[i] == 9):
+            i += 1
+        if i + nlen > n:
+            return -1
+        for j in range(nlen):
+            if (<uint8_t>s[i + j] | 0x20) != <uint8_t>nm[j]:
+                break
+        else:
+            j = i + nlen
+            k = j
+            while k < n and (s[k] == 32 or s[k] == 9):
+                k += 1
+            if k < n and s[k] == 61:  # "=" value
+                k += 1
+                while k < n and (s[k] == 32 or s[k] == 9):
+                    k += 1
+                while k < n and not (s[k] == 59 or s[k] == 44 or s[k] == 32 or s[k] == 9):
+                    k += 1
+                if _via_param_ends(s, n, k):
+                    end[0] = k
+                    return p
+            if _via_param_ends(s, n, j):  # the name alone
+                end[0] = j
+                return p
+    return -1
+
+
+cdef inline bint _via_param_ends(const char* s, Py_ssize_t n, Py_ssize_t k) noexcept:
+    # the look-ahead (?=[ \t]*(?:;|$))
+    while k < n and (s[k] == 32 or s[k] == 9):
+        k += 1
+    return k == n or s[k] == 59 or (k == n - 1 and s[k] == 10)
+
+
 cdef bytes _hdr_line(SipMessage msg, int k):
+    """``Name: value\\r\\n`` of header line ``k`` (the canonical name of a known header), in one
+    allocation instead of four (every response copies five or more such lines)."""
     cdef HdrSlot* sl = &msg._slots[k]
     cdef bytes name
-    cdef bytes v
+    cdef const char* np
+    cdef Py_ssize_t nlen
+    cdef char* out
+    cdef bytes line
+    if sl.folded:
+        name = HDR_NAMES_B[sl.htype] if sl.htype else msg._buf[sl.name_off:sl.name_off + sl.name_len]
+        return name + b": " + _FOLD_RE.sub(" ", msg._value(k)).encode("utf-8", "surrogateescape") + b"\r\n"
     if sl.htype:
         name = HDR_NAMES_B[sl.htype]
+        np = PyBytes_AS_STRING(name)
+        nlen = PyBytes_GET_SIZE(name)
     else:
-        name = msg._buf[sl.name_off:sl.name_off + sl.name_len]
-    if sl.folded:
-        v = _FOLD_RE.sub(" ", msg._value(k)).encode("utf-8", "surrogateescape")
-    else:
-        v = msg._buf[sl.val_off:sl.val_off + sl.val_len]
-    return name + b": " + v + b"\r\n"
+        np = msg._buf + sl.name_off
+        nlen = sl.name_len
+    line = PyBytes_FromStringAndSize(NULL, nlen + 4 + sl.val_len)
+    out = PyBytes_AS_STRING(line)
+    memcpy(out, np, nlen)
+    out[nlen] = 58
+    out[nlen + 1] = 32
+    memcpy(out + nlen + 2, msg._buf + sl.val_off, sl.val_len)
+    out[nlen + 2 + sl.val_len] = 13
+    out[nlen + 3 + sl.val_len] = 10
+    return line
 
 
 HDR_NAMES_B = tuple(n.encode() for n in HDR_NAMES)
@@ -1973,13 +2085,18 @@ cdef bytes _clean_reason(str reason):
     return bytes([c for c in b if c >= 0x20 and c != 0x7F])
 
 
-def _check_no_crlf(to_tag, received, headers):
+# the status line of each status with its standard reason, built once
+_STATUS_LINES = {status: b"SIP/2.0 %d " % status + _clean_reason(text) + b"\r\n" for status, text in REASONS.items()}
+
+
+cdef int _check_no_crlf(to_tag, received, headers) except -1:
     for v in (to_tag, received):
         if v is not None and ("\r" in v or "\n" in v):
             raise ValueError("CR/LF in a response header value")
     for name, value in headers:
         if "\r" in name or "\n" in name or "\r" in value or "\n" in value:
             raise ValueError("CR/LF in a response header")
+    return 0
 
 
 def build_response(SipMessage req, int status, reason=None, *, to_tag=None, headers=(), body=b"",
@@ -1991,10 +2108,12 @@ def build_response(SipMessage req, int status, reason=None, *, to_tag=None, head
     cdef bytes to_line
     if not 100 <= status <= 699:
         raise ValueError("status must be 100..699")
-    if reason is None:
-        reason = REASONS.get(status, "Unknown")
     _check_no_crlf(to_tag, received, headers)
-    out = [b"SIP/2.0 %d " % status + _clean_reason(reason) + b"\r\n"]
+    line = _STATUS_LINES.get(status) if reason is None else None
+    if line is None:
+        line = b"SIP/2.0 %d " % status + _clean_reason(REASONS.get(status, "Unknown") if reason is None else reason) \
+            + b"\r\n"
+    out = [line]
     for k in range(req._nslots):
         if req._slots[k].htype != HDR_VIA:
             continue
@@ -2013,7 +2132,7 @@ def build_response(SipMessage req, int status, reason=None, *, to_tag=None, head
         first = 0
     out.append(_hdr_line(req, req._first[HDR_FROM]))
     to_line = _hdr_line(req, req._first[HDR_TO])
-    if to_tag is not None and req.to_tag is None:
+    if to_tag is not None and req._to_tag() is None:
         to_line = to_line[:-2] + b";tag=" + to_tag.encode() + b"\r\n"
     out.append(to_line)
     out.append(_hdr_line(req, req._first[HDR_CALL_ID]))

@@ -127,7 +127,7 @@ def from_u64(b: bytes | None) -> int:
 
 def key(*parts: str | bytes) -> bytes:
     """A composite key: the parts joined by ``\\0`` (``key(profile_id, call_id)``)."""
-    return SEP.join(p.encode() if isinstance(p, str) else p for p in parts)
+    return SEP.join([p.encode() if isinstance(p, str) else p for p in parts])  # a list: join makes one of a generator
 
 
 def new_id(prefix: str) -> str:

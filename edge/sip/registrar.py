@@ -140,16 +140,17 @@ class Registrar:
 
         def op(txn: Txn, adds: bool) -> list[Registration]:
             for uri, seconds in changes:
-                existing = registrations.binding(txn, profile_id, uri)
+                k = registrations.binding_key(profile_id, uri)  # one key for the read and the write
+                existing = registrations.binding_at(txn, k)
                 if existing is None and seconds and not adds:
                     raise _NewBinding  # aborts: written again as new work
                 # §10.3 step 7: an older REGISTER of the same Call-ID must not undo a newer one
                 if existing is not None and existing.call_id == call_id and existing.cseq >= cseq:
                     raise _OutOfOrder  # aborts the whole transaction: no contact of it is applied
                 if seconds == 0:
-                    registrations.remove(txn, profile_id, uri)
+                    registrations.remove_at(txn, k)
                 else:
-                    registrations.save(txn, Registration(
+                    registrations.save_at(txn, k, Registration(
                         profile_id=profile_id, contact=uri, expires_at=now + seconds, source=source,
                         call_id=call_id, cseq=cseq, user_agent=user_agent, registered_at=now))
             return registrations.live(txn, profile_id, now)  # for the 200, in the same transaction

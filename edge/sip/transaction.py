@@ -322,8 +322,7 @@ class TransactionLayer:
             d: deque() for d in (64 * t1, 32.0, t4) if d > 0}
         self._sweep_at: float | None = None  # when the armed sweep runs
         self._sweep_timer: TimerHandle | None = None
-        self._tx_server = metrics.transactions.labels("server")  # labels() costs µs: bind once
-        self._tx_client = metrics.transactions.labels("client")
+        self._alive = metrics.transactions.values  # by side: plain ints, set into the gauge at a scrape
 
     def on_message(self, msg: SipMessage, peer: Peer) -> None:
         if msg.is_request:
@@ -350,7 +349,7 @@ class TransactionLayer:
             return
         tx = ServerTransaction(self, msg, peer, key)
         self.server[key] = tx
-        self._tx_server.inc()
+        self._alive["server"] += 1
         if method == "INVITE":
             tx.respond(100)               # §17.2.1: at once, stops the UAC's Timer A
         elif method == "CANCEL":
@@ -409,7 +408,7 @@ class TransactionLayer:
                      on_timeout: TimeoutCallback) -> ClientTransaction:
         tx = ClientTransaction(self, request, dest, on_response, on_timeout)
         self.client[tx.key] = tx
-        self._tx_client.inc()
+        self._alive["client"] += 1
         self.metrics.count_out(dest.proto, request.method, 0)
         tx.start()
         return tx
@@ -421,8 +420,8 @@ class TransactionLayer:
 
     def server_done(self, tx: ServerTransaction) -> None:
         if self.server.pop(tx.key, None) is not None:
-            self._tx_server.dec()
+            self._alive["server"] -= 1
 
     def client_done(self, tx: ClientTransaction) -> None:
         if self.client.pop(tx.key, None) is not None:
-            self._tx_client.dec()
+            self._alive["client"] -= 1
