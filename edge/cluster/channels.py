@@ -39,7 +39,6 @@ from . import foreign, link, outbox
 from .engine import Engine, EngineUnavailable
 from .journal import (
     SNAPSHOT_BUCKET,
-    AlreadySettled,
     ChannelsBusy,
     InsufficientCredit,
     JournalRefused,
@@ -48,7 +47,6 @@ from .journal import (
     ProfileJournal,
     Settle,
     SnapshotTooLarge,
-    UnknownCall,
     ensure_stream,
 )
 from .membership import NAMESPACE, Membership, rendezvous
@@ -285,36 +283,17 @@ class ClusterChannels:
         """A sweep every lease; a failed one is tried again at the next."""
         await _every(self.membership.lease_seconds, self.sweep, "sweep of ended holders", stop)
 
-    async def settle(self, item: outbox.Pending) -> bool:
-        """Put an outbox row in the journal: the call's settlement with its CDR, or a refused
-        attempt's CDR. :returns: False to retry later; True once the journal holds the call settled
-        (now, or before: a retry of ours, or a survivor's recovery, whose CDR is the call's)."""
+    async def record_refused(self, item: outbox.Pending) -> bool:
+        """A refused attempt's CDR into the journal. :returns: False to retry later."""
         try:
             journal = await self.journal(item.profile_id)
-            if item.refused:
-                if item.cdr is not None:
-                    await journal.refused(item.call_id, item.cdr, by=self.holder)
-                    self.moved(journal)
-                return True
-            held = _reserved(journal, item.call_id)
-            cost = min(item.cost, held)
-            if item.cost > held and item.call_id in journal.state.calls:
-                log.error("cluster: call %s costs %d but holds %d in the journal: billed %d", item.call_id,
-                          item.cost, held, held)
             if item.cdr is not None:
-                item.cdr.cost = cost
-            await journal.settle(item.call_id, cost, by=self.holder, cdr=item.cdr)
-        except AlreadySettled:          # its one settlement (and CDR) is in the journal already
-            return True
-        except (UnknownCall, ValueError):   # never reserved (refused, cancelled), or not a journal id
-            if item.cdr is not None:
-                log.warning("cluster: call %s has a CDR but no reservation in the journal: not recorded",
-                            item.call_id)
-            return True
+                await journal.refused(item.call_id, item.cdr, by=self.holder)
+                self.moved(journal)
+        except ValueError:          # not a journal id
+            pass
         except FAILED:
             return False
-        self.settled += 1
-        self.moved(journal)
         return True
 
     def drift(self) -> int:
@@ -331,28 +310,34 @@ class ClusterChannels:
         items = outbox.pending(self.store)
         if not items:
             return 0
-        # the calls of one profile in one append (Settlements); refused attempts and lone calls one by one
+        # the calls of one profile in one append (Settlements); refused attempts one by one
         groups: dict[str, list[outbox.Pending]] = {}
         for item in items:
             if not item.refused:
                 groups.setdefault(item.profile_id, []).append(item)
-        batches = [group for group in groups.values() if len(group) > 1]
-        single = [item for item in items if item.refused or len(groups[item.profile_id]) == 1]
-        results = await asyncio.gather(*(self.settle_batch(group) for group in batches),
-                                       *(self.settle(item) for item in single))
+        refused = [item for item in items if item.refused]
+        batches = list(groups.values())
+        results = await asyncio.gather(*(self.settle(group) for group in batches),
+                                       *(self.record_refused(item) for item in refused))
         finished = [item for group, landed in zip(batches, results, strict=False) if landed for item in group]
-        finished += [item for item, landed in zip(single, results[len(batches):], strict=True) if landed]
+        finished += [item for item, landed in zip(refused, results[len(batches):], strict=True) if landed]
         outbox.done(self.store, finished)
         return len(finished)
 
-    async def settle_batch(self, items: list[outbox.Pending]) -> bool:
-        """Several calls of one profile settled in one append, each as :meth:`settle` would.
-        :returns: False to retry them all later (those that landed are then refused as settled)."""
+    async def settle(self, items: list[outbox.Pending]) -> bool:
+        """The settlements of calls of one profile, with their CDRs, in as few appends as the journal
+        takes (edge/cluster/journal.py ``settle_many``). :returns: False to retry them all later (those
+        that landed are then refused as settled); True once the journal holds each call settled (now,
+        or before: a retry of ours, or a survivor's recovery, whose CDR is the call's)."""
         try:
             journal = await self.journal(items[0].profile_id)
             settles = []
             for item in items:
-                cost = min(item.cost, _reserved(journal, item.call_id))
+                held = _reserved(journal, item.call_id)
+                cost = min(item.cost, held)
+                if item.cost > held and item.call_id in journal.state.calls:
+                    log.error("cluster: call %s costs %d but holds %d in the journal: billed %d", item.call_id,
+                              item.cost, held, held)
                 if item.cdr is not None:
                     item.cdr.cost = cost
                 settles.append(Settle(item.call_id, cost, False, self.holder, item.cdr))
@@ -361,6 +346,11 @@ class ClusterChannels:
             return True
         except FAILED:
             return False
+        landed = {x.call_id for x in done}
+        for item in items:          # never reserved (refused, cancelled): nothing to settle, no CDR
+            if item.cdr is not None and item.call_id not in landed and item.call_id not in journal.state.settled:
+                log.warning("cluster: call %s has a CDR but no reservation in the journal: not recorded",
+                            item.call_id)
         self.settled += len(done)
         self.moved(journal)
         return True
@@ -427,7 +417,5 @@ def survivor_cdr(call: OpenCall, record: LiveCall | None, cost: int, now: float)
         talk = max(0.0, end - record.answered_at)
         return call_cdr(record, record.rate, end, duration=billed_seconds(talk, record.rate), status=200,
                         end_reason="recovery", cost=cost)
-    direction = call.direction if call.direction in ("outgoing", "incoming") else "outgoing"
-    ringing = LiveCall(call_id=call.call_id, profile_id="", direction=direction,  # type: ignore[arg-type]
-                       started_at=call.started_at or now, caller=call.caller, callee=call.callee)
-    return call_cdr(ringing, None, now, duration=0, status=500, end_reason="recovery", cost=cost)
+    return call_cdr(call.live_call("", started_at=now), None, now, duration=0, status=500, end_reason="recovery",
+                    cost=cost)

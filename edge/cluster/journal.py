@@ -58,7 +58,7 @@ from nats.js.errors import (
     ServiceUnavailableError,
 )
 
-from edge.control.models import Cdr
+from edge.control.models import Cdr, LiveCall
 
 from .engine import Engine
 
@@ -219,6 +219,12 @@ class OpenCall(msgspec.Struct):
     caller: str = ""
     callee: str = ""
     started_at: float = 0.0
+
+    def live_call(self, profile_id: str, *, started_at: float = 0.0) -> LiveCall:
+        """The call as its reservation tells it (ringing; ``started_at`` if the reservation has none)."""
+        direction = self.direction if self.direction in ("outgoing", "incoming") else "outgoing"
+        return LiveCall(call_id=self.call_id, profile_id=profile_id, direction=direction,  # type: ignore[arg-type]
+                        started_at=self.started_at or started_at, caller=self.caller, callee=self.callee)
 
 
 class ProfileState(msgspec.Struct):

@@ -94,11 +94,8 @@ class RemoteCalls:
             node = call.node.partition(".")[0]
             if node == self.node:
                 continue
-            record = self.records.get(f"{call.node}.{call.call_id}")
-            if record is None:      # ringing, or answered and not published yet
-                direction = call.direction if call.direction in ("outgoing", "incoming") else "outgoing"
-                record = LiveCall(call_id=call.call_id, profile_id=profile_id, direction=direction,  # type: ignore[arg-type]
-                                  started_at=call.started_at, caller=call.caller, callee=call.callee)
+            # ringing, or answered and not published yet: what its reservation says
+            record = self.records.get(f"{call.node}.{call.call_id}") or call.live_call(profile_id)
             record.reserved = call.reserved         # the money is the journal's
             txn.put(TABLE, key(profile_id, call.call_id), RemoteCall(node=node, call=record))
 

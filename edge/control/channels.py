@@ -12,10 +12,14 @@ work (``grows=True``: refused when the store is full); updating and releasing fi
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from . import profiles, webhooks
 from .models import LiveCall, Profile, RemoteCall
 from .store import SEP, Txn, key, reads, writes
 from .times import rfc3339
+
+T = TypeVar("T")
 
 
 def call_key(profile_id: str, call_id: str) -> bytes:
@@ -72,10 +76,15 @@ def release(txn: Txn, profile_id: str, call_id: str) -> LiveCall | None:
 @reads
 def find_call(txn: Txn, call_id: str) -> LiveCall | None:
     """The live call with this id, of any profile (operator actions: a scan of the live calls' keys)."""
+    return _find(txn, "calls", LiveCall, call_id)
+
+
+def _find(txn: Txn, table: str, cls: type[T], call_id: str) -> T | None:
+    """The record of ``table`` (keyed profile id \0 call id) with this call id, of any profile."""
     suffix = SEP + call_id.encode()
-    for k, raw in txn.scan("calls"):
+    for k, raw in txn.scan(table):
         if k.endswith(suffix):
-            return txn.store.decoder(LiveCall).decode(raw)
+            return txn.store.decoder(cls).decode(raw)
     return None
 
 
@@ -113,11 +122,7 @@ def remote_calls(txn: Txn, profile_id: str | None = None) -> list[RemoteCall]:
 @reads
 def find_remote(txn: Txn, call_id: str) -> RemoteCall | None:
     """Another cluster node's live call with this id, of any profile."""
-    suffix = SEP + call_id.encode()
-    for k, raw in txn.scan(REMOTE):
-        if k.endswith(suffix):
-            return txn.store.decoder(RemoteCall).decode(raw)
-    return None
+    return _find(txn, REMOTE, RemoteCall, call_id)
 
 
 @reads

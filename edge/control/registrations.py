@@ -19,7 +19,7 @@ def binding_key(profile_id: str, contact: str) -> bytes:
 @reads
 def binding(txn: Txn, profile_id: str, contact: str) -> Registration | None:
     """The binding of ``contact`` (expired or not)."""
-    return txn.get("registrations", binding_key(profile_id, contact), Registration)
+    return binding_at(txn, binding_key(profile_id, contact))
 
 
 # The registrar's write, per contact of a REGISTER: one key for the read and the write, in the
